@@ -49,13 +49,17 @@ pub enum Error {
         message: String,
     },
     /// Variables a template uses were not given.
-    #[error("{name}: missing variable{} {}; the template uses {}; pass each with a value (e.g. --var {}=...)",
-        if missing.len() == 1 { "" } else { "s" }, quoted(missing), quoted(declared), missing.first().map(String::as_str).unwrap_or("name"))]
+    #[error("{name}: missing variable{} {}{}; the template uses {}; pass each with a value (e.g. --var {}=...)",
+        if missing.len() == 1 { "" } else { "s" }, quoted(missing),
+        if used_in.is_empty() { String::new() } else { format!(" (used in {})", used_in.join(", ")) },
+        quoted(declared), missing.first().map(String::as_str).unwrap_or("name"))]
     MissingVariables {
         /// The template or spec.
         name: String,
         /// The variables that were used but not given.
         missing: Vec<String>,
+        /// The fields that use them (for a spec; empty for a single template).
+        used_in: Vec<String>,
         /// All variables the template uses.
         declared: Vec<String>,
     },

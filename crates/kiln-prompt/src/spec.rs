@@ -329,8 +329,30 @@ impl PromptSpec {
         for c in self.derived_check_specs() {
             Check::from_spec(&c, &format!("{place}: output"))?;
         }
+        let mut used = BTreeSet::new();
         for (field, text) in self.template_fields() {
-            Template::new(format!("{place}: {field}"), text)?;
+            used.extend(
+                Template::new(format!("{place}: {field}"), text)?
+                    .variables()
+                    .iter()
+                    .cloned(),
+            );
+        }
+        if let Some(k) = self.defaults.keys().find(|k| !used.contains(*k)) {
+            return Err(Error::invalid(
+                format!("{place}: defaults.{k}"),
+                format!(
+                    "no template uses `{k}`; the spec uses {}",
+                    if used.is_empty() {
+                        "no variables".to_string()
+                    } else {
+                        used.iter()
+                            .map(|u| format!("`{u}`"))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    }
+                ),
+            ));
         }
         Ok(())
     }
@@ -410,9 +432,17 @@ impl PromptSpec {
             .cloned()
             .collect();
         if !missing.is_empty() {
+            let mut used_in = Vec::new();
+            for (field, text) in self.template_fields() {
+                let t = Template::new(field.clone(), text)?;
+                if missing.iter().any(|m| t.variables().contains(m)) {
+                    used_in.push(field);
+                }
+            }
             return Err(Error::MissingVariables {
                 name,
                 missing,
+                used_in,
                 declared: declared.into_iter().collect(),
             });
         }

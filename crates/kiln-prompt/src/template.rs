@@ -155,6 +155,7 @@ impl Template {
             return Err(Error::MissingVariables {
                 name: self.name.clone(),
                 missing,
+                used_in: vec![],
                 declared: self.variables.iter().cloned().collect(),
             });
         }

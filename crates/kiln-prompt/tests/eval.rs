@@ -43,6 +43,13 @@ fn explicit_prompts_beat_the_vague_one() {
         std::fs::write(&golden, &md).unwrap();
     }
     assert_eq!(md, std::fs::read_to_string(golden).unwrap());
+    // The README shows this table; keep it current.
+    let readme =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md")).unwrap();
+    assert!(
+        readme.contains(&md),
+        "README.md's eval table is stale: paste tests/golden/eval_report.md"
+    );
     // JSON round trip.
     let json = serde_json::to_string(&report).unwrap();
     let back: EvalReport = serde_json::from_str(&json).unwrap();

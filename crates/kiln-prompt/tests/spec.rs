@@ -112,7 +112,7 @@ fn variables_are_listed_and_checked() {
     let err = spec.bind(&vars([("product", "kiln")])).unwrap_err();
     assert_eq!(
         err.to_string(),
-        "release-notes: missing variables `date`, `previous`, `version`; the template uses `company`, `date`, `previous`, `product`, `version`; pass each with a value (e.g. --var date=...)"
+        "release-notes: missing variables `date`, `previous`, `version` (used in task, time_frame.as_of, time_frame.from, time_frame.to, context[0].title); the template uses `company`, `date`, `previous`, `product`, `version`; pass each with a value (e.g. --var date=...)"
     );
     // Unused: a typo is caught, not ignored.
     let mut v = release_vars();
@@ -208,6 +208,15 @@ fn bad_specs_name_the_place() {
     assert_eq!(
         err.to_string(),
         "spec.toml: output.min: min 5 is greater than max 2"
+    );
+    let err = PromptSpec::from_toml_str(
+        "task = \"{{ a }}\"\n[defaults]\na = 1\nb = 2\n",
+        "spec.toml",
+    )
+    .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "spec.toml: defaults.b: no template uses `b`; the spec uses `a`"
     );
     let err = PromptSpec::from_toml_str("task = \"  \"\n", "spec.toml").unwrap_err();
     assert!(

@@ -77,7 +77,7 @@ enum Cmd {
     Render {
         /// The spec file (.toml or .json).
         spec: PathBuf,
-        /// A variable, NAME=VALUE (repeatable).
+        /// A variable, NAME=VALUE or NAME=@FILE (repeatable).
         #[arg(long = "var", value_name = "NAME=VALUE")]
         vars: Vec<String>,
         /// Render as chat with `chatml`, `llama-3.1`, a model folder, a tokenizer_config.json or
@@ -125,7 +125,15 @@ fn command(args: &[String]) -> Result<()> {
         }
         Cmd::Render { spec, vars, chat, messages, context_size, reserve, tokenizer } => {
             let spec = PromptSpec::load(&spec)?;
-            let bound = spec.bind(&parse_var_assignments(&vars)?)?;
+            let mut vars = parse_var_assignments(&vars)?;
+            for (name, value) in vars.iter_mut() {
+                if let Some(path) = value.as_str().and_then(|v| v.strip_prefix('@')) {
+                    let text = std::fs::read_to_string(path)
+                        .with_context(|| format!("--var {name}=@{path}: reading the value's file"))?;
+                    *value = text.into();
+                }
+            }
+            let bound = spec.bind(&vars)?;
             let template = chat.as_deref().map(chat_template).transpose()?;
             let bound = match context_size {
                 Some(n) => {
