@@ -55,6 +55,7 @@ pub use loader::{Batch, DataLoader, Epoch, LoaderConfig};
 pub use mnist::Mnist;
 pub use spec::{open, open_with, DatasetSpec, OpenOptions, DATASET_NAMES};
 pub use synthetic::{SyntheticFlowers, SyntheticFlowersConfig};
+pub use text::TextSource;
 
 #[doc = include_str!("../README.md")]
 #[cfg(doctest)]

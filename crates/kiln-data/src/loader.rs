@@ -12,6 +12,7 @@ use rayon::prelude::*;
 
 use crate::dataset::Dataset;
 use crate::error::{DataError, Result};
+use crate::image::Image;
 use crate::transforms::Transform;
 
 /// Options of a [`DataLoader`].
@@ -70,6 +71,9 @@ pub struct Batch {
     pub label_ids: Vec<usize>,
     /// The dataset indices of the items.
     pub indices: Vec<usize>,
+    /// All augmented views `[B, C, H, W]` when the loader was made with
+    /// [`DataLoader::with_views`] (`views[0]` is `images`); else just `[images]`.
+    pub views: Vec<Tensor>,
 }
 
 impl Batch {
@@ -85,7 +89,8 @@ impl Batch {
 
 /// A batch assembled on the CPU, before it becomes tensors.
 struct RawBatch {
-    data: Vec<f32>,
+    /// One buffer per view.
+    data: Vec<Vec<f32>>,
     shape: [usize; 4],
     labels: Vec<usize>,
     indices: Vec<usize>,
@@ -94,6 +99,7 @@ struct RawBatch {
 struct Inner {
     dataset: Arc<dyn Dataset>,
     transform: Option<Arc<dyn Transform>>,
+    views: usize,
     cfg: LoaderConfig,
     pool: Option<rayon::ThreadPool>,
     skipped: AtomicUsize,
@@ -123,12 +129,13 @@ pub struct DataLoader {
 impl DataLoader {
     /// A loader over `dataset` producing tensors on `device`.
     pub fn new(dataset: Arc<dyn Dataset>, cfg: LoaderConfig, device: &Device) -> Result<Self> {
-        Self::build(dataset, None, cfg, device)
+        Self::build(dataset, None, 1, cfg, device)
     }
 
     fn build(
         dataset: Arc<dyn Dataset>,
         transform: Option<Arc<dyn Transform>>,
+        views: usize,
         cfg: LoaderConfig,
         device: &Device,
     ) -> Result<Self> {
@@ -150,6 +157,7 @@ impl DataLoader {
             inner: Arc::new(Inner {
                 dataset,
                 transform,
+                views: views.max(1),
                 cfg,
                 pool,
                 skipped: AtomicUsize::new(0),
@@ -161,9 +169,21 @@ impl DataLoader {
     /// The same loader with a transform applied to every item (with a
     /// generator derived from the seed, the epoch and the item's index).
     pub fn with_transform(self, t: impl Transform + 'static) -> Result<Self> {
+        self.with_views(t, 1)
+    }
+
+    /// The same loader producing `views` independently augmented views of
+    /// every item (contrastive learning: SimCLR uses 2), in
+    /// [`Batch::views`]; view `v` of item `i` in epoch `e` draws from a
+    /// generator derived from `(seed, e, i, v)`.
+    pub fn with_views(self, t: impl Transform + 'static, views: usize) -> Result<Self> {
+        if views == 0 {
+            return Err(DataError::config("views", "must be at least 1"));
+        }
         Self::build(
             self.inner.dataset.clone(),
             Some(Arc::new(t)),
+            views,
             self.inner.cfg.clone(),
             &self.device,
         )
@@ -261,14 +281,23 @@ impl DataLoader {
     }
 
     fn to_batch(&self, raw: RawBatch) -> Result<Batch> {
-        let images = Tensor::from_vec(raw.data, raw.shape.to_vec(), &self.device)?;
+        let views = raw
+            .data
+            .into_iter()
+            .map(|d| Tensor::from_vec(d, raw.shape.to_vec(), &self.device))
+            .collect::<kiln_core::Result<Vec<_>>>()?;
         let l: Vec<u32> = raw.labels.iter().map(|&l| l as u32).collect();
         let labels = Tensor::from_vec(l, raw.labels.len(), &self.device)?;
+        let images = views
+            .first()
+            .cloned()
+            .ok_or_else(|| DataError::config("views", "a batch without images"))?;
         Ok(Batch {
             images,
             labels,
             label_ids: raw.labels,
             indices: raw.indices,
+            views,
         })
     }
 }
@@ -277,7 +306,7 @@ impl DataLoader {
 const SHUFFLE_KEY: u64 = 0x5348_5546;
 
 impl Inner {
-    fn load_one(&self, index: usize, epoch: u64) -> Result<Option<crate::dataset::Sample>> {
+    fn load_one(&self, index: usize, epoch: u64) -> Result<Option<(Vec<Image>, usize)>> {
         let s = match self.dataset.get(index) {
             Ok(s) => s,
             Err(e) if self.cfg.skip_corrupt && e.is_corrupt_image() => {
@@ -286,17 +315,22 @@ impl Inner {
             }
             Err(e) => return Err(e),
         };
-        let s = match &self.transform {
+        let images = match &self.transform {
             Some(t) => {
-                let mut rng = SeededRng::derive(self.cfg.seed, &[epoch, index as u64]);
-                crate::dataset::Sample {
-                    image: t.apply(s.image, &mut rng)?,
-                    label: s.label,
+                let mut out = Vec::with_capacity(self.views);
+                for v in 0..self.views {
+                    let mut rng = if v == 0 {
+                        SeededRng::derive(self.cfg.seed, &[epoch, index as u64])
+                    } else {
+                        SeededRng::derive(self.cfg.seed, &[epoch, index as u64, v as u64])
+                    };
+                    out.push(t.apply(s.image.clone(), &mut rng)?);
                 }
+                out
             }
-            None => s,
+            None => vec![s.image],
         };
-        Ok(Some(s))
+        Ok(Some((images, s.label)))
     }
 
     fn assemble(&self, indices: &[usize], epoch: u64) -> Result<RawBatch> {
@@ -311,29 +345,33 @@ impl Inner {
             None => work()?,
         };
         let items: Vec<_> = items.into_iter().flatten().collect();
-        let Some((_, first)) = items.first() else {
+        let Some((_, (first, _))) = items.first() else {
             return Ok(RawBatch {
-                data: Vec::new(),
+                data: vec![Vec::new()],
                 shape: [0, self.dataset.channels(), 0, 0],
                 labels: Vec::new(),
                 indices: Vec::new(),
             });
         };
-        let shape = first.image.shape();
+        let shape = first[0].shape();
         let per = shape.iter().product::<usize>();
-        let mut data = Vec::with_capacity(per * items.len());
+        let mut data: Vec<Vec<f32>> = (0..first.len())
+            .map(|_| Vec::with_capacity(per * items.len()))
+            .collect();
         let mut labels = Vec::with_capacity(items.len());
         let mut idx = Vec::with_capacity(items.len());
-        for (i, s) in &items {
-            if s.image.shape() != shape {
-                return Err(DataError::Shape {
-                    index: *i,
-                    expected: shape.to_vec(),
-                    found: s.image.shape().to_vec(),
-                });
+        for (i, (views, label)) in &items {
+            for (buf, img) in data.iter_mut().zip(views) {
+                if img.shape() != shape {
+                    return Err(DataError::Shape {
+                        index: *i,
+                        expected: shape.to_vec(),
+                        found: img.shape().to_vec(),
+                    });
+                }
+                buf.extend_from_slice(&img.data);
             }
-            data.extend_from_slice(&s.image.data);
-            labels.push(s.label);
+            labels.push(*label);
             idx.push(*i);
         }
         Ok(RawBatch {
@@ -474,6 +512,67 @@ mod tests {
         let mut all: Vec<usize> = a.concat();
         all.sort_unstable();
         assert_eq!(all, (0..23).filter(|&i| i != 5).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn augmentation_does_not_depend_on_threads() {
+        use crate::transforms::{Compose, HorizontalFlip, RandomResizedCrop};
+        let ds: Arc<dyn Dataset> = Arc::new(
+            crate::SyntheticFlowers::new(
+                crate::SyntheticFlowersConfig {
+                    train: 24,
+                    ..Default::default()
+                },
+                crate::Split::Train,
+            )
+            .unwrap(),
+        );
+        let run = |threads| {
+            let cfg = LoaderConfig {
+                batch_size: 8,
+                threads,
+                seed: 3,
+                ..Default::default()
+            };
+            let t = Compose::new()
+                .then(RandomResizedCrop::new(16, 16))
+                .then(HorizontalFlip::new(0.5));
+            let l = DataLoader::new(ds.clone(), cfg, &Device::Cpu)
+                .unwrap()
+                .with_transform(t)
+                .unwrap();
+            l.epoch(2)
+                .map(|b| {
+                    b.unwrap()
+                        .images
+                        .flatten_all()
+                        .unwrap()
+                        .to_vec1::<f32>()
+                        .unwrap()
+                })
+                .collect::<Vec<_>>()
+        };
+        let a = run(1);
+        assert_eq!(a, run(2));
+        // two views per item differ from each other but not between runs
+        let cfg = LoaderConfig {
+            batch_size: 8,
+            seed: 3,
+            ..Default::default()
+        };
+        let l = DataLoader::new(ds.clone(), cfg, &Device::Cpu)
+            .unwrap()
+            .with_views(RandomResizedCrop::new(16, 16), 2)
+            .unwrap();
+        let b = l.epoch(0).next().unwrap().unwrap();
+        assert_eq!(b.views.len(), 2);
+        let v0: Vec<f32> = b.views[0].flatten_all().unwrap().to_vec1().unwrap();
+        let v1: Vec<f32> = b.views[1].flatten_all().unwrap().to_vec1().unwrap();
+        let im: Vec<f32> = b.images.flatten_all().unwrap().to_vec1().unwrap();
+        assert_eq!(v0, im);
+        assert_ne!(v0, v1);
+        assert_eq!(a.len(), 3);
+        assert_eq!(a[0].len(), 8 * 3 * 16 * 16);
     }
 
     #[test]

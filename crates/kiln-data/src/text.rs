@@ -312,17 +312,101 @@ pub fn synthetic_review(positive: bool, rng: &mut SeededRng) -> Review {
     }
 }
 
-/// `n` reviews (`synthetic-reviews`), alternating positive and negative,
-/// deterministic in `seed`.
-///
-/// ```
-/// let r = kiln_data::text::synthetic_reviews(4, 0);
-/// assert!(r[0].positive && !r[1].positive);
-/// ```
+/// `n` reviews (`synthetic-reviews`), alternating positive and negative
+/// (even indices positive), deterministic in `seed`.
 pub fn synthetic_reviews(n: usize, seed: u64) -> Vec<Review> {
     (0..n)
         .map(|i| synthetic_review(i % 2 == 0, &mut SeededRng::derive(seed, &[i as u64])))
         .collect()
+}
+
+// ---------------------------------------------------------------- sources
+
+/// A text corpus named on the command line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TextSource {
+    /// `synthetic-reviews[:N]`: N procedural reviews (default 2000).
+    SyntheticReviews(usize),
+    /// `lines:PATH`: every non-empty line of a file is a document.
+    Lines(PathBuf),
+    /// `files:PATH`: a file, or every `.txt` file of a folder (sorted), one document each.
+    Files(PathBuf),
+}
+
+/// The names [`TextSource`] accepts, for help texts.
+pub const TEXT_SOURCES: &str = "synthetic-reviews[:N], lines:PATH, files:PATH";
+
+impl std::str::FromStr for TextSource {
+    type Err = DataError;
+    fn from_str(s: &str) -> Result<Self> {
+        if let Some(p) = s.strip_prefix("lines:").filter(|p| !p.is_empty()) {
+            return Ok(Self::Lines(p.into()));
+        }
+        if let Some(p) = s.strip_prefix("files:").filter(|p| !p.is_empty()) {
+            return Ok(Self::Files(p.into()));
+        }
+        if s == "synthetic-reviews" {
+            return Ok(Self::SyntheticReviews(2000));
+        }
+        if let Some(n) = s.strip_prefix("synthetic-reviews:") {
+            let n = n.parse().map_err(|_| {
+                DataError::config(
+                    "text corpus",
+                    format!("expected synthetic-reviews:N with a count, found {s:?}"),
+                )
+            })?;
+            return Ok(Self::SyntheticReviews(n));
+        }
+        Err(DataError::config(
+            "text corpus",
+            format!("unknown corpus {s:?}; expected one of {TEXT_SOURCES}"),
+        ))
+    }
+}
+
+impl TextSource {
+    /// The documents (reviews are drawn from `seed`).
+    pub fn load(&self, seed: u64) -> Result<Vec<String>> {
+        match self {
+            Self::SyntheticReviews(n) => Ok(synthetic_reviews(*n, seed)
+                .into_iter()
+                .map(|r| r.text)
+                .collect()),
+            Self::Lines(p) => {
+                let text = std::fs::read_to_string(p).map_err(|e| DataError::io(p, e))?;
+                Ok(text
+                    .lines()
+                    .filter(|l| !l.trim().is_empty())
+                    .map(str::to_string)
+                    .collect())
+            }
+            Self::Files(p) => {
+                let files = if p.is_dir() {
+                    let mut v: Vec<PathBuf> = std::fs::read_dir(p)
+                        .map_err(|e| DataError::io(p, e))?
+                        .filter_map(|e| e.ok().map(|e| e.path()))
+                        .filter(|f| f.extension().is_some_and(|x| x == "txt"))
+                        .collect();
+                    v.sort();
+                    v
+                } else {
+                    vec![p.clone()]
+                };
+                if files.is_empty() {
+                    return Err(DataError::format(
+                        p,
+                        "text files",
+                        "at least one .txt file",
+                        "none",
+                    ));
+                }
+                files
+                    .iter()
+                    .map(|f| std::fs::read_to_string(f).map_err(|e| DataError::io(f, e)))
+                    .collect()
+            }
+        }
+    }
 }
 
 // ---------------------------------------------------------------- preferences
@@ -545,6 +629,38 @@ mod tests {
             .map(|b| b.unwrap().0.dims()[0])
             .sum();
         assert_eq!(n, 2);
+    }
+
+    #[test]
+    fn text_sources_parse_and_load() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("b.txt"), "second").unwrap();
+        std::fs::write(dir.path().join("a.txt"), "first\n\nstill first").unwrap();
+        std::fs::write(dir.path().join("skip.md"), "no").unwrap();
+        let files: TextSource = format!("files:{}", dir.path().display()).parse().unwrap();
+        assert_eq!(
+            files.load(0).unwrap(),
+            vec!["first\n\nstill first", "second"]
+        );
+        let lines: TextSource = format!("lines:{}", dir.path().join("a.txt").display())
+            .parse()
+            .unwrap();
+        assert_eq!(lines.load(0).unwrap(), vec!["first", "still first"]);
+        let syn: TextSource = "synthetic-reviews:6".parse().unwrap();
+        assert_eq!(syn.load(1).unwrap().len(), 6);
+        assert_eq!(
+            "synthetic-reviews".parse::<TextSource>().unwrap(),
+            TextSource::SyntheticReviews(2000)
+        );
+        for bad in ["books", "lines:", "synthetic-reviews:x"] {
+            assert!(bad.parse::<TextSource>().is_err(), "{bad}");
+        }
+        let missing: TextSource = "lines:/nonexistent/kiln.txt".parse().unwrap();
+        assert!(missing
+            .load(0)
+            .unwrap_err()
+            .to_string()
+            .contains("kiln.txt"));
     }
 
     #[test]
