@@ -1,0 +1,174 @@
+//! Device selection from a string (`cpu`, `cuda`, `cuda:N`, `auto`) and the CPU
+//! thread count.
+
+use std::fmt;
+use std::str::FromStr;
+
+use candle_core::Device;
+
+/// Why a device could not be chosen.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DeviceError {
+    /// The string is not one of the accepted forms.
+    #[error("unknown device {0:?}: expected `cpu`, `cuda`, `cuda:N` (N = GPU index) or `auto`")]
+    Parse(String),
+    /// CUDA was asked for but this build has no CUDA support.
+    #[error(
+        "device {0:?} needs CUDA, but kiln was built without it: rebuild with `--features cuda` \
+         (needs the CUDA toolkit), or use `--device cpu`"
+    )]
+    NoCudaSupport(String),
+    /// CUDA support is compiled in, but the GPU could not be opened.
+    #[error("device {spec:?}: could not open the GPU ({reason}); use `--device cpu` or `auto`")]
+    CudaUnavailable {
+        /// The requested device.
+        spec: String,
+        /// What candle reported.
+        reason: String,
+    },
+    /// The thread pool could not be configured.
+    #[error("could not set the CPU thread count to {threads}: {reason}")]
+    Threads {
+        /// The requested number of threads.
+        threads: usize,
+        /// Why it failed.
+        reason: String,
+    },
+}
+
+/// A parsed device request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DeviceSpec {
+    /// The CPU.
+    #[default]
+    Cpu,
+    /// GPU number N.
+    Cuda(usize),
+    /// GPU 0 when CUDA is compiled in and a GPU opens, otherwise the CPU.
+    Auto,
+}
+
+impl FromStr for DeviceSpec {
+    type Err = DeviceError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let t = s.trim().to_ascii_lowercase();
+        match t.as_str() {
+            "cpu" => Ok(Self::Cpu),
+            "auto" => Ok(Self::Auto),
+            "cuda" | "gpu" => Ok(Self::Cuda(0)),
+            _ => match t.strip_prefix("cuda:") {
+                Some(n) => n
+                    .parse::<usize>()
+                    .map(Self::Cuda)
+                    .map_err(|_| DeviceError::Parse(s.to_string())),
+                None => Err(DeviceError::Parse(s.to_string())),
+            },
+        }
+    }
+}
+
+impl fmt::Display for DeviceSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Cpu => write!(f, "cpu"),
+            Self::Cuda(n) => write!(f, "cuda:{n}"),
+            Self::Auto => write!(f, "auto"),
+        }
+    }
+}
+
+impl DeviceSpec {
+    /// Opens the device. CUDA requests fail with a clear error when the build has
+    /// no CUDA support or no GPU opens; only [`DeviceSpec::Auto`] falls back to the CPU.
+    pub fn open(self) -> Result<Device, DeviceError> {
+        match self {
+            Self::Cpu => Ok(Device::Cpu),
+            Self::Cuda(n) => open_cuda(n).map_err(|reason| {
+                if candle_core::utils::cuda_is_available() {
+                    DeviceError::CudaUnavailable {
+                        spec: self.to_string(),
+                        reason,
+                    }
+                } else {
+                    DeviceError::NoCudaSupport(self.to_string())
+                }
+            }),
+            Self::Auto => Ok(open_cuda(0).unwrap_or(Device::Cpu)),
+        }
+    }
+}
+
+fn open_cuda(n: usize) -> Result<Device, String> {
+    if !candle_core::utils::cuda_is_available() {
+        return Err("built without CUDA".into());
+    }
+    // candle may panic deep in the driver bindings when no GPU is present;
+    // contain it so the caller gets an error, never a crash.
+    match std::panic::catch_unwind(|| Device::new_cuda(n)) {
+        Ok(Ok(d)) => Ok(d),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err("the CUDA driver panicked while opening the device".into()),
+    }
+}
+
+/// Parses and opens a device in one call: `device("auto")?`.
+pub fn device(spec: &str) -> Result<Device, DeviceError> {
+    spec.parse::<DeviceSpec>()?.open()
+}
+
+/// Sets the number of threads used for CPU work (rayon's global pool and
+/// candle's gemm). Call once, early; a second call with a different count fails.
+pub fn set_threads(threads: usize) -> Result<(), DeviceError> {
+    let threads = threads.max(1);
+    // candle's CPU kernels size their parallelism from RAYON_NUM_THREADS via
+    // `get_num_threads`; the global pool covers kiln's own kernels.
+    std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
+    match rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build_global()
+    {
+        Ok(()) => Ok(()),
+        Err(e) if rayon::current_num_threads() == threads => {
+            let _ = e;
+            Ok(())
+        }
+        Err(e) => Err(DeviceError::Threads {
+            threads,
+            reason: e.to_string(),
+        }),
+    }
+}
+
+/// The number of threads CPU work runs on.
+pub fn threads() -> usize {
+    rayon::current_num_threads()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_every_form() {
+        assert_eq!("cpu".parse::<DeviceSpec>().unwrap(), DeviceSpec::Cpu);
+        assert_eq!("CUDA".parse::<DeviceSpec>().unwrap(), DeviceSpec::Cuda(0));
+        assert_eq!("cuda:3".parse::<DeviceSpec>().unwrap(), DeviceSpec::Cuda(3));
+        assert_eq!("auto".parse::<DeviceSpec>().unwrap(), DeviceSpec::Auto);
+        for bad in ["", "tpu", "cuda:", "cuda:x", "cuda:-1"] {
+            let e = bad.parse::<DeviceSpec>().unwrap_err().to_string();
+            assert!(e.contains("expected `cpu`"), "{e}");
+        }
+    }
+
+    #[test]
+    fn cpu_and_auto_open_and_cuda_errors_cleanly_without_a_gpu() {
+        assert!(device("cpu").unwrap().is_cpu());
+        let auto = device("auto").unwrap();
+        if !candle_core::utils::cuda_is_available() {
+            assert!(auto.is_cpu());
+            let e = device("cuda:1").unwrap_err().to_string();
+            assert!(e.contains("without it"), "{e}");
+        }
+    }
+}

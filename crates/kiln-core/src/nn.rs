@@ -1,0 +1,480 @@
+//! Layers that model crates use instead of candle-nn's, so faster kernels can
+//! drop in underneath without edits to model code. Parameter names and weight
+//! layouts follow PyTorch (`weight`, `bias`; Linear `[out, in]`, Conv2d
+//! `[out, in/groups, k, k]`, ConvTranspose2d `[in, out/groups, k, k]`), and fresh
+//! weights use PyTorch's default initialisation, drawn from kiln's seeded RNG.
+//!
+//! Every layer here carries gradients through every parameter; candle's own
+//! LayerNorm and fused softmax silently do not.
+
+use candle_core::{DType, Module, ModuleT, Result, Tensor, D};
+use candle_nn::{Init, VarBuilder};
+
+use crate::vars::SharedRng;
+
+/// PyTorch's default `kaiming_uniform_(a=sqrt(5))` bound, which is also its bias bound:
+/// `1/sqrt(fan_in)`.
+fn torch_bound(fan_in: usize) -> f64 {
+    1.0 / (fan_in.max(1) as f64).sqrt()
+}
+
+fn uniform(bound: f64) -> Init {
+    Init::Uniform {
+        lo: -bound,
+        up: bound,
+    }
+}
+
+/// Softmax along `dim`, with gradients (max-subtracted for stability).
+pub fn softmax<Dim: candle_core::shape::Dim>(x: &Tensor, dim: Dim) -> Result<Tensor> {
+    let dim = dim.to_index(x.shape(), "softmax")?;
+    let max = x.max_keepdim(dim)?.detach();
+    let e = x.broadcast_sub(&max)?.exp()?;
+    e.broadcast_div(&e.sum_keepdim(dim)?)
+}
+
+/// Log-softmax along `dim`, with gradients (log-sum-exp form, stable on large logits).
+pub fn log_softmax<Dim: candle_core::shape::Dim>(x: &Tensor, dim: Dim) -> Result<Tensor> {
+    let dim = dim.to_index(x.shape(), "log_softmax")?;
+    let max = x.max_keepdim(dim)?.detach();
+    let shifted = x.broadcast_sub(&max)?;
+    let lse = shifted.exp()?.sum_keepdim(dim)?.log()?;
+    shifted.broadcast_sub(&lse)
+}
+
+/// A fully connected layer: `y = x W^T + b`, `W: [out, in]`.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    weight: Tensor,
+    bias: Option<Tensor>,
+}
+
+impl Linear {
+    /// A layer with bias, variables `weight` and `bias` under `vb`.
+    pub fn new(in_dim: usize, out_dim: usize, vb: VarBuilder<'_>) -> Result<Self> {
+        Self::with_bias(in_dim, out_dim, true, vb)
+    }
+
+    /// A layer with or without bias.
+    pub fn with_bias(
+        in_dim: usize,
+        out_dim: usize,
+        bias: bool,
+        vb: VarBuilder<'_>,
+    ) -> Result<Self> {
+        let init = uniform(torch_bound(in_dim));
+        let weight = vb.get_with_hints((out_dim, in_dim), "weight", init)?;
+        let bias = if bias {
+            Some(vb.get_with_hints(out_dim, "bias", init)?)
+        } else {
+            None
+        };
+        Ok(Self { weight, bias })
+    }
+
+    /// A layer from existing tensors.
+    pub fn from_weights(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Self { weight, bias }
+    }
+
+    /// The weight, `[out, in]`.
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    /// The bias, `[out]`.
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.bias.as_ref()
+    }
+}
+
+impl Module for Linear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        // gemm reads the transposed view directly; materialising W^T would cost a
+        // strided copy per call.
+        let wt = self.weight.t()?;
+        let y = match x.dims() {
+            [b1, b2, _, _] => x.broadcast_matmul(&wt.broadcast_left((*b1, *b2))?)?,
+            [b, _, _] => x.broadcast_matmul(&wt.broadcast_left(*b)?)?,
+            _ => x.matmul(&wt)?,
+        };
+        match &self.bias {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
+        }
+    }
+}
+
+/// Hyper-parameters of a 2-D convolution.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConvConfig {
+    /// Zero padding on each side.
+    pub padding: usize,
+    /// Stride.
+    pub stride: usize,
+    /// Dilation.
+    pub dilation: usize,
+    /// Groups (input and output channels must divide by it).
+    pub groups: usize,
+    /// Extra rows/columns on one side of a transposed convolution's output.
+    pub output_padding: usize,
+}
+
+impl Default for ConvConfig {
+    fn default() -> Self {
+        Self {
+            padding: 0,
+            stride: 1,
+            dilation: 1,
+            groups: 1,
+            output_padding: 0,
+        }
+    }
+}
+
+impl ConvConfig {
+    /// Padding `p`, stride 1.
+    pub fn padding(p: usize) -> Self {
+        Self {
+            padding: p,
+            ..Self::default()
+        }
+    }
+
+    /// Stride `s`, no padding.
+    pub fn stride(s: usize) -> Self {
+        Self {
+            stride: s,
+            ..Self::default()
+        }
+    }
+}
+
+/// A 2-D convolution over `[B, C, H, W]`.
+#[derive(Debug, Clone)]
+pub struct Conv2d {
+    weight: Tensor,
+    bias: Option<Tensor>,
+    cfg: ConvConfig,
+}
+
+impl Conv2d {
+    /// `Conv2d(in, out, k)` with PyTorch's initialisation; variables `weight`, `bias`.
+    pub fn new(
+        in_ch: usize,
+        out_ch: usize,
+        kernel: usize,
+        cfg: ConvConfig,
+        vb: VarBuilder<'_>,
+    ) -> Result<Self> {
+        if cfg.groups == 0 || in_ch % cfg.groups != 0 || out_ch % cfg.groups != 0 {
+            candle_core::bail!(
+                "Conv2d: in_channels {in_ch} and out_channels {out_ch} must divide by groups {}",
+                cfg.groups
+            );
+        }
+        let fan_in = in_ch / cfg.groups * kernel * kernel;
+        let init = uniform(torch_bound(fan_in));
+        let weight =
+            vb.get_with_hints((out_ch, in_ch / cfg.groups, kernel, kernel), "weight", init)?;
+        let bias = Some(vb.get_with_hints(out_ch, "bias", init)?);
+        Ok(Self { weight, bias, cfg })
+    }
+
+    /// The weight, `[out, in/groups, k, k]`.
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+}
+
+impl Module for Conv2d {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let c = &self.cfg;
+        let y = x.conv2d(&self.weight, c.padding, c.stride, c.dilation, c.groups)?;
+        match &self.bias {
+            Some(b) => y.broadcast_add(&b.reshape((1, b.dim(0)?, 1, 1))?),
+            None => Ok(y),
+        }
+    }
+}
+
+/// A 2-D transposed convolution over `[B, C, H, W]`.
+#[derive(Debug, Clone)]
+pub struct ConvTranspose2d {
+    weight: Tensor,
+    bias: Option<Tensor>,
+    cfg: ConvConfig,
+}
+
+impl ConvTranspose2d {
+    /// `ConvTranspose2d(in, out, k)` with PyTorch's initialisation.
+    pub fn new(
+        in_ch: usize,
+        out_ch: usize,
+        kernel: usize,
+        cfg: ConvConfig,
+        vb: VarBuilder<'_>,
+    ) -> Result<Self> {
+        if cfg.groups != 1 {
+            candle_core::bail!("ConvTranspose2d: groups > 1 is not supported yet");
+        }
+        // PyTorch computes fan-in from weight dim 1 (out channels) for transposed convs.
+        let fan_in = out_ch * kernel * kernel;
+        let init = uniform(torch_bound(fan_in));
+        let weight = vb.get_with_hints((in_ch, out_ch, kernel, kernel), "weight", init)?;
+        let bias = Some(vb.get_with_hints(out_ch, "bias", init)?);
+        Ok(Self { weight, bias, cfg })
+    }
+
+    /// The weight, `[in, out, k, k]`.
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+}
+
+impl Module for ConvTranspose2d {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let c = &self.cfg;
+        let y = x.conv_transpose2d(
+            &self.weight,
+            c.padding,
+            c.output_padding,
+            c.stride,
+            c.dilation,
+        )?;
+        match &self.bias {
+            Some(b) => y.broadcast_add(&b.reshape((1, b.dim(0)?, 1, 1))?),
+            None => Ok(y),
+        }
+    }
+}
+
+/// Max pooling with a square window.
+#[derive(Debug, Clone, Copy)]
+pub struct MaxPool2d {
+    /// Window size.
+    pub kernel: usize,
+    /// Stride.
+    pub stride: usize,
+}
+
+impl MaxPool2d {
+    /// `MaxPool2d(k)` (stride = k, as PyTorch's default).
+    pub fn new(kernel: usize) -> Self {
+        Self {
+            kernel,
+            stride: kernel,
+        }
+    }
+}
+
+impl Module for MaxPool2d {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        x.max_pool2d_with_stride(self.kernel, self.stride)
+    }
+}
+
+/// Average pooling with a square window.
+#[derive(Debug, Clone, Copy)]
+pub struct AvgPool2d {
+    /// Window size.
+    pub kernel: usize,
+    /// Stride.
+    pub stride: usize,
+}
+
+impl AvgPool2d {
+    /// `AvgPool2d(k)` (stride = k).
+    pub fn new(kernel: usize) -> Self {
+        Self {
+            kernel,
+            stride: kernel,
+        }
+    }
+}
+
+impl Module for AvgPool2d {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        x.avg_pool2d_with_stride(self.kernel, self.stride)
+    }
+}
+
+/// Layer normalisation over the last dimension, with gradients to input,
+/// weight and bias.
+#[derive(Debug, Clone)]
+pub struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f64,
+}
+
+impl LayerNorm {
+    /// `LayerNorm(dim)`, weight 1, bias 0, eps 1e-5 (PyTorch's defaults).
+    pub fn new(dim: usize, eps: f64, vb: VarBuilder<'_>) -> Result<Self> {
+        let weight = vb.get_with_hints(dim, "weight", Init::Const(1.0))?;
+        let bias = vb.get_with_hints(dim, "bias", Init::Const(0.0))?;
+        Ok(Self { weight, bias, eps })
+    }
+}
+
+/// The layer-norm function (last dimension), gradient-carrying.
+pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+    let dtype = x.dtype();
+    let x = x.to_dtype(DType::F32)?;
+    let mean = x.mean_keepdim(D::Minus1)?;
+    let xc = x.broadcast_sub(&mean)?;
+    let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
+    let xn = xc.broadcast_div(&(var + eps)?.sqrt()?)?;
+    xn.to_dtype(dtype)?
+        .broadcast_mul(weight)?
+        .broadcast_add(bias)
+}
+
+impl Module for LayerNorm {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        layer_norm(x, &self.weight, &self.bias, self.eps)
+    }
+}
+
+/// A lookup table `[num, dim]`, initialised N(0, 1) as in PyTorch.
+#[derive(Debug, Clone)]
+pub struct Embedding {
+    weight: Tensor,
+}
+
+impl Embedding {
+    /// `Embedding(num, dim)`; variable `weight`.
+    pub fn new(num: usize, dim: usize, vb: VarBuilder<'_>) -> Result<Self> {
+        let weight = vb.get_with_hints(
+            (num, dim),
+            "weight",
+            Init::Randn {
+                mean: 0.0,
+                stdev: 1.0,
+            },
+        )?;
+        Ok(Self { weight })
+    }
+
+    /// The table, `[num, dim]`.
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+}
+
+impl Module for Embedding {
+    fn forward(&self, ids: &Tensor) -> Result<Tensor> {
+        let mut out_dims = ids.dims().to_vec();
+        out_dims.push(self.weight.dim(1)?);
+        let flat = ids.flatten_all()?;
+        self.weight.index_select(&flat, 0)?.reshape(out_dims)
+    }
+}
+
+/// Inverted dropout drawing its masks from a seeded generator.
+#[derive(Debug, Clone)]
+pub struct Dropout {
+    p: f64,
+    rng: SharedRng,
+}
+
+impl Dropout {
+    /// Drops each element with probability `p` in training mode.
+    pub fn new(p: f64, rng: SharedRng) -> Result<Self> {
+        if !(0.0..1.0).contains(&p) {
+            candle_core::bail!("Dropout: p must be in [0, 1), got {p}");
+        }
+        Ok(Self { p, rng })
+    }
+}
+
+impl ModuleT for Dropout {
+    fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        if !train || self.p == 0.0 {
+            return Ok(x.clone());
+        }
+        let keep = 1.0 - self.p;
+        let mask = self
+            .rng
+            .lock()
+            .bernoulli_mask(x.shape().clone(), keep, x.device())?
+            .to_dtype(x.dtype())?;
+        (x * mask)? * (1.0 / keep)
+    }
+}
+
+/// Batch normalisation over the channels of `[B, C, ...]`, with running
+/// statistics (`running_mean`, `running_var`, PyTorch's names) kept as
+/// variables so checkpoints carry them. They never receive gradients, so
+/// optimizers leave them alone.
+#[derive(Debug, Clone)]
+pub struct BatchNorm {
+    weight: Tensor,
+    bias: Tensor,
+    running_mean: candle_core::Var,
+    running_var: candle_core::Var,
+    momentum: f64,
+    eps: f64,
+}
+
+impl BatchNorm {
+    /// `BatchNorm2d(channels)` (momentum 0.1, eps 1e-5).
+    pub fn new(channels: usize, vb: VarBuilder<'_>) -> Result<Self> {
+        let weight = vb.get_with_hints(channels, "weight", Init::Const(1.0))?;
+        let bias = vb.get_with_hints(channels, "bias", Init::Const(0.0))?;
+        let rm = vb.get_with_hints(channels, "running_mean", Init::Const(0.0))?;
+        let rv = vb.get_with_hints(channels, "running_var", Init::Const(1.0))?;
+        // Running stats are updated in place; wrapping the same storage as a Var
+        // lets `set` write through to the store's copy.
+        Ok(Self {
+            weight,
+            bias,
+            running_mean: candle_core::Var::from_tensor(&rm)?,
+            running_var: candle_core::Var::from_tensor(&rv)?,
+            momentum: 0.1,
+            eps: 1e-5,
+        })
+    }
+
+    fn stat_shape(&self, x: &Tensor) -> Result<Vec<usize>> {
+        let mut s = vec![1; x.rank()];
+        s[1] = x.dim(1)?;
+        Ok(s)
+    }
+}
+
+impl ModuleT for BatchNorm {
+    fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        if x.rank() < 2 {
+            candle_core::bail!("BatchNorm: expected [B, C, ...], got {:?}", x.dims());
+        }
+        let shape = self.stat_shape(x)?;
+        let c = x.dim(1)?;
+        let (mean, var) = if train {
+            // Move channels first, flatten the rest: statistics over batch and space.
+            let xt = x.transpose(0, 1)?.contiguous()?.reshape((c, ()))?;
+            let n = xt.dim(1)?;
+            let mean = xt.mean_keepdim(1)?;
+            let var = xt.broadcast_sub(&mean)?.sqr()?.mean_keepdim(1)?;
+            let unbiased = (var.detach() * (n as f64 / (n.max(2) - 1) as f64))?;
+            let m = self.momentum;
+            let rm = ((self.running_mean.as_tensor() * (1.0 - m))?
+                + (mean.detach().flatten_all()? * m)?)?;
+            let rv =
+                ((self.running_var.as_tensor() * (1.0 - m))? + (unbiased.flatten_all()? * m)?)?;
+            self.running_mean.set(&rm)?;
+            self.running_var.set(&rv)?;
+            (mean.reshape(shape.clone())?, var.reshape(shape.clone())?)
+        } else {
+            (
+                self.running_mean.as_tensor().reshape(shape.clone())?,
+                self.running_var.as_tensor().reshape(shape.clone())?,
+            )
+        };
+        let xn = x
+            .broadcast_sub(&mean)?
+            .broadcast_div(&(var + self.eps)?.sqrt()?)?;
+        xn.broadcast_mul(&self.weight.reshape(shape.clone())?)?
+            .broadcast_add(&self.bias.reshape(shape)?)
+    }
+}

@@ -1,0 +1,278 @@
+//! kiln-core layers: values against PyTorch, and gradients reaching every
+//! parameter of a model that uses every layer.
+#![allow(clippy::unwrap_used, missing_docs)]
+
+use kiln_core::nn::{
+    self, AvgPool2d, BatchNorm, Conv2d, ConvConfig, ConvTranspose2d, Dropout, Embedding, LayerNorm,
+    Linear, MaxPool2d,
+};
+use kiln_core::optim::{OptimKind, Optimizer};
+use kiln_core::vars::VarStore;
+use kiln_core::{DType, Device, Module, ModuleT, Tensor, Var};
+
+fn close(got: &[f32], want: &[f32], tol: f32) {
+    assert_eq!(got.len(), want.len());
+    for (g, w) in got.iter().zip(want) {
+        assert!(
+            (g - w).abs() <= tol * (1.0 + w.abs()),
+            "got {got:?}\nwant {want:?}"
+        );
+    }
+}
+
+fn flat(t: &Tensor) -> Vec<f32> {
+    t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+}
+
+/// PyTorch:
+/// ```python
+/// x = torch.tensor([[1.0, -2.0, 0.5, 3.0], [0.1, 0.2, -0.3, 0.4]], requires_grad=True)
+/// w = torch.tensor([1.5, -0.5, 2.0, 1.0], requires_grad=True)
+/// b = torch.tensor([0.1, 0.2, -0.1, 0.0], requires_grad=True)
+/// c = torch.tensor([[0.3, -1.0, 2.0, 0.5], [1.0, 1.0, -2.0, 0.25]])
+/// y = F.layer_norm(x, (4,), w, b, 1e-5); (y * c).sum().backward()
+/// ```
+#[test]
+fn layer_norm_forward_and_backward_match_torch() {
+    let dev = Device::Cpu;
+    let x = Var::new(&[[1.0f32, -2.0, 0.5, 3.0], [0.1, 0.2, -0.3, 0.4]], &dev).unwrap();
+    let w = Var::new(&[1.5f32, -0.5, 2.0, 1.0], &dev).unwrap();
+    let b = Var::new(&[0.1f32, 0.2, -0.1, 0.0], &dev).unwrap();
+    let c = Tensor::new(&[[0.3f32, -1.0, 2.0, 0.5], [1.0, 1.0, -2.0, 0.25]], &dev).unwrap();
+    let y = nn::layer_norm(x.as_tensor(), w.as_tensor(), b.as_tensor(), 1e-5).unwrap();
+    close(
+        &flat(&y),
+        &[
+            0.4158376, 0.9369544, -0.2403723, 1.3335365, 0.1000000, 0.0038989, -3.2376168,
+            1.1766064,
+        ],
+        1e-5,
+    );
+    let g = (y * c).unwrap().sum_all().unwrap().backward().unwrap();
+    close(
+        &flat(g.get(x.as_tensor()).unwrap()),
+        &[
+            -0.5047869, -0.5372867, 1.4784033, -0.4363296, 8.5794210, -1.7155075, -3.1881495,
+            -3.6757641,
+        ],
+        1e-4,
+    );
+    close(
+        &flat(g.get(w.as_tensor()).unwrap()),
+        &[0.0631675, 1.8661109, 2.9972448, 0.9609199],
+        1e-5,
+    );
+    close(
+        &flat(g.get(b.as_tensor()).unwrap()),
+        &[1.3, 0.0, 0.0, 0.75],
+        1e-6,
+    );
+}
+
+/// PyTorch:
+/// ```python
+/// x = torch.tensor([[1.0, -2.0, 0.5], [0.1, 0.2, -0.3]], requires_grad=True)
+/// s = F.log_softmax(x, 1); (s * torch.tensor([[1., 2., 3.], [0.5, -1, 0]])).sum().backward()
+/// ```
+#[test]
+fn log_softmax_and_softmax_carry_gradients() {
+    let dev = Device::Cpu;
+    let x = Var::new(&[[1.0f32, -2.0, 0.5], [0.1, 0.2, -0.3]], &dev).unwrap();
+    let s = nn::log_softmax(x.as_tensor(), 1).unwrap();
+    close(
+        &flat(&s),
+        &[
+            -0.5045969, -3.5045969, -1.0045969, -1.0208277, -0.9208276, -1.4208276,
+        ],
+        1e-6,
+    );
+    let c = Tensor::new(&[[1.0f32, 2., 3.], [0.5, -1., 0.]], &dev).unwrap();
+    let g = (s * c).unwrap().sum_all().unwrap().backward().unwrap();
+    close(
+        &flat(g.get(x.as_tensor()).unwrap()),
+        &[
+            -2.6224935, 1.8196467, 0.8028467, 0.6801483, -0.8009053, 0.1207570,
+        ],
+        1e-5,
+    );
+    let p = nn::softmax(x.as_tensor(), 1).unwrap();
+    let g = p
+        .narrow(1, 0, 1)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    assert!(flat(g.get(x.as_tensor()).unwrap())
+        .iter()
+        .all(|v| v.abs() > 1e-4));
+    // Extreme logits stay finite.
+    let big = Tensor::new(&[[1e4f32, -1e4, 0.0]], &dev).unwrap();
+    assert!(flat(&nn::log_softmax(&big, 1).unwrap())
+        .iter()
+        .all(|v| v.is_finite()));
+}
+
+/// PyTorch:
+/// ```python
+/// bn = torch.nn.BatchNorm2d(2)
+/// xb = torch.arange(16, dtype=torch.float32).reshape(2, 2, 2, 2) ** 1.5 / 10
+/// yb = bn(xb)   # train mode
+/// ```
+#[test]
+fn batch_norm_matches_torch_in_train_and_eval() {
+    let dev = Device::Cpu;
+    let vs = VarStore::new(0);
+    let bn = BatchNorm::new(2, vs.builder(DType::F32, &dev).pp("bn")).unwrap();
+    let x = (Tensor::arange(0f32, 16.0, &dev)
+        .unwrap()
+        .reshape((2, 2, 2, 2))
+        .unwrap()
+        .powf(1.5)
+        .unwrap()
+        / 10.0)
+        .unwrap();
+    let y = bn.forward_t(&x, true).unwrap();
+    close(
+        &flat(&y),
+        &[
+            -1.120540, -1.049820, -0.920513, -0.753067, -1.230435, -1.063308, -0.878512, -0.677597,
+            0.479674, 0.788904, 1.115828, 1.459535, 0.533624, 0.812293, 1.101897, 1.402038,
+        ],
+        1e-5,
+    );
+    close(
+        &flat(vs.get("bn.running_mean").unwrap().as_tensor()),
+        &[0.1584470570087433, 0.31414610147476196],
+        1e-6,
+    );
+    close(
+        &flat(vs.get("bn.running_var").unwrap().as_tensor()),
+        &[1.1285089254379272, 1.3138540983200073],
+        1e-6,
+    );
+    // Eval mode uses the running statistics.
+    let ye = bn.forward_t(&x, false).unwrap();
+    let rm = flat(vs.get("bn.running_mean").unwrap().as_tensor());
+    let rv = flat(vs.get("bn.running_var").unwrap().as_tensor());
+    let xv = flat(&x);
+    close(
+        &flat(&ye)[..1],
+        &[(xv[0] - rm[0]) / (rv[0] + 1e-5).sqrt()],
+        1e-6,
+    );
+}
+
+#[test]
+fn dropout_is_seeded_scaled_and_off_in_eval() {
+    let dev = Device::Cpu;
+    let x = Tensor::ones((1000,), DType::F32, &dev).unwrap();
+    let d1 = Dropout::new(0.25, kiln_core::vars::SharedRng::new(3)).unwrap();
+    let d2 = Dropout::new(0.25, kiln_core::vars::SharedRng::new(3)).unwrap();
+    let a = flat(&d1.forward_t(&x, true).unwrap());
+    assert_eq!(a, flat(&d2.forward_t(&x, true).unwrap()));
+    let kept = a.iter().filter(|v| **v != 0.0).count();
+    assert!((700..800).contains(&kept), "{kept}");
+    assert!(a
+        .iter()
+        .all(|v| *v == 0.0 || (*v - 1.0 / 0.75).abs() < 1e-6));
+    assert_eq!(flat(&d1.forward_t(&x, false).unwrap()), vec![1.0; 1000]);
+    assert!(Dropout::new(1.0, kiln_core::vars::SharedRng::new(0)).is_err());
+}
+
+/// A model using every kiln-core layer: every parameter gets a non-zero
+/// gradient and changes after one optimizer step.
+#[test]
+fn every_layer_passes_gradients_to_every_parameter() {
+    let dev = Device::Cpu;
+    let vs = VarStore::new(11);
+    let vb = vs.builder(DType::F32, &dev);
+    let conv = Conv2d::new(3, 4, 3, ConvConfig::padding(1), vb.pp("conv")).unwrap();
+    let bn = BatchNorm::new(4, vb.pp("bn")).unwrap();
+    let pool = MaxPool2d::new(2);
+    let up = ConvTranspose2d::new(4, 2, 2, ConvConfig::stride(2), vb.pp("up")).unwrap();
+    let avg = AvgPool2d::new(2);
+    let emb = Embedding::new(5, 8, vb.pp("emb")).unwrap();
+    let fc = Linear::new(2 * 4 * 4, 8, vb.pp("fc")).unwrap();
+    let ln = LayerNorm::new(8, 1e-5, vb.pp("ln")).unwrap();
+    let drop = Dropout::new(0.1, vs.rng().clone()).unwrap();
+    let head = Linear::new(8, 3, vb.pp("head")).unwrap();
+
+    let mut rng = kiln_core::rng::SeededRng::new(5);
+    let x = rng.normal(&[4, 3, 8, 8], 0.0, 1.0, &dev).unwrap();
+    let ids = Tensor::new(&[0u32, 1, 3, 4], &dev).unwrap();
+    let h = conv.forward(&x).unwrap();
+    let h = bn.forward_t(&h, true).unwrap().relu().unwrap();
+    let h = pool.forward(&h).unwrap(); // [4,4,4,4]
+    let h = up.forward(&h).unwrap(); // [4,2,8,8]
+    let h = avg.forward(&h).unwrap(); // [4,2,4,4]
+    let h = fc.forward(&h.flatten_from(1).unwrap()).unwrap();
+    let h = (h + emb.forward(&ids).unwrap()).unwrap();
+    let h = ln.forward(&h).unwrap();
+    let h = drop.forward_t(&h, true).unwrap();
+    let logits = head.forward(&h).unwrap();
+    let loss = kiln_core::loss::cross_entropy(
+        &logits,
+        &Tensor::new(&[0u32, 1, 2, 1], &dev).unwrap(),
+        None,
+        kiln_core::loss::Reduction::Mean,
+    )
+    .unwrap();
+
+    let grads = loss.backward().unwrap();
+    let trainable: Vec<_> = vs.vars_where(|n| !n.contains("running_"));
+    assert_eq!(trainable.len(), 13, "{:?}", vs.names());
+    let before: Vec<Vec<f32>> = trainable
+        .iter()
+        .map(|(_, v)| flat(&v.as_tensor().copy().unwrap()))
+        .collect();
+    for (name, v) in &trainable {
+        let g = grads
+            .get(v.as_tensor())
+            .unwrap_or_else(|| panic!("no gradient for {name}"));
+        let n = g
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(n > 0.0 && n.is_finite(), "gradient of {name} is {n}");
+    }
+    let mut opt = Optimizer::single(OptimKind::adam(), vs.vars(), 1e-3, 0.0).unwrap();
+    opt.step(&grads).unwrap();
+    for ((name, v), b) in trainable.iter().zip(&before) {
+        assert_ne!(&flat(v.as_tensor()), b, "{name} did not change");
+    }
+}
+
+#[test]
+fn pytorch_default_init_bounds() {
+    let dev = Device::Cpu;
+    let vs = VarStore::new(0);
+    let vb = vs.builder(DType::F32, &dev);
+    let _ = Linear::new(3072, 512, vb.pp("l")).unwrap();
+    let w = flat(vs.get("l.weight").unwrap().as_tensor());
+    let bound = 1.0 / (3072f32).sqrt();
+    assert!(w.iter().all(|v| v.abs() <= bound));
+    let max = w.iter().fold(0f32, |m, v| m.max(v.abs()));
+    assert!(
+        max > 0.99 * bound,
+        "uniform should reach its bound: {max} vs {bound}"
+    );
+    let _ = ConvTranspose2d::new(32, 8, 2, ConvConfig::stride(2), vb.pp("d")).unwrap();
+    let w = flat(vs.get("d.weight").unwrap().as_tensor());
+    // PyTorch's fan-in for ConvTranspose2d(32, 8, 2) is 8*2*2 = 32.
+    assert!(w.iter().all(|v| v.abs() <= 1.0 / 32f32.sqrt()));
+    assert!(Conv2d::new(
+        3,
+        8,
+        3,
+        ConvConfig {
+            groups: 2,
+            ..Default::default()
+        },
+        vb.pp("g")
+    )
+    .is_err());
+}

@@ -1,0 +1,87 @@
+//! `cargo xtask bench`: throughput benchmarks with the protocol and JSON keys of
+//! `shared/bench/torch_reference.py` (warm-up steps, then timed steps).
+
+use anyhow::{bail, Result};
+use std::time::Instant;
+
+use crate::parts::Component;
+
+/// What each benchmark receives.
+#[allow(dead_code)] // used by the model components' benchmarks
+pub struct BenchCtx {
+    /// CPU threads in use.
+    pub threads: usize,
+    /// Timed steps (torch_reference.py uses 200 for the small models).
+    pub steps: usize,
+    /// Warm-up steps (torch_reference.py uses 20).
+    pub warm: usize,
+}
+
+#[allow(dead_code)]
+impl BenchCtx {
+    /// Times a train step the way torch_reference.py's `bench_train` does and
+    /// returns its JSON line.
+    pub fn train_line(
+        &self,
+        name: &str,
+        batch: usize,
+        mut step: impl FnMut() -> Result<()>,
+    ) -> Result<serde_json::Value> {
+        for _ in 0..self.warm {
+            step()?;
+        }
+        let t = Instant::now();
+        for _ in 0..self.steps {
+            step()?;
+        }
+        let dt = t.elapsed().as_secs_f64();
+        let round1 = |x: f64| (x * 10.0).round() / 10.0;
+        let round3 = |x: f64| (x * 1000.0).round() / 1000.0;
+        Ok(serde_json::json!({
+            "bench": name,
+            "threads": self.threads,
+            "batch": batch,
+            "steps": self.steps,
+            "images_per_s": round1(batch as f64 * self.steps as f64 / dt),
+            "ms_per_step": round3(1000.0 * dt / self.steps as f64),
+        }))
+    }
+}
+
+/// Runs the named benchmarks (all when none is named).
+pub fn run(args: &[String], components: &[Component]) -> Result<()> {
+    let mut names = Vec::new();
+    let mut threads = 2usize;
+    let mut steps = 200usize;
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--threads" => threads = it.next().map(|s| s.parse()).transpose()?.unwrap_or(2),
+            "--steps" => steps = it.next().map(|s| s.parse()).transpose()?.unwrap_or(200),
+            s if s.starts_with('-') => {
+                bail!("unknown flag {s}; usage: bench [NAME...] [--threads N] [--steps N]")
+            }
+            s => names.push(s.to_string()),
+        }
+    }
+    kiln_core::device::set_threads(threads)?;
+    let benches: Vec<_> = components.iter().flat_map(|c| c.benches.iter()).collect();
+    for n in &names {
+        if !benches.iter().any(|b| b.name == n) {
+            let all: Vec<_> = benches.iter().map(|b| b.name).collect();
+            bail!("unknown benchmark {n:?}; benchmarks: {}", all.join(", "));
+        }
+    }
+    let ctx = BenchCtx {
+        threads,
+        steps,
+        warm: 20,
+    };
+    for b in benches {
+        if names.is_empty() || names.iter().any(|n| n == b.name) {
+            let line = (b.run)(&ctx)?;
+            println!("{line}");
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,85 @@
+//! `cargo xtask demo`: every component's main job on embedded data, no download.
+
+use anyhow::{bail, Result};
+use clap::Parser;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use crate::parts::Component;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "demo",
+    about = "Run kiln's main jobs on embedded data (no download)"
+)]
+struct Args {
+    /// Run only these parts (comma-separated).
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
+    /// Output folder (default: runs/demo-<timestamp>).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Random seed.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// CPU threads (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Device: cpu, cuda, cuda:N or auto.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// No progress bars.
+    #[arg(long)]
+    quiet: bool,
+}
+
+/// What each demo part receives.
+pub struct DemoCtx {
+    /// The folder under which each part writes its run folder.
+    pub out: PathBuf,
+    /// Base seed.
+    pub seed: u64,
+    /// The device to run on.
+    pub device: kiln_core::Device,
+    /// Suppress progress bars.
+    pub quiet: bool,
+}
+
+/// Runs the selected demo parts in order.
+pub fn run(args: &[String], components: &[Component]) -> Result<()> {
+    let a = Args::try_parse_from(std::iter::once("demo".to_string()).chain(args.iter().cloned()))?;
+    if let Some(t) = a.threads {
+        kiln_core::device::set_threads(t)?;
+    }
+    let device = kiln_core::device::device(&a.device)?;
+    let parts: Vec<_> = components.iter().flat_map(|c| c.demos.iter()).collect();
+    for o in &a.only {
+        if !parts.iter().any(|p| p.name == o) {
+            let names: Vec<_> = parts.iter().map(|p| p.name).collect();
+            bail!("unknown demo part {o:?}; parts: {}", names.join(", "));
+        }
+    }
+    let out = a.out.unwrap_or_else(|| {
+        PathBuf::from("runs").join(format!("demo-{}", kiln_core::run::timestamp()))
+    });
+    std::fs::create_dir_all(&out)?;
+    let ctx = DemoCtx {
+        out: out.clone(),
+        seed: a.seed,
+        device,
+        quiet: a.quiet,
+    };
+    let t0 = Instant::now();
+    for p in parts {
+        if !a.only.is_empty() && !a.only.iter().any(|o| o == p.name) {
+            continue;
+        }
+        eprintln!("==> demo {}: {}", p.name, p.about);
+        let t = Instant::now();
+        (p.run)(&ctx)?;
+        eprintln!("    {} done in {:.1}s", p.name, t.elapsed().as_secs_f64());
+    }
+    eprintln!("demo finished in {:.1}s", t0.elapsed().as_secs_f64());
+    println!("{}", out.display());
+    Ok(())
+}

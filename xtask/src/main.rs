@@ -1,0 +1,84 @@
+//! `cargo xtask`: kiln's pipelines (demo, train, eval, sample, bench, ci, and the
+//! commands components register).
+
+use anyhow::{bail, Result};
+
+mod bench;
+mod ci;
+mod demo;
+mod parts;
+
+const USAGE: &str = "usage: cargo xtask <command> [args]
+
+commands:
+  demo [--only PART,...] [--out DIR] [--quiet]   run the main jobs on embedded data
+  train <task> [args]                            train a model (see `train --help`)
+  eval <task> [args]                             evaluate a run
+  sample <task> [args]                           sample from a run
+  bench [NAME...] [--threads N]                  throughput benchmarks, one JSON line each
+  ci                                             fmt check, clippy -D warnings, tests";
+
+fn main() {
+    if let Err(e) = run() {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let Some(cmd) = args.first().map(String::as_str) else {
+        println!("{USAGE}{}", extra_usage());
+        return Ok(());
+    };
+    let rest = &args[1..];
+    let components = parts::all();
+    match cmd {
+        "demo" => demo::run(rest, &components),
+        "bench" => bench::run(rest, &components),
+        "ci" => ci::run(rest),
+        "train" | "eval" | "sample" => {
+            let table: Vec<(&str, parts::Handler)> = components
+                .iter()
+                .flat_map(|c| match cmd {
+                    "train" => c.train.clone(),
+                    "eval" => c.eval.clone(),
+                    _ => c.sample.clone(),
+                })
+                .collect();
+            let names: Vec<&str> = table.iter().map(|(n, _)| *n).collect();
+            let Some(task) = rest.first().filter(|t| !t.starts_with('-')) else {
+                bail!(
+                    "usage: cargo xtask {cmd} <task> [args]; tasks: {}",
+                    names.join(", ")
+                );
+            };
+            match table.iter().find(|(n, _)| n == task) {
+                Some((_, h)) => h(&rest[1..]),
+                None => bail!("unknown {cmd} task {task:?}; tasks: {}", names.join(", ")),
+            }
+        }
+        "-h" | "--help" | "help" => {
+            println!("{USAGE}{}", extra_usage());
+            Ok(())
+        }
+        other => {
+            for c in &components {
+                if let Some((_, _, h)) = c.commands.iter().find(|(n, _, _)| *n == other) {
+                    return h(rest);
+                }
+            }
+            bail!("unknown command {other:?}\n\n{USAGE}{}", extra_usage())
+        }
+    }
+}
+
+fn extra_usage() -> String {
+    let mut s = String::new();
+    for c in parts::all() {
+        for (name, help, _) in &c.commands {
+            s.push_str(&format!("\n  {name:<47}{help}"));
+        }
+    }
+    s
+}
