@@ -359,14 +359,28 @@ impl SyntheticFlowers {
         for y in 0..size {
             for x in 0..size {
                 let mut acc = [0.0f32; 3];
+                let mut bg_hits = 0usize;
                 for sy in 0..ss {
                     for sx in 0..ss {
                         let u = (x as f32 + (sx as f32 + 0.5) / ss as f32) / size as f32;
                         let v = (y as f32 + (sy as f32 + 0.5) / ss as f32) / size as f32;
-                        let c = shade(sp, &inst, u, v);
-                        acc[0] += c[0];
-                        acc[1] += c[1];
-                        acc[2] += c[2];
+                        match foreground(sp, &inst, u, v) {
+                            Some(c) => {
+                                acc[0] += c[0];
+                                acc[1] += c[1];
+                                acc[2] += c[2];
+                            }
+                            None => bg_hits += 1,
+                        }
+                    }
+                }
+                if bg_hits > 0 {
+                    // the background is smooth: one evaluation at the pixel centre
+                    let u = (x as f32 + 0.5) / size as f32;
+                    let v = (y as f32 + 0.5) / size as f32;
+                    let c = background(sp, &inst, u, v);
+                    for ch in 0..3 {
+                        acc[ch] += c[ch] * bg_hits as f32;
                     }
                 }
                 let i = y * size + x;
@@ -413,13 +427,18 @@ fn petal_profile(shape: PetalShape, t: f32, v_rel: f32) -> bool {
     v_rel.abs() <= hw
 }
 
-/// The colour at picture coordinates `(u, v)` in [0, 1]^2.
-fn shade(sp: &Species, inst: &Instance, u: f32, v: f32) -> [f32; 3] {
+/// The flower's colour at picture coordinates `(u, v)` in [0, 1]^2, or
+/// `None` where the background shows.
+fn foreground(sp: &Species, inst: &Instance, u: f32, v: f32) -> Option<[f32; 3]> {
     let dx = u - inst.cx;
     let dy = v - inst.cy;
     let r = (dx * dx + dy * dy).sqrt();
-    let theta = dy.atan2(dx);
     let len = inst.len;
+    // beyond the longest petal: only the stem can be there
+    if r > len * 1.08 {
+        return stem(sp, inst, u, dy);
+    }
+    let theta = dy.atan2(dx);
 
     // centre disc, with a dotted texture and a darker rim
     let rc = sp.center * len;
@@ -430,7 +449,7 @@ fn shade(sp: &Species, inst: &Instance, u: f32, v: f32) -> [f32; 3] {
         } else {
             1.0
         };
-        return inst.center_rgb.map(|c| c * rim * dots);
+        return Some(inst.center_rgb.map(|c| c * rim * dots));
     }
 
     // petals: inner layer over outer layer
@@ -466,19 +485,26 @@ fn shade(sp: &Species, inst: &Instance, u: f32, v: f32) -> [f32; 3] {
                 1.0
             };
             let f = light * edge * rib;
-            return base.map(|c| (c * f).min(1.0));
+            return Some(base.map(|c| (c * f).min(1.0)));
         }
     }
 
-    // stem below the flower
+    stem(sp, inst, u, dy)
+}
+
+/// The stem below the flower, if any, at `u` and `dy` below the centre.
+fn stem(sp: &Species, inst: &Instance, u: f32, dy: f32) -> Option<[f32; 3]> {
     if sp.stem && dy > 0.0 {
         let sx = inst.cx + inst.stem_bend * dy * dy * 2.0;
         if (u - sx).abs() < 0.025 {
-            return [0.18, 0.5, 0.15];
+            return Some([0.18, 0.5, 0.15]);
         }
     }
+    None
+}
 
-    // background: vertical gradient with soft, out-of-focus blotches
+/// The background: a vertical gradient with soft, out-of-focus blotches.
+fn background(sp: &Species, inst: &Instance, u: f32, v: f32) -> [f32; 3] {
     let g = v;
     let p = inst.bg_phase;
     let blotch = 0.5 * ((u * 7.0 + p[0]).sin() * (v * 5.0 + p[1]).sin())
