@@ -13,6 +13,10 @@ pub trait TokenCounter {
     fn count(&self, text: &str) -> Result<usize>;
     /// The longest prefix of `text` that is at most `max_tokens` tokens.
     fn truncate(&self, text: &str, max_tokens: usize) -> Result<String>;
+    /// What one unit is called in reports ("tokens", "words").
+    fn unit(&self) -> &'static str {
+        "tokens"
+    }
 }
 
 /// Counts whitespace-separated words: a model-free approximation (English text runs about
@@ -21,6 +25,9 @@ pub trait TokenCounter {
 pub struct WordCounter;
 
 impl TokenCounter for WordCounter {
+    fn unit(&self) -> &'static str {
+        "words"
+    }
     fn count(&self, text: &str) -> Result<usize> {
         Ok(text.split_whitespace().count())
     }

@@ -1,7 +1,8 @@
 //! Prompt evaluation: K prompt variants over M cases through one generator, scored by checks.
 //!
 //! An eval directory holds one spec file per variant (`*.toml` / `*.json`) and a cases file
-//! (`cases.toml` or `cases.json`):
+//! (`cases.toml` or `cases.json`). Every variant is scored by the same checks (the suite's and
+//! the case's), not by the checks its own output format implies, so the scores compare:
 //!
 //! ```toml
 //! # checks applied to every case
@@ -215,7 +216,7 @@ pub struct CellResult {
     pub variant: String,
     /// The case.
     pub case: String,
-    /// Prompt tokens of the first attempt (by the counter given).
+    /// Length of the first attempt's prompt, in the report's `length_unit`.
     pub prompt_tokens: usize,
     /// Every attempt.
     pub attempts: Vec<Attempt>,
@@ -243,7 +244,7 @@ pub struct VariantSummary {
     pub check_pass_rate: f64,
     /// Mean attempts used.
     pub mean_attempts: f64,
-    /// Mean prompt tokens (first attempt).
+    /// Mean prompt length (first attempt), in the report's `length_unit`.
     pub mean_prompt_tokens: f64,
     /// Cases that could not be rendered.
     pub errors: usize,
@@ -256,6 +257,8 @@ pub struct EvalReport {
     pub generator: String,
     /// Attempts allowed per cell.
     pub max_attempts: usize,
+    /// What prompt lengths are counted in ("tokens", "words").
+    pub length_unit: String,
     /// One row per variant, in the suite's order.
     pub variants: Vec<VariantSummary>,
     /// Every cell, variant-major.
@@ -365,6 +368,7 @@ pub fn evaluate(
     Ok(EvalReport {
         generator: generator.name(),
         max_attempts: opts.max_attempts,
+        length_unit: counter.unit().to_string(),
         variants,
         cells,
     })
@@ -380,7 +384,10 @@ impl EvalReport {
             self.max_attempts,
             if self.max_attempts == 1 { "" } else { "s" }
         );
-        s.push_str("| variant | pass@1 | pass (with re-ask) | checks passed @1 | mean attempts | mean prompt tokens | errors |\n");
+        s.push_str(&format!(
+            "| variant | pass@1 | pass (with re-ask) | checks passed @1 | mean attempts | mean prompt {} | errors |\n",
+            self.length_unit
+        ));
         s.push_str("|---|---:|---:|---:|---:|---:|---:|\n");
         for v in &self.variants {
             s.push_str(&format!(

@@ -80,5 +80,5 @@ pub use tokenizers;
 
 /// The README's examples, compiled and run as doctests.
 #[doc = include_str!("../README.md")]
-#[cfg(doctest)]
+#[cfg(all(doctest, feature = "tokenizers"))]
 pub struct ReadmeDoctests;

@@ -7,8 +7,9 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use kiln_prompt::{
-    evaluate, fit, generate_checked_with, parse_var_assignments, vars, Budget, ChatTemplate, Check, EvalOptions,
-    EvalSuite, FitOptions, GenParams, Layout, PromptSpec, RuleGenerator, TextGenerator, TokenCounter, WordCounter,
+    evaluate, fit, generate_checked_with, parse_var_assignments, vars, Budget, ChatTemplate, Check,
+    EvalOptions, EvalSuite, FitOptions, GenParams, Layout, PromptSpec, RuleGenerator,
+    TextGenerator, TokenCounter, WordCounter,
 };
 
 use super::{Component, DemoPart};
@@ -31,7 +32,10 @@ pub fn component() -> Component {
 }
 
 #[derive(Debug, Parser)]
-#[command(name = "cargo xtask prompt", about = "Prompt specs: render them, evaluate variants against checks")]
+#[command(
+    name = "cargo xtask prompt",
+    about = "Prompt specs: render them, evaluate variants against checks"
+)]
 struct Args {
     #[command(subcommand)]
     cmd: Cmd,
@@ -100,21 +104,38 @@ enum Cmd {
 }
 
 fn command(args: &[String]) -> Result<()> {
-    let a = Args::try_parse_from(std::iter::once("prompt".to_string()).chain(args.iter().cloned()))?;
+    let a =
+        Args::try_parse_from(std::iter::once("prompt".to_string()).chain(args.iter().cloned()))?;
     match a.cmd {
-        Cmd::Eval { dir, json, model, attempts, seed, max_new_tokens, chat, tokenizer, slip_rate, out } => {
+        Cmd::Eval {
+            dir,
+            json,
+            model,
+            attempts,
+            seed,
+            max_new_tokens,
+            chat,
+            tokenizer,
+            slip_rate,
+            out,
+        } => {
             let suite = EvalSuite::load(&dir)?;
             let counter = counter(tokenizer.as_deref())?;
             let mut generator = generator(model.as_deref(), slip_rate)?;
             let opts = EvalOptions {
                 max_attempts: attempts,
-                params: GenParams { seed, max_new_tokens, ..GenParams::default() },
+                params: GenParams {
+                    seed,
+                    max_new_tokens,
+                    ..GenParams::default()
+                },
                 chat_template: chat.as_deref().map(chat_template).transpose()?,
             };
             let report = evaluate(&suite, generator.as_mut(), counter.as_ref(), &opts)?;
             let json_text = serde_json::to_string_pretty(&report)?;
             if let Some(p) = out {
-                std::fs::write(&p, &json_text).with_context(|| format!("writing {}", p.display()))?;
+                std::fs::write(&p, &json_text)
+                    .with_context(|| format!("writing {}", p.display()))?;
             }
             if json {
                 println!("{json_text}");
@@ -123,24 +144,46 @@ fn command(args: &[String]) -> Result<()> {
             }
             Ok(())
         }
-        Cmd::Render { spec, vars, chat, messages, context_size, reserve, tokenizer } => {
-            let spec = PromptSpec::load(&spec)?;
+        Cmd::Render {
+            spec,
+            vars,
+            chat,
+            messages,
+            context_size,
+            reserve,
+            tokenizer,
+        } => {
+            let path = spec;
+            let spec = PromptSpec::load(&path)?;
             let mut vars = parse_var_assignments(&vars)?;
             for (name, value) in vars.iter_mut() {
                 if let Some(path) = value.as_str().and_then(|v| v.strip_prefix('@')) {
-                    let text = std::fs::read_to_string(path)
-                        .with_context(|| format!("--var {name}=@{path}: reading the value's file"))?;
+                    let text = std::fs::read_to_string(path).with_context(|| {
+                        format!("--var {name}=@{path}: reading the value's file")
+                    })?;
                     *value = text.into();
                 }
             }
-            let bound = spec.bind(&vars)?;
+            let bound = spec
+                .bind(&vars)
+                .with_context(|| format!("rendering {}", path.display()))?;
             let template = chat.as_deref().map(chat_template).transpose()?;
             let bound = match context_size {
                 Some(n) => {
                     let counter = counter(tokenizer.as_deref())?;
                     let layout = template.as_ref().map_or(Layout::Text, Layout::Chat);
-                    let f = fit(&bound, counter.as_ref(), Budget::new(n, reserve), layout, &FitOptions::default())?;
-                    eprintln!("fitted to {} tokens (budget {}):", f.tokens, n.saturating_sub(reserve));
+                    let f = fit(
+                        &bound,
+                        counter.as_ref(),
+                        Budget::new(n, reserve),
+                        layout,
+                        &FitOptions::default(),
+                    )?;
+                    eprintln!(
+                        "fitted to {} tokens (budget {}):",
+                        f.tokens,
+                        n.saturating_sub(reserve)
+                    );
                     for c in &f.cuts {
                         eprintln!("  cut: {}", serde_json::to_string(c)?);
                     }
@@ -190,10 +233,22 @@ fn generator(model: Option<&Path>, slip_rate: f64) -> Result<Box<dyn TextGenerat
 }
 
 const DEMO_FILES: [(&str, &str); 4] = [
-    ("cases.toml", include_str!("../../../crates/kiln-prompt/examples/eval/cases.toml")),
-    ("1-vague.toml", include_str!("../../../crates/kiln-prompt/examples/eval/1-vague.toml")),
-    ("2-explicit.toml", include_str!("../../../crates/kiln-prompt/examples/eval/2-explicit.toml")),
-    ("3-explicit-fewshot.toml", include_str!("../../../crates/kiln-prompt/examples/eval/3-explicit-fewshot.toml")),
+    (
+        "cases.toml",
+        include_str!("../../../crates/kiln-prompt/examples/eval/cases.toml"),
+    ),
+    (
+        "1-vague.toml",
+        include_str!("../../../crates/kiln-prompt/examples/eval/1-vague.toml"),
+    ),
+    (
+        "2-explicit.toml",
+        include_str!("../../../crates/kiln-prompt/examples/eval/2-explicit.toml"),
+    ),
+    (
+        "3-explicit-fewshot.toml",
+        include_str!("../../../crates/kiln-prompt/examples/eval/3-explicit-fewshot.toml"),
+    ),
 ];
 
 /// The `prompt` demo part: writes under `<out>/prompt/`:
@@ -204,7 +259,8 @@ fn demo(ctx: &crate::demo::DemoCtx) -> Result<()> {
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
 
     // 1. A spec, rendered as text and as Llama 3.1 chat.
-    let spec = PromptSpec::from_toml_str(DEMO_FILES[2].1, "kiln-prompt/examples/eval/2-explicit.toml")?;
+    let spec =
+        PromptSpec::from_toml_str(DEMO_FILES[2].1, "kiln-prompt/examples/eval/2-explicit.toml")?;
     let v = vars([
         ("topic", "variational autoencoders"),
         (
@@ -217,7 +273,10 @@ fn demo(ctx: &crate::demo::DemoCtx) -> Result<()> {
     let bound = spec.bind(&v)?;
     std::fs::write(out.join("spec.toml"), spec.to_toml()?)?;
     std::fs::write(out.join("prompt.txt"), bound.text())?;
-    std::fs::write(out.join("prompt.llama31.txt"), bound.chat_text(&ChatTemplate::llama31())?)?;
+    std::fs::write(
+        out.join("prompt.llama31.txt"),
+        bound.chat_text(&ChatTemplate::llama31())?,
+    )?;
 
     // 2. Checked generation: the format's own checks plus tests against hallucinated chatter.
     //    The stand-in generator always slips on its first attempt here, to show the re-ask.
@@ -225,9 +284,15 @@ fn demo(ctx: &crate::demo::DemoCtx) -> Result<()> {
     checks.push(Check::contains(["latent"])?);
     checks.push(Check::avoids(["Sure!", "as an AI"])?);
     let mut generator = RuleGenerator::new(1.0);
-    let params = GenParams { seed: ctx.seed, ..GenParams::default() };
+    let params = GenParams {
+        seed: ctx.seed,
+        ..GenParams::default()
+    };
     let res = generate_checked_with(&mut generator, bound.text(), &checks, 4, &params)?;
-    std::fs::write(out.join("attempts.json"), serde_json::to_string_pretty(&res)? + "\n")?;
+    std::fs::write(
+        out.join("attempts.json"),
+        serde_json::to_string_pretty(&res)? + "\n",
+    )?;
     if !ctx.quiet {
         for a in &res.attempts {
             let failed: Vec<String> = a
@@ -237,7 +302,11 @@ fn demo(ctx: &crate::demo::DemoCtx) -> Result<()> {
                 .map(|c| c.detail.clone().unwrap_or_default())
                 .collect();
             if a.passed {
-                eprintln!("    attempt {}: passed all {} checks", a.number, a.checks.len());
+                eprintln!(
+                    "    attempt {}: passed all {} checks",
+                    a.number,
+                    a.checks.len()
+                );
             } else {
                 eprintln!("    attempt {}: failed ({})", a.number, failed.join("; "));
             }
@@ -260,15 +329,21 @@ fn demo(ctx: &crate::demo::DemoCtx) -> Result<()> {
     let suite = EvalSuite::load(&eval_dir)?;
     let opts = EvalOptions {
         max_attempts: 2,
-        params: GenParams { seed: ctx.seed, ..GenParams::default() },
+        params: GenParams {
+            seed: ctx.seed,
+            ..GenParams::default()
+        },
         chat_template: None,
     };
     let report = evaluate(&suite, &mut RuleGenerator::default(), &WordCounter, &opts)?;
     let md = report.to_markdown();
     std::fs::write(out.join("eval.md"), &md)?;
-    std::fs::write(out.join("eval.json"), serde_json::to_string_pretty(&report)? + "\n")?;
+    std::fs::write(
+        out.join("eval.json"),
+        serde_json::to_string_pretty(&report)? + "\n",
+    )?;
     if !ctx.quiet {
-        for line in md.lines().take(6) {
+        for line in md.lines().take(7) {
             eprintln!("    {line}");
         }
     }
