@@ -180,7 +180,7 @@ impl Error {
             ErrorKind::SyntaxError | ErrorKind::BadEscape => Error::TemplateSyntax {
                 name: name.to_string(),
                 line: e.line(),
-                message,
+                message: e.detail().map_or(message, str::to_string),
             },
             _ => Error::Render {
                 name: name.to_string(),

@@ -138,3 +138,32 @@ fn a_case_missing_a_variable_is_an_error_cell() {
             || report.to_markdown().contains("- vague / no-notes: ")
     );
 }
+
+#[test]
+fn eval_can_render_as_chat_and_without_reasking() {
+    let suite = EvalSuite::load(example_dir()).unwrap();
+    let opts = EvalOptions {
+        max_attempts: 1,
+        chat_template: Some(kiln_prompt::ChatTemplate::chatml()),
+        ..EvalOptions::default()
+    };
+    let report = evaluate(&suite, &mut RuleGenerator::default(), &WordCounter, &opts).unwrap();
+    assert!(report.cells.iter().all(|c| c.attempts.len() == 1));
+    assert!(report
+        .cells
+        .iter()
+        .all(|c| c.attempts[0].prompt.starts_with("<|im_start|>user\n")));
+    // explicit+example puts its example in chat turns.
+    let ex = report
+        .cells
+        .iter()
+        .find(|c| c.variant == "explicit+example")
+        .unwrap();
+    assert!(ex.attempts[0]
+        .prompt
+        .contains("<|im_start|>assistant\n- A decision tree"));
+    assert!(report.variants.iter().all(|v| v.passed == v.passed_first));
+    assert!(report
+        .to_markdown()
+        .starts_with("Generator: rule-based (slip rate 0.3); up to 1 attempt per case.\n"));
+}

@@ -171,3 +171,68 @@ fn rule_generator_follows_spec_formats_deterministically() {
         .unwrap();
     assert!(vague.starts_with("Sure!"), "{vague}");
 }
+
+#[test]
+fn rule_generator_reads_code_length_and_term_instructions() {
+    let mut g = RuleGenerator::new(0.0);
+    let p = GenParams::default();
+    // Code in a language.
+    let spec = PromptSpec::from_toml_str(
+        "task = \"Write hello world.\"\n[output]\nkind = \"code\"\nlanguage = \"rust\"\n",
+        "t",
+    )
+    .unwrap();
+    let prompt = spec.render(&vars::<&str, &str>([])).unwrap();
+    let out = g.generate(&prompt, &p).unwrap();
+    assert!(spec.checks().unwrap()[0].run(&out).passed, "{out}");
+    // A word limit.
+    let spec = PromptSpec::from_toml_str(
+        "task = \"Explain.\"\n[output]\nkind = \"prose\"\nmax_words = 12\n[[context]]\ntext = \"One two three four five six. Seven eight nine ten eleven twelve. Thirteen fourteen fifteen.\"\n",
+        "t",
+    )
+    .unwrap();
+    let out = g
+        .generate(&spec.render(&vars::<&str, &str>([])).unwrap(), &p)
+        .unwrap();
+    assert!(out.split_whitespace().count() <= 12, "{out}");
+    assert!(spec.checks().unwrap()[0].run(&out).passed);
+    // Terms named in a re-ask: mentioned / avoided next time.
+    let checks = [
+        Check::contains(["latent"]).unwrap(),
+        Check::avoids(["decoder"]).unwrap(),
+        Check::bullets(2),
+    ];
+    let prompt = "## Task\nSummarise.\n\n## Context\nThe decoder maps codes to images. Codes are sampled at random. Training is slow.\n\n## Output format\nAnswer with exactly 2 bullet points, one per line, each starting with \"- \". Write nothing before or after the list.\n";
+    let r = generate_checked(&mut g, prompt, &checks, 3).unwrap();
+    assert!(
+        !r.attempts[0].passed,
+        "the first answer knows nothing of the checks"
+    );
+    assert!(r.passed(), "{:#?}", r.attempts);
+    let last = r.output().unwrap();
+    assert!(
+        last.contains("latent") && !last.to_lowercase().contains("decoder"),
+        "{last}"
+    );
+    // Parameters: stop strings and the token limit are honoured.
+    let out = g
+        .generate(
+            prompt,
+            &GenParams {
+                stop: vec!["\n".into()],
+                ..GenParams::default()
+            },
+        )
+        .unwrap();
+    assert!(!out.contains('\n'), "{out:?}");
+    let out = g
+        .generate(
+            prompt,
+            &GenParams {
+                max_new_tokens: 3,
+                ..GenParams::default()
+            },
+        )
+        .unwrap();
+    assert_eq!(out.split_whitespace().count(), 3, "{out:?}");
+}
