@@ -440,6 +440,24 @@ fn special_tokens(cfg: &serde_json::Value) -> BTreeMap<String, serde_json::Value
     out
 }
 
+#[cfg(feature = "tokenizers")]
+impl ChatTemplate {
+    /// Renders and tokenizes, like `apply_chat_template(..., tokenize=True)`: the rendered text
+    /// is encoded without adding special tokens again (the template already wrote them).
+    pub fn encode(
+        &self,
+        tokenizer: &tokenizers::Tokenizer,
+        messages: &[Message],
+        opts: &ChatOptions,
+    ) -> Result<Vec<u32>> {
+        let text = self.render_with(messages, opts)?;
+        let enc = tokenizer
+            .encode(text.as_str(), false)
+            .map_err(|e| Error::Tokenizer(e.to_string()))?;
+        Ok(enc.get_ids().to_vec())
+    }
+}
+
 /// A special token in tokenizer_config.json: a string or an AddedToken object.
 fn token_text(v: &serde_json::Value) -> Option<String> {
     match v {

@@ -215,3 +215,46 @@ fn python_string_methods_and_options() {
         .unwrap();
     assert_eq!(out, "{\"a\":[\"\\u00e9\",null,true],\"b\":1}|{\n  \"b\": 1,\n  \"a\": [\n    \"é\",\n    null,\n    true\n  ]\n}");
 }
+
+/// Template kwargs pass through (transformers passes extra keyword arguments to the template),
+/// and `encode` tokenizes the render without a second BOS.
+#[test]
+fn extra_variables_and_encoding() {
+    let mut extra = serde_json::Map::new();
+    extra.insert("date_string".into(), "01 Jan 2025".into());
+    let opts = ChatOptions {
+        extra,
+        add_generation_prompt: true,
+        ..ChatOptions::default()
+    };
+    let text = ChatTemplate::llama31()
+        .render_with(&[Message::user("Hi")], &opts)
+        .unwrap();
+    assert!(text.contains("Today Date: 01 Jan 2025\n"), "{text}");
+
+    #[cfg(feature = "tokenizers")]
+    {
+        let json = r#"{
+          "version": "1.0", "truncation": null, "padding": null,
+          "added_tokens": [
+            {"id": 4, "content": "<|im_start|>", "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true},
+            {"id": 5, "content": "<|im_end|>", "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true}
+          ],
+          "normalizer": null, "pre_tokenizer": {"type": "Whitespace"}, "post_processor": null, "decoder": null,
+          "model": {"type": "WordLevel", "vocab": {"[UNK]": 0, "user": 1, "hi": 2, "assistant": 3, "<|im_start|>": 4, "<|im_end|>": 5}, "unk_token": "[UNK]"}
+        }"#;
+        let tok: kiln_prompt::tokenizers::Tokenizer = json.parse().unwrap();
+        let ids = ChatTemplate::chatml()
+            .encode(
+                &tok,
+                &[Message::user("hi")],
+                &ChatOptions {
+                    add_generation_prompt: true,
+                    ..ChatOptions::default()
+                },
+            )
+            .unwrap();
+        // <|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n
+        assert_eq!(ids, [4, 1, 2, 5, 4, 3]);
+    }
+}
