@@ -7,7 +7,6 @@ use std::time::Instant;
 use crate::parts::Component;
 
 /// What each benchmark receives.
-#[allow(dead_code)] // used by the model components' benchmarks
 pub struct BenchCtx {
     /// CPU threads in use.
     pub threads: usize,
@@ -17,7 +16,6 @@ pub struct BenchCtx {
     pub warm: usize,
 }
 
-#[allow(dead_code)]
 impl BenchCtx {
     /// Times a train step the way torch_reference.py's `bench_train` does and
     /// returns its JSON line.

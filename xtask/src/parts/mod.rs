@@ -7,6 +7,7 @@ use anyhow::Result;
 pub mod core;
 pub mod data;
 pub mod prompt;
+pub mod vae;
 
 /// A command handler: receives the arguments after its name.
 pub type Handler = fn(&[String]) -> Result<()>;
@@ -48,5 +49,10 @@ pub struct Component {
 
 /// Every component, in demo order.
 pub fn all() -> Vec<Component> {
-    vec![core::component(), data::component(), prompt::component()]
+    vec![
+        core::component(),
+        data::component(),
+        vae::component(),
+        prompt::component(),
+    ]
 }

@@ -1,0 +1,376 @@
+//! Training: the chapter's loop (Adam, summed β-ELBO, average loss per image
+//! each epoch) on a kiln-core [`Session`], with checkpoints, exact resume,
+//! metrics and figures in the run folder.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use kiln_core::image::{plot_metrics, save_image_grid, save_image_rows, GridOptions};
+use kiln_core::observer::ObserverConfig;
+use kiln_core::optim::{OptimKind, Optimizer};
+use kiln_core::rng::SeededRng;
+use kiln_core::run::RunDir;
+use kiln_core::session::Session;
+use kiln_core::vars::VarStore;
+use kiln_core::{DType, Device, Tensor};
+use kiln_data::{DataLoader, Dataset, LoaderConfig};
+use serde::{Deserialize, Serialize};
+
+use crate::config::VaeConfig;
+use crate::error::{Result, VaeError};
+use crate::eval::{evaluate, EvalReport};
+use crate::loss::elbo_loss;
+use crate::model::Vae;
+
+/// The model kind written to a run's `config.toml`.
+pub const RUN_KIND: &str = "vae";
+
+/// Optimisation settings (the chapter's by default).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainConfig {
+    /// Passes over the training set (the chapter: 400).
+    pub epochs: u64,
+    /// Images per batch (32).
+    pub batch_size: usize,
+    /// Adam learning rate (2e-3).
+    pub lr: f64,
+    /// Seed of weights, data order and noise.
+    pub seed: u64,
+    /// The dataset, as given on the command line (recorded for `eval`/`sample`).
+    pub dataset: String,
+    /// Evaluate on the test split every this many epochs (0 = at the end only).
+    pub eval_every: u64,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            epochs: 400,
+            batch_size: 32,
+            lr: 2e-3,
+            seed: 0,
+            dataset: "synthetic-flowers".into(),
+            eval_every: 0,
+        }
+    }
+}
+
+/// What a run's `config.toml` holds besides its `kind`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunConfig {
+    /// The model.
+    pub model: VaeConfig,
+    /// The optimisation.
+    pub train: TrainConfig,
+}
+
+/// Where and how a training run is written.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    /// The run folder (created by the caller).
+    pub run: RunDir,
+    /// Continue from the folder's last checkpoint.
+    pub resume: bool,
+    /// Progress display.
+    pub observer: ObserverConfig,
+}
+
+impl RunOptions {
+    /// A new run in `run`, quiet or not.
+    pub fn new(run: RunDir, quiet: bool) -> Self {
+        Self {
+            run,
+            resume: false,
+            observer: ObserverConfig {
+                quiet,
+                log_every: 50,
+            },
+        }
+    }
+}
+
+/// The outcome of [`train`].
+#[derive(Debug, Clone, Serialize)]
+pub struct TrainReport {
+    /// Average training loss per image in the last epoch.
+    pub final_train_loss: f64,
+    /// Test-set evaluation at the end, when a test set was given.
+    pub test: Option<EvalReport>,
+    /// Epochs completed.
+    pub epochs: u64,
+    /// Training throughput, images per second.
+    pub images_per_s: f64,
+    /// Whether training stopped early on Ctrl-C (a checkpoint was written).
+    pub interrupted: bool,
+}
+
+/// Trains `model_cfg` on `train_set` in `opts.run` (with `opts.resume`,
+/// continues from its last checkpoint). Writes `config.toml`,
+/// `metrics.jsonl`, `checkpoints/last.safetensors`, `loss.png`, `samples.png`,
+/// `reconstructions.png`, `interpolation.png` and `summary.json`.
+pub fn train(
+    model_cfg: &VaeConfig,
+    tc: &TrainConfig,
+    train_set: Arc<dyn Dataset>,
+    test_set: Option<Arc<dyn Dataset>>,
+    device: &Device,
+    opts: RunOptions,
+) -> Result<TrainReport> {
+    let RunOptions {
+        run,
+        resume,
+        observer: obs,
+    } = opts;
+    model_cfg.validate()?;
+    if tc.batch_size == 0 {
+        return Err(VaeError::Config {
+            field: "batch_size".into(),
+            msg: "must be at least 1".into(),
+        });
+    }
+    if !(tc.lr.is_finite() && tc.lr > 0.0) {
+        return Err(VaeError::Config {
+            field: "lr".into(),
+            msg: format!("must be positive, got {}", tc.lr),
+        });
+    }
+    check_shape(model_cfg, train_set.as_ref())?;
+    let run_cfg = RunConfig {
+        model: model_cfg.clone(),
+        train: tc.clone(),
+    };
+    if resume {
+        let (kind, saved): (String, RunConfig) = run.read_config()?;
+        if kind != RUN_KIND || saved.model != run_cfg.model {
+            return Err(VaeError::Run {
+                path: run.path().to_path_buf(),
+                msg: format!("cannot resume: it is a {kind:?} run with another model config"),
+            });
+        }
+    } else {
+        run.write_config(RUN_KIND, &run_cfg)?;
+    }
+
+    let vs = VarStore::new(tc.seed);
+    let model = Vae::new(model_cfg, vs.builder(DType::F32, device))?;
+    let opt = Optimizer::single(OptimKind::adam(), vs.vars(), tc.lr, 0.0)?;
+    let loader_cfg = LoaderConfig {
+        batch_size: tc.batch_size,
+        shuffle: true,
+        drop_last: false,
+        seed: tc.seed,
+        ..Default::default()
+    };
+    let loader = DataLoader::new(train_set.clone(), loader_cfg, device)?;
+    let steps_per_epoch = loader.len() as u64;
+    let mut s = Session::start(
+        run.clone(),
+        vs.clone(),
+        opt,
+        tc.seed,
+        resume,
+        tc.epochs * steps_per_epoch,
+        obs,
+    )?;
+    let n_train = train_set.len() as f64;
+    let cond = model_cfg.num_classes.is_some();
+    let mut last = f64::NAN;
+    let mut interrupted = false;
+    'epochs: while s.epoch < tc.epochs {
+        let (mut sum, mut rec_sum, mut kl_sum) = (0.0, 0.0, 0.0);
+        for (i, batch) in loader.epoch(s.epoch).enumerate() {
+            let batch = batch?;
+            if s.skip_batch(i as u64) {
+                continue;
+            }
+            let b = batch.len() as f64;
+            let labels = cond.then_some(&batch.labels);
+            let out = model.forward(&batch.images, labels, &mut s.rng)?;
+            let t = elbo_loss(
+                &out,
+                &batch.images,
+                model_cfg.likelihood,
+                model.logvar_x(),
+                model_cfg.beta,
+            )?;
+            let rec = t.rec.to_scalar::<f32>()? as f64;
+            let kl = t.kl.to_scalar::<f32>()? as f64;
+            let v = s.train_step(
+                &t.loss,
+                batch.len(),
+                &[
+                    ("loss", (rec + model_cfg.beta * kl) / b),
+                    ("rec", rec / b),
+                    ("kl", kl / b),
+                ],
+            )?;
+            sum += v;
+            rec_sum += rec;
+            kl_sum += kl;
+            if s.should_stop() {
+                s.interrupt()?;
+                interrupted = true;
+                break 'epochs;
+            }
+        }
+        // The chapter prints the average loss per image each epoch.
+        last = sum / n_train;
+        s.end_epoch(&[
+            ("loss", last),
+            ("rec", rec_sum / n_train),
+            ("kl", kl_sum / n_train),
+        ])?;
+        if let (Some(ts), true) = (
+            &test_set,
+            tc.eval_every > 0 && s.epoch % tc.eval_every == 0 && s.epoch < tc.epochs,
+        ) {
+            let r = evaluate(&model, ts.clone(), device, 256, 0, tc.seed)?;
+            s.record(
+                "test",
+                &[
+                    ("neg_elbo", r.neg_elbo_nats),
+                    ("bits_per_dim", r.neg_elbo_bpd),
+                ],
+            )?;
+        }
+    }
+    let images_per_s = s.observer.throughput();
+    let test = match (&test_set, interrupted) {
+        (Some(ts), false) => {
+            let r = evaluate(&model, ts.clone(), device, 256, 0, tc.seed)?;
+            s.record(
+                "test",
+                &[
+                    ("neg_elbo", r.neg_elbo_nats),
+                    ("bits_per_dim", r.neg_elbo_bpd),
+                ],
+            )?;
+            Some(r)
+        }
+        _ => None,
+    };
+    let report = TrainReport {
+        final_train_loss: last,
+        test,
+        epochs: s.epoch,
+        images_per_s,
+        interrupted,
+    };
+    if !interrupted {
+        write_figures(
+            &model,
+            &run,
+            test_set.as_deref().unwrap_or(train_set.as_ref()),
+            device,
+            tc.seed,
+        )?;
+        s.finish(serde_json::to_value(&report).map_err(|e| VaeError::Run {
+            path: run.path().to_path_buf(),
+            msg: e.to_string(),
+        })?)?;
+    }
+    Ok(report)
+}
+
+fn check_shape(cfg: &VaeConfig, ds: &dyn Dataset) -> Result<()> {
+    if ds.is_empty() {
+        return Err(VaeError::Config {
+            field: "dataset".into(),
+            msg: "the training set is empty".into(),
+        });
+    }
+    let s = ds.get(0)?.image.shape();
+    if s != [cfg.channels, cfg.image_size, cfg.image_size] {
+        return Err(VaeError::Config {
+            field: "channels/image_size".into(),
+            msg: format!(
+                "the model expects images [{}, {}, {}], the dataset gives {s:?}",
+                cfg.channels, cfg.image_size, cfg.image_size
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// The first `n` images (and labels) of a dataset as tensors.
+pub fn first_images(ds: &dyn Dataset, n: usize, device: &Device) -> Result<(Tensor, Tensor)> {
+    let n = n.min(ds.len());
+    let mut imgs = Vec::with_capacity(n);
+    let mut labels = Vec::with_capacity(n);
+    for i in 0..n {
+        let s = ds.get(i)?;
+        let [c, h, w] = s.image.shape();
+        imgs.push(Tensor::from_slice(&s.image.data, (c, h, w), device)?);
+        labels.push(s.label as u32);
+    }
+    Ok((Tensor::stack(&imgs, 0)?, Tensor::new(labels, device)?))
+}
+
+/// Writes `samples.png` (64 samples), `reconstructions.png` (8 images over
+/// their reconstructions), `interpolation.png` and `loss.png`.
+pub fn write_figures(
+    model: &Vae,
+    run: &RunDir,
+    ds: &dyn Dataset,
+    device: &Device,
+    seed: u64,
+) -> Result<()> {
+    let grid = GridOptions {
+        ncols: 8,
+        scale: 3,
+        ..Default::default()
+    };
+    let cond = model.config().num_classes;
+    let mut rng = SeededRng::derive(seed, &[0x5A_4D_50_4C]);
+    let sample_labels = cond
+        .map(|k| Tensor::new((0..64u32).map(|i| i % k as u32).collect::<Vec<_>>(), device))
+        .transpose()?;
+    let samples = model.sample(64, sample_labels.as_ref(), &mut rng, device)?;
+    save_image_grid(&samples, &run.join("samples.png"), &grid)?;
+    let (x, y) = first_images(ds, 8, device)?;
+    let labels = cond.map(|_| &y);
+    let recon = model.reconstruct(&x, labels)?;
+    save_image_rows(&[&x, &recon], &run.join("reconstructions.png"), &grid)?;
+    if x.dim(0)? >= 2 {
+        let (a, b) = (x.narrow(0, 0, 1)?, x.narrow(0, 1, 1)?);
+        let l = cond.map(|_| y.narrow(0, 0, 1)).transpose()?;
+        let path = model.interpolate(&a, &b, 10, l.as_ref())?;
+        save_image_grid(
+            &path,
+            &run.join("interpolation.png"),
+            &GridOptions { ncols: 10, ..grid },
+        )?;
+    }
+    let metrics = run.join("metrics.jsonl");
+    if metrics.exists() {
+        plot_train_curve(&metrics, &run.join("loss.png"))?;
+    }
+    Ok(())
+}
+
+fn plot_train_curve(metrics: &Path, out: &Path) -> Result<()> {
+    plot_metrics(
+        metrics,
+        out,
+        "VAE: loss per image (negative ELBO)",
+        &["loss", "neg_elbo"],
+    )?;
+    Ok(())
+}
+
+/// Loads a finished (or interrupted) run as a model: its config and last checkpoint.
+pub fn from_run(path: &Path, device: &Device) -> Result<(Vae, RunConfig)> {
+    let run = RunDir::open(path)?;
+    let (kind, cfg): (String, RunConfig) = run.read_config()?;
+    if kind != RUN_KIND {
+        return Err(VaeError::Run {
+            path: path.to_path_buf(),
+            msg: format!("this is a {kind:?} run, not a VAE run"),
+        });
+    }
+    let vs = VarStore::new(cfg.train.seed);
+    let model = Vae::new(&cfg.model, vs.builder(DType::F32, device))?;
+    kiln_core::checkpoint::load(&run.last_checkpoint(), &vs, None)?;
+    Ok((model, cfg))
+}
