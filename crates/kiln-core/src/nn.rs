@@ -270,8 +270,29 @@ impl MaxPool2d {
 
 impl Module for MaxPool2d {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        x.max_pool2d_with_stride(self.kernel, self.stride)
+        max_pool2d(x, self.kernel, self.stride)
     }
+}
+
+/// Max pooling (floor mode). For non-overlapping windows it is built from two
+/// `max` reductions, whose backward routes the gradient to the maximum:
+/// candle 0.11's own max-pool backward multiplies the gradient by the fraction
+/// of maxima in each window (1/k² for a unique maximum) instead of dividing by
+/// their count, so every layer below a pool would get a gradient k² too small.
+pub fn max_pool2d(x: &Tensor, kernel: usize, stride: usize) -> Result<Tensor> {
+    if kernel != stride || kernel == 0 {
+        return x.max_pool2d_with_stride(kernel, stride);
+    }
+    let (b, c, h, w) = x.dims4()?;
+    let (oh, ow) = (h / kernel, w / kernel);
+    let x = if oh * kernel != h || ow * kernel != w {
+        x.narrow(2, 0, oh * kernel)?
+            .narrow(3, 0, ow * kernel)?
+            .contiguous()?
+    } else {
+        x.contiguous()?
+    };
+    x.reshape((b, c, oh, kernel, ow, kernel))?.max(5)?.max(3)
 }
 
 /// Average pooling with a square window.

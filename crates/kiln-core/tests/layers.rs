@@ -276,3 +276,32 @@ fn pytorch_default_init_bounds() {
     )
     .is_err());
 }
+
+/// Max pooling sends each window's gradient to its maximum, whole (PyTorch's
+/// behaviour; candle 0.11's own backward scales it by 1/k²).
+#[test]
+fn max_pool_gradient_goes_whole_to_the_maximum() {
+    let dev = Device::Cpu;
+    // 1x1x4x5: odd width exercises floor mode; values distinct.
+    let v: Vec<f32> = (0..20).map(|i| ((i * 7) % 20) as f32).collect();
+    let x = Var::from_tensor(&Tensor::from_vec(v.clone(), (1, 1, 4, 5), &dev).unwrap()).unwrap();
+    let y = MaxPool2d::new(2).forward(x.as_tensor()).unwrap();
+    assert_eq!(y.dims(), &[1, 1, 2, 2]);
+    let g = y.sum_all().unwrap().backward().unwrap();
+    let gx = flat(g.get(x.as_tensor()).unwrap());
+    let mut want = vec![0f32; 20];
+    for oy in 0..2 {
+        for ox in 0..2 {
+            let idx = (0..2).flat_map(|dy| (0..2).map(move |dx| (2 * oy + dy) * 5 + 2 * ox + dx));
+            let best = idx.max_by(|&a, &b| v[a].total_cmp(&v[b])).unwrap();
+            want[best] = 1.0;
+        }
+    }
+    assert_eq!(gx, want);
+    let want_y: Vec<f32> = (0..20).filter(|&i| want[i] == 1.0).map(|i| v[i]).collect();
+    let mut got_y = flat(&y);
+    got_y.sort_by(f32::total_cmp);
+    let mut want_y = want_y;
+    want_y.sort_by(f32::total_cmp);
+    assert_eq!(got_y, want_y);
+}

@@ -7,6 +7,7 @@ use anyhow::Result;
 pub mod core;
 pub mod data;
 pub mod prompt;
+pub mod ssl;
 pub mod vae;
 
 /// A command handler: receives the arguments after its name.
@@ -53,6 +54,7 @@ pub fn all() -> Vec<Component> {
         core::component(),
         data::component(),
         vae::component(),
+        ssl::component(),
         prompt::component(),
     ]
 }

@@ -1,0 +1,83 @@
+//! # kiln-ssl
+//!
+//! Self-supervised learning on kiln: the reference chapter's masked-inpainting
+//! conv autoencoder ([`inpaint`]), SimCLR with the NT-Xent loss ([`simclr`],
+//! [`loss`]), and representation probes — a linear probe and a kNN classifier —
+//! as plain functions of feature matrices ([`probe`]).
+//!
+//! ```
+//! use kiln_core::{Device, Tensor};
+//! use kiln_ssl::{loss::nt_xent, probe::knn_accuracy};
+//!
+//! let z1 = Tensor::new(&[[1.0f32, 0.0], [0.0, 1.0]], &Device::Cpu)?;
+//! let z2 = Tensor::new(&[[0.9f32, 0.1], [0.1, 0.9]], &Device::Cpu)?;
+//! let l = nt_xent(&z1, &z2, 0.5)?.to_scalar::<f32>()?;
+//! assert!(l > 0.0);
+//! // Two well-separated clusters: kNN gets them all right.
+//! let train = Tensor::new(&[[1.0f32, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9]], &Device::Cpu)?;
+//! let acc = knn_accuracy(&train, &[0, 0, 1, 1], &z2, &[0, 1], 2, 0.07)?;
+//! assert_eq!(acc, 1.0);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+use std::path::PathBuf;
+
+use kiln_core::observer::ObserverConfig;
+use kiln_core::run::RunDir;
+
+pub mod inpaint;
+pub mod loss;
+pub mod probe;
+pub mod simclr;
+
+pub use inpaint::{evaluate_inpaint, train_inpaint, InpaintAe, InpaintConfig, InpaintReport};
+pub use probe::{knn_accuracy, linear_probe, probe_all, LinearProbeConfig, ProbeReport};
+pub use simclr::{train_simclr, Simclr, SimclrConfig, SimclrReport};
+
+/// Where and how a training run is written.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    /// The run folder (created by the caller).
+    pub run: RunDir,
+    /// Continue from its last checkpoint.
+    pub resume: bool,
+    /// Progress display.
+    pub observer: ObserverConfig,
+}
+
+/// What went wrong.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SslError {
+    /// A config field has a bad value.
+    #[error("config field `{field}`: {msg}")]
+    Config {
+        /// The field.
+        field: String,
+        /// What was wrong.
+        msg: String,
+    },
+    /// A run folder is not the expected kind.
+    #[error("run {path}: {msg}")]
+    Run {
+        /// The folder.
+        path: PathBuf,
+        /// What was wrong.
+        msg: String,
+    },
+    /// Data loading.
+    #[error(transparent)]
+    Data(#[from] kiln_data::DataError),
+    /// Tensor or model error.
+    #[error(transparent)]
+    Tensor(#[from] kiln_core::candle::Error),
+    /// Run folder I/O.
+    #[error(transparent)]
+    RunDir(#[from] kiln_core::run::RunError),
+    /// Checkpoint I/O.
+    #[error(transparent)]
+    Checkpoint(#[from] kiln_core::checkpoint::CheckpointError),
+    /// Figure output.
+    #[error(transparent)]
+    Figure(#[from] kiln_core::image::FigureError),
+}

@@ -1,0 +1,362 @@
+//! SimCLR (Chen et al. 2020): two augmented views per image, a conv encoder
+//! with a projection head, NT-Xent with temperature.
+
+use std::sync::Arc;
+
+use kiln_core::image::plot_metrics;
+use kiln_core::nn::{BatchNorm, Conv2d, ConvConfig, Linear, MaxPool2d};
+use kiln_core::optim::{OptimKind, Optimizer};
+use kiln_core::session::Session;
+use kiln_core::vars::VarStore;
+use kiln_core::{DType, Device, Module, ModuleT, Result, Tensor, VarBuilder};
+use kiln_data::transforms::{
+    ColorJitter, Compose, GaussianBlur, Grayscale, HorizontalFlip, RandomApply, RandomResizedCrop,
+};
+use kiln_data::{DataLoader, Dataset, LoaderConfig};
+use serde::{Deserialize, Serialize};
+
+use crate::loss::nt_xent;
+use crate::probe::{probe_all, LinearProbeConfig, ProbeReport};
+use crate::{RunOptions, SslError};
+
+/// SimCLR settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SimclrConfig {
+    /// Encoder channel widths of its conv blocks (conv3x3-BN-ReLU, 2x2 max-pool
+    /// between blocks, global average pool at the end).
+    pub widths: Vec<usize>,
+    /// Projection head output dimension.
+    pub proj_dim: usize,
+    /// NT-Xent temperature.
+    pub temperature: f64,
+    /// Epochs.
+    pub epochs: u64,
+    /// Images per batch (2x views).
+    pub batch_size: usize,
+    /// AdamW learning rate.
+    pub lr: f64,
+    /// AdamW weight decay.
+    pub weight_decay: f64,
+    /// Seed.
+    pub seed: u64,
+    /// Dataset as given on the command line.
+    pub dataset: String,
+    /// Image side.
+    pub image_size: usize,
+    /// Image channels.
+    pub channels: usize,
+}
+
+impl Default for SimclrConfig {
+    fn default() -> Self {
+        Self {
+            widths: vec![32, 64, 128],
+            proj_dim: 64,
+            temperature: 0.2,
+            epochs: 20,
+            batch_size: 128,
+            lr: 1e-3,
+            weight_decay: 1e-4,
+            seed: 0,
+            dataset: "synthetic-flowers".into(),
+            image_size: 32,
+            channels: 3,
+        }
+    }
+}
+
+/// The model kind in a run's `config.toml`.
+pub const SIMCLR_KIND: &str = "simclr";
+
+/// A small conv encoder: `[B,C,H,W]` -> `[B, widths.last()]` features.
+#[derive(Debug, Clone)]
+pub struct ConvEncoder {
+    blocks: Vec<(Conv2d, BatchNorm)>,
+    pool: MaxPool2d,
+}
+
+impl ConvEncoder {
+    /// Builds the encoder (variables under `vb`, `blocks.{i}.conv/bn`).
+    pub fn new(channels: usize, widths: &[usize], vb: VarBuilder<'_>) -> Result<Self> {
+        let mut blocks = Vec::new();
+        let mut prev = channels;
+        for (i, &w) in widths.iter().enumerate() {
+            let conv = Conv2d::new(
+                prev,
+                w,
+                3,
+                ConvConfig::padding(1),
+                vb.pp(format!("blocks.{i}.conv")),
+            )?;
+            let bn = BatchNorm::new(w, vb.pp(format!("blocks.{i}.bn")))?;
+            blocks.push((conv, bn));
+            prev = w;
+        }
+        Ok(Self {
+            blocks,
+            pool: MaxPool2d::new(2),
+        })
+    }
+
+    /// Output feature dimension.
+    pub fn dim(&self) -> usize {
+        self.blocks
+            .last()
+            .map(|(c, _)| c.weight().dims()[0])
+            .unwrap_or(0)
+    }
+}
+
+impl ModuleT for ConvEncoder {
+    fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let mut h = x.clone();
+        let n = self.blocks.len();
+        for (i, (conv, bn)) in self.blocks.iter().enumerate() {
+            h = bn.forward_t(&conv.forward(&h)?, train)?.relu()?;
+            if i + 1 < n {
+                h = self.pool.forward(&h)?;
+            }
+        }
+        h.mean((2, 3))
+    }
+}
+
+/// Encoder plus projection head (Linear-ReLU-Linear).
+#[derive(Debug, Clone)]
+pub struct Simclr {
+    /// The encoder whose features are evaluated.
+    pub encoder: ConvEncoder,
+    head1: Linear,
+    head2: Linear,
+}
+
+impl Simclr {
+    /// Builds the model.
+    pub fn new(cfg: &SimclrConfig, vb: VarBuilder<'_>) -> Result<Self> {
+        if cfg.widths.is_empty() || cfg.proj_dim == 0 {
+            kiln_core::candle::bail!(
+                "SimCLR config: widths must be non-empty and proj_dim positive"
+            );
+        }
+        let encoder = ConvEncoder::new(cfg.channels, &cfg.widths, vb.pp("encoder"))?;
+        let d = encoder.dim();
+        Ok(Self {
+            encoder,
+            head1: Linear::new(d, d, vb.pp("head.0"))?,
+            head2: Linear::new(d, cfg.proj_dim, vb.pp("head.2"))?,
+        })
+    }
+
+    /// Projections `[B, proj_dim]` of images.
+    pub fn project(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let f = self.encoder.forward_t(x, train)?;
+        self.head2.forward(&self.head1.forward(&f)?.relu()?)
+    }
+}
+
+/// SimCLR's augmentations for small images: random resized crop (0.2-1),
+/// flip, colour jitter (p 0.8), grayscale (p 0.2), blur (p 0.5).
+pub fn simclr_augment(size: usize, channels: usize) -> Compose {
+    Compose::new()
+        .then(RandomResizedCrop::new(size, size).with_scale(0.2, 1.0))
+        .then(HorizontalFlip::new(0.5))
+        .then(RandomApply::new(ColorJitter::new(0.4, 0.4, 0.4, 0.1), 0.8))
+        .then(RandomApply::new(Grayscale::new(channels), 0.2))
+        .then(RandomApply::new(GaussianBlur::new(3, 0.1, 2.0), 0.5))
+}
+
+/// Outcome of [`train_simclr`].
+#[derive(Debug, Clone, Serialize)]
+pub struct SimclrReport {
+    /// Mean NT-Xent in the last epoch.
+    pub final_loss: f64,
+    /// Probes of the trained encoder (when a labelled train/test pair was given).
+    pub probes: Option<ProbeReport>,
+    /// The same probes on a randomly initialised encoder, for comparison.
+    pub random_probes: Option<ProbeReport>,
+    /// Images per second.
+    pub images_per_s: f64,
+    /// Stopped early on Ctrl-C.
+    pub interrupted: bool,
+}
+
+/// Features `[N, d]` of a whole dataset through an encoder in eval mode, and labels.
+pub fn extract_features(
+    encoder: &ConvEncoder,
+    ds: Arc<dyn Dataset>,
+    device: &Device,
+) -> std::result::Result<(Tensor, Vec<u32>), SslError> {
+    let loader = DataLoader::new(
+        ds,
+        LoaderConfig {
+            batch_size: 256,
+            shuffle: false,
+            ..Default::default()
+        },
+        device,
+    )?;
+    let (mut feats, mut labels) = (Vec::new(), Vec::new());
+    for b in loader.epoch(0) {
+        let b = b?;
+        feats.push(encoder.forward_t(&b.images, false)?);
+        labels.extend(b.label_ids.iter().map(|&l| l as u32));
+    }
+    Ok((Tensor::cat(&feats, 0)?, labels))
+}
+
+/// Probes an encoder: features of `train`/`test` sets, linear probe and kNN.
+pub fn probe_encoder(
+    encoder: &ConvEncoder,
+    train: Arc<dyn Dataset>,
+    test: Arc<dyn Dataset>,
+    device: &Device,
+    seed: u64,
+) -> std::result::Result<ProbeReport, SslError> {
+    let (ftr, ltr) = extract_features(encoder, train, device)?;
+    let (fte, lte) = extract_features(encoder, test, device)?;
+    Ok(probe_all(
+        &ftr,
+        &ltr,
+        &fte,
+        &lte,
+        &LinearProbeConfig {
+            seed,
+            ..Default::default()
+        },
+    )?)
+}
+
+/// Trains SimCLR on `train_set`; with `probe_sets` (labelled train, test),
+/// evaluates the encoder and a random one with the linear probe and kNN.
+pub fn train_simclr(
+    cfg: &SimclrConfig,
+    train_set: Arc<dyn Dataset>,
+    probe_sets: Option<(Arc<dyn Dataset>, Arc<dyn Dataset>)>,
+    device: &Device,
+    opts: RunOptions,
+) -> std::result::Result<SimclrReport, SslError> {
+    let RunOptions {
+        run,
+        resume,
+        observer,
+    } = opts;
+    if !resume {
+        run.write_config(SIMCLR_KIND, cfg)?;
+    }
+    let vs = VarStore::new(cfg.seed);
+    let model = Simclr::new(cfg, vs.builder(DType::F32, device))?;
+    let trainable = vs.vars_where(|n| !n.contains("running_"));
+    let opt = Optimizer::single(OptimKind::adamw(), trainable, cfg.lr, cfg.weight_decay)?;
+    let lc = LoaderConfig {
+        batch_size: cfg.batch_size,
+        drop_last: true,
+        seed: cfg.seed,
+        ..Default::default()
+    };
+    let loader = DataLoader::new(train_set, lc, device)?
+        .with_views(simclr_augment(cfg.image_size, cfg.channels), 2)?;
+    if loader.is_empty() {
+        return Err(SslError::Config {
+            field: "batch_size".into(),
+            msg: format!("{} is larger than the training set", cfg.batch_size),
+        });
+    }
+    let mut s = Session::start(
+        run.clone(),
+        vs.clone(),
+        opt,
+        cfg.seed,
+        resume,
+        cfg.epochs * loader.len() as u64,
+        observer,
+    )?;
+    let (mut last, mut interrupted) = (f64::NAN, false);
+    'outer: while s.epoch < cfg.epochs {
+        let (mut sum, mut nb) = (0.0, 0usize);
+        for (i, batch) in loader.epoch(s.epoch).enumerate() {
+            let batch = batch?;
+            if s.skip_batch(i as u64) {
+                continue;
+            }
+            // One forward over both views so BatchNorm sees the whole 2N batch.
+            let both = Tensor::cat(&[&batch.views[0], &batch.views[1]], 0)?;
+            let z = model.project(&both, true)?;
+            let n = batch.len();
+            let loss = nt_xent(&z.narrow(0, 0, n)?, &z.narrow(0, n, n)?, cfg.temperature)?;
+            sum += s.train_step(&loss, n, &[])?;
+            nb += 1;
+            if s.should_stop() {
+                s.interrupt()?;
+                interrupted = true;
+                break 'outer;
+            }
+        }
+        last = sum / nb.max(1) as f64;
+        s.end_epoch(&[("loss", last)])?;
+    }
+    let images_per_s = s.observer.throughput();
+    let (mut probes, mut random_probes) = (None, None);
+    if !interrupted {
+        if let Some((tr, te)) = probe_sets {
+            let p = probe_encoder(&model.encoder, tr.clone(), te.clone(), device, cfg.seed)?;
+            let rvs = VarStore::new(cfg.seed.wrapping_add(1));
+            let random = Simclr::new(cfg, rvs.builder(DType::F32, device))?;
+            let r = probe_encoder(&random.encoder, tr, te, device, cfg.seed)?;
+            s.record(
+                "probe",
+                &[
+                    ("linear", p.linear),
+                    ("knn20", p.knn20),
+                    ("knn200", p.knn200),
+                ],
+            )?;
+            s.record(
+                "probe_random_init",
+                &[
+                    ("linear", r.linear),
+                    ("knn20", r.knn20),
+                    ("knn200", r.knn200),
+                ],
+            )?;
+            probes = Some(p);
+            random_probes = Some(r);
+        }
+        plot_metrics(
+            &run.join("metrics.jsonl"),
+            &run.join("loss.png"),
+            "SimCLR: NT-Xent",
+            &["loss"],
+        )?;
+    }
+    let rep = SimclrReport {
+        final_loss: last,
+        probes,
+        random_probes,
+        images_per_s,
+        interrupted,
+    };
+    if !interrupted {
+        s.finish(serde_json::to_value(&rep).unwrap_or_default())?;
+    }
+    Ok(rep)
+}
+
+/// Loads a SimCLR run's encoder.
+pub fn simclr_from_run(
+    path: &std::path::Path,
+    device: &Device,
+) -> std::result::Result<(Simclr, SimclrConfig), SslError> {
+    let run = kiln_core::run::RunDir::open(path)?;
+    let (kind, cfg): (String, SimclrConfig) = run.read_config()?;
+    if kind != SIMCLR_KIND {
+        return Err(SslError::Run {
+            path: path.to_path_buf(),
+            msg: format!("this is a {kind:?} run, not a SimCLR run"),
+        });
+    }
+    let vs = VarStore::new(cfg.seed);
+    let m = Simclr::new(&cfg, vs.builder(DType::F32, device))?;
+    kiln_core::checkpoint::load(&run.last_checkpoint(), &vs, None)?;
+    Ok((m, cfg))
+}

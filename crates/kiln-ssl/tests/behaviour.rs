@@ -1,0 +1,200 @@
+//! Probes on separable and random features; the inpainting model beats the
+//! border-mean baseline; SimCLR lowers NT-Xent and its features probe at least
+//! as well as random-init features.
+#![allow(clippy::unwrap_used, missing_docs)]
+
+use std::sync::Arc;
+
+use kiln_core::observer::ObserverConfig;
+use kiln_core::rng::SeededRng;
+use kiln_core::run::RunDir;
+use kiln_core::{Device, Tensor};
+use kiln_data::masks::SquareMask;
+use kiln_data::{Dataset, Split, SyntheticFlowers, SyntheticFlowersConfig};
+use kiln_ssl::inpaint::border_mean_fill;
+use kiln_ssl::probe::{knn_accuracy, knn_predict, linear_probe, LinearProbeConfig};
+use kiln_ssl::{train_inpaint, train_simclr, InpaintConfig, RunOptions, SimclrConfig};
+
+const QUIET: ObserverConfig = ObserverConfig {
+    quiet: true,
+    log_every: 0,
+};
+
+/// Gaussian blobs around class centres (separable) or pure noise (random labels).
+fn features(n: usize, classes: usize, separable: bool, seed: u64) -> (Tensor, Vec<u32>) {
+    let d = 16;
+    // The same class centres for every split; samples drawn from `seed`.
+    let mut c = SeededRng::new(1000);
+    let centres: Vec<Vec<f32>> = (0..classes).map(|_| c.normal_vec(d, 0.0, 3.0)).collect();
+    let mut r = SeededRng::new(seed);
+    let mut v = Vec::new();
+    let mut y = Vec::new();
+    for i in 0..n {
+        let c = i % classes;
+        let row = r.normal_vec(d, 0.0, 1.0);
+        v.extend(
+            row.iter()
+                .zip(&centres[c])
+                .map(|(a, b)| if separable { a + b } else { *a }),
+        );
+        y.push(c as u32);
+    }
+    (Tensor::from_vec(v, (n, d), &Device::Cpu).unwrap(), y)
+}
+
+#[test]
+fn probes_separate_separable_features_and_are_at_chance_on_noise() {
+    let (tr, ytr) = features(400, 4, true, 1);
+    let (te, yte) = features(200, 4, true, 2);
+    let cfg = LinearProbeConfig {
+        epochs: 30,
+        ..Default::default()
+    };
+    assert!(linear_probe(&tr, &ytr, &te, &yte, &cfg).unwrap() > 0.95);
+    assert!(knn_accuracy(&tr, &ytr, &te, &yte, 20, 0.07).unwrap() > 0.95);
+    let (tr, ytr) = features(400, 4, false, 3);
+    let (te, yte) = features(200, 4, false, 4);
+    let lin = linear_probe(&tr, &ytr, &te, &yte, &cfg).unwrap();
+    let knn = knn_accuracy(&tr, &ytr, &te, &yte, 20, 0.07).unwrap();
+    assert!(
+        lin < 0.4 && knn < 0.4,
+        "random features should be near chance (0.25): {lin} {knn}"
+    );
+    // Temperature-weighted vote: one very close neighbour outweighs two far ones.
+    let train = Tensor::new(&[[1.0f32, 0.0], [0.0, 1.0], [0.1, 1.0]], &Device::Cpu).unwrap();
+    let q = Tensor::new(&[[1.0f32, 0.05]], &Device::Cpu).unwrap();
+    assert_eq!(
+        knn_predict(&train, &[7, 3, 3], &q, 3, 0.07).unwrap(),
+        vec![7]
+    );
+    assert!(linear_probe(&tr, &ytr[..10], &te, &yte, &cfg).is_err());
+}
+
+#[test]
+fn border_mean_fill_uses_the_ring_around_the_hole() {
+    // 1x1x4x4 image with values = column index; hole at (1..3, 1..3).
+    let x = Tensor::new(
+        &[
+            [0f32, 1., 2., 3.],
+            [0., 1., 2., 3.],
+            [0., 1., 2., 3.],
+            [0., 1., 2., 3.],
+        ],
+        &Device::Cpu,
+    )
+    .unwrap()
+    .reshape((1, 1, 4, 4))
+    .unwrap();
+    let mut m = vec![1f32; 16];
+    for y in 1..3 {
+        for xx in 1..3 {
+            m[y * 4 + xx] = 0.0;
+        }
+    }
+    let mask = Tensor::from_vec(m, (1, 1, 4, 4), &Device::Cpu).unwrap();
+    let f = border_mean_fill(&x, &mask)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    // Ring = the 12 outer pixels: mean column index = (0*4 + 1*2 + 2*2 + 3*4) / 12 = 1.5.
+    assert_eq!(f[5], 1.5);
+    assert_eq!(f[0], 0.0);
+}
+
+fn flowers(split: Split, n: usize, size: usize) -> Arc<dyn Dataset> {
+    let cfg = SyntheticFlowersConfig {
+        train: n,
+        test: n,
+        size,
+        ..Default::default()
+    };
+    Arc::new(SyntheticFlowers::new(cfg, split).unwrap())
+}
+
+#[test]
+fn inpainting_beats_the_border_mean_baseline() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = InpaintConfig {
+        epochs: 12,
+        image_size: 16,
+        mask_size: 4,
+        lr: 5e-3,
+        seed: 1,
+        ..Default::default()
+    };
+    let run = RunDir::create("inpaint", Some(&dir.path().join("r"))).unwrap();
+    let rep = train_inpaint(
+        &cfg,
+        flowers(Split::Train, 1024, 16),
+        Some(flowers(Split::Test, 128, 16)),
+        &Device::Cpu,
+        RunOptions {
+            run,
+            resume: false,
+            observer: QUIET,
+        },
+    )
+    .unwrap();
+    let t = rep.test.unwrap();
+    assert!(
+        t.masked_psnr > t.baseline_psnr,
+        "model {:.2} dB vs border-mean {:.2} dB",
+        t.masked_psnr,
+        t.baseline_psnr
+    );
+    assert!(dir.path().join("r/figure_14_2.png").exists());
+    let _ = SquareMask::chapter();
+}
+
+#[test]
+fn simclr_lowers_nt_xent_and_keeps_probe_accuracy() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = SimclrConfig {
+        widths: vec![16, 32],
+        proj_dim: 32,
+        epochs: 4,
+        batch_size: 64,
+        image_size: 16,
+        lr: 3e-3,
+        seed: 2,
+        ..Default::default()
+    };
+    let run = RunDir::create("simclr", Some(&dir.path().join("r"))).unwrap();
+    let (tr, te) = (
+        flowers(Split::Train, 512, 16),
+        flowers(Split::Test, 256, 16),
+    );
+    let rep = train_simclr(
+        &cfg,
+        tr.clone(),
+        Some((tr, te)),
+        &Device::Cpu,
+        RunOptions {
+            run,
+            resume: false,
+            observer: QUIET,
+        },
+    )
+    .unwrap();
+    let (p, r) = (rep.probes.unwrap(), rep.random_probes.unwrap());
+    // SyntheticFlowers' classes differ in colour, so even random conv features
+    // separate them almost perfectly: the trained encoder must not lose that.
+    assert!(
+        p.linear >= r.linear - 0.02 && p.knn20 >= r.knn20 - 0.02,
+        "SimCLR {p:?} vs random init {r:?}"
+    );
+    // NT-Xent starts near ln(2N - 1) (chance) and must fall well below it.
+    let recs = kiln_core::run::read_metrics(&dir.path().join("r/metrics.jsonl")).unwrap();
+    let epoch_loss: Vec<f64> = recs
+        .iter()
+        .filter(|r| r.split == "train_epoch")
+        .map(|r| r.values[0].1)
+        .collect();
+    let chance = (2.0 * 64.0 - 1.0f64).ln();
+    assert!(
+        epoch_loss[epoch_loss.len() - 1] < 0.8 * chance,
+        "NT-Xent per epoch {epoch_loss:?} vs chance {chance:.2}"
+    );
+}

@@ -1,0 +1,413 @@
+//! kiln-ssl in xtask: `train inpaint`, `train simclr`, `eval ssl`, and their demo parts.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+use kiln_core::observer::ObserverConfig;
+use kiln_core::run::RunDir;
+use kiln_core::Device;
+use kiln_data::{open_with, Dataset, DatasetSpec, OpenOptions, Split, DATASET_NAMES};
+use kiln_ssl::simclr::{probe_encoder, simclr_from_run};
+use kiln_ssl::{
+    train_inpaint, train_simclr, InpaintConfig, ProbeReport, RunOptions, Simclr, SimclrConfig,
+};
+
+use super::{Component, DemoPart};
+
+/// Registers the SSL tasks and demo parts.
+pub fn component() -> Component {
+    Component {
+        demos: vec![
+            DemoPart {
+                name: "inpaint",
+                about:
+                    "the chapter's masked-inpainting autoencoder (figure 14.2, PSNR vs border-mean)",
+                run: demo_inpaint,
+            },
+            DemoPart {
+                name: "simclr",
+                about: "SimCLR on SyntheticFlowers, linear probe and kNN vs a random encoder",
+                run: demo_simclr,
+            },
+        ],
+        train: vec![("inpaint", train_inpaint_cmd), ("simclr", train_simclr_cmd)],
+        eval: vec![("ssl", eval_cmd)],
+        ..Default::default()
+    }
+}
+
+fn parse<P: Parser>(name: &str, args: &[String]) -> Result<P> {
+    Ok(P::try_parse_from(
+        std::iter::once(name.to_string()).chain(args.iter().cloned()),
+    )?)
+}
+
+fn open_split(
+    dataset: &str,
+    data_root: &Path,
+    split: Split,
+    size: usize,
+) -> Result<Arc<dyn Dataset>> {
+    let spec: DatasetSpec = dataset
+        .parse()
+        .with_context(|| format!("--dataset: expected one of {DATASET_NAMES}"))?;
+    let opts = OpenOptions {
+        split,
+        image_size: Some(size),
+        ..Default::default()
+    };
+    let ds = open_with(&spec, data_root, &opts).with_context(|| match spec.download_name() {
+        Some(n) => format!(
+            "opening {spec} (run `cargo xtask download {n} --data-root {}` first)",
+            data_root.display()
+        ),
+        None => format!("opening {spec}"),
+    })?;
+    Ok(Arc::from(ds))
+}
+
+/// Flags every SSL command shares.
+#[derive(Debug, clap::Args)]
+struct Common {
+    /// Dataset: synthetic-flowers, flowers102, cifar10, mnist or folder:PATH.
+    #[arg(long, default_value = "synthetic-flowers")]
+    dataset: String,
+    /// Folder holding downloaded datasets.
+    #[arg(long, default_value = "data")]
+    data_root: PathBuf,
+    /// Seed.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Run folder (default: runs/<task>-<timestamp>).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Continue the run in this folder from its last checkpoint.
+    #[arg(long)]
+    resume: Option<PathBuf>,
+    /// Device: cpu, cuda, cuda:N or auto.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// CPU threads.
+    #[arg(long)]
+    threads: Option<usize>,
+    /// No progress bar.
+    #[arg(long)]
+    quiet: bool,
+}
+
+impl Common {
+    fn device(&self) -> Result<Device> {
+        if let Some(t) = self.threads {
+            kiln_core::device::set_threads(t)?;
+        }
+        Ok(kiln_core::device::device(&self.device)?)
+    }
+    fn run_options(&self, task: &str) -> Result<RunOptions> {
+        let obs = ObserverConfig {
+            quiet: self.quiet,
+            log_every: 50,
+        };
+        Ok(match &self.resume {
+            Some(p) => RunOptions {
+                run: RunDir::open(p)?,
+                resume: true,
+                observer: obs,
+            },
+            None => RunOptions {
+                run: RunDir::create(task, self.out.as_deref())?,
+                resume: false,
+                observer: obs,
+            },
+        })
+    }
+}
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "cargo xtask train inpaint",
+    about = "The chapter's masked-inpainting conv autoencoder (random 8x8 square, MSE, Adam 1e-3)"
+)]
+struct InpaintArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Epochs (the chapter trains 200).
+    #[arg(long, default_value_t = 200)]
+    epochs: u64,
+    /// Batch size.
+    #[arg(long, default_value_t = 32)]
+    batch_size: usize,
+    /// Adam learning rate.
+    #[arg(long, default_value_t = 1e-3)]
+    lr: f64,
+    /// Mask side.
+    #[arg(long, default_value_t = 8)]
+    mask_size: usize,
+    /// One mask per image (the chapter draws one per batch).
+    #[arg(long)]
+    mask_per_image: bool,
+}
+
+fn train_inpaint_cmd(args: &[String]) -> Result<()> {
+    let a: InpaintArgs = parse("cargo xtask train inpaint", args)?;
+    let device = a.common.device()?;
+    let opts = a.common.run_options("inpaint")?;
+    let cfg = if opts.resume {
+        let (kind, mut c): (String, InpaintConfig) = opts.run.read_config()?;
+        if kind != kiln_ssl::inpaint::INPAINT_KIND {
+            bail!(
+                "{} is a {kind:?} run, not an inpainting run",
+                opts.run.path().display()
+            );
+        }
+        c.epochs = a.epochs;
+        c
+    } else {
+        InpaintConfig {
+            epochs: a.epochs,
+            batch_size: a.batch_size,
+            lr: a.lr,
+            mask_size: a.mask_size,
+            mask_per_image: a.mask_per_image,
+            seed: a.common.seed,
+            dataset: a.common.dataset.clone(),
+            ..Default::default()
+        }
+    };
+    let tr = open_split(
+        &cfg.dataset,
+        &a.common.data_root,
+        Split::Train,
+        cfg.image_size,
+    )?;
+    let te = open_split(
+        &cfg.dataset,
+        &a.common.data_root,
+        Split::Test,
+        cfg.image_size,
+    )
+    .ok();
+    let run = opts.run.clone();
+    let cfg = InpaintConfig {
+        channels: tr.get(0)?.image.channels,
+        ..cfg
+    };
+    let rep = train_inpaint(&cfg, tr, te, &device, opts)?;
+    if let Some(t) = &rep.test {
+        eprintln!(
+            "held-out masked region: model MSE {:.5} ({:.2} dB PSNR) vs border-mean fill {:.5} ({:.2} dB)",
+            t.masked_mse, t.masked_psnr, t.baseline_mse, t.baseline_psnr
+        );
+    }
+    println!("{}", run.path().display());
+    Ok(())
+}
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "cargo xtask train simclr",
+    about = "SimCLR: two augmented views, conv encoder + projection head, NT-Xent"
+)]
+struct SimclrArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Epochs.
+    #[arg(long, default_value_t = 20)]
+    epochs: u64,
+    /// Images per batch.
+    #[arg(long, default_value_t = 128)]
+    batch_size: usize,
+    /// AdamW learning rate.
+    #[arg(long, default_value_t = 1e-3)]
+    lr: f64,
+    /// NT-Xent temperature.
+    #[arg(long, default_value_t = 0.2)]
+    temperature: f64,
+    /// Encoder widths, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "32,64,128")]
+    widths: Vec<usize>,
+    /// Image side.
+    #[arg(long, default_value_t = 32)]
+    image_size: usize,
+}
+
+fn train_simclr_cmd(args: &[String]) -> Result<()> {
+    let a: SimclrArgs = parse("cargo xtask train simclr", args)?;
+    let device = a.common.device()?;
+    let opts = a.common.run_options("simclr")?;
+    let cfg = if opts.resume {
+        let (kind, mut c): (String, SimclrConfig) = opts.run.read_config()?;
+        if kind != kiln_ssl::simclr::SIMCLR_KIND {
+            bail!(
+                "{} is a {kind:?} run, not a SimCLR run",
+                opts.run.path().display()
+            );
+        }
+        c.epochs = a.epochs;
+        c
+    } else {
+        SimclrConfig {
+            widths: a.widths.clone(),
+            temperature: a.temperature,
+            epochs: a.epochs,
+            batch_size: a.batch_size,
+            lr: a.lr,
+            seed: a.common.seed,
+            dataset: a.common.dataset.clone(),
+            image_size: a.image_size,
+            ..Default::default()
+        }
+    };
+    let tr = open_split(
+        &cfg.dataset,
+        &a.common.data_root,
+        Split::Train,
+        cfg.image_size,
+    )?;
+    let te = open_split(
+        &cfg.dataset,
+        &a.common.data_root,
+        Split::Test,
+        cfg.image_size,
+    )
+    .ok();
+    let cfg = SimclrConfig {
+        channels: tr.get(0)?.image.channels,
+        ..cfg
+    };
+    let run = opts.run.clone();
+    let rep = train_simclr(&cfg, tr.clone(), te.map(|t| (tr, t)), &device, opts)?;
+    if let (Some(p), Some(r)) = (&rep.probes, &rep.random_probes) {
+        print_probes(p, r);
+    }
+    println!("{}", run.path().display());
+    Ok(())
+}
+
+fn print_probes(p: &ProbeReport, r: &ProbeReport) {
+    eprintln!("| encoder | linear probe | kNN k=20 | kNN k=200 |");
+    eprintln!("|---|---|---|---|");
+    eprintln!(
+        "| trained | {:.1}% | {:.1}% | {:.1}% |",
+        100.0 * p.linear,
+        100.0 * p.knn20,
+        100.0 * p.knn200
+    );
+    eprintln!(
+        "| random init | {:.1}% | {:.1}% | {:.1}% |",
+        100.0 * r.linear,
+        100.0 * r.knn20,
+        100.0 * r.knn200
+    );
+}
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "cargo xtask eval ssl",
+    about = "Linear probe and kNN (k=20, 200) of a SimCLR run's encoder, beside a random-init encoder"
+)]
+struct EvalArgs {
+    /// The run folder.
+    #[arg(long)]
+    run: PathBuf,
+    /// Folder holding downloaded datasets.
+    #[arg(long, default_value = "data")]
+    data_root: PathBuf,
+    /// Labelled dataset to probe on (default: the run's).
+    #[arg(long)]
+    dataset: Option<String>,
+    /// Device.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+}
+
+fn eval_cmd(args: &[String]) -> Result<()> {
+    let a: EvalArgs = parse("cargo xtask eval ssl", args)?;
+    let device = kiln_core::device::device(&a.device)?;
+    let (model, cfg) = simclr_from_run(&a.run, &device)?;
+    let ds = a.dataset.clone().unwrap_or(cfg.dataset.clone());
+    let tr = open_split(&ds, &a.data_root, Split::Train, cfg.image_size)?;
+    let te = open_split(&ds, &a.data_root, Split::Test, cfg.image_size)?;
+    let p = probe_encoder(&model.encoder, tr.clone(), te.clone(), &device, cfg.seed)?;
+    let vs = kiln_core::vars::VarStore::new(cfg.seed.wrapping_add(1));
+    let random = Simclr::new(&cfg, vs.builder(kiln_core::DType::F32, &device))?;
+    let r = probe_encoder(&random.encoder, tr, te, &device, cfg.seed)?;
+    print_probes(&p, &r);
+    println!("{}", serde_json::json!({"trained": p, "random_init": r}));
+    Ok(())
+}
+
+fn demo_inpaint(ctx: &crate::demo::DemoCtx) -> Result<()> {
+    let tr = open_split("synthetic-flowers", Path::new("data"), Split::Train, 32)?;
+    let te = open_split("synthetic-flowers", Path::new("data"), Split::Test, 32)?;
+    let cfg = InpaintConfig {
+        epochs: 6,
+        seed: ctx.seed,
+        ..Default::default()
+    };
+    let run = RunDir::create("inpaint", Some(&ctx.out.join("inpaint")))?;
+    let obs = ObserverConfig {
+        quiet: ctx.quiet,
+        log_every: 200,
+    };
+    let rep = train_inpaint(
+        &cfg,
+        tr,
+        Some(te),
+        &ctx.device,
+        RunOptions {
+            run: run.clone(),
+            resume: false,
+            observer: obs,
+        },
+    )?;
+    if let Some(t) = rep.test {
+        eprintln!(
+            "    inpaint: masked-region PSNR {:.2} dB vs border-mean {:.2} dB; {:.0} images/s; {}",
+            t.masked_psnr,
+            t.baseline_psnr,
+            rep.images_per_s,
+            run.path().display()
+        );
+    }
+    Ok(())
+}
+
+fn demo_simclr(ctx: &crate::demo::DemoCtx) -> Result<()> {
+    let tr = open_split("synthetic-flowers", Path::new("data"), Split::Train, 16)?;
+    let te = open_split("synthetic-flowers", Path::new("data"), Split::Test, 16)?;
+    let cfg = SimclrConfig {
+        widths: vec![16, 32, 64],
+        epochs: 3,
+        image_size: 16,
+        lr: 2e-3,
+        seed: ctx.seed,
+        ..Default::default()
+    };
+    let run = RunDir::create("simclr", Some(&ctx.out.join("simclr")))?;
+    let obs = ObserverConfig {
+        quiet: ctx.quiet,
+        log_every: 50,
+    };
+    let rep = train_simclr(
+        &cfg,
+        tr.clone(),
+        Some((tr, te)),
+        &ctx.device,
+        RunOptions {
+            run: run.clone(),
+            resume: false,
+            observer: obs,
+        },
+    )?;
+    if let (Some(p), Some(r)) = (&rep.probes, &rep.random_probes) {
+        print_probes(p, r);
+    }
+    eprintln!(
+        "    simclr: {:.0} images/s; {}",
+        rep.images_per_s,
+        run.path().display()
+    );
+    Ok(())
+}
