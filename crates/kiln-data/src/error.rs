@@ -185,3 +185,37 @@ pub(crate) fn read_file(path: &std::path::Path, hint: &str) -> Result<Vec<u8>> {
         Err(e) => Err(DataError::io(path, e)),
     }
 }
+
+/// Lets model code that returns `kiln_core::Result` (candle's) use `?` on data
+/// errors; the message is kept.
+impl From<DataError> for kiln_core::candle::Error {
+    fn from(e: DataError) -> Self {
+        match e {
+            DataError::Tensor(t) => t,
+            other => kiln_core::candle::Error::wrap(other),
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn converts_to_candle_errors_keeping_the_message() {
+        fn model_step() -> kiln_core::Result<()> {
+            Err(DataError::Truncated {
+                path: "x.bin".into(),
+                expected: 10,
+                found: 3,
+            })?;
+            Ok(())
+        }
+        let e = model_step().unwrap_err().to_string();
+        assert!(
+            e.contains("x.bin") && e.contains("expected 10 bytes, found 3"),
+            "{e}"
+        );
+    }
+}
