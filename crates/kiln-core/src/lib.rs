@@ -32,6 +32,7 @@ pub mod image;
 pub mod loss;
 pub mod nn;
 pub mod observer;
+pub mod ops;
 pub mod optim;
 pub mod rng;
 pub mod run;

@@ -190,7 +190,7 @@ impl Conv2d {
 impl Module for Conv2d {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let c = &self.cfg;
-        let y = x.conv2d(&self.weight, c.padding, c.stride, c.dilation, c.groups)?;
+        let y = crate::ops::conv2d(x, &self.weight, c.stride, c.padding, c.dilation, c.groups)?;
         match &self.bias {
             Some(b) => y.broadcast_add(&b.reshape((1, b.dim(0)?, 1, 1))?),
             None => Ok(y),
@@ -235,11 +235,12 @@ impl ConvTranspose2d {
 impl Module for ConvTranspose2d {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let c = &self.cfg;
-        let y = x.conv_transpose2d(
+        let y = crate::ops::conv_transpose2d(
+            x,
             &self.weight,
+            c.stride,
             c.padding,
             c.output_padding,
-            c.stride,
             c.dilation,
         )?;
         match &self.bias {
@@ -270,29 +271,8 @@ impl MaxPool2d {
 
 impl Module for MaxPool2d {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        max_pool2d(x, self.kernel, self.stride)
+        crate::ops::max_pool2d(x, self.kernel, self.stride)
     }
-}
-
-/// Max pooling (floor mode). For non-overlapping windows it is built from two
-/// `max` reductions, whose backward routes the gradient to the maximum:
-/// candle 0.11's own max-pool backward multiplies the gradient by the fraction
-/// of maxima in each window (1/k² for a unique maximum) instead of dividing by
-/// their count, so every layer below a pool would get a gradient k² too small.
-pub fn max_pool2d(x: &Tensor, kernel: usize, stride: usize) -> Result<Tensor> {
-    if kernel != stride || kernel == 0 {
-        return x.max_pool2d_with_stride(kernel, stride);
-    }
-    let (b, c, h, w) = x.dims4()?;
-    let (oh, ow) = (h / kernel, w / kernel);
-    let x = if oh * kernel != h || ow * kernel != w {
-        x.narrow(2, 0, oh * kernel)?
-            .narrow(3, 0, ow * kernel)?
-            .contiguous()?
-    } else {
-        x.contiguous()?
-    };
-    x.reshape((b, c, oh, kernel, ow, kernel))?.max(5)?.max(3)
 }
 
 /// Average pooling with a square window.
@@ -316,7 +296,7 @@ impl AvgPool2d {
 
 impl Module for AvgPool2d {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        x.avg_pool2d_with_stride(self.kernel, self.stride)
+        crate::ops::avg_pool2d(x, self.kernel, self.stride)
     }
 }
 

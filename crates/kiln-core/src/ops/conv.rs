@@ -1,0 +1,605 @@
+//! Convolution kernels: im2col/col2im around candle's `gemm`, batch items in
+//! parallel (each gemm single-threaded) when the batch covers the threads,
+//! otherwise one item at a time with a multithreaded gemm.
+//!
+//! Three custom ops close over each other's gradients: [`Conv2dOp`] (forward),
+//! [`Conv2dGradInput`] (its input gradient, which is also the transposed
+//! convolution) and [`Conv2dGradWeight`] (its weight gradient). Each op's `bwd`
+//! is expressed through the other two, so gradients of gradients work too.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{bail, CpuStorage, CustomOp2, Layout, Result, Shape, Tensor, WithDType};
+use gemm::Parallelism;
+use rayon::prelude::*;
+
+/// Stride, padding, dilation and groups of a 2-D convolution (square).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ConvParams {
+    pub stride: usize,
+    pub padding: usize,
+    pub dilation: usize,
+    pub groups: usize,
+}
+
+/// Every size of one convolution, in conv2d terms: `x [b, c_in, h, w]`,
+/// `w [c_out, c_in/groups, kh, kw]`, `y [b, c_out, ho, wo]`.
+#[derive(Debug, Clone, Copy)]
+struct Geom {
+    b: usize,
+    c_in: usize,
+    h: usize,
+    w: usize,
+    c_out: usize,
+    kh: usize,
+    kw: usize,
+    ho: usize,
+    wo: usize,
+    p: ConvParams,
+}
+
+impl Geom {
+    fn cin_g(&self) -> usize {
+        self.c_in / self.p.groups
+    }
+    fn cout_g(&self) -> usize {
+        self.c_out / self.p.groups
+    }
+    /// Rows of one group's column matrix.
+    fn k(&self) -> usize {
+        self.cin_g() * self.kh * self.kw
+    }
+    /// Columns of the column matrix (output pixels).
+    fn n(&self) -> usize {
+        self.ho * self.wo
+    }
+    fn x_item(&self) -> usize {
+        self.c_in * self.h * self.w
+    }
+    fn y_item(&self) -> usize {
+        self.c_out * self.n()
+    }
+    /// A 1x1, stride-1, unpadded convolution: the input already is the column matrix.
+    fn pointwise(&self) -> bool {
+        self.kh == 1 && self.kw == 1 && self.p.stride == 1 && self.p.padding == 0
+    }
+}
+
+/// Output side of a convolution, or `None` when the window does not fit.
+pub(crate) fn out_size(input: usize, k: usize, p: &ConvParams) -> Option<usize> {
+    let span = p.dilation * (k - 1) + 1;
+    let padded = input + 2 * p.padding;
+    if k == 0 || padded < span || p.stride == 0 {
+        return None;
+    }
+    Some((padded - span) / p.stride + 1)
+}
+
+fn geom(x: &[usize], w: &[usize], p: ConvParams, what: &str) -> Result<Geom> {
+    let (&[b, c_in, h, wd], &[c_out, cin_g, kh, kw]) = (x, w) else {
+        bail!("{what}: expected x [B, C, H, W] and w [O, C/groups, kh, kw], got {x:?} and {w:?}")
+    };
+    if p.groups == 0 || c_in % p.groups != 0 || c_out % p.groups != 0 || cin_g * p.groups != c_in {
+        bail!(
+            "{what}: x {x:?} and weight {w:?} do not fit groups {}",
+            p.groups
+        )
+    }
+    let (Some(ho), Some(wo)) = (out_size(h, kh, &p), out_size(wd, kw, &p)) else {
+        bail!("{what}: kernel {kh}x{kw} (stride {}, padding {}, dilation {}) does not fit input {h}x{wd}",
+            p.stride, p.padding, p.dilation)
+    };
+    Ok(Geom {
+        b,
+        c_in,
+        h,
+        w: wd,
+        c_out,
+        kh,
+        kw,
+        ho,
+        wo,
+        p,
+    })
+}
+
+/// The contiguous slice behind a storage and layout (ops make inputs contiguous first).
+fn slice<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
+    let Some((a, b)) = l.contiguous_offsets() else {
+        bail!("kiln ops: non-contiguous input")
+    };
+    Ok(&s.as_slice::<T>()?[a..b])
+}
+
+/// `dst[m, n] (+)= lhs[m, k] @ rhs[k, n]`, `dst` row-major with row stride `dst_rs`;
+/// `lhs`/`rhs` given by (row stride, column stride) so transposes cost nothing.
+#[allow(clippy::too_many_arguments)]
+fn mm<T: WithDType>(
+    (m, n, k): (usize, usize, usize),
+    dst: &mut [T],
+    dst_rs: usize,
+    acc: bool,
+    lhs: &[T],
+    (lrs, lcs): (usize, usize),
+    rhs: &[T],
+    (rrs, rcs): (usize, usize),
+    par: Parallelism,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    let last = |rows: usize, cols: usize, rs: usize, cs: usize| (rows - 1) * rs + (cols - 1) * cs;
+    assert!(
+        last(m, n, dst_rs, 1) < dst.len()
+            && (k == 0 || (last(m, k, lrs, lcs) < lhs.len() && last(k, n, rrs, rcs) < rhs.len())),
+        "kiln ops: gemm operands out of bounds"
+    );
+    if k == 0 {
+        if !acc {
+            for r in 0..m {
+                dst[r * dst_rs..r * dst_rs + n].fill(T::from_f64(0.0));
+            }
+        }
+        return;
+    }
+    // SAFETY: the assert above bounds every element gemm reads or writes in the
+    // three slices; `dst` is borrowed mutably, so nothing else aliases it.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            dst_rs as isize,
+            acc,
+            lhs.as_ptr(),
+            lcs as isize,
+            lrs as isize,
+            rhs.as_ptr(),
+            rcs as isize,
+            rrs as isize,
+            T::from_f64(1.0),
+            T::from_f64(1.0),
+            false,
+            false,
+            false,
+            par,
+        )
+    }
+}
+
+/// Valid output columns `[lo, hi)` for kernel column offset `off = kj*d - p`:
+/// those with `0 <= ox*s + off < w`.
+fn valid_range(off: isize, s: usize, w: usize, wo: usize) -> (usize, usize) {
+    let s = s as isize;
+    let lo = if off < 0 { (-off + s - 1) / s } else { 0 };
+    let hi = if (w as isize) - off <= 0 {
+        0
+    } else {
+        ((w as isize - 1 - off) / s + 1).min(wo as isize)
+    };
+    (lo.max(0) as usize, hi.max(lo.max(0)) as usize)
+}
+
+/// Column matrix `[cin_g*kh*kw, ho*wo]` of one batch item's group (`x` = its channels).
+fn im2col<T: WithDType>(x: &[T], g: &Geom, col: &mut [T]) {
+    let (s, d, p) = (g.p.stride, g.p.dilation, g.p.padding as isize);
+    let n = g.n();
+    let zero = T::from_f64(0.0);
+    let mut row = 0;
+    for ci in 0..g.cin_g() {
+        let xc = &x[ci * g.h * g.w..(ci + 1) * g.h * g.w];
+        for ki in 0..g.kh {
+            for kj in 0..g.kw {
+                let dst = &mut col[row * n..(row + 1) * n];
+                let offx = (kj * d) as isize - p;
+                let (lo, hi) = valid_range(offx, s, g.w, g.wo);
+                for oy in 0..g.ho {
+                    let iy = (oy * s + ki * d) as isize - p;
+                    let drow = &mut dst[oy * g.wo..(oy + 1) * g.wo];
+                    if iy < 0 || iy >= g.h as isize || lo >= hi {
+                        drow.fill(zero);
+                        continue;
+                    }
+                    let xr = &xc[iy as usize * g.w..(iy as usize + 1) * g.w];
+                    drow[..lo].fill(zero);
+                    drow[hi..].fill(zero);
+                    let start = (lo as isize * s as isize + offx) as usize;
+                    if s == 1 {
+                        drow[lo..hi].copy_from_slice(&xr[start..start + (hi - lo)]);
+                    } else {
+                        for (o, v) in drow[lo..hi].iter_mut().zip(xr[start..].iter().step_by(s)) {
+                            *o = *v;
+                        }
+                    }
+                }
+                row += 1;
+            }
+        }
+    }
+}
+
+/// Adds a column matrix back into one batch item's group (the adjoint of [`im2col`]).
+fn col2im<T: WithDType>(col: &[T], g: &Geom, x: &mut [T]) {
+    let (s, d, p) = (g.p.stride, g.p.dilation, g.p.padding as isize);
+    let n = g.n();
+    let mut row = 0;
+    for ci in 0..g.cin_g() {
+        let xc = &mut x[ci * g.h * g.w..(ci + 1) * g.h * g.w];
+        for ki in 0..g.kh {
+            for kj in 0..g.kw {
+                let src = &col[row * n..(row + 1) * n];
+                let offx = (kj * d) as isize - p;
+                let (lo, hi) = valid_range(offx, s, g.w, g.wo);
+                row += 1;
+                if lo >= hi {
+                    continue;
+                }
+                for oy in 0..g.ho {
+                    let iy = (oy * s + ki * d) as isize - p;
+                    if iy < 0 || iy >= g.h as isize {
+                        continue;
+                    }
+                    let srow = &src[oy * g.wo + lo..oy * g.wo + hi];
+                    let xr = &mut xc[iy as usize * g.w..(iy as usize + 1) * g.w];
+                    let start = (lo as isize * s as isize + offx) as usize;
+                    if s == 1 {
+                        for (o, v) in xr[start..start + (hi - lo)].iter_mut().zip(srow) {
+                            *o += *v;
+                        }
+                    } else {
+                        for (o, v) in xr[start..].iter_mut().step_by(s).zip(srow) {
+                            *o += *v;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Batch items in parallel with sequential gemms, or the reverse for small batches.
+fn split(b: usize) -> (bool, Parallelism) {
+    let t = rayon::current_num_threads();
+    if t <= 1 {
+        (false, Parallelism::None)
+    } else if b >= t {
+        (true, Parallelism::None)
+    } else {
+        (false, Parallelism::Rayon(t))
+    }
+}
+
+fn conv_fwd<T: WithDType>(x: &[T], w: &[T], g: &Geom) -> Vec<T> {
+    let mut y = vec![T::from_f64(0.0); g.b * g.y_item()];
+    let (k, n, cog, cig) = (g.k(), g.n(), g.cout_g(), g.cin_g());
+    let (batch_par, gpar) = split(g.b);
+    let item = |col: &mut Vec<T>, (bi, yb): (usize, &mut [T])| {
+        let xb = &x[bi * g.x_item()..(bi + 1) * g.x_item()];
+        for gi in 0..g.p.groups {
+            let xg = &xb[gi * cig * g.h * g.w..(gi + 1) * cig * g.h * g.w];
+            let c: &[T] = if g.pointwise() {
+                xg
+            } else {
+                im2col(xg, g, col);
+                col
+            };
+            mm(
+                (cog, n, k),
+                &mut yb[gi * cog * n..(gi + 1) * cog * n],
+                n,
+                false,
+                &w[gi * cog * k..(gi + 1) * cog * k],
+                (k, 1),
+                c,
+                (n, 1),
+                gpar,
+            );
+        }
+    };
+    let colsize = if g.pointwise() { 0 } else { k * n };
+    if batch_par {
+        y.par_chunks_mut(g.y_item())
+            .enumerate()
+            .for_each_init(|| vec![T::from_f64(0.0); colsize], item);
+    } else {
+        let mut col = vec![T::from_f64(0.0); colsize];
+        y.chunks_mut(g.y_item())
+            .enumerate()
+            .for_each(|a| item(&mut col, a));
+    }
+    y
+}
+
+fn conv_grad_input<T: WithDType>(dy: &[T], w: &[T], g: &Geom) -> Vec<T> {
+    let mut dx = vec![T::from_f64(0.0); g.b * g.x_item()];
+    let (k, n, cog, cig) = (g.k(), g.n(), g.cout_g(), g.cin_g());
+    let (batch_par, gpar) = split(g.b);
+    let pw = g.pointwise();
+    let item = |col: &mut Vec<T>, (bi, dxb): (usize, &mut [T])| {
+        let dyb = &dy[bi * g.y_item()..(bi + 1) * g.y_item()];
+        for gi in 0..g.p.groups {
+            let dxg = &mut dxb[gi * cig * g.h * g.w..(gi + 1) * cig * g.h * g.w];
+            // dcol = W_g^T @ dy_g; a pointwise conv writes straight into dx.
+            let dst: &mut [T] = if pw { dxg } else { col };
+            mm(
+                (k, n, cog),
+                dst,
+                n,
+                false,
+                &w[gi * cog * k..(gi + 1) * cog * k],
+                (1, k),
+                &dyb[gi * cog * n..(gi + 1) * cog * n],
+                (n, 1),
+                gpar,
+            );
+            if !pw {
+                col2im(
+                    col,
+                    g,
+                    &mut dxb[gi * cig * g.h * g.w..(gi + 1) * cig * g.h * g.w],
+                );
+            }
+        }
+    };
+    let colsize = if pw { 0 } else { k * n };
+    if batch_par {
+        dx.par_chunks_mut(g.x_item())
+            .enumerate()
+            .for_each_init(|| vec![T::from_f64(0.0); colsize], item);
+    } else {
+        let mut col = vec![T::from_f64(0.0); colsize];
+        dx.chunks_mut(g.x_item())
+            .enumerate()
+            .for_each(|a| item(&mut col, a));
+    }
+    dx
+}
+
+fn conv_grad_weight<T: WithDType>(x: &[T], dy: &[T], g: &Geom) -> Vec<T> {
+    let (k, n, cog, cig) = (g.k(), g.n(), g.cout_g(), g.cin_g());
+    let wsize = g.c_out * k;
+    let zero = T::from_f64(0.0);
+    let (batch_par, gpar) = split(g.b);
+    let pw = g.pointwise();
+    // dW_g += dy_g [cog, n] @ col^T [n, k], summed over the batch.
+    let item = |(mut dw, mut col): (Vec<T>, Vec<T>), bi: usize| {
+        let xb = &x[bi * g.x_item()..(bi + 1) * g.x_item()];
+        let dyb = &dy[bi * g.y_item()..(bi + 1) * g.y_item()];
+        for gi in 0..g.p.groups {
+            let xg = &xb[gi * cig * g.h * g.w..(gi + 1) * cig * g.h * g.w];
+            let c: &[T] = if pw {
+                xg
+            } else {
+                im2col(xg, g, &mut col);
+                &col
+            };
+            mm(
+                (cog, k, n),
+                &mut dw[gi * cog * k..(gi + 1) * cog * k],
+                k,
+                true,
+                &dyb[gi * cog * n..(gi + 1) * cog * n],
+                (n, 1),
+                c,
+                (1, n),
+                gpar,
+            );
+        }
+        (dw, col)
+    };
+    let colsize = if pw { 0 } else { k * n };
+    let init = || (vec![zero; wsize], vec![zero; colsize]);
+    if batch_par {
+        (0..g.b)
+            .into_par_iter()
+            .fold(init, item)
+            .map(|(dw, _)| dw)
+            .reduce(
+                || vec![zero; wsize],
+                |mut a, b| {
+                    for (x, y) in a.iter_mut().zip(b) {
+                        *x += y;
+                    }
+                    a
+                },
+            )
+    } else {
+        (0..g.b).fold(init(), item).0
+    }
+}
+
+fn dispatch<F32, F64>(s: &CpuStorage, f32: F32, f64: F64, what: &str) -> Result<CpuStorage>
+where
+    F32: FnOnce() -> Result<Vec<f32>>,
+    F64: FnOnce() -> Result<Vec<f64>>,
+{
+    Ok(match s {
+        CpuStorage::F32(_) => CpuStorage::F32(f32()?),
+        CpuStorage::F64(_) => CpuStorage::F64(f64()?),
+        _ => bail!(
+            "{what}: only f32 and f64 have a kiln CPU kernel (got {:?})",
+            s.dtype()
+        ),
+    })
+}
+
+/// `y = conv2d(x, w)`; op2 on `(x, w)`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Conv2dOp(pub ConvParams);
+
+/// The input gradient of a conv2d, i.e. a transposed convolution: op2 on
+/// `(dy, w)` giving `dx [b, c_in, h, w]`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Conv2dGradInput {
+    pub p: ConvParams,
+    pub h: usize,
+    pub w: usize,
+}
+
+/// The weight gradient of a conv2d: op2 on `(x, dy)` giving `dw [c_out, c_in/groups, kh, kw]`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Conv2dGradWeight {
+    pub p: ConvParams,
+    pub kh: usize,
+    pub kw: usize,
+}
+
+impl CustomOp2 for Conv2dOp {
+    fn name(&self) -> &'static str {
+        "kiln-conv2d"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let g = geom(l1.dims(), l2.dims(), self.0, "conv2d")?;
+        let out = dispatch(
+            s1,
+            || Ok(conv_fwd(slice::<f32>(s1, l1)?, slice(s2, l2)?, &g)),
+            || Ok(conv_fwd(slice::<f64>(s1, l1)?, slice(s2, l2)?, &g)),
+            "conv2d",
+        )?;
+        Ok((out, Shape::from((g.b, g.c_out, g.ho, g.wo))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let dy = dy.contiguous()?;
+        let (_, _, h, wd) = x.dims4()?;
+        let (_, _, kh, kw) = w.dims4()?;
+        let dx = dy.apply_op2(
+            w,
+            Conv2dGradInput {
+                p: self.0,
+                h,
+                w: wd,
+            },
+        )?;
+        let dw = x.apply_op2(&dy, Conv2dGradWeight { p: self.0, kh, kw })?;
+        Ok((Some(dx), Some(dw)))
+    }
+}
+
+impl CustomOp2 for Conv2dGradInput {
+    fn name(&self) -> &'static str {
+        "kiln-conv2d-grad-input"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (&[b, c_out, ho, wo], &[c_out_w, cin_g, _, _]) = (l1.dims(), l2.dims()) else {
+            bail!(
+                "conv transpose: expected 4-D input and weight, got {:?} and {:?}",
+                l1.dims(),
+                l2.dims()
+            )
+        };
+        if c_out != c_out_w {
+            bail!(
+                "conv transpose: input has {c_out} channels, weight {:?} expects {c_out_w}",
+                l2.dims()
+            )
+        }
+        let xd = [b, cin_g * self.p.groups, self.h, self.w];
+        let g = geom(&xd, l2.dims(), self.p, "conv transpose")?;
+        if (g.ho, g.wo) != (ho, wo) {
+            bail!("conv transpose: output {}x{} does not match input {ho}x{wo} for the given stride/padding", self.h, self.w)
+        }
+        let out = dispatch(
+            s1,
+            || Ok(conv_grad_input(slice::<f32>(s1, l1)?, slice(s2, l2)?, &g)),
+            || Ok(conv_grad_input(slice::<f64>(s1, l1)?, slice(s2, l2)?, &g)),
+            "conv transpose",
+        )?;
+        Ok((out, Shape::from(xd.to_vec())))
+    }
+
+    fn bwd(
+        &self,
+        dy: &Tensor,
+        w: &Tensor,
+        _dx: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let g = g.contiguous()?;
+        let (_, _, kh, kw) = w.dims4()?;
+        let d_dy = g.apply_op2(w, Conv2dOp(self.p))?;
+        let d_w = g.apply_op2(dy, Conv2dGradWeight { p: self.p, kh, kw })?;
+        Ok((Some(d_dy), Some(d_w)))
+    }
+}
+
+impl CustomOp2 for Conv2dGradWeight {
+    fn name(&self) -> &'static str {
+        "kiln-conv2d-grad-weight"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (&[b, c_in, _, _], &[b2, c_out, ho, wo]) = (l1.dims(), l2.dims()) else {
+            bail!(
+                "conv weight grad: expected 4-D x and dy, got {:?} and {:?}",
+                l1.dims(),
+                l2.dims()
+            )
+        };
+        let groups = self.p.groups.max(1);
+        let wd = [c_out, c_in / groups, self.kh, self.kw];
+        let g = geom(l1.dims(), &wd, self.p, "conv weight grad")?;
+        if b != b2 || (g.ho, g.wo) != (ho, wo) {
+            bail!(
+                "conv weight grad: dy {:?} does not match x {:?}",
+                l2.dims(),
+                l1.dims()
+            )
+        }
+        let out = dispatch(
+            s1,
+            || Ok(conv_grad_weight(slice::<f32>(s1, l1)?, slice(s2, l2)?, &g)),
+            || Ok(conv_grad_weight(slice::<f64>(s1, l1)?, slice(s2, l2)?, &g)),
+            "conv weight grad",
+        )?;
+        Ok((out, Shape::from(wd.to_vec())))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        dy: &Tensor,
+        _dw: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let g = g.contiguous()?;
+        let (_, _, h, wd) = x.dims4()?;
+        let d_x = dy.apply_op2(
+            &g,
+            Conv2dGradInput {
+                p: self.p,
+                h,
+                w: wd,
+            },
+        )?;
+        let d_dy = x.apply_op2(&g, Conv2dOp(self.p))?;
+        Ok((Some(d_x), Some(d_dy)))
+    }
+}

@@ -1,0 +1,111 @@
+//! kiln's own CPU kernels as candle custom ops, each with its backward, so
+//! autograd runs through them: convolution and transposed convolution
+//! (im2col/col2im + gemm, batch-parallel with rayon) and max/average pooling
+//! with a single-pass backward that also handles kernel != stride.
+//!
+//! Each function takes the kiln kernel for f32/f64 tensors on the CPU and falls
+//! back to candle's own op elsewhere (CUDA, half types), so callers need no
+//! device checks of their own.
+//!
+//! ```
+//! use kiln_core::{ops, Device, Tensor};
+//! let x = Tensor::ones((1, 2, 5, 5), kiln_core::DType::F32, &Device::Cpu)?;
+//! let w = Tensor::ones((4, 2, 3, 3), kiln_core::DType::F32, &Device::Cpu)?;
+//! let y = ops::conv2d(&x, &w, 1, 1, 1, 1)?;
+//! assert_eq!(y.dims(), &[1, 4, 5, 5]);
+//! assert_eq!(ops::max_pool2d(&y, 2, 2)?.dims(), &[1, 4, 2, 2]);
+//! # Ok::<(), candle_core::Error>(())
+//! ```
+
+mod conv;
+mod pool;
+
+use candle_core::{DType, Result, Tensor};
+
+use conv::{Conv2dGradInput, Conv2dOp, ConvParams};
+
+/// Whether the kiln CPU kernels serve these tensors.
+fn kiln_cpu(ts: &[&Tensor]) -> bool {
+    let dt = ts[0].dtype();
+    matches!(dt, DType::F32 | DType::F64)
+        && ts.iter().all(|t| t.device().is_cpu() && t.dtype() == dt)
+}
+
+/// 2-D convolution of `x [B, C_in, H, W]` with `w [C_out, C_in/groups, kh, kw]`,
+/// giving `[B, C_out, H_out, W_out]` (PyTorch's `conv2d` without bias).
+pub fn conv2d(
+    x: &Tensor,
+    w: &Tensor,
+    stride: usize,
+    padding: usize,
+    dilation: usize,
+    groups: usize,
+) -> Result<Tensor> {
+    if !kiln_cpu(&[x, w]) {
+        return x.conv2d(w, padding, stride, dilation, groups);
+    }
+    let p = ConvParams {
+        stride,
+        padding,
+        dilation,
+        groups,
+    };
+    x.contiguous()?.apply_op2(&w.contiguous()?, Conv2dOp(p))
+}
+
+/// 2-D transposed convolution of `x [B, C_in, H, W]` with `w [C_in, C_out, kh, kw]`,
+/// giving `[B, C_out, (H-1)*stride - 2*padding + dilation*(kh-1) + output_padding + 1, ..]`
+/// (PyTorch's `conv_transpose2d` without bias, groups 1).
+pub fn conv_transpose2d(
+    x: &Tensor,
+    w: &Tensor,
+    stride: usize,
+    padding: usize,
+    output_padding: usize,
+    dilation: usize,
+) -> Result<Tensor> {
+    let fallback = || x.conv_transpose2d(w, padding, output_padding, stride, dilation);
+    // output_padding >= stride (allowed by PyTorch when dilation is larger) leaves
+    // rows no input reaches and no conv2d maps back to: candle's direct loop handles it.
+    if !kiln_cpu(&[x, w]) || output_padding >= stride.max(1) {
+        return fallback();
+    }
+    let (_, _, h, wd) = x.dims4()?;
+    let (_, _, kh, kw) = w.dims4()?;
+    let side = |i: usize, k: usize| {
+        ((i.max(1) - 1) * stride + dilation * (k.max(1) - 1) + output_padding + 1)
+            .checked_sub(2 * padding)
+            .filter(|&s| s > 0)
+    };
+    let (Some(ho), Some(wo)) = (side(h, kh), side(wd, kw)) else {
+        candle_core::bail!(
+            "conv_transpose2d: padding {padding} leaves no output for input {h}x{wd}, kernel {kh}x{kw}"
+        )
+    };
+    let p = ConvParams {
+        stride,
+        padding,
+        dilation,
+        groups: 1,
+    };
+    x.contiguous()?
+        .apply_op2(&w.contiguous()?, Conv2dGradInput { p, h: ho, w: wo })
+}
+
+/// Max pooling of `x [B, C, H, W]` over `kernel x kernel` windows every `stride`
+/// (no padding, floor mode). The gradient goes to the first maximum of each window.
+pub fn max_pool2d(x: &Tensor, kernel: usize, stride: usize) -> Result<Tensor> {
+    if !kiln_cpu(&[x]) {
+        return x.max_pool2d_with_stride(kernel, stride);
+    }
+    x.contiguous()?.apply_op1(pool::MaxPool { kernel, stride })
+}
+
+/// Average pooling of `x [B, C, H, W]` over `kernel x kernel` windows every `stride`
+/// (no padding, floor mode).
+pub fn avg_pool2d(x: &Tensor, kernel: usize, stride: usize) -> Result<Tensor> {
+    if !kiln_cpu(&[x]) {
+        return x.avg_pool2d_with_stride(kernel, stride);
+    }
+    x.contiguous()?.apply_op1(pool::AvgPool { kernel, stride })
+}
