@@ -39,9 +39,21 @@ struct DownloadArgs {
 }
 
 fn download(args: &[String]) -> Result<()> {
-    let a = DownloadArgs::try_parse_from(
+    let a = match DownloadArgs::try_parse_from(
         std::iter::once("cargo xtask download".to_string()).chain(args.iter().cloned()),
-    )?;
+    ) {
+        Ok(a) => a,
+        Err(e)
+            if matches!(
+                e.kind(),
+                clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion
+            ) =>
+        {
+            print!("{e}");
+            return Ok(());
+        }
+        Err(e) => return Err(e.into()),
+    };
     let ds: KnownDataset = a.dataset.parse()?;
     let manifest = ds.manifest();
     let opts = DownloadOptions {
