@@ -447,3 +447,94 @@ fn non_contiguous_inputs_and_bad_shapes() {
     );
     assert!(ops::max_pool2d(&x, 6, 1).is_err(), "window too big");
 }
+
+fn naive_logprobs(x: &Tensor, t: &Tensor) -> Tensor {
+    let lp = kiln_core::nn::log_softmax(x, 2).unwrap();
+    lp.gather(&t.unsqueeze(2).unwrap().contiguous().unwrap(), 2)
+        .unwrap()
+        .squeeze(2)
+        .unwrap()
+}
+
+fn naive_entropy(x: &Tensor) -> Tensor {
+    let lp = kiln_core::nn::log_softmax(x, 2).unwrap();
+    (lp.exp().unwrap() * &lp)
+        .unwrap()
+        .sum(2)
+        .unwrap()
+        .neg()
+        .unwrap()
+}
+
+#[test]
+fn token_logprobs_and_entropy_match_log_softmax_at_gpt2_vocab() {
+    let mut rng = SeededRng::new(50);
+    let (b, t, v) = (2, 3, 50257);
+    // Wide logits, plus an extreme row: huge and tiny values next to each other.
+    let mut x = flat(&(randn(&mut rng, &[b, t, v]) * 8.0).unwrap());
+    for (j, e) in x[..v].iter_mut().enumerate() {
+        *e = if j % 3 == 0 {
+            1e4
+        } else if j % 3 == 1 {
+            -1e4
+        } else {
+            0.0
+        };
+    }
+    x[v..2 * v].fill(-3e4); // a flat row far from zero
+    let x = Tensor::from_vec(
+        x.iter().map(|&e| e as f32).collect::<Vec<_>>(),
+        (b, t, v),
+        &CPU,
+    )
+    .unwrap();
+    let tg: Vec<u32> = (0..b * t).map(|i| (i * 7919 % v) as u32).collect();
+    let tg = Tensor::from_vec(tg, (b, t), &CPU).unwrap();
+    let z = Tensor::zeros(1, DType::F32, &CPU).unwrap();
+    let (y, dx, _) = grads2(|x, _| ops::token_logprobs(x, &tg), &x, &z, 51);
+    // The reference runs in f64, so the check measures the kernel's own error.
+    let (x64, z64) = (
+        x.to_dtype(DType::F64).unwrap(),
+        z.to_dtype(DType::F64).unwrap(),
+    );
+    let (y0, dx0, _) = grads2(|x, _| Ok(naive_logprobs(x, &tg)), &x64, &z64, 51);
+    assert!(flat(&y).iter().all(|v| v.is_finite()));
+    assert_close("token_logprobs", &y, &y0, 1e-5);
+    assert_close("token_logprobs grad", &dx, &dx0, 1e-5);
+    let (h, dh, _) = grads2(|x, _| ops::token_entropy(x), &x, &z, 52);
+    let (h0, dh0, _) = grads2(|x, _| Ok(naive_entropy(x)), &x64, &z64, 52);
+    assert_close("token_entropy", &h, &h0, 1e-4);
+    assert_close("token_entropy grad", &dh, &dh0, 1e-4);
+}
+
+#[test]
+fn token_ops_gradients_match_finite_differences() {
+    let mut rng = SeededRng::new(53);
+    let x = (randn(&mut rng, &[2, 3, 11]) * 3.0)
+        .unwrap()
+        .to_dtype(DType::F64)
+        .unwrap();
+    let tg = Tensor::from_vec(vec![0u32, 10, 5, 3, 3, 7], (2, 3), &CPU).unwrap();
+    let z = Tensor::zeros(1, DType::F64, &CPU).unwrap();
+    let (_, dx, _) = grads2(|x, _| ops::token_logprobs(x, &tg), &x, &z, 54);
+    check_fd(
+        "token_logprobs",
+        |t| ops::token_logprobs(t, &tg).unwrap(),
+        &x,
+        &dx,
+        54,
+    );
+    let (_, dh, _) = grads2(|x, _| ops::token_entropy(x), &x, &z, 55);
+    check_fd(
+        "token_entropy",
+        |t| ops::token_entropy(t).unwrap(),
+        &x,
+        &dh,
+        55,
+    );
+    let bad = Tensor::from_vec(vec![11u32; 6], (2, 3), &CPU).unwrap();
+    assert!(
+        ops::token_logprobs(&x, &bad).is_err(),
+        "target outside the vocabulary"
+    );
+}

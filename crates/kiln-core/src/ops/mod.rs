@@ -1,7 +1,8 @@
 //! kiln's own CPU kernels as candle custom ops, each with its backward, so
 //! autograd runs through them: convolution and transposed convolution
 //! (im2col/col2im + gemm, batch-parallel with rayon) and max/average pooling
-//! with a single-pass backward that also handles kernel != stride.
+//! with a single-pass backward that also handles kernel != stride; per-token
+//! log-probabilities and entropies that never build `[B, T, V]` log-softmaxes.
 //!
 //! Each function takes the kiln kernel for f32/f64 tensors on the CPU and falls
 //! back to candle's own op elsewhere (CUDA, half types), so callers need no
@@ -19,6 +20,7 @@
 
 mod conv;
 mod pool;
+mod token;
 
 use candle_core::{DType, Result, Tensor};
 
@@ -108,4 +110,32 @@ pub fn avg_pool2d(x: &Tensor, kernel: usize, stride: usize) -> Result<Tensor> {
         return x.avg_pool2d_with_stride(kernel, stride);
     }
     x.contiguous()?.apply_op1(pool::AvgPool { kernel, stride })
+}
+
+/// `log_softmax(logits, -1)` gathered at `targets`: `logits [.., V]` (f32/f64),
+/// `targets [..]` (any integer dtype) give `[..]`. Neither the forward nor the
+/// backward materialises `[.., V]` log-probabilities; the backward writes
+/// `grad * (onehot - softmax)` straight into the logits' gradient.
+pub fn token_logprobs(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    if !kiln_cpu(&[logits]) || !targets.device().is_cpu() {
+        let lp = crate::nn::log_softmax(logits, candle_core::D::Minus1)?;
+        let idx = targets
+            .to_dtype(DType::U32)?
+            .unsqueeze(candle_core::D::Minus1)?;
+        return lp
+            .gather(&idx.contiguous()?, candle_core::D::Minus1)?
+            .squeeze(candle_core::D::Minus1);
+    }
+    let t = targets.to_dtype(DType::U32)?.contiguous()?;
+    logits.contiguous()?.apply_op2(&t, token::TokenLogprobs)
+}
+
+/// Entropy of `softmax(logits, -1)` per row: `logits [.., V]` give `[..]`, with a
+/// backward that needs no `[.., V]` intermediate beyond the gradient itself.
+pub fn token_entropy(logits: &Tensor) -> Result<Tensor> {
+    if !kiln_cpu(&[logits]) {
+        let lp = crate::nn::log_softmax(logits, candle_core::D::Minus1)?;
+        return (lp.exp()? * &lp)?.sum(candle_core::D::Minus1)?.neg();
+    }
+    logits.contiguous()?.apply_op1(token::TokenEntropy)
 }

@@ -1,0 +1,289 @@
+//! Per-token log-probabilities and entropies over a vocabulary, one row of
+//! `V` logits at a time: no `[B, T, V]` log-softmax is ever materialised, and
+//! the backward writes the logits' gradient directly in one pass per row.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{
+    bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor,
+};
+use rayon::prelude::*;
+
+/// The float types the row kernels run on.
+pub(crate) trait Real: candle_core::WithDType + std::ops::Neg<Output = Self> {
+    fn f(v: f64) -> Self;
+    fn exp(self) -> Self;
+    fn ln(self) -> Self;
+}
+
+macro_rules! real {
+    ($t:ty) => {
+        impl Real for $t {
+            fn f(v: f64) -> Self {
+                v as $t
+            }
+            fn exp(self) -> Self {
+                <$t>::exp(self)
+            }
+            fn ln(self) -> Self {
+                <$t>::ln(self)
+            }
+        }
+    };
+}
+real!(f32);
+real!(f64);
+
+/// Row statistics: max, `sum exp(x - max)`, `sum exp(x - max) * (x - max)`.
+fn stats<T: Real>(row: &[T]) -> (T, T, T) {
+    let mut m = row[0];
+    for &v in row {
+        if v > m {
+            m = v;
+        }
+    }
+    // Sums in f64: 50k-term f32 sums drift by ~1e-5 relative.
+    let (mut s0, mut s1) = (0f64, 0f64);
+    for &v in row {
+        let z = v - m;
+        let e = z.exp();
+        s0 += e.to_f64();
+        s1 += (e * z).to_f64();
+    }
+    (m, T::from_f64(s0), T::from_f64(s1))
+}
+
+/// `(max, ln sum exp(x - max))` of a row: log-probs are `(x - max) - ln_s`,
+/// which keeps full precision where `x - lse` would round `lse` at large `|x|`.
+fn shift<T: Real>(row: &[T]) -> (T, T) {
+    let (m, s0, _) = stats(row);
+    (m, s0.ln())
+}
+
+fn slice<'a, T: candle_core::WithDType>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
+    let Some((a, b)) = l.contiguous_offsets() else {
+        bail!("kiln ops: non-contiguous input")
+    };
+    Ok(&s.as_slice::<T>()?[a..b])
+}
+
+fn rows(l: &Layout, what: &str) -> Result<(Vec<usize>, usize)> {
+    let d = l.dims();
+    let Some((&v, lead)) = d.split_last() else {
+        bail!("{what}: logits need a vocabulary dimension")
+    };
+    if v == 0 {
+        bail!("{what}: empty vocabulary")
+    }
+    Ok((lead.to_vec(), v))
+}
+
+fn targets(s: &CpuStorage, l: &Layout, n: usize, v: usize, what: &str) -> Result<Vec<usize>> {
+    let t = slice::<u32>(s, l)?;
+    if t.len() != n {
+        bail!("{what}: {} targets for {n} rows", t.len())
+    }
+    t.iter()
+        .map(|&i| {
+            let i = i as usize;
+            if i >= v {
+                bail!("{what}: target {i} outside the vocabulary of {v}")
+            }
+            Ok(i)
+        })
+        .collect()
+}
+
+macro_rules! by_float {
+    ($s:expr, $what:expr, |$t:ident| $body:expr) => {
+        match $s {
+            CpuStorage::F32(_) => {
+                type $t = f32;
+                CpuStorage::F32($body)
+            }
+            CpuStorage::F64(_) => {
+                type $t = f64;
+                CpuStorage::F64($body)
+            }
+            s => bail!(
+                "{}: only f32 and f64 have a kiln CPU kernel (got {:?})",
+                $what,
+                s.dtype()
+            ),
+        }
+    };
+}
+
+/// `log_softmax(logits)[target]`; op2 on `(logits [.., V], targets [..] u32)`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct TokenLogprobs;
+
+/// Its logits gradient, `g * (onehot - softmax)`; op3 on `(logits, targets, g)`.
+#[derive(Debug, Clone, Copy)]
+struct TokenLogprobsGrad;
+
+/// `-sum softmax * log_softmax` per row; op1 on `logits [.., V]`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct TokenEntropy;
+
+/// Its logits gradient, `-g * p * (log p + H)`; op2 on `(logits, g)`.
+#[derive(Debug, Clone, Copy)]
+struct TokenEntropyGrad;
+
+fn logprobs_fwd<T: Real>(x: &[T], t: &[usize], v: usize) -> Vec<T> {
+    x.par_chunks(v)
+        .zip(t.par_iter())
+        .map(|(row, &i)| {
+            let (m, ls) = shift(row);
+            (row[i] - m) - ls
+        })
+        .collect()
+}
+
+fn logprobs_bwd<T: Real>(x: &[T], t: &[usize], g: &[T], v: usize) -> Vec<T> {
+    let mut d = vec![T::f(0.0); x.len()];
+    d.par_chunks_mut(v)
+        .zip(x.par_chunks(v))
+        .zip(t.par_iter().zip(g.par_iter()))
+        .for_each(|((dr, row), (&i, &gi))| {
+            let (m, ls) = shift(row);
+            for (o, &xv) in dr.iter_mut().zip(row) {
+                *o = -(gi * ((xv - m) - ls).exp());
+            }
+            dr[i] += gi;
+        });
+    d
+}
+
+fn entropy_fwd<T: Real>(x: &[T], v: usize) -> Vec<T> {
+    // H = ln s0 - s1 / s0 with z = x - max.
+    x.par_chunks(v)
+        .map(|row| {
+            let (_, s0, s1) = stats(row);
+            s0.ln() - s1 / s0
+        })
+        .collect()
+}
+
+fn entropy_bwd<T: Real>(x: &[T], g: &[T], v: usize) -> Vec<T> {
+    let mut d = vec![T::f(0.0); x.len()];
+    d.par_chunks_mut(v)
+        .zip(x.par_chunks(v).zip(g.par_iter()))
+        .for_each(|(dr, (row, &gi))| {
+            let (m, s0, s1) = stats(row);
+            let h = s0.ln() - s1 / s0;
+            for (o, &xv) in dr.iter_mut().zip(row) {
+                let lp = (xv - m) - s0.ln();
+                *o = -(gi * lp.exp() * (lp + h));
+            }
+        });
+    d
+}
+
+impl CustomOp2 for TokenLogprobs {
+    fn name(&self) -> &'static str {
+        "kiln-token-logprobs"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (lead, v) = rows(l1, "token_logprobs")?;
+        let n = lead.iter().product();
+        let t = targets(s2, l2, n, v, "token_logprobs")?;
+        let out = by_float!(s1, "token_logprobs", |T| logprobs_fwd::<T>(
+            slice(s1, l1)?,
+            &t,
+            v
+        ));
+        Ok((out, Shape::from(lead)))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        t: &Tensor,
+        _y: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let d = x.apply_op3_no_bwd(t, &g.contiguous()?, &TokenLogprobsGrad)?;
+        Ok((Some(d), None))
+    }
+}
+
+impl CustomOp3 for TokenLogprobsGrad {
+    fn name(&self) -> &'static str {
+        "kiln-token-logprobs-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (lead, v) = rows(l1, "token_logprobs grad")?;
+        let n = lead.iter().product();
+        let t = targets(s2, l2, n, v, "token_logprobs grad")?;
+        if l3.shape().elem_count() != n {
+            bail!("token_logprobs grad: gradient {:?} for {n} rows", l3.dims())
+        }
+        let out = by_float!(s1, "token_logprobs grad", |T| logprobs_bwd::<T>(
+            slice(s1, l1)?,
+            &t,
+            slice(s3, l3)?,
+            v
+        ));
+        Ok((out, l1.shape().clone()))
+    }
+}
+
+impl CustomOp1 for TokenEntropy {
+    fn name(&self) -> &'static str {
+        "kiln-token-entropy"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (lead, v) = rows(l, "token_entropy")?;
+        let out = by_float!(s, "token_entropy", |T| entropy_fwd::<T>(slice(s, l)?, v));
+        Ok((out, Shape::from(lead)))
+    }
+
+    fn bwd(&self, x: &Tensor, _y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(
+            x.apply_op2_no_bwd(&g.contiguous()?, &TokenEntropyGrad)?,
+        ))
+    }
+}
+
+impl CustomOp2 for TokenEntropyGrad {
+    fn name(&self) -> &'static str {
+        "kiln-token-entropy-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (lead, v) = rows(l1, "token_entropy grad")?;
+        let n: usize = lead.iter().product();
+        if l2.shape().elem_count() != n {
+            bail!("token_entropy grad: gradient {:?} for {n} rows", l2.dims())
+        }
+        let out = by_float!(s1, "token_entropy grad", |T| entropy_bwd::<T>(
+            slice(s1, l1)?,
+            slice(s2, l2)?,
+            v
+        ));
+        Ok((out, l1.shape().clone()))
+    }
+}
