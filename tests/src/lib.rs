@@ -1,0 +1,1 @@
+//! Cross-crate pipeline tests live in `tests/`; this crate has no library code.
