@@ -6,6 +6,7 @@ use anyhow::Result;
 
 pub mod core;
 pub mod data;
+pub mod kernels;
 pub mod prompt;
 pub mod ssl;
 pub mod vae;
@@ -56,5 +57,6 @@ pub fn all() -> Vec<Component> {
         vae::component(),
         ssl::component(),
         prompt::component(),
+        kernels::component(),
     ]
 }
