@@ -538,3 +538,20 @@ fn token_ops_gradients_match_finite_differences() {
         "target outside the vocabulary"
     );
 }
+
+#[test]
+fn channel_bias_matches_broadcast_add() {
+    let mut rng = SeededRng::new(60);
+    let x = randn(&mut rng, &[3, 5, 4, 7]);
+    let b = randn(&mut rng, &[5]);
+    let (y, dx, db) = grads2(ops::add_channel_bias, &x, &b, 61);
+    let (y0, dx0, db0) = grads2(
+        |x, b| x.broadcast_add(&b.reshape((1, 5, 1, 1))?),
+        &x,
+        &b,
+        61,
+    );
+    assert_close("bias y", &y, &y0, 1e-6);
+    assert_close("bias dx", &dx, &dx0, 1e-6);
+    assert_close("bias db", &db, &db0, 1e-5);
+}

@@ -477,16 +477,21 @@ impl CustomOp2 for Conv2dOp {
         let dy = dy.contiguous()?;
         let (_, _, h, wd) = x.dims4()?;
         let (_, _, kh, kw) = w.dims4()?;
-        let dx = dy.apply_op2(
-            w,
-            Conv2dGradInput {
-                p: self.0,
-                h,
-                w: wd,
-            },
-        )?;
+        // An input that needs no gradient (the image itself) skips the col2im pass.
+        let dx = if x.track_op() {
+            Some(dy.apply_op2(
+                w,
+                Conv2dGradInput {
+                    p: self.0,
+                    h,
+                    w: wd,
+                },
+            )?)
+        } else {
+            None
+        };
         let dw = x.apply_op2(&dy, Conv2dGradWeight { p: self.0, kh, kw })?;
-        Ok((Some(dx), Some(dw)))
+        Ok((dx, Some(dw)))
     }
 }
 

@@ -139,3 +139,13 @@ pub fn token_entropy(logits: &Tensor) -> Result<Tensor> {
     }
     logits.contiguous()?.apply_op1(token::TokenEntropy)
 }
+
+/// `x [B, C, H, W] + bias [C]` (a conv layer's bias), with a one-pass bias
+/// gradient on the CPU; candle's broadcast add elsewhere.
+pub fn add_channel_bias(x: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    if !kiln_cpu(&[x, bias]) || x.rank() != 4 {
+        return x.broadcast_add(&bias.reshape((1, bias.elem_count(), 1, 1))?);
+    }
+    x.contiguous()?
+        .apply_op2(&bias.contiguous()?, pool::ChannelBias)
+}

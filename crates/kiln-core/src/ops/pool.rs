@@ -300,3 +300,89 @@ impl CustomOp1 for AvgPoolGrad {
         Ok(Some(g.contiguous()?.apply_op1(op)?))
     }
 }
+
+/// `x [B, C, H, W] + b [C]` broadcast over batch and pixels; op2 on `(x, b)`.
+/// One pass forward; the bias gradient is one pass over `dy` too, where candle's
+/// broadcast add and its sum-over-three-dims backward take several.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ChannelBias;
+
+/// Sum of `dy [B, C, H, W]` over all but the channel dimension; op1.
+#[derive(Debug, Clone, Copy)]
+struct ChannelSum;
+
+impl CustomOp2 for ChannelBias {
+    fn name(&self) -> &'static str {
+        "kiln-channel-bias"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (b, c, h, w) = dims4(l1, "channel bias")?;
+        if l2.dims() != [c] {
+            bail!("channel bias: bias {:?} for {c} channels", l2.dims())
+        }
+        let hw = h * w;
+        let out = by_dtype!(s1, "channel bias", |T| {
+            let (x, bias) = (slice::<T>(s1, l1)?, slice::<T>(s2, l2)?);
+            let mut y = vec![T::from_f64(0.0); b * c * hw];
+            y.par_chunks_mut(hw)
+                .zip(x.par_chunks(hw))
+                .enumerate()
+                .for_each(|(i, (yp, xp))| {
+                    let bv = bias[i % c];
+                    for (o, v) in yp.iter_mut().zip(xp) {
+                        *o = *v + bv;
+                    }
+                });
+            y
+        });
+        Ok((out, l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        _b: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let db = dy.contiguous()?.apply_op1(ChannelSum)?;
+        Ok((Some(dy.clone()), Some(db)))
+    }
+}
+
+impl CustomOp1 for ChannelSum {
+    fn name(&self) -> &'static str {
+        "kiln-channel-sum"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (_, c, h, w) = dims4(l, "channel sum")?;
+        let hw = h * w;
+        let out = by_dtype!(s, "channel sum", |T| {
+            let x = slice::<T>(s, l)?;
+            // Per-plane sums in parallel, then a small sequential fold over the batch.
+            let sums: Vec<T> = x
+                .par_chunks(hw)
+                .map(|p| p.iter().fold(T::from_f64(0.0), |a, v| a + *v))
+                .collect();
+            let mut out = vec![T::from_f64(0.0); c];
+            for (i, s) in sums.iter().enumerate() {
+                out[i % c] += *s;
+            }
+            out
+        });
+        Ok((out, Shape::from(c)))
+    }
+
+    fn bwd(&self, x: &Tensor, _y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        let (b, c, h, w) = x.dims4()?;
+        Ok(Some(g.reshape((1, c, 1, 1))?.broadcast_as((b, c, h, w))?))
+    }
+}
