@@ -2,7 +2,12 @@
 //! tasks (`train`/`eval`/`sample <task>`) and top-level commands in its
 //! [`Component`]; adding a component is one module plus one line in [`all`].
 
-use anyhow::Result;
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use kiln_data::{open_with, Dataset, DatasetSpec, OpenOptions, Split, DATASET_NAMES};
 
 pub mod core;
 pub mod data;
@@ -59,4 +64,37 @@ pub fn all() -> Vec<Component> {
         prompt::component(),
         kernels::component(),
     ]
+}
+
+/// Parses a handler's arguments with clap, `name` standing in for argv[0].
+pub fn parse<P: Parser>(name: &str, args: &[String]) -> Result<P> {
+    Ok(P::try_parse_from(
+        std::iter::once(name.to_string()).chain(args.iter().cloned()),
+    )?)
+}
+
+/// Opens a split of a dataset for a model of `image_size` (channels as the data has them).
+pub fn open_split(
+    dataset: &str,
+    data_root: &Path,
+    split: Split,
+    image_size: usize,
+) -> Result<Arc<dyn Dataset>> {
+    let spec: DatasetSpec = dataset
+        .parse()
+        .with_context(|| format!("--dataset: expected one of {DATASET_NAMES}"))?;
+    let opts = OpenOptions {
+        split,
+        image_size: Some(image_size),
+        ..Default::default()
+    };
+    let ds = open_with(&spec, data_root, &opts).with_context(|| match spec.download_name() {
+        Some(n) => format!(
+            "opening {spec} under {} (run `cargo xtask download {n} --data-root {}` first)",
+            data_root.display(),
+            data_root.display()
+        ),
+        None => format!("opening {spec}"),
+    })?;
+    Ok(Arc::from(ds))
 }

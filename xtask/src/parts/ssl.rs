@@ -1,20 +1,19 @@
 //! kiln-ssl in xtask: `train inpaint`, `train simclr`, `eval ssl`, and their demo parts.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use clap::Parser;
 use kiln_core::observer::ObserverConfig;
 use kiln_core::run::RunDir;
 use kiln_core::Device;
-use kiln_data::{open_with, Dataset, DatasetSpec, OpenOptions, Split, DATASET_NAMES};
+use kiln_data::{Dataset, Split};
 use kiln_ssl::simclr::{probe_encoder, simclr_from_run};
 use kiln_ssl::{
     train_inpaint, train_simclr, InpaintConfig, ProbeReport, RunOptions, Simclr, SimclrConfig,
 };
 
-use super::{Component, DemoPart};
+use super::{open_split, parse, Component, DemoPart};
 
 /// Registers the SSL tasks and demo parts.
 pub fn component() -> Component {
@@ -36,36 +35,6 @@ pub fn component() -> Component {
         eval: vec![("ssl", eval_cmd)],
         ..Default::default()
     }
-}
-
-fn parse<P: Parser>(name: &str, args: &[String]) -> Result<P> {
-    Ok(P::try_parse_from(
-        std::iter::once(name.to_string()).chain(args.iter().cloned()),
-    )?)
-}
-
-fn open_split(
-    dataset: &str,
-    data_root: &Path,
-    split: Split,
-    size: usize,
-) -> Result<Arc<dyn Dataset>> {
-    let spec: DatasetSpec = dataset
-        .parse()
-        .with_context(|| format!("--dataset: expected one of {DATASET_NAMES}"))?;
-    let opts = OpenOptions {
-        split,
-        image_size: Some(size),
-        ..Default::default()
-    };
-    let ds = open_with(&spec, data_root, &opts).with_context(|| match spec.download_name() {
-        Some(n) => format!(
-            "opening {spec} (run `cargo xtask download {n} --data-root {}` first)",
-            data_root.display()
-        ),
-        None => format!("opening {spec}"),
-    })?;
-    Ok(Arc::from(ds))
 }
 
 /// Flags every SSL command shares.

@@ -2,9 +2,8 @@
 //! part and the `vae_mlp_train_step` benchmark.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use clap::Parser;
 use kiln_core::image::{save_image_grid, GridOptions};
 use kiln_core::observer::ObserverConfig;
@@ -13,13 +12,13 @@ use kiln_core::rng::SeededRng;
 use kiln_core::run::RunDir;
 use kiln_core::vars::VarStore;
 use kiln_core::{DType, Device, Tensor};
-use kiln_data::{open_with, Dataset, DatasetSpec, OpenOptions, Split, DATASET_NAMES};
+use kiln_data::{Dataset, Split};
 use kiln_vae::{
     elbo_loss, evaluate, from_run, train, Likelihood, RunConfig, RunOptions, TrainConfig, Vae,
     VaeConfig,
 };
 
-use super::{Bench, Component, DemoPart};
+use super::{open_split, parse, Bench, Component, DemoPart};
 
 /// Registers the VAE's tasks, demo part and benchmark.
 pub fn component() -> Component {
@@ -101,38 +100,6 @@ struct TrainArgs {
     /// No progress bar.
     #[arg(long)]
     quiet: bool,
-}
-
-fn parse<P: Parser>(name: &str, args: &[String]) -> Result<P> {
-    Ok(P::try_parse_from(
-        std::iter::once(name.to_string()).chain(args.iter().cloned()),
-    )?)
-}
-
-/// Opens a split of a dataset for a model of `image_size` (channels as the data has them).
-fn open_split(
-    dataset: &str,
-    data_root: &Path,
-    split: Split,
-    image_size: usize,
-) -> Result<Arc<dyn Dataset>> {
-    let spec: DatasetSpec = dataset
-        .parse()
-        .with_context(|| format!("--dataset: expected one of {DATASET_NAMES}"))?;
-    let opts = OpenOptions {
-        split,
-        image_size: Some(image_size),
-        ..Default::default()
-    };
-    let ds = open_with(&spec, data_root, &opts).with_context(|| match spec.download_name() {
-        Some(n) => format!(
-            "opening {spec} under {} (run `cargo xtask download {n} --data-root {}` first)",
-            data_root.display(),
-            data_root.display()
-        ),
-        None => format!("opening {spec}"),
-    })?;
-    Ok(Arc::from(ds))
 }
 
 fn model_config(a: &TrainArgs, channels: usize, classes: usize) -> Result<VaeConfig> {
