@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use clap::Parser;
-use kiln_data::{open_with, Dataset, DatasetSpec, OpenOptions, Split, DATASET_NAMES};
+use kiln_data::{open_with, Dataset, DatasetSpec, OpenOptions, Split};
 
 pub mod core;
 pub mod data;
@@ -80,9 +80,7 @@ pub fn open_split(
     split: Split,
     image_size: usize,
 ) -> Result<Arc<dyn Dataset>> {
-    let spec: DatasetSpec = dataset
-        .parse()
-        .with_context(|| format!("--dataset: expected one of {DATASET_NAMES}"))?;
+    let spec: DatasetSpec = dataset.parse().context("--dataset")?;
     let opts = OpenOptions {
         split,
         image_size: Some(image_size),
