@@ -96,3 +96,17 @@ pub fn open_split(
     })?;
     Ok(Arc::from(ds))
 }
+
+/// Reads a run folder's config for `--resume`, refusing a run of another kind
+/// (`what` names the expected kind in the error).
+pub fn resume_config<C: serde::de::DeserializeOwned>(
+    run: &kiln_core::run::RunDir,
+    kind: &str,
+    what: &str,
+) -> Result<C> {
+    let (found, cfg): (String, C) = run.read_config()?;
+    if found != kind {
+        anyhow::bail!("{} is a {found:?} run, not {what}", run.path().display());
+    }
+    Ok(cfg)
+}

@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 use clap::Parser;
 use kiln_core::observer::ObserverConfig;
 use kiln_core::run::RunDir;
@@ -13,7 +13,7 @@ use kiln_ssl::{
     train_inpaint, train_simclr, InpaintConfig, ProbeReport, RunOptions, Simclr, SimclrConfig,
 };
 
-use super::{open_split, parse, Component, DemoPart};
+use super::{open_split, parse, resume_config, Component, DemoPart};
 
 /// Registers the SSL tasks and demo parts.
 pub fn component() -> Component {
@@ -123,13 +123,11 @@ fn train_inpaint_cmd(args: &[String]) -> Result<()> {
     let device = a.common.device()?;
     let opts = a.common.run_options("inpaint")?;
     let cfg = if opts.resume {
-        let (kind, mut c): (String, InpaintConfig) = opts.run.read_config()?;
-        if kind != kiln_ssl::inpaint::INPAINT_KIND {
-            bail!(
-                "{} is a {kind:?} run, not an inpainting run",
-                opts.run.path().display()
-            );
-        }
+        let mut c: InpaintConfig = resume_config(
+            &opts.run,
+            kiln_ssl::inpaint::INPAINT_KIND,
+            "an inpainting run",
+        )?;
         c.epochs = a.epochs;
         c
     } else {
@@ -206,13 +204,8 @@ fn train_simclr_cmd(args: &[String]) -> Result<()> {
     let device = a.common.device()?;
     let opts = a.common.run_options("simclr")?;
     let cfg = if opts.resume {
-        let (kind, mut c): (String, SimclrConfig) = opts.run.read_config()?;
-        if kind != kiln_ssl::simclr::SIMCLR_KIND {
-            bail!(
-                "{} is a {kind:?} run, not a SimCLR run",
-                opts.run.path().display()
-            );
-        }
+        let mut c: SimclrConfig =
+            resume_config(&opts.run, kiln_ssl::simclr::SIMCLR_KIND, "a SimCLR run")?;
         c.epochs = a.epochs;
         c
     } else {

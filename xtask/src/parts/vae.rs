@@ -18,7 +18,7 @@ use kiln_vae::{
     VaeConfig,
 };
 
-use super::{open_split, parse, Bench, Component, DemoPart};
+use super::{open_split, parse, resume_config, Bench, Component, DemoPart};
 
 /// Registers the VAE's tasks, demo part and benchmark.
 pub fn component() -> Component {
@@ -148,10 +148,7 @@ fn train_cmd(args: &[String]) -> Result<()> {
     let (model_cfg, tc, run, resume) = match &a.resume {
         Some(path) => {
             let run = RunDir::open(path)?;
-            let (kind, mut rc): (String, RunConfig) = run.read_config()?;
-            if kind != kiln_vae::RUN_KIND {
-                bail!("{} is a {kind:?} run, not a VAE run", path.display());
-            }
+            let mut rc: RunConfig = resume_config(&run, kiln_vae::RUN_KIND, "a VAE run")?;
             if let Some(e) = a.epochs {
                 rc.train.epochs = e;
             }
