@@ -104,9 +104,10 @@ pub fn resume_config<C: serde::de::DeserializeOwned>(
     kind: &str,
     what: &str,
 ) -> Result<C> {
-    let (found, cfg): (String, C) = run.read_config()?;
+    // Check the kind before the fields, so a run of another model says so.
+    let (found, raw): (String, serde_json::Value) = run.read_config()?;
     if found != kind {
         anyhow::bail!("{} is a {found:?} run, not {what}", run.path().display());
     }
-    Ok(cfg)
+    serde_json::from_value(raw).with_context(|| format!("{}: config.toml", run.path().display()))
 }
