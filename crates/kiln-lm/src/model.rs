@@ -1,0 +1,565 @@
+//! The GPT-2 network with Hugging Face's tensor names and layouts.
+//!
+//! Names follow `GPT2LMHeadModel`: `transformer.wte.weight`, `transformer.wpe.weight`,
+//! `transformer.h.{i}.{ln_1,attn.c_attn,attn.c_proj,ln_2,mlp.c_fc,mlp.c_proj}.{weight,bias}`,
+//! `transformer.ln_f.*`, and `lm_head.weight` only when the head is not tied. The
+//! projections are OpenAI's `Conv1D`: weight `[in, out]`, `y = x W + b`.
+
+use candle_core::{DType, Device, ModuleT, Tensor, D};
+use candle_nn::{Init, VarBuilder};
+use kiln_core::nn::{layer_norm, softmax, Dropout};
+use kiln_core::vars::SharedRng;
+
+use crate::config::Gpt2Config;
+use crate::error::{LmError, Result};
+
+/// The MLP's activation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    /// `gelu_new`/`gelu_pytorch_tanh`: the tanh approximation GPT-2 uses.
+    GeluTanh,
+    /// `gelu`: the exact erf form.
+    GeluErf,
+    /// `relu`.
+    Relu,
+    /// `silu`/`swish`.
+    Silu,
+}
+
+impl Activation {
+    /// Parses transformers' `activation_function` names.
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => Self::GeluTanh,
+            "gelu" => Self::GeluErf,
+            "relu" => Self::Relu,
+            "silu" | "swish" => Self::Silu,
+            _ => return None,
+        })
+    }
+
+    fn apply(self, x: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            Self::GeluTanh => x.gelu(),
+            Self::GeluErf => x.gelu_erf(),
+            Self::Relu => x.relu(),
+            Self::Silu => x.silu(),
+        }
+    }
+}
+
+/// `x [.., in] @ w [in, out]`, through a gemv kernel when `x` has few rows.
+pub(crate) fn matmul_in_out(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
+    let dims = x.dims().to_vec();
+    let k = *dims.last().unwrap_or(&0);
+    let rows = x.elem_count() / k.max(1);
+    let x2 = x.reshape((rows, k))?;
+    let y = crate::gemv::matmul(&x2, w, false)?;
+    let mut out = dims;
+    if let Some(l) = out.last_mut() {
+        *l = w.dim(1)?;
+    }
+    y.reshape(out)
+}
+
+/// OpenAI's `Conv1D`: a linear layer storing its weight as `[in, out]`.
+#[derive(Debug, Clone)]
+struct Conv1D {
+    weight: Tensor,
+    bias: Tensor,
+}
+
+impl Conv1D {
+    fn new(n_in: usize, n_out: usize, std: f64, vb: VarBuilder<'_>) -> Result<Self> {
+        let weight = vb.get_with_hints(
+            (n_in, n_out),
+            "weight",
+            Init::Randn {
+                mean: 0.0,
+                stdev: std,
+            },
+        )?;
+        let bias = vb.get_with_hints(n_out, "bias", Init::Const(0.0))?;
+        Ok(Self { weight, bias })
+    }
+
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        matmul_in_out(x, &self.weight)?.broadcast_add(&self.bias)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Norm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f64,
+}
+
+impl Norm {
+    fn new(dim: usize, eps: f64, vb: VarBuilder<'_>) -> Result<Self> {
+        Ok(Self {
+            weight: vb.get_with_hints(dim, "weight", Init::Const(1.0))?,
+            bias: vb.get_with_hints(dim, "bias", Init::Const(0.0))?,
+            eps,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        layer_norm(x, &self.weight, &self.bias, self.eps)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Block {
+    ln_1: Norm,
+    c_attn: Conv1D,
+    attn_proj: Conv1D,
+    ln_2: Norm,
+    c_fc: Conv1D,
+    mlp_proj: Conv1D,
+    n_head: usize,
+    scale: f64,
+}
+
+/// Per-layer keys and values of the tokens seen so far, for incremental decoding.
+#[derive(Debug, Clone)]
+pub struct KvCache {
+    kv: Vec<Option<(Tensor, Tensor)>>,
+    len: usize,
+    left_pad: Vec<usize>,
+}
+
+impl KvCache {
+    /// An empty cache for a model with `n_layer` blocks.
+    pub fn new(n_layer: usize) -> Self {
+        Self {
+            kv: vec![None; n_layer],
+            len: 0,
+            left_pad: Vec::new(),
+        }
+    }
+
+    /// An empty cache for a left-padded batch: row `b` starts with `left_pad[b]`
+    /// padding tokens, which no position attends to and which do not count
+    /// towards positions (Hugging Face's convention).
+    pub fn with_left_padding(n_layer: usize, left_pad: Vec<usize>) -> Self {
+        Self {
+            left_pad,
+            ..Self::new(n_layer)
+        }
+    }
+
+    /// Tokens cached (padding included).
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether nothing is cached.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The left padding per row.
+    pub fn left_padding(&self) -> &[usize] {
+        &self.left_pad
+    }
+
+    /// Keeps only rows `rows` (e.g. after some sequences of a batch finished).
+    pub fn select_rows(&mut self, rows: &[usize]) -> Result<()> {
+        let dev = self
+            .kv
+            .iter()
+            .flatten()
+            .next()
+            .map(|(k, _)| k.device().clone());
+        if let Some(dev) = dev {
+            let idx = Tensor::new(rows.iter().map(|&r| r as u32).collect::<Vec<_>>(), &dev)?;
+            for (k, v) in self.kv.iter_mut().flatten() {
+                *k = k.index_select(&idx, 0)?;
+                *v = v.index_select(&idx, 0)?;
+            }
+        }
+        if !self.left_pad.is_empty() {
+            self.left_pad = rows.iter().map(|&r| self.left_pad[r]).collect();
+        }
+        Ok(())
+    }
+}
+
+/// The additive attention bias and position ids of one forward call.
+struct Step {
+    /// `[B or 1, 1, T, S]`, `None` when every key is visible (one query, no padding).
+    bias: Option<Tensor>,
+    /// `[B, T]` position ids, or `None` for `past..past+T` in every row.
+    positions: Option<Tensor>,
+    past: usize,
+}
+
+impl Block {
+    fn new(cfg: &Gpt2Config, layer: usize, vb: VarBuilder<'_>) -> Result<Self> {
+        let c = cfg.n_embd;
+        let std = cfg.initializer_range;
+        // GPT-2's scaled init of the projections that write into the residual stream.
+        let proj_std = std / (2.0 * cfg.n_layer as f64).sqrt();
+        let eps = cfg.layer_norm_epsilon;
+        let mut scale = if cfg.scale_attn_weights {
+            1.0 / (cfg.head_dim() as f64).sqrt()
+        } else {
+            1.0
+        };
+        if cfg.scale_attn_by_inverse_layer_idx {
+            scale /= (layer + 1) as f64;
+        }
+        Ok(Self {
+            ln_1: Norm::new(c, eps, vb.pp("ln_1"))?,
+            c_attn: Conv1D::new(c, 3 * c, std, vb.pp("attn").pp("c_attn"))?,
+            attn_proj: Conv1D::new(c, c, proj_std, vb.pp("attn").pp("c_proj"))?,
+            ln_2: Norm::new(c, eps, vb.pp("ln_2"))?,
+            c_fc: Conv1D::new(c, cfg.inner(), std, vb.pp("mlp").pp("c_fc"))?,
+            mlp_proj: Conv1D::new(cfg.inner(), c, proj_std, vb.pp("mlp").pp("c_proj"))?,
+            n_head: cfg.n_head,
+            scale,
+        })
+    }
+
+    fn attention(
+        &self,
+        x: &Tensor,
+        step: &Step,
+        cache: Option<&mut Option<(Tensor, Tensor)>>,
+        drop: Option<&Dropout>,
+    ) -> candle_core::Result<Tensor> {
+        let (b, t, c) = x.dims3()?;
+        let h = self.n_head;
+        let d = c / h;
+        let qkv = self.c_attn.forward(x)?;
+        let heads = |i: usize| -> candle_core::Result<Tensor> {
+            qkv.narrow(2, i * c, c)?
+                .reshape((b, t, h, d))?
+                .transpose(1, 2)?
+                .contiguous()
+        };
+        let (q, mut k, mut v) = (heads(0)?, heads(1)?, heads(2)?);
+        if let Some(slot) = cache {
+            if let Some((pk, pv)) = slot.as_ref() {
+                k = Tensor::cat(&[pk, &k], 2)?;
+                v = Tensor::cat(&[pv, &v], 2)?;
+            }
+            *slot = Some((k.clone(), v.clone()));
+        }
+        let mut scores = (q.matmul(&k.t()?)? * self.scale)?;
+        if let Some(bias) = &step.bias {
+            scores = scores.broadcast_add(bias)?;
+        }
+        let mut p = softmax(&scores, D::Minus1)?;
+        if let Some(dr) = drop {
+            p = dr.forward_t(&p, true)?;
+        }
+        let y = p.matmul(&v)?.transpose(1, 2)?.reshape((b, t, c))?;
+        self.attn_proj.forward(&y)
+    }
+
+    fn forward(
+        &self,
+        x: &Tensor,
+        step: &Step,
+        cache: Option<&mut Option<(Tensor, Tensor)>>,
+        act: Activation,
+        drops: Option<(&Dropout, &Dropout)>,
+    ) -> candle_core::Result<Tensor> {
+        let a = self.attention(&self.ln_1.forward(x)?, step, cache, drops.map(|d| d.0))?;
+        let a = match drops {
+            Some((_, r)) => r.forward_t(&a, true)?,
+            None => a,
+        };
+        let x = (x + a)?;
+        let m = self
+            .mlp_proj
+            .forward(&act.apply(&self.c_fc.forward(&self.ln_2.forward(&x)?)?)?)?;
+        let m = match drops {
+            Some((_, r)) => r.forward_t(&m, true)?,
+            None => m,
+        };
+        x + m
+    }
+}
+
+/// GPT-2 with its language-model head.
+#[derive(Debug, Clone)]
+pub struct Gpt2 {
+    cfg: Gpt2Config,
+    wte: Tensor,
+    wpe: Tensor,
+    blocks: Vec<Block>,
+    ln_f: Norm,
+    lm_head: Option<Tensor>,
+    act: Activation,
+    embd_drop: Dropout,
+    attn_drop: Dropout,
+    resid_drop: Dropout,
+    device: Device,
+}
+
+impl Gpt2 {
+    /// Builds the model from `vb` with Hugging Face names rooted at `vb` (so
+    /// `transformer.wte.weight` is read as `vb.pp("transformer")...`). With a
+    /// fresh [`kiln_core::vars::VarStore`] builder, weights get GPT-2's
+    /// initialisation (normal with std `initializer_range`, residual
+    /// projections scaled by `1/sqrt(2 n_layer)`); dropout draws from `rng`.
+    pub fn new(cfg: &Gpt2Config, vb: VarBuilder<'_>, rng: SharedRng) -> Result<Self> {
+        cfg.validate()?;
+        let tv = vb.pp("transformer");
+        let init = Init::Randn {
+            mean: 0.0,
+            stdev: cfg.initializer_range,
+        };
+        let wte = tv.get_with_hints((cfg.vocab_size, cfg.n_embd), "wte.weight", init)?;
+        let wpe = tv.get_with_hints((cfg.n_positions, cfg.n_embd), "wpe.weight", init)?;
+        let blocks = (0..cfg.n_layer)
+            .map(|i| Block::new(cfg, i, tv.pp("h").pp(i)))
+            .collect::<Result<Vec<_>>>()?;
+        let ln_f = Norm::new(cfg.n_embd, cfg.layer_norm_epsilon, tv.pp("ln_f"))?;
+        let lm_head = if cfg.tie_word_embeddings {
+            None
+        } else {
+            Some(vb.get_with_hints((cfg.vocab_size, cfg.n_embd), "lm_head.weight", init)?)
+        };
+        let act = Activation::parse(&cfg.activation_function)
+            .ok_or_else(|| LmError::config("GPT-2 config", "activation_function", "unsupported"))?;
+        Ok(Self {
+            cfg: cfg.clone(),
+            wte,
+            wpe,
+            blocks,
+            ln_f,
+            lm_head,
+            act,
+            embd_drop: Dropout::new(cfg.embd_pdrop, rng.clone())?,
+            attn_drop: Dropout::new(cfg.attn_pdrop, rng.clone())?,
+            resid_drop: Dropout::new(cfg.resid_pdrop, rng)?,
+            device: vb.device().clone(),
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &Gpt2Config {
+        &self.cfg
+    }
+
+    /// The device the weights live on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// The token embedding `[V, C]` (also the LM head when tied).
+    pub fn wte(&self) -> &Tensor {
+        &self.wte
+    }
+
+    fn head(&self) -> &Tensor {
+        self.lm_head.as_ref().unwrap_or(&self.wte)
+    }
+
+    /// Logits `[B, T, V]` of every position of `ids [B, T]` (causal attention, no
+    /// cache). `train` turns dropout on.
+    pub fn forward_t(&self, ids: &Tensor, train: bool) -> Result<Tensor> {
+        let h = self.hidden_states(ids, train)?;
+        Ok(self.logits(&h)?)
+    }
+
+    /// Final hidden states `[B, T, C]` (after `ln_f`) of every position: what
+    /// reward and value heads read.
+    pub fn hidden_states(&self, ids: &Tensor, train: bool) -> Result<Tensor> {
+        let (_, t) = ids.dims2()?;
+        self.check_len(t)?;
+        let step = Step {
+            bias: (t > 1)
+                .then(|| causal_bias(t, 0, &self.device))
+                .transpose()?,
+            positions: None,
+            past: 0,
+        };
+        self.run(ids, &step, None, train)
+    }
+
+    /// Logits of `hidden [.., C]`: `[.., V]`.
+    pub fn logits(&self, hidden: &Tensor) -> candle_core::Result<Tensor> {
+        let dims = hidden.dims().to_vec();
+        let c = *dims.last().unwrap_or(&0);
+        let rows = hidden.elem_count() / c.max(1);
+        let y = crate::gemv::matmul(&hidden.reshape((rows, c))?, self.head(), true)?;
+        let mut out = dims;
+        if let Some(l) = out.last_mut() {
+            *l = self.cfg.vocab_size;
+        }
+        y.reshape(out)
+    }
+
+    fn check_len(&self, t: usize) -> Result<()> {
+        if t > self.cfg.n_positions {
+            return Err(LmError::Input(format!(
+                "sequence of {t} tokens is longer than the model's n_positions {}",
+                self.cfg.n_positions
+            )));
+        }
+        Ok(())
+    }
+
+    /// Runs `ids [B, T]` after the tokens already in `cache`, appends their keys
+    /// and values, and returns logits: `[B, T, V]` with `all_positions`, else
+    /// `[B, V]` of the last position only (what decoding needs; skips most of the
+    /// LM head's work during the prompt). Eval mode.
+    pub fn forward_cached(
+        &self,
+        ids: &Tensor,
+        cache: &mut KvCache,
+        all_positions: bool,
+    ) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        let past = cache.len;
+        self.check_len(past + t)?;
+        if cache.kv.len() != self.blocks.len() {
+            return Err(LmError::Input(format!(
+                "KV cache has {} layers, the model {}",
+                cache.kv.len(),
+                self.blocks.len()
+            )));
+        }
+        let padded = cache.left_pad.iter().any(|&p| p > 0);
+        if padded && cache.left_pad.len() != b {
+            return Err(LmError::Input(format!(
+                "KV cache has left padding for {} rows, the batch has {b}",
+                cache.left_pad.len()
+            )));
+        }
+        let step = if padded {
+            padded_step(&cache.left_pad, past, t, &self.device)?
+        } else {
+            Step {
+                bias: (t > 1)
+                    .then(|| causal_bias(t, past, &self.device))
+                    .transpose()?,
+                positions: None,
+                past,
+            }
+        };
+        let h = self.run(ids, &step, Some(cache), false)?;
+        cache.len += t;
+        let h = if all_positions {
+            h
+        } else {
+            h.narrow(1, t - 1, 1)?.squeeze(1)?
+        };
+        Ok(self.logits(&h)?)
+    }
+
+    fn run(
+        &self,
+        ids: &Tensor,
+        step: &Step,
+        mut cache: Option<&mut KvCache>,
+        train: bool,
+    ) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        let ids = ids.to_dtype(DType::U32)?;
+        let tok =
+            self.wte
+                .index_select(&ids.flatten_all()?, 0)?
+                .reshape((b, t, self.cfg.n_embd))?;
+        let pos = match &step.positions {
+            Some(p) => {
+                self.wpe
+                    .index_select(&p.flatten_all()?, 0)?
+                    .reshape((b, t, self.cfg.n_embd))?
+            }
+            None => self.wpe.narrow(0, step.past, t)?.unsqueeze(0)?,
+        };
+        let mut x = tok.broadcast_add(&pos)?;
+        if train {
+            x = self.embd_drop.forward_t(&x, true)?;
+        }
+        let drops = train.then_some((&self.attn_drop, &self.resid_drop));
+        for (i, blk) in self.blocks.iter().enumerate() {
+            let slot = cache.as_deref_mut().map(|c| &mut c.kv[i]);
+            x = blk.forward(&x, step, slot, self.act, drops)?;
+        }
+        Ok(self.ln_f.forward(&x)?)
+    }
+}
+
+/// Large negative instead of -inf, so fully masked rows (padding queries) give a
+/// uniform softmax rather than NaN, as in transformers.
+const MASKED: f32 = f32::MIN;
+
+fn causal_bias(t: usize, past: usize, dev: &Device) -> candle_core::Result<Tensor> {
+    let s = past + t;
+    let mut m = vec![0f32; t * s];
+    for i in 0..t {
+        for j in (past + i + 1)..s {
+            m[i * s + j] = MASKED;
+        }
+    }
+    Tensor::from_vec(m, (1, 1, t, s), dev)
+}
+
+fn padded_step(left_pad: &[usize], past: usize, t: usize, dev: &Device) -> Result<Step> {
+    let b = left_pad.len();
+    let s = past + t;
+    let mut m = vec![0f32; b * t * s];
+    let mut pos = vec![0u32; b * t];
+    for (r, &pad) in left_pad.iter().enumerate() {
+        for i in 0..t {
+            let q = past + i;
+            for j in 0..s {
+                if j > q || j < pad {
+                    m[(r * t + i) * s + j] = MASKED;
+                }
+            }
+            // transformers: cumsum(mask) - 1, and 1 on padding.
+            pos[r * t + i] = if q >= pad { (q - pad) as u32 } else { 1 };
+        }
+    }
+    Ok(Step {
+        bias: Some(Tensor::from_vec(m, (b, 1, t, s), dev)?),
+        positions: Some(Tensor::from_vec(pos, (b, t), dev)?),
+        past,
+    })
+}
+
+impl Gpt2 {
+    /// Every weight under its Hugging Face name.
+    pub(crate) fn weights_for_save(&self) -> Vec<(String, Tensor)> {
+        let mut v = vec![
+            ("transformer.wte.weight".to_string(), self.wte.clone()),
+            ("transformer.wpe.weight".to_string(), self.wpe.clone()),
+            (
+                "transformer.ln_f.weight".to_string(),
+                self.ln_f.weight.clone(),
+            ),
+            ("transformer.ln_f.bias".to_string(), self.ln_f.bias.clone()),
+        ];
+        for (i, b) in self.blocks.iter().enumerate() {
+            let p = format!("transformer.h.{i}");
+            for (n, t) in [
+                ("ln_1.weight", &b.ln_1.weight),
+                ("ln_1.bias", &b.ln_1.bias),
+                ("attn.c_attn.weight", &b.c_attn.weight),
+                ("attn.c_attn.bias", &b.c_attn.bias),
+                ("attn.c_proj.weight", &b.attn_proj.weight),
+                ("attn.c_proj.bias", &b.attn_proj.bias),
+                ("ln_2.weight", &b.ln_2.weight),
+                ("ln_2.bias", &b.ln_2.bias),
+                ("mlp.c_fc.weight", &b.c_fc.weight),
+                ("mlp.c_fc.bias", &b.c_fc.bias),
+                ("mlp.c_proj.weight", &b.mlp_proj.weight),
+                ("mlp.c_proj.bias", &b.mlp_proj.bias),
+            ] {
+                v.push((format!("{p}.{n}"), t.clone()));
+            }
+        }
+        if let Some(h) = &self.lm_head {
+            v.push(("lm_head.weight".to_string(), h.clone()));
+        }
+        v
+    }
+}

@@ -1,0 +1,429 @@
+//! Causal-LM training: the loss (with a label mask), and a pipeline that trains a
+//! byte-level BPE tokenizer and a small GPT-2 from scratch on a corpus, with
+//! checkpoints, exact resume and a Hugging Face folder at the end.
+
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+use kiln_core::image::plot_metrics;
+use kiln_core::observer::ObserverConfig;
+use kiln_core::optim::{LrSchedule, OptimKind, Optimizer};
+use kiln_core::rng::SeededRng;
+use kiln_core::run::RunDir;
+use kiln_core::session::Session;
+use kiln_core::vars::VarStore;
+use kiln_data::text::{TextSource, TokenBlocks};
+use serde::{Deserialize, Serialize};
+
+use crate::config::Gpt2Config;
+use crate::error::{LmError, Result};
+use crate::generate::{generate_text, GenerationConfig};
+use crate::model::Gpt2;
+use crate::tokenizer::Gpt2Tokenizer;
+
+/// Mean negative log-likelihood of `targets [B, T]` given `inputs [B, T]`
+/// (next-token prediction), over positions where `mask [B, T]` is 1 (all when
+/// `None`): the completion/label mask of fine-tuning. `train` turns dropout on.
+/// The log-softmax is never materialised ([`kiln_core::ops::token_logprobs`]).
+pub fn next_token_loss(
+    model: &Gpt2,
+    inputs: &Tensor,
+    targets: &Tensor,
+    mask: Option<&Tensor>,
+    train: bool,
+) -> Result<Tensor> {
+    if inputs.dims() != targets.dims() {
+        return Err(LmError::Input(format!(
+            "inputs {:?} and targets {:?} differ in shape",
+            inputs.dims(),
+            targets.dims()
+        )));
+    }
+    let h = model.hidden_states(inputs, train)?;
+    let logits = model.logits(&h)?;
+    let lp = kiln_core::ops::token_logprobs(&logits, targets)?;
+    Ok(match mask {
+        None => lp.mean_all()?.neg()?,
+        Some(m) => {
+            if m.dims() != targets.dims() {
+                return Err(LmError::Input(format!(
+                    "mask {:?} does not match targets {:?}",
+                    m.dims(),
+                    targets.dims()
+                )));
+            }
+            let m = m.to_dtype(DType::F32)?;
+            let n = m.sum_all()?.to_scalar::<f32>()?;
+            if n == 0.0 {
+                return Err(LmError::Input("the label mask selects no tokens".into()));
+            }
+            ((lp * m)?.sum_all()?.neg()? / n as f64)?
+        }
+    })
+}
+
+/// Hugging Face's `labels=ids` loss: position `t` predicts `ids[t + 1]`, averaged
+/// over the `B * (T - 1)` targets where `mask[:, 1:]` is 1.
+pub fn causal_lm_loss(
+    model: &Gpt2,
+    ids: &Tensor,
+    mask: Option<&Tensor>,
+    train: bool,
+) -> Result<Tensor> {
+    let (_, t) = ids.dims2()?;
+    if t < 2 {
+        return Err(LmError::Input("need at least 2 tokens per row".into()));
+    }
+    let inputs = ids.narrow(1, 0, t - 1)?;
+    let targets = ids.narrow(1, 1, t - 1)?;
+    let m = mask.map(|m| m.narrow(1, 1, t - 1)).transpose()?;
+    next_token_loss(model, &inputs, &targets, m.as_ref(), train)
+}
+
+/// Settings of `train lm`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainConfig {
+    /// The corpus (`synthetic-reviews[:N]`, `lines:PATH`, `files:PATH`).
+    pub corpus: String,
+    /// BPE vocabulary size.
+    pub vocab_size: usize,
+    /// Tokens per training block (also the model's context).
+    pub block_size: usize,
+    /// Transformer blocks.
+    pub n_layer: usize,
+    /// Width.
+    pub n_embd: usize,
+    /// Attention heads.
+    pub n_head: usize,
+    /// Dropout (embeddings, attention, residual).
+    pub dropout: f64,
+    /// Blocks per batch.
+    pub batch_size: usize,
+    /// Passes over the training blocks.
+    pub epochs: u64,
+    /// Peak AdamW learning rate (linear warm-up, cosine decay to 10%).
+    pub lr: f64,
+    /// Warm-up steps.
+    pub warmup: u64,
+    /// AdamW weight decay.
+    pub weight_decay: f64,
+    /// Share of blocks held out for validation.
+    pub val_fraction: f64,
+    /// Seed of tokenizer corpus, weights, data order and dropout.
+    pub seed: u64,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            corpus: "synthetic-reviews".into(),
+            vocab_size: 512,
+            block_size: 64,
+            n_layer: 4,
+            n_embd: 128,
+            n_head: 4,
+            dropout: 0.1,
+            batch_size: 16,
+            epochs: 4,
+            lr: 2e-3,
+            warmup: 20,
+            weight_decay: 0.01,
+            val_fraction: 0.1,
+            seed: 0,
+        }
+    }
+}
+
+impl TrainConfig {
+    fn validate(&self) -> Result<()> {
+        let bad = |f: &str, m: String| Err(LmError::config("LM training", f, m));
+        if self.batch_size == 0 || self.block_size < 2 || self.epochs == 0 {
+            return bad(
+                "batch_size/block_size/epochs",
+                "need batch_size >= 1, block_size >= 2, epochs >= 1".into(),
+            );
+        }
+        if !(self.lr.is_finite() && self.lr > 0.0) {
+            return bad("lr", format!("must be positive, got {}", self.lr));
+        }
+        if !(0.0..0.9).contains(&self.val_fraction) {
+            return bad(
+                "val_fraction",
+                format!("must be in [0, 0.9), got {}", self.val_fraction),
+            );
+        }
+        Ok(())
+    }
+
+    /// The model this trains.
+    pub fn model_config(&self, vocab_size: usize, eos: Option<u32>) -> Gpt2Config {
+        Gpt2Config {
+            n_layer: self.n_layer,
+            n_embd: self.n_embd,
+            n_head: self.n_head,
+            resid_pdrop: self.dropout,
+            embd_pdrop: self.dropout,
+            attn_pdrop: self.dropout,
+            bos_token_id: eos,
+            eos_token_id: eos,
+            ..Gpt2Config::tiny(vocab_size, self.block_size)
+        }
+    }
+}
+
+/// What `train lm` saves as the run's config.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunConfig {
+    /// The model.
+    pub model: Gpt2Config,
+    /// The training settings.
+    pub train: TrainConfig,
+}
+
+/// The run kind written to `config.toml`.
+pub const RUN_KIND: &str = "lm";
+
+/// Where the run folder keeps its Hugging Face folder.
+pub const MODEL_DIR: &str = "model";
+
+/// How to run [`train`].
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    /// The run folder (created by the caller).
+    pub run: RunDir,
+    /// Continue from the folder's last checkpoint.
+    pub resume: bool,
+    /// Progress display.
+    pub observer: ObserverConfig,
+}
+
+/// The outcome of [`train`].
+#[derive(Debug, Clone, Serialize)]
+pub struct TrainReport {
+    /// Mean training loss of the last epoch (nats/token).
+    pub final_train_loss: f64,
+    /// Validation loss (nats/token), if there is a validation split.
+    pub val_loss: Option<f64>,
+    /// Entropy of the training tokens' unigram distribution (nats/token): the
+    /// loss of a model that ignores context.
+    pub unigram_entropy: f64,
+    /// Training tokens.
+    pub train_tokens: usize,
+    /// Epochs completed.
+    pub epochs: u64,
+    /// Training throughput.
+    pub tokens_per_s: f64,
+    /// A greedy sample from the trained model.
+    pub sample: String,
+    /// Whether the run was interrupted (Ctrl-C).
+    pub interrupted: bool,
+}
+
+/// Entropy (nats) of the unigram distribution of `tokens`.
+pub fn unigram_entropy(tokens: &[u32]) -> f64 {
+    let mut counts = std::collections::HashMap::new();
+    for &t in tokens {
+        *counts.entry(t).or_insert(0usize) += 1;
+    }
+    let n = tokens.len().max(1) as f64;
+    counts
+        .values()
+        .map(|&c| {
+            let p = c as f64 / n;
+            -p * p.ln()
+        })
+        .sum()
+}
+
+/// Mean next-token loss over blocks `idx` (eval mode).
+pub fn evaluate_blocks(
+    model: &Gpt2,
+    blocks: &TokenBlocks,
+    idx: &[usize],
+    batch_size: usize,
+    device: &Device,
+) -> Result<f64> {
+    let (mut sum, mut n) = (0.0, 0usize);
+    for chunk in idx.chunks(batch_size.max(1)) {
+        let (x, y) = blocks.batch(chunk, device)?;
+        let l = next_token_loss(model, &x, &y, None, false)?.to_scalar::<f32>()? as f64;
+        sum += l * chunk.len() as f64;
+        n += chunk.len();
+    }
+    Ok(sum / n.max(1) as f64)
+}
+
+/// Trains a tokenizer and a GPT-2 from scratch on `tc.corpus`; writes
+/// checkpoints, `metrics.jsonl`, `loss.png`, `samples.txt` and a Hugging Face
+/// folder (`model/`) into the run folder.
+pub fn train(tc: &TrainConfig, device: &Device, opts: RunOptions) -> Result<TrainReport> {
+    tc.validate()?;
+    let RunOptions {
+        run,
+        resume,
+        observer,
+    } = opts;
+    let source: TextSource = tc.corpus.parse()?;
+    let texts = source.load(tc.seed)?;
+    let tok_path = run.join("tokenizer.json");
+    let tokenizer = if resume {
+        Gpt2Tokenizer::from_file(&tok_path)?
+    } else {
+        let t = Gpt2Tokenizer::train(&texts, tc.vocab_size)?;
+        t.save(&tok_path)?;
+        t
+    };
+    let model_cfg = tc.model_config(tokenizer.vocab_size(), tokenizer.eos_id());
+    model_cfg.validate()?;
+    let run_cfg = RunConfig {
+        model: model_cfg.clone(),
+        train: tc.clone(),
+    };
+    if resume {
+        let (kind, saved): (String, RunConfig) = run.read_config()?;
+        if kind != RUN_KIND || saved != run_cfg {
+            return Err(LmError::Run {
+                path: run.path().to_path_buf(),
+                msg: format!("cannot resume: it is a {kind:?} run with other settings"),
+            });
+        }
+    } else {
+        run.write_config(RUN_KIND, &run_cfg)?;
+    }
+    let blocks =
+        TokenBlocks::from_texts(tokenizer.inner(), &texts, tc.block_size, tokenizer.eos_id())?;
+    let n_val = ((blocks.len() as f64) * tc.val_fraction).round() as usize;
+    let n_train = blocks.len() - n_val;
+    if n_train == 0 {
+        return Err(LmError::Input(format!(
+            "corpus {} gives {} blocks of {} tokens; nothing to train on",
+            tc.corpus,
+            blocks.len(),
+            tc.block_size
+        )));
+    }
+    let val_idx: Vec<usize> = (n_train..blocks.len()).collect();
+    let train_tokens = &blocks.tokens()[..n_train * tc.block_size + 1];
+    let unigram = unigram_entropy(train_tokens);
+
+    let vs = VarStore::new(tc.seed);
+    let model = Gpt2::new(&model_cfg, vs.builder(DType::F32, device), vs.rng().clone())?;
+    // GPT-2 practice: no weight decay on biases, LayerNorm and position/token tables.
+    let (decay, no_decay): (Vec<_>, Vec<_>) = vs.vars().into_iter().partition(|(n, _)| {
+        n.ends_with("c_attn.weight") || n.ends_with("c_proj.weight") || n.ends_with("c_fc.weight")
+    });
+    let opt = Optimizer::new(
+        OptimKind::adamw(),
+        vec![
+            kiln_core::optim::ParamGroup::new(decay, tc.lr).weight_decay(tc.weight_decay),
+            kiln_core::optim::ParamGroup::new(no_decay, tc.lr),
+        ],
+    )?;
+    let steps_per_epoch = n_train.div_ceil(tc.batch_size) as u64;
+    let total = tc.epochs * steps_per_epoch;
+    let sched = LrSchedule::Cosine {
+        warmup: tc.warmup.min(total / 2),
+        total,
+        min_factor: 0.1,
+    };
+    let mut s = Session::start(
+        run.clone(),
+        vs.clone(),
+        opt,
+        tc.seed,
+        resume,
+        total,
+        observer,
+    )?;
+    let mut last = f64::NAN;
+    let mut val_loss = None;
+    let mut interrupted = false;
+    'epochs: while s.epoch < tc.epochs {
+        let order = SeededRng::derive(tc.seed, &[s.epoch]).permutation(n_train);
+        let (mut sum, mut n) = (0.0, 0usize);
+        for (i, chunk) in order.chunks(tc.batch_size).enumerate() {
+            if s.skip_batch(i as u64) {
+                continue;
+            }
+            let (x, y) = blocks.batch(chunk, device)?;
+            sched.apply(&mut s.opt);
+            let loss = next_token_loss(&model, &x, &y, None, true)?;
+            let v = s.train_step(&loss, chunk.len() * tc.block_size, &[])?;
+            sum += v * chunk.len() as f64;
+            n += chunk.len();
+            if s.should_stop() {
+                s.interrupt()?;
+                interrupted = true;
+                break 'epochs;
+            }
+        }
+        last = sum / n.max(1) as f64;
+        s.end_epoch(&[("loss", last)])?;
+        if !val_idx.is_empty() {
+            let v = evaluate_blocks(&model, &blocks, &val_idx, tc.batch_size, device)?;
+            s.record("val", &[("loss", v), ("perplexity", v.exp())])?;
+            val_loss = Some(v);
+        }
+    }
+    let tokens_per_s = s.observer.throughput();
+    let prompt = texts
+        .first()
+        .and_then(|t| t.split_whitespace().next())
+        .unwrap_or("The")
+        .to_string();
+    let sample = generate_text(
+        &model,
+        &tokenizer,
+        &prompt,
+        &GenerationConfig {
+            max_new_tokens: 40,
+            ..Default::default()
+        },
+        None,
+    )?;
+    let report = TrainReport {
+        final_train_loss: last,
+        val_loss,
+        unigram_entropy: unigram,
+        train_tokens: train_tokens.len(),
+        epochs: s.epoch,
+        tokens_per_s,
+        sample: format!("{prompt}{}", sample.text),
+        interrupted,
+    };
+    if !interrupted {
+        model.save_pretrained(&run.join(MODEL_DIR), Some(&tokenizer))?;
+        let samples = run.join("samples.txt");
+        kiln_core::checkpoint::write_atomic(&samples, format!("{}\n", report.sample).as_bytes())
+            .map_err(|e| LmError::file(&samples, e.to_string()))?;
+        let metrics = run.join("metrics.jsonl");
+        if metrics.exists() {
+            plot_metrics(
+                &metrics,
+                &run.join("loss.png"),
+                "GPT-2: loss (nats/token)",
+                &["loss"],
+            )?;
+        }
+        s.finish(serde_json::to_value(&report).map_err(|e| LmError::Run {
+            path: run.path().to_path_buf(),
+            msg: e.to_string(),
+        })?)?;
+    }
+    Ok(report)
+}
+
+/// Loads a finished `train lm` run's model and tokenizer.
+pub fn from_run(path: &Path, device: &Device) -> Result<(Gpt2, Gpt2Tokenizer)> {
+    let run = RunDir::open(path)?;
+    let (kind, _cfg): (String, RunConfig) = run.read_config()?;
+    if kind != RUN_KIND {
+        return Err(LmError::Run {
+            path: path.to_path_buf(),
+            msg: format!("this is a {kind:?} run, not an LM run"),
+        });
+    }
+    let files = crate::pretrained::ModelFiles::from_dir(&run.join(MODEL_DIR))?;
+    Ok((Gpt2::from_files(&files, device)?, files.load_tokenizer()?))
+}
