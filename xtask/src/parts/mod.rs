@@ -12,6 +12,7 @@ use kiln_data::{open_with, Dataset, DatasetSpec, OpenOptions, Split};
 pub mod core;
 pub mod data;
 pub mod kernels;
+pub mod lm;
 pub mod prompt;
 pub mod ssl;
 pub mod vae;
@@ -62,6 +63,7 @@ pub fn all() -> Vec<Component> {
         vae::component(),
         ssl::component(),
         prompt::component(),
+        lm::component(),
         kernels::component(),
     ]
 }

@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use kiln_prompt::{
     evaluate, fit, generate_checked_with, parse_var_assignments, vars, Budget, ChatTemplate, Check,
@@ -223,11 +223,21 @@ fn counter(tokenizer: Option<&Path>) -> Result<Box<dyn TokenCounter>> {
 
 fn generator(model: Option<&Path>, slip_rate: f64) -> Result<Box<dyn TextGenerator>> {
     if let Some(m) = model {
-        bail!(
-            "--model {}: generating with a kiln-lm model is not available yet (kiln-lm is not in this workspace); \
-             run without --model to use the built-in deterministic rule-based generator",
-            m.display()
-        );
+        // A kiln-lm model: a Hugging Face GPT-2 folder or a `train lm` run.
+        let dir = if m.join("config.toml").is_file() {
+            m.join(kiln_lm::train::MODEL_DIR)
+        } else {
+            m.to_path_buf()
+        };
+        let files = kiln_lm::ModelFiles::from_dir(&dir)?;
+        let model = kiln_lm::Gpt2::from_files(&files, &kiln_core::Device::Cpu)
+            .with_context(|| format!("--model {}", m.display()))?;
+        return Ok(Box::new(kiln_lm::LmGenerator {
+            model,
+            tokenizer: files.load_tokenizer()?,
+            name: m.display().to_string(),
+            base: kiln_lm::GenerationConfig::default(),
+        }));
     }
     Ok(Box::new(RuleGenerator::new(slip_rate)))
 }

@@ -1,0 +1,445 @@
+//! kiln-lm's commands: `generate` (any GPT-2 repository, local folder or `train
+//! lm` run), `train lm`, the `lm` demo part, and the `gpt2_small_greedy_decode` /
+//! `gpt2_small_train_step` benchmarks.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use kiln_core::observer::ObserverConfig;
+use kiln_core::optim::{OptimKind, Optimizer};
+use kiln_core::rng::SeededRng;
+use kiln_core::run::RunDir;
+use kiln_core::vars::VarStore;
+use kiln_core::{DType, Device, Tensor};
+use kiln_lm::train::{causal_lm_loss, train, RunConfig, RunOptions, TrainConfig, RUN_KIND};
+use kiln_lm::{
+    generate_batch, generate_text, GenerationConfig, Gpt2, Gpt2Config, HubOptions, ModelFiles,
+};
+
+use super::{parse, resume_config, Bench, Component, DemoPart};
+
+/// Registers kiln-lm's command, task, demo part and benchmarks.
+pub fn component() -> Component {
+    Component {
+        demos: vec![DemoPart {
+            name: "lm",
+            about: "train a BPE tokenizer and a tiny GPT-2 on synthetic reviews, then generate from it",
+            run: demo,
+        }],
+        benches: vec![
+            Bench {
+                name: "gpt2_small_greedy_decode",
+                run: bench_decode,
+            },
+            Bench {
+                name: "gpt2_small_train_step",
+                run: bench_train,
+            },
+        ],
+        train: vec![("lm", train_cmd)],
+        commands: vec![(
+            "generate",
+            "--model gpt2|DIR|RUN --prompt TEXT [--max-new-tokens N --temperature T ...]: stream text from a GPT-2",
+            generate_cmd,
+        )],
+        ..Default::default()
+    }
+}
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "cargo xtask generate",
+    about = "Generate text with a GPT-2: a Hugging Face repository (downloaded once, then cached), \
+             a local folder with config.json + model.safetensors + tokenizer.json, or a `train lm` run. \
+             The continuation goes to stdout; everything else to stderr.\n\n\
+             Environment: HF_HOME / HF_HUB_CACHE (cache folder), HF_ENDPOINT, HF_TOKEN, HF_HUB_OFFLINE=1."
+)]
+struct GenArgs {
+    /// Repository id (gpt2, gpt2-medium, distilgpt2, openai-community/gpt2-large, ...), a
+    /// folder, or a `train lm` run folder.
+    #[arg(long)]
+    model: String,
+    /// The prompt (may be empty: generation then starts from <|endoftext|>).
+    #[arg(long, default_value = "")]
+    prompt: String,
+    /// Tokens to generate at most.
+    #[arg(long, default_value_t = 64)]
+    max_new_tokens: usize,
+    /// Sampling temperature; 0 = greedy.
+    #[arg(long, default_value_t = 0.8)]
+    temperature: f64,
+    /// Keep the k most likely tokens (0 = off).
+    #[arg(long, default_value_t = 40)]
+    top_k: usize,
+    /// Nucleus sampling mass (1 = off).
+    #[arg(long, default_value_t = 0.95)]
+    top_p: f64,
+    /// Repetition penalty (1 = off).
+    #[arg(long, default_value_t = 1.1)]
+    repetition_penalty: f64,
+    /// Stop at this string (repeatable; not printed).
+    #[arg(long)]
+    stop: Vec<String>,
+    /// Sampling seed.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Print the generated token ids (space-separated) instead of text.
+    #[arg(long)]
+    ids: bool,
+    /// Do not stop at <|endoftext|>: generate exactly --max-new-tokens.
+    #[arg(long)]
+    ignore_eos: bool,
+    /// Hub revision (branch, tag or commit).
+    #[arg(long, default_value = "main")]
+    revision: String,
+    /// Hub cache folder (default: $HF_HUB_CACHE, $HF_HOME/hub or ~/.cache/huggingface/hub).
+    #[arg(long)]
+    cache_dir: Option<PathBuf>,
+    /// Never use the network (also HF_HUB_OFFLINE=1).
+    #[arg(long)]
+    offline: bool,
+    /// CPU threads (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Device: cpu, cuda, cuda:N or auto.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+}
+
+fn env(k: &str) -> Option<String> {
+    std::env::var(k).ok().filter(|v| !v.is_empty())
+}
+
+/// Hub options from the flags and the usual Hugging Face environment variables.
+fn hub_options(cache_dir: Option<PathBuf>, revision: String, offline: bool) -> HubOptions {
+    let cache = cache_dir
+        .or_else(|| env("HF_HUB_CACHE").map(PathBuf::from))
+        .or_else(|| env("HF_HOME").map(|h| PathBuf::from(h).join("hub")))
+        .unwrap_or_else(|| {
+            PathBuf::from(env("HOME").unwrap_or_else(|| ".".into())).join(".cache/huggingface/hub")
+        });
+    let mut o = HubOptions::new(cache);
+    o.endpoint = env("HF_ENDPOINT");
+    o.token = env("HF_TOKEN").or_else(|| env("HUGGING_FACE_HUB_TOKEN"));
+    o.revision = revision;
+    o.offline = offline || env("HF_HUB_OFFLINE").is_some_and(|v| v != "0");
+    o.progress = true;
+    o
+}
+
+/// A `train lm` run folder holds its Hugging Face folder in `model/`.
+fn model_files(model: &str, opts: &HubOptions) -> Result<ModelFiles> {
+    let p = Path::new(model);
+    let in_run = p.join(kiln_lm::train::MODEL_DIR);
+    if p.join("config.toml").is_file() && in_run.join("config.json").is_file() {
+        return Ok(ModelFiles::from_dir(&in_run)?);
+    }
+    Ok(ModelFiles::resolve(model, opts)?)
+}
+
+fn generate_cmd(args: &[String]) -> Result<()> {
+    let a: GenArgs = parse("cargo xtask generate", args)?;
+    if let Some(t) = a.threads {
+        kiln_core::device::set_threads(t)?;
+    }
+    let device = kiln_core::device::device(&a.device)?;
+    let hub = hub_options(a.cache_dir.clone(), a.revision.clone(), a.offline);
+    let t0 = Instant::now();
+    let files = model_files(&a.model, &hub)?;
+    let model =
+        Gpt2::from_files(&files, &device).with_context(|| format!("loading {}", a.model))?;
+    let tok = files.load_tokenizer()?;
+    let c = model.config();
+    eprintln!(
+        "generate: {} ({} layers, width {}, {:.0}M parameters) loaded in {:.1}s",
+        a.model,
+        c.n_layer,
+        c.n_embd,
+        c.num_params() as f64 / 1e6,
+        t0.elapsed().as_secs_f64()
+    );
+    let cfg = GenerationConfig {
+        max_new_tokens: a.max_new_tokens,
+        temperature: a.temperature,
+        top_k: a.top_k,
+        top_p: a.top_p,
+        repetition_penalty: a.repetition_penalty,
+        stop: a.stop.clone(),
+        eos_token_id: None,
+        ignore_eos: a.ignore_eos,
+        seed: a.seed,
+    };
+    let t = Instant::now();
+    let out = if a.ids {
+        generate_text(&model, &tok, &a.prompt, &cfg, None)?
+    } else {
+        let mut stdout = std::io::stdout();
+        let mut print = |s: &str| {
+            let _ = stdout.write_all(s.as_bytes());
+            let _ = stdout.flush();
+        };
+        generate_text(&model, &tok, &a.prompt, &cfg, Some(&mut print))?
+    };
+    let dt = t.elapsed().as_secs_f64();
+    if a.ids {
+        let ids: Vec<String> = out.ids.iter().map(u32::to_string).collect();
+        println!("{}", ids.join(" "));
+    } else {
+        println!();
+    }
+    eprintln!(
+        "generate: {} tokens in {:.2}s ({:.1} tokens/s, prompt included), finished by {:?}",
+        out.ids.len(),
+        dt,
+        out.ids.len() as f64 / dt,
+        out.finish
+    );
+    Ok(())
+}
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "cargo xtask train lm",
+    about = "Train a byte-level BPE tokenizer and a small GPT-2 from scratch; the run folder gets \
+             a Hugging Face folder (model/) that `generate --model RUN` and transformers load"
+)]
+struct TrainArgs {
+    /// Corpus: synthetic-reviews[:N] (embedded), lines:PATH, files:PATH, or a bare PATH
+    /// (a .txt file, one document per non-empty line, or a folder of .txt files).
+    #[arg(long, default_value = "synthetic-reviews")]
+    corpus: String,
+    /// Epochs (overrides the run's on --resume).
+    #[arg(long)]
+    epochs: Option<u64>,
+    /// Blocks per batch.
+    #[arg(long, default_value_t = 16)]
+    batch_size: usize,
+    /// Tokens per block (the model's context).
+    #[arg(long, default_value_t = 64)]
+    block_size: usize,
+    /// BPE vocabulary size.
+    #[arg(long, default_value_t = 512)]
+    vocab_size: usize,
+    /// Transformer blocks.
+    #[arg(long, default_value_t = 4)]
+    n_layer: usize,
+    /// Width.
+    #[arg(long, default_value_t = 128)]
+    n_embd: usize,
+    /// Attention heads.
+    #[arg(long, default_value_t = 4)]
+    n_head: usize,
+    /// Dropout.
+    #[arg(long, default_value_t = 0.1)]
+    dropout: f64,
+    /// Peak AdamW learning rate.
+    #[arg(long, default_value_t = 2e-3)]
+    lr: f64,
+    /// Seed.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Run folder (default: runs/lm-<timestamp>).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Continue a run from its last checkpoint.
+    #[arg(long)]
+    resume: Option<PathBuf>,
+    /// CPU threads (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Device: cpu, cuda, cuda:N or auto.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// No progress bars.
+    #[arg(long)]
+    quiet: bool,
+}
+
+fn corpus_spec(s: &str) -> String {
+    // A bare path is the common case; name the kind for kiln-data.
+    let p = Path::new(s);
+    if s.starts_with("synthetic-reviews") || s.starts_with("lines:") || s.starts_with("files:") {
+        s.to_string()
+    } else if p.is_dir() {
+        format!("files:{s}")
+    } else {
+        format!("lines:{s}")
+    }
+}
+
+fn train_cmd(args: &[String]) -> Result<()> {
+    let a: TrainArgs = parse("cargo xtask train lm", args)?;
+    if let Some(t) = a.threads {
+        kiln_core::device::set_threads(t)?;
+    }
+    let device = kiln_core::device::device(&a.device)?;
+    let (tc, run, resume) = match &a.resume {
+        Some(p) => {
+            let run = RunDir::open(p)?;
+            let mut rc: RunConfig = resume_config(&run, RUN_KIND, "an LM run")?;
+            if let Some(e) = a.epochs {
+                rc.train.epochs = e;
+            }
+            (rc.train, run, true)
+        }
+        None => {
+            let tc = TrainConfig {
+                corpus: corpus_spec(&a.corpus),
+                vocab_size: a.vocab_size,
+                block_size: a.block_size,
+                n_layer: a.n_layer,
+                n_embd: a.n_embd,
+                n_head: a.n_head,
+                dropout: a.dropout,
+                batch_size: a.batch_size,
+                epochs: a.epochs.unwrap_or(TrainConfig::default().epochs),
+                lr: a.lr,
+                seed: a.seed,
+                ..Default::default()
+            };
+            (tc, RunDir::create("lm", a.out.as_deref())?, false)
+        }
+    };
+    eprintln!(
+        "train lm: {} layers x {} wide, {} heads, context {}, BPE {} on {}, {} epochs, batch {}, AdamW lr {}",
+        tc.n_layer, tc.n_embd, tc.n_head, tc.block_size, tc.vocab_size, tc.corpus, tc.epochs, tc.batch_size, tc.lr
+    );
+    let rep = train(
+        &tc,
+        &device,
+        RunOptions {
+            run: run.clone(),
+            resume,
+            observer: ObserverConfig {
+                quiet: a.quiet,
+                log_every: 50,
+            },
+        },
+    )?;
+    report(&rep, &run);
+    Ok(())
+}
+
+fn report(rep: &kiln_lm::train::TrainReport, run: &RunDir) {
+    eprintln!(
+        "train lm: train loss {:.3}, val loss {} nats/token (unigram entropy {:.3}); {:.0} tokens/s",
+        rep.final_train_loss,
+        rep.val_loss
+            .map(|v| format!("{v:.3} (perplexity {:.1})", v.exp()))
+            .unwrap_or_else(|| "-".into()),
+        rep.unigram_entropy,
+        rep.tokens_per_s
+    );
+    eprintln!("train lm: sample: {}", rep.sample.trim());
+    eprintln!(
+        "train lm: model in {}; try `cargo xtask generate --model {} --prompt \"The\"`",
+        run.join(kiln_lm::train::MODEL_DIR).display(),
+        run.path().display()
+    );
+}
+
+fn demo(ctx: &crate::demo::DemoCtx) -> Result<()> {
+    let tc = TrainConfig {
+        corpus: "synthetic-reviews:1500".into(),
+        epochs: 3,
+        seed: ctx.seed,
+        ..Default::default()
+    };
+    let run = RunDir::create("lm", Some(&ctx.out.join("lm")))?;
+    let rep = train(
+        &tc,
+        &ctx.device,
+        RunOptions {
+            run: run.clone(),
+            resume: false,
+            observer: ObserverConfig {
+                quiet: ctx.quiet,
+                log_every: 100,
+            },
+        },
+    )?;
+    report(&rep, &run);
+    // Load the written Hugging Face folder back, as `generate --model RUN` does.
+    let files = ModelFiles::from_dir(&run.join(kiln_lm::train::MODEL_DIR))?;
+    let model = Gpt2::from_files(&files, &ctx.device)?;
+    let tok = files.load_tokenizer()?;
+    let cfg = GenerationConfig {
+        max_new_tokens: 30,
+        temperature: 0.8,
+        top_k: 40,
+        seed: ctx.seed,
+        ..Default::default()
+    };
+    for prompt in ["This film", "The acting"] {
+        let out = generate_text(&model, &tok, prompt, &cfg, None)?;
+        eprintln!("    lm: {prompt}{}", out.text);
+    }
+    Ok(())
+}
+
+/// GPT-2 small (random weights), 32-token prompt, 64 new tokens, tokens/s
+/// including the prefill: torch_reference.py's `gpt2` benchmark.
+fn bench_decode(ctx: &crate::bench::BenchCtx) -> Result<serde_json::Value> {
+    let dev = Device::Cpu;
+    let cfg = Gpt2Config::gpt2_small();
+    let vs = VarStore::new(0);
+    let model = Gpt2::new(&cfg, vs.builder(DType::F32, &dev), vs.rng().clone())?;
+    let mut rng = SeededRng::new(1);
+    let prompt: Vec<u32> = (0..32).map(|_| rng.below(cfg.vocab_size) as u32).collect();
+    let mut gen = GenerationConfig {
+        max_new_tokens: 8,
+        ignore_eos: true,
+        ..Default::default()
+    };
+    generate_batch(&model, std::slice::from_ref(&prompt), &gen, None, None)?;
+    gen.max_new_tokens = 64;
+    let t = Instant::now();
+    let out = generate_batch(&model, &[prompt], &gen, None, None)?;
+    let dt = t.elapsed().as_secs_f64();
+    let n = out[0].ids.len();
+    Ok(serde_json::json!({
+        "bench": "gpt2_small_greedy_decode",
+        "threads": ctx.threads,
+        "prompt": 32,
+        "new_tokens": n,
+        "tokens_per_s": (n as f64 / dt * 100.0).round() / 100.0,
+    }))
+}
+
+/// GPT-2 small train step, batch 8 x 128, dropout on, AdamW: torch_reference.py's
+/// `gpt2train` benchmark (1 warm-up step, 5 timed).
+fn bench_train(ctx: &crate::bench::BenchCtx) -> Result<serde_json::Value> {
+    let dev = Device::Cpu;
+    let cfg = Gpt2Config::gpt2_small();
+    let vs = VarStore::new(0);
+    let model = Gpt2::new(&cfg, vs.builder(DType::F32, &dev), vs.rng().clone())?;
+    let mut opt = Optimizer::single(OptimKind::adamw(), vs.vars(), 1e-5, 0.01)?;
+    let (b, t) = (8, 128);
+    let mut rng = SeededRng::new(1);
+    let ids: Vec<u32> = (0..b * t)
+        .map(|_| rng.below(cfg.vocab_size) as u32)
+        .collect();
+    let ids = Tensor::from_vec(ids, (b, t), &dev)?;
+    let mut step = || -> Result<()> {
+        let loss = causal_lm_loss(&model, &ids, None, true)?;
+        opt.backward_step(&loss)?;
+        Ok(())
+    };
+    step()?;
+    let steps = 5;
+    let t0 = Instant::now();
+    for _ in 0..steps {
+        step()?;
+    }
+    let dt = t0.elapsed().as_secs_f64();
+    Ok(serde_json::json!({
+        "bench": "gpt2_small_train_step",
+        "threads": ctx.threads,
+        "batch": b,
+        "seq": t,
+        "tokens_per_s": ((b * t * steps) as f64 / dt * 10.0).round() / 10.0,
+    }))
+}
