@@ -124,6 +124,12 @@ pub fn set_threads(threads: usize) -> Result<(), DeviceError> {
     // candle's CPU kernels size their parallelism from RAYON_NUM_THREADS via
     // `get_num_threads`; the global pool covers kiln's own kernels.
     std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
+    // candle's element-wise ops otherwise run on a barrier pool whose waits spin
+    // without bound; with more runnable threads than cores (parallel tests, other
+    // jobs) a step got ~4x slower. Inline element-wise ops, unless the user chose.
+    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+        std::env::set_var("CANDLE_NUM_THREADS", "1");
+    }
     match rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
         .build_global()
