@@ -25,8 +25,21 @@ fn uniform(bound: f64) -> Init {
     }
 }
 
-/// Softmax along `dim`, with gradients (max-subtracted for stability).
+/// Softmax along `dim`, with gradients (max-subtracted for stability; a fused
+/// kernel for the last dimension of f32 CPU tensors).
 pub fn softmax<Dim: candle_core::shape::Dim>(x: &Tensor, dim: Dim) -> Result<Tensor> {
+    let d = dim.to_index(x.shape(), "softmax")?;
+    if d + 1 == x.rank() {
+        return crate::ops::softmax_last_dim(x);
+    }
+    softmax_composite(x, d)
+}
+
+/// Softmax from candle tensor ops (the reference the fused kernel is tested against).
+pub(crate) fn softmax_composite<Dim: candle_core::shape::Dim>(
+    x: &Tensor,
+    dim: Dim,
+) -> Result<Tensor> {
     let dim = dim.to_index(x.shape(), "softmax")?;
     let max = x.max_keepdim(dim)?.detach();
     let e = x.broadcast_sub(&max)?.exp()?;
@@ -102,7 +115,7 @@ impl Module for Linear {
             _ => self.weight.matmul(&x.t()?)?.t()?,
         };
         match &self.bias {
-            Some(b) => y.broadcast_add(b),
+            Some(b) => crate::ops::add_bias_last(&y, b),
             None => Ok(y),
         }
     }
@@ -321,8 +334,20 @@ impl LayerNorm {
     }
 }
 
-/// The layer-norm function (last dimension), gradient-carrying.
+/// The layer-norm function (last dimension), gradient-carrying (a fused kernel
+/// for f32 CPU tensors).
 pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+    crate::ops::layer_norm(x, weight, bias, eps)
+}
+
+/// Layer norm from candle tensor ops (other devices and dtypes, and the
+/// reference the fused kernel is tested against).
+pub(crate) fn layer_norm_composite(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f64,
+) -> Result<Tensor> {
     let dtype = x.dtype();
     let x = x.to_dtype(DType::F32)?;
     let mean = x.mean_keepdim(D::Minus1)?;
@@ -398,12 +423,13 @@ impl ModuleT for Dropout {
             return Ok(x.clone());
         }
         let keep = 1.0 - self.p;
+        // The 1/keep scale is built into the mask: one multiply per element.
         let mask = self
             .rng
             .lock()
-            .bernoulli_mask(x.shape().clone(), keep, x.device())?
+            .bernoulli_mask_scaled(x.shape().clone(), keep, (1.0 / keep) as f32, x.device())?
             .to_dtype(x.dtype())?;
-        (x * mask)? * (1.0 / keep)
+        x * mask
     }
 }
 

@@ -214,9 +214,22 @@ impl SeededRng {
         p_keep: f64,
         device: &Device,
     ) -> Result<Tensor> {
+        self.bernoulli_mask_scaled(shape, p_keep, 1.0, device)
+    }
+
+    /// An f32 mask: `value` with probability `p_keep`, else 0.0 (inverted
+    /// dropout's mask with its `1/p_keep` scale built in). Draws the same
+    /// sequence as [`Self::bernoulli_mask`].
+    pub fn bernoulli_mask_scaled<S: Into<Shape>>(
+        &mut self,
+        shape: S,
+        p_keep: f64,
+        value: f32,
+        device: &Device,
+    ) -> Result<Tensor> {
         let shape = shape.into();
         let v: Vec<f32> = (0..shape.elem_count())
-            .map(|_| if self.bernoulli(p_keep) { 1.0 } else { 0.0 })
+            .map(|_| if self.bernoulli(p_keep) { value } else { 0.0 })
             .collect();
         Tensor::from_vec(v, shape, device)
     }

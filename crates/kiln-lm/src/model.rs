@@ -40,7 +40,7 @@ impl Activation {
 
     fn apply(self, x: &Tensor) -> candle_core::Result<Tensor> {
         match self {
-            Self::GeluTanh => x.gelu(),
+            Self::GeluTanh => kiln_core::ops::gelu_tanh(x),
             Self::GeluErf => x.gelu_erf(),
             Self::Relu => x.relu(),
             Self::Silu => x.silu(),
@@ -84,7 +84,7 @@ impl Conv1D {
     }
 
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        matmul_in_out(x, &self.weight)?.broadcast_add(&self.bias)
+        kiln_core::ops::add_bias_last(&matmul_in_out(x, &self.weight)?, &self.bias)
     }
 }
 
@@ -247,7 +247,12 @@ impl Block {
             }
             *slot = Some((k.clone(), v.clone()));
         }
-        let mut scores = (q.matmul(&k.t()?)? * self.scale)?;
+        // Scale whichever of q and the scores is smaller (same product).
+        let mut scores = if d < k.dim(2)? {
+            (q * self.scale)?.matmul(&k.t()?)?
+        } else {
+            (q.matmul(&k.t()?)? * self.scale)?
+        };
         if let Some(bias) = &step.bias {
             scores = scores.broadcast_add(bias)?;
         }

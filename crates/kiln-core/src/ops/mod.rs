@@ -19,6 +19,7 @@
 //! ```
 
 mod conv;
+mod fused;
 mod pool;
 mod token;
 
@@ -138,6 +139,52 @@ pub fn token_entropy(logits: &Tensor) -> Result<Tensor> {
         return (lp.exp()? * &lp)?.sum(candle_core::D::Minus1)?.neg();
     }
     logits.contiguous()?.apply_op1(token::TokenEntropy)
+}
+
+fn kiln_cpu_f32(ts: &[&Tensor]) -> bool {
+    ts.iter()
+        .all(|t| t.device().is_cpu() && t.dtype() == DType::F32)
+}
+
+/// GELU, tanh approximation (GPT-2's `gelu_new`, PyTorch's
+/// `gelu(approximate="tanh")`), with a one-pass backward on the CPU.
+pub fn gelu_tanh(x: &Tensor) -> Result<Tensor> {
+    if !kiln_cpu_f32(&[x]) {
+        return x.gelu();
+    }
+    x.contiguous()?.apply_op1(fused::GeluTanh)
+}
+
+/// Softmax over the last dimension, one pass forward and one backward
+/// (`y * (g - sum(g * y))`) on the CPU; the max-subtracted composite elsewhere.
+pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    if !kiln_cpu_f32(&[x]) {
+        return crate::nn::softmax_composite(x, candle_core::D::Minus1);
+    }
+    x.contiguous()?.apply_op1(fused::SoftmaxLast)
+}
+
+/// Layer norm over the last dimension, `(x - mean) / sqrt(var + eps) * w + b`,
+/// with gradients to `x`, `w` and `b` in two passes on the CPU.
+pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
+    if !kiln_cpu_f32(&[x, w, b]) {
+        return crate::nn::layer_norm_composite(x, w, b, eps);
+    }
+    x.contiguous()?.apply_op3(
+        &w.contiguous()?,
+        &b.contiguous()?,
+        fused::LayerNorm { eps: eps as f32 },
+    )
+}
+
+/// `x [.., C] + bias [C]` (a linear layer's bias), with a one-pass bias
+/// gradient on the CPU; candle's broadcast add elsewhere.
+pub fn add_bias_last(x: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    if !kiln_cpu_f32(&[x, bias]) || bias.rank() != 1 {
+        return x.broadcast_add(bias);
+    }
+    x.contiguous()?
+        .apply_op2(&bias.contiguous()?, fused::AddBiasLast)
 }
 
 /// `x [B, C, H, W] + bias [C]` (a conv layer's bias), with a one-pass bias

@@ -1,0 +1,589 @@
+//! Fused row-wise kernels for transformers: GELU (tanh form), softmax over the
+//! last dimension and layer norm, each one pass forward and one pass backward.
+//! candle builds GELU's backward from ~12 element-wise tensors (two `powf`s and
+//! a recomputed `tanh`), and kiln's composite softmax and layer norm take 5-10
+//! passes each; in a small GPT's training step these were ~30% of the time.
+
+use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape};
+use rayon::prelude::*;
+
+/// Elements per parallel task: small enough to spread, large enough to amortise.
+const CHUNK: usize = 1 << 14;
+
+fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
+    let CpuStorage::F32(v) = s else {
+        bail!("{what}: f32 only")
+    };
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&v[a..b]),
+        None => bail!("{what}: contiguous input only"),
+    }
+}
+
+const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+const GELU_C: f32 = 0.044_715;
+
+#[inline]
+fn tanh_fast(u: f32) -> f32 {
+    // tanh(u) = 1 - 2 / (exp(2u) + 1); exact to f32 rounding, one exp.
+    if u > 10.0 {
+        1.0
+    } else if u < -10.0 {
+        -1.0
+    } else {
+        1.0 - 2.0 / ((2.0 * u).exp() + 1.0)
+    }
+}
+
+/// GELU, tanh approximation (`gelu_new`, PyTorch's `approximate="tanh"`).
+pub(crate) struct GeluTanh;
+
+impl CustomOp1 for GeluTanh {
+    fn name(&self) -> &'static str {
+        "kiln-gelu-tanh"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s, l, "gelu")?;
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(CHUNK)
+            .zip(x.par_chunks(CHUNK))
+            .for_each(|(y, x)| {
+                for (y, &v) in y.iter_mut().zip(x) {
+                    let t = tanh_fast(SQRT_2_OVER_PI * (v + GELU_C * v * v * v));
+                    *y = 0.5 * v * (1.0 + t);
+                }
+            });
+        Ok((CpuStorage::F32(y), l.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        arg: &candle_core::Tensor,
+        _res: &candle_core::Tensor,
+        grad: &candle_core::Tensor,
+    ) -> Result<Option<candle_core::Tensor>> {
+        Ok(Some(
+            arg.apply_op2_no_bwd(&grad.contiguous()?, &GeluTanhGrad)?,
+        ))
+    }
+}
+
+struct GeluTanhGrad;
+
+impl CustomOp2 for GeluTanhGrad {
+    fn name(&self) -> &'static str {
+        "kiln-gelu-tanh-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s1, l1, "gelu grad")?;
+        let g = f32_slice(s2, l2, "gelu grad")?;
+        let mut out = vec![0f32; x.len()];
+        out.par_chunks_mut(CHUNK)
+            .zip(x.par_chunks(CHUNK).zip(g.par_chunks(CHUNK)))
+            .for_each(|(o, (x, g))| {
+                for ((o, &v), &gv) in o.iter_mut().zip(x).zip(g) {
+                    let t = tanh_fast(SQRT_2_OVER_PI * (v + GELU_C * v * v * v));
+                    let du = SQRT_2_OVER_PI * (1.0 + 3.0 * GELU_C * v * v);
+                    *o = gv * (0.5 * (1.0 + t) + 0.5 * v * (1.0 - t * t) * du);
+                }
+            });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+}
+
+fn rows(l: &Layout) -> Result<(usize, usize)> {
+    let d = l.dims();
+    let Some(&c) = d.last() else {
+        bail!("row op on a scalar")
+    };
+    Ok((l.shape().elem_count() / c.max(1), c))
+}
+
+/// Rows per parallel task for rows of `c` elements.
+fn row_block(c: usize) -> usize {
+    (CHUNK / c.max(1)).max(1)
+}
+
+/// Softmax over the last dimension.
+pub(crate) struct SoftmaxLast;
+
+impl CustomOp1 for SoftmaxLast {
+    fn name(&self) -> &'static str {
+        "kiln-softmax-last"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s, l, "softmax")?;
+        let (_, c) = rows(l)?;
+        let mut y = vec![0f32; x.len()];
+        let rb = row_block(c) * c;
+        y.par_chunks_mut(rb)
+            .zip(x.par_chunks(rb))
+            .for_each(|(y, x)| {
+                for (y, x) in y.chunks_mut(c).zip(x.chunks(c)) {
+                    let m = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                    let mut z = 0f32;
+                    for (y, &v) in y.iter_mut().zip(x) {
+                        let e = (v - m).exp();
+                        *y = e;
+                        z += e;
+                    }
+                    let inv = 1.0 / z;
+                    y.iter_mut().for_each(|v| *v *= inv);
+                }
+            });
+        Ok((CpuStorage::F32(y), l.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _arg: &candle_core::Tensor,
+        res: &candle_core::Tensor,
+        grad: &candle_core::Tensor,
+    ) -> Result<Option<candle_core::Tensor>> {
+        Ok(Some(
+            res.apply_op2_no_bwd(&grad.contiguous()?, &SoftmaxLastGrad)?,
+        ))
+    }
+}
+
+struct SoftmaxLastGrad;
+
+impl CustomOp2 for SoftmaxLastGrad {
+    fn name(&self) -> &'static str {
+        "kiln-softmax-last-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let y = f32_slice(s1, l1, "softmax grad")?;
+        let g = f32_slice(s2, l2, "softmax grad")?;
+        let (_, c) = rows(l1)?;
+        let mut out = vec![0f32; y.len()];
+        let rb = row_block(c) * c;
+        out.par_chunks_mut(rb)
+            .zip(y.par_chunks(rb).zip(g.par_chunks(rb)))
+            .for_each(|(o, (y, g))| {
+                for ((o, y), g) in o.chunks_mut(c).zip(y.chunks(c)).zip(g.chunks(c)) {
+                    let dot: f32 = y.iter().zip(g).map(|(a, b)| a * b).sum();
+                    for ((o, &yv), &gv) in o.iter_mut().zip(y).zip(g) {
+                        *o = yv * (gv - dot);
+                    }
+                }
+            });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+}
+
+/// Layer norm over the last dimension with affine weight and bias.
+pub(crate) struct LayerNorm {
+    pub eps: f32,
+}
+
+/// Mean and 1/std of a row (two passes, for precision).
+#[inline]
+fn moments(x: &[f32], eps: f32) -> (f32, f32) {
+    let n = x.len() as f32;
+    let mean = x.iter().sum::<f32>() / n;
+    let var = x.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / n;
+    (mean, 1.0 / (var + eps).sqrt())
+}
+
+impl CustomOp3 for LayerNorm {
+    fn name(&self) -> &'static str {
+        "kiln-layer-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s1, l1, "layer_norm")?;
+        let w = f32_slice(s2, l2, "layer_norm weight")?;
+        let b = f32_slice(s3, l3, "layer_norm bias")?;
+        let (_, c) = rows(l1)?;
+        if w.len() != c || b.len() != c {
+            bail!(
+                "layer_norm: weight/bias of {} and {} for rows of {c}",
+                w.len(),
+                b.len()
+            );
+        }
+        let eps = self.eps;
+        let mut y = vec![0f32; x.len()];
+        let rb = row_block(c) * c;
+        y.par_chunks_mut(rb)
+            .zip(x.par_chunks(rb))
+            .for_each(|(y, x)| {
+                for (y, x) in y.chunks_mut(c).zip(x.chunks(c)) {
+                    let (mean, rstd) = moments(x, eps);
+                    for (((y, &v), &wv), &bv) in y.iter_mut().zip(x).zip(w).zip(b) {
+                        *y = (v - mean) * rstd * wv + bv;
+                    }
+                }
+            });
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &candle_core::Tensor,
+        w: &candle_core::Tensor,
+        _b: &candle_core::Tensor,
+        _res: &candle_core::Tensor,
+        grad: &candle_core::Tensor,
+    ) -> Result<(
+        Option<candle_core::Tensor>,
+        Option<candle_core::Tensor>,
+        Option<candle_core::Tensor>,
+    )> {
+        let g = grad.contiguous()?;
+        let gx = x.apply_op3_no_bwd(w, &g, &LayerNormGradX { eps: self.eps })?;
+        let gwb = x.apply_op2_no_bwd(&g, &LayerNormGradWB { eps: self.eps })?;
+        let gw = gwb.get(0)?.reshape(w.shape())?;
+        let gb = gwb.get(1)?.reshape(w.shape())?;
+        Ok((Some(gx), Some(gw), Some(gb)))
+    }
+}
+
+struct LayerNormGradX {
+    eps: f32,
+}
+
+impl CustomOp3 for LayerNormGradX {
+    fn name(&self) -> &'static str {
+        "kiln-layer-norm-grad-x"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s1, l1, "layer_norm grad")?;
+        let w = f32_slice(s2, l2, "layer_norm grad")?;
+        let g = f32_slice(s3, l3, "layer_norm grad")?;
+        let (_, c) = rows(l1)?;
+        let eps = self.eps;
+        let mut out = vec![0f32; x.len()];
+        let rb = row_block(c) * c;
+        out.par_chunks_mut(rb)
+            .zip(x.par_chunks(rb).zip(g.par_chunks(rb)))
+            .for_each(|(o, (x, g))| {
+                for ((o, x), g) in o.chunks_mut(c).zip(x.chunks(c)).zip(g.chunks(c)) {
+                    let (mean, rstd) = moments(x, eps);
+                    // gx = rstd * (gh - mean(gh) - xh * mean(gh * xh)), gh = g * w.
+                    let (mut s_gh, mut s_ghxh) = (0f32, 0f32);
+                    for ((&v, &gv), &wv) in x.iter().zip(g).zip(w) {
+                        let gh = gv * wv;
+                        s_gh += gh;
+                        s_ghxh += gh * (v - mean) * rstd;
+                    }
+                    let n = c as f32;
+                    let (m_gh, m_ghxh) = (s_gh / n, s_ghxh / n);
+                    for (((o, &v), &gv), &wv) in o.iter_mut().zip(x).zip(g).zip(w) {
+                        let xh = (v - mean) * rstd;
+                        *o = rstd * (gv * wv - m_gh - xh * m_ghxh);
+                    }
+                }
+            });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+}
+
+struct LayerNormGradWB {
+    eps: f32,
+}
+
+impl CustomOp2 for LayerNormGradWB {
+    fn name(&self) -> &'static str {
+        "kiln-layer-norm-grad-wb"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s1, l1, "layer_norm grad")?;
+        let g = f32_slice(s2, l2, "layer_norm grad")?;
+        let (_, c) = rows(l1)?;
+        let eps = self.eps;
+        let rb = row_block(c) * c;
+        // Per-task partial sums of g * xh and g, reduced at the end.
+        let (gw, gb) = x
+            .par_chunks(rb)
+            .zip(g.par_chunks(rb))
+            .map(|(x, g)| {
+                let mut gw = vec![0f32; c];
+                let mut gb = vec![0f32; c];
+                for (x, g) in x.chunks(c).zip(g.chunks(c)) {
+                    let (mean, rstd) = moments(x, eps);
+                    for (((w, b), &v), &gv) in gw.iter_mut().zip(gb.iter_mut()).zip(x).zip(g) {
+                        *w += gv * (v - mean) * rstd;
+                        *b += gv;
+                    }
+                }
+                (gw, gb)
+            })
+            .reduce(
+                || (vec![0f32; c], vec![0f32; c]),
+                |(mut a, mut b), (c2, d)| {
+                    a.iter_mut().zip(&c2).for_each(|(x, y)| *x += y);
+                    b.iter_mut().zip(&d).for_each(|(x, y)| *x += y);
+                    (a, b)
+                },
+            );
+        let mut out = gw;
+        out.extend_from_slice(&gb);
+        Ok((CpuStorage::F32(out), Shape::from((2, c))))
+    }
+}
+
+/// `x [.., C] + b [C]`, whose backward sums the gradient's rows in one
+/// contiguous pass (candle reduces over leading dimensions with strided loops).
+pub(crate) struct AddBiasLast;
+
+impl CustomOp2 for AddBiasLast {
+    fn name(&self) -> &'static str {
+        "kiln-add-bias-last"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s1, l1, "add_bias")?;
+        let b = f32_slice(s2, l2, "add_bias")?;
+        let (_, c) = rows(l1)?;
+        if b.len() != c {
+            bail!("add_bias: bias of {} for rows of {c}", b.len());
+        }
+        let mut y = vec![0f32; x.len()];
+        let rb = row_block(c) * c;
+        y.par_chunks_mut(rb)
+            .zip(x.par_chunks(rb))
+            .for_each(|(y, x)| {
+                for (y, x) in y.chunks_mut(c).zip(x.chunks(c)) {
+                    for ((y, &v), &bv) in y.iter_mut().zip(x).zip(b) {
+                        *y = v + bv;
+                    }
+                }
+            });
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _x: &candle_core::Tensor,
+        b: &candle_core::Tensor,
+        _res: &candle_core::Tensor,
+        grad: &candle_core::Tensor,
+    ) -> Result<(Option<candle_core::Tensor>, Option<candle_core::Tensor>)> {
+        let g = grad.contiguous()?;
+        let gb = g.apply_op1_no_bwd(&SumRows)?.reshape(b.shape())?;
+        Ok((Some(g), Some(gb)))
+    }
+}
+
+/// Column sums of `[.., C]`: `[C]`.
+struct SumRows;
+
+impl CustomOp1 for SumRows {
+    fn name(&self) -> &'static str {
+        "kiln-sum-rows"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let g = f32_slice(s, l, "sum_rows")?;
+        let (_, c) = rows(l)?;
+        let rb = row_block(c) * c;
+        let out = g
+            .par_chunks(rb)
+            .map(|g| {
+                let mut acc = vec![0f32; c];
+                for row in g.chunks(c) {
+                    acc.iter_mut().zip(row).for_each(|(a, v)| *a += v);
+                }
+                acc
+            })
+            .reduce(
+                || vec![0f32; c],
+                |mut a, b| {
+                    a.iter_mut().zip(&b).for_each(|(x, y)| *x += y);
+                    a
+                },
+            );
+        Ok((CpuStorage::F32(out), Shape::from(c)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::rng::SeededRng;
+    use candle_core::{DType, Device, Tensor, Var};
+
+    fn rand(shape: &[usize], seed: u64, scale: f32) -> Tensor {
+        SeededRng::new(seed)
+            .normal(shape, 0.0, scale, &Device::Cpu)
+            .unwrap()
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a.to_dtype(DType::F32).unwrap() - b.to_dtype(DType::F32).unwrap())
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+
+    /// Forward values and the gradient of `sum(f(x) * r)` for a fused op and a reference.
+    fn fwd_bwd(
+        x: &Tensor,
+        r: &Tensor,
+        f: impl Fn(&Tensor) -> candle_core::Result<Tensor>,
+    ) -> (Tensor, Tensor) {
+        let v = Var::from_tensor(x).unwrap();
+        let y = f(v.as_tensor()).unwrap();
+        let g = (&y * r.to_dtype(y.dtype()).unwrap())
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        (y, g.get(v.as_tensor()).unwrap().clone())
+    }
+
+    #[test]
+    fn gelu_matches_the_f64_closed_form_forward_and_backward() {
+        for (shape, seed) in [(vec![3, 7, 33], 1), (vec![1000], 2), (vec![4, 3072], 3)] {
+            let x = rand(&shape, seed, 3.0);
+            let r = rand(&shape, seed + 10, 1.0);
+            let (y, g) = fwd_bwd(&x, &r, super::super::gelu_tanh);
+            let reference = |t: &Tensor| {
+                let inner =
+                    ((t + (t.powf(3.0)? * 0.044715)?)? * (2.0 / std::f64::consts::PI).sqrt())?;
+                (t * 0.5)?.mul(&(inner.tanh()? + 1.0)?)
+            };
+            let (y64, g64) = fwd_bwd(&x.to_dtype(DType::F64).unwrap(), &r, reference);
+            assert!(max_diff(&y, &y64) < 2e-6, "{shape:?} forward");
+            assert!(
+                max_diff(&g, &g64) < 2e-5,
+                "{shape:?} backward {}",
+                max_diff(&g, &g64)
+            );
+        }
+    }
+
+    #[test]
+    fn softmax_matches_the_composite_with_extreme_rows() {
+        for (shape, seed) in [(vec![2, 3, 5, 17], 4), (vec![7, 1], 5), (vec![3, 50257], 6)] {
+            let x = rand(&shape, seed, 20.0);
+            let r = rand(&shape, seed + 10, 1.0);
+            let (y, g) = fwd_bwd(&x, &r, crate::ops::softmax_last_dim);
+            let (yc, gc) = fwd_bwd(&x, &r, |t| {
+                crate::nn::softmax_composite(t, 1 + shape.len() - 2)
+            });
+            assert!(max_diff(&y, &yc) < 1e-6, "{shape:?}");
+            assert!(max_diff(&g, &gc) < 1e-5, "{shape:?}");
+        }
+        // Masked rows (f32::MIN everywhere but one) stay finite.
+        let x = Tensor::new(
+            &[[f32::MIN, 0.0, f32::MIN], [f32::MIN, f32::MIN, f32::MIN]],
+            &Device::Cpu,
+        )
+        .unwrap();
+        let y = crate::ops::softmax_last_dim(&x)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        assert_eq!(y[0], vec![0.0, 1.0, 0.0]);
+        assert!(y[1].iter().all(|v| (v - 1.0 / 3.0).abs() < 1e-6));
+    }
+
+    #[test]
+    fn add_bias_matches_broadcast_add_and_its_gradients() {
+        let x = Var::from_tensor(&rand(&[3, 5, 37], 20, 1.0)).unwrap();
+        let b = Var::from_tensor(&rand(&[37], 21, 1.0)).unwrap();
+        let r = rand(&[3, 5, 37], 22, 1.0);
+        let y = crate::ops::add_bias_last(x.as_tensor(), b.as_tensor()).unwrap();
+        let yc = x.as_tensor().broadcast_add(b.as_tensor()).unwrap();
+        assert_eq!(max_diff(&y, &yc), 0.0);
+        let g = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let gb_want = r.sum((0, 1)).unwrap();
+        assert!(max_diff(g.get(b.as_tensor()).unwrap(), &gb_want) < 1e-5);
+        assert_eq!(max_diff(g.get(x.as_tensor()).unwrap(), &r), 0.0);
+    }
+
+    #[test]
+    fn layer_norm_matches_the_composite_for_input_weight_and_bias() {
+        for (shape, seed) in [(vec![2, 5, 768], 7), (vec![9, 3], 8), (vec![1, 1, 129], 9)] {
+            let c = *shape.last().unwrap();
+            let x = (rand(&shape, seed, 2.0) + 5.0).unwrap();
+            let w = Var::from_tensor(&rand(&[c], seed + 1, 1.0)).unwrap();
+            let b = Var::from_tensor(&rand(&[c], seed + 2, 1.0)).unwrap();
+            let r = rand(&shape, seed + 3, 1.0);
+            let run = |fused: bool| {
+                let xv = Var::from_tensor(&x).unwrap();
+                let f = if fused {
+                    crate::ops::layer_norm
+                } else {
+                    crate::nn::layer_norm_composite
+                };
+                let y = f(xv.as_tensor(), w.as_tensor(), b.as_tensor(), 1e-5).unwrap();
+                let gs = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+                let get = |t: &Tensor| gs.get(t).unwrap().clone();
+                (
+                    y,
+                    get(xv.as_tensor()),
+                    get(w.as_tensor()),
+                    get(b.as_tensor()),
+                )
+            };
+            let (y, gx, gw, gb) = run(true);
+            let (yc, gxc, gwc, gbc) = run(false);
+            assert!(max_diff(&y, &yc) < 1e-5, "{shape:?} y");
+            assert!(
+                max_diff(&gx, &gxc) < 1e-4,
+                "{shape:?} gx {}",
+                max_diff(&gx, &gxc)
+            );
+            assert!(
+                max_diff(&gw, &gwc) < 1e-3,
+                "{shape:?} gw {}",
+                max_diff(&gw, &gwc)
+            );
+            assert!(max_diff(&gb, &gbc) < 1e-4, "{shape:?} gb");
+        }
+    }
+}
