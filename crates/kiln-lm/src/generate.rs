@@ -32,7 +32,8 @@ pub struct GenerationConfig {
     pub stop: Vec<String>,
     /// The end-of-text token (`None`: never stop on a token).
     pub eos_token_id: Option<u32>,
-    /// Keep going after EOS (generate exactly `max_new_tokens`).
+    /// Never produce EOS, so exactly `max_new_tokens` come out (transformers'
+    /// `min_new_tokens = max_new_tokens`: the EOS logit is set to -inf).
     pub ignore_eos: bool,
     /// Sampling seed.
     pub seed: u64,
@@ -278,10 +279,10 @@ pub fn generate_batch(
         })
         .collect();
     let greedy = cfg.temperature == 0.0;
-    let eos = if cfg.ignore_eos {
-        None
+    let (eos, banned) = if cfg.ignore_eos {
+        (None, cfg.eos_token_id.or(mcfg.eos_token_id))
     } else {
-        cfg.eos_token_id
+        (cfg.eos_token_id, None)
     };
     let max_stop = cfg.stop.iter().map(String::len).max().unwrap_or(0);
     for step in 0..cfg.max_new_tokens {
@@ -299,6 +300,9 @@ pub fn generate_batch(
                 process_logits(&mut scores, &seen, cfg);
             } else {
                 process_logits(&mut scores, &[], cfg);
+            }
+            if let Some(e) = banned.filter(|&e| (e as usize) < scores.len()) {
+                scores[e as usize] = f32::NEG_INFINITY;
             }
             let t = pick(&scores, greedy, &mut row.rng);
             row.ids.push(t);

@@ -68,17 +68,18 @@ struct GenArgs {
     /// Tokens to generate at most.
     #[arg(long, default_value_t = 64)]
     max_new_tokens: usize,
-    /// Sampling temperature; 0 = greedy.
-    #[arg(long, default_value_t = 0.8)]
+    /// Sampling temperature; 0 = greedy. The sampling defaults are transformers'
+    /// (temperature 1, top-k 50, no top-p, no repetition penalty).
+    #[arg(long, default_value_t = 1.0)]
     temperature: f64,
     /// Keep the k most likely tokens (0 = off).
-    #[arg(long, default_value_t = 40)]
+    #[arg(long, default_value_t = 50)]
     top_k: usize,
     /// Nucleus sampling mass (1 = off).
-    #[arg(long, default_value_t = 0.95)]
+    #[arg(long, default_value_t = 1.0)]
     top_p: f64,
     /// Repetition penalty (1 = off).
-    #[arg(long, default_value_t = 1.1)]
+    #[arg(long, default_value_t = 1.0)]
     repetition_penalty: f64,
     /// Stop at this string (repeatable; not printed).
     #[arg(long)]
@@ -89,7 +90,8 @@ struct GenArgs {
     /// Print the generated token ids (space-separated) instead of text.
     #[arg(long)]
     ids: bool,
-    /// Do not stop at <|endoftext|>: generate exactly --max-new-tokens.
+    /// Never produce <|endoftext|>: generate exactly --max-new-tokens (transformers'
+    /// min_new_tokens).
     #[arg(long)]
     ignore_eos: bool,
     /// Hub revision (branch, tag or commit).
