@@ -181,13 +181,15 @@ fn hub_files(model: &str, opts: &HubOptions) -> Result<ModelFiles> {
         });
     }
     let wanted = ["config.json", WEIGHTS, "tokenizer.json"];
-    if opts.offline {
-        let missing: Vec<String> = wanted
+    let missing = || -> Vec<String> {
+        wanted
             .iter()
             .filter(|f| cached(f).is_none())
             .map(|s| s.to_string())
-            .collect();
-        return Err(missing_hint(model, &missing, opts, "offline"));
+            .collect()
+    };
+    if opts.offline {
+        return Err(missing_hint(model, &missing(), opts, "offline"));
     }
     let mut b = hf_hub::api::sync::ApiBuilder::from_cache(Cache::new(opts.cache_dir.clone()))
         .with_progress(opts.progress)
@@ -200,8 +202,8 @@ fn hub_files(model: &str, opts: &HubOptions) -> Result<ModelFiles> {
         .map_err(|e| LmError::NotFound(format!("cannot set up the hub client: {e}")))?;
     let r = api.repo(repo);
     let get = |f: &str| r.get(f);
-    let config = get("config.json")
-        .map_err(|e| missing_hint(model, &["config.json".into()], opts, &format!("({e})")))?;
+    let config =
+        get("config.json").map_err(|e| missing_hint(model, &missing(), opts, &format!("({e})")))?;
     let weights = match get(WEIGHTS) {
         Ok(w) => vec![w],
         Err(e) => match get(INDEX) {

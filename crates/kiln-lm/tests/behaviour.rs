@@ -394,3 +394,34 @@ fn training_on_synthetic_reviews_falls_well_below_the_unigram_entropy() {
     assert!(!out.ids.is_empty());
     assert!(run.join("loss.png").is_file() && run.join("samples.txt").is_file());
 }
+
+#[test]
+fn lm_generator_serves_kiln_prompt_with_its_parameters() {
+    use kiln_prompt::TextGenerator;
+    let files = ModelFiles::from_dir(&fixture_dir()).unwrap();
+    let model = Gpt2::from_files(&files, &Device::Cpu).unwrap();
+    let tokenizer = files.load_tokenizer().unwrap();
+    let direct = generate_text(
+        &model,
+        &tokenizer,
+        "I loved it!",
+        &GenerationConfig {
+            max_new_tokens: 10,
+            ..Default::default()
+        },
+        None,
+    )
+    .unwrap();
+    let mut g = kiln_lm::LmGenerator {
+        model,
+        tokenizer,
+        name: "tiny".into(),
+        base: GenerationConfig::default(),
+    };
+    let params = kiln_prompt::GenParams {
+        max_new_tokens: 10,
+        ..Default::default()
+    };
+    assert_eq!(g.generate("I loved it!", &params).unwrap(), direct.text);
+    assert_eq!(g.name(), "tiny");
+}
