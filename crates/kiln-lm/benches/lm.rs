@@ -52,9 +52,27 @@ fn benches(c: &mut Criterion) {
     });
 }
 
+/// GPT-2 small's LM head for one token (50257 x 768, 154 MB of f32): a pure
+/// memory-bandwidth test of the decode gemv.
+fn lm_head(c: &mut Criterion) {
+    kiln_core::device::set_threads(2).ok();
+    let cfg = Gpt2Config {
+        n_layer: 1,
+        ..Gpt2Config::gpt2_small()
+    };
+    let vs = VarStore::new(0);
+    let m = Gpt2::new(&cfg, vs.builder(DType::F32, &Device::Cpu), vs.rng().clone()).unwrap();
+    let h = SeededRng::new(2)
+        .normal((1, 768), 0.0, 1.0, &Device::Cpu)
+        .unwrap();
+    c.bench_function("gpt2_lm_head_gemv_1x768x50257", |b| {
+        b.iter(|| m.logits(&h).unwrap())
+    });
+}
+
 criterion_group! {
     name = lm;
     config = Criterion::default().sample_size(10).measurement_time(std::time::Duration::from_secs(5));
-    targets = benches
+    targets = benches, lm_head
 }
 criterion_main!(lm);

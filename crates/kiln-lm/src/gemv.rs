@@ -6,7 +6,7 @@ use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 /// Rows up to which the gemv kernel runs (one row per sequence being decoded).
-const MAX_ROWS: usize = 8;
+pub(crate) const MAX_ROWS: usize = 8;
 
 /// `x [M, K] @ w [K, N]`, or `x @ w^T` for `w [N, K]` when `transposed`.
 pub(crate) fn matmul(x: &Tensor, w: &Tensor, transposed: bool) -> candle_core::Result<Tensor> {
@@ -26,34 +26,116 @@ pub(crate) fn matmul(x: &Tensor, w: &Tensor, transposed: bool) -> candle_core::R
     }
 }
 
+/// `x [M, K] (f32, M <= MAX_ROWS) @ w` with a bf16 weight (inference only):
+/// half the bytes per token of an f32 weight.
+pub(crate) fn matmul_bf16(x: &Tensor, w: &Tensor, transposed: bool) -> candle_core::Result<Tensor> {
+    x.to_dtype(DType::F32)?
+        .contiguous()?
+        .apply_op2_no_bwd(w, &Gemv { transposed })
+}
+
 struct Gemv {
     transposed: bool,
 }
 
+/// A weight element the kernels read as f32.
+trait Weight: Copy + Send + Sync {
+    fn f(self) -> f32;
+}
+
+impl Weight for f32 {
+    #[inline(always)]
+    fn f(self) -> f32 {
+        self
+    }
+}
+
+impl Weight for half::bf16 {
+    #[inline(always)]
+    fn f(self) -> f32 {
+        // bf16 is the top half of an f32: widening is a shift.
+        f32::from_bits((self.to_bits() as u32) << 16)
+    }
+}
+
 /// Dot product with 16 independent accumulators so the compiler vectorises it.
 #[inline]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
+fn dot<W: Weight>(a: &[f32], b: &[W]) -> f32 {
     let mut acc = [0f32; 16];
     let ca = a.chunks_exact(16);
     let cb = b.chunks_exact(16);
     let (ra, rb) = (ca.remainder(), cb.remainder());
     for (x, y) in ca.zip(cb) {
         for i in 0..16 {
-            acc[i] += x[i] * y[i];
+            acc[i] += x[i] * y[i].f();
         }
     }
     let mut s: f32 = acc.iter().sum();
     for (x, y) in ra.iter().zip(rb) {
-        s += x * y;
+        s += x * y.f();
     }
     s
 }
 
 #[inline]
-fn axpy(alpha: f32, x: &[f32], y: &mut [f32]) {
+fn axpy<W: Weight>(alpha: f32, x: &[W], y: &mut [f32]) {
     for (yi, xi) in y.iter_mut().zip(x) {
-        *yi += alpha * xi;
+        *yi += alpha * xi.f();
     }
+}
+
+fn gemv<W: Weight>(x: &[f32], m: usize, k: usize, w: &[W], n: usize, transposed: bool) -> Vec<f32> {
+    let mut y = vec![0f32; m * n];
+    if transposed {
+        // w [N, K]: each output is a dot product with one contiguous weight row;
+        // a block of rows serves all M inputs while it is in cache.
+        const BLOCK: usize = 64;
+        let mut yt = vec![0f32; n * m];
+        yt.par_chunks_mut(BLOCK * m)
+            .enumerate()
+            .for_each(|(bi, out)| {
+                let n0 = bi * BLOCK;
+                for (j, o) in out.chunks_mut(m).enumerate() {
+                    let row = &w[(n0 + j) * k..(n0 + j + 1) * k];
+                    for (r, v) in o.iter_mut().enumerate() {
+                        *v = dot(&x[r * k..(r + 1) * k], row);
+                    }
+                }
+            });
+        for r in 0..m {
+            for j in 0..n {
+                y[r * n + j] = yt[j * m + r];
+            }
+        }
+    } else {
+        // w [K, N]: accumulate x[k] * w[k, cols] over k for a block of columns.
+        const COLS: usize = 512;
+        let blocks = n.div_ceil(COLS);
+        let parts: Vec<Vec<f32>> = (0..blocks)
+            .into_par_iter()
+            .map(|bi| {
+                let c0 = bi * COLS;
+                let c1 = (c0 + COLS).min(n);
+                let width = c1 - c0;
+                let mut acc = vec![0f32; m * width];
+                for kk in 0..k {
+                    let wrow = &w[kk * n + c0..kk * n + c1];
+                    for r in 0..m {
+                        axpy(x[r * k + kk], wrow, &mut acc[r * width..(r + 1) * width]);
+                    }
+                }
+                acc
+            })
+            .collect();
+        for (bi, acc) in parts.iter().enumerate() {
+            let c0 = bi * COLS;
+            let width = acc.len() / m.max(1);
+            for r in 0..m {
+                y[r * n + c0..r * n + c0 + width].copy_from_slice(&acc[r * width..(r + 1) * width]);
+            }
+        }
+    }
+    y
 }
 
 impl CustomOp2 for Gemv {
@@ -68,14 +150,14 @@ impl CustomOp2 for Gemv {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (CpuStorage::F32(xs), CpuStorage::F32(ws)) = (s1, s2) else {
-            candle_core::bail!("kiln-gemv: f32 only");
+        let CpuStorage::F32(xs) = s1 else {
+            candle_core::bail!("kiln-gemv: f32 inputs only");
         };
         let (Some((xa, xb)), Some((wa, wb))) = (l1.contiguous_offsets(), l2.contiguous_offsets())
         else {
             candle_core::bail!("kiln-gemv: contiguous inputs only");
         };
-        let (x, w) = (&xs[xa..xb], &ws[wa..wb]);
+        let x = &xs[xa..xb];
         let (m, k) = l1.shape().dims2()?;
         let (w0, w1) = l2.shape().dims2()?;
         let n = if self.transposed { w0 } else { w1 };
@@ -86,57 +168,11 @@ impl CustomOp2 for Gemv {
                 l2.dims()
             );
         }
-        let mut y = vec![0f32; m * n];
-        if self.transposed {
-            // w [N, K]: each output is a dot product with one contiguous weight row;
-            // a block of rows serves all M inputs while it is in cache.
-            const BLOCK: usize = 64;
-            let mut yt = vec![0f32; n * m];
-            yt.par_chunks_mut(BLOCK * m)
-                .enumerate()
-                .for_each(|(bi, out)| {
-                    let n0 = bi * BLOCK;
-                    for (j, o) in out.chunks_mut(m).enumerate() {
-                        let row = &w[(n0 + j) * k..(n0 + j + 1) * k];
-                        for (r, v) in o.iter_mut().enumerate() {
-                            *v = dot(&x[r * k..(r + 1) * k], row);
-                        }
-                    }
-                });
-            for r in 0..m {
-                for j in 0..n {
-                    y[r * n + j] = yt[j * m + r];
-                }
-            }
-        } else {
-            // w [K, N]: accumulate x[k] * w[k, cols] over k for a block of columns.
-            const COLS: usize = 512;
-            let blocks = n.div_ceil(COLS);
-            let parts: Vec<Vec<f32>> = (0..blocks)
-                .into_par_iter()
-                .map(|bi| {
-                    let c0 = bi * COLS;
-                    let c1 = (c0 + COLS).min(n);
-                    let width = c1 - c0;
-                    let mut acc = vec![0f32; m * width];
-                    for kk in 0..k {
-                        let wrow = &w[kk * n + c0..kk * n + c1];
-                        for r in 0..m {
-                            axpy(x[r * k + kk], wrow, &mut acc[r * width..(r + 1) * width]);
-                        }
-                    }
-                    acc
-                })
-                .collect();
-            for (bi, acc) in parts.iter().enumerate() {
-                let c0 = bi * COLS;
-                let width = acc.len() / m.max(1);
-                for r in 0..m {
-                    y[r * n + c0..r * n + c0 + width]
-                        .copy_from_slice(&acc[r * width..(r + 1) * width]);
-                }
-            }
-        }
+        let y = match s2 {
+            CpuStorage::F32(w) => gemv(x, m, k, &w[wa..wb], n, self.transposed),
+            CpuStorage::BF16(w) => gemv(x, m, k, &w[wa..wb], n, self.transposed),
+            _ => candle_core::bail!("kiln-gemv: f32 or bf16 weights only"),
+        };
         Ok((CpuStorage::F32(y), Shape::from((m, n))))
     }
 
@@ -180,6 +216,19 @@ mod tests {
             let got = matmul(&x, &wt, true).unwrap();
             let d = (want - &got).unwrap().abs().unwrap().max_all().unwrap();
             assert!(d.to_scalar::<f32>().unwrap() < 1e-4, "T {m}x{k}x{n}");
+            // bf16 weights: the same product as with the weights rounded to bf16.
+            for (wt_, tr) in [(&w, false), (&wt, true)] {
+                let wb = wt_.to_dtype(DType::BF16).unwrap();
+                let wr = wb.to_dtype(DType::F32).unwrap();
+                let want = if tr {
+                    x.matmul(&wr.t().unwrap()).unwrap()
+                } else {
+                    x.matmul(&wr).unwrap()
+                };
+                let got = matmul_bf16(&x, &wb, tr).unwrap();
+                let d = (want - &got).unwrap().abs().unwrap().max_all().unwrap();
+                assert!(d.to_scalar::<f32>().unwrap() < 1e-3, "bf16 {m}x{k}x{n}");
+            }
         }
     }
 }

@@ -425,3 +425,47 @@ fn lm_generator_serves_kiln_prompt_with_its_parameters() {
     assert_eq!(g.generate("I loved it!", &params).unwrap(), direct.text);
     assert_eq!(g.name(), "tiny");
 }
+
+#[test]
+fn bf16_decoding_stays_close_to_f32_and_can_be_switched_off() {
+    let mut m = Gpt2::load(&fixture_dir(), &Device::Cpu).unwrap();
+    let prompt = Tensor::new(&[[282u32, 221, 319, 304, 259]], &Device::Cpu).unwrap();
+    let step = Tensor::new(&[[275u32]], &Device::Cpu).unwrap();
+    let decode = |m: &Gpt2| {
+        let mut cache = KvCache::new(2);
+        m.forward_cached(&prompt, &mut cache, false).unwrap();
+        m.forward_cached(&step, &mut cache, false).unwrap()
+    };
+    let f32_logits = decode(&m);
+    m.set_bf16_decode(true).unwrap();
+    assert!(m.bf16_decode());
+    let bf = decode(&m);
+    let dev = (&f32_logits - &bf)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    let scale = f32_logits
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(
+        dev > 0.0 && dev < 0.02 * scale,
+        "deviation {dev} at logit scale {scale}"
+    );
+    m.set_bf16_decode(false).unwrap();
+    let back = decode(&m);
+    let d = (&f32_logits - &back)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap();
+    assert_eq!(d.to_scalar::<f32>().unwrap(), 0.0);
+}
