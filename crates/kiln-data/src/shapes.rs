@@ -157,9 +157,9 @@ impl SyntheticShapes {
         let rot = rng.uniform_f32(0.0, 2.0 * PI);
         let ga = rng.uniform_f32(0.0, 2.0 * PI);
         Look {
-            cx: rng.uniform_f32(0.32, 0.68),
-            cy: rng.uniform_f32(0.32, 0.68),
-            radius: rng.uniform_f32(0.2, 0.32),
+            cx: rng.uniform_f32(0.38, 0.62),
+            cy: rng.uniform_f32(0.38, 0.62),
+            radius: rng.uniform_f32(0.26, 0.38),
             cos: rot.cos(),
             sin: rot.sin(),
             fg,
