@@ -107,7 +107,7 @@ pub struct OpenOptions {
     /// Options of `synthetic-shapes` (its `size` is replaced by `image_size`).
     pub shapes: SyntheticShapesConfig,
     /// Decode (and resize) every image once, in parallel, and keep them in
-    /// memory ([`Cached`](crate::Cached)): worth it for small sets read for
+    /// memory ([`Cached`]): worth it for small sets read for
     /// many epochs, such as Flowers102's 1020 training images at 32x32.
     pub cache: bool,
 }
