@@ -6,8 +6,9 @@
 //! [`transforms`]; [`masks`] for self-supervised learning; readers for
 //! Oxford Flowers102 (the real `.mat` files), CIFAR-10 (binary), MNIST (IDX,
 //! raw or gzipped) and image folders; [`SyntheticFlowers`], a procedural,
-//! download-free flower set that demos and tests use; verified, resumable
-//! downloads; and text corpora and preference pairs.
+//! download-free flower set that demos and tests use; [`SyntheticShapes`],
+//! whose classes differ only in shape (colours carry no label information);
+//! verified, resumable downloads; and text corpora and preference pairs.
 //!
 //! ```
 //! use kiln_core::{rng::SeededRng, Device};
@@ -39,6 +40,7 @@ pub mod image;
 pub mod loader;
 pub mod masks;
 pub mod mnist;
+pub mod shapes;
 pub mod spec;
 pub mod synthetic;
 pub mod text;
@@ -53,6 +55,7 @@ pub use folder::ImageFolder;
 pub use image::{ColorMode, Image};
 pub use loader::{Batch, DataLoader, Epoch, LoaderConfig};
 pub use mnist::Mnist;
+pub use shapes::{SyntheticShapes, SyntheticShapesConfig, SHAPE_KINDS};
 pub use spec::{open, open_with, DatasetSpec, OpenOptions, DATASET_NAMES};
 pub use synthetic::{SyntheticFlowers, SyntheticFlowersConfig};
 pub use text::TextSource;

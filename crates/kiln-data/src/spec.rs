@@ -13,6 +13,7 @@ use crate::flowers::Flowers102;
 use crate::folder::ImageFolder;
 use crate::image::ColorMode;
 use crate::mnist::Mnist;
+use crate::shapes::{SyntheticShapes, SyntheticShapesConfig};
 use crate::synthetic::{SyntheticFlowers, SyntheticFlowersConfig};
 use crate::transforms::{Compose, Filter, Resize, ToRgb, Transform};
 
@@ -21,6 +22,9 @@ use crate::transforms::{Compose, Filter, Resize, ToRgb, Transform};
 pub enum DatasetSpec {
     /// `synthetic-flowers`: procedural, no download (the default).
     SyntheticFlowers,
+    /// `synthetic-shapes`: procedural shapes whose classes differ only in
+    /// geometry (colours are random), no download.
+    SyntheticShapes,
     /// `flowers102`: Oxford Flowers102 under `DATA_ROOT/flowers-102`.
     Flowers102,
     /// `cifar10`: CIFAR-10 binary under `DATA_ROOT/cifar-10-batches-bin`.
@@ -33,7 +37,8 @@ pub enum DatasetSpec {
 }
 
 /// The names [`DatasetSpec`] accepts, for help texts.
-pub const DATASET_NAMES: &str = "synthetic-flowers, flowers102, cifar10, mnist, folder:PATH";
+pub const DATASET_NAMES: &str =
+    "synthetic-flowers, synthetic-shapes, flowers102, cifar10, mnist, folder:PATH";
 
 impl FromStr for DatasetSpec {
     type Err = DataError;
@@ -49,6 +54,7 @@ impl FromStr for DatasetSpec {
         }
         match s.to_ascii_lowercase().replace('_', "-").as_str() {
             "synthetic-flowers" | "synthetic" => Ok(DatasetSpec::SyntheticFlowers),
+            "synthetic-shapes" | "shapes" => Ok(DatasetSpec::SyntheticShapes),
             "flowers102" | "flowers-102" | "oxford-flowers102" => Ok(DatasetSpec::Flowers102),
             "cifar10" | "cifar-10" => Ok(DatasetSpec::Cifar10),
             "mnist" => Ok(DatasetSpec::Mnist),
@@ -64,6 +70,7 @@ impl fmt::Display for DatasetSpec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             DatasetSpec::SyntheticFlowers => f.write_str("synthetic-flowers"),
+            DatasetSpec::SyntheticShapes => f.write_str("synthetic-shapes"),
             DatasetSpec::Flowers102 => f.write_str("flowers102"),
             DatasetSpec::Cifar10 => f.write_str("cifar10"),
             DatasetSpec::Mnist => f.write_str("mnist"),
@@ -97,8 +104,10 @@ pub struct OpenOptions {
     pub filter: Filter,
     /// Options of `synthetic-flowers` (its `size` is replaced by `image_size`).
     pub synthetic: SyntheticFlowersConfig,
+    /// Options of `synthetic-shapes` (its `size` is replaced by `image_size`).
+    pub shapes: SyntheticShapesConfig,
     /// Decode (and resize) every image once, in parallel, and keep them in
-    /// memory ([`Cached`](crate::Cached)): worth it for small sets read for
+    /// memory ([`Cached`]): worth it for small sets read for
     /// many epochs, such as Flowers102's 1020 training images at 32x32.
     pub cache: bool,
 }
@@ -111,6 +120,7 @@ impl Default for OpenOptions {
             rgb: false,
             filter: Filter::Bilinear,
             synthetic: SyntheticFlowersConfig::default(),
+            shapes: SyntheticShapesConfig::default(),
             cache: false,
         }
     }
@@ -153,6 +163,13 @@ pub fn open_with(
             };
             Box::new(SyntheticFlowers::new(cfg, split)?)
         }
+        DatasetSpec::SyntheticShapes => {
+            let cfg = SyntheticShapesConfig {
+                size: opts.image_size.unwrap_or(opts.shapes.size),
+                ..opts.shapes.clone()
+            };
+            Box::new(SyntheticShapes::new(cfg, split)?)
+        }
         DatasetSpec::Flowers102 => Box::new(Flowers102::new(data_root, split)?),
         DatasetSpec::Cifar10 => Box::new(Cifar10::new(data_root, split)?),
         DatasetSpec::Mnist => Box::new(Mnist::new(data_root, split)?),
@@ -192,6 +209,7 @@ mod tests {
     fn parses_names_and_round_trips() {
         for s in [
             "synthetic-flowers",
+            "synthetic-shapes",
             "flowers102",
             "cifar10",
             "mnist",
@@ -227,6 +245,11 @@ mod tests {
         let c = open_with(&spec, "data".as_ref(), &opts).unwrap();
         assert_eq!((c.len(), c.image_size()), (20, Some((8, 8))));
         assert_eq!(c.labels().unwrap()[3], 3);
+        let shapes: DatasetSpec = "synthetic-shapes".parse().unwrap();
+        let ds = open(&shapes, "data".as_ref(), Split::Train, 24).unwrap();
+        assert_eq!((ds.len(), ds.num_classes()), (4096, 8));
+        assert_eq!(ds.get(5).unwrap().image.shape(), [3, 24, 24]);
+        assert_eq!(ds.name(), "synthetic-shapes/train");
     }
 
     #[test]

@@ -67,6 +67,12 @@ pub struct InpaintConfig {
     pub mask_size: usize,
     /// One mask position per image instead of one per batch (the chapter: per batch).
     pub mask_per_image: bool,
+    /// Weight of the masked pixels' squared error relative to the visible
+    /// pixels' in the training loss (see [`inpaint_loss`]). 1 is the chapter's
+    /// plain MSE over the whole image, where the hole is only
+    /// `mask_size² / image_size²` of the loss (1/16 at 32x32 with an 8x8 mask).
+    #[serde(default = "one")]
+    pub hole_weight: f64,
     /// Seed.
     pub seed: u64,
     /// Dataset as given on the command line.
@@ -85,12 +91,79 @@ impl Default for InpaintConfig {
             lr: 1e-3,
             mask_size: 8,
             mask_per_image: false,
+            hole_weight: 1.0,
             seed: 0,
             dataset: "synthetic-flowers".into(),
             image_size: 32,
             channels: 3,
         }
     }
+}
+
+fn one() -> f64 {
+    1.0
+}
+
+impl InpaintConfig {
+    /// Rejects settings that cannot train, naming the field.
+    pub fn validate(&self) -> std::result::Result<(), SslError> {
+        let bad = |field: &str, msg: String| {
+            Err(SslError::Config {
+                field: field.into(),
+                msg,
+            })
+        };
+        if !(self.hole_weight.is_finite() && self.hole_weight > 0.0) {
+            return bad(
+                "hole_weight",
+                format!("expected a positive number, found {}", self.hole_weight),
+            );
+        }
+        if self.batch_size == 0 {
+            return bad("batch_size", "must be at least 1".into());
+        }
+        if !(self.lr.is_finite() && self.lr > 0.0) {
+            return bad(
+                "lr",
+                format!("expected a positive number, found {}", self.lr),
+            );
+        }
+        if self.mask_size == 0 || self.mask_size >= self.image_size {
+            return bad(
+                "mask_size",
+                format!(
+                    "expected 1..{} for {}x{} images, found {}",
+                    self.image_size, self.image_size, self.image_size, self.mask_size
+                ),
+            );
+        }
+        Ok(())
+    }
+}
+
+/// The training loss: squared error with the hole's pixels weighted
+/// `hole_weight` times the visible ones, divided by the total weight, so
+/// `hole_weight = 1` is exactly the chapter's `MSE(reconstruction, image)`.
+/// `mask` is the keep-mask `[B,1,H,W]` (0 in the hole).
+pub fn inpaint_loss(
+    pred: &Tensor,
+    target: &Tensor,
+    mask: &Tensor,
+    hole_weight: f64,
+) -> Result<Tensor> {
+    if hole_weight == 1.0 {
+        return mse(pred, target, Reduction::Mean);
+    }
+    // w = 1 in view, hole_weight in the hole
+    let w = mask
+        .affine(1.0 - hole_weight, hole_weight)?
+        .broadcast_as(target.shape())?;
+    let total = w.sum_all()?;
+    (pred - target)?
+        .sqr()?
+        .mul(&w)?
+        .sum_all()?
+        .broadcast_div(&total)
 }
 
 /// The model kind in a run's `config.toml`.
@@ -235,7 +308,8 @@ pub struct InpaintTrainReport {
     pub interrupted: bool,
 }
 
-/// Trains the chapter's autoencoder: masked input, full-image MSE target, Adam.
+/// Trains the chapter's autoencoder: masked input, full-image MSE target
+/// (optionally weighting the hole, [`InpaintConfig::hole_weight`]), Adam.
 /// Writes `figure_14_2.png` (images / masked / reconstructions), `loss.png`,
 /// metrics, checkpoints and `summary.json` into the run folder.
 pub fn train_inpaint(
@@ -250,6 +324,7 @@ pub fn train_inpaint(
         resume,
         observer,
     } = opts;
+    cfg.validate()?;
     if !resume {
         run.write_config(INPAINT_KIND, cfg)?;
     }
@@ -284,8 +359,13 @@ pub fn train_inpaint(
             if s.skip_batch(i as u64) {
                 continue;
             }
-            let (masked, _) = mask.apply(&batch.images, &mut s.rng)?;
-            let loss = mse(&model.forward(&masked)?, &batch.images, Reduction::Mean)?;
+            let (masked, keep) = mask.apply(&batch.images, &mut s.rng)?;
+            let loss = inpaint_loss(
+                &model.forward(&masked)?,
+                &batch.images,
+                &keep,
+                cfg.hole_weight,
+            )?;
             sum += s.train_step(&loss, batch.len(), &[])?;
             nb += 1;
             if s.should_stop() {

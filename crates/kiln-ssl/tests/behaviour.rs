@@ -1,6 +1,6 @@
 //! Probes on separable and random features; the inpainting model beats the
-//! border-mean baseline; SimCLR lowers NT-Xent and its features probe at least
-//! as well as random-init features.
+//! border-mean baseline; SimCLR lowers NT-Xent and, on shapes whose colours are
+//! random, its features beat random-init features on the linear probe and kNN.
 #![allow(clippy::unwrap_used, missing_docs)]
 
 use std::sync::Arc;
@@ -10,8 +10,11 @@ use kiln_core::rng::SeededRng;
 use kiln_core::run::RunDir;
 use kiln_core::{Device, Tensor};
 use kiln_data::masks::SquareMask;
-use kiln_data::{Dataset, Split, SyntheticFlowers, SyntheticFlowersConfig};
-use kiln_ssl::inpaint::border_mean_fill;
+use kiln_data::{
+    Cached, Dataset, Split, SyntheticFlowers, SyntheticFlowersConfig, SyntheticShapes,
+    SyntheticShapesConfig,
+};
+use kiln_ssl::inpaint::{border_mean_fill, inpaint_loss};
 use kiln_ssl::probe::{knn_accuracy, knn_predict, linear_probe, LinearProbeConfig};
 use kiln_ssl::{train_inpaint, train_simclr, InpaintConfig, RunOptions, SimclrConfig};
 
@@ -103,6 +106,52 @@ fn border_mean_fill_uses_the_ring_around_the_hole() {
     assert_eq!(f[0], 0.0);
 }
 
+#[test]
+fn inpaint_loss_is_the_chapter_mse_at_weight_one_and_weights_the_hole() {
+    let dev = Device::Cpu;
+    let mut r = SeededRng::new(5);
+    let x = r.uniform((2, 3, 8, 8), 0.0, 1.0, &dev).unwrap();
+    let y = r.uniform((2, 3, 8, 8), 0.0, 1.0, &dev).unwrap();
+    let mask = SquareMask::new(4, true)
+        .sample(2, 8, 8, &mut r, &dev)
+        .unwrap();
+    let v = |t: Tensor| t.to_scalar::<f32>().unwrap() as f64;
+    let plain = v((&y - &x).unwrap().sqr().unwrap().mean_all().unwrap());
+    assert_eq!(v(inpaint_loss(&y, &x, &mask, 1.0).unwrap()), plain);
+    // By hand: sum(w * e) / sum(w), w = 3 in the hole (16 of 64 pixels), 1 elsewhere.
+    let e = (&y - &x).unwrap().sqr().unwrap();
+    let hole = mask
+        .affine(-1.0, 1.0)
+        .unwrap()
+        .broadcast_as(e.shape())
+        .unwrap();
+    let e_hole = v(e.mul(&hole).unwrap().sum_all().unwrap());
+    let e_all = v(e.sum_all().unwrap());
+    let want = (e_all + 2.0 * e_hole) / (2.0 * 3.0 * (48.0 + 3.0 * 16.0));
+    let got = v(inpaint_loss(&y, &x, &mask, 3.0).unwrap());
+    assert!((got - want).abs() < 1e-6 * want, "{got} vs {want}");
+    // Bad settings are refused before anything is written.
+    let dir = tempfile::tempdir().unwrap();
+    let run = RunDir::create("inpaint", Some(&dir.path().join("r"))).unwrap();
+    let cfg = InpaintConfig {
+        hole_weight: -1.0,
+        ..Default::default()
+    };
+    let e = train_inpaint(
+        &cfg,
+        flowers(Split::Train, 8, 32),
+        None,
+        &dev,
+        RunOptions {
+            run,
+            resume: false,
+            observer: QUIET,
+        },
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("hole_weight"), "{e}");
+}
+
 fn flowers(split: Split, n: usize, size: usize) -> Arc<dyn Dataset> {
     let cfg = SyntheticFlowersConfig {
         train: n,
@@ -148,24 +197,35 @@ fn inpainting_beats_the_border_mean_baseline() {
     let _ = SquareMask::chapter();
 }
 
+/// SyntheticShapes, decoded once: classes differ only in shape, colours are random.
+fn shapes(split: Split, n: usize, size: usize) -> Arc<dyn Dataset> {
+    let cfg = SyntheticShapesConfig {
+        train: n,
+        test: n,
+        size,
+        ..Default::default()
+    };
+    Arc::new(Cached::new(&SyntheticShapes::new(cfg, split).unwrap()).unwrap())
+}
+
 #[test]
-fn simclr_lowers_nt_xent_and_keeps_probe_accuracy() {
+fn simclr_features_beat_random_init_features_on_shapes() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = SimclrConfig {
-        widths: vec![16, 32],
+        widths: vec![16, 32, 64],
         proj_dim: 32,
-        epochs: 4,
+        epochs: 8,
         batch_size: 64,
         image_size: 16,
         lr: 3e-3,
-        seed: 2,
+        color_strength: 1.0,
+        grayscale_p: 0.5,
+        crop_min_scale: 0.4,
+        seed: 3,
         ..Default::default()
     };
     let run = RunDir::create("simclr", Some(&dir.path().join("r"))).unwrap();
-    let (tr, te) = (
-        flowers(Split::Train, 512, 16),
-        flowers(Split::Test, 256, 16),
-    );
+    let (tr, te) = (shapes(Split::Train, 2048, 16), shapes(Split::Test, 512, 16));
     let rep = train_simclr(
         &cfg,
         tr.clone(),
@@ -179,13 +239,17 @@ fn simclr_lowers_nt_xent_and_keeps_probe_accuracy() {
     )
     .unwrap();
     let (p, r) = (rep.probes.unwrap(), rep.random_probes.unwrap());
-    // SyntheticFlowers' classes differ in colour, so even random conv features
-    // separate them almost perfectly: the trained encoder must not lose that.
+    eprintln!("SimCLR {p:?}\nrandom init {r:?}");
+    // Colour says nothing about the class here (kiln-data tests that), so the
+    // random encoder's colour-dominated features sit near chance (1/8) and
+    // SimCLR, trained to ignore colour, must see shape.
+    // Measured at this seed: trained 47.5% / 34.8% (linear / kNN-20), random
+    // init 25.6% / 15.8%; longer runs widen the gap (see the crate README).
     assert!(
-        p.linear >= r.linear - 0.02 && p.knn20 >= r.knn20 - 0.02,
+        p.linear >= r.linear + 0.10 && p.knn20 >= r.knn20 + 0.07,
         "SimCLR {p:?} vs random init {r:?}"
     );
-    // NT-Xent starts near ln(2N - 1) (chance) and must fall well below it.
+    // NT-Xent starts near ln(2N - 1) (chance) and must fall below it.
     let recs = kiln_core::run::read_metrics(&dir.path().join("r/metrics.jsonl")).unwrap();
     let epoch_loss: Vec<f64> = recs
         .iter()
@@ -194,7 +258,7 @@ fn simclr_lowers_nt_xent_and_keeps_probe_accuracy() {
         .collect();
     let chance = (2.0 * 64.0 - 1.0f64).ln();
     assert!(
-        epoch_loss[epoch_loss.len() - 1] < 0.8 * chance,
+        epoch_loss[epoch_loss.len() - 1] < 0.9 * chance,
         "NT-Xent per epoch {epoch_loss:?} vs chance {chance:.2}"
     );
 }
