@@ -108,31 +108,28 @@ fn gemv<W: Weight>(x: &[f32], m: usize, k: usize, w: &[W], n: usize, transposed:
             }
         }
     } else {
-        // w [K, N]: accumulate x[k] * w[k, cols] over k for a block of columns.
-        const COLS: usize = 512;
-        let blocks = n.div_ceil(COLS);
-        let parts: Vec<Vec<f32>> = (0..blocks)
+        // w [K, N]: split K so each task streams a contiguous band of whole rows
+        // (sequential memory, even shares), then add the partial sums. Column
+        // blocks measured 23.5 tokens/s on GPT-2 small, K bands 39.
+        let tasks = (4 * rayon::current_num_threads()).clamp(1, k.max(1));
+        let band = k.div_ceil(tasks);
+        let parts: Vec<Vec<f32>> = (0..k.div_ceil(band))
             .into_par_iter()
-            .map(|bi| {
-                let c0 = bi * COLS;
-                let c1 = (c0 + COLS).min(n);
-                let width = c1 - c0;
-                let mut acc = vec![0f32; m * width];
-                for kk in 0..k {
-                    let wrow = &w[kk * n + c0..kk * n + c1];
+            .map(|t| {
+                let k0 = t * band;
+                let k1 = (k0 + band).min(k);
+                let mut acc = vec![0f32; m * n];
+                for kk in k0..k1 {
+                    let wrow = &w[kk * n..(kk + 1) * n];
                     for r in 0..m {
-                        axpy(x[r * k + kk], wrow, &mut acc[r * width..(r + 1) * width]);
+                        axpy(x[r * k + kk], wrow, &mut acc[r * n..(r + 1) * n]);
                     }
                 }
                 acc
             })
             .collect();
-        for (bi, acc) in parts.iter().enumerate() {
-            let c0 = bi * COLS;
-            let width = acc.len() / m.max(1);
-            for r in 0..m {
-                y[r * n + c0..r * n + c0 + width].copy_from_slice(&acc[r * width..(r + 1) * width]);
-            }
+        for p in &parts {
+            y.iter_mut().zip(p).for_each(|(a, b)| *a += b);
         }
     }
     y
