@@ -20,6 +20,15 @@ commands:
 
 fn main() {
     if let Err(e) = run() {
+        // clap reports --help and usage mistakes as errors; print them as clap would.
+        if let Some(ce) = e.downcast_ref::<clap::Error>() {
+            let _ = ce.print();
+            let help = matches!(
+                ce.kind(),
+                clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion
+            );
+            std::process::exit(if help { 0 } else { 2 });
+        }
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }
