@@ -12,6 +12,8 @@ use candle_core::{bail, CpuStorage, CustomOp2, Layout, Result, Shape, Tensor, Wi
 use gemm::Parallelism;
 use rayon::prelude::*;
 
+use super::slice;
+
 /// Stride, padding, dilation and groups of a 2-D convolution (square).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct ConvParams {
@@ -100,14 +102,6 @@ fn geom(x: &[usize], w: &[usize], p: ConvParams, what: &str) -> Result<Geom> {
         wo,
         p,
     })
-}
-
-/// The contiguous slice behind a storage and layout (ops make inputs contiguous first).
-fn slice<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
-    let Some((a, b)) = l.contiguous_offsets() else {
-        bail!("kiln ops: non-contiguous input")
-    };
-    Ok(&s.as_slice::<T>()?[a..b])
 }
 
 /// `dst[m, n] (+)= lhs[m, k] @ rhs[k, n]`, `dst` row-major with row stride `dst_rs`;

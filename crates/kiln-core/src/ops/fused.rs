@@ -11,13 +11,10 @@ use rayon::prelude::*;
 const CHUNK: usize = 1 << 14;
 
 fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
-    let CpuStorage::F32(v) = s else {
+    if !matches!(s, CpuStorage::F32(_)) {
         bail!("{what}: f32 only")
-    };
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&v[a..b]),
-        None => bail!("{what}: contiguous input only"),
     }
+    super::slice(s, l)
 }
 
 const SQRT_2_OVER_PI: f32 = 0.797_884_6;
@@ -112,6 +109,23 @@ fn row_block(c: usize) -> usize {
     (CHUNK / c.max(1)).max(1)
 }
 
+/// Calls `f(out_row, [input rows])` for every row of `c` elements, in parallel
+/// blocks of rows; every input has `out`'s layout.
+fn map_rows<const N: usize>(
+    out: &mut [f32],
+    ins: [&[f32]; N],
+    c: usize,
+    f: impl Fn(&mut [f32], [&[f32]; N]) + Sync,
+) {
+    let rb = row_block(c) * c;
+    out.par_chunks_mut(rb).enumerate().for_each(|(bi, o)| {
+        for (ri, row) in o.chunks_mut(c).enumerate() {
+            let at = bi * rb + ri * c;
+            f(row, ins.map(|x| &x[at..at + c]));
+        }
+    });
+}
+
 /// Softmax over the last dimension.
 pub(crate) struct SoftmaxLast;
 
@@ -124,22 +138,17 @@ impl CustomOp1 for SoftmaxLast {
         let x = f32_slice(s, l, "softmax")?;
         let (_, c) = rows(l)?;
         let mut y = vec![0f32; x.len()];
-        let rb = row_block(c) * c;
-        y.par_chunks_mut(rb)
-            .zip(x.par_chunks(rb))
-            .for_each(|(y, x)| {
-                for (y, x) in y.chunks_mut(c).zip(x.chunks(c)) {
-                    let m = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                    let mut z = 0f32;
-                    for (y, &v) in y.iter_mut().zip(x) {
-                        let e = (v - m).exp();
-                        *y = e;
-                        z += e;
-                    }
-                    let inv = 1.0 / z;
-                    y.iter_mut().for_each(|v| *v *= inv);
-                }
-            });
+        map_rows(&mut y, [x], c, |y, [x]| {
+            let m = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let mut z = 0f32;
+            for (y, &v) in y.iter_mut().zip(x) {
+                let e = (v - m).exp();
+                *y = e;
+                z += e;
+            }
+            let inv = 1.0 / z;
+            y.iter_mut().for_each(|v| *v *= inv);
+        });
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
 
@@ -173,17 +182,12 @@ impl CustomOp2 for SoftmaxLastGrad {
         let g = f32_slice(s2, l2, "softmax grad")?;
         let (_, c) = rows(l1)?;
         let mut out = vec![0f32; y.len()];
-        let rb = row_block(c) * c;
-        out.par_chunks_mut(rb)
-            .zip(y.par_chunks(rb).zip(g.par_chunks(rb)))
-            .for_each(|(o, (y, g))| {
-                for ((o, y), g) in o.chunks_mut(c).zip(y.chunks(c)).zip(g.chunks(c)) {
-                    let dot: f32 = y.iter().zip(g).map(|(a, b)| a * b).sum();
-                    for ((o, &yv), &gv) in o.iter_mut().zip(y).zip(g) {
-                        *o = yv * (gv - dot);
-                    }
-                }
-            });
+        map_rows(&mut out, [y, g], c, |o, [y, g]| {
+            let dot: f32 = y.iter().zip(g).map(|(a, b)| a * b).sum();
+            for ((o, &yv), &gv) in o.iter_mut().zip(y).zip(g) {
+                *o = yv * (gv - dot);
+            }
+        });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 }
@@ -229,17 +233,12 @@ impl CustomOp3 for LayerNorm {
         }
         let eps = self.eps;
         let mut y = vec![0f32; x.len()];
-        let rb = row_block(c) * c;
-        y.par_chunks_mut(rb)
-            .zip(x.par_chunks(rb))
-            .for_each(|(y, x)| {
-                for (y, x) in y.chunks_mut(c).zip(x.chunks(c)) {
-                    let (mean, rstd) = moments(x, eps);
-                    for (((y, &v), &wv), &bv) in y.iter_mut().zip(x).zip(w).zip(b) {
-                        *y = (v - mean) * rstd * wv + bv;
-                    }
-                }
-            });
+        map_rows(&mut y, [x], c, |y, [x]| {
+            let (mean, rstd) = moments(x, eps);
+            for (((y, &v), &wv), &bv) in y.iter_mut().zip(x).zip(w).zip(b) {
+                *y = (v - mean) * rstd * wv + bv;
+            }
+        });
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
@@ -288,27 +287,22 @@ impl CustomOp3 for LayerNormGradX {
         let (_, c) = rows(l1)?;
         let eps = self.eps;
         let mut out = vec![0f32; x.len()];
-        let rb = row_block(c) * c;
-        out.par_chunks_mut(rb)
-            .zip(x.par_chunks(rb).zip(g.par_chunks(rb)))
-            .for_each(|(o, (x, g))| {
-                for ((o, x), g) in o.chunks_mut(c).zip(x.chunks(c)).zip(g.chunks(c)) {
-                    let (mean, rstd) = moments(x, eps);
-                    // gx = rstd * (gh - mean(gh) - xh * mean(gh * xh)), gh = g * w.
-                    let (mut s_gh, mut s_ghxh) = (0f32, 0f32);
-                    for ((&v, &gv), &wv) in x.iter().zip(g).zip(w) {
-                        let gh = gv * wv;
-                        s_gh += gh;
-                        s_ghxh += gh * (v - mean) * rstd;
-                    }
-                    let n = c as f32;
-                    let (m_gh, m_ghxh) = (s_gh / n, s_ghxh / n);
-                    for (((o, &v), &gv), &wv) in o.iter_mut().zip(x).zip(g).zip(w) {
-                        let xh = (v - mean) * rstd;
-                        *o = rstd * (gv * wv - m_gh - xh * m_ghxh);
-                    }
-                }
-            });
+        map_rows(&mut out, [x, g], c, |o, [x, g]| {
+            let (mean, rstd) = moments(x, eps);
+            // gx = rstd * (gh - mean(gh) - xh * mean(gh * xh)), gh = g * w.
+            let (mut s_gh, mut s_ghxh) = (0f32, 0f32);
+            for ((&v, &gv), &wv) in x.iter().zip(g).zip(w) {
+                let gh = gv * wv;
+                s_gh += gh;
+                s_ghxh += gh * (v - mean) * rstd;
+            }
+            let n = c as f32;
+            let (m_gh, m_ghxh) = (s_gh / n, s_ghxh / n);
+            for (((o, &v), &gv), &wv) in o.iter_mut().zip(x).zip(g).zip(w) {
+                let xh = (v - mean) * rstd;
+                *o = rstd * (gv * wv - m_gh - xh * m_ghxh);
+            }
+        });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 }
@@ -387,16 +381,11 @@ impl CustomOp2 for AddBiasLast {
             bail!("add_bias: bias of {} for rows of {c}", b.len());
         }
         let mut y = vec![0f32; x.len()];
-        let rb = row_block(c) * c;
-        y.par_chunks_mut(rb)
-            .zip(x.par_chunks(rb))
-            .for_each(|(y, x)| {
-                for (y, x) in y.chunks_mut(c).zip(x.chunks(c)) {
-                    for ((y, &v), &bv) in y.iter_mut().zip(x).zip(b) {
-                        *y = v + bv;
-                    }
-                }
-            });
+        map_rows(&mut y, [x], c, |y, [x]| {
+            for ((y, &v), &bv) in y.iter_mut().zip(x).zip(b) {
+                *y = v + bv;
+            }
+        });
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 

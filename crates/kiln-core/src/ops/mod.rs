@@ -27,6 +27,17 @@ use candle_core::{DType, Result, Tensor};
 
 use conv::{Conv2dGradInput, Conv2dOp, ConvParams};
 
+/// The contiguous slice behind a storage and layout (ops make inputs contiguous first).
+fn slice<'a, T: candle_core::WithDType>(
+    s: &'a candle_core::CpuStorage,
+    l: &candle_core::Layout,
+) -> Result<&'a [T]> {
+    let Some((a, b)) = l.contiguous_offsets() else {
+        candle_core::bail!("kiln ops: non-contiguous input")
+    };
+    Ok(&s.as_slice::<T>()?[a..b])
+}
+
 /// Whether the kiln CPU kernels serve these tensors.
 fn kiln_cpu(ts: &[&Tensor]) -> bool {
     let dt = ts[0].dtype();

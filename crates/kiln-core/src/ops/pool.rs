@@ -8,6 +8,8 @@ use candle_core::{
 };
 use rayon::prelude::*;
 
+use super::slice;
+
 /// Window and stride of a square pooling, and the input plane it was applied to.
 #[derive(Debug, Clone, Copy)]
 struct Pool {
@@ -40,13 +42,6 @@ fn dims4(l: &Layout, what: &str) -> Result<(usize, usize, usize, usize)> {
         [b, c, h, w] => Ok((b, c, h, w)),
         ref d => bail!("{what}: expected [B, C, H, W], got {d:?}"),
     }
-}
-
-fn slice<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
-    let Some((a, b)) = l.contiguous_offsets() else {
-        bail!("kiln ops: non-contiguous input")
-    };
-    Ok(&s.as_slice::<T>()?[a..b])
 }
 
 fn max_fwd<T: WithDType>(x: &[T], p: &Pool, planes: usize) -> Vec<T> {

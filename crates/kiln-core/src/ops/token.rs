@@ -8,6 +8,8 @@ use candle_core::{
 };
 use rayon::prelude::*;
 
+use super::slice;
+
 /// The float types the row kernels run on.
 pub(crate) trait Real: candle_core::WithDType + std::ops::Neg<Output = Self> {
     fn f(v: f64) -> Self;
@@ -57,13 +59,6 @@ fn stats<T: Real>(row: &[T]) -> (T, T, T) {
 fn shift<T: Real>(row: &[T]) -> (T, T) {
     let (m, s0, _) = stats(row);
     (m, s0.ln())
-}
-
-fn slice<'a, T: candle_core::WithDType>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
-    let Some((a, b)) = l.contiguous_offsets() else {
-        bail!("kiln ops: non-contiguous input")
-    };
-    Ok(&s.as_slice::<T>()?[a..b])
 }
 
 fn rows(l: &Layout, what: &str) -> Result<(Vec<usize>, usize)> {
