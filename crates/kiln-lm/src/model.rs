@@ -48,18 +48,29 @@ impl Activation {
     }
 }
 
-/// `x [.., in] @ w [in, out]`, through a gemv kernel when `x` has few rows.
-pub(crate) fn matmul_in_out(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
-    let dims = x.dims().to_vec();
+/// `x [.., K]` times a weight (`[K, N]`, or `[N, K]` when `transposed`), giving
+/// `[.., N]`: the gemv kernel for few rows (with the bf16 copy when there is
+/// one), candle's gemm otherwise.
+fn project(
+    x: &Tensor,
+    w: &Tensor,
+    bf16: Option<&Tensor>,
+    transposed: bool,
+) -> candle_core::Result<Tensor> {
+    let mut dims = x.dims().to_vec();
     let k = *dims.last().unwrap_or(&0);
     let rows = x.elem_count() / k.max(1);
     let x2 = x.reshape((rows, k))?;
-    let y = crate::gemv::matmul(&x2, w, false)?;
-    let mut out = dims;
-    if let Some(l) = out.last_mut() {
-        *l = w.dim(1)?;
+    let y = match bf16 {
+        Some(wb) if rows <= crate::gemv::MAX_ROWS && x.device().is_cpu() => {
+            crate::gemv::matmul_bf16(&x2, wb, transposed)?
+        }
+        _ => crate::gemv::matmul(&x2, w, transposed)?,
+    };
+    if let Some(l) = dims.last_mut() {
+        *l = y.dim(1)?;
     }
-    y.reshape(out)
+    y.reshape(dims)
 }
 
 /// OpenAI's `Conv1D`: a linear layer storing its weight as `[in, out]`.
@@ -90,18 +101,7 @@ impl Conv1D {
     }
 
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let k = x.dim(D::Minus1)?;
-        let rows = x.elem_count() / k.max(1);
-        let y = match &self.bf16 {
-            Some(w) if rows <= crate::gemv::MAX_ROWS && x.device().is_cpu() => {
-                let mut dims = x.dims().to_vec();
-                if let Some(l) = dims.last_mut() {
-                    *l = w.dim(1)?;
-                }
-                crate::gemv::matmul_bf16(&x.reshape((rows, k))?, w, false)?.reshape(dims)?
-            }
-            _ => matmul_in_out(x, &self.weight)?,
-        };
+        let y = project(x, &self.weight, self.bf16.as_ref(), false)?;
         kiln_core::ops::add_bias_last(&y, &self.bias)
     }
 }
@@ -409,21 +409,7 @@ impl Gpt2 {
 
     /// Logits of `hidden [.., C]`: `[.., V]`.
     pub fn logits(&self, hidden: &Tensor) -> candle_core::Result<Tensor> {
-        let dims = hidden.dims().to_vec();
-        let c = *dims.last().unwrap_or(&0);
-        let rows = hidden.elem_count() / c.max(1);
-        let h2 = hidden.reshape((rows, c))?;
-        let y = match &self.head_bf16 {
-            Some(w) if rows <= crate::gemv::MAX_ROWS && hidden.device().is_cpu() => {
-                crate::gemv::matmul_bf16(&h2, w, true)?
-            }
-            _ => crate::gemv::matmul(&h2, self.head(), true)?,
-        };
-        let mut out = dims;
-        if let Some(l) = out.last_mut() {
-            *l = self.cfg.vocab_size;
-        }
-        y.reshape(out)
+        project(hidden, self.head(), self.head_bf16.as_ref(), true)
     }
 
     /// Keeps bf16 copies of the projection and head weights for decoding (at most
