@@ -203,10 +203,30 @@ impl Conv2d {
     }
 }
 
+impl Conv2d {
+    fn conv(&self, x: &Tensor) -> Result<Tensor> {
+        let c = &self.cfg;
+        crate::ops::conv2d(x, &self.weight, c.stride, c.padding, c.dilation, c.groups)
+    }
+
+    /// `relu(self.forward(x))` with the bias and ReLU fused into one pass each
+    /// way (same values and gradients, fewer passes and tensors).
+    pub fn forward_relu(&self, x: &Tensor) -> Result<Tensor> {
+        bias_relu(&self.conv(x)?, self.bias.as_ref())
+    }
+}
+
+/// Adds a conv layer's optional bias, then ReLU, through the fused ops.
+fn bias_relu(y: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    match bias {
+        Some(b) => crate::ops::add_channel_bias_relu(y, b),
+        None => crate::ops::relu(y),
+    }
+}
+
 impl Module for Conv2d {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let c = &self.cfg;
-        let y = crate::ops::conv2d(x, &self.weight, c.stride, c.padding, c.dilation, c.groups)?;
+        let y = self.conv(x)?;
         match &self.bias {
             Some(b) => crate::ops::add_channel_bias(&y, b),
             None => Ok(y),
@@ -248,17 +268,28 @@ impl ConvTranspose2d {
     }
 }
 
-impl Module for ConvTranspose2d {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+impl ConvTranspose2d {
+    fn conv(&self, x: &Tensor) -> Result<Tensor> {
         let c = &self.cfg;
-        let y = crate::ops::conv_transpose2d(
+        crate::ops::conv_transpose2d(
             x,
             &self.weight,
             c.stride,
             c.padding,
             c.output_padding,
             c.dilation,
-        )?;
+        )
+    }
+
+    /// `relu(self.forward(x))` with the bias and ReLU fused into one pass each way.
+    pub fn forward_relu(&self, x: &Tensor) -> Result<Tensor> {
+        bias_relu(&self.conv(x)?, self.bias.as_ref())
+    }
+}
+
+impl Module for ConvTranspose2d {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = self.conv(x)?;
         match &self.bias {
             Some(b) => crate::ops::add_channel_bias(&y, b),
             None => Ok(y),

@@ -555,3 +555,123 @@ fn channel_bias_matches_broadcast_add() {
     assert_close("bias dx", &dx, &dx0, 1e-6);
     assert_close("bias db", &db, &db0, 1e-5);
 }
+
+#[test]
+fn relu_matches_candle_and_has_pytorchs_zero_gradient_at_zero() {
+    let mut rng = SeededRng::new(70);
+    for (i, dims) in [&[3usize, 5, 4, 7][..], &[40_000], &[2, 1, 1, 3]]
+        .iter()
+        .enumerate()
+    {
+        for dt in [DType::F32, DType::F64] {
+            let x = randn(&mut rng, dims).to_dtype(dt).unwrap();
+            let w = Tensor::zeros(1, dt, &CPU).unwrap();
+            let (y, dx, _) = grads2(|x, _| ops::relu(x), &x, &w, 71 + i as u64);
+            let (y0, dx0, _) = grads2(|x, _| x.relu(), &x, &w, 71 + i as u64);
+            assert_close(&format!("relu y {dims:?} {dt:?}"), &y, &y0, 0.0);
+            assert_close(&format!("relu dx {dims:?} {dt:?}"), &dx, &dx0, 0.0);
+        }
+    }
+    // PyTorch: relu's gradient at exactly 0 is 0 (candle's `relu` passes it).
+    let x = Var::from_tensor(&Tensor::new(&[-1f32, 0.0, 2.0], &CPU).unwrap()).unwrap();
+    let g = ops::relu(x.as_tensor())
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    let dx = g.get(x.as_tensor()).unwrap().to_vec1::<f32>().unwrap();
+    assert_eq!(dx, [0.0, 0.0, 1.0]);
+}
+
+#[test]
+fn channel_bias_relu_matches_bias_then_relu() {
+    let mut rng = SeededRng::new(72);
+    // Planes from 1x1 (the DCGAN generator's first layer) to odd sizes.
+    for (i, dims) in [[3usize, 5, 4, 7], [64, 7, 1, 1], [2, 3, 33, 17]]
+        .iter()
+        .enumerate()
+    {
+        for dt in [DType::F32, DType::F64] {
+            let x = randn(&mut rng, dims).to_dtype(dt).unwrap();
+            let b = randn(&mut rng, &[dims[1]]).to_dtype(dt).unwrap();
+            let (y, dx, db) = grads2(ops::add_channel_bias_relu, &x, &b, 73 + i as u64);
+            let (y0, dx0, db0) = grads2(
+                |x, b| {
+                    x.broadcast_add(&b.reshape((1, b.elem_count(), 1, 1))?)?
+                        .relu()
+                },
+                &x,
+                &b,
+                73 + i as u64,
+            );
+            let what = format!("bias relu {dims:?} {dt:?}");
+            assert_close(&format!("{what} y"), &y, &y0, 1e-7);
+            assert_close(&format!("{what} dx"), &dx, &dx0, 0.0);
+            assert_close(&format!("{what} db"), &db, &db0, 1e-5);
+        }
+    }
+    assert!(ops::add_channel_bias_relu(
+        &Tensor::zeros((1, 3, 2, 2), DType::F32, &CPU).unwrap(),
+        &Tensor::zeros(4, DType::F32, &CPU).unwrap()
+    )
+    .is_err());
+}
+
+#[test]
+fn conv_layers_forward_relu_equals_forward_then_relu() {
+    let vs = VarStore::new(5);
+    let vb = vs.builder(DType::F32, &CPU);
+    let c = Conv2d::new(3, 4, 3, ConvConfig::padding(1), vb.pp("c")).unwrap();
+    let t = ConvTranspose2d::new(4, 2, 2, ConvConfig::stride(2), vb.pp("t")).unwrap();
+    let x = randn(&mut SeededRng::new(74), &[2, 3, 6, 6]);
+    let h = c.forward_relu(&x).unwrap();
+    assert_close(
+        "conv relu",
+        &h,
+        &c.forward(&x).unwrap().relu().unwrap(),
+        1e-7,
+    );
+    let y = t.forward_relu(&h).unwrap();
+    assert_close(
+        "convT relu",
+        &y,
+        &t.forward(&h).unwrap().relu().unwrap(),
+        1e-7,
+    );
+}
+
+#[test]
+fn max_pool2d_2x2_picks_the_first_of_tied_maxima() {
+    // Values from {0, 1, 2}: most windows hold ties, where PyTorch (and the
+    // nested-loop reference) send the gradient to the first in row-major order.
+    let mut rng = SeededRng::new(75);
+    for dims in [[4usize, 3, 8, 8], [1, 2, 7, 9], [600, 1, 2, 2]] {
+        let x = randn(&mut rng, &dims)
+            .affine(1.0, 1.0)
+            .unwrap()
+            .round()
+            .unwrap()
+            .clamp(0f32, 2f32)
+            .unwrap();
+        let xv = Var::from_tensor(&x).unwrap();
+        let y = ops::max_pool2d(xv.as_tensor(), 2, 2).unwrap();
+        let r = randn(&mut SeededRng::new(76), y.dims());
+        let g = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let (y0, dx0) = max_pool_ref(&flat(&x), &flat(&r), dims, 2, 2);
+        let what = format!("2x2 ties {dims:?}");
+        assert_close(
+            &what,
+            &y,
+            &Tensor::from_vec(y0, y.dims(), &CPU).unwrap(),
+            0.0,
+        );
+        let dx = g.get(xv.as_tensor()).unwrap();
+        assert_close(
+            &what,
+            dx,
+            &Tensor::from_vec(dx0, dims.to_vec(), &CPU).unwrap(),
+            0.0,
+        );
+    }
+}

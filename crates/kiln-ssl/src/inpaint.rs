@@ -46,9 +46,9 @@ impl InpaintAe {
 
 impl Module for InpaintAe {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let h = self.pool.forward(&self.c1.forward(x)?.relu()?)?;
-        let h = self.pool.forward(&self.c2.forward(&h)?.relu()?)?;
-        let h = self.d1.forward(&h)?.relu()?;
+        let h = self.pool.forward(&self.c1.forward_relu(x)?)?;
+        let h = self.pool.forward(&self.c2.forward_relu(&h)?)?;
+        let h = self.d1.forward_relu(&h)?;
         candle_nn::ops::sigmoid(&self.d2.forward(&h)?)
     }
 }

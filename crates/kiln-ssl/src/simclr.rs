@@ -196,7 +196,7 @@ impl ModuleT for ConvEncoder {
         let mut h = x.clone();
         let n = self.blocks.len();
         for (i, (conv, bn)) in self.blocks.iter().enumerate() {
-            h = bn.forward_t(&conv.forward(&h)?, train)?.relu()?;
+            h = kiln_core::ops::relu(&bn.forward_t(&conv.forward(&h)?, train)?)?;
             if i + 1 < n {
                 h = self.pool.forward(&h)?;
             }
@@ -234,7 +234,8 @@ impl Simclr {
     /// Projections `[B, proj_dim]` of images.
     pub fn project(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let f = self.encoder.forward_t(x, train)?;
-        self.head2.forward(&self.head1.forward(&f)?.relu()?)
+        self.head2
+            .forward(&kiln_core::ops::relu(&self.head1.forward(&f)?)?)
     }
 }
 

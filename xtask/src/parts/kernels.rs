@@ -45,9 +45,9 @@ impl ConvAe {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let h = self.pool.forward(&self.c1.forward(x)?.relu()?)?;
-        let h = self.pool.forward(&self.c2.forward(&h)?.relu()?)?;
-        let h = self.t1.forward(&h)?.relu()?;
+        let h = self.pool.forward(&self.c1.forward_relu(x)?)?;
+        let h = self.pool.forward(&self.c2.forward_relu(&h)?)?;
+        let h = self.t1.forward_relu(&h)?;
         Ok(kiln_core::candle_nn::ops::sigmoid(&self.t2.forward(&h)?)?)
     }
 }

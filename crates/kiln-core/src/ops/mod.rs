@@ -18,6 +18,30 @@
 //! # Ok::<(), candle_core::Error>(())
 //! ```
 
+/// Runs `$body` with the type alias `$t` bound to the storage's float type and
+/// wraps the `Vec<$t>` it returns back into a storage; other dtypes are an error
+/// naming the op. Defined before the modules so that all of them see it.
+macro_rules! by_float {
+    ($s:expr, $what:expr, |$t:ident| $body:expr) => {
+        match $s {
+            CpuStorage::F32(_) => {
+                type $t = f32;
+                CpuStorage::F32($body)
+            }
+            CpuStorage::F64(_) => {
+                type $t = f64;
+                CpuStorage::F64($body)
+            }
+            s => candle_core::bail!(
+                "{}: only f32 and f64 have a kiln CPU kernel (got {:?})",
+                $what,
+                candle_core::backend::BackendStorage::dtype(s)
+            ),
+        }
+    };
+}
+
+mod act;
 mod conv;
 mod fused;
 mod pool;
@@ -206,4 +230,23 @@ pub fn add_channel_bias(x: &Tensor, bias: &Tensor) -> Result<Tensor> {
     }
     x.contiguous()?
         .apply_op2(&bias.contiguous()?, pool::ChannelBias)
+}
+
+/// `max(x, 0)` with a one-pass backward on the CPU (f32/f64); candle's `relu`
+/// elsewhere. The gradient at exactly 0 is 0, as in PyTorch.
+pub fn relu(x: &Tensor) -> Result<Tensor> {
+    if !kiln_cpu(&[x]) {
+        return act::relu_composite(x);
+    }
+    x.contiguous()?.apply_op1(act::Relu)
+}
+
+/// `max(x + bias, 0)` for `x [B, C, H, W]`, `bias [C]` (a conv layer's bias and
+/// ReLU in one pass, with one-pass gradients to both); candle's ops elsewhere.
+pub fn add_channel_bias_relu(x: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    if !kiln_cpu(&[x, bias]) || x.rank() != 4 {
+        return act::channel_bias_relu_composite(x, bias);
+    }
+    x.contiguous()?
+        .apply_op2(&bias.contiguous()?, act::ChannelBiasRelu)
 }

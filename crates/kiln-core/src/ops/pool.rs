@@ -2,7 +2,6 @@
 //! each window's argmax and scatters the gradient there in one pass, which
 //! also handles overlapping windows (kernel > stride).
 
-use candle_core::backend::BackendStorage;
 use candle_core::{
     bail, CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor, WithDType,
 };
@@ -44,8 +43,128 @@ fn dims4(l: &Layout, what: &str) -> Result<(usize, usize, usize, usize)> {
     }
 }
 
+/// Whether the window is the common 2x2, stride 2, which has its own loops.
+fn is_2x2(p: &Pool) -> bool {
+    p.kernel == 2 && p.stride == 2
+}
+
+/// Index (0..4, row-major) and value of the first maximum of a 2x2 window,
+/// PyTorch's pick among ties.
+#[inline]
+fn argmax4<T: WithDType>(v: [T; 4]) -> (usize, T) {
+    let mut at = (0, v[0]);
+    for (i, &x) in v.iter().enumerate().skip(1) {
+        if x > at.1 {
+            at = (i, x);
+        }
+    }
+    at
+}
+
+/// 2x2 / stride-2 max pooling of one plane, row pair by row pair.
+fn max_fwd_2x2<T: WithDType>(yp: &mut [T], xp: &[T], p: &Pool) {
+    for (oy, yr) in yp.chunks_exact_mut(p.wo).enumerate() {
+        let r0 = &xp[2 * oy * p.w..][..2 * p.wo];
+        let r1 = &xp[(2 * oy + 1) * p.w..][..2 * p.wo];
+        for ((o, a), b) in yr
+            .iter_mut()
+            .zip(r0.chunks_exact(2))
+            .zip(r1.chunks_exact(2))
+        {
+            *o = argmax4([a[0], a[1], b[0], b[1]]).1;
+        }
+    }
+}
+
+/// Routes a 2x2 window's gradient `g` to the first of its maxima, without
+/// branches: a branch on the argmax of random data mispredicts most of the time,
+/// and x86 has no conditional move for float registers, so the choice is made
+/// by multiplying with 0 or 1 (LLVM turns float selects, even bit-masked ones,
+/// back into branches). A NaN or infinite `g` therefore reaches all four cells.
+trait Route2x2: Copy {
+    /// `[a0, a1, b0, b1]` (row-major) to their gradients.
+    fn route(w: [Self; 4], g: Self) -> [Self; 4];
+}
+
+macro_rules! route2x2 {
+    ($t:ty) => {
+        impl Route2x2 for $t {
+            #[inline(always)]
+            fn route([a0, a1, b0, b1]: [Self; 4], g: Self) -> [Self; 4] {
+                let m = a0.max(a1).max(b0.max(b1));
+                let e0 = a0 == m;
+                let e1 = !e0 & (a1 == m);
+                let e2 = !(e0 | e1) & (b0 == m);
+                let e3 = !(e0 | e1 | e2);
+                let keep = |e: bool| g * <$t>::from(e as u8);
+                [keep(e0), keep(e1), keep(e2), keep(e3)]
+            }
+        }
+    };
+}
+route2x2!(f32);
+route2x2!(f64);
+
+/// 2x2 / stride-2 max pooling's gradient for one plane (`dxp` starts zeroed).
+fn max_bwd_2x2<T: WithDType + Route2x2>(dxp: &mut [T], xp: &[T], dyp: &[T], p: &Pool) {
+    let n = 2 * p.wo;
+    for (oy, dyr) in dyp.chunks_exact(p.wo).enumerate() {
+        let r0 = &xp[2 * oy * p.w..][..n];
+        let r1 = &xp[(2 * oy + 1) * p.w..][..n];
+        let (d0, d1) = dxp[2 * oy * p.w..].split_at_mut(p.w);
+        let (d0, d1) = (&mut d0[..n], &mut d1[..n]);
+        let one = |k: usize, d0: &mut [T], d1: &mut [T], g: T| {
+            let o = T::route([r0[2 * k], r0[2 * k + 1], r1[2 * k], r1[2 * k + 1]], g);
+            (d0[2 * k], d0[2 * k + 1], d1[2 * k], d1[2 * k + 1]) = (o[0], o[1], o[2], o[3]);
+        };
+        // Blocks of 8 windows with fixed-size arrays: no bounds checks inside.
+        let blocks = p.wo / 8;
+        for (bi, ((((g, x0), x1), y0), y1)) in dyr
+            .chunks_exact(8)
+            .zip(r0.chunks_exact(16))
+            .zip(r1.chunks_exact(16))
+            .zip(d0.chunks_exact_mut(16))
+            .zip(d1.chunks_exact_mut(16))
+            .enumerate()
+        {
+            let (Ok(g), Ok(x0), Ok(x1), Ok(y0), Ok(y1)) = (
+                <&[T; 8]>::try_from(g),
+                <&[T; 16]>::try_from(x0),
+                <&[T; 16]>::try_from(x1),
+                <&mut [T; 16]>::try_from(y0),
+                <&mut [T; 16]>::try_from(y1),
+            ) else {
+                unreachable!("chunks_exact gives exact lengths (block {bi})")
+            };
+            for k in 0..8 {
+                let o = T::route([x0[2 * k], x0[2 * k + 1], x1[2 * k], x1[2 * k + 1]], g[k]);
+                (y0[2 * k], y0[2 * k + 1], y1[2 * k], y1[2 * k + 1]) = (o[0], o[1], o[2], o[3]);
+            }
+        }
+        for (k, &g) in dyr.iter().enumerate().skip(blocks * 8) {
+            one(k, d0, d1, g);
+        }
+    }
+}
+
+/// Planes per parallel task: about 16K input elements, so small planes batch up.
+fn planes_per_task(p: &Pool) -> usize {
+    ((1 << 14) / (p.h * p.w).max(1)).max(1)
+}
+
 fn max_fwd<T: WithDType>(x: &[T], p: &Pool, planes: usize) -> Vec<T> {
     let mut y = vec![T::from_f64(0.0); planes * p.ho * p.wo];
+    if is_2x2(p) {
+        let k = planes_per_task(p);
+        y.par_chunks_mut(k * p.ho * p.wo)
+            .zip(x.par_chunks(k * p.h * p.w))
+            .for_each(|(ys, xs)| {
+                for (yp, xp) in ys.chunks_mut(p.ho * p.wo).zip(xs.chunks(p.h * p.w)) {
+                    max_fwd_2x2(yp, xp, p);
+                }
+            });
+        return y;
+    }
     y.par_chunks_mut(p.ho * p.wo)
         .zip(x.par_chunks(p.h * p.w))
         .for_each(|(yp, xp)| {
@@ -67,8 +186,20 @@ fn max_fwd<T: WithDType>(x: &[T], p: &Pool, planes: usize) -> Vec<T> {
     y
 }
 
-fn max_bwd<T: WithDType>(x: &[T], dy: &[T], p: &Pool, planes: usize) -> Vec<T> {
+fn max_bwd<T: WithDType + Route2x2>(x: &[T], dy: &[T], p: &Pool, planes: usize) -> Vec<T> {
     let mut dx = vec![T::from_f64(0.0); planes * p.h * p.w];
+    if is_2x2(p) {
+        let k = planes_per_task(p);
+        let (n, m) = (p.h * p.w, p.ho * p.wo);
+        dx.par_chunks_mut(k * n)
+            .zip(x.par_chunks(k * n).zip(dy.par_chunks(k * m)))
+            .for_each(|(dxs, (xs, dys))| {
+                for ((dxp, xp), dyp) in dxs.chunks_mut(n).zip(xs.chunks(n)).zip(dys.chunks(m)) {
+                    max_bwd_2x2(dxp, xp, dyp, p);
+                }
+            });
+        return dx;
+    }
     dx.par_chunks_mut(p.h * p.w)
         .zip(x.par_chunks(p.h * p.w).zip(dy.par_chunks(p.ho * p.wo)))
         .for_each(|(dxp, (xp, dyp))| {
@@ -136,26 +267,6 @@ fn avg_bwd<T: WithDType>(dy: &[T], p: &Pool, planes: usize) -> Vec<T> {
     dx
 }
 
-macro_rules! by_dtype {
-    ($s:expr, $what:expr, |$t:ident| $body:expr) => {
-        match $s {
-            CpuStorage::F32(_) => {
-                type $t = f32;
-                CpuStorage::F32($body)
-            }
-            CpuStorage::F64(_) => {
-                type $t = f64;
-                CpuStorage::F64($body)
-            }
-            s => bail!(
-                "{}: only f32 and f64 have a kiln CPU kernel (got {:?})",
-                $what,
-                s.dtype()
-            ),
-        }
-    };
-}
-
 /// Max pooling; op1 on `x`.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct MaxPool {
@@ -194,7 +305,7 @@ impl CustomOp1 for MaxPool {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let (b, c, h, w) = dims4(l, "max_pool2d")?;
         let p = Pool::new(h, w, self.kernel, self.stride, "max_pool2d")?;
-        let out = by_dtype!(s, "max_pool2d", |T| max_fwd::<T>(slice(s, l)?, &p, b * c));
+        let out = by_float!(s, "max_pool2d", |T| max_fwd::<T>(slice(s, l)?, &p, b * c));
         Ok((out, Shape::from((b, c, p.ho, p.wo))))
     }
 
@@ -228,7 +339,7 @@ impl CustomOp2 for MaxPoolGrad {
                 l1.dims()
             )
         }
-        let out = by_dtype!(s1, "max_pool2d", |T| max_bwd::<T>(
+        let out = by_float!(s1, "max_pool2d", |T| max_bwd::<T>(
             slice(s1, l1)?,
             slice(s2, l2)?,
             &p,
@@ -246,7 +357,7 @@ impl CustomOp1 for AvgPool {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let (b, c, h, w) = dims4(l, "avg_pool2d")?;
         let p = Pool::new(h, w, self.kernel, self.stride, "avg_pool2d")?;
-        let out = by_dtype!(s, "avg_pool2d", |T| avg_fwd::<T>(slice(s, l)?, &p, b * c));
+        let out = by_float!(s, "avg_pool2d", |T| avg_fwd::<T>(slice(s, l)?, &p, b * c));
         Ok((out, Shape::from((b, c, p.ho, p.wo))))
     }
 
@@ -278,7 +389,7 @@ impl CustomOp1 for AvgPoolGrad {
                 self.w
             )
         }
-        let out = by_dtype!(s, "avg_pool2d grad", |T| avg_bwd::<T>(
+        let out = by_float!(s, "avg_pool2d grad", |T| avg_bwd::<T>(
             slice(s, l)?,
             &p,
             b * c
@@ -302,6 +413,27 @@ impl CustomOp1 for AvgPoolGrad {
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct ChannelBias;
 
+/// The sum of `xs` in eight interleaved partial sums, which the compiler turns
+/// into SIMD adds (a single running sum is one dependent add per element).
+fn sum_lanes<T: WithDType>(xs: &[T]) -> T {
+    let z = T::from_f64(0.0);
+    let mut acc = [z; 8];
+    let chunks = xs.chunks_exact(8);
+    let tail = chunks.remainder().iter().fold(z, |a, &v| a + v);
+    for c in chunks {
+        for (a, &v) in acc.iter_mut().zip(c) {
+            *a += v;
+        }
+    }
+    acc.iter().fold(tail, |a, &v| a + v)
+}
+
+/// Sum of `dy [B, C, H, W]` over all but the channel dimension (a conv bias's
+/// gradient), with autograd.
+pub(crate) fn channel_sum(dy: &Tensor) -> Result<Tensor> {
+    dy.contiguous()?.apply_op1(ChannelSum)
+}
+
 /// Sum of `dy [B, C, H, W]` over all but the channel dimension; op1.
 #[derive(Debug, Clone, Copy)]
 struct ChannelSum;
@@ -323,7 +455,7 @@ impl CustomOp2 for ChannelBias {
             bail!("channel bias: bias {:?} for {c} channels", l2.dims())
         }
         let hw = h * w;
-        let out = by_dtype!(s1, "channel bias", |T| {
+        let out = by_float!(s1, "channel bias", |T| {
             let (x, bias) = (slice::<T>(s1, l1)?, slice::<T>(s2, l2)?);
             let mut y = vec![T::from_f64(0.0); b * c * hw];
             y.par_chunks_mut(hw)
@@ -360,12 +492,13 @@ impl CustomOp1 for ChannelSum {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let (_, c, h, w) = dims4(l, "channel sum")?;
         let hw = h * w;
-        let out = by_dtype!(s, "channel sum", |T| {
+        let out = by_float!(s, "channel sum", |T| {
             let x = slice::<T>(s, l)?;
             // Per-plane sums in parallel, then a small sequential fold over the batch.
             let sums: Vec<T> = x
-                .par_chunks(hw)
-                .map(|p| p.iter().fold(T::from_f64(0.0), |a, v| a + *v))
+                .par_chunks(hw.max(1))
+                .with_min_len((1 << 14) / hw.max(1))
+                .map(sum_lanes)
                 .collect();
             let mut out = vec![T::from_f64(0.0); c];
             for (i, s) in sums.iter().enumerate() {

@@ -2,7 +2,6 @@
 //! `V` logits at a time: no `[B, T, V]` log-softmax is ever materialised, and
 //! the backward writes the logits' gradient directly in one pass per row.
 
-use candle_core::backend::BackendStorage;
 use candle_core::{
     bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor,
 };
@@ -86,26 +85,6 @@ fn targets(s: &CpuStorage, l: &Layout, n: usize, v: usize, what: &str) -> Result
             Ok(i)
         })
         .collect()
-}
-
-macro_rules! by_float {
-    ($s:expr, $what:expr, |$t:ident| $body:expr) => {
-        match $s {
-            CpuStorage::F32(_) => {
-                type $t = f32;
-                CpuStorage::F32($body)
-            }
-            CpuStorage::F64(_) => {
-                type $t = f64;
-                CpuStorage::F64($body)
-            }
-            s => bail!(
-                "{}: only f32 and f64 have a kiln CPU kernel (got {:?})",
-                $what,
-                s.dtype()
-            ),
-        }
-    };
 }
 
 /// `log_softmax(logits)[target]`; op2 on `(logits [.., V], targets [..] u32)`.
