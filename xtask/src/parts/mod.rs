@@ -10,6 +10,7 @@ use clap::Parser;
 use kiln_data::{open_with, Dataset, DatasetSpec, OpenOptions, Split};
 
 pub mod core;
+pub mod cuda;
 pub mod data;
 pub mod kernels;
 pub mod lm;
@@ -65,6 +66,7 @@ pub fn all() -> Vec<Component> {
         prompt::component(),
         lm::component(),
         kernels::component(),
+        cuda::component(),
     ]
 }
 

@@ -40,6 +40,15 @@ impl CustomOp1 for GeluTanh {
         "kiln-gelu-tanh"
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        super::cuda::gelu_tanh_fwd(s, l)
+    }
+
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = f32_slice(s, l, "gelu")?;
         let mut y = vec![0f32; x.len()];
@@ -71,6 +80,17 @@ struct GeluTanhGrad;
 impl CustomOp2 for GeluTanhGrad {
     fn name(&self) -> &'static str {
         "kiln-gelu-tanh-grad"
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        super::cuda::gelu_tanh_bwd(s1, l1, s2, l2)
     }
 
     fn cpu_fwd(
@@ -134,6 +154,15 @@ impl CustomOp1 for SoftmaxLast {
         "kiln-softmax-last"
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        super::cuda::softmax_fwd(s, l)
+    }
+
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = f32_slice(s, l, "softmax")?;
         let (_, c) = rows(l)?;
@@ -169,6 +198,17 @@ struct SoftmaxLastGrad;
 impl CustomOp2 for SoftmaxLastGrad {
     fn name(&self) -> &'static str {
         "kiln-softmax-last-grad"
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        super::cuda::softmax_bwd(s1, l1, s2, l2)
     }
 
     fn cpu_fwd(
@@ -209,6 +249,19 @@ fn moments(x: &[f32], eps: f32) -> (f32, f32) {
 impl CustomOp3 for LayerNorm {
     fn name(&self) -> &'static str {
         "kiln-layer-norm"
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        super::cuda::layer_norm_fwd(self.eps, (s1, l1), (s2, l2), (s3, l3))
     }
 
     fn cpu_fwd(
@@ -272,6 +325,19 @@ impl CustomOp3 for LayerNormGradX {
         "kiln-layer-norm-grad-x"
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        super::cuda::layer_norm_bwd_x(self.eps, (s1, l1), (s2, l2), (s3, l3))
+    }
+
     fn cpu_fwd(
         &self,
         s1: &CpuStorage,
@@ -314,6 +380,17 @@ struct LayerNormGradWB {
 impl CustomOp2 for LayerNormGradWB {
     fn name(&self) -> &'static str {
         "kiln-layer-norm-grad-wb"
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        super::cuda::layer_norm_bwd_wb(self.eps, s1, l1, s2, l2)
     }
 
     fn cpu_fwd(
@@ -367,6 +444,17 @@ impl CustomOp2 for AddBiasLast {
         "kiln-add-bias-last"
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        super::cuda::add_bias_last(s1, l1, s2, l2)
+    }
+
     fn cpu_fwd(
         &self,
         s1: &CpuStorage,
@@ -408,6 +496,15 @@ struct SumRows;
 impl CustomOp1 for SumRows {
     fn name(&self) -> &'static str {
         "kiln-sum-rows"
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        super::cuda::sum_rows(s, l)
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {

@@ -5,8 +5,12 @@
 //! log-probabilities and entropies that never build `[B, T, V]` log-softmaxes.
 //!
 //! Each function takes the kiln kernel for f32/f64 tensors on the CPU and falls
-//! back to candle's own op elsewhere (CUDA, half types), so callers need no
-//! device checks of their own.
+//! back to candle's own op elsewhere (half types, and CUDA in the default
+//! build), so callers need no device checks of their own. With the `cuda`
+//! feature, CUDA tensors go to kiln's CUDA kernels (`kernels/*.cu`, glue in
+//! `cuda.rs`): token log-probs/entropy and pooling (f32/f64), GELU, softmax,
+//! layer norm and the bias adds (f32). Convolutions on CUDA use candle's own
+//! kernels (no cuDNN).
 //!
 //! ```
 //! use kiln_core::{ops, Device, Tensor};
@@ -43,6 +47,8 @@ macro_rules! by_float {
 
 mod act;
 mod conv;
+#[cfg(feature = "cuda")]
+mod cuda;
 mod fused;
 mod pool;
 mod token;
@@ -67,6 +73,29 @@ fn kiln_cpu(ts: &[&Tensor]) -> bool {
     let dt = ts[0].dtype();
     matches!(dt, DType::F32 | DType::F64)
         && ts.iter().all(|t| t.device().is_cpu() && t.dtype() == dt)
+}
+
+/// Whether the kiln CUDA kernels serve these tensors: all on one CUDA device,
+/// all f32 (or all f64 where `f64_too`). Always false without the `cuda` feature.
+fn kiln_cuda(ts: &[&Tensor], f64_too: bool) -> bool {
+    #[cfg(feature = "cuda")]
+    {
+        let (dt, dev) = (ts[0].dtype(), ts[0].device());
+        (dt == DType::F32 || (f64_too && dt == DType::F64))
+            && ts
+                .iter()
+                .all(|t| t.device().is_cuda() && t.device().same_device(dev) && t.dtype() == dt)
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (ts, f64_too);
+        false
+    }
+}
+
+/// Whether a kiln kernel (CPU, or CUDA with the feature) serves these f32/f64 tensors.
+fn kiln_any(ts: &[&Tensor]) -> bool {
+    kiln_cpu(ts) || kiln_cuda(ts, true)
 }
 
 /// 2-D convolution of `x [B, C_in, H, W]` with `w [C_out, C_in/groups, kh, kw]`,
@@ -133,7 +162,7 @@ pub fn conv_transpose2d(
 /// Max pooling of `x [B, C, H, W]` over `kernel x kernel` windows every `stride`
 /// (no padding, floor mode). The gradient goes to the first maximum of each window.
 pub fn max_pool2d(x: &Tensor, kernel: usize, stride: usize) -> Result<Tensor> {
-    if !kiln_cpu(&[x]) {
+    if !kiln_any(&[x]) {
         return x.max_pool2d_with_stride(kernel, stride);
     }
     x.contiguous()?.apply_op1(pool::MaxPool { kernel, stride })
@@ -142,7 +171,7 @@ pub fn max_pool2d(x: &Tensor, kernel: usize, stride: usize) -> Result<Tensor> {
 /// Average pooling of `x [B, C, H, W]` over `kernel x kernel` windows every `stride`
 /// (no padding, floor mode).
 pub fn avg_pool2d(x: &Tensor, kernel: usize, stride: usize) -> Result<Tensor> {
-    if !kiln_cpu(&[x]) {
+    if !kiln_any(&[x]) {
         return x.avg_pool2d_with_stride(kernel, stride);
     }
     x.contiguous()?.apply_op1(pool::AvgPool { kernel, stride })
@@ -153,7 +182,7 @@ pub fn avg_pool2d(x: &Tensor, kernel: usize, stride: usize) -> Result<Tensor> {
 /// backward materialises `[.., V]` log-probabilities; the backward writes
 /// `grad * (onehot - softmax)` straight into the logits' gradient.
 pub fn token_logprobs(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
-    if !kiln_cpu(&[logits]) || !targets.device().is_cpu() {
+    if !kiln_any(&[logits]) || !targets.device().same_device(logits.device()) {
         let lp = crate::nn::log_softmax(logits, candle_core::D::Minus1)?;
         let idx = targets
             .to_dtype(DType::U32)?
@@ -169,22 +198,24 @@ pub fn token_logprobs(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
 /// Entropy of `softmax(logits, -1)` per row: `logits [.., V]` give `[..]`, with a
 /// backward that needs no `[.., V]` intermediate beyond the gradient itself.
 pub fn token_entropy(logits: &Tensor) -> Result<Tensor> {
-    if !kiln_cpu(&[logits]) {
+    if !kiln_any(&[logits]) {
         let lp = crate::nn::log_softmax(logits, candle_core::D::Minus1)?;
         return (lp.exp()? * &lp)?.sum(candle_core::D::Minus1)?.neg();
     }
     logits.contiguous()?.apply_op1(token::TokenEntropy)
 }
 
-fn kiln_cpu_f32(ts: &[&Tensor]) -> bool {
+/// Whether a kiln f32 kernel (CPU, or CUDA with the feature) serves these tensors.
+fn kiln_f32(ts: &[&Tensor]) -> bool {
     ts.iter()
         .all(|t| t.device().is_cpu() && t.dtype() == DType::F32)
+        || kiln_cuda(ts, false)
 }
 
 /// GELU, tanh approximation (GPT-2's `gelu_new`, PyTorch's
 /// `gelu(approximate="tanh")`), with a one-pass backward on the CPU.
 pub fn gelu_tanh(x: &Tensor) -> Result<Tensor> {
-    if !kiln_cpu_f32(&[x]) {
+    if !kiln_f32(&[x]) {
         return x.gelu();
     }
     x.contiguous()?.apply_op1(fused::GeluTanh)
@@ -193,7 +224,7 @@ pub fn gelu_tanh(x: &Tensor) -> Result<Tensor> {
 /// Softmax over the last dimension, one pass forward and one backward
 /// (`y * (g - sum(g * y))`) on the CPU; the max-subtracted composite elsewhere.
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
-    if !kiln_cpu_f32(&[x]) {
+    if !kiln_f32(&[x]) {
         return crate::nn::softmax_composite(x, candle_core::D::Minus1);
     }
     x.contiguous()?.apply_op1(fused::SoftmaxLast)
@@ -202,7 +233,7 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
 /// Layer norm over the last dimension, `(x - mean) / sqrt(var + eps) * w + b`,
 /// with gradients to `x`, `w` and `b` in two passes on the CPU.
 pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
-    if !kiln_cpu_f32(&[x, w, b]) {
+    if !kiln_f32(&[x, w, b]) {
         return crate::nn::layer_norm_composite(x, w, b, eps);
     }
     x.contiguous()?.apply_op3(
@@ -215,7 +246,7 @@ pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor
 /// `x [.., C] + bias [C]` (a linear layer's bias), with a one-pass bias
 /// gradient on the CPU; candle's broadcast add elsewhere.
 pub fn add_bias_last(x: &Tensor, bias: &Tensor) -> Result<Tensor> {
-    if !kiln_cpu_f32(&[x, bias]) || bias.rank() != 1 {
+    if !kiln_f32(&[x, bias]) || bias.rank() != 1 {
         return x.broadcast_add(bias);
     }
     x.contiguous()?
@@ -223,9 +254,10 @@ pub fn add_bias_last(x: &Tensor, bias: &Tensor) -> Result<Tensor> {
 }
 
 /// `x [B, C, H, W] + bias [C]` (a conv layer's bias), with a one-pass bias
-/// gradient on the CPU; candle's broadcast add elsewhere.
+/// gradient on the CPU (and CUDA with the `cuda` feature); candle's broadcast
+/// add elsewhere.
 pub fn add_channel_bias(x: &Tensor, bias: &Tensor) -> Result<Tensor> {
-    if !kiln_cpu(&[x, bias]) || x.rank() != 4 {
+    if !kiln_any(&[x, bias]) || x.rank() != 4 {
         return x.broadcast_add(&bias.reshape((1, bias.elem_count(), 1, 1))?);
     }
     x.contiguous()?

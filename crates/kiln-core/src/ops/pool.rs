@@ -302,6 +302,15 @@ impl CustomOp1 for MaxPool {
         "kiln-max-pool2d"
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        super::cuda::pool_fwd(true, self.kernel, self.stride, s, l)
+    }
+
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let (b, c, h, w) = dims4(l, "max_pool2d")?;
         let p = Pool::new(h, w, self.kernel, self.stride, "max_pool2d")?;
@@ -321,6 +330,17 @@ impl CustomOp1 for MaxPool {
 impl CustomOp2 for MaxPoolGrad {
     fn name(&self) -> &'static str {
         "kiln-max-pool2d-grad"
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        super::cuda::max_pool_bwd(self.kernel, self.stride, s1, l1, s2, l2)
     }
 
     fn cpu_fwd(
@@ -354,6 +374,15 @@ impl CustomOp1 for AvgPool {
         "kiln-avg-pool2d"
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        super::cuda::pool_fwd(false, self.kernel, self.stride, s, l)
+    }
+
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let (b, c, h, w) = dims4(l, "avg_pool2d")?;
         let p = Pool::new(h, w, self.kernel, self.stride, "avg_pool2d")?;
@@ -376,6 +405,15 @@ impl CustomOp1 for AvgPool {
 impl CustomOp1 for AvgPoolGrad {
     fn name(&self) -> &'static str {
         "kiln-avg-pool2d-grad"
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        super::cuda::avg_pool_bwd(self.kernel, self.stride, (self.h, self.w), s, l)
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
@@ -443,6 +481,17 @@ impl CustomOp2 for ChannelBias {
         "kiln-channel-bias"
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        super::cuda::channel_bias(s1, l1, s2, l2)
+    }
+
     fn cpu_fwd(
         &self,
         s1: &CpuStorage,
@@ -487,6 +536,15 @@ impl CustomOp2 for ChannelBias {
 impl CustomOp1 for ChannelSum {
     fn name(&self) -> &'static str {
         "kiln-channel-sum"
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        super::cuda::channel_sum(s, l)
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {

@@ -158,6 +158,17 @@ impl CustomOp2 for TokenLogprobs {
         "kiln-token-logprobs"
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        super::cuda::token_logprobs_fwd(s1, l1, s2, l2)
+    }
+
     fn cpu_fwd(
         &self,
         s1: &CpuStorage,
@@ -193,6 +204,19 @@ impl CustomOp3 for TokenLogprobsGrad {
         "kiln-token-logprobs-grad"
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        super::cuda::token_logprobs_bwd(s1, l1, s2, l2, s3, l3)
+    }
+
     fn cpu_fwd(
         &self,
         s1: &CpuStorage,
@@ -223,6 +247,15 @@ impl CustomOp1 for TokenEntropy {
         "kiln-token-entropy"
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        super::cuda::token_entropy_fwd(s, l)
+    }
+
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let (lead, v) = rows(l, "token_entropy")?;
         let out = by_float!(s, "token_entropy", |T| entropy_fwd::<T>(slice(s, l)?, v));
@@ -239,6 +272,17 @@ impl CustomOp1 for TokenEntropy {
 impl CustomOp2 for TokenEntropyGrad {
     fn name(&self) -> &'static str {
         "kiln-token-entropy-grad"
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        super::cuda::token_entropy_bwd(s1, l1, s2, l2)
     }
 
     fn cpu_fwd(

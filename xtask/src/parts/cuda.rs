@@ -1,0 +1,810 @@
+//! CUDA without a GPU, and the data for checking kiln's kernels on one.
+//!
+//! - `cuda-check [--install] [--compute-cap N] [--ccbin CXX] [--workspace]`
+//!   builds kiln-core with its `cuda` feature (candle's kernels and kiln's
+//!   `kernels/*.cu` compiled to PTX by nvcc) on a machine without a GPU and
+//!   says how long each step took. `--install` first installs Debian
+//!   bookworm's `nvidia-cuda-toolkit` (CUDA 11.8) from `contrib` + `non-free`.
+//!   The PTX files are copied to `--ptx-out` (default `scripts/gpu-check/ptx`).
+//! - `export-gpu-refs DIR` writes, for every kernel, its inputs and the kiln CPU
+//!   ops' outputs as `.npy` files and a `manifest.json` saying how to launch it;
+//!   `scripts/gpu-check.sh` runs them on a GPU with CuPy and compares.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+use kiln_core::optim::{OptimKind, Optimizer, ParamGroup};
+use kiln_core::rng::SeededRng;
+use kiln_core::{ops, DType, Device, Tensor, Var};
+use serde_json::{json, Value};
+
+use super::Component;
+
+/// Registers `cuda-check` and `export-gpu-refs`.
+pub fn component() -> Component {
+    Component {
+        commands: vec![
+            (
+                "cuda-check",
+                "[--install] [--compute-cap N] [--workspace]  build kiln-core's CUDA kernels without a GPU (opt-in)",
+                cuda_check,
+            ),
+            (
+                "export-gpu-refs",
+                "DIR                                  kernel inputs + CPU outputs for scripts/gpu-check.sh",
+                export_gpu_refs,
+            ),
+        ],
+        ..Default::default()
+    }
+}
+
+#[derive(Parser, Debug)]
+#[command(about = "Build kiln-core with --features cuda on a machine without a GPU")]
+struct CheckArgs {
+    /// Install Debian's nvidia-cuda-toolkit first (root; adds contrib/non-free to apt).
+    #[arg(long)]
+    install: bool,
+    /// CUDA_COMPUTE_CAP for candle's and kiln's kernels. 80 by default: candle's
+    /// build (cudaforge) turns 90 into compute_90a, which CUDA 11.8's nvcc rejects.
+    #[arg(long, default_value = "80")]
+    compute_cap: String,
+    /// Host C++ compiler for nvcc (NVCC_CCBIN); found automatically if unset.
+    #[arg(long)]
+    ccbin: Option<String>,
+    /// Also `cargo check --workspace --all-targets --features kiln-core/cuda`.
+    #[arg(long)]
+    workspace: bool,
+    /// Where to copy the PTX files (for scripts/gpu-check.sh).
+    #[arg(long, default_value = "scripts/gpu-check/ptx")]
+    ptx_out: PathBuf,
+}
+
+fn sh(cmd: &mut Command, what: &str) -> Result<()> {
+    eprintln!("==> {what}");
+    let st = cmd.status().with_context(|| format!("running {what}"))?;
+    if !st.success() {
+        bail!("{what} failed ({st})");
+    }
+    Ok(())
+}
+
+const SOURCES_FILE: &str = "/etc/apt/sources.list.d/kiln-non-free.sources";
+
+/// An apt sources entry for bookworm's contrib + non-free, on the mirror of the
+/// machine's own Debian entry.
+fn non_free_sources() -> Result<String> {
+    let mut uri = None;
+    let mut signed = None;
+    for e in std::fs::read_dir("/etc/apt/sources.list.d")? {
+        let p = e?.path();
+        if p.extension().is_none_or(|x| x != "sources") || p == Path::new(SOURCES_FILE) {
+            continue;
+        }
+        let text = std::fs::read_to_string(&p)?;
+        for stanza in text.split("\n\n") {
+            let field = |k: &str| {
+                stanza
+                    .lines()
+                    .find_map(|l| l.strip_prefix(k).map(|v| v.trim().to_string()))
+            };
+            let (Some(u), Some(s)) = (field("URIs:"), field("Suites:")) else {
+                continue;
+            };
+            if s.split_whitespace().any(|x| x == "bookworm") && uri.is_none() {
+                uri = Some(u);
+                signed = field("Signed-By:");
+            }
+        }
+    }
+    let Some(uri) = uri else {
+        bail!("no bookworm entry in /etc/apt/sources.list.d/*.sources to take the mirror from")
+    };
+    let mut s = format!(
+        "Types: deb\nURIs: {uri}\nSuites: bookworm bookworm-updates\nComponents: contrib non-free\n"
+    );
+    if let Some(k) = signed {
+        s.push_str(&format!("Signed-By: {k}\n"));
+    }
+    Ok(s)
+}
+
+fn install_toolkit() -> Result<()> {
+    let entry = non_free_sources()?;
+    if std::fs::read_to_string(SOURCES_FILE).ok().as_deref() != Some(entry.as_str()) {
+        std::fs::write(SOURCES_FILE, &entry)
+            .with_context(|| format!("writing {SOURCES_FILE} (run as root to --install)"))?;
+        eprintln!("wrote {SOURCES_FILE}:\n{entry}");
+    }
+    sh(Command::new("apt-get").arg("update"), "apt-get update")?;
+    // Without recommends: the driver's kernel module (dkms) is not wanted here;
+    // libcuda1 comes in as a dependency (needs contrib's nvidia-support).
+    sh(
+        Command::new("apt-get")
+            .args([
+                "install",
+                "-y",
+                "--no-install-recommends",
+                "nvidia-cuda-toolkit",
+            ])
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+        "apt-get install nvidia-cuda-toolkit",
+    )
+}
+
+/// Compiles a one-line kernel; on a host-compiler complaint tries g++-11.
+fn probe_nvcc(ccbin: Option<&str>, install: bool) -> Result<Option<String>> {
+    let dir = std::env::temp_dir().join("kiln-nvcc-probe");
+    std::fs::create_dir_all(&dir)?;
+    let src = dir.join("probe.cu");
+    std::fs::write(
+        &src,
+        "extern \"C\" __global__ void k(float *x) { x[0] = 1.0f; }\n",
+    )?;
+    let try_with = |cc: Option<&str>| -> Result<(bool, String)> {
+        let mut c = Command::new("nvcc");
+        c.args(["--ptx", "-o"]).arg(dir.join("probe.ptx")).arg(&src);
+        if let Some(cc) = cc {
+            c.args(["-ccbin", cc]);
+        }
+        let out = c
+            .output()
+            .context("nvcc not found: install the CUDA toolkit or pass --install")?;
+        Ok((
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        ))
+    };
+    let (ok, err) = try_with(ccbin)?;
+    if ok {
+        return Ok(ccbin.map(str::to_string));
+    }
+    eprintln!("nvcc probe failed:\n{err}");
+    if ccbin.is_none() && err.contains("unsupported GNU version") {
+        if install {
+            sh(
+                Command::new("apt-get")
+                    .args(["install", "-y", "gcc-11", "g++-11"])
+                    .env("DEBIAN_FRONTEND", "noninteractive"),
+                "apt-get install gcc-11 g++-11",
+            )?;
+        }
+        if try_with(Some("g++-11"))?.0 {
+            eprintln!("nvcc accepts g++-11: using NVCC_CCBIN=g++-11");
+            return Ok(Some("g++-11".into()));
+        }
+    }
+    bail!("nvcc cannot compile a trivial kernel (see above)")
+}
+
+fn cuda_check(args: &[String]) -> Result<()> {
+    let a: CheckArgs = super::parse("cuda-check", args)?;
+    let total = Instant::now();
+    let mut times: Vec<(String, f64)> = Vec::new();
+    if a.install {
+        let t = Instant::now();
+        install_toolkit()?;
+        times.push(("install toolkit".into(), t.elapsed().as_secs_f64()));
+    }
+    let ccbin = a.ccbin.clone().or_else(|| std::env::var("NVCC_CCBIN").ok());
+    let ccbin = probe_nvcc(ccbin.as_deref(), a.install)?;
+    let version = Command::new("nvcc")
+        .arg("--version")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default();
+    eprintln!("{version}");
+    let ptx_out = std::env::current_dir()?.join(&a.ptx_out);
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut steps: Vec<Vec<&str>> = vec![
+        vec!["build", "-p", "kiln-core", "--features", "cuda"],
+        vec!["check", "-p", "kiln-core", "--tests", "--features", "cuda"],
+    ];
+    if a.workspace {
+        steps.push(vec![
+            "check",
+            "--workspace",
+            "--all-targets",
+            "--features",
+            "kiln-core/cuda",
+        ]);
+    }
+    for step in steps {
+        let t = Instant::now();
+        let mut c = Command::new(&cargo);
+        c.args(&step)
+            .env("CUDA_COMPUTE_CAP", &a.compute_cap)
+            .env("KILN_PTX_DIR", &ptx_out);
+        if let Some(cc) = &ccbin {
+            c.env("NVCC_CCBIN", cc);
+        }
+        let what = format!("cargo {}", step.join(" "));
+        let r = sh(&mut c, &what);
+        times.push((what, t.elapsed().as_secs_f64()));
+        if let Err(e) = r {
+            print_times(&times, total.elapsed().as_secs_f64());
+            return Err(e);
+        }
+    }
+    print_times(&times, total.elapsed().as_secs_f64());
+    println!(
+        "cuda-check: ok (CUDA_COMPUTE_CAP={}, NVCC_CCBIN={}); PTX in {}",
+        a.compute_cap,
+        ccbin.as_deref().unwrap_or("(nvcc default)"),
+        ptx_out.display()
+    );
+    Ok(())
+}
+
+fn print_times(times: &[(String, f64)], total: f64) {
+    for (what, s) in times {
+        println!("{s:>8.1}s  {what}");
+    }
+    println!("{total:>8.1}s  total");
+}
+
+// ------------------------------------------------------------ reference export
+
+#[derive(Parser, Debug)]
+#[command(about = "Write kernel inputs and kiln CPU outputs for scripts/gpu-check.sh")]
+struct ExportArgs {
+    /// Output folder (created; existing files are overwritten).
+    dir: PathBuf,
+}
+
+fn export_gpu_refs(args: &[String]) -> Result<()> {
+    let a: ExportArgs = super::parse("export-gpu-refs", args)?;
+    let n = export(&a.dir)?;
+    println!("wrote {n} cases to {}", a.dir.display());
+    Ok(())
+}
+
+/// Launch shapes, as `kiln-core/src/ops/cuda.rs` computes them.
+fn row_launch(rows: usize) -> (Value, Value) {
+    (json!([rows.max(1), 1, 1]), json!([256, 1, 1]))
+}
+fn elem_launch(n: usize) -> (Value, Value) {
+    (
+        json!([n.div_ceil(256).clamp(1, 1 << 16), 1, 1]),
+        json!([256, 1, 1]),
+    )
+}
+fn col_launch(rows: usize, c: usize) -> (Value, Value) {
+    (
+        json!([c.div_ceil(32).max(1), rows.div_ceil(64).clamp(1, 1024), 1]),
+        json!([32, 8, 1]),
+    )
+}
+
+/// One kernel check: buffers (files or zeros, some with expected contents) and launches.
+struct Case {
+    name: String,
+    module: &'static str,
+    atol: f64,
+    rtol: f64,
+    buffers: BTreeMap<String, Value>,
+    launches: Vec<Value>,
+}
+
+impl Case {
+    fn new(name: impl Into<String>, module: &'static str, atol: f64, rtol: f64) -> Self {
+        Self {
+            name: name.into(),
+            module,
+            atol,
+            rtol,
+            buffers: BTreeMap::new(),
+            launches: Vec::new(),
+        }
+    }
+}
+
+struct Writer<'a> {
+    dir: &'a Path,
+    cases: Vec<Value>,
+}
+
+fn suffix(dt: DType) -> &'static str {
+    if dt == DType::F64 {
+        "f64"
+    } else {
+        "f32"
+    }
+}
+
+impl Writer<'_> {
+    fn file(&self, case: &str, buf: &str, t: &Tensor) -> Result<String> {
+        let name = format!("{case}.{buf}.npy");
+        t.flatten_all()?
+            .write_npy(self.dir.join(&name))
+            .with_context(|| format!("writing {name}"))?;
+        Ok(name)
+    }
+    /// An input buffer from a file; with `expect`, also its contents after the launches.
+    fn input(&self, c: &mut Case, buf: &str, t: &Tensor, expect: Option<&Tensor>) -> Result<()> {
+        let mut v = json!({ "file": self.file(&c.name, buf, t)? });
+        if let Some(e) = expect {
+            v["expect"] = json!(self.file(&c.name, &format!("{buf}.expect"), e)?);
+        }
+        c.buffers.insert(buf.into(), v);
+        Ok(())
+    }
+    /// A zeroed buffer of `t`'s dtype and size; with `expect`, its contents after.
+    fn output(
+        &self,
+        c: &mut Case,
+        buf: &str,
+        n: usize,
+        dt: DType,
+        expect: Option<&Tensor>,
+    ) -> Result<()> {
+        let mut v = json!({ "zeros": n, "dtype": suffix(dt) });
+        if let Some(e) = expect {
+            v["expect"] = json!(self.file(&c.name, &format!("{buf}.expect"), e)?);
+        }
+        c.buffers.insert(buf.into(), v);
+        Ok(())
+    }
+    fn launch(c: &mut Case, kernel: &str, (grid, block): (Value, Value), args: Vec<Value>) {
+        c.launches
+            .push(json!({ "kernel": kernel, "grid": grid, "block": block, "args": args }));
+    }
+    fn push(&mut self, c: Case) {
+        self.cases.push(json!({
+            "name": c.name,
+            "module": c.module,
+            "atol": c.atol,
+            "rtol": c.rtol,
+            "buffers": c.buffers,
+            "launches": c.launches,
+        }));
+    }
+}
+
+fn buf(name: &str) -> Value {
+    json!({ "buf": name })
+}
+fn i32a(v: usize) -> Value {
+    json!({ "i32": v })
+}
+
+/// The gradient of `sum(f(x) * r)` with respect to `x`, through the kiln op's backward.
+fn grad_of(
+    x: &Tensor,
+    r: &Tensor,
+    f: impl Fn(&Tensor) -> kiln_core::Result<Tensor>,
+) -> Result<(Tensor, Tensor)> {
+    let v = Var::from_tensor(x)?;
+    let y = f(v.as_tensor())?;
+    let g = (&y * r)?.sum_all()?.backward()?;
+    let dx = g.get(v.as_tensor()).context("no gradient")?.clone();
+    Ok((y, dx))
+}
+
+/// Writes every kernel's check into `dir`; returns the number of cases.
+pub fn export(dir: &Path) -> Result<usize> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let cpu = Device::Cpu;
+    let rng = |seed: u64, shape: &[usize], scale: f32| -> Result<Tensor> {
+        Ok(SeededRng::new(seed).normal(shape, 0.0, scale, &cpu)?)
+    };
+    let mut w = Writer {
+        dir,
+        cases: Vec::new(),
+    };
+
+    // token.cu, f32 and f64.
+    let (rows, v) = (6usize, 3001usize);
+    let targets: Vec<u32> = (0..rows as u32)
+        .map(|i| (i * 977 + 13) % v as u32)
+        .collect();
+    let t = Tensor::new(targets.as_slice(), &cpu)?;
+    for dt in [DType::F32, DType::F64] {
+        let s = suffix(dt);
+        let tol = if dt == DType::F64 { 1e-10 } else { 2e-5 };
+        let x = rng(1, &[rows, v], 3.0)?.to_dtype(dt)?;
+        let g = rng(2, &[rows], 1.0)?.to_dtype(dt)?;
+        let (lp, dlp) = grad_of(&x, &g, |x| ops::token_logprobs(x, &t))?;
+        let (ent, dent) = grad_of(&x, &g, ops::token_entropy)?;
+        let args = |names: &[&str]| -> Vec<Value> {
+            let mut a: Vec<Value> = names.iter().map(|n| buf(n)).collect();
+            a.extend([i32a(rows), i32a(v)]);
+            a
+        };
+        let mut c = Case::new(format!("token_logprobs_fwd_{s}"), "token", tol, tol);
+        w.input(&mut c, "x", &x, None)?;
+        w.input(&mut c, "t", &t, None)?;
+        w.output(&mut c, "y", rows, dt, Some(&lp))?;
+        let k = c.name.clone();
+        Writer::launch(&mut c, &k, row_launch(rows), args(&["x", "t", "y"]));
+        w.push(c);
+        let mut c = Case::new(format!("token_logprobs_bwd_{s}"), "token", tol, tol);
+        w.input(&mut c, "x", &x, None)?;
+        w.input(&mut c, "t", &t, None)?;
+        w.input(&mut c, "g", &g, None)?;
+        w.output(&mut c, "dx", rows * v, dt, Some(&dlp))?;
+        let k = c.name.clone();
+        Writer::launch(&mut c, &k, row_launch(rows), args(&["x", "t", "g", "dx"]));
+        w.push(c);
+        let mut c = Case::new(format!("token_entropy_fwd_{s}"), "token", tol, tol);
+        w.input(&mut c, "x", &x, None)?;
+        w.output(&mut c, "y", rows, dt, Some(&ent))?;
+        let k = c.name.clone();
+        Writer::launch(&mut c, &k, row_launch(rows), args(&["x", "y"]));
+        w.push(c);
+        let mut c = Case::new(format!("token_entropy_bwd_{s}"), "token", tol, tol);
+        w.input(&mut c, "x", &x, None)?;
+        w.input(&mut c, "g", &g, None)?;
+        w.output(&mut c, "dx", rows * v, dt, Some(&dent))?;
+        let k = c.name.clone();
+        Writer::launch(&mut c, &k, row_launch(rows), args(&["x", "g", "dx"]));
+        w.push(c);
+    }
+
+    // fused.cu, f32.
+    let f = DType::F32;
+    let x = rng(3, &[4099], 3.0)?;
+    let g = rng(4, &[4099], 1.0)?;
+    let (y, dx) = grad_of(&x, &g, ops::gelu_tanh)?;
+    let n = 4099;
+    let mut c = Case::new("gelu_tanh_fwd_f32", "fused", 1e-5, 1e-5);
+    w.input(&mut c, "x", &x, None)?;
+    w.output(&mut c, "y", n, f, Some(&y))?;
+    Writer::launch(
+        &mut c,
+        "gelu_tanh_fwd_f32",
+        elem_launch(n),
+        vec![buf("x"), buf("y"), json!({ "u64": n })],
+    );
+    w.push(c);
+    let mut c = Case::new("gelu_tanh_bwd_f32", "fused", 1e-5, 1e-5);
+    w.input(&mut c, "x", &x, None)?;
+    w.input(&mut c, "g", &g, None)?;
+    w.output(&mut c, "dx", n, f, Some(&dx))?;
+    Writer::launch(
+        &mut c,
+        "gelu_tanh_bwd_f32",
+        elem_launch(n),
+        vec![buf("x"), buf("g"), buf("dx"), json!({ "u64": n })],
+    );
+    w.push(c);
+
+    let (r, cc) = (7usize, 513usize);
+    let x = rng(5, &[r, cc], 2.0)?;
+    let g = rng(6, &[r, cc], 1.0)?;
+    let (y, dx) = grad_of(&x, &g, ops::softmax_last_dim)?;
+    let mut c = Case::new("softmax_fwd_f32", "fused", 1e-6, 1e-4);
+    w.input(&mut c, "x", &x, None)?;
+    w.output(&mut c, "y", r * cc, f, Some(&y))?;
+    Writer::launch(
+        &mut c,
+        "softmax_fwd_f32",
+        row_launch(r),
+        vec![buf("x"), buf("y"), i32a(r), i32a(cc)],
+    );
+    w.push(c);
+    let mut c = Case::new("softmax_bwd_f32", "fused", 1e-6, 1e-4);
+    w.input(&mut c, "y", &y, None)?;
+    w.input(&mut c, "g", &g, None)?;
+    w.output(&mut c, "dx", r * cc, f, Some(&dx))?;
+    Writer::launch(
+        &mut c,
+        "softmax_bwd_f32",
+        row_launch(r),
+        vec![buf("y"), buf("g"), buf("dx"), i32a(r), i32a(cc)],
+    );
+    w.push(c);
+
+    let (r, cc, eps) = (70usize, 768usize, 1e-5f64);
+    let x = (rng(7, &[r, cc], 2.0)? + 5.0)?;
+    let wt = Var::from_tensor(&rng(8, &[cc], 1.0)?)?;
+    let bt = Var::from_tensor(&rng(9, &[cc], 1.0)?)?;
+    let g = rng(10, &[r, cc], 1.0)?;
+    let xv = Var::from_tensor(&x)?;
+    let y = ops::layer_norm(xv.as_tensor(), wt.as_tensor(), bt.as_tensor(), eps)?;
+    let gs = (&y * &g)?.sum_all()?.backward()?;
+    let gx = gs.get(xv.as_tensor()).context("gx")?;
+    let gw = gs.get(wt.as_tensor()).context("gw")?;
+    let gb = gs.get(bt.as_tensor()).context("gb")?;
+    let e = json!({ "f32": eps });
+    let mut c = Case::new("layer_norm_fwd_f32", "fused", 1e-5, 1e-4);
+    w.input(&mut c, "x", &x, None)?;
+    w.input(&mut c, "w", wt.as_tensor(), None)?;
+    w.input(&mut c, "b", bt.as_tensor(), None)?;
+    w.output(&mut c, "y", r * cc, f, Some(&y))?;
+    Writer::launch(
+        &mut c,
+        "layer_norm_fwd_f32",
+        row_launch(r),
+        vec![
+            buf("x"),
+            buf("w"),
+            buf("b"),
+            buf("y"),
+            i32a(r),
+            i32a(cc),
+            e.clone(),
+        ],
+    );
+    w.push(c);
+    let mut c = Case::new("layer_norm_bwd_x_f32", "fused", 1e-4, 1e-3);
+    w.input(&mut c, "x", &x, None)?;
+    w.input(&mut c, "w", wt.as_tensor(), None)?;
+    w.input(&mut c, "g", &g, None)?;
+    w.output(&mut c, "dx", r * cc, f, Some(gx))?;
+    Writer::launch(
+        &mut c,
+        "layer_norm_bwd_x_f32",
+        row_launch(r),
+        vec![
+            buf("x"),
+            buf("w"),
+            buf("g"),
+            buf("dx"),
+            i32a(r),
+            i32a(cc),
+            e.clone(),
+        ],
+    );
+    w.push(c);
+    let mut c = Case::new("layer_norm_bwd_wb_f32", "fused", 1e-3, 1e-4);
+    w.input(&mut c, "x", &x, None)?;
+    w.input(&mut c, "g", &g, None)?;
+    w.output(&mut c, "stats", 2 * r, f, None)?;
+    w.output(&mut c, "out", 2 * cc, f, Some(&Tensor::cat(&[gw, gb], 0)?))?;
+    Writer::launch(
+        &mut c,
+        "layer_norm_stats_f32",
+        row_launch(r),
+        vec![buf("x"), buf("stats"), i32a(r), i32a(cc), e],
+    );
+    Writer::launch(
+        &mut c,
+        "layer_norm_bwd_wb_f32",
+        col_launch(r, cc),
+        vec![
+            buf("x"),
+            buf("g"),
+            buf("stats"),
+            buf("out"),
+            i32a(r),
+            i32a(cc),
+        ],
+    );
+    w.push(c);
+
+    let (r, cc) = (150usize, 37usize);
+    let x = rng(11, &[r, cc], 1.0)?;
+    let bias = Var::from_tensor(&rng(12, &[cc], 1.0)?)?;
+    let g = rng(13, &[r, cc], 1.0)?;
+    let y = ops::add_bias_last(&x, bias.as_tensor())?;
+    let gs = (&y * &g)?.sum_all()?.backward()?;
+    let gb = gs.get(bias.as_tensor()).context("gb")?;
+    let mut c = Case::new("add_bias_last_f32", "fused", 1e-6, 1e-6);
+    w.input(&mut c, "x", &x, None)?;
+    w.input(&mut c, "b", bias.as_tensor(), None)?;
+    w.output(&mut c, "y", r * cc, f, Some(&y))?;
+    Writer::launch(
+        &mut c,
+        "add_bias_last_f32",
+        elem_launch(r * cc),
+        vec![
+            buf("x"),
+            buf("b"),
+            buf("y"),
+            json!({ "u64": r * cc }),
+            i32a(cc),
+        ],
+    );
+    w.push(c);
+    let mut c = Case::new("sum_rows_f32", "fused", 1e-4, 1e-5);
+    w.input(&mut c, "g", &g, None)?;
+    w.output(&mut c, "out", cc, f, Some(gb))?;
+    Writer::launch(
+        &mut c,
+        "sum_rows_f32",
+        col_launch(r, cc),
+        vec![buf("g"), buf("out"), i32a(r), i32a(cc)],
+    );
+    w.push(c);
+
+    // pool.cu, f32 and f64: overlapping 3x3 windows every 2 on 9x11 planes.
+    let (b, ch, h, wd, k, st) = (2usize, 3usize, 9usize, 11usize, 3usize, 2usize);
+    let (ho, wo) = ((h - k) / st + 1, (wd - k) / st + 1);
+    let planes = b * ch;
+    let geo = |a: Vec<Value>| -> Vec<Value> {
+        let mut a = a;
+        a.extend([planes, h, wd, ho, wo, k, st].map(i32a));
+        a
+    };
+    for dt in [DType::F32, DType::F64] {
+        let s = suffix(dt);
+        let tol = if dt == DType::F64 { 1e-12 } else { 1e-5 };
+        let x = rng(14, &[b, ch, h, wd], 1.0)?.to_dtype(dt)?;
+        let dy = rng(15, &[b, ch, ho, wo], 1.0)?.to_dtype(dt)?;
+        let (ym, dxm) = grad_of(&x, &dy, |x| ops::max_pool2d(x, k, st))?;
+        let (ya, dxa) = grad_of(&x, &dy, |x| ops::avg_pool2d(x, k, st))?;
+        for (kind, y, dx) in [("max", &ym, &dxm), ("avg", &ya, &dxa)] {
+            let name = format!("{kind}_pool2d_fwd_{s}");
+            let mut c = Case::new(name.clone(), "pool", tol, tol);
+            w.input(&mut c, "x", &x, None)?;
+            w.output(&mut c, "y", planes * ho * wo, dt, Some(y))?;
+            Writer::launch(
+                &mut c,
+                &name,
+                elem_launch(planes * ho * wo),
+                geo(vec![buf("x"), buf("y")]),
+            );
+            w.push(c);
+            let name = format!("{kind}_pool2d_bwd_{s}");
+            let mut c = Case::new(name.clone(), "pool", tol, tol);
+            let ins = if kind == "max" {
+                w.input(&mut c, "x", &x, None)?;
+                vec![buf("x"), buf("dy")]
+            } else {
+                vec![buf("dy")]
+            };
+            w.input(&mut c, "dy", &dy, None)?;
+            w.output(&mut c, "dx", planes * h * wd, dt, Some(dx))?;
+            let mut a = ins;
+            a.push(buf("dx"));
+            Writer::launch(&mut c, &name, elem_launch(planes * h * wd), geo(a));
+            w.push(c);
+        }
+        let bias = Var::from_tensor(&rng(16, &[ch], 1.0)?.to_dtype(dt)?)?;
+        let y = ops::add_channel_bias(&x, bias.as_tensor())?;
+        let gs = (&y * &x)?.sum_all()?.backward()?;
+        let db = gs.get(bias.as_tensor()).context("db")?;
+        let n = b * ch * h * wd;
+        let name = format!("channel_bias_{s}");
+        let mut c = Case::new(name.clone(), "pool", tol, tol);
+        w.input(&mut c, "x", &x, None)?;
+        w.input(&mut c, "b", bias.as_tensor(), None)?;
+        w.output(&mut c, "y", n, dt, Some(&y))?;
+        Writer::launch(
+            &mut c,
+            &name,
+            elem_launch(n),
+            vec![
+                buf("x"),
+                buf("b"),
+                buf("y"),
+                json!({ "u64": n }),
+                i32a(ch),
+                i32a(h * wd),
+            ],
+        );
+        w.push(c);
+        let name = format!("channel_sum_{s}");
+        let mut c = Case::new(name.clone(), "pool", tol * 10.0, tol);
+        w.input(&mut c, "dy", &x, None)?;
+        w.output(&mut c, "out", ch, dt, Some(db))?;
+        Writer::launch(
+            &mut c,
+            &name,
+            row_launch(ch),
+            vec![buf("dy"), buf("out"), i32a(b), i32a(ch), i32a(h * wd)],
+        );
+        w.push(c);
+    }
+
+    // optim.cu: the second AdamW step of kiln's CPU optimizer.
+    let n = 1000usize;
+    let (lr, wdk, betas, eps) = (1e-2f64, 0.1f64, (0.9f64, 0.999f64), 1e-8f64);
+    let p = Var::from_tensor(&rng(17, &[n], 1.0)?)?;
+    let kind = OptimKind::AdamW { betas, eps };
+    let mut opt = Optimizer::new(
+        kind,
+        vec![ParamGroup::new(vec![("p".into(), p.clone())], lr).weight_decay(wdk)],
+    )?;
+    let g1 = rng(18, &[n], 1.0)?;
+    let g2 = rng(19, &[n], 1.0)?;
+    opt.backward_step(&(p.as_tensor() * &g1)?.sum_all()?)?;
+    let state = |o: &Optimizer| -> Result<(Tensor, Tensor)> {
+        let (ts, _) = o.state()?;
+        let get = |k: &str| {
+            ts.iter()
+                .find(|(n, _)| n == k)
+                .map(|(_, t)| t.clone())
+                .with_context(|| format!("no {k} in the optimizer state"))
+        };
+        Ok((get("p.exp_avg")?, get("p.exp_avg_sq")?))
+    };
+    let p1 = p.as_tensor().copy()?;
+    let (m1, v1) = state(&opt)?;
+    opt.backward_step(&(p.as_tensor() * &g2)?.sum_all()?)?;
+    let (m2, v2) = state(&opt)?;
+    let t = 2i32;
+    let bc1 = 1.0 - betas.0.powi(t);
+    let bc2 = 1.0 - betas.1.powi(t);
+    let mut c = Case::new("adam_update_f32", "optim", 1e-6, 1e-5);
+    w.input(&mut c, "p", &p1, Some(p.as_tensor()))?;
+    w.input(&mut c, "g", &g2, None)?;
+    w.input(&mut c, "m", &m1, Some(&m2))?;
+    w.input(&mut c, "v", &v1, Some(&v2))?;
+    let f = |v: f64| json!({ "f32": v });
+    Writer::launch(
+        &mut c,
+        "adam_update_f32",
+        elem_launch(n),
+        vec![
+            buf("p"),
+            buf("g"),
+            buf("m"),
+            buf("v"),
+            json!({ "u64": n }),
+            f(lr / bc1),
+            f(bc2.sqrt()),
+            f(eps),
+            f(wdk),
+            f(1.0 - lr * wdk),
+            f(1.0 - betas.0),
+            f(betas.1),
+            f(1.0 - betas.1),
+            json!({ "i32": 1 }),
+        ],
+    );
+    w.push(c);
+
+    let count = w.cases.len();
+    let manifest = json!({
+        "format": "kiln-gpu-refs/1",
+        "note": "written by `cargo xtask export-gpu-refs`; read by scripts/gpu-check/check.py",
+        "cases": w.cases,
+    });
+    std::fs::write(
+        dir.join("manifest.json"),
+        serde_json::to_string_pretty(&manifest)?,
+    )?;
+    Ok(count)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn export_writes_a_manifest_whose_files_exist_and_match_their_sizes() -> Result<()> {
+        let dir = std::env::temp_dir().join(format!("kiln-gpu-refs-{}", std::process::id()));
+        let n = export(&dir)?;
+        let m: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("manifest.json"))?)?;
+        let cases = m["cases"].as_array().context("cases")?;
+        assert_eq!(cases.len(), n);
+        assert!(n >= 30, "{n} cases");
+        let mut total = 0u64;
+        for c in cases {
+            let bufs = c["buffers"].as_object().context("buffers")?;
+            for (name, b) in bufs {
+                for key in ["file", "expect"] {
+                    if let Some(f) = b[key].as_str() {
+                        let path = dir.join(f);
+                        let t = Tensor::read_npy(&path)?;
+                        total += std::fs::metadata(&path)?.len();
+                        if let Some(z) = b["zeros"].as_u64() {
+                            assert_eq!(t.elem_count() as u64, z, "{} {name}", c["name"]);
+                        }
+                    }
+                }
+            }
+            for l in c["launches"].as_array().context("launches")? {
+                for a in l["args"].as_array().context("args")? {
+                    if let Some(b) = a["buf"].as_str() {
+                        assert!(bufs.contains_key(b), "{}: no buffer {b}", c["name"]);
+                    }
+                }
+            }
+            assert!(
+                bufs.values().any(|b| b.get("expect").is_some()),
+                "{} checks nothing",
+                c["name"]
+            );
+        }
+        assert!(total < 8 << 20, "{total} bytes of references");
+        std::fs::remove_dir_all(&dir)?;
+        Ok(())
+    }
+}
