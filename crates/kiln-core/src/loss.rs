@@ -94,9 +94,9 @@ pub fn cross_entropy(
     }
     let dev = logits.device();
     let keep_t = Tensor::from_vec(keep, n, dev)?.to_dtype(logits.dtype())?;
-    let safe_t = Tensor::from_vec(safe, (n, 1), dev)?;
-    let lp = crate::nn::log_softmax(logits, 1)?;
-    let nll = (lp.gather(&safe_t, 1)?.squeeze(1)?.neg()? * &keep_t)?;
+    let safe_t = Tensor::from_vec(safe, n, dev)?;
+    // Log-softmax gathered at the targets without an [N, C] log-prob tensor.
+    let nll = (crate::ops::token_logprobs(logits, &safe_t)?.neg()? * &keep_t)?;
     match r {
         Reduction::Mean => {
             nll.sum_all()? / keep_t.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?
