@@ -56,6 +56,16 @@ pub fn run(args: &[String], components: &[Component]) -> Result<()> {
         match a.as_str() {
             "--threads" => threads = it.next().map(|s| s.parse()).transpose()?.unwrap_or(2),
             "--steps" => steps = it.next().map(|s| s.parse()).transpose()?.unwrap_or(200),
+            "-h" | "--help" => {
+                println!("usage: cargo xtask bench [NAME...] [--threads N] [--steps N]\n");
+                println!("One JSON line per benchmark; all of them when no NAME is given:");
+                for c in components {
+                    for b in &c.benches {
+                        println!("  {}", b.name);
+                    }
+                }
+                return Ok(());
+            }
             s if s.starts_with('-') => {
                 bail!("unknown flag {s}; usage: bench [NAME...] [--threads N] [--steps N]")
             }
