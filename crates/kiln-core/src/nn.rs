@@ -496,12 +496,6 @@ impl BatchNorm {
             eps: 1e-5,
         })
     }
-
-    fn stat_shape(&self, x: &Tensor) -> Result<Vec<usize>> {
-        let mut s = vec![1; x.rank()];
-        s[1] = x.dim(1)?;
-        Ok(s)
-    }
 }
 
 impl ModuleT for BatchNorm {
@@ -509,33 +503,22 @@ impl ModuleT for BatchNorm {
         if x.rank() < 2 {
             candle_core::bail!("BatchNorm: expected [B, C, ...], got {:?}", x.dims());
         }
-        let shape = self.stat_shape(x)?;
-        let c = x.dim(1)?;
         let (mean, var) = if train {
-            // Move channels first, flatten the rest: statistics over batch and space.
-            let xt = x.transpose(0, 1)?.contiguous()?.reshape((c, ()))?;
-            let n = xt.dim(1)?;
-            let mean = xt.mean_keepdim(1)?;
-            let var = xt.broadcast_sub(&mean)?.sqr()?.mean_keepdim(1)?;
-            let unbiased = (var.detach() * (n as f64 / (n.max(2) - 1) as f64))?;
+            let (mean, var) = crate::ops::batch_norm_stats(x)?;
+            let n = x.elem_count() / x.dim(1)?.max(1);
+            let unbiased = (&var * (n as f64 / (n.max(2) - 1) as f64))?;
             let m = self.momentum;
-            let rm = ((self.running_mean.as_tensor() * (1.0 - m))?
-                + (mean.detach().flatten_all()? * m)?)?;
-            let rv =
-                ((self.running_var.as_tensor() * (1.0 - m))? + (unbiased.flatten_all()? * m)?)?;
+            let rm = ((self.running_mean.as_tensor() * (1.0 - m))? + (&mean * m)?)?;
+            let rv = ((self.running_var.as_tensor() * (1.0 - m))? + (unbiased * m)?)?;
             self.running_mean.set(&rm)?;
             self.running_var.set(&rv)?;
-            (mean.reshape(shape.clone())?, var.reshape(shape.clone())?)
+            (mean, var)
         } else {
             (
-                self.running_mean.as_tensor().reshape(shape.clone())?,
-                self.running_var.as_tensor().reshape(shape.clone())?,
+                self.running_mean.as_tensor().clone(),
+                self.running_var.as_tensor().clone(),
             )
         };
-        let xn = x
-            .broadcast_sub(&mean)?
-            .broadcast_div(&(var + self.eps)?.sqrt()?)?;
-        xn.broadcast_mul(&self.weight.reshape(shape.clone())?)?
-            .broadcast_add(&self.bias.reshape(shape)?)
+        crate::ops::batch_norm(x, &mean, &var, &self.weight, &self.bias, self.eps, train)
     }
 }

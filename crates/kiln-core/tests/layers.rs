@@ -163,6 +163,69 @@ fn batch_norm_matches_torch_in_train_and_eval() {
     );
 }
 
+/// PyTorch (training mode, gradients through the batch statistics):
+/// ```python
+/// bn = torch.nn.BatchNorm2d(2)
+/// with torch.no_grad():
+///     bn.weight.copy_(torch.tensor([1.5, -0.5])); bn.bias.copy_(torch.tensor([0.25, 2.0]))
+/// xb = (torch.arange(16, dtype=torch.float32).reshape(2, 2, 2, 2) ** 1.5 / 10).requires_grad_()
+/// r = torch.cos(torch.arange(16, dtype=torch.float32)).reshape(2, 2, 2, 2)
+/// y = bn(xb); (y * r).sum().backward()
+/// ```
+#[test]
+fn batch_norm_gradients_match_torch_in_train_mode() {
+    let dev = Device::Cpu;
+    let vs = VarStore::new(0);
+    let bn = BatchNorm::new(2, vs.builder(DType::F32, &dev).pp("bn")).unwrap();
+    let w = vs.get("bn.weight").unwrap();
+    let b = vs.get("bn.bias").unwrap();
+    w.set(&Tensor::new(&[1.5f32, -0.5], &dev).unwrap()).unwrap();
+    b.set(&Tensor::new(&[0.25f32, 2.0], &dev).unwrap()).unwrap();
+    let x = (Tensor::arange(0f32, 16.0, &dev)
+        .unwrap()
+        .reshape((2, 2, 2, 2))
+        .unwrap()
+        .powf(1.5)
+        .unwrap()
+        / 10.0)
+        .unwrap();
+    let x = kiln_core::Var::from_tensor(&x).unwrap();
+    let r = Tensor::arange(0f32, 16.0, &dev)
+        .unwrap()
+        .cos()
+        .unwrap()
+        .reshape((2, 2, 2, 2))
+        .unwrap();
+    let y = bn.forward_t(x.as_tensor(), true).unwrap();
+    close(
+        &flat(&y),
+        &[
+            -1.43081, -1.32473, -1.13077, -0.879601, 2.615217, 2.531654, 2.439256, 2.338798,
+            0.969512, 1.433357, 1.923742, 2.439302, 1.733188, 1.593853, 1.449051, 1.298981,
+        ],
+        1e-5,
+    );
+    let g = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+    close(
+        &flat(g.get(x.as_tensor()).unwrap()),
+        &[
+            0.955389, 0.489098, -0.486454, -1.044622, 0.276337, 0.026883, -0.154381, -0.104003,
+            0.22351, -0.495284, -0.320111, 0.678473, -0.150661, -0.172667, 0.024331, 0.254162,
+        ],
+        2e-5,
+    );
+    close(
+        &flat(g.get(w.as_tensor()).unwrap()),
+        &[-2.277547836303711, -0.5787449479103088],
+        1e-5,
+    );
+    close(
+        &flat(g.get(b.as_tensor()).unwrap()),
+        &[-1.7571132183074951, 2.4724411964416504],
+        1e-5,
+    );
+}
+
 #[test]
 fn dropout_is_seeded_scaled_and_off_in_eval() {
     let dev = Device::Cpu;

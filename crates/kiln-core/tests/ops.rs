@@ -675,3 +675,107 @@ fn max_pool2d_2x2_picks_the_first_of_tied_maxima() {
         );
     }
 }
+
+/// `ops::batch_norm` with `[C]` parameters, reshaped for the broadcast reference.
+fn bn_ref(x: &Tensor, w: &Tensor, b: &Tensor, stats: Option<(&Tensor, &Tensor)>) -> Result<Tensor> {
+    let c = x.dim(1)?;
+    let mut shape = vec![1; x.rank()];
+    shape[1] = c;
+    let (mean, var) = match stats {
+        Some((m, v)) => (m.reshape(shape.clone())?, v.reshape(shape.clone())?),
+        None => {
+            let xt = x.transpose(0, 1)?.contiguous()?.reshape((c, ()))?;
+            let m = xt.mean_keepdim(1)?;
+            let v = xt.broadcast_sub(&m)?.sqr()?.mean_keepdim(1)?;
+            (m.reshape(shape.clone())?, v.reshape(shape.clone())?)
+        }
+    };
+    x.broadcast_sub(&mean)?
+        .broadcast_div(&(var + 1e-5)?.sqrt()?)?
+        .broadcast_mul(&w.reshape(shape.clone())?)?
+        .broadcast_add(&b.reshape(shape)?)
+}
+
+#[test]
+fn batch_norm_matches_broadcast_ops_and_finite_differences() {
+    let mut rng = SeededRng::new(80);
+    // [B, C] (BatchNorm1d), images, 1x1 planes (DCGAN's first layer), odd sizes.
+    let shapes: [&[usize]; 4] = [&[6, 3], &[3, 5, 4, 7], &[64, 7, 1, 1], &[2, 3, 9, 5]];
+    for (i, dims) in shapes.iter().enumerate() {
+        for dt in [DType::F32, DType::F64] {
+            let c = dims[1];
+            // An offset far from 0 checks the centring (no cancellation).
+            let x = randn(&mut rng, dims).to_dtype(dt).unwrap().affine(2.0, 30.0).unwrap();
+            let w = randn(&mut rng, &[c]).to_dtype(dt).unwrap();
+            let b = randn(&mut rng, &[c]).to_dtype(dt).unwrap();
+            let (xv, wv, bv) = (
+                Var::from_tensor(&x).unwrap(),
+                Var::from_tensor(&w).unwrap(),
+                Var::from_tensor(&b).unwrap(),
+            );
+            let r = randn(&mut SeededRng::new(81 + i as u64), dims)
+                .to_dtype(dt)
+                .unwrap();
+            let run = |train: bool, fused: bool| {
+                let (m, v) = ops::batch_norm_stats(xv.as_tensor()).unwrap();
+                let (m, v) = ((&m * 0.5).unwrap().detach(), (&v * 2.0).unwrap().detach());
+                let y = match (fused, train) {
+                    (true, true) => {
+                        let (m, v) = ops::batch_norm_stats(xv.as_tensor()).unwrap();
+                        ops::batch_norm(
+                            xv.as_tensor(),
+                            &m,
+                            &v,
+                            wv.as_tensor(),
+                            bv.as_tensor(),
+                            1e-5,
+                            true,
+                        )
+                    }
+                    (true, false) => ops::batch_norm(
+                        xv.as_tensor(),
+                        &m,
+                        &v,
+                        wv.as_tensor(),
+                        bv.as_tensor(),
+                        1e-5,
+                        false,
+                    ),
+                    (false, true) => bn_ref(xv.as_tensor(), wv.as_tensor(), bv.as_tensor(), None),
+                    (false, false) => bn_ref(
+                        xv.as_tensor(),
+                        wv.as_tensor(),
+                        bv.as_tensor(),
+                        Some((&m, &v)),
+                    ),
+                }
+                .unwrap();
+                let g = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+                let grad = |t: &Tensor| g.get(t).unwrap().clone();
+                (
+                    y,
+                    grad(xv.as_tensor()),
+                    grad(wv.as_tensor()),
+                    grad(bv.as_tensor()),
+                )
+            };
+            for train in [true, false] {
+                let what = format!("batch_norm {dims:?} {dt:?} train={train}");
+                let (y, dx, dw, db) = run(train, true);
+                let (y0, dx0, dw0, db0) = run(train, false);
+                let tol = if dt == DType::F32 { 2e-4 } else { 1e-9 };
+                assert_close(&format!("{what} y"), &y, &y0, tol);
+                assert_close(&format!("{what} dx"), &dx, &dx0, tol);
+                assert_close(&format!("{what} dw"), &dw, &dw0, tol);
+                assert_close(&format!("{what} db"), &db, &db0, tol);
+                if dt == DType::F64 && train {
+                    let f = |t: &Tensor| {
+                        let (m, v) = ops::batch_norm_stats(t).unwrap();
+                        ops::batch_norm(t, &m, &v, &w, &b, 1e-5, true).unwrap()
+                    };
+                    check_fd(&what, f, &x, &dx, 81 + i as u64);
+                }
+            }
+        }
+    }
+}

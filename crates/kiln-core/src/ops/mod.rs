@@ -50,6 +50,7 @@ mod conv;
 #[cfg(feature = "cuda")]
 mod cuda;
 mod fused;
+mod norm;
 mod pool;
 mod token;
 
@@ -281,4 +282,72 @@ pub fn add_channel_bias_relu(x: &Tensor, bias: &Tensor) -> Result<Tensor> {
     }
     x.contiguous()?
         .apply_op2(&bias.contiguous()?, act::ChannelBiasRelu)
+}
+
+/// Per-channel mean and biased variance of `x [B, C, S..]` over batch and space,
+/// as two `[C]` tensors without gradient (what batch norm normalises with).
+pub fn batch_norm_stats(x: &Tensor) -> Result<(Tensor, Tensor)> {
+    if !kiln_cpu(&[x]) {
+        let c = x.dim(1)?;
+        let xt = x.transpose(0, 1)?.contiguous()?.reshape((c, ()))?;
+        let mean = xt.mean_keepdim(1)?;
+        let var = xt.broadcast_sub(&mean)?.sqr()?.mean(1)?;
+        return Ok((mean.squeeze(1)?.detach(), var.detach()));
+    }
+    let st = x.contiguous()?.apply_op1_no_bwd(&norm::BnStats)?;
+    Ok((st.get(0)?, st.get(1)?))
+}
+
+/// Batch norm of `x [B, C, S..]`: `(x - mean) / sqrt(var + eps) * weight + bias`
+/// with `[C]` statistics and affine parameters. With `train`, `mean`/`var` must be
+/// `x`'s own [`batch_norm_stats`] and the gradient to `x` includes their
+/// dependence on it (PyTorch's training-mode backward); otherwise they are
+/// constants (running statistics). On the CPU one pass forward and two backward;
+/// candle's broadcast ops elsewhere.
+pub fn batch_norm(
+    x: &Tensor,
+    mean: &Tensor,
+    var: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f64,
+    train: bool,
+) -> Result<Tensor> {
+    if !kiln_cpu(&[x, mean, var, weight, bias]) || x.rank() < 2 {
+        return norm_composite(x, mean, var, weight, bias, eps, train);
+    }
+    let p = Tensor::stack(
+        &[mean.detach(), var.detach(), weight.clone(), bias.clone()],
+        0,
+    )?;
+    x.contiguous()?
+        .apply_op2(&p.contiguous()?, norm::BatchNorm { eps, train })
+}
+
+/// Batch norm from candle's ops; in training the statistics are recomputed from
+/// `x` with gradient, as autograd needs.
+fn norm_composite(
+    x: &Tensor,
+    mean: &Tensor,
+    var: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f64,
+    train: bool,
+) -> Result<Tensor> {
+    let c = x.dim(1)?;
+    let mut shape = vec![1; x.rank()];
+    shape[1] = c;
+    let (mean, var) = if train {
+        let xt = x.transpose(0, 1)?.contiguous()?.reshape((c, ()))?;
+        let mean = xt.mean_keepdim(1)?;
+        let var = xt.broadcast_sub(&mean)?.sqr()?.mean_keepdim(1)?;
+        (mean.reshape(shape.clone())?, var.reshape(shape.clone())?)
+    } else {
+        (mean.reshape(shape.clone())?, var.reshape(shape.clone())?)
+    };
+    x.broadcast_sub(&mean)?
+        .broadcast_div(&(var + eps)?.sqrt()?)?
+        .broadcast_mul(&weight.reshape(shape.clone())?)?
+        .broadcast_add(&bias.reshape(shape)?)
 }
