@@ -110,6 +110,10 @@ const CONV_CASES: &[[usize; 10]] = &[
     [2, 2, 3, 13, 7, 5, 3, 2, 1, 1],
     [1, 4, 4, 6, 6, 2, 2, 0, 1, 4],
     [5, 3, 2, 5, 5, 4, 1, 3, 1, 1],
+    // One output pixel (the batch is the gemm dimension): DCGAN's last
+    // discriminator layer, and a pointwise conv of 1x1 inputs.
+    [6, 5, 3, 4, 4, 4, 1, 0, 1, 1],
+    [4, 7, 2, 1, 1, 1, 1, 0, 1, 1],
 ];
 
 #[test]
@@ -134,6 +138,7 @@ fn conv2d_gradients_match_finite_differences() {
     for (i, c) in [
         [2, 3, 4, 7, 6, 3, 2, 1, 1, 1],
         [1, 4, 6, 7, 7, 3, 1, 2, 2, 2],
+        [3, 4, 5, 4, 4, 4, 1, 0, 1, 1],
     ]
     .iter()
     .enumerate()
@@ -173,6 +178,9 @@ const CONVT_CASES: &[[usize; 10]] = &[
     [2, 2, 3, 4, 5, 3, 3, 2, 2, 2],
     [1, 5, 4, 3, 3, 1, 1, 0, 0, 1],
     [4, 3, 3, 9, 4, 4, 2, 1, 1, 1],
+    // From one pixel: DCGAN's first generator layer (1x1 -> 4x4), and 1x1 -> 1x1.
+    [5, 6, 4, 1, 1, 4, 1, 0, 0, 1],
+    [3, 5, 2, 1, 1, 1, 1, 0, 0, 1],
 ];
 
 #[test]
@@ -705,7 +713,11 @@ fn batch_norm_matches_broadcast_ops_and_finite_differences() {
         for dt in [DType::F32, DType::F64] {
             let c = dims[1];
             // An offset far from 0 checks the centring (no cancellation).
-            let x = randn(&mut rng, dims).to_dtype(dt).unwrap().affine(2.0, 30.0).unwrap();
+            let x = randn(&mut rng, dims)
+                .to_dtype(dt)
+                .unwrap()
+                .affine(2.0, 30.0)
+                .unwrap();
             let w = randn(&mut rng, &[c]).to_dtype(dt).unwrap();
             let b = randn(&mut rng, &[c]).to_dtype(dt).unwrap();
             let (xv, wv, bv) = (

@@ -264,8 +264,55 @@ fn split(b: usize) -> (bool, Parallelism) {
     }
 }
 
+/// Whether the output is a single pixel with one group: DCGAN's first generator
+/// and last discriminator layers. Per-image products are then gemvs
+/// (`[c_out, k] @ [k, 1]`), so the batch becomes the gemm's other dimension.
+fn one_pixel(g: &Geom) -> bool {
+    g.n() == 1 && g.p.groups == 1
+}
+
+/// The whole batch's im2col with one pixel per image: `[b, k]`, row `i` being
+/// image `i`'s patch (borrowed from `x` itself for a pointwise conv).
+fn patch_rows<'a, T: WithDType>(x: &'a [T], g: &Geom, buf: &'a mut Vec<T>) -> &'a [T] {
+    if g.pointwise() {
+        return x;
+    }
+    let k = g.k();
+    *buf = vec![T::from_f64(0.0); g.b * k];
+    buf.par_chunks_mut(k.max(1))
+        .zip(x.par_chunks(g.x_item().max(1)))
+        .for_each(|(c, xb)| im2col(xb, g, c));
+    buf
+}
+
+/// gemm's own threads when there are several.
+fn gemm_par() -> Parallelism {
+    match rayon::current_num_threads() {
+        0 | 1 => Parallelism::None,
+        t => Parallelism::Rayon(t),
+    }
+}
+
 fn conv_fwd<T: WithDType>(x: &[T], w: &[T], g: &Geom) -> Vec<T> {
     let mut y = vec![T::from_f64(0.0); g.b * g.y_item()];
+    if one_pixel(g) {
+        // y [b, c_out] = patches [b, k] @ W^T [k, c_out]
+        let (k, co) = (g.k(), g.c_out);
+        let mut buf = Vec::new();
+        let cols = patch_rows(x, g, &mut buf);
+        mm(
+            (g.b, co, k),
+            &mut y,
+            co,
+            false,
+            cols,
+            (k, 1),
+            w,
+            (1, k),
+            gemm_par(),
+        );
+        return y;
+    }
     let (k, n, cog, cig) = (g.k(), g.n(), g.cout_g(), g.cin_g());
     let (batch_par, gpar) = split(g.b);
     let item = |col: &mut Vec<T>, (bi, yb): (usize, &mut [T])| {
@@ -307,6 +354,40 @@ fn conv_fwd<T: WithDType>(x: &[T], w: &[T], g: &Geom) -> Vec<T> {
 
 fn conv_grad_input<T: WithDType>(dy: &[T], w: &[T], g: &Geom) -> Vec<T> {
     let mut dx = vec![T::from_f64(0.0); g.b * g.x_item()];
+    if one_pixel(g) {
+        // dpatches [b, k] = dy [b, c_out] @ W [c_out, k], then each row back to its image.
+        let (k, co) = (g.k(), g.c_out);
+        if g.pointwise() {
+            mm(
+                (g.b, k, co),
+                &mut dx,
+                k,
+                false,
+                dy,
+                (co, 1),
+                w,
+                (k, 1),
+                gemm_par(),
+            );
+            return dx;
+        }
+        let mut cols = vec![T::from_f64(0.0); g.b * k];
+        mm(
+            (g.b, k, co),
+            &mut cols,
+            k,
+            false,
+            dy,
+            (co, 1),
+            w,
+            (k, 1),
+            gemm_par(),
+        );
+        dx.par_chunks_mut(g.x_item().max(1))
+            .zip(cols.par_chunks(k.max(1)))
+            .for_each(|(dxb, c)| col2im(c, g, dxb));
+        return dx;
+    }
     let (k, n, cog, cig) = (g.k(), g.n(), g.cout_g(), g.cin_g());
     let (batch_par, gpar) = split(g.b);
     let pw = g.pointwise();
@@ -354,6 +435,25 @@ fn conv_grad_weight<T: WithDType>(x: &[T], dy: &[T], g: &Geom) -> Vec<T> {
     let (k, n, cog, cig) = (g.k(), g.n(), g.cout_g(), g.cin_g());
     let wsize = g.c_out * k;
     let zero = T::from_f64(0.0);
+    if one_pixel(g) {
+        // dW [c_out, k] = dy^T [c_out, b] @ patches [b, k]
+        let mut dw = vec![zero; wsize];
+        let mut buf = Vec::new();
+        let cols = patch_rows(x, g, &mut buf);
+        let co = g.c_out;
+        mm(
+            (co, k, g.b),
+            &mut dw,
+            k,
+            false,
+            dy,
+            (1, co),
+            cols,
+            (k, 1),
+            gemm_par(),
+        );
+        return dw;
+    }
     let (batch_par, gpar) = split(g.b);
     let pw = g.pointwise();
     // dW_g += dy_g [cog, n] @ col^T [n, k], summed over the batch.
