@@ -1,8 +1,13 @@
 //! kiln's own CPU kernels as candle custom ops, each with its backward, so
 //! autograd runs through them: convolution and transposed convolution
 //! (im2col/col2im + gemm, batch-parallel with rayon) and max/average pooling
-//! with a single-pass backward that also handles kernel != stride; per-token
-//! log-probabilities and entropies that never build `[B, T, V]` log-softmaxes.
+//! with a single-pass backward that also handles kernel != stride; ReLU, conv
+//! bias + ReLU and batch norm fused into one pass each way; per-token
+//! log-probabilities and entropies that never build `[B, T, V]` log-softmaxes;
+//! and GELU, softmax, layer norm and bias adds fused for transformers.
+//!
+//! ReLU, bias + ReLU and batch norm have no CUDA kernel: on CUDA they run as
+//! candle's ops.
 //!
 //! Each function takes the kiln kernel for f32/f64 tensors on the CPU and falls
 //! back to candle's own op elsewhere (half types, and CUDA in the default
@@ -18,7 +23,10 @@
 //! let w = Tensor::ones((4, 2, 3, 3), kiln_core::DType::F32, &Device::Cpu)?;
 //! let y = ops::conv2d(&x, &w, 1, 1, 1, 1)?;
 //! assert_eq!(y.dims(), &[1, 4, 5, 5]);
-//! assert_eq!(ops::max_pool2d(&y, 2, 2)?.dims(), &[1, 4, 2, 2]);
+//! let b = Tensor::new(&[-20f32, 0.0, 1.0, 2.0], &Device::Cpu)?;
+//! let h = ops::add_channel_bias_relu(&y, &b)?; // max(y + b, 0)
+//! assert_eq!(h.get(0)?.get(0)?.max_keepdim(1)?.max_keepdim(0)?.flatten_all()?.to_vec1::<f32>()?, [0.0]);
+//! assert_eq!(ops::max_pool2d(&h, 2, 2)?.dims(), &[1, 4, 2, 2]);
 //! # Ok::<(), candle_core::Error>(())
 //! ```
 
