@@ -134,6 +134,8 @@ pub struct ConvConfig {
     pub groups: usize,
     /// Extra rows/columns on one side of a transposed convolution's output.
     pub output_padding: usize,
+    /// Whether the layer has a bias (PyTorch's `bias=True`, the default).
+    pub bias: bool,
 }
 
 impl Default for ConvConfig {
@@ -144,6 +146,7 @@ impl Default for ConvConfig {
             dilation: 1,
             groups: 1,
             output_padding: 0,
+            bias: true,
         }
     }
 }
@@ -162,6 +165,14 @@ impl ConvConfig {
         Self {
             stride: s,
             ..Self::default()
+        }
+    }
+
+    /// The same settings without a bias (`bias=False`, as before a batch norm).
+    pub fn no_bias(self) -> Self {
+        Self {
+            bias: false,
+            ..self
         }
     }
 }
@@ -193,7 +204,10 @@ impl Conv2d {
         let init = uniform(torch_bound(fan_in));
         let weight =
             vb.get_with_hints((out_ch, in_ch / cfg.groups, kernel, kernel), "weight", init)?;
-        let bias = Some(vb.get_with_hints(out_ch, "bias", init)?);
+        let bias = match cfg.bias {
+            true => Some(vb.get_with_hints(out_ch, "bias", init)?),
+            false => None,
+        };
         Ok(Self { weight, bias, cfg })
     }
 
@@ -258,7 +272,10 @@ impl ConvTranspose2d {
         let fan_in = out_ch * kernel * kernel;
         let init = uniform(torch_bound(fan_in));
         let weight = vb.get_with_hints((in_ch, out_ch, kernel, kernel), "weight", init)?;
-        let bias = Some(vb.get_with_hints(out_ch, "bias", init)?);
+        let bias = match cfg.bias {
+            true => Some(vb.get_with_hints(out_ch, "bias", init)?),
+            false => None,
+        };
         Ok(Self { weight, bias, cfg })
     }
 

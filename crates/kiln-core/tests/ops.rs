@@ -647,6 +647,17 @@ fn conv_layers_forward_relu_equals_forward_then_relu() {
         &t.forward(&h).unwrap().relu().unwrap(),
         1e-7,
     );
+    // bias=False: no bias variable, and the plain convolution.
+    let nb = Conv2d::new(3, 4, 3, ConvConfig::padding(1).no_bias(), vb.pp("nb")).unwrap();
+    assert!(vs.get("nb.bias").is_none() && vs.get("nb.weight").is_some());
+    let plain = ops::conv2d(&x, nb.weight(), 1, 1, 1, 1).unwrap();
+    assert_close("no bias", &nb.forward(&x).unwrap(), &plain, 0.0);
+    assert_close(
+        "no bias relu",
+        &nb.forward_relu(&x).unwrap(),
+        &plain.relu().unwrap(),
+        0.0,
+    );
 }
 
 #[test]
@@ -790,4 +801,34 @@ fn batch_norm_matches_broadcast_ops_and_finite_differences() {
             }
         }
     }
+}
+
+#[test]
+fn leaky_relu_matches_the_composite_and_pytorchs_gradient_at_zero() {
+    let mut rng = SeededRng::new(90);
+    for dims in [&[3usize, 5, 4, 7][..], &[40_000]] {
+        for dt in [DType::F32, DType::F64] {
+            let x = randn(&mut rng, dims).to_dtype(dt).unwrap();
+            let w = Tensor::zeros(1, dt, &CPU).unwrap();
+            let (y, dx, _) = grads2(|x, _| ops::leaky_relu(x, 0.2), &x, &w, 91);
+            let (y0, dx0, _) = grads2(
+                |x, _| {
+                    let z = x.zeros_like()?;
+                    x.maximum(&z)? + (x.minimum(&z)? * 0.2)?
+                },
+                &x,
+                &w,
+                91,
+            );
+            assert_close(&format!("leaky y {dims:?} {dt:?}"), &y, &y0, 1e-7);
+            assert_close(&format!("leaky dx {dims:?} {dt:?}"), &dx, &dx0, 1e-7);
+        }
+    }
+    // PyTorch: leaky_relu's gradient at exactly 0 is the slope.
+    let x = Var::from_tensor(&Tensor::new(&[-1f32, 0.0, 2.0], &CPU).unwrap()).unwrap();
+    let y = ops::leaky_relu(x.as_tensor(), 0.2).unwrap();
+    assert_eq!(y.to_vec1::<f32>().unwrap(), [-0.2, 0.0, 2.0]);
+    let g = y.sum_all().unwrap().backward().unwrap();
+    let dx = g.get(x.as_tensor()).unwrap().to_vec1::<f32>().unwrap();
+    assert_eq!(dx, [0.2, 0.2, 1.0]);
 }

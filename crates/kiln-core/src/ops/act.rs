@@ -14,8 +14,14 @@ const CHUNK: usize = 1 << 14;
 
 /// `max(x + b, 0)` where `b = bias(i)` for the `i`-th run of `plane` elements;
 /// parallel tasks hold whole planes.
-fn relu_map<T: WithDType>(x: &[T], plane: usize, bias: impl Fn(usize) -> T + Sync) -> Vec<T> {
+fn relu_map<T: WithDType>(
+    x: &[T],
+    plane: usize,
+    slope: f64,
+    bias: impl Fn(usize) -> T + Sync,
+) -> Vec<T> {
     let zero = T::from_f64(0.0);
+    let k = T::from_f64(slope);
     let plane = plane.max(1);
     let per_task = (CHUNK / plane).max(1);
     let mut y = vec![zero; x.len()];
@@ -25,18 +31,30 @@ fn relu_map<T: WithDType>(x: &[T], plane: usize, bias: impl Fn(usize) -> T + Syn
         .for_each(|(t, (y, x))| {
             for (i, (y, x)) in y.chunks_mut(plane).zip(x.chunks(plane)).enumerate() {
                 let b = bias(t * per_task + i);
-                for (o, &v) in y.iter_mut().zip(x) {
-                    let s = v + b;
-                    *o = if s > zero { s } else { zero };
+                // Separate loops per case so that each vectorises (a slope test
+                // inside the loop left it scalar and branchy).
+                if slope == 0.0 {
+                    for (o, &v) in y.iter_mut().zip(x) {
+                        let s = v + b;
+                        *o = if s > zero { s } else { zero };
+                    }
+                } else {
+                    for (o, &v) in y.iter_mut().zip(x) {
+                        let s = v + b;
+                        *o = if s > zero { s } else { s * k };
+                    }
                 }
             }
         });
     y
 }
 
-/// `max(x, 0)`; op1. The gradient passes where the output is positive (PyTorch's
-/// convention: none at exactly 0).
-pub(crate) struct Relu;
+/// `x` where positive, else `slope * x` (ReLU at slope 0, leaky ReLU otherwise;
+/// `slope >= 0`, so the output's sign is the input's); op1. The gradient passes
+/// where the output is positive (PyTorch's convention: `slope` at exactly 0).
+pub(crate) struct Relu {
+    pub slope: f64,
+}
 
 impl CustomOp1 for Relu {
     fn name(&self) -> &'static str {
@@ -44,19 +62,25 @@ impl CustomOp1 for Relu {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let out = by_float!(s, "relu", |T| relu_map::<T>(slice(s, l)?, CHUNK, |_| {
-            T::from_f64(0.0)
-        }));
+        let out = by_float!(s, "relu", |T| relu_map::<T>(
+            slice(s, l)?,
+            CHUNK,
+            self.slope,
+            |_| { T::from_f64(0.0) }
+        ));
         Ok((out, l.shape().clone()))
     }
 
     fn bwd(&self, _x: &Tensor, y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(y.apply_op2_no_bwd(&dy.contiguous()?, &ReluGrad)?))
+        let g = ReluGrad { slope: self.slope };
+        Ok(Some(y.apply_op2_no_bwd(&dy.contiguous()?, &g)?))
     }
 }
 
-/// `dy` where `y > 0`, else 0; op2 on `(y, dy)`.
-struct ReluGrad;
+/// `dy` where `y > 0`, else `slope * dy`; op2 on `(y, dy)`.
+struct ReluGrad {
+    slope: f64,
+}
 
 impl CustomOp2 for ReluGrad {
     fn name(&self) -> &'static str {
@@ -76,12 +100,19 @@ impl CustomOp2 for ReluGrad {
         let out = by_float!(s1, "relu grad", |T| {
             let (y, dy) = (slice::<T>(s1, l1)?, slice::<T>(s2, l2)?);
             let zero = T::from_f64(0.0);
+            let (slope, k) = (self.slope, T::from_f64(self.slope));
             let mut dx = vec![zero; y.len()];
             dx.par_chunks_mut(CHUNK)
                 .zip(y.par_chunks(CHUNK).zip(dy.par_chunks(CHUNK)))
                 .for_each(|(o, (y, g))| {
-                    for ((o, &y), &g) in o.iter_mut().zip(y).zip(g) {
-                        *o = if y > zero { g } else { zero };
+                    if slope == 0.0 {
+                        for ((o, &y), &g) in o.iter_mut().zip(y).zip(g) {
+                            *o = if y > zero { g } else { zero };
+                        }
+                    } else {
+                        for ((o, &y), &g) in o.iter_mut().zip(y).zip(g) {
+                            *o = if y > zero { g } else { g * k };
+                        }
                     }
                 });
             dx
@@ -118,7 +149,7 @@ impl CustomOp2 for ChannelBiasRelu {
         let hw = (h * w).max(1);
         let out = by_float!(s1, "channel bias relu", |T| {
             let bias = slice::<T>(s2, l2)?;
-            relu_map::<T>(slice(s1, l1)?, hw, |plane| bias[plane % c])
+            relu_map::<T>(slice(s1, l1)?, hw, 0.0, |plane| bias[plane % c])
         });
         Ok((out, l1.shape().clone()))
     }
@@ -130,7 +161,7 @@ impl CustomOp2 for ChannelBiasRelu {
         y: &Tensor,
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let dx = y.apply_op2_no_bwd(&dy.contiguous()?, &ReluGrad)?;
+        let dx = y.apply_op2_no_bwd(&dy.contiguous()?, &ReluGrad { slope: 0.0 })?;
         let db = super::pool::channel_sum(&dx)?;
         Ok((Some(dx), Some(db)))
     }

@@ -279,7 +279,18 @@ pub fn relu(x: &Tensor) -> Result<Tensor> {
     if !kiln_cpu(&[x]) {
         return act::relu_composite(x);
     }
-    x.contiguous()?.apply_op1(act::Relu)
+    x.contiguous()?.apply_op1(act::Relu { slope: 0.0 })
+}
+
+/// Leaky ReLU, `x` where positive and `slope * x` elsewhere (PyTorch's
+/// `leaky_relu`), one pass each way on the CPU for `slope >= 0`; candle's ops
+/// otherwise.
+pub fn leaky_relu(x: &Tensor, slope: f64) -> Result<Tensor> {
+    if !(kiln_cpu(&[x]) && slope >= 0.0 && slope.is_finite()) {
+        let zeros = x.zeros_like()?;
+        return x.maximum(&zeros)? + (x.minimum(&zeros)? * slope)?;
+    }
+    x.contiguous()?.apply_op1(act::Relu { slope })
 }
 
 /// `max(x + bias, 0)` for `x [B, C, H, W]`, `bias [C]` (a conv layer's bias and
