@@ -832,3 +832,24 @@ fn leaky_relu_matches_the_composite_and_pytorchs_gradient_at_zero() {
     let dx = g.get(x.as_tensor()).unwrap().to_vec1::<f32>().unwrap();
     assert_eq!(dx, [0.2, 0.2, 1.0]);
 }
+
+#[test]
+fn batch_norm_fallback_for_other_dtypes_agrees_with_the_kernel() {
+    // f16 tensors take candle's ops (the path CUDA uses); they must agree with
+    // the f32 kernel to f16 precision, in both modes.
+    let mut rng = SeededRng::new(95);
+    let x = randn(&mut rng, &[4, 3, 5, 5]);
+    let w = randn(&mut rng, &[3]);
+    let b = randn(&mut rng, &[3]);
+    let bf = |t: &Tensor| t.to_dtype(DType::F16).unwrap();
+    let (m, v) = ops::batch_norm_stats(&x).unwrap();
+    let (mh, vh) = ops::batch_norm_stats(&bf(&x)).unwrap();
+    assert_close("fallback mean", &mh, &m, 1e-2);
+    assert_close("fallback var", &vh, &v, 1e-2);
+    for train in [true, false] {
+        let y = ops::batch_norm(&x, &m, &v, &w, &b, 1e-5, train).unwrap();
+        let yh = ops::batch_norm(&bf(&x), &bf(&m), &bf(&v), &bf(&w), &bf(&b), 1e-5, train).unwrap();
+        assert_eq!(yh.dtype(), DType::F16);
+        assert_close(&format!("fallback train={train}"), &yh, &y, 1e-2);
+    }
+}

@@ -307,11 +307,8 @@ pub fn add_channel_bias_relu(x: &Tensor, bias: &Tensor) -> Result<Tensor> {
 /// as two `[C]` tensors without gradient (what batch norm normalises with).
 pub fn batch_norm_stats(x: &Tensor) -> Result<(Tensor, Tensor)> {
     if !kiln_cpu(&[x]) {
-        let c = x.dim(1)?;
-        let xt = x.transpose(0, 1)?.contiguous()?.reshape((c, ()))?;
-        let mean = xt.mean_keepdim(1)?;
-        let var = xt.broadcast_sub(&mean)?.sqr()?.mean(1)?;
-        return Ok((mean.squeeze(1)?.detach(), var.detach()));
+        let (mean, var) = channel_stats_composite(x)?;
+        return Ok((mean.detach(), var.detach()));
     }
     let st = x.contiguous()?.apply_op1_no_bwd(&norm::BnStats)?;
     Ok((st.get(0)?, st.get(1)?))
@@ -343,8 +340,17 @@ pub fn batch_norm(
         .apply_op2(&p.contiguous()?, norm::BatchNorm { eps, train })
 }
 
-/// Batch norm from candle's ops; in training the statistics are recomputed from
-/// `x` with gradient, as autograd needs.
+/// Per-channel mean and biased variance (`[C]` each) from candle's ops, with
+/// gradient.
+fn channel_stats_composite(x: &Tensor) -> Result<(Tensor, Tensor)> {
+    let c = x.dim(1)?;
+    let xt = x.transpose(0, 1)?.contiguous()?.reshape((c, ()))?;
+    let mean = xt.mean_keepdim(1)?;
+    let var = xt.broadcast_sub(&mean)?.sqr()?.mean(1)?;
+    Ok((mean.squeeze(1)?, var))
+}
+
+/// Batch norm from candle's ops (other devices and dtypes).
 fn norm_composite(
     x: &Tensor,
     mean: &Tensor,
@@ -354,17 +360,14 @@ fn norm_composite(
     eps: f64,
     train: bool,
 ) -> Result<Tensor> {
-    let c = x.dim(1)?;
     let mut shape = vec![1; x.rank()];
-    shape[1] = c;
-    let (mean, var) = if train {
-        let xt = x.transpose(0, 1)?.contiguous()?.reshape((c, ()))?;
-        let mean = xt.mean_keepdim(1)?;
-        let var = xt.broadcast_sub(&mean)?.sqr()?.mean_keepdim(1)?;
-        (mean.reshape(shape.clone())?, var.reshape(shape.clone())?)
-    } else {
-        (mean.reshape(shape.clone())?, var.reshape(shape.clone())?)
+    shape[1] = x.dim(1)?;
+    // Training recomputes the statistics with gradient, as autograd needs.
+    let (mean, var) = match train {
+        true => channel_stats_composite(x)?,
+        false => (mean.clone(), var.clone()),
     };
+    let (mean, var) = (mean.reshape(shape.clone())?, var.reshape(shape.clone())?);
     x.broadcast_sub(&mean)?
         .broadcast_div(&(var + eps)?.sqrt()?)?
         .broadcast_mul(&weight.reshape(shape.clone())?)?
