@@ -132,6 +132,53 @@ fn conv2d_matches_candle_forward_and_backward() {
     }
 }
 
+/// Small output maps make kiln batch several images into one gemm (chunks sized
+/// by the thread count, the last one shorter). Run in pools of 1, 2 and 3
+/// threads so the chunking is exercised whatever machine runs the tests:
+/// DCGAN-like 4x4/stride-2 convolutions and their transposes, odd batch sizes.
+#[test]
+fn conv_chunked_batches_match_candle() {
+    let cases: &[[usize; 7]] = &[
+        // (batch, c_in, c_out, h, k, stride, padding)
+        [7, 6, 10, 8, 4, 2, 1],
+        [9, 4, 5, 6, 3, 1, 1],
+        [5, 3, 4, 7, 1, 1, 0],
+    ];
+    for threads in [1, 2, 3] {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        pool.install(|| {
+            let mut rng = SeededRng::new(40 + threads as u64);
+            for (i, c) in cases.iter().enumerate() {
+                let [b, ci, co, h, k, s, p] = *c;
+                let what = format!("{threads} threads, case {c:?}");
+                let x = randn(&mut rng, &[b, ci, h, h]);
+                let wt = randn(&mut rng, &[co, ci, k, k]);
+                let seed = 300 + i as u64;
+                let (y, dx, dw) = grads2(|x, w| ops::conv2d(x, w, s, p, 1, 1), &x, &wt, seed);
+                let (y0, dx0, dw0) = grads2(|x, w| x.conv2d(w, p, s, 1, 1), &x, &wt, seed);
+                assert_close(&format!("{what} conv y"), &y, &y0, 1e-5);
+                assert_close(&format!("{what} conv dx"), &dx, &dx0, 1e-5);
+                assert_close(&format!("{what} conv dw"), &dw, &dw0, 1e-5);
+                // The transpose maps conv2d's output size back to its input size.
+                let ho = (h + 2 * p - k) / s + 1;
+                let xt = randn(&mut rng, &[b, co, ho, ho]);
+                let op = h - ((ho - 1) * s + k - 2 * p);
+                let f = |x: &Tensor, w: &Tensor| ops::conv_transpose2d(x, w, s, p, op, 1);
+                let (y, dx, dw) = grads2(f, &xt, &wt, seed);
+                let (y0, dx0, dw0) =
+                    grads2(|x, w| x.conv_transpose2d(w, p, op, s, 1), &xt, &wt, seed);
+                assert_eq!(y.dims(), &[b, ci, h, h], "{what}");
+                assert_close(&format!("{what} convT y"), &y, &y0, 1e-5);
+                assert_close(&format!("{what} convT dx"), &dx, &dx0, 1e-5);
+                assert_close(&format!("{what} convT dw"), &dw, &dw0, 1e-5);
+            }
+        });
+    }
+}
+
 #[test]
 fn conv2d_gradients_match_finite_differences() {
     let mut rng = SeededRng::new(11);

@@ -175,8 +175,85 @@ fn valid_range(off: isize, s: usize, w: usize, wo: usize) -> (usize, usize) {
     (lo.max(0) as usize, hi.max(lo.max(0)) as usize)
 }
 
-/// Column matrix `[cin_g*kh*kw, ho*wo]` of one batch item's group (`x` = its channels).
-fn im2col<T: WithDType>(x: &[T], g: &Geom, col: &mut [T]) {
+/// Marks a tap that falls in the padding.
+const PAD: u32 = u32::MAX;
+
+/// For each kernel offset `(ki, kj)` and output pixel, the input pixel it reads
+/// within a channel plane (or [`PAD`]): `[kh*kw, ho*wo]`. Small or strided maps
+/// gather through this table; per output row, the row copy's slicing, fills and
+/// strided iterator cost more than the few elements they move (DCGAN's 4x4 and
+/// 8x8 maps spent ~20% of a training step there).
+type Taps = Vec<u32>;
+
+/// The tap table when it pays: strided convolutions and rows shorter than 16.
+fn taps(g: &Geom) -> Option<Taps> {
+    if g.p.stride == 1 && g.wo >= 16 {
+        return None;
+    }
+    let (s, d, p) = (g.p.stride, g.p.dilation, g.p.padding as isize);
+    let mut t = Vec::with_capacity(g.kh * g.kw * g.n());
+    for ki in 0..g.kh {
+        for kj in 0..g.kw {
+            for oy in 0..g.ho {
+                let iy = (oy * s + ki * d) as isize - p;
+                for ox in 0..g.wo {
+                    let ix = (ox * s + kj * d) as isize - p;
+                    let inside = (0..g.h as isize).contains(&iy) && (0..g.w as isize).contains(&ix);
+                    t.push(if inside {
+                        (iy as usize * g.w + ix as usize) as u32
+                    } else {
+                        PAD
+                    });
+                }
+            }
+        }
+    }
+    Some(t)
+}
+
+/// Column matrix `[cin_g*kh*kw, ho*wo]` of one batch item's group (`x` = its
+/// channels), row `r` at `col[r * ld..]` (`ld >= ho*wo`, so several images'
+/// matrices can sit side by side); through the tap table when there is one.
+fn im2col<T: WithDType>(x: &[T], g: &Geom, col: &mut [T], ld: usize, tab: Option<&[u32]>) {
+    let Some(tab) = tab else {
+        return im2col_rows(x, g, col, ld);
+    };
+    let (n, hw, kk) = (g.n(), g.h * g.w, g.kh * g.kw);
+    let zero = T::from_f64(0.0);
+    for ci in 0..g.cin_g() {
+        let xc = &x[ci * hw..(ci + 1) * hw];
+        for (r, t) in tab.chunks_exact(n).enumerate() {
+            let row = (ci * kk + r) * ld;
+            for (o, &i) in col[row..row + n].iter_mut().zip(t) {
+                *o = xc.get(i as usize).copied().unwrap_or(zero);
+            }
+        }
+    }
+}
+
+/// The adjoint of [`im2col`]: adds the column matrix back into the image.
+fn col2im<T: WithDType>(col: &[T], g: &Geom, x: &mut [T], ld: usize, tab: Option<&[u32]>) {
+    let Some(tab) = tab else {
+        return col2im_rows(col, g, x, ld);
+    };
+    let (n, hw, kk) = (g.n(), g.h * g.w, g.kh * g.kw);
+    for ci in 0..g.cin_g() {
+        let xc = &mut x[ci * hw..(ci + 1) * hw];
+        for (r, t) in tab.chunks_exact(n).enumerate() {
+            let row = (ci * kk + r) * ld;
+            for (v, &i) in col[row..row + n].iter().zip(t) {
+                if let Some(o) = xc.get_mut(i as usize) {
+                    *o += *v;
+                }
+            }
+        }
+    }
+}
+
+/// Column matrix `[cin_g*kh*kw, ho*wo]` of one batch item's group (`x` = its
+/// channels), row `r` at `col[r * ld..]` (`ld >= ho*wo`, so several images'
+/// matrices can sit side by side).
+fn im2col_rows<T: WithDType>(x: &[T], g: &Geom, col: &mut [T], ld: usize) {
     let (s, d, p) = (g.p.stride, g.p.dilation, g.p.padding as isize);
     let n = g.n();
     let zero = T::from_f64(0.0);
@@ -185,7 +262,7 @@ fn im2col<T: WithDType>(x: &[T], g: &Geom, col: &mut [T]) {
         let xc = &x[ci * g.h * g.w..(ci + 1) * g.h * g.w];
         for ki in 0..g.kh {
             for kj in 0..g.kw {
-                let dst = &mut col[row * n..(row + 1) * n];
+                let dst = &mut col[row * ld..row * ld + n];
                 let offx = (kj * d) as isize - p;
                 let (lo, hi) = valid_range(offx, s, g.w, g.wo);
                 for oy in 0..g.ho {
@@ -213,8 +290,9 @@ fn im2col<T: WithDType>(x: &[T], g: &Geom, col: &mut [T]) {
     }
 }
 
-/// Adds a column matrix back into one batch item's group (the adjoint of [`im2col`]).
-fn col2im<T: WithDType>(col: &[T], g: &Geom, x: &mut [T]) {
+/// Adds a column matrix (row `r` at `col[r * ld..]`) back into one batch item's
+/// group (the adjoint of [`im2col`]).
+fn col2im_rows<T: WithDType>(col: &[T], g: &Geom, x: &mut [T], ld: usize) {
     let (s, d, p) = (g.p.stride, g.p.dilation, g.p.padding as isize);
     let n = g.n();
     let mut row = 0;
@@ -222,7 +300,7 @@ fn col2im<T: WithDType>(col: &[T], g: &Geom, x: &mut [T]) {
         let xc = &mut x[ci * g.h * g.w..(ci + 1) * g.h * g.w];
         for ki in 0..g.kh {
             for kj in 0..g.kw {
-                let src = &col[row * n..(row + 1) * n];
+                let src = &col[row * ld..row * ld + n];
                 let offx = (kj * d) as isize - p;
                 let (lo, hi) = valid_range(offx, s, g.w, g.wo);
                 row += 1;
@@ -274,6 +352,8 @@ fn one_pixel(g: &Geom) -> bool {
 /// The whole batch's im2col with one pixel per image: `[b, k]`, row `i` being
 /// image `i`'s patch (borrowed from `x` itself for a pointwise conv).
 fn patch_rows<'a, T: WithDType>(x: &'a [T], g: &Geom, buf: &'a mut Vec<T>) -> &'a [T] {
+    let tab = taps(g);
+    let tab = tab.as_deref();
     if g.pointwise() {
         return x;
     }
@@ -281,7 +361,7 @@ fn patch_rows<'a, T: WithDType>(x: &'a [T], g: &Geom, buf: &'a mut Vec<T>) -> &'
     *buf = vec![T::from_f64(0.0); g.b * k];
     buf.par_chunks_mut(k.max(1))
         .zip(x.par_chunks(g.x_item().max(1)))
-        .for_each(|(c, xb)| im2col(xb, g, c));
+        .for_each(|(c, xb)| im2col(xb, g, c, 1, tab));
     buf
 }
 
@@ -293,7 +373,175 @@ fn gemm_par() -> Parallelism {
     }
 }
 
+/// Output pixels per gemm that the chunked path aims for: below this, each
+/// per-image product is too thin (DCGAN's 4x4 maps give 16 columns, so the
+/// weight gradient re-read and re-wrote all of `dW` every 16 products).
+const CHUNK_COLS: usize = 256;
+
+/// Images per gemm: enough for [`CHUNK_COLS`] output pixels, but no more than
+/// leaves every thread a chunk. 1 (a gemm per image, no copies) for grouped
+/// convolutions and maps that are large already.
+fn chunk_images(g: &Geom) -> usize {
+    if g.p.groups != 1 || one_pixel(g) {
+        return 1;
+    }
+    let per_thread = g.b.div_ceil(rayon::current_num_threads().max(1));
+    CHUNK_COLS.div_ceil(g.n().max(1)).min(per_thread).max(1)
+}
+
+/// `dst[c, i*n..(i+1)*n] = src[i][c*n..(c+1)*n]` for the images of a chunk:
+/// `[images, c, n]` to `[c, images*n]` with row stride `ld`.
+fn gather_channels<T: WithDType>(src: &[T], c: usize, n: usize, dst: &mut [T], ld: usize) {
+    for (i, img) in src.chunks(c * n).enumerate() {
+        for (ch, row) in img.chunks(n).enumerate() {
+            dst[ch * ld + i * n..ch * ld + (i + 1) * n].copy_from_slice(row);
+        }
+    }
+}
+
+/// The inverse of [`gather_channels`]: `[c, images*n]` (row stride `ld`) back to `[images, c, n]`.
+fn scatter_channels<T: WithDType>(src: &[T], c: usize, n: usize, dst: &mut [T], ld: usize) {
+    for (i, img) in dst.chunks_mut(c * n).enumerate() {
+        for (ch, row) in img.chunks_mut(n).enumerate() {
+            row.copy_from_slice(&src[ch * ld + i * n..ch * ld + (i + 1) * n]);
+        }
+    }
+}
+
+/// Forward over chunks of `c` images: `y_chunk [c_out, c*n] = W @ cols [k, c*n]`,
+/// chunks in parallel (one group; see [`chunk_images`]).
+fn conv_fwd_chunked<T: WithDType>(x: &[T], w: &[T], g: &Geom, c: usize, y: &mut [T]) {
+    let tab = taps(g);
+    let tab = tab.as_deref();
+    let (k, n, co) = (g.k(), g.n(), g.c_out);
+    let ld = c * n;
+    let zero = T::from_f64(0.0);
+    y.par_chunks_mut(c * g.y_item()).enumerate().for_each_init(
+        || (vec![zero; k * ld], vec![zero; co * ld]),
+        |(col, ych), (ci, ys)| {
+            let nb = ys.len() / g.y_item();
+            for i in 0..nb {
+                let b = ci * c + i;
+                im2col(
+                    &x[b * g.x_item()..(b + 1) * g.x_item()],
+                    g,
+                    &mut col[i * n..],
+                    ld,
+                    tab,
+                );
+            }
+            mm(
+                (co, nb * n, k),
+                ych,
+                ld,
+                false,
+                w,
+                (k, 1),
+                col,
+                (ld, 1),
+                Parallelism::None,
+            );
+            scatter_channels(ych, co, n, ys, ld);
+        },
+    );
+}
+
+/// Input gradient over chunks of `c` images: `dcols = W^T @ dy_chunk`, then col2im.
+fn conv_grad_input_chunked<T: WithDType>(dy: &[T], w: &[T], g: &Geom, c: usize, dx: &mut [T]) {
+    let tab = taps(g);
+    let tab = tab.as_deref();
+    let (k, n, co) = (g.k(), g.n(), g.c_out);
+    let ld = c * n;
+    let zero = T::from_f64(0.0);
+    dx.par_chunks_mut(c * g.x_item()).enumerate().for_each_init(
+        || (vec![zero; k * ld], vec![zero; co * ld]),
+        |(col, dych), (ci, dxs)| {
+            let nb = dxs.len() / g.x_item();
+            let b0 = ci * c;
+            gather_channels(
+                &dy[b0 * g.y_item()..(b0 + nb) * g.y_item()],
+                co,
+                n,
+                dych,
+                ld,
+            );
+            mm(
+                (k, nb * n, co),
+                col,
+                ld,
+                false,
+                w,
+                (1, k),
+                dych,
+                (ld, 1),
+                Parallelism::None,
+            );
+            for (i, dxb) in dxs.chunks_mut(g.x_item()).enumerate() {
+                col2im(&col[i * n..], g, dxb, ld, tab);
+            }
+        },
+    );
+}
+
+/// Weight gradient over chunks of `c` images: `dW += dy_chunk [c_out, c*n] @ cols^T`,
+/// one accumulator per parallel task, summed at the end.
+fn conv_grad_weight_chunked<T: WithDType>(x: &[T], dy: &[T], g: &Geom, c: usize) -> Vec<T> {
+    let tab = taps(g);
+    let tab = tab.as_deref();
+    let (k, n, co) = (g.k(), g.n(), g.c_out);
+    let ld = c * n;
+    let zero = T::from_f64(0.0);
+    let init = || (vec![zero; co * k], vec![zero; k * ld], vec![zero; co * ld]);
+    (0..g.b.div_ceil(c))
+        .into_par_iter()
+        .fold(init, |(mut dw, mut col, mut dych), ci| {
+            let b0 = ci * c;
+            let nb = c.min(g.b - b0);
+            for i in 0..nb {
+                let b = b0 + i;
+                im2col(
+                    &x[b * g.x_item()..(b + 1) * g.x_item()],
+                    g,
+                    &mut col[i * n..],
+                    ld,
+                    tab,
+                );
+            }
+            gather_channels(
+                &dy[b0 * g.y_item()..(b0 + nb) * g.y_item()],
+                co,
+                n,
+                &mut dych,
+                ld,
+            );
+            mm(
+                (co, k, nb * n),
+                &mut dw,
+                k,
+                true,
+                &dych,
+                (ld, 1),
+                &col,
+                (1, ld),
+                Parallelism::None,
+            );
+            (dw, col, dych)
+        })
+        .map(|(dw, _, _)| dw)
+        .reduce(|| vec![zero; co * k], add_into)
+}
+
+/// `a += b` elementwise, returning `a`.
+fn add_into<T: WithDType>(mut a: Vec<T>, b: Vec<T>) -> Vec<T> {
+    for (x, y) in a.iter_mut().zip(b) {
+        *x += y;
+    }
+    a
+}
+
 fn conv_fwd<T: WithDType>(x: &[T], w: &[T], g: &Geom) -> Vec<T> {
+    let tab = taps(g);
+    let tab = tab.as_deref();
     let mut y = vec![T::from_f64(0.0); g.b * g.y_item()];
     if one_pixel(g) {
         // y [b, c_out] = patches [b, k] @ W^T [k, c_out]
@@ -313,6 +561,11 @@ fn conv_fwd<T: WithDType>(x: &[T], w: &[T], g: &Geom) -> Vec<T> {
         );
         return y;
     }
+    let c = chunk_images(g);
+    if c > 1 {
+        conv_fwd_chunked(x, w, g, c, &mut y);
+        return y;
+    }
     let (k, n, cog, cig) = (g.k(), g.n(), g.cout_g(), g.cin_g());
     let (batch_par, gpar) = split(g.b);
     let item = |col: &mut Vec<T>, (bi, yb): (usize, &mut [T])| {
@@ -322,7 +575,7 @@ fn conv_fwd<T: WithDType>(x: &[T], w: &[T], g: &Geom) -> Vec<T> {
             let c: &[T] = if g.pointwise() {
                 xg
             } else {
-                im2col(xg, g, col);
+                im2col(xg, g, col, n, tab);
                 col
             };
             mm(
@@ -353,6 +606,8 @@ fn conv_fwd<T: WithDType>(x: &[T], w: &[T], g: &Geom) -> Vec<T> {
 }
 
 fn conv_grad_input<T: WithDType>(dy: &[T], w: &[T], g: &Geom) -> Vec<T> {
+    let tab = taps(g);
+    let tab = tab.as_deref();
     let mut dx = vec![T::from_f64(0.0); g.b * g.x_item()];
     if one_pixel(g) {
         // dpatches [b, k] = dy [b, c_out] @ W [c_out, k], then each row back to its image.
@@ -385,7 +640,12 @@ fn conv_grad_input<T: WithDType>(dy: &[T], w: &[T], g: &Geom) -> Vec<T> {
         );
         dx.par_chunks_mut(g.x_item().max(1))
             .zip(cols.par_chunks(k.max(1)))
-            .for_each(|(dxb, c)| col2im(c, g, dxb));
+            .for_each(|(dxb, c)| col2im(c, g, dxb, 1, tab));
+        return dx;
+    }
+    let c = chunk_images(g);
+    if c > 1 {
+        conv_grad_input_chunked(dy, w, g, c, &mut dx);
         return dx;
     }
     let (k, n, cog, cig) = (g.k(), g.n(), g.cout_g(), g.cin_g());
@@ -413,6 +673,8 @@ fn conv_grad_input<T: WithDType>(dy: &[T], w: &[T], g: &Geom) -> Vec<T> {
                     col,
                     g,
                     &mut dxb[gi * cig * g.h * g.w..(gi + 1) * cig * g.h * g.w],
+                    n,
+                    tab,
                 );
             }
         }
@@ -432,6 +694,8 @@ fn conv_grad_input<T: WithDType>(dy: &[T], w: &[T], g: &Geom) -> Vec<T> {
 }
 
 fn conv_grad_weight<T: WithDType>(x: &[T], dy: &[T], g: &Geom) -> Vec<T> {
+    let tab = taps(g);
+    let tab = tab.as_deref();
     let (k, n, cog, cig) = (g.k(), g.n(), g.cout_g(), g.cin_g());
     let wsize = g.c_out * k;
     let zero = T::from_f64(0.0);
@@ -454,6 +718,10 @@ fn conv_grad_weight<T: WithDType>(x: &[T], dy: &[T], g: &Geom) -> Vec<T> {
         );
         return dw;
     }
+    let c = chunk_images(g);
+    if c > 1 {
+        return conv_grad_weight_chunked(x, dy, g, c);
+    }
     let (batch_par, gpar) = split(g.b);
     let pw = g.pointwise();
     // dW_g += dy_g [cog, n] @ col^T [n, k], summed over the batch.
@@ -465,7 +733,7 @@ fn conv_grad_weight<T: WithDType>(x: &[T], dy: &[T], g: &Geom) -> Vec<T> {
             let c: &[T] = if pw {
                 xg
             } else {
-                im2col(xg, g, &mut col);
+                im2col(xg, g, &mut col, n, tab);
                 &col
             };
             mm(
@@ -489,15 +757,7 @@ fn conv_grad_weight<T: WithDType>(x: &[T], dy: &[T], g: &Geom) -> Vec<T> {
             .into_par_iter()
             .fold(init, item)
             .map(|(dw, _)| dw)
-            .reduce(
-                || vec![zero; wsize],
-                |mut a, b| {
-                    for (x, y) in a.iter_mut().zip(b) {
-                        *x += y;
-                    }
-                    a
-                },
-            )
+            .reduce(|| vec![zero; wsize], add_into)
     } else {
         (0..g.b).fold(init(), item).0
     }
