@@ -408,42 +408,63 @@ fn scatter_channels<T: WithDType>(src: &[T], c: usize, n: usize, dst: &mut [T], 
     }
 }
 
+/// Chunks of `c` images per parallel task: one task per thread, so each
+/// allocates its scratch once (rayon's `for_each_init` may call its init
+/// once per split, and zeroing megabytes of column buffer showed up as 2%).
+fn chunks_per_task(b: usize, c: usize) -> usize {
+    let chunks = b.div_ceil(c);
+    chunks.div_ceil(rayon::current_num_threads().max(1)).max(1)
+}
+
+/// Fills `col` (row stride `ld`) with the column matrices of images `b0..b0+nb`.
+fn im2col_images<T: WithDType>(
+    x: &[T],
+    g: &Geom,
+    (b0, nb): (usize, usize),
+    col: &mut [T],
+    ld: usize,
+    tab: Option<&[u32]>,
+) {
+    let n = g.n();
+    for (i, xb) in x[b0 * g.x_item()..(b0 + nb) * g.x_item()]
+        .chunks(g.x_item())
+        .enumerate()
+    {
+        im2col(xb, g, &mut col[i * n..], ld, tab);
+    }
+}
+
 /// Forward over chunks of `c` images: `y_chunk [c_out, c*n] = W @ cols [k, c*n]`,
-/// chunks in parallel (one group; see [`chunk_images`]).
+/// tasks in parallel (one group; see [`chunk_images`]).
 fn conv_fwd_chunked<T: WithDType>(x: &[T], w: &[T], g: &Geom, c: usize, y: &mut [T]) {
     let tab = taps(g);
     let tab = tab.as_deref();
     let (k, n, co) = (g.k(), g.n(), g.c_out);
     let ld = c * n;
     let zero = T::from_f64(0.0);
-    y.par_chunks_mut(c * g.y_item()).enumerate().for_each_init(
-        || (vec![zero; k * ld], vec![zero; co * ld]),
-        |(col, ych), (ci, ys)| {
-            let nb = ys.len() / g.y_item();
-            for i in 0..nb {
-                let b = ci * c + i;
-                im2col(
-                    &x[b * g.x_item()..(b + 1) * g.x_item()],
-                    g,
-                    &mut col[i * n..],
+    let per_task = chunks_per_task(g.b, c);
+    y.par_chunks_mut(per_task * c * g.y_item())
+        .enumerate()
+        .for_each(|(t, yt)| {
+            let (mut col, mut ych) = (vec![zero; k * ld], vec![zero; co * ld]);
+            for (j, ys) in yt.chunks_mut(c * g.y_item()).enumerate() {
+                let nb = ys.len() / g.y_item();
+                let b0 = (t * per_task + j) * c;
+                im2col_images(x, g, (b0, nb), &mut col, ld, tab);
+                mm(
+                    (co, nb * n, k),
+                    &mut ych,
                     ld,
-                    tab,
+                    false,
+                    w,
+                    (k, 1),
+                    &col,
+                    (ld, 1),
+                    Parallelism::None,
                 );
+                scatter_channels(&ych, co, n, ys, ld);
             }
-            mm(
-                (co, nb * n, k),
-                ych,
-                ld,
-                false,
-                w,
-                (k, 1),
-                col,
-                (ld, 1),
-                Parallelism::None,
-            );
-            scatter_channels(ych, co, n, ys, ld);
-        },
-    );
+        });
 }
 
 /// Input gradient over chunks of `c` images: `dcols = W^T @ dy_chunk`, then col2im.
@@ -453,34 +474,32 @@ fn conv_grad_input_chunked<T: WithDType>(dy: &[T], w: &[T], g: &Geom, c: usize, 
     let (k, n, co) = (g.k(), g.n(), g.c_out);
     let ld = c * n;
     let zero = T::from_f64(0.0);
-    dx.par_chunks_mut(c * g.x_item()).enumerate().for_each_init(
-        || (vec![zero; k * ld], vec![zero; co * ld]),
-        |(col, dych), (ci, dxs)| {
-            let nb = dxs.len() / g.x_item();
-            let b0 = ci * c;
-            gather_channels(
-                &dy[b0 * g.y_item()..(b0 + nb) * g.y_item()],
-                co,
-                n,
-                dych,
-                ld,
-            );
-            mm(
-                (k, nb * n, co),
-                col,
-                ld,
-                false,
-                w,
-                (1, k),
-                dych,
-                (ld, 1),
-                Parallelism::None,
-            );
-            for (i, dxb) in dxs.chunks_mut(g.x_item()).enumerate() {
-                col2im(&col[i * n..], g, dxb, ld, tab);
+    let per_task = chunks_per_task(g.b, c);
+    dx.par_chunks_mut(per_task * c * g.x_item())
+        .enumerate()
+        .for_each(|(t, dxt)| {
+            let (mut col, mut dych) = (vec![zero; k * ld], vec![zero; co * ld]);
+            for (j, dxs) in dxt.chunks_mut(c * g.x_item()).enumerate() {
+                let nb = dxs.len() / g.x_item();
+                let b0 = (t * per_task + j) * c;
+                let dyc = &dy[b0 * g.y_item()..(b0 + nb) * g.y_item()];
+                gather_channels(dyc, co, n, &mut dych, ld);
+                mm(
+                    (k, nb * n, co),
+                    &mut col,
+                    ld,
+                    false,
+                    w,
+                    (1, k),
+                    &dych,
+                    (ld, 1),
+                    Parallelism::None,
+                );
+                for (i, dxb) in dxs.chunks_mut(g.x_item()).enumerate() {
+                    col2im(&col[i * n..], g, dxb, ld, tab);
+                }
             }
-        },
-    );
+        });
 }
 
 /// Weight gradient over chunks of `c` images: `dW += dy_chunk [c_out, c*n] @ cols^T`,
@@ -491,43 +510,33 @@ fn conv_grad_weight_chunked<T: WithDType>(x: &[T], dy: &[T], g: &Geom, c: usize)
     let (k, n, co) = (g.k(), g.n(), g.c_out);
     let ld = c * n;
     let zero = T::from_f64(0.0);
-    let init = || (vec![zero; co * k], vec![zero; k * ld], vec![zero; co * ld]);
-    (0..g.b.div_ceil(c))
+    let per_task = chunks_per_task(g.b, c);
+    let chunks = g.b.div_ceil(c);
+    (0..chunks.div_ceil(per_task))
         .into_par_iter()
-        .fold(init, |(mut dw, mut col, mut dych), ci| {
-            let b0 = ci * c;
-            let nb = c.min(g.b - b0);
-            for i in 0..nb {
-                let b = b0 + i;
-                im2col(
-                    &x[b * g.x_item()..(b + 1) * g.x_item()],
-                    g,
-                    &mut col[i * n..],
-                    ld,
-                    tab,
+        .map(|t| {
+            let mut dw = vec![zero; co * k];
+            let (mut col, mut dych) = (vec![zero; k * ld], vec![zero; co * ld]);
+            for ci in t * per_task..((t + 1) * per_task).min(chunks) {
+                let b0 = ci * c;
+                let nb = c.min(g.b - b0);
+                im2col_images(x, g, (b0, nb), &mut col, ld, tab);
+                let dyc = &dy[b0 * g.y_item()..(b0 + nb) * g.y_item()];
+                gather_channels(dyc, co, n, &mut dych, ld);
+                mm(
+                    (co, k, nb * n),
+                    &mut dw,
+                    k,
+                    true,
+                    &dych,
+                    (ld, 1),
+                    &col,
+                    (1, ld),
+                    Parallelism::None,
                 );
             }
-            gather_channels(
-                &dy[b0 * g.y_item()..(b0 + nb) * g.y_item()],
-                co,
-                n,
-                &mut dych,
-                ld,
-            );
-            mm(
-                (co, k, nb * n),
-                &mut dw,
-                k,
-                true,
-                &dych,
-                (ld, 1),
-                &col,
-                (1, ld),
-                Parallelism::None,
-            );
-            (dw, col, dych)
+            dw
         })
-        .map(|(dw, _, _)| dw)
         .reduce(|| vec![zero; co * k], add_into)
 }
 
