@@ -179,6 +179,48 @@ fn conv_chunked_batches_match_candle() {
     }
 }
 
+/// The weight gradient sums per-thread partials in a fixed order, so repeated
+/// runs give the same bits (rayon's adaptive reduce tree did not guarantee it).
+#[test]
+fn conv_weight_gradient_is_bitwise_repeatable() {
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(3)
+        .build()
+        .unwrap();
+    pool.install(|| {
+        let mut rng = SeededRng::new(50);
+        // A small map (chunked path) and a large one (a gemm per image).
+        for (xs, ws) in [
+            ([13, 8, 8, 8], [12, 8, 4, 4]),
+            ([7, 3, 20, 20], [5, 3, 3, 3]),
+        ] {
+            let x = randn(&mut rng, &xs);
+            let w = Var::from_tensor(&randn(&mut rng, &ws)).unwrap();
+            let dw = || {
+                let y = ops::conv2d(&x, w.as_tensor(), 2, 1, 1, 1).unwrap();
+                let g = (y.sqr().unwrap().sum_all().unwrap()).backward().unwrap();
+                g.get(w.as_tensor())
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap()
+            };
+            let first = dw();
+            for _ in 0..4 {
+                let again = dw();
+                assert!(
+                    first
+                        .iter()
+                        .zip(&again)
+                        .all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "conv weight gradient for x {xs:?} changed between runs"
+                );
+            }
+        }
+    });
+}
+
 #[test]
 fn conv2d_gradients_match_finite_differences() {
     let mut rng = SeededRng::new(11);

@@ -512,7 +512,7 @@ fn conv_grad_weight_chunked<T: WithDType>(x: &[T], dy: &[T], g: &Geom, c: usize)
     let zero = T::from_f64(0.0);
     let per_task = chunks_per_task(g.b, c);
     let chunks = g.b.div_ceil(c);
-    (0..chunks.div_ceil(per_task))
+    let parts: Vec<Vec<T>> = (0..chunks.div_ceil(per_task))
         .into_par_iter()
         .map(|t| {
             let mut dw = vec![zero; co * k];
@@ -537,7 +537,17 @@ fn conv_grad_weight_chunked<T: WithDType>(x: &[T], dy: &[T], g: &Geom, c: usize)
             }
             dw
         })
-        .reduce(|| vec![zero; co * k], add_into)
+        .collect();
+    sum_in_order(parts, co * k)
+}
+
+/// The per-task partial sums added in task order, so a weight gradient is the
+/// same bits on every run with the same thread count.
+fn sum_in_order<T: WithDType>(parts: Vec<Vec<T>>, len: usize) -> Vec<T> {
+    parts
+        .into_iter()
+        .reduce(add_into)
+        .unwrap_or_else(|| vec![T::from_f64(0.0); len])
 }
 
 /// `a += b` elementwise, returning `a`.
@@ -762,11 +772,14 @@ fn conv_grad_weight<T: WithDType>(x: &[T], dy: &[T], g: &Geom) -> Vec<T> {
     let colsize = if pw { 0 } else { k * n };
     let init = || (vec![zero; wsize], vec![zero; colsize]);
     if batch_par {
-        (0..g.b)
+        // Fixed contiguous ranges, summed in order: the same sum every run
+        // (rayon's fold/reduce tree follows work stealing).
+        let per = g.b.div_ceil(rayon::current_num_threads().max(1));
+        let parts: Vec<Vec<T>> = (0..g.b.div_ceil(per))
             .into_par_iter()
-            .fold(init, item)
-            .map(|(dw, _)| dw)
-            .reduce(|| vec![zero; wsize], add_into)
+            .map(|t| (t * per..((t + 1) * per).min(g.b)).fold(init(), item).0)
+            .collect();
+        sum_in_order(parts, wsize)
     } else {
         (0..g.b).fold(init(), item).0
     }
