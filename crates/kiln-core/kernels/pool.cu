@@ -2,11 +2,12 @@
 // [B, C, H, W] with square windows, no padding, floor mode. Backward kernels
 // gather (one thread per input pixel over the windows that contain it), so
 // overlapping windows (kernel > stride) need no atomics and results are
-// deterministic. Max pooling's gradient goes to the first maximum of each
-// window in row-major order, as on the CPU and in PyTorch.
+// deterministic. Max pooling picks as PyTorch does (and the CPU kernels): the
+// first maximum of each window in row-major order, except that NaN propagates
+// (the window's last NaN is its argmax).
 #include "common.cuh"
 
-// Index of the first maximum of the window at (oy, ox) within a plane.
+// Index of the maximum (PyTorch's pick, above) of the window at (oy, ox) within a plane.
 template <typename T>
 __device__ __forceinline__ int window_argmax(const T *xp, int w, int k, int s, int oy, int ox) {
   const int base = oy * s * w + ox * s;
@@ -15,7 +16,7 @@ __device__ __forceinline__ int window_argmax(const T *xp, int w, int k, int s, i
   for (int ky = 0; ky < k; ++ky)
     for (int kx = 0; kx < k; ++kx) {
       const int i = base + ky * w + kx;
-      if (xp[i] > m) {
+      if (xp[i] > m || isnan(xp[i])) {
         m = xp[i];
         at = i;
       }

@@ -438,6 +438,83 @@ fn max_pool2d_matches_reference_including_overlapping_windows() {
     }
 }
 
+/// `max_pool2d` of one `[1, 1, h, w]` plane: the output and the input gradient
+/// for output gradient `g`, as flat vectors.
+fn pool_plane(
+    x: &[f32],
+    (h, w): (usize, usize),
+    k: usize,
+    s: usize,
+    g: &[f32],
+) -> (Vec<f32>, Vec<f32>) {
+    let xv = Var::from_tensor(&Tensor::from_slice(x, (1, 1, h, w), &Device::Cpu).unwrap()).unwrap();
+    let y = ops::max_pool2d(xv.as_tensor(), k, s).unwrap();
+    let gt = Tensor::from_slice(g, y.shape(), &Device::Cpu).unwrap();
+    let grads = (&y * &gt).unwrap().sum_all().unwrap().backward().unwrap();
+    let dx = grads.get(xv.as_tensor()).unwrap();
+    let f32s = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    (f32s(&y), f32s(dx))
+}
+
+/// Same bits, NaN equal to NaN.
+fn same(a: &[f32], b: &[f32]) -> bool {
+    a.len() == b.len()
+        && a.iter()
+            .zip(b)
+            .all(|(x, y)| x == y || (x.is_nan() && y.is_nan()))
+}
+
+/// NaN propagates through max pooling as in PyTorch: a NaN input is its
+/// window's maximum (the last NaN when there are several) and takes the
+/// gradient, and a NaN output gradient reaches only the argmax. Expected values
+/// from PyTorch 2.x:
+/// ```python
+/// x = torch.tensor([nan, 5, 1, nan]).view(1, 1, 2, 2).requires_grad_()
+/// F.max_pool2d(x, 2).backward(torch.ones(1, 1, 1, 1)); x.grad  # [0, 0, 0, 1], y = nan
+/// # [1, nan, 3, 2] -> [0, 1, 0, 0]; [1, 2, 3, nan] -> [0, 0, 0, 1]
+/// # x = [1, 4, 3, 2], output gradient nan -> [0, nan, 0, 0]
+/// x = torch.tensor([1., nan, 3, 2, 0, 9, 4, 1, 5, 7, 8, 2, 1, 1, 1, 1]).view(1, 1, 4, 4)
+/// F.max_pool2d(x, 3, 1)  # [nan, nan, 9, 9]; ones backward -> 2 at 1 and at 5
+/// ```
+#[test]
+fn max_pool2d_propagates_nan_as_pytorch() {
+    let nan = f32::NAN;
+    for (x, want) in [
+        ([nan, 5.0, 1.0, nan], [0.0, 0.0, 0.0, 1.0]),
+        ([1.0, nan, 3.0, 2.0], [0.0, 1.0, 0.0, 0.0]),
+        ([1.0, 2.0, 3.0, nan], [0.0, 0.0, 0.0, 1.0]),
+    ] {
+        let (y, dx) = pool_plane(&x, (2, 2), 2, 2, &[1.0]);
+        assert!(y[0].is_nan(), "{x:?}: output {y:?}");
+        assert!(same(&dx, &want), "{x:?}: gradient {dx:?}, PyTorch {want:?}");
+    }
+    let (_, dx) = pool_plane(&[1.0, 4.0, 3.0, 2.0], (2, 2), 2, 2, &[nan]);
+    assert!(same(&dx, &[0.0, nan, 0.0, 0.0]), "NaN gradient: {dx:?}");
+    let x = [
+        1.0, nan, 3.0, 2.0, 0.0, 9.0, 4.0, 1.0, 5.0, 7.0, 8.0, 2.0, 1.0, 1.0, 1.0, 1.0,
+    ];
+    let (y, dx) = pool_plane(&x, (4, 4), 3, 1, &[1.0; 4]);
+    assert!(same(&y, &[nan, nan, 9.0, 9.0]), "3x3/1 output {y:?}");
+    let mut want = [0.0; 16];
+    (want[1], want[5]) = (2.0, 2.0);
+    assert!(same(&dx, &want), "3x3/1 gradient {dx:?}");
+    // A long row (the 2x2 kernel's blocked, branch-free path) with one NaN:
+    // ascending values put every other window's maximum bottom right.
+    let mut x: Vec<f32> = (0..40).map(|i| i as f32).collect();
+    x[5] = nan;
+    let (y, dx) = pool_plane(&x, (2, 20), 2, 2, &[1.0; 10]);
+    for k in 0..10 {
+        let (at, val) = if k == 2 {
+            (5, nan)
+        } else {
+            (21 + 2 * k, (21 + 2 * k) as f32)
+        };
+        assert!(same(&y[k..k + 1], &[val]), "window {k}: {}", y[k]);
+        assert_eq!(dx[at], 1.0, "window {k} gradient at {at}: {dx:?}");
+    }
+    assert_eq!(dx.iter().filter(|v| **v != 0.0).count(), 10, "{dx:?}");
+}
+
 #[test]
 fn max_pool2d_gradient_matches_finite_differences() {
     let mut rng = SeededRng::new(21);

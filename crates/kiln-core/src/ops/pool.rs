@@ -48,17 +48,35 @@ fn is_2x2(p: &Pool) -> bool {
     p.kernel == 2 && p.stride == 2
 }
 
-/// Index (0..4, row-major) and value of the first maximum of a 2x2 window,
-/// PyTorch's pick among ties.
+/// Whether `v` replaces the running maximum `m` in window order: larger, or
+/// NaN. PyTorch's rule: NaN propagates (the last NaN of a window is its argmax),
+/// ties keep the first maximum.
+#[inline(always)]
+#[allow(clippy::eq_op)] // `v != v` is the NaN test WithDType offers
+fn takes_over<T: WithDType>(v: T, m: T) -> bool {
+    v > m || v != v
+}
+
+/// Index (0..4, row-major) and value of a 2x2 window's maximum as PyTorch
+/// picks it (see [`takes_over`]).
 #[inline]
 fn argmax4<T: WithDType>(v: [T; 4]) -> (usize, T) {
     let mut at = (0, v[0]);
     for (i, &x) in v.iter().enumerate().skip(1) {
-        if x > at.1 {
+        if takes_over(x, at.1) {
             at = (i, x);
         }
     }
     at
+}
+
+/// Whether a row pair and its gradients hold only finite gradients and no NaN
+/// inputs, so the branch-free routing gives PyTorch's result.
+#[allow(clippy::eq_op)]
+fn clean_rows<T: WithDType>(g: &[T], r0: &[T], r1: &[T]) -> bool {
+    let zero = T::from_f64(0.0);
+    // `g - g` is 0 only for finite g; `v == v` fails only for NaN.
+    g.iter().all(|&g| g - g == zero) && r0.iter().chain(r1).all(|&v| v == v)
 }
 
 /// 2x2 / stride-2 max pooling of one plane, row pair by row pair.
@@ -80,7 +98,9 @@ fn max_fwd_2x2<T: WithDType>(yp: &mut [T], xp: &[T], p: &Pool) {
 /// branches: a branch on the argmax of random data mispredicts most of the time,
 /// and x86 has no conditional move for float registers, so the choice is made
 /// by multiplying with 0 or 1 (LLVM turns float selects, even bit-masked ones,
-/// back into branches). A NaN or infinite `g` therefore reaches all four cells.
+/// back into branches). A NaN or infinite `g` would therefore reach all four
+/// cells, and a NaN input lose to the others: rows holding either take the
+/// exact path instead (see [`clean_rows`]).
 trait Route2x2: Copy {
     /// `[a0, a1, b0, b1]` (row-major) to their gradients.
     fn route(w: [Self; 4], g: Self) -> [Self; 4];
@@ -113,6 +133,14 @@ fn max_bwd_2x2<T: WithDType + Route2x2>(dxp: &mut [T], xp: &[T], dyp: &[T], p: &
         let r1 = &xp[(2 * oy + 1) * p.w..][..n];
         let (d0, d1) = dxp[2 * oy * p.w..].split_at_mut(p.w);
         let (d0, d1) = (&mut d0[..n], &mut d1[..n]);
+        if !clean_rows(dyr, r0, r1) {
+            for (k, &g) in dyr.iter().enumerate() {
+                let (i, _) = argmax4([r0[2 * k], r0[2 * k + 1], r1[2 * k], r1[2 * k + 1]]);
+                let d = if i < 2 { &mut *d0 } else { &mut *d1 };
+                d[2 * k + i % 2] = g;
+            }
+            continue;
+        }
         let one = |k: usize, d0: &mut [T], d1: &mut [T], g: T| {
             let o = T::route([r0[2 * k], r0[2 * k + 1], r1[2 * k], r1[2 * k + 1]], g);
             (d0[2 * k], d0[2 * k + 1], d1[2 * k], d1[2 * k + 1]) = (o[0], o[1], o[2], o[3]);
@@ -174,7 +202,7 @@ fn max_fwd<T: WithDType>(x: &[T], p: &Pool, planes: usize) -> Vec<T> {
                     let mut m = xp[base];
                     for ky in 0..p.kernel {
                         for v in &xp[base + ky * p.w..base + ky * p.w + p.kernel] {
-                            if *v > m {
+                            if takes_over(*v, m) {
                                 m = *v;
                             }
                         }
@@ -206,12 +234,12 @@ fn max_bwd<T: WithDType + Route2x2>(x: &[T], dy: &[T], p: &Pool, planes: usize) 
             for oy in 0..p.ho {
                 for ox in 0..p.wo {
                     let base = oy * p.stride * p.w + ox * p.stride;
-                    // First maximum in row-major window order, as PyTorch picks.
+                    // The maximum as PyTorch picks it (see `takes_over`).
                     let (mut at, mut m) = (base, xp[base]);
                     for ky in 0..p.kernel {
                         let r = base + ky * p.w;
                         for (j, v) in xp[r..r + p.kernel].iter().enumerate() {
-                            if *v > m {
+                            if takes_over(*v, m) {
                                 m = *v;
                                 at = r + j;
                             }
