@@ -750,6 +750,8 @@ pub fn export(dir: &Path) -> Result<usize> {
     );
     w.push(c);
 
+    export_conv(&mut w)?;
+
     let count = w.cases.len();
     let manifest = json!({
         "format": "kiln-gpu-refs/1",
@@ -761,6 +763,186 @@ pub fn export(dir: &Path) -> Result<usize> {
         serde_json::to_string_pretty(&manifest)?,
     )?;
     Ok(count)
+}
+
+/// A convolution's sizes for the conv.cu checks: `x [b, c, h, w]`, a `kh x kw`
+/// kernel with stride, padding and dilation, and its output size.
+#[derive(Debug, Clone, Copy)]
+struct ConvGeo {
+    b: usize,
+    c: usize,
+    h: usize,
+    w: usize,
+    kh: usize,
+    kw: usize,
+    s: usize,
+    p: usize,
+    d: usize,
+}
+
+impl ConvGeo {
+    fn out(&self) -> (usize, usize) {
+        let side = |i: usize, k: usize| (i + 2 * self.p - self.d * (k - 1) - 1) / self.s + 1;
+        (side(self.h, self.kh), side(self.w, self.kw))
+    }
+    /// `(x index, column-matrix index)` of every tap that reads an input pixel
+    /// (padding taps read nothing): column matrix `[c*kh*kw, b*ho*wo]`, rows
+    /// `(ci, ki, kj)`, columns `(image, oy, ox)`, as `kernels/conv.cu` lays it out.
+    fn taps(&self) -> Vec<(usize, usize)> {
+        let (ho, wo) = self.out();
+        let cols = self.b * ho * wo;
+        let mut t = Vec::new();
+        for ci in 0..self.c {
+            for ki in 0..self.kh {
+                for kj in 0..self.kw {
+                    let row = (ci * self.kh + ki) * self.kw + kj;
+                    for bi in 0..self.b {
+                        for oy in 0..ho {
+                            for ox in 0..wo {
+                                let iy = (oy * self.s + ki * self.d) as isize - self.p as isize;
+                                let ix = (ox * self.s + kj * self.d) as isize - self.p as isize;
+                                if iy < 0
+                                    || ix < 0
+                                    || iy >= self.h as isize
+                                    || ix >= self.w as isize
+                                {
+                                    continue;
+                                }
+                                let xi = ((bi * self.c + ci) * self.h + iy as usize) * self.w
+                                    + ix as usize;
+                                t.push((xi, row * cols + (bi * ho + oy) * wo + ox));
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        t
+    }
+    fn col_len(&self) -> usize {
+        let (ho, wo) = self.out();
+        self.c * self.kh * self.kw * self.b * ho * wo
+    }
+    fn args(&self, bufs: [&str; 2], n: usize) -> Vec<Value> {
+        let (ho, wo) = self.out();
+        let mut a = vec![buf(bufs[0]), buf(bufs[1]), json!({ "u64": n })];
+        a.extend(
+            [
+                self.b, self.c, self.h, self.w, self.kh, self.kw, ho, wo, self.s, self.p, self.d,
+            ]
+            .map(i32a),
+        );
+        a
+    }
+}
+
+/// conv.cu, f32 and f64: im2col and col2im against plain loops over the taps
+/// (col2im scatters here where the kernel gathers), the layout permutes
+/// against candle's transpose, and the slice accumulation. Groups change no
+/// kernel (a group is a block of the column matrix's rows), so the geometries
+/// vary stride, padding, dilation, kernel shape and odd sizes.
+fn export_conv(w: &mut Writer<'_>) -> Result<()> {
+    let cpu = Device::Cpu;
+    let rng = |seed: u64, shape: &[usize]| -> Result<Tensor> {
+        Ok(SeededRng::new(seed).normal(shape, 0.0, 1.0, &cpu)?)
+    };
+    let geos = [
+        // (b, c, h, w, kh, kw, stride, padding, dilation)
+        [2, 3, 7, 9, 3, 3, 2, 1, 1],
+        [3, 4, 11, 9, 3, 3, 2, 0, 2],
+        [2, 2, 13, 7, 5, 5, 3, 2, 1],
+        [2, 3, 5, 5, 4, 4, 1, 3, 1],
+        [6, 5, 4, 4, 4, 4, 1, 0, 1],
+        [2, 6, 8, 8, 1, 1, 1, 0, 1],
+        [3, 4, 8, 8, 4, 4, 2, 1, 1],
+        [3, 2, 6, 5, 3, 2, 1, 1, 2],
+    ];
+    for (gi, a) in geos.iter().enumerate() {
+        let [b, ch, h, wd, kh, kw, s, p, d] = *a;
+        let g = ConvGeo {
+            b,
+            c: ch,
+            h,
+            w: wd,
+            kh,
+            kw,
+            s,
+            p,
+            d,
+        };
+        let (ho, wo) = g.out();
+        let (n_x, n_col) = (b * ch * h * wd, g.col_len());
+        let taps = g.taps();
+        for dt in [DType::F32, DType::F64] {
+            let sx = suffix(dt);
+            let tol = if dt == DType::F64 { 1e-12 } else { 1e-5 };
+            let seed = 300 + 10 * gi as u64;
+            let x = rng(seed, &[n_x])?.to_dtype(dt)?;
+            let xv: Vec<f64> = x.to_dtype(DType::F64)?.to_vec1()?;
+            let mut col = vec![0f64; n_col];
+            for &(xi, ci) in &taps {
+                col[ci] = xv[xi];
+            }
+            let col = Tensor::from_vec(col, n_col, &cpu)?.to_dtype(dt)?;
+            let mut c = Case::new(format!("im2col_{sx}_g{gi}"), "conv", tol, tol);
+            w.input(&mut c, "x", &x, None)?;
+            w.output(&mut c, "col", n_col, dt, Some(&col))?;
+            let k = format!("im2col_{sx}");
+            Writer::launch(&mut c, &k, elem_launch(n_col), g.args(["x", "col"], n_col));
+            w.push(c);
+
+            let dcol = rng(seed + 1, &[n_col])?.to_dtype(dt)?;
+            let dv: Vec<f64> = dcol.to_dtype(DType::F64)?.to_vec1()?;
+            let mut dx = vec![0f64; n_x];
+            for &(xi, ci) in &taps {
+                dx[xi] += dv[ci];
+            }
+            let dx = Tensor::from_vec(dx, n_x, &cpu)?.to_dtype(dt)?;
+            let mut c = Case::new(format!("col2im_{sx}_g{gi}"), "conv", tol, tol);
+            w.input(&mut c, "col", &dcol, None)?;
+            w.output(&mut c, "dx", n_x, dt, Some(&dx))?;
+            let k = format!("col2im_{sx}");
+            Writer::launch(&mut c, &k, elem_launch(n_x), g.args(["col", "dx"], n_x));
+            w.push(c);
+
+            // dy [b, c_out, ho, wo] <-> [c_out, b*ho*wo], c_out = 2c + 1.
+            let co = 2 * ch + 1;
+            let n_y = b * co * ho * wo;
+            let dy = rng(seed + 2, &[b, co, ho, wo])?.to_dtype(dt)?;
+            let cn = dy
+                .reshape((b, co, ho * wo))?
+                .transpose(0, 1)?
+                .contiguous()?;
+            let pa = vec![i32a(b), i32a(co), i32a(ho * wo)];
+            let mut c = Case::new(format!("conv_permute_{sx}_g{gi}"), "conv", 0.0, 0.0);
+            w.input(&mut c, "dy", &dy, None)?;
+            w.output(&mut c, "cn", n_y, dt, Some(&cn))?;
+            w.output(&mut c, "back", n_y, dt, Some(&dy))?;
+            let mut args = vec![buf("dy"), buf("cn"), json!({ "u64": n_y })];
+            args.extend(pa.clone());
+            Writer::launch(&mut c, &format!("nchw_to_cn_{sx}"), elem_launch(n_y), args);
+            let mut args = vec![buf("cn"), buf("back"), json!({ "u64": n_y })];
+            args.extend(pa);
+            Writer::launch(&mut c, &format!("cn_to_nchw_{sx}"), elem_launch(n_y), args);
+            w.push(c);
+        }
+    }
+    for dt in [DType::F32, DType::F64] {
+        let sx = suffix(dt);
+        let n = 5003usize;
+        let (a, b) = (rng(390, &[n])?.to_dtype(dt)?, rng(391, &[n])?.to_dtype(dt)?);
+        let mut c = Case::new(format!("accumulate_{sx}"), "conv", 1e-12, 1e-6);
+        w.input(&mut c, "x", &a, None)?;
+        w.input(&mut c, "acc", &b, Some(&(&a + &b)?))?;
+        Writer::launch(
+            &mut c,
+            &format!("accumulate_{sx}"),
+            elem_launch(n),
+            vec![buf("x"), buf("acc"), json!({ "u64": n })],
+        );
+        w.push(c);
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -826,6 +826,17 @@ impl CustomOp2 for Conv2dOp {
         "kiln-conv2d"
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        super::cuda::conv::conv2d_fwd(self.0, s1, l1, s2, l2)
+    }
+
     fn cpu_fwd(
         &self,
         s1: &CpuStorage,
@@ -874,6 +885,17 @@ impl CustomOp2 for Conv2dOp {
 impl CustomOp2 for Conv2dGradInput {
     fn name(&self) -> &'static str {
         "kiln-conv2d-grad-input"
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        super::cuda::conv::conv2d_grad_input(self.p, (self.h, self.w), s1, l1, s2, l2)
     }
 
     fn cpu_fwd(
@@ -928,6 +950,17 @@ impl CustomOp2 for Conv2dGradInput {
 impl CustomOp2 for Conv2dGradWeight {
     fn name(&self) -> &'static str {
         "kiln-conv2d-grad-weight"
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        super::cuda::conv::conv2d_grad_weight(self.p, (self.kh, self.kw), s1, l1, s2, l2)
     }
 
     fn cpu_fwd(

@@ -7,8 +7,8 @@
 //!
 //! Kernels run on candle's stream, so they order with candle's own ops.
 //! Token and pooling ops take f32 and f64; the fused transformer ops f32 only
-//! (`ops::mod` sends other dtypes to candle's ops). Convolutions keep candle's
-//! own CUDA implementation (no kernel here).
+//! (`ops::mod` sends other dtypes to candle's ops). Convolutions (f32, f64) are
+//! in the child module `conv` (`cuda_conv.rs`, kernels in `kernels/conv.cu`).
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{
@@ -160,6 +160,9 @@ fn dims4(l: &Layout, what: &str) -> Result<(usize, usize, usize, usize)> {
         ref d => bail!("{what}: expected [B, C, H, W], got {d:?}"),
     }
 }
+
+#[path = "cuda_conv.rs"]
+pub(super) mod conv;
 
 // ---------------------------------------------------------------- token.cu
 
@@ -857,10 +860,15 @@ mod tests {
         for dt in [DType::F32, DType::F64] {
             let x = rand(&[3, 4, 5003], 1, 3.0).to_dtype(dt).unwrap();
             let t: Vec<u32> = (0..12).map(|i| (i * 1237 + 5) % 5003).collect();
-            check("token_logprobs", &[x.clone()], 1e-5, &|xs, dev| {
-                let t = Tensor::from_slice(&t, (3, 4), dev)?;
-                ops::token_logprobs(&xs[0], &t)
-            });
+            check(
+                "token_logprobs",
+                std::slice::from_ref(&x),
+                1e-5,
+                &|xs, dev| {
+                    let t = Tensor::from_slice(&t, (3, 4), dev)?;
+                    ops::token_logprobs(&xs[0], &t)
+                },
+            );
             check("token_entropy", &[x], 1e-5, &|xs, _| {
                 ops::token_entropy(&xs[0])
             });
@@ -870,8 +878,10 @@ mod tests {
     #[test]
     fn fused_ops_match_the_cpu() {
         let x = rand(&[5, 7, 769], 2, 2.0);
-        check("gelu", &[x.clone()], 1e-5, &|xs, _| ops::gelu_tanh(&xs[0]));
-        check("softmax", &[x.clone()], 1e-5, &|xs, _| {
+        check("gelu", std::slice::from_ref(&x), 1e-5, &|xs, _| {
+            ops::gelu_tanh(&xs[0])
+        });
+        check("softmax", std::slice::from_ref(&x), 1e-5, &|xs, _| {
             ops::softmax_last_dim(&xs[0])
         });
         let w = rand(&[769], 3, 1.0);
@@ -892,10 +902,10 @@ mod tests {
         for dt in [DType::F32, DType::F64] {
             let x = rand(&[2, 3, 13, 10], 5, 1.0).to_dtype(dt).unwrap();
             for (k, s) in [(2, 2), (3, 2), (3, 1)] {
-                check("max_pool2d", &[x.clone()], 1e-6, &|xs, _| {
+                check("max_pool2d", std::slice::from_ref(&x), 1e-6, &|xs, _| {
                     ops::max_pool2d(&xs[0], k, s)
                 });
-                check("avg_pool2d", &[x.clone()], 1e-6, &|xs, _| {
+                check("avg_pool2d", std::slice::from_ref(&x), 1e-6, &|xs, _| {
                     ops::avg_pool2d(&xs[0], k, s)
                 });
             }

@@ -13,9 +13,9 @@
 //! back to candle's own op elsewhere (half types, and CUDA in the default
 //! build), so callers need no device checks of their own. With the `cuda`
 //! feature, CUDA tensors go to kiln's CUDA kernels (`kernels/*.cu`, glue in
-//! `cuda.rs`): token log-probs/entropy and pooling (f32/f64), GELU, softmax,
-//! layer norm and the bias adds (f32). Convolutions on CUDA use candle's own
-//! kernels (no cuDNN).
+//! `cuda.rs`): token log-probs/entropy, pooling and convolutions (f32/f64;
+//! convolutions as im2col/col2im kernels around candle's cuBLAS matmul, no
+//! cuDNN), GELU, softmax, layer norm and the bias adds (f32).
 //!
 //! ```
 //! use kiln_core::{ops, Device, Tensor};
@@ -102,6 +102,12 @@ fn kiln_cuda(ts: &[&Tensor], f64_too: bool) -> bool {
     }
 }
 
+/// Whether kiln's CUDA convolution serves these tensors: f32/f64 on one CUDA
+/// device, none of them empty (candle's op takes those).
+fn kiln_cuda_conv(ts: &[&Tensor]) -> bool {
+    kiln_cuda(ts, true) && ts.iter().all(|t| t.elem_count() > 0)
+}
+
 /// Whether a kiln kernel (CPU, or CUDA with the feature) serves these f32/f64 tensors.
 fn kiln_any(ts: &[&Tensor]) -> bool {
     kiln_cpu(ts) || kiln_cuda(ts, true)
@@ -117,7 +123,7 @@ pub fn conv2d(
     dilation: usize,
     groups: usize,
 ) -> Result<Tensor> {
-    if !kiln_cpu(&[x, w]) {
+    if !(kiln_cpu(&[x, w]) || kiln_cuda_conv(&[x, w])) {
         return x.conv2d(w, padding, stride, dilation, groups);
     }
     let p = ConvParams {
@@ -143,7 +149,7 @@ pub fn conv_transpose2d(
     let fallback = || x.conv_transpose2d(w, padding, output_padding, stride, dilation);
     // output_padding >= stride (allowed by PyTorch when dilation is larger) leaves
     // rows no input reaches and no conv2d maps back to: candle's direct loop handles it.
-    if !kiln_cpu(&[x, w]) || output_padding >= stride.max(1) {
+    if !(kiln_cpu(&[x, w]) || kiln_cuda_conv(&[x, w])) || output_padding >= stride.max(1) {
         return fallback();
     }
     let (_, _, h, wd) = x.dims4()?;
