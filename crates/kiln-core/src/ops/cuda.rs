@@ -1,14 +1,15 @@
 //! CUDA glue for kiln's custom ops (`cuda` feature): the PTX that `build.rs`
 //! compiles from `kernels/*.cu`, loaded once per device through candle's
 //! `CudaDevice::get_or_load_custom_func`, and one launcher per kernel. Each
-//! op's `cuda_fwd` (in `token.rs`, `fused.rs`, `pool.rs`) calls the function
-//! here with the same storages and layouts it got from candle, so the shape
-//! checks and output shapes mirror the CPU kernels'.
+//! op's `cuda_fwd` (in `token.rs`, `fused.rs`, `pool.rs`, `act.rs`,
+//! `norm.rs`) calls the function here with the same storages and layouts it
+//! got from candle, so the shape checks and output shapes mirror the CPU
+//! kernels'.
 //!
 //! Kernels run on candle's stream, so they order with candle's own ops.
-//! Token and pooling ops take f32 and f64; the fused transformer ops f32 only
-//! (`ops::mod` sends other dtypes to candle's ops). Convolutions keep candle's
-//! own CUDA implementation (no kernel here).
+//! Token, pooling, channel bias, ReLU and batch norm ops take f32 and f64; the
+//! fused transformer ops f32 only (`ops::mod` sends other dtypes to candle's
+//! ops). Convolutions keep candle's own CUDA implementation (no kernel here).
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{
@@ -36,6 +37,14 @@ const FUSED: Module = Module {
 const POOL: Module = Module {
     key: "kiln-pool",
     ptx: include_str!(concat!(env!("OUT_DIR"), "/pool.ptx")),
+};
+const ACT: Module = Module {
+    key: "kiln-act",
+    ptx: include_str!(concat!(env!("OUT_DIR"), "/act.ptx")),
+};
+const NORM: Module = Module {
+    key: "kiln-norm",
+    ptx: include_str!(concat!(env!("OUT_DIR"), "/norm.ptx")),
 };
 const OPTIM: Module = Module {
     key: "kiln-optim",
@@ -668,19 +677,35 @@ pub(crate) fn channel_bias(
     s2: &CudaStorage,
     l2: &Layout,
 ) -> Result<(CudaStorage, Shape)> {
-    const W: &str = "channel bias (cuda)";
-    let (bs, c, h, w) = dims4(l1, W)?;
+    channel_bias_kernel(
+        POOL,
+        "channel_bias",
+        (s1, l1),
+        (s2, l2),
+        "channel bias (cuda)",
+    )
+}
+
+/// An element-wise per-channel bias kernel `(x, b, y, n, c, hw)` of a module.
+fn channel_bias_kernel(
+    m: Module,
+    name: &str,
+    (s1, l1): (&CudaStorage, &Layout),
+    (s2, l2): (&CudaStorage, &Layout),
+    what: &str,
+) -> Result<(CudaStorage, Shape)> {
+    let (bs, c, h, w) = dims4(l1, what)?;
     if l2.dims() != [c] {
-        bail!("{W}: bias {:?} for {c} channels", l2.dims())
+        bail!("{what}: bias {:?} for {c} channels", l2.dims())
     }
     let n = bs * c * h * w;
     let dev = s1.device();
-    let out = by_float!(s1, W, |T| {
-        let (x, bias) = (input::<T>(s1, l1, W)?, input::<T>(s2, l2, W)?);
-        let f = func!(dev, POOL, &format!("channel_bias_{}", T::SUFFIX))?;
+    let out = by_float!(s1, what, |T| {
+        let (x, bias) = (input::<T>(s1, l1, what)?, input::<T>(s2, l2, what)?);
+        let f = func!(dev, m, &format!("{name}_{}", T::SUFFIX))?;
         // SAFETY: every element is written by the kernel.
         let mut y = unsafe { dev.alloc::<T>(n) }?;
-        let (nn, cc, hw) = (n as u64, i32_arg(c, W)?, i32_arg(h * w, W)?);
+        let (nn, cc, hw) = (n as u64, i32_arg(c, what)?, i32_arg(h * w, what)?);
         let mut b = f.builder();
         b.arg(&x).arg(&bias).arg(&mut y).arg(&nn).arg(&cc).arg(&hw);
         // SAFETY: argument types match the kernel's signature.
@@ -708,6 +733,218 @@ pub(crate) fn channel_sum(s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, S
         wrap(y, dev)
     });
     Ok((out, Shape::from(c)))
+}
+
+// ---------------------------------------------------------------- act.cu
+
+/// ReLU (`slope` 0) or leaky ReLU forward.
+pub(crate) fn relu_fwd(slope: f64, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
+    const W: &str = "relu (cuda)";
+    let n = l.shape().elem_count();
+    let dev = s.device();
+    let out = by_float!(s, W, |T| {
+        let x = input::<T>(s, l, W)?;
+        let f = func!(dev, ACT, &format!("relu_fwd_{}", T::SUFFIX))?;
+        // SAFETY: every element is written by the kernel.
+        let mut y = unsafe { dev.alloc::<T>(n) }?;
+        let nn = n as u64;
+        let mut b = f.builder();
+        b.arg(&x).arg(&mut y).arg(&nn).arg(&slope);
+        // SAFETY: argument types match the kernel's signature.
+        unsafe { b.launch(elem_cfg(n)) }.w()?;
+        wrap(y, dev)
+    });
+    Ok((out, l.shape().clone()))
+}
+
+/// ReLU / leaky ReLU gradient: `(y, dy) -> dx`.
+pub(crate) fn relu_bwd(
+    slope: f64,
+    s1: &CudaStorage,
+    l1: &Layout,
+    s2: &CudaStorage,
+    l2: &Layout,
+) -> Result<(CudaStorage, Shape)> {
+    const W: &str = "relu grad (cuda)";
+    if l1.dims() != l2.dims() {
+        bail!("{W}: dy {:?} for y {:?}", l2.dims(), l1.dims())
+    }
+    let n = l1.shape().elem_count();
+    let dev = s1.device();
+    let out = by_float!(s1, W, |T| {
+        let (y, dy) = (input::<T>(s1, l1, W)?, input::<T>(s2, l2, W)?);
+        let f = func!(dev, ACT, &format!("relu_bwd_{}", T::SUFFIX))?;
+        // SAFETY: every element is written by the kernel.
+        let mut dx = unsafe { dev.alloc::<T>(n) }?;
+        let nn = n as u64;
+        let mut b = f.builder();
+        b.arg(&y).arg(&dy).arg(&mut dx).arg(&nn).arg(&slope);
+        // SAFETY: argument types match the kernel's signature.
+        unsafe { b.launch(elem_cfg(n)) }.w()?;
+        wrap(dx, dev)
+    });
+    Ok((out, l1.shape().clone()))
+}
+
+/// `max(x [B, C, H, W] + b [C], 0)`.
+pub(crate) fn channel_bias_relu(
+    s1: &CudaStorage,
+    l1: &Layout,
+    s2: &CudaStorage,
+    l2: &Layout,
+) -> Result<(CudaStorage, Shape)> {
+    channel_bias_kernel(
+        ACT,
+        "channel_bias_relu",
+        (s1, l1),
+        (s2, l2),
+        "channel bias relu (cuda)",
+    )
+}
+
+// ---------------------------------------------------------------- norm.cu
+
+/// Per-channel mean and biased variance of `x [B, C, S..]`: `[2, C]`.
+pub(crate) fn bn_stats(s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
+    const W: &str = "batch_norm stats (cuda)";
+    let (bs, c, sp) = super::norm::bcs(l, W)?;
+    let dev = s.device();
+    let out = by_float!(s, W, |T| {
+        let x = input::<T>(s, l, W)?;
+        let f = func!(dev, NORM, &format!("bn_stats_{}", T::SUFFIX))?;
+        // SAFETY: every element is written by the kernel (one block per channel).
+        let mut out = unsafe { dev.alloc::<T>(2 * c) }?;
+        let (b_, cc, ss) = (i32_arg(bs, W)?, i32_arg(c, W)?, i32_arg(sp, W)?);
+        let mut b = f.builder();
+        b.arg(&x).arg(&mut out).arg(&b_).arg(&cc).arg(&ss);
+        // SAFETY: argument types match the kernel's signature.
+        unsafe { b.launch(row_cfg(c)) }.w()?;
+        wrap(out, dev)
+    });
+    Ok((out, Shape::from((2, c))))
+}
+
+/// Runs a per-channel coefficient kernel `(q, coef, c, extra..)` into a fresh
+/// `[rows, C]` buffer.
+fn bn_coef<T: Float>(
+    dev: &CudaDevice,
+    name: &str,
+    q: &CudaView<'_, T>,
+    rows: usize,
+    c: usize,
+    extra: (f64, Option<(f64, i32)>),
+    what: &str,
+) -> Result<CudaSlice<T>> {
+    let f = func!(dev, NORM, &format!("{name}_{}", T::SUFFIX))?;
+    // SAFETY: every element is written by the kernel.
+    let mut coef = unsafe { dev.alloc::<T>(rows * c) }?;
+    let cc = i32_arg(c, what)?;
+    let mut b = f.builder();
+    b.arg(q).arg(&mut coef).arg(&cc).arg(&extra.0);
+    if let Some((n, train)) = &extra.1 {
+        b.arg(n).arg(train);
+    }
+    // SAFETY: argument types match the kernel's signature.
+    unsafe { b.launch(elem_cfg(c)) }.w()?;
+    Ok(coef)
+}
+
+/// Batch norm forward: `(x [B, C, S..], p [4, C]) -> y`, `p` rows (mean, var,
+/// weight, bias).
+pub(crate) fn batch_norm_fwd(
+    eps: f64,
+    s1: &CudaStorage,
+    l1: &Layout,
+    s2: &CudaStorage,
+    l2: &Layout,
+) -> Result<(CudaStorage, Shape)> {
+    const W: &str = "batch_norm (cuda)";
+    let (_, c, sp) = super::norm::bcs(l1, W)?;
+    super::norm::check_p(l2, c, W)?;
+    let n = l1.shape().elem_count();
+    let dev = s1.device();
+    let out = by_float!(s1, W, |T| {
+        let (x, p) = (input::<T>(s1, l1, W)?, input::<T>(s2, l2, W)?);
+        let coef = bn_coef::<T>(dev, "bn_fwd_coef", &p, 3, c, (eps, None), W)?;
+        let f = func!(dev, NORM, &format!("batch_norm_fwd_{}", T::SUFFIX))?;
+        // SAFETY: every element is written by the kernel.
+        let mut y = unsafe { dev.alloc::<T>(n) }?;
+        let (nn, cc, ss) = (n as u64, i32_arg(c, W)?, i32_arg(sp.max(1), W)?);
+        let mut b = f.builder();
+        b.arg(&x).arg(&coef).arg(&mut y).arg(&nn).arg(&cc).arg(&ss);
+        // SAFETY: argument types match the kernel's signature.
+        unsafe { b.launch(elem_cfg(n)) }.w()?;
+        wrap(y, dev)
+    });
+    Ok((out, l1.shape().clone()))
+}
+
+/// Batch norm gradient sums: `(x, dy, p [4, C]) -> [2, C]`, rows `sum(dy)` and
+/// `sum(dy * xhat)` per channel.
+pub(crate) fn bn_sums(
+    eps: f64,
+    (s1, l1): (&CudaStorage, &Layout),
+    (s2, l2): (&CudaStorage, &Layout),
+    (s3, l3): (&CudaStorage, &Layout),
+) -> Result<(CudaStorage, Shape)> {
+    const W: &str = "batch_norm grad (cuda)";
+    let (bs, c, sp) = super::norm::bcs(l1, W)?;
+    super::norm::check_p(l3, c, W)?;
+    if l2.dims() != l1.dims() {
+        bail!("{W}: dy {:?} for x {:?}", l2.dims(), l1.dims())
+    }
+    let dev = s1.device();
+    let out = by_float!(s1, W, |T| {
+        let (x, dy) = (input::<T>(s1, l1, W)?, input::<T>(s2, l2, W)?);
+        let p = input::<T>(s3, l3, W)?;
+        let f = func!(dev, NORM, &format!("bn_sums_{}", T::SUFFIX))?;
+        // SAFETY: every element is written by the kernel (one block per channel).
+        let mut out = unsafe { dev.alloc::<T>(2 * c) }?;
+        let (b_, cc, ss) = (i32_arg(bs, W)?, i32_arg(c, W)?, i32_arg(sp, W)?);
+        let mut b = f.builder();
+        b.arg(&x).arg(&dy).arg(&p).arg(&mut out);
+        b.arg(&b_).arg(&cc).arg(&ss).arg(&eps);
+        // SAFETY: argument types match the kernel's signature.
+        unsafe { b.launch(row_cfg(c)) }.w()?;
+        wrap(out, dev)
+    });
+    Ok((out, Shape::from((2, c))))
+}
+
+/// Batch norm input gradient: `(x, dy, q [6, C]) -> dx`, `q` rows (mean, var,
+/// weight, bias, sum dy, sum dy*xhat); `train` adds the statistics' terms.
+pub(crate) fn bn_grad_x(
+    eps: f64,
+    train: bool,
+    (s1, l1): (&CudaStorage, &Layout),
+    (s2, l2): (&CudaStorage, &Layout),
+    (s3, l3): (&CudaStorage, &Layout),
+) -> Result<(CudaStorage, Shape)> {
+    const W: &str = "batch_norm grad (cuda)";
+    let (bs, c, sp) = super::norm::bcs(l1, W)?;
+    if l3.dims() != [6, c] || l2.dims() != l1.dims() {
+        bail!("{W}: bad shapes {:?} {:?}", l2.dims(), l3.dims())
+    }
+    let count = (bs * sp).max(1) as f64;
+    let n = l1.shape().elem_count();
+    let dev = s1.device();
+    let out = by_float!(s1, W, |T| {
+        let (x, dy) = (input::<T>(s1, l1, W)?, input::<T>(s2, l2, W)?);
+        let q = input::<T>(s3, l3, W)?;
+        let extra = (eps, Some((count, i32::from(train))));
+        let coef = bn_coef::<T>(dev, "bn_grad_coef", &q, 5, c, extra, W)?;
+        let f = func!(dev, NORM, &format!("bn_grad_x_{}", T::SUFFIX))?;
+        // SAFETY: every element is written by the kernel.
+        let mut dx = unsafe { dev.alloc::<T>(n) }?;
+        let (nn, cc, ss) = (n as u64, i32_arg(c, W)?, i32_arg(sp.max(1), W)?);
+        let mut b = f.builder();
+        b.arg(&x).arg(&dy).arg(&coef).arg(&mut dx);
+        b.arg(&nn).arg(&cc).arg(&ss);
+        // SAFETY: argument types match the kernel's signature.
+        unsafe { b.launch(elem_cfg(n)) }.w()?;
+        wrap(dx, dev)
+    });
+    Ok((out, l1.shape().clone()))
 }
 
 // ---------------------------------------------------------------- optim.cu
@@ -857,10 +1094,15 @@ mod tests {
         for dt in [DType::F32, DType::F64] {
             let x = rand(&[3, 4, 5003], 1, 3.0).to_dtype(dt).unwrap();
             let t: Vec<u32> = (0..12).map(|i| (i * 1237 + 5) % 5003).collect();
-            check("token_logprobs", &[x.clone()], 1e-5, &|xs, dev| {
-                let t = Tensor::from_slice(&t, (3, 4), dev)?;
-                ops::token_logprobs(&xs[0], &t)
-            });
+            check(
+                "token_logprobs",
+                std::slice::from_ref(&x),
+                1e-5,
+                &|xs, dev| {
+                    let t = Tensor::from_slice(&t, (3, 4), dev)?;
+                    ops::token_logprobs(&xs[0], &t)
+                },
+            );
             check("token_entropy", &[x], 1e-5, &|xs, _| {
                 ops::token_entropy(&xs[0])
             });
@@ -870,8 +1112,10 @@ mod tests {
     #[test]
     fn fused_ops_match_the_cpu() {
         let x = rand(&[5, 7, 769], 2, 2.0);
-        check("gelu", &[x.clone()], 1e-5, &|xs, _| ops::gelu_tanh(&xs[0]));
-        check("softmax", &[x.clone()], 1e-5, &|xs, _| {
+        check("gelu", std::slice::from_ref(&x), 1e-5, &|xs, _| {
+            ops::gelu_tanh(&xs[0])
+        });
+        check("softmax", std::slice::from_ref(&x), 1e-5, &|xs, _| {
             ops::softmax_last_dim(&xs[0])
         });
         let w = rand(&[769], 3, 1.0);
@@ -892,10 +1136,10 @@ mod tests {
         for dt in [DType::F32, DType::F64] {
             let x = rand(&[2, 3, 13, 10], 5, 1.0).to_dtype(dt).unwrap();
             for (k, s) in [(2, 2), (3, 2), (3, 1)] {
-                check("max_pool2d", &[x.clone()], 1e-6, &|xs, _| {
+                check("max_pool2d", std::slice::from_ref(&x), 1e-6, &|xs, _| {
                     ops::max_pool2d(&xs[0], k, s)
                 });
-                check("avg_pool2d", &[x.clone()], 1e-6, &|xs, _| {
+                check("avg_pool2d", std::slice::from_ref(&x), 1e-6, &|xs, _| {
                     ops::avg_pool2d(&xs[0], k, s)
                 });
             }
@@ -904,5 +1148,99 @@ mod tests {
                 ops::add_channel_bias(&xs[0], &xs[1])
             });
         }
+    }
+
+    /// `t` with every fifth element set to exactly 0 (the ReLU gradient's edge).
+    fn with_zeros(t: &Tensor) -> Tensor {
+        let v: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
+        let v: Vec<f32> = v
+            .iter()
+            .enumerate()
+            .map(|(i, &x)| if i % 5 == 0 { 0.0 } else { x })
+            .collect();
+        Tensor::from_vec(v, t.dims(), &Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn activations_match_the_cpu() {
+        for dt in [DType::F32, DType::F64] {
+            let x = with_zeros(&rand(&[2, 3, 13, 10], 7, 1.0))
+                .to_dtype(dt)
+                .unwrap();
+            check("relu", std::slice::from_ref(&x), 1e-6, &|xs, _| {
+                ops::relu(&xs[0])
+            });
+            for slope in [0.0, 0.2] {
+                check("leaky_relu", std::slice::from_ref(&x), 1e-6, &|xs, _| {
+                    ops::leaky_relu(&xs[0], slope)
+                });
+            }
+            // A zero bias on channel 1 puts exact zeros into x + b there.
+            let b = Tensor::new(&[0.3f32, 0.0, -0.2], &Device::Cpu)
+                .unwrap()
+                .to_dtype(dt)
+                .unwrap();
+            check("add_channel_bias_relu", &[x, b], 1e-5, &|xs, _| {
+                ops::add_channel_bias_relu(&xs[0], &xs[1])
+            });
+        }
+    }
+
+    #[test]
+    fn batch_norm_matches_the_cpu() {
+        let gpu = Device::new_cuda(0).expect("a CUDA device");
+        for dt in [DType::F32, DType::F64] {
+            // [B, C, H, W], [B, C, L] and [B, C]; an offset mean tests the
+            // statistics' cancellation.
+            for (shape, seed) in [
+                (&[4usize, 3, 7, 9][..], 8u64),
+                (&[5usize, 4, 33][..], 9),
+                (&[16usize, 5][..], 10),
+            ] {
+                let x = (rand(shape, seed, 2.0) + 5.0)
+                    .unwrap()
+                    .to_dtype(dt)
+                    .unwrap();
+                let c = shape[1];
+                let stats = |dev: &Device| {
+                    let (m, v) = ops::batch_norm_stats(&x.to_device(dev).unwrap()).unwrap();
+                    Tensor::stack(&[m, v], 0).unwrap()
+                };
+                let (sc, sg) = (stats(&Device::Cpu), stats(&gpu));
+                assert!(sg.device().is_cuda());
+                let d = max_diff(&sc, &sg);
+                assert!(d <= 1e-5, "batch_norm_stats {shape:?}: differs by {d}");
+                let w = rand(&[c], seed + 10, 1.0).to_dtype(dt).unwrap();
+                let b = rand(&[c], seed + 20, 1.0).to_dtype(dt).unwrap();
+                check(
+                    "batch_norm train",
+                    &[x.clone(), w.clone(), b.clone()],
+                    1e-5,
+                    &|xs, _| {
+                        let (m, v) = ops::batch_norm_stats(&xs[0])?;
+                        ops::batch_norm(&xs[0], &m, &v, &xs[1], &xs[2], 1e-5, true)
+                    },
+                );
+                let rm = rand(&[c], seed + 30, 1.0).to_dtype(dt).unwrap();
+                let rv = (rand(&[c], seed + 40, 1.0).abs().unwrap() + 0.5)
+                    .unwrap()
+                    .to_dtype(dt)
+                    .unwrap();
+                check("batch_norm eval", &[x, w, b], 1e-5, &|xs, dev| {
+                    let (m, v) = (rm.to_device(dev)?, rv.to_device(dev)?);
+                    ops::batch_norm(&xs[0], &m, &v, &xs[1], &xs[2], 1e-5, false)
+                });
+            }
+        }
+        // Half types keep candle's ops on CUDA.
+        let x = rand(&[4, 3, 5, 5], 11, 1.0)
+            .to_dtype(DType::F16)
+            .unwrap()
+            .to_device(&gpu)
+            .unwrap();
+        let (m, v) = ops::batch_norm_stats(&x).unwrap();
+        let y = ops::batch_norm(&x, &m, &v, &m.ones_like().unwrap(), &m, 1e-5, true).unwrap();
+        assert_eq!(y.dtype(), DType::F16);
+        assert_eq!(ops::relu(&x).unwrap().dtype(), DType::F16);
     }
 }
