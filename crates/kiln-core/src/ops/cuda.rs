@@ -10,13 +10,23 @@
 //! Token, pooling, channel bias, ReLU and batch norm ops take f32 and f64; the
 //! fused transformer ops f32 only (`ops::mod` sends other dtypes to candle's
 //! ops). Convolutions keep candle's own CUDA implementation (no kernel here).
+//!
+//! The optimizer's fused Adam/AdamW step (`optim.rs`) is here too: [`Moment`]
+//! is a moment buffer the optimizer owns (no tensor shares it, so the kernel
+//! may write it in place) and [`adam_step`] runs one in-place update of a
+//! parameter.
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{
     CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits,
 };
 use candle_core::cuda_backend::{CudaDType, WrapErr};
-use candle_core::{bail, CudaDevice, CudaStorage, DType, Layout, Result, Shape, WithDType};
+use candle_core::op::BackpropOp;
+use candle_core::{bail, CpuStorage, CudaDevice, CudaStorage, DType, Device, InplaceOp2, Layout};
+use candle_core::{Result, Shape, Storage, Tensor, WithDType};
+use std::cell::RefCell;
+
+use crate::optim::AdamScalars;
 
 /// One compiled `kernels/<name>.cu`.
 #[derive(Clone, Copy)]
@@ -949,55 +959,139 @@ pub(crate) fn bn_grad_x(
 
 // ---------------------------------------------------------------- optim.cu
 
-// Not called by the optimizer yet (see docs/ARCHITECTURE.md, CUDA); the kernel
-// is checked by scripts/gpu-check.sh.
+/// One Adam/AdamW moment buffer of a CUDA f32 parameter, owned by the
+/// optimizer (`optim.rs`): no tensor shares its memory (state is copied out
+/// and loaded state copied in), so the fused step may write it in place.
+pub(crate) struct Moment(CudaSlice<f32>);
 
-/// Scalars of one Adam/AdamW step, computed on the host in f64 and rounded once.
-#[allow(dead_code)]
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct AdamScalars {
-    pub step_size: f32,
-    pub bc2_sqrt: f32,
-    pub eps: f32,
-    pub wd: f32,
-    pub decay: f32,
-    pub w1: f32,
-    pub b2: f32,
-    pub w2: f32,
-    pub decoupled: bool,
+impl std::fmt::Debug for Moment {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Moment({} f32 on CUDA)", self.0.len())
+    }
 }
 
-/// One fused Adam/AdamW step in place: parameter `p` (the op's destination),
-/// gradient `g`, moment buffers `m` and `v` (written in place by the kernel,
-/// on candle's stream, so no other tensor may share their storage).
-#[allow(dead_code)]
+impl Moment {
+    /// `n` zeros on `dev` (a CUDA device).
+    pub(crate) fn zeros(dev: &Device, n: usize) -> Result<Self> {
+        Ok(Self(dev.as_cuda_device()?.alloc_zeros::<f32>(n)?))
+    }
+
+    /// A copy of the contents of `t` (f32, on a CUDA device).
+    pub(crate) fn copy_of(t: &Tensor) -> Result<Self> {
+        const W: &str = "optimizer state (cuda)";
+        let t = t.contiguous()?;
+        let (st, l) = t.storage_and_layout();
+        let Storage::Cuda(cs) = &*st else {
+            bail!("{W}: expected a CUDA tensor")
+        };
+        let src = f32_input(cs, l, W)?;
+        let dev = cs.device();
+        // SAFETY: every element is written by the copy below.
+        let mut dst = unsafe { dev.alloc::<f32>(src.len()) }?;
+        dev.memcpy_dtod(&src, &mut dst)?;
+        Ok(Self(dst))
+    }
+
+    /// A second buffer with the same contents (copy-on-write for optimizer clones).
+    pub(crate) fn try_clone(&self) -> Result<Self> {
+        let dev = self.0.stream();
+        Ok(Self(dev.clone_dtod(&self.0).w()?))
+    }
+
+    /// A new tensor of `shape` on `dev` holding a copy of the contents.
+    pub(crate) fn to_tensor(&self, shape: &Shape, dev: &Device) -> Result<Tensor> {
+        if shape.elem_count() != self.0.len() {
+            bail!(
+                "optimizer state (cuda): {} values for {shape:?}",
+                self.0.len()
+            )
+        }
+        let copy = self.try_clone()?.0;
+        let st = CudaStorage::wrap_cuda_slice(copy, dev.as_cuda_device()?.clone());
+        Ok(Tensor::from_storage(
+            Storage::Cuda(st),
+            shape.clone(),
+            BackpropOp::none(),
+            false,
+        ))
+    }
+}
+
+/// One fused Adam/AdamW step of the f32 CUDA parameter `p` with gradient `g`,
+/// in place on `p` and the moments `m` and `v` (one kernel, on candle's stream).
+pub(crate) fn adam_step(
+    a: &AdamScalars,
+    p: &Tensor,
+    g: &Tensor,
+    m: &mut Moment,
+    v: &mut Moment,
+) -> Result<()> {
+    let op = AdamOp {
+        a: *a,
+        mv: RefCell::new((&mut m.0, &mut v.0)),
+    };
+    p.inplace_op2(&g.to_dtype(DType::F32)?.contiguous()?, &op)
+}
+
+/// The in-place op behind [`adam_step`]: the parameter's storage is the
+/// destination, the gradient the source, the moments borrowed for the call.
+struct AdamOp<'a> {
+    a: AdamScalars,
+    mv: RefCell<(&'a mut CudaSlice<f32>, &'a mut CudaSlice<f32>)>,
+}
+
+impl InplaceOp2 for AdamOp<'_> {
+    fn name(&self) -> &'static str {
+        "kiln-fused-adam-cuda"
+    }
+
+    fn cpu_fwd(&self, _: &mut CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<()> {
+        bail!("fused Adam update (cuda): the parameter is not on a CUDA device")
+    }
+
+    fn cuda_fwd(
+        &self,
+        p: &mut CudaStorage,
+        lp: &Layout,
+        g: &CudaStorage,
+        lg: &Layout,
+    ) -> Result<()> {
+        let mut mv = self.mv.borrow_mut();
+        let (m, v) = &mut *mv;
+        adam_update(&self.a, (p, lp), (g, lg), m, v)
+    }
+}
+
+/// One fused Adam/AdamW step in place: parameter `p` (contiguous f32),
+/// gradient `g`, moment buffers `m` and `v` of the same length.
 pub(crate) fn adam_update(
     a: &AdamScalars,
-    p: &mut CudaStorage,
-    lp: &Layout,
+    (p, lp): (&mut CudaStorage, &Layout),
     (g, lg): (&CudaStorage, &Layout),
-    (m, lm): (&CudaStorage, &Layout),
-    (v, lv): (&CudaStorage, &Layout),
+    m: &mut CudaSlice<f32>,
+    v: &mut CudaSlice<f32>,
 ) -> Result<()> {
     const W: &str = "fused Adam update (cuda)";
     let n = lp.shape().elem_count();
-    for l in [lg, lm, lv] {
-        if l.shape().elem_count() != n || !l.is_contiguous() || l.start_offset() != 0 {
-            bail!("{W}: buffers must be contiguous with {n} elements")
-        }
+    if lg.shape().elem_count() != n || m.len() != n || v.len() != n {
+        bail!(
+            "{W}: gradient of {} and moments of {} and {} elements for a parameter of {n}",
+            lg.shape().elem_count(),
+            m.len(),
+            v.len()
+        )
     }
-    if !lp.is_contiguous() || lp.start_offset() != 0 {
+    let Some((p0, p1)) = lp.contiguous_offsets() else {
         bail!("{W}: the parameter must be contiguous")
-    }
+    };
     let dev = p.device().clone();
     let gs = f32_input(g, lg, W)?;
-    let (ms, vs) = (m.as_cuda_slice::<f32>()?, v.as_cuda_slice::<f32>()?);
-    let ps = p.as_cuda_slice_mut::<f32>()?;
+    let mut ps = p.as_cuda_slice_mut::<f32>()?.slice_mut(p0..p1);
     let f = func!(&dev, OPTIM, "adam_update_f32")?;
     let nn = n as u64;
     let dec = i32::from(a.decoupled);
     let mut b = f.builder();
-    b.arg(ps).arg(&gs).arg(ms).arg(vs).arg(&nn);
+    b.arg(&mut ps).arg(&gs).arg(m).arg(v).arg(&nn);
     b.arg(&a.step_size)
         .arg(&a.bc2_sqrt)
         .arg(&a.eps)
@@ -1007,8 +1101,8 @@ pub(crate) fn adam_update(
         .arg(&a.b2)
         .arg(&a.w2)
         .arg(&dec);
-    // SAFETY: argument types match the kernel's signature; m and v are owned
-    // by the optimizer and used on this stream only.
+    // SAFETY: argument types match the kernel's signature; the moments are
+    // borrowed mutably, so nothing else reads or writes them meanwhile.
     unsafe { b.launch(elem_cfg(n)) }.w()?;
     Ok(())
 }

@@ -54,7 +54,7 @@ macro_rules! by_float {
 mod act;
 mod conv;
 #[cfg(feature = "cuda")]
-mod cuda;
+pub(crate) mod cuda;
 mod fused;
 mod norm;
 mod pool;
