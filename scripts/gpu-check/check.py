@@ -5,8 +5,9 @@ CuPy and compare them with the kiln CPU ops' outputs that
 
 Needs numpy; CuPy only for the real run. Prints one row per kernel with the
 max abs error and exits 0 when all pass, 1 on any failure, 2 when CuPy (or a
-GPU) is missing. `--dry-run` checks the manifest, the files and that every
-kernel is in the PTX, without a GPU.
+GPU) is missing. `--dry-run` checks the manifest, the files, that every
+kernel is in the PTX and that each launch's arguments match the kernel's
+parameters (count and PTX type), without a GPU.
 """
 import argparse
 import json
@@ -37,13 +38,30 @@ def load_case_buffers(refs, case):
 
 
 def ptx_entries(path):
+    """Each kernel's name and its parameters' PTX types (u64 for pointers and size_t)."""
     with open(path, encoding="utf-8", errors="replace") as f:
-        return set(re.findall(r"\.entry\s+([A-Za-z_][A-Za-z0-9_]*)", f.read()))
+        text = f.read()
+    return {
+        name: re.findall(r"\.param\s+\.(\w+)", params)
+        for name, params in re.findall(r"\.entry\s+([A-Za-z_][A-Za-z0-9_]*)\s*\(([^)]*)\)", text)
+    }
+
+
+# The PTX parameter type each manifest argument kind is passed as.
+PTX_TYPES = {"buf": "u64", "u64": "u64", "i32": "u32", "f32": "f32", "f64": "f64"}
+
+
+def check_args(kernel, params, args):
+    """Raises when a launch's arguments do not match the kernel's parameters."""
+    kinds = [next(iter(x)) for x in args]
+    want = [PTX_TYPES.get(k, "?") for k in kinds]
+    if want != params:
+        raise ValueError(f"{kernel}: arguments {kinds} (PTX {want}) do not match its parameters {params}")
 
 
 def scalar(a):
     (k, v), = a.items()
-    return {"i32": np.int32, "u64": np.uint64, "f32": np.float32}[k](v)
+    return {"i32": np.int32, "u64": np.uint64, "f32": np.float32, "f64": np.float64}[k](v)
 
 
 def compare(got, want, atol, rtol):
@@ -78,15 +96,16 @@ def main():
         want = set(a.only.split(","))
         cases = [c for c in cases if c["name"] in want]
 
+    # A launch runs a kernel of its case's module unless it names another.
     entries = {}
     for c in cases:
-        m = c["module"]
-        if m not in entries:
-            p = os.path.join(a.ptx, m + ".ptx")
-            if not os.path.exists(p):
-                print(f"gpu-check: missing {p} (build with `cargo xtask cuda-check` or KILN_PTX_DIR)")
-                return 1
-            entries[m] = ptx_entries(p)
+        for m in [c["module"]] + [l.get("module", c["module"]) for l in c["launches"]]:
+            if m not in entries:
+                p = os.path.join(a.ptx, m + ".ptx")
+                if not os.path.exists(p):
+                    print(f"gpu-check: missing {p} (build with `cargo xtask cuda-check` or KILN_PTX_DIR)")
+                    return 1
+                entries[m] = ptx_entries(p)
 
     cp = None
     if not a.dry_run:
@@ -115,8 +134,10 @@ def main():
         try:
             host, expect = load_case_buffers(a.refs, c)
             for l in c["launches"]:
-                if l["kernel"] not in entries[c["module"]]:
-                    raise ValueError(f"kernel {l['kernel']} not in {c['module']}.ptx")
+                m = l.get("module", c["module"])
+                if l["kernel"] not in entries[m]:
+                    raise ValueError(f"kernel {l['kernel']} not in {m}.ptx")
+                check_args(l["kernel"], entries[m][l["kernel"]], l["args"])
                 for arg in l["args"]:
                     if "buf" in arg and arg["buf"] not in host:
                         raise ValueError(f"unknown buffer {arg['buf']}")
@@ -124,12 +145,12 @@ def main():
                 for b in expect:
                     print(f"{c['name']:<28} {b:<8} {'-':>12}  skipped (dry run)")
                 continue
-            if c["module"] not in modules:
-                modules[c["module"]] = cp.RawModule(path=os.path.join(a.ptx, c["module"] + ".ptx"))
-            mod = modules[c["module"]]
             dev = {k: cp.asarray(v) for k, v in host.items()}
             for l in c["launches"]:
-                k = mod.get_function(l["kernel"])
+                m = l.get("module", c["module"])
+                if m not in modules:
+                    modules[m] = cp.RawModule(path=os.path.join(a.ptx, m + ".ptx"))
+                k = modules[m].get_function(l["kernel"])
                 args = tuple(dev[x["buf"]] if "buf" in x else scalar(x) for x in l["args"])
                 k(tuple(l["grid"]), tuple(l["block"]), args)
             cp.cuda.Device().synchronize()

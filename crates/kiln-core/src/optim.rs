@@ -5,11 +5,16 @@
 //! Each step updates a parameter tensor in place in one fused, multithreaded
 //! pass (a candle in-place op over the parameter's storage, moments kept as
 //! plain buffers), instead of candle-nn's ~15 allocating tensor ops per
-//! parameter. The arithmetic follows `torch.optim` (single-tensor path) so
-//! results match PyTorch to float rounding.
+//! parameter. With the `cuda` feature, Adam/AdamW on f32 CUDA parameters does
+//! the same in one kernel (`kernels/optim.cu`) over moment buffers the
+//! optimizer owns; other cases take tensor ops. The arithmetic follows
+//! `torch.optim` (single-tensor path) so results match PyTorch to float
+//! rounding.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
+#[cfg(feature = "cuda")]
+use std::sync::Arc;
 
 use candle_core::backprop::GradStore;
 use candle_core::{CpuStorage, DType, Device, InplaceOp2, Layout, Result, Tensor, Var};
@@ -106,19 +111,86 @@ impl ParamGroup {
     }
 }
 
-/// Per-parameter state: moment buffers. CPU parameters keep them as host
-/// vectors updated by the fused kernel; others as tensors.
+/// Per-parameter state: moment buffers. CPU f32 parameters keep them as host
+/// vectors updated by the fused kernel; CUDA f32 Adam/AdamW parameters (with
+/// the `cuda` feature) as device buffers that only the optimizer holds,
+/// written in place by the fused kernel: clones of the optimizer share them
+/// until one of them steps, which copies first, and [`Optimizer::state`]
+/// copies them out. Others keep tensors that each step replaces.
 #[derive(Debug, Clone)]
 enum Buf {
     Host(Vec<f32>),
     Dev(Tensor),
+    #[cfg(feature = "cuda")]
+    Cuda(Arc<crate::ops::cuda::Moment>),
+}
+
+/// Where a parameter's update runs.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Path {
+    /// The fused CPU kernel over host buffers.
+    Host,
+    /// The fused CUDA Adam kernel over owned device buffers.
+    Cuda,
+    /// Tensor ops.
+    Tensor,
+}
+
+impl Path {
+    fn of(kind: OptimKind, p: &Tensor) -> Self {
+        let adam = matches!(kind, OptimKind::Adam { .. } | OptimKind::AdamW { .. });
+        if p.device().is_cpu() && p.dtype() == DType::F32 {
+            Path::Host
+        } else if cfg!(feature = "cuda")
+            && adam
+            && p.device().is_cuda()
+            && p.dtype() == DType::F32
+            && p.is_contiguous()
+        {
+            Path::Cuda
+        } else {
+            Path::Tensor
+        }
+    }
 }
 
 impl Buf {
+    /// A zeroed buffer for parameter `p` on `path`.
+    fn zeros(p: &Tensor, path: Path) -> Result<Self> {
+        match path {
+            Path::Host => Ok(Buf::Host(vec![0.0; p.elem_count()])),
+            #[cfg(feature = "cuda")]
+            Path::Cuda => Ok(Buf::Cuda(Arc::new(crate::ops::cuda::Moment::zeros(
+                p.device(),
+                p.elem_count(),
+            )?))),
+            _ => Ok(Buf::Dev(p.zeros_like()?)),
+        }
+    }
+
+    /// A buffer for parameter `p` on `path` holding loaded state `t`.
+    fn load(t: &Tensor, p: &Tensor, path: Path) -> Result<Self> {
+        match path {
+            Path::Host => Ok(Buf::Host(
+                t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?,
+            )),
+            #[cfg(feature = "cuda")]
+            Path::Cuda => {
+                let t = t.to_dtype(DType::F32)?.to_device(p.device())?;
+                Ok(Buf::Cuda(Arc::new(crate::ops::cuda::Moment::copy_of(&t)?)))
+            }
+            _ => Ok(Buf::Dev(t.to_dtype(p.dtype())?.to_device(p.device())?)),
+        }
+    }
+
+    /// The buffer as a tensor; owned device buffers are copied, so the result
+    /// never aliases memory the optimizer writes in place.
     fn to_tensor(&self, shape: &candle_core::Shape, dev: &Device) -> Result<Tensor> {
         match self {
             Buf::Host(v) => Tensor::from_slice(v, shape, dev),
             Buf::Dev(t) => Ok(t.clone()),
+            #[cfg(feature = "cuda")]
+            Buf::Cuda(m) => m.to_tensor(shape, dev),
         }
     }
 }
@@ -279,24 +351,20 @@ impl Optimizer {
                 first: !s.started,
             };
             let p = s.var.as_tensor();
-            let fused = p.device().is_cpu() && p.dtype() == DType::F32;
+            let path = Path::of(kind, p);
             if s.bufs.is_empty() {
                 for _ in 0..nb {
-                    s.bufs.push(if fused {
-                        Buf::Host(vec![0.0; p.elem_count()])
-                    } else {
-                        Buf::Dev(p.zeros_like()?)
-                    });
+                    s.bufs.push(Buf::zeros(p, path)?);
                 }
             }
-            if fused && s.bufs.iter().all(|b| matches!(b, Buf::Host(_))) {
+            if path == Path::Host && s.bufs.iter().all(|b| matches!(b, Buf::Host(_))) {
                 let g = g.to_dtype(DType::F32)?.contiguous()?;
                 let mut views: Vec<&mut [f32]> = s
                     .bufs
                     .iter_mut()
                     .filter_map(|b| match b {
                         Buf::Host(v) => Some(v.as_mut_slice()),
-                        Buf::Dev(_) => None,
+                        _ => None,
                     })
                     .collect();
                 let (b0, b1) = match views.len() {
@@ -313,7 +381,7 @@ impl Optimizer {
                     b1: RefCell::new(b1),
                 };
                 p.inplace_op2(&g, &op)?;
-            } else {
+            } else if !(path == Path::Cuda && cuda_step(&hp, p, g, &mut s.bufs)?) {
                 composite_update(&hp, &s.var, g, &mut s.bufs)?;
             }
             s.started = true;
@@ -433,11 +501,7 @@ impl Optimizer {
                         p.shape()
                     );
                 }
-                bufs.push(if p.device().is_cpu() && p.dtype() == DType::F32 {
-                    Buf::Host(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
-                } else {
-                    Buf::Dev(t.to_dtype(p.dtype())?.to_device(p.device())?)
-                });
+                bufs.push(Buf::load(t, p, Path::of(self.kind, p))?);
             }
             s.bufs = bufs;
             s.started = true;
@@ -465,6 +529,68 @@ struct Hyper {
     wd: f64,
     t: u64,
     first: bool,
+}
+
+/// Scalars of one Adam/AdamW step, shared by the CPU and CUDA fused updates.
+/// They are computed in f64 and rounded once, as torch does with Python
+/// floats, so the f32 arithmetic per element matches it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct AdamScalars {
+    pub step_size: f32,
+    pub bc2_sqrt: f32,
+    pub eps: f32,
+    pub wd: f32,
+    pub decay: f32,
+    pub w1: f32,
+    pub b2: f32,
+    pub w2: f32,
+    pub decoupled: bool,
+}
+
+impl AdamScalars {
+    fn new(hp: &Hyper, betas: (f64, f64), eps: f64) -> Self {
+        let bc1 = 1.0 - betas.0.powf(hp.t as f64);
+        let bc2 = 1.0 - betas.1.powf(hp.t as f64);
+        Self {
+            step_size: (hp.lr / bc1) as f32,
+            bc2_sqrt: bc2.sqrt() as f32,
+            eps: eps as f32,
+            wd: hp.wd as f32,
+            decay: (1.0 - hp.lr * hp.wd) as f32,
+            w1: (1.0 - betas.0) as f32,
+            b2: betas.1 as f32,
+            w2: (1.0 - betas.1) as f32,
+            decoupled: matches!(hp.kind, OptimKind::AdamW { .. }),
+        }
+    }
+}
+
+/// The fused CUDA Adam/AdamW step over owned moment buffers; `false` (nothing
+/// done) when the buffers are not the CUDA kind.
+#[cfg(feature = "cuda")]
+fn cuda_step(hp: &Hyper, p: &Tensor, g: &Tensor, bufs: &mut [Buf]) -> Result<bool> {
+    let (OptimKind::Adam { betas, eps } | OptimKind::AdamW { betas, eps }) = hp.kind else {
+        return Ok(false);
+    };
+    let [Buf::Cuda(m), Buf::Cuda(v)] = bufs else {
+        return Ok(false);
+    };
+    // Copy on write: a clone of this optimizer may still hold the buffers.
+    for b in [&mut *m, &mut *v] {
+        if Arc::get_mut(b).is_none() {
+            *b = Arc::new(b.try_clone()?);
+        }
+    }
+    let (Some(m), Some(v)) = (Arc::get_mut(m), Arc::get_mut(v)) else {
+        candle_core::bail!("fused Adam update (cuda): moment buffers are shared");
+    };
+    crate::ops::cuda::adam_step(&AdamScalars::new(hp, betas, eps), p, g, m, v)?;
+    Ok(true)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_step(_: &Hyper, _: &Tensor, _: &Tensor, _: &mut [Buf]) -> Result<bool> {
+    Ok(false)
 }
 
 /// The fused in-place update: parameter storage is the destination, the
@@ -513,19 +639,17 @@ impl InplaceOp2 for FusedUpdate<'_> {
                 let (Some(m), Some(v)) = (b0.as_deref_mut(), b1.as_deref_mut()) else {
                     candle_core::bail!("fused Adam update: moment buffers missing");
                 };
-                let decoupled = matches!(hp.kind, OptimKind::AdamW { .. });
-                let b2f = betas.1 as f32;
-                // Scalars are computed in f64 and rounded once, as torch does
-                // with Python floats, so the f32 arithmetic below matches it.
-                let bc1 = 1.0 - betas.0.powf(hp.t as f64);
-                let bc2 = 1.0 - betas.1.powf(hp.t as f64);
-                let step_size = (hp.lr / bc1) as f32;
-                let bc2_sqrt = bc2.sqrt() as f32;
-                let eps = eps as f32;
-                let wd = hp.wd as f32;
-                let decay = (1.0 - hp.lr * hp.wd) as f32;
-                let w1 = (1.0 - betas.0) as f32;
-                let w2 = (1.0 - betas.1) as f32;
+                let AdamScalars {
+                    step_size,
+                    bc2_sqrt,
+                    eps,
+                    wd,
+                    decay,
+                    w1,
+                    b2: b2f,
+                    w2,
+                    decoupled,
+                } = AdamScalars::new(&hp, betas, eps);
                 p.par_chunks_mut(CHUNK)
                     .zip(g.par_chunks(CHUNK))
                     .zip(m.par_chunks_mut(CHUNK))
@@ -777,5 +901,127 @@ impl LrSchedule {
     /// Sets the optimizer's factor for its next step.
     pub fn apply(&self, opt: &mut Optimizer) {
         opt.set_lr_factor(self.factor(opt.step_count()));
+    }
+}
+
+/// The fused CUDA Adam step against the tensor path, and its buffers' ownership.
+/// Built and run only with `--features cuda` on a machine with a GPU.
+#[cfg(test)]
+#[cfg(feature = "cuda")]
+mod cuda_tests {
+    use super::*;
+    use crate::rng::SeededRng;
+
+    fn rand(n: usize, seed: u64, dev: &Device) -> Tensor {
+        SeededRng::new(seed)
+            .normal(&[n], 0.0, 1.0, &Device::Cpu)
+            .unwrap()
+            .to_device(dev)
+            .unwrap()
+    }
+
+    fn host(t: &Tensor) -> Vec<f32> {
+        t.to_device(&Device::Cpu).unwrap().to_vec1().unwrap()
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        host(a)
+            .iter()
+            .zip(host(b))
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f32::max)
+    }
+
+    fn state_map(o: &Optimizer) -> HashMap<String, Tensor> {
+        o.state().unwrap().0.into_iter().collect()
+    }
+
+    /// `sum(p * g)`, whose gradient with respect to `p` is exactly `g`.
+    fn step_with(o: &mut Optimizer, p: &Var, g: &Tensor) {
+        o.backward_step(&(p.as_tensor() * g).unwrap().sum_all().unwrap())
+            .unwrap();
+    }
+
+    #[test]
+    fn fused_cuda_adam_matches_the_tensor_path() {
+        let dev = Device::new_cuda(0).expect("a CUDA device");
+        let n = 3001;
+        for (kind, wd) in [
+            (OptimKind::adam(), 0.0),
+            (OptimKind::adam(), 0.05),
+            (OptimKind::adamw(), 0.1),
+        ] {
+            let p0 = rand(n, 1, &dev);
+            let fused = Var::from_tensor(&p0).unwrap();
+            let plain = Var::from_tensor(&p0).unwrap();
+            assert_eq!(Path::of(kind, fused.as_tensor()), Path::Cuda);
+            let mut opt =
+                Optimizer::single(kind, vec![("p".into(), fused.clone())], 1e-2, wd).unwrap();
+            let mut bufs = vec![
+                Buf::Dev(p0.zeros_like().unwrap()),
+                Buf::Dev(p0.zeros_like().unwrap()),
+            ];
+            for t in 1..=6u64 {
+                let g = rand(n, 10 + t, &dev);
+                step_with(&mut opt, &fused, &g);
+                let hp = Hyper {
+                    kind,
+                    lr: 1e-2,
+                    wd,
+                    t,
+                    first: t == 1,
+                };
+                composite_update(&hp, &plain, &g, &mut bufs).unwrap();
+                assert!(matches!(opt.slots[0].bufs[0], Buf::Cuda(_)));
+                assert!(fused.as_tensor().device().is_cuda());
+                let d = max_diff(fused.as_tensor(), plain.as_tensor());
+                assert!(
+                    d < 1e-5,
+                    "{kind:?} wd {wd} step {t}: parameters differ by {d}"
+                );
+                let st = state_map(&opt);
+                for (i, name) in ["p.exp_avg", "p.exp_avg_sq"].iter().enumerate() {
+                    let want = bufs[i].to_tensor(p0.shape(), &dev).unwrap();
+                    let d = max_diff(&st[*name], &want);
+                    assert!(d < 1e-6, "{kind:?} step {t}: {name} differs by {d}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn cuda_moments_are_copied_out_copied_in_and_copied_on_write() {
+        let dev = Device::new_cuda(0).expect("a CUDA device");
+        let n = 257;
+        let p = Var::from_tensor(&rand(n, 3, &dev)).unwrap();
+        let mut opt =
+            Optimizer::single(OptimKind::adamw(), vec![("p".into(), p.clone())], 1e-2, 0.1)
+                .unwrap();
+        step_with(&mut opt, &p, &rand(n, 4, &dev));
+        let snap = state_map(&opt);
+        let snap_m = host(&snap["p.exp_avg"]);
+        let twin = opt.clone();
+        step_with(&mut opt, &p, &rand(n, 5, &dev));
+        // Neither the earlier state nor the clone's buffers moved with the step.
+        assert_eq!(host(&snap["p.exp_avg"]), snap_m);
+        assert_eq!(host(&state_map(&twin)["p.exp_avg"]), snap_m);
+        assert_ne!(host(&state_map(&opt)["p.exp_avg"]), snap_m);
+
+        // Loaded state is copied in: stepping does not write the caller's tensors,
+        // and the loaded optimizer steps exactly as the original.
+        let (ts, meta) = opt.state().unwrap();
+        let loaded_from: HashMap<String, Tensor> = ts.into_iter().collect();
+        let before = host(&loaded_from["p.exp_avg_sq"]);
+        let q = Var::from_tensor(&p.as_tensor().copy().unwrap()).unwrap();
+        let mut loaded =
+            Optimizer::single(OptimKind::adamw(), vec![("p".into(), q.clone())], 1e-2, 0.1)
+                .unwrap();
+        loaded.load_state(&loaded_from, &meta).unwrap();
+        assert!(matches!(loaded.slots[0].bufs[0], Buf::Cuda(_)));
+        let g = rand(n, 6, &dev);
+        step_with(&mut opt, &p, &g);
+        step_with(&mut loaded, &q, &g);
+        assert_eq!(host(p.as_tensor()), host(q.as_tensor()));
+        assert_eq!(host(&loaded_from["p.exp_avg_sq"]), before);
     }
 }

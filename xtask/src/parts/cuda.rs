@@ -692,6 +692,186 @@ pub fn export(dir: &Path) -> Result<usize> {
         w.push(c);
     }
 
+    // act.cu, f32 and f64: ReLU, leaky ReLU and conv bias + ReLU, inputs with
+    // exact zeros (the gradient's edge: 0 for ReLU, `slope` for leaky ReLU).
+    let (b, ch, h, wd) = (2usize, 3usize, 9usize, 11usize);
+    let n = b * ch * h * wd;
+    let zeroed = |t: Tensor| -> Result<Tensor> {
+        let v: Vec<f32> = t.flatten_all()?.to_vec1()?;
+        let v: Vec<f32> = v
+            .iter()
+            .enumerate()
+            .map(|(i, &x)| if i % 5 == 0 { 0.0 } else { x })
+            .collect();
+        Ok(Tensor::from_vec(v, t.dims(), &cpu)?)
+    };
+    for dt in [DType::F32, DType::F64] {
+        let s = suffix(dt);
+        let tol = if dt == DType::F64 { 1e-12 } else { 1e-6 };
+        let x = zeroed(rng(20, &[b, ch, h, wd], 1.0)?)?.to_dtype(dt)?;
+        let dy = rng(21, &[b, ch, h, wd], 1.0)?.to_dtype(dt)?;
+        let len = json!({ "u64": n });
+        for (kind, slope) in [("relu", 0.0f64), ("leaky_relu", 0.2)] {
+            let (y, dx) = grad_of(&x, &dy, |x| ops::leaky_relu(x, slope))?;
+            let sl = json!({ "f64": slope });
+            let mut c = Case::new(format!("{kind}_fwd_{s}"), "act", tol, tol);
+            w.input(&mut c, "x", &x, None)?;
+            w.output(&mut c, "y", n, dt, Some(&y))?;
+            let args = vec![buf("x"), buf("y"), len.clone(), sl.clone()];
+            Writer::launch(&mut c, &format!("relu_fwd_{s}"), elem_launch(n), args);
+            w.push(c);
+            let mut c = Case::new(format!("{kind}_bwd_{s}"), "act", tol, tol);
+            w.input(&mut c, "y", &y, None)?;
+            w.input(&mut c, "dy", &dy, None)?;
+            w.output(&mut c, "dx", n, dt, Some(&dx))?;
+            let args = vec![buf("y"), buf("dy"), buf("dx"), len.clone(), sl];
+            Writer::launch(&mut c, &format!("relu_bwd_{s}"), elem_launch(n), args);
+            w.push(c);
+        }
+        // A zero bias on channel 1 puts exact zeros into x + b there.
+        let bias = Var::from_tensor(&Tensor::new(&[0.3f32, 0.0, -0.2], &cpu)?.to_dtype(dt)?)?;
+        let xv = Var::from_tensor(&x)?;
+        let y = ops::add_channel_bias_relu(xv.as_tensor(), bias.as_tensor())?;
+        let gs = (&y * &dy)?.sum_all()?.backward()?;
+        let gx = gs.get(xv.as_tensor()).context("gx")?;
+        let gb = gs.get(bias.as_tensor()).context("gb")?;
+        let (cc, hw) = (i32a(ch), i32a(h * wd));
+        let name = format!("channel_bias_relu_{s}");
+        let mut c = Case::new(name.clone(), "act", tol, tol);
+        w.input(&mut c, "x", &x, None)?;
+        w.input(&mut c, "b", bias.as_tensor(), None)?;
+        w.output(&mut c, "y", n, dt, Some(&y))?;
+        let args = vec![
+            buf("x"),
+            buf("b"),
+            buf("y"),
+            len.clone(),
+            cc.clone(),
+            hw.clone(),
+        ];
+        Writer::launch(&mut c, &name, elem_launch(n), args);
+        w.push(c);
+        // Backward: the masked gradient (act.cu), then its channel sums (pool.cu).
+        let mut c = Case::new(
+            format!("channel_bias_relu_bwd_{s}"),
+            "act",
+            tol * 100.0,
+            tol * 10.0,
+        );
+        w.input(&mut c, "y", &y, None)?;
+        w.input(&mut c, "dy", &dy, None)?;
+        w.output(&mut c, "dx", n, dt, Some(gx))?;
+        w.output(&mut c, "db", ch, dt, Some(gb))?;
+        let args = vec![buf("y"), buf("dy"), buf("dx"), len, json!({ "f64": 0.0 })];
+        Writer::launch(&mut c, &format!("relu_bwd_{s}"), elem_launch(n), args);
+        let args = vec![buf("dx"), buf("db"), i32a(b), cc, hw];
+        let at = c.launches.len();
+        Writer::launch(&mut c, &format!("channel_sum_{s}"), row_launch(ch), args);
+        c.launches[at]["module"] = json!("pool");
+        w.push(c);
+    }
+
+    // norm.cu, f32 and f64: batch norm statistics, forward (train and eval
+    // statistics), gradient sums and input gradient, on [B, C, H, W] with an
+    // offset mean; the statistics also on [B, C] (one value per plane).
+    let (b, ch, h, wd, eps) = (4usize, 3usize, 7usize, 9usize, 1e-5f64);
+    let (sp, n) = (h * wd, b * ch * h * wd);
+    for dt in [DType::F32, DType::F64] {
+        let s = suffix(dt);
+        let tol = if dt == DType::F64 { 1e-11 } else { 1e-5 };
+        let e = json!({ "f64": eps });
+        for (tag, shape, seed) in [("", vec![b, ch, h, wd], 22u64), ("_2d", vec![32, 5], 23)] {
+            let x = (rng(seed, &shape, 2.0)? + 5.0)?.to_dtype(dt)?;
+            let (m, v) = ops::batch_norm_stats(&x)?;
+            let (bb, cc) = (shape[0], shape[1]);
+            let ss: usize = shape[2..].iter().product();
+            let name = format!("bn_stats{tag}_{s}");
+            let mut c = Case::new(name, "norm", tol, tol);
+            w.input(&mut c, "x", &x, None)?;
+            w.output(&mut c, "out", 2 * cc, dt, Some(&Tensor::cat(&[&m, &v], 0)?))?;
+            let args = vec![buf("x"), buf("out"), i32a(bb), i32a(cc), i32a(ss)];
+            Writer::launch(&mut c, &format!("bn_stats_{s}"), row_launch(cc), args);
+            w.push(c);
+        }
+        let x = (rng(22, &[b, ch, h, wd], 2.0)? + 5.0)?.to_dtype(dt)?;
+        let dy = rng(24, &[b, ch, h, wd], 1.0)?.to_dtype(dt)?;
+        let wt = rng(25, &[ch], 1.0)?.to_dtype(dt)?;
+        let bt = rng(26, &[ch], 1.0)?.to_dtype(dt)?;
+        let (bm, bv) = ops::batch_norm_stats(&x)?;
+        let rm = rng(27, &[ch], 1.0)?.to_dtype(dt)?;
+        let rv = (rng(28, &[ch], 1.0)?.abs()? + 0.5)?.to_dtype(dt)?;
+        for (mode, m, v, train) in [("train", &bm, &bv, true), ("eval", &rm, &rv, false)] {
+            let xv = Var::from_tensor(&x)?;
+            let (wv, bv_) = (Var::from_tensor(&wt)?, Var::from_tensor(&bt)?);
+            let y = ops::batch_norm(
+                xv.as_tensor(),
+                m,
+                v,
+                wv.as_tensor(),
+                bv_.as_tensor(),
+                eps,
+                train,
+            )?;
+            let gs = (&y * &dy)?.sum_all()?.backward()?;
+            let gx = gs.get(xv.as_tensor()).context("gx")?;
+            let gw = gs.get(wv.as_tensor()).context("gw")?;
+            let gb = gs.get(bv_.as_tensor()).context("gb")?;
+            let p = Tensor::stack(&[m, v, &wt, &bt], 0)?;
+            let sums = Tensor::stack(&[gb, gw], 0)?;
+            let q = Tensor::cat(&[&p, &sums], 0)?;
+            let geo = |a: Vec<Value>| -> Vec<Value> {
+                let mut a = a;
+                a.extend([json!({ "u64": n }), i32a(ch), i32a(sp)]);
+                a
+            };
+            let mut c = Case::new(format!("batch_norm_fwd_{mode}_{s}"), "norm", tol, tol);
+            w.input(&mut c, "x", &x, None)?;
+            w.input(&mut c, "p", &p, None)?;
+            w.output(&mut c, "coef", 3 * ch, dt, None)?;
+            w.output(&mut c, "y", n, dt, Some(&y))?;
+            let args = vec![buf("p"), buf("coef"), i32a(ch), e.clone()];
+            Writer::launch(&mut c, &format!("bn_fwd_coef_{s}"), elem_launch(ch), args);
+            let args = geo(vec![buf("x"), buf("coef"), buf("y")]);
+            Writer::launch(&mut c, &format!("batch_norm_fwd_{s}"), elem_launch(n), args);
+            w.push(c);
+            let mut c = Case::new(format!("bn_sums_{mode}_{s}"), "norm", tol, tol);
+            w.input(&mut c, "x", &x, None)?;
+            w.input(&mut c, "dy", &dy, None)?;
+            w.input(&mut c, "p", &p, None)?;
+            w.output(&mut c, "out", 2 * ch, dt, Some(&sums))?;
+            let args = vec![
+                buf("x"),
+                buf("dy"),
+                buf("p"),
+                buf("out"),
+                i32a(b),
+                i32a(ch),
+                i32a(sp),
+                e.clone(),
+            ];
+            Writer::launch(&mut c, &format!("bn_sums_{s}"), row_launch(ch), args);
+            w.push(c);
+            let mut c = Case::new(format!("bn_grad_x_{mode}_{s}"), "norm", tol, tol);
+            w.input(&mut c, "x", &x, None)?;
+            w.input(&mut c, "dy", &dy, None)?;
+            w.input(&mut c, "q", &q, None)?;
+            w.output(&mut c, "coef", 5 * ch, dt, None)?;
+            w.output(&mut c, "dx", n, dt, Some(gx))?;
+            let args = vec![
+                buf("q"),
+                buf("coef"),
+                i32a(ch),
+                e.clone(),
+                json!({ "f64": (b * sp) as f64 }),
+                json!({ "i32": i32::from(train) }),
+            ];
+            Writer::launch(&mut c, &format!("bn_grad_coef_{s}"), elem_launch(ch), args);
+            let args = geo(vec![buf("x"), buf("dy"), buf("coef"), buf("dx")]);
+            Writer::launch(&mut c, &format!("bn_grad_x_{s}"), elem_launch(n), args);
+            w.push(c);
+        }
+    }
+
     // optim.cu: the second AdamW step of kiln's CPU optimizer.
     let n = 1000usize;
     let (lr, wdk, betas, eps) = (1e-2f64, 0.1f64, (0.9f64, 0.999f64), 1e-8f64);

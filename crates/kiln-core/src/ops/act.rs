@@ -61,6 +61,15 @@ impl CustomOp1 for Relu {
         "kiln-relu"
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        super::cuda::relu_fwd(self.slope, s, l)
+    }
+
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let out = by_float!(s, "relu", |T| relu_map::<T>(
             slice(s, l)?,
@@ -85,6 +94,17 @@ struct ReluGrad {
 impl CustomOp2 for ReluGrad {
     fn name(&self) -> &'static str {
         "kiln-relu-grad"
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        super::cuda::relu_bwd(self.slope, s1, l1, s2, l2)
     }
 
     fn cpu_fwd(
@@ -128,6 +148,17 @@ pub(crate) struct ChannelBiasRelu;
 impl CustomOp2 for ChannelBiasRelu {
     fn name(&self) -> &'static str {
         "kiln-channel-bias-relu"
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        super::cuda::channel_bias_relu(s1, l1, s2, l2)
     }
 
     fn cpu_fwd(

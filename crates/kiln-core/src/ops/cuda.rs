@@ -1,21 +1,33 @@
 //! CUDA glue for kiln's custom ops (`cuda` feature): the PTX that `build.rs`
 //! compiles from `kernels/*.cu`, loaded once per device through candle's
 //! `CudaDevice::get_or_load_custom_func`, and one launcher per kernel. Each
-//! op's `cuda_fwd` (in `token.rs`, `fused.rs`, `pool.rs`) calls the function
-//! here with the same storages and layouts it got from candle, so the shape
-//! checks and output shapes mirror the CPU kernels'.
+//! op's `cuda_fwd` (in `token.rs`, `fused.rs`, `pool.rs`, `act.rs`,
+//! `norm.rs`) calls the function here with the same storages and layouts it
+//! got from candle, so the shape checks and output shapes mirror the CPU
+//! kernels'.
 //!
 //! Kernels run on candle's stream, so they order with candle's own ops.
-//! Token and pooling ops take f32 and f64; the fused transformer ops f32 only
-//! (`ops::mod` sends other dtypes to candle's ops). Convolutions (f32, f64) are
-//! in the child module `conv` (`cuda_conv.rs`, kernels in `kernels/conv.cu`).
+//! Token, pooling, channel bias, ReLU and batch norm ops take f32 and f64; the
+//! fused transformer ops f32 only (`ops::mod` sends other dtypes to candle's
+//! ops). Convolutions (f32, f64) are in the child module `conv` (`cuda_conv.rs`,
+//! kernels in `kernels/conv.cu`).
+//!
+//! The optimizer's fused Adam/AdamW step (`optim.rs`) is here too: [`Moment`]
+//! is a moment buffer the optimizer owns (no tensor shares it, so the kernel
+//! may write it in place) and [`adam_step`] runs one in-place update of a
+//! parameter.
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{
     CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits,
 };
 use candle_core::cuda_backend::{CudaDType, WrapErr};
-use candle_core::{bail, CudaDevice, CudaStorage, DType, Layout, Result, Shape, WithDType};
+use candle_core::op::BackpropOp;
+use candle_core::{bail, CpuStorage, CudaDevice, CudaStorage, DType, Device, InplaceOp2, Layout};
+use candle_core::{Result, Shape, Storage, Tensor, WithDType};
+use std::cell::RefCell;
+
+use crate::optim::AdamScalars;
 
 /// One compiled `kernels/<name>.cu`.
 #[derive(Clone, Copy)]
@@ -36,6 +48,14 @@ const FUSED: Module = Module {
 const POOL: Module = Module {
     key: "kiln-pool",
     ptx: include_str!(concat!(env!("OUT_DIR"), "/pool.ptx")),
+};
+const ACT: Module = Module {
+    key: "kiln-act",
+    ptx: include_str!(concat!(env!("OUT_DIR"), "/act.ptx")),
+};
+const NORM: Module = Module {
+    key: "kiln-norm",
+    ptx: include_str!(concat!(env!("OUT_DIR"), "/norm.ptx")),
 };
 const OPTIM: Module = Module {
     key: "kiln-optim",
@@ -671,19 +691,35 @@ pub(crate) fn channel_bias(
     s2: &CudaStorage,
     l2: &Layout,
 ) -> Result<(CudaStorage, Shape)> {
-    const W: &str = "channel bias (cuda)";
-    let (bs, c, h, w) = dims4(l1, W)?;
+    channel_bias_kernel(
+        POOL,
+        "channel_bias",
+        (s1, l1),
+        (s2, l2),
+        "channel bias (cuda)",
+    )
+}
+
+/// An element-wise per-channel bias kernel `(x, b, y, n, c, hw)` of a module.
+fn channel_bias_kernel(
+    m: Module,
+    name: &str,
+    (s1, l1): (&CudaStorage, &Layout),
+    (s2, l2): (&CudaStorage, &Layout),
+    what: &str,
+) -> Result<(CudaStorage, Shape)> {
+    let (bs, c, h, w) = dims4(l1, what)?;
     if l2.dims() != [c] {
-        bail!("{W}: bias {:?} for {c} channels", l2.dims())
+        bail!("{what}: bias {:?} for {c} channels", l2.dims())
     }
     let n = bs * c * h * w;
     let dev = s1.device();
-    let out = by_float!(s1, W, |T| {
-        let (x, bias) = (input::<T>(s1, l1, W)?, input::<T>(s2, l2, W)?);
-        let f = func!(dev, POOL, &format!("channel_bias_{}", T::SUFFIX))?;
+    let out = by_float!(s1, what, |T| {
+        let (x, bias) = (input::<T>(s1, l1, what)?, input::<T>(s2, l2, what)?);
+        let f = func!(dev, m, &format!("{name}_{}", T::SUFFIX))?;
         // SAFETY: every element is written by the kernel.
         let mut y = unsafe { dev.alloc::<T>(n) }?;
-        let (nn, cc, hw) = (n as u64, i32_arg(c, W)?, i32_arg(h * w, W)?);
+        let (nn, cc, hw) = (n as u64, i32_arg(c, what)?, i32_arg(h * w, what)?);
         let mut b = f.builder();
         b.arg(&x).arg(&bias).arg(&mut y).arg(&nn).arg(&cc).arg(&hw);
         // SAFETY: argument types match the kernel's signature.
@@ -713,57 +749,353 @@ pub(crate) fn channel_sum(s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, S
     Ok((out, Shape::from(c)))
 }
 
-// ---------------------------------------------------------------- optim.cu
+// ---------------------------------------------------------------- act.cu
 
-// Not called by the optimizer yet (see docs/ARCHITECTURE.md, CUDA); the kernel
-// is checked by scripts/gpu-check.sh.
-
-/// Scalars of one Adam/AdamW step, computed on the host in f64 and rounded once.
-#[allow(dead_code)]
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct AdamScalars {
-    pub step_size: f32,
-    pub bc2_sqrt: f32,
-    pub eps: f32,
-    pub wd: f32,
-    pub decay: f32,
-    pub w1: f32,
-    pub b2: f32,
-    pub w2: f32,
-    pub decoupled: bool,
+/// ReLU (`slope` 0) or leaky ReLU forward.
+pub(crate) fn relu_fwd(slope: f64, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
+    const W: &str = "relu (cuda)";
+    let n = l.shape().elem_count();
+    let dev = s.device();
+    let out = by_float!(s, W, |T| {
+        let x = input::<T>(s, l, W)?;
+        let f = func!(dev, ACT, &format!("relu_fwd_{}", T::SUFFIX))?;
+        // SAFETY: every element is written by the kernel.
+        let mut y = unsafe { dev.alloc::<T>(n) }?;
+        let nn = n as u64;
+        let mut b = f.builder();
+        b.arg(&x).arg(&mut y).arg(&nn).arg(&slope);
+        // SAFETY: argument types match the kernel's signature.
+        unsafe { b.launch(elem_cfg(n)) }.w()?;
+        wrap(y, dev)
+    });
+    Ok((out, l.shape().clone()))
 }
 
-/// One fused Adam/AdamW step in place: parameter `p` (the op's destination),
-/// gradient `g`, moment buffers `m` and `v` (written in place by the kernel,
-/// on candle's stream, so no other tensor may share their storage).
-#[allow(dead_code)]
+/// ReLU / leaky ReLU gradient: `(y, dy) -> dx`.
+pub(crate) fn relu_bwd(
+    slope: f64,
+    s1: &CudaStorage,
+    l1: &Layout,
+    s2: &CudaStorage,
+    l2: &Layout,
+) -> Result<(CudaStorage, Shape)> {
+    const W: &str = "relu grad (cuda)";
+    if l1.dims() != l2.dims() {
+        bail!("{W}: dy {:?} for y {:?}", l2.dims(), l1.dims())
+    }
+    let n = l1.shape().elem_count();
+    let dev = s1.device();
+    let out = by_float!(s1, W, |T| {
+        let (y, dy) = (input::<T>(s1, l1, W)?, input::<T>(s2, l2, W)?);
+        let f = func!(dev, ACT, &format!("relu_bwd_{}", T::SUFFIX))?;
+        // SAFETY: every element is written by the kernel.
+        let mut dx = unsafe { dev.alloc::<T>(n) }?;
+        let nn = n as u64;
+        let mut b = f.builder();
+        b.arg(&y).arg(&dy).arg(&mut dx).arg(&nn).arg(&slope);
+        // SAFETY: argument types match the kernel's signature.
+        unsafe { b.launch(elem_cfg(n)) }.w()?;
+        wrap(dx, dev)
+    });
+    Ok((out, l1.shape().clone()))
+}
+
+/// `max(x [B, C, H, W] + b [C], 0)`.
+pub(crate) fn channel_bias_relu(
+    s1: &CudaStorage,
+    l1: &Layout,
+    s2: &CudaStorage,
+    l2: &Layout,
+) -> Result<(CudaStorage, Shape)> {
+    channel_bias_kernel(
+        ACT,
+        "channel_bias_relu",
+        (s1, l1),
+        (s2, l2),
+        "channel bias relu (cuda)",
+    )
+}
+
+// ---------------------------------------------------------------- norm.cu
+
+/// Per-channel mean and biased variance of `x [B, C, S..]`: `[2, C]`.
+pub(crate) fn bn_stats(s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
+    const W: &str = "batch_norm stats (cuda)";
+    let (bs, c, sp) = super::norm::bcs(l, W)?;
+    let dev = s.device();
+    let out = by_float!(s, W, |T| {
+        let x = input::<T>(s, l, W)?;
+        let f = func!(dev, NORM, &format!("bn_stats_{}", T::SUFFIX))?;
+        // SAFETY: every element is written by the kernel (one block per channel).
+        let mut out = unsafe { dev.alloc::<T>(2 * c) }?;
+        let (b_, cc, ss) = (i32_arg(bs, W)?, i32_arg(c, W)?, i32_arg(sp, W)?);
+        let mut b = f.builder();
+        b.arg(&x).arg(&mut out).arg(&b_).arg(&cc).arg(&ss);
+        // SAFETY: argument types match the kernel's signature.
+        unsafe { b.launch(row_cfg(c)) }.w()?;
+        wrap(out, dev)
+    });
+    Ok((out, Shape::from((2, c))))
+}
+
+/// Runs a per-channel coefficient kernel `(q, coef, c, extra..)` into a fresh
+/// `[rows, C]` buffer.
+fn bn_coef<T: Float>(
+    dev: &CudaDevice,
+    name: &str,
+    q: &CudaView<'_, T>,
+    rows: usize,
+    c: usize,
+    extra: (f64, Option<(f64, i32)>),
+    what: &str,
+) -> Result<CudaSlice<T>> {
+    let f = func!(dev, NORM, &format!("{name}_{}", T::SUFFIX))?;
+    // SAFETY: every element is written by the kernel.
+    let mut coef = unsafe { dev.alloc::<T>(rows * c) }?;
+    let cc = i32_arg(c, what)?;
+    let mut b = f.builder();
+    b.arg(q).arg(&mut coef).arg(&cc).arg(&extra.0);
+    if let Some((n, train)) = &extra.1 {
+        b.arg(n).arg(train);
+    }
+    // SAFETY: argument types match the kernel's signature.
+    unsafe { b.launch(elem_cfg(c)) }.w()?;
+    Ok(coef)
+}
+
+/// Batch norm forward: `(x [B, C, S..], p [4, C]) -> y`, `p` rows (mean, var,
+/// weight, bias).
+pub(crate) fn batch_norm_fwd(
+    eps: f64,
+    s1: &CudaStorage,
+    l1: &Layout,
+    s2: &CudaStorage,
+    l2: &Layout,
+) -> Result<(CudaStorage, Shape)> {
+    const W: &str = "batch_norm (cuda)";
+    let (_, c, sp) = super::norm::bcs(l1, W)?;
+    super::norm::check_p(l2, c, W)?;
+    let n = l1.shape().elem_count();
+    let dev = s1.device();
+    let out = by_float!(s1, W, |T| {
+        let (x, p) = (input::<T>(s1, l1, W)?, input::<T>(s2, l2, W)?);
+        let coef = bn_coef::<T>(dev, "bn_fwd_coef", &p, 3, c, (eps, None), W)?;
+        let f = func!(dev, NORM, &format!("batch_norm_fwd_{}", T::SUFFIX))?;
+        // SAFETY: every element is written by the kernel.
+        let mut y = unsafe { dev.alloc::<T>(n) }?;
+        let (nn, cc, ss) = (n as u64, i32_arg(c, W)?, i32_arg(sp.max(1), W)?);
+        let mut b = f.builder();
+        b.arg(&x).arg(&coef).arg(&mut y).arg(&nn).arg(&cc).arg(&ss);
+        // SAFETY: argument types match the kernel's signature.
+        unsafe { b.launch(elem_cfg(n)) }.w()?;
+        wrap(y, dev)
+    });
+    Ok((out, l1.shape().clone()))
+}
+
+/// Batch norm gradient sums: `(x, dy, p [4, C]) -> [2, C]`, rows `sum(dy)` and
+/// `sum(dy * xhat)` per channel.
+pub(crate) fn bn_sums(
+    eps: f64,
+    (s1, l1): (&CudaStorage, &Layout),
+    (s2, l2): (&CudaStorage, &Layout),
+    (s3, l3): (&CudaStorage, &Layout),
+) -> Result<(CudaStorage, Shape)> {
+    const W: &str = "batch_norm grad (cuda)";
+    let (bs, c, sp) = super::norm::bcs(l1, W)?;
+    super::norm::check_p(l3, c, W)?;
+    if l2.dims() != l1.dims() {
+        bail!("{W}: dy {:?} for x {:?}", l2.dims(), l1.dims())
+    }
+    let dev = s1.device();
+    let out = by_float!(s1, W, |T| {
+        let (x, dy) = (input::<T>(s1, l1, W)?, input::<T>(s2, l2, W)?);
+        let p = input::<T>(s3, l3, W)?;
+        let f = func!(dev, NORM, &format!("bn_sums_{}", T::SUFFIX))?;
+        // SAFETY: every element is written by the kernel (one block per channel).
+        let mut out = unsafe { dev.alloc::<T>(2 * c) }?;
+        let (b_, cc, ss) = (i32_arg(bs, W)?, i32_arg(c, W)?, i32_arg(sp, W)?);
+        let mut b = f.builder();
+        b.arg(&x).arg(&dy).arg(&p).arg(&mut out);
+        b.arg(&b_).arg(&cc).arg(&ss).arg(&eps);
+        // SAFETY: argument types match the kernel's signature.
+        unsafe { b.launch(row_cfg(c)) }.w()?;
+        wrap(out, dev)
+    });
+    Ok((out, Shape::from((2, c))))
+}
+
+/// Batch norm input gradient: `(x, dy, q [6, C]) -> dx`, `q` rows (mean, var,
+/// weight, bias, sum dy, sum dy*xhat); `train` adds the statistics' terms.
+pub(crate) fn bn_grad_x(
+    eps: f64,
+    train: bool,
+    (s1, l1): (&CudaStorage, &Layout),
+    (s2, l2): (&CudaStorage, &Layout),
+    (s3, l3): (&CudaStorage, &Layout),
+) -> Result<(CudaStorage, Shape)> {
+    const W: &str = "batch_norm grad (cuda)";
+    let (bs, c, sp) = super::norm::bcs(l1, W)?;
+    if l3.dims() != [6, c] || l2.dims() != l1.dims() {
+        bail!("{W}: bad shapes {:?} {:?}", l2.dims(), l3.dims())
+    }
+    let count = (bs * sp).max(1) as f64;
+    let n = l1.shape().elem_count();
+    let dev = s1.device();
+    let out = by_float!(s1, W, |T| {
+        let (x, dy) = (input::<T>(s1, l1, W)?, input::<T>(s2, l2, W)?);
+        let q = input::<T>(s3, l3, W)?;
+        let extra = (eps, Some((count, i32::from(train))));
+        let coef = bn_coef::<T>(dev, "bn_grad_coef", &q, 5, c, extra, W)?;
+        let f = func!(dev, NORM, &format!("bn_grad_x_{}", T::SUFFIX))?;
+        // SAFETY: every element is written by the kernel.
+        let mut dx = unsafe { dev.alloc::<T>(n) }?;
+        let (nn, cc, ss) = (n as u64, i32_arg(c, W)?, i32_arg(sp.max(1), W)?);
+        let mut b = f.builder();
+        b.arg(&x).arg(&dy).arg(&coef).arg(&mut dx);
+        b.arg(&nn).arg(&cc).arg(&ss);
+        // SAFETY: argument types match the kernel's signature.
+        unsafe { b.launch(elem_cfg(n)) }.w()?;
+        wrap(dx, dev)
+    });
+    Ok((out, l1.shape().clone()))
+}
+
+// ---------------------------------------------------------------- optim.cu
+
+/// One Adam/AdamW moment buffer of a CUDA f32 parameter, owned by the
+/// optimizer (`optim.rs`): no tensor shares its memory (state is copied out
+/// and loaded state copied in), so the fused step may write it in place.
+pub(crate) struct Moment(CudaSlice<f32>);
+
+impl std::fmt::Debug for Moment {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Moment({} f32 on CUDA)", self.0.len())
+    }
+}
+
+impl Moment {
+    /// `n` zeros on `dev` (a CUDA device).
+    pub(crate) fn zeros(dev: &Device, n: usize) -> Result<Self> {
+        Ok(Self(dev.as_cuda_device()?.alloc_zeros::<f32>(n)?))
+    }
+
+    /// A copy of the contents of `t` (f32, on a CUDA device).
+    pub(crate) fn copy_of(t: &Tensor) -> Result<Self> {
+        const W: &str = "optimizer state (cuda)";
+        let t = t.contiguous()?;
+        let (st, l) = t.storage_and_layout();
+        let Storage::Cuda(cs) = &*st else {
+            bail!("{W}: expected a CUDA tensor")
+        };
+        let src = f32_input(cs, l, W)?;
+        let dev = cs.device();
+        // SAFETY: every element is written by the copy below.
+        let mut dst = unsafe { dev.alloc::<f32>(src.len()) }?;
+        dev.memcpy_dtod(&src, &mut dst)?;
+        Ok(Self(dst))
+    }
+
+    /// A second buffer with the same contents (copy-on-write for optimizer clones).
+    pub(crate) fn try_clone(&self) -> Result<Self> {
+        let dev = self.0.stream();
+        Ok(Self(dev.clone_dtod(&self.0).w()?))
+    }
+
+    /// A new tensor of `shape` on `dev` holding a copy of the contents.
+    pub(crate) fn to_tensor(&self, shape: &Shape, dev: &Device) -> Result<Tensor> {
+        if shape.elem_count() != self.0.len() {
+            bail!(
+                "optimizer state (cuda): {} values for {shape:?}",
+                self.0.len()
+            )
+        }
+        let copy = self.try_clone()?.0;
+        let st = CudaStorage::wrap_cuda_slice(copy, dev.as_cuda_device()?.clone());
+        Ok(Tensor::from_storage(
+            Storage::Cuda(st),
+            shape.clone(),
+            BackpropOp::none(),
+            false,
+        ))
+    }
+}
+
+/// One fused Adam/AdamW step of the f32 CUDA parameter `p` with gradient `g`,
+/// in place on `p` and the moments `m` and `v` (one kernel, on candle's stream).
+pub(crate) fn adam_step(
+    a: &AdamScalars,
+    p: &Tensor,
+    g: &Tensor,
+    m: &mut Moment,
+    v: &mut Moment,
+) -> Result<()> {
+    let op = AdamOp {
+        a: *a,
+        mv: RefCell::new((&mut m.0, &mut v.0)),
+    };
+    p.inplace_op2(&g.to_dtype(DType::F32)?.contiguous()?, &op)
+}
+
+/// The in-place op behind [`adam_step`]: the parameter's storage is the
+/// destination, the gradient the source, the moments borrowed for the call.
+struct AdamOp<'a> {
+    a: AdamScalars,
+    mv: RefCell<(&'a mut CudaSlice<f32>, &'a mut CudaSlice<f32>)>,
+}
+
+impl InplaceOp2 for AdamOp<'_> {
+    fn name(&self) -> &'static str {
+        "kiln-fused-adam-cuda"
+    }
+
+    fn cpu_fwd(&self, _: &mut CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<()> {
+        bail!("fused Adam update (cuda): the parameter is not on a CUDA device")
+    }
+
+    fn cuda_fwd(
+        &self,
+        p: &mut CudaStorage,
+        lp: &Layout,
+        g: &CudaStorage,
+        lg: &Layout,
+    ) -> Result<()> {
+        let mut mv = self.mv.borrow_mut();
+        let (m, v) = &mut *mv;
+        adam_update(&self.a, (p, lp), (g, lg), m, v)
+    }
+}
+
+/// One fused Adam/AdamW step in place: parameter `p` (contiguous f32),
+/// gradient `g`, moment buffers `m` and `v` of the same length.
 pub(crate) fn adam_update(
     a: &AdamScalars,
-    p: &mut CudaStorage,
-    lp: &Layout,
+    (p, lp): (&mut CudaStorage, &Layout),
     (g, lg): (&CudaStorage, &Layout),
-    (m, lm): (&CudaStorage, &Layout),
-    (v, lv): (&CudaStorage, &Layout),
+    m: &mut CudaSlice<f32>,
+    v: &mut CudaSlice<f32>,
 ) -> Result<()> {
     const W: &str = "fused Adam update (cuda)";
     let n = lp.shape().elem_count();
-    for l in [lg, lm, lv] {
-        if l.shape().elem_count() != n || !l.is_contiguous() || l.start_offset() != 0 {
-            bail!("{W}: buffers must be contiguous with {n} elements")
-        }
+    if lg.shape().elem_count() != n || m.len() != n || v.len() != n {
+        bail!(
+            "{W}: gradient of {} and moments of {} and {} elements for a parameter of {n}",
+            lg.shape().elem_count(),
+            m.len(),
+            v.len()
+        )
     }
-    if !lp.is_contiguous() || lp.start_offset() != 0 {
+    let Some((p0, p1)) = lp.contiguous_offsets() else {
         bail!("{W}: the parameter must be contiguous")
-    }
+    };
     let dev = p.device().clone();
     let gs = f32_input(g, lg, W)?;
-    let (ms, vs) = (m.as_cuda_slice::<f32>()?, v.as_cuda_slice::<f32>()?);
-    let ps = p.as_cuda_slice_mut::<f32>()?;
+    let mut ps = p.as_cuda_slice_mut::<f32>()?.slice_mut(p0..p1);
     let f = func!(&dev, OPTIM, "adam_update_f32")?;
     let nn = n as u64;
     let dec = i32::from(a.decoupled);
     let mut b = f.builder();
-    b.arg(ps).arg(&gs).arg(ms).arg(vs).arg(&nn);
+    b.arg(&mut ps).arg(&gs).arg(m).arg(v).arg(&nn);
     b.arg(&a.step_size)
         .arg(&a.bc2_sqrt)
         .arg(&a.eps)
@@ -773,8 +1105,8 @@ pub(crate) fn adam_update(
         .arg(&a.b2)
         .arg(&a.w2)
         .arg(&dec);
-    // SAFETY: argument types match the kernel's signature; m and v are owned
-    // by the optimizer and used on this stream only.
+    // SAFETY: argument types match the kernel's signature; the moments are
+    // borrowed mutably, so nothing else reads or writes them meanwhile.
     unsafe { b.launch(elem_cfg(n)) }.w()?;
     Ok(())
 }
@@ -914,5 +1246,99 @@ mod tests {
                 ops::add_channel_bias(&xs[0], &xs[1])
             });
         }
+    }
+
+    /// `t` with every fifth element set to exactly 0 (the ReLU gradient's edge).
+    fn with_zeros(t: &Tensor) -> Tensor {
+        let v: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
+        let v: Vec<f32> = v
+            .iter()
+            .enumerate()
+            .map(|(i, &x)| if i % 5 == 0 { 0.0 } else { x })
+            .collect();
+        Tensor::from_vec(v, t.dims(), &Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn activations_match_the_cpu() {
+        for dt in [DType::F32, DType::F64] {
+            let x = with_zeros(&rand(&[2, 3, 13, 10], 7, 1.0))
+                .to_dtype(dt)
+                .unwrap();
+            check("relu", std::slice::from_ref(&x), 1e-6, &|xs, _| {
+                ops::relu(&xs[0])
+            });
+            for slope in [0.0, 0.2] {
+                check("leaky_relu", std::slice::from_ref(&x), 1e-6, &|xs, _| {
+                    ops::leaky_relu(&xs[0], slope)
+                });
+            }
+            // A zero bias on channel 1 puts exact zeros into x + b there.
+            let b = Tensor::new(&[0.3f32, 0.0, -0.2], &Device::Cpu)
+                .unwrap()
+                .to_dtype(dt)
+                .unwrap();
+            check("add_channel_bias_relu", &[x, b], 1e-5, &|xs, _| {
+                ops::add_channel_bias_relu(&xs[0], &xs[1])
+            });
+        }
+    }
+
+    #[test]
+    fn batch_norm_matches_the_cpu() {
+        let gpu = Device::new_cuda(0).expect("a CUDA device");
+        for dt in [DType::F32, DType::F64] {
+            // [B, C, H, W], [B, C, L] and [B, C]; an offset mean tests the
+            // statistics' cancellation.
+            for (shape, seed) in [
+                (&[4usize, 3, 7, 9][..], 8u64),
+                (&[5usize, 4, 33][..], 9),
+                (&[16usize, 5][..], 10),
+            ] {
+                let x = (rand(shape, seed, 2.0) + 5.0)
+                    .unwrap()
+                    .to_dtype(dt)
+                    .unwrap();
+                let c = shape[1];
+                let stats = |dev: &Device| {
+                    let (m, v) = ops::batch_norm_stats(&x.to_device(dev).unwrap()).unwrap();
+                    Tensor::stack(&[m, v], 0).unwrap()
+                };
+                let (sc, sg) = (stats(&Device::Cpu), stats(&gpu));
+                assert!(sg.device().is_cuda());
+                let d = max_diff(&sc, &sg);
+                assert!(d <= 1e-5, "batch_norm_stats {shape:?}: differs by {d}");
+                let w = rand(&[c], seed + 10, 1.0).to_dtype(dt).unwrap();
+                let b = rand(&[c], seed + 20, 1.0).to_dtype(dt).unwrap();
+                check(
+                    "batch_norm train",
+                    &[x.clone(), w.clone(), b.clone()],
+                    1e-5,
+                    &|xs, _| {
+                        let (m, v) = ops::batch_norm_stats(&xs[0])?;
+                        ops::batch_norm(&xs[0], &m, &v, &xs[1], &xs[2], 1e-5, true)
+                    },
+                );
+                let rm = rand(&[c], seed + 30, 1.0).to_dtype(dt).unwrap();
+                let rv = (rand(&[c], seed + 40, 1.0).abs().unwrap() + 0.5)
+                    .unwrap()
+                    .to_dtype(dt)
+                    .unwrap();
+                check("batch_norm eval", &[x, w, b], 1e-5, &|xs, dev| {
+                    let (m, v) = (rm.to_device(dev)?, rv.to_device(dev)?);
+                    ops::batch_norm(&xs[0], &m, &v, &xs[1], &xs[2], 1e-5, false)
+                });
+            }
+        }
+        // Half types keep candle's ops on CUDA.
+        let x = rand(&[4, 3, 5, 5], 11, 1.0)
+            .to_dtype(DType::F16)
+            .unwrap()
+            .to_device(&gpu)
+            .unwrap();
+        let (m, v) = ops::batch_norm_stats(&x).unwrap();
+        let y = ops::batch_norm(&x, &m, &v, &m.ones_like().unwrap(), &m, 1e-5, true).unwrap();
+        assert_eq!(y.dtype(), DType::F16);
+        assert_eq!(ops::relu(&x).unwrap().dtype(), DType::F16);
     }
 }

@@ -6,16 +6,14 @@
 //! log-probabilities and entropies that never build `[B, T, V]` log-softmaxes;
 //! and GELU, softmax, layer norm and bias adds fused for transformers.
 //!
-//! ReLU, bias + ReLU and batch norm have no CUDA kernel: on CUDA they run as
-//! candle's ops.
-//!
 //! Each function takes the kiln kernel for f32/f64 tensors on the CPU and falls
 //! back to candle's own op elsewhere (half types, and CUDA in the default
 //! build), so callers need no device checks of their own. With the `cuda`
 //! feature, CUDA tensors go to kiln's CUDA kernels (`kernels/*.cu`, glue in
-//! `cuda.rs`): token log-probs/entropy, pooling and convolutions (f32/f64;
-//! convolutions as im2col/col2im kernels around candle's cuBLAS matmul, no
-//! cuDNN), GELU, softmax, layer norm and the bias adds (f32).
+//! `cuda.rs`): token log-probs/entropy, pooling, channel bias, ReLU / leaky
+//! ReLU, bias + ReLU, batch norm and convolutions (f32/f64; convolutions as
+//! im2col/col2im kernels around candle's cuBLAS matmul, no cuDNN), GELU,
+//! softmax, layer norm and the row bias add (f32).
 //!
 //! ```
 //! use kiln_core::{ops, Device, Tensor};
@@ -56,7 +54,7 @@ macro_rules! by_float {
 mod act;
 mod conv;
 #[cfg(feature = "cuda")]
-mod cuda;
+pub(crate) mod cuda;
 mod fused;
 mod norm;
 mod pool;
@@ -279,20 +277,21 @@ pub fn add_channel_bias(x: &Tensor, bias: &Tensor) -> Result<Tensor> {
         .apply_op2(&bias.contiguous()?, pool::ChannelBias)
 }
 
-/// `max(x, 0)` with a one-pass backward on the CPU (f32/f64); candle's `relu`
-/// elsewhere. The gradient at exactly 0 is 0, as in PyTorch.
+/// `max(x, 0)` with a one-pass backward on the CPU (and CUDA with the `cuda`
+/// feature), f32/f64; candle's `relu` elsewhere. The gradient at exactly 0 is
+/// 0, as in PyTorch.
 pub fn relu(x: &Tensor) -> Result<Tensor> {
-    if !kiln_cpu(&[x]) {
+    if !kiln_any(&[x]) {
         return act::relu_composite(x);
     }
     x.contiguous()?.apply_op1(act::Relu { slope: 0.0 })
 }
 
 /// Leaky ReLU, `x` where positive and `slope * x` elsewhere (PyTorch's
-/// `leaky_relu`), one pass each way on the CPU for `slope >= 0`; candle's ops
-/// otherwise.
+/// `leaky_relu`), one pass each way on the CPU (and CUDA) for `slope >= 0`;
+/// candle's ops otherwise.
 pub fn leaky_relu(x: &Tensor, slope: f64) -> Result<Tensor> {
-    if !(kiln_cpu(&[x]) && slope >= 0.0 && slope.is_finite()) {
+    if !(kiln_any(&[x]) && slope >= 0.0 && slope.is_finite()) {
         let zeros = x.zeros_like()?;
         return x.maximum(&zeros)? + (x.minimum(&zeros)? * slope)?;
     }
@@ -300,9 +299,10 @@ pub fn leaky_relu(x: &Tensor, slope: f64) -> Result<Tensor> {
 }
 
 /// `max(x + bias, 0)` for `x [B, C, H, W]`, `bias [C]` (a conv layer's bias and
-/// ReLU in one pass, with one-pass gradients to both); candle's ops elsewhere.
+/// ReLU in one pass, with one-pass gradients to both) on the CPU and CUDA;
+/// candle's ops elsewhere.
 pub fn add_channel_bias_relu(x: &Tensor, bias: &Tensor) -> Result<Tensor> {
-    if !kiln_cpu(&[x, bias]) || x.rank() != 4 {
+    if !kiln_any(&[x, bias]) || x.rank() != 4 {
         return act::channel_bias_relu_composite(x, bias);
     }
     x.contiguous()?
@@ -312,7 +312,7 @@ pub fn add_channel_bias_relu(x: &Tensor, bias: &Tensor) -> Result<Tensor> {
 /// Per-channel mean and biased variance of `x [B, C, S..]` over batch and space,
 /// as two `[C]` tensors without gradient (what batch norm normalises with).
 pub fn batch_norm_stats(x: &Tensor) -> Result<(Tensor, Tensor)> {
-    if !kiln_cpu(&[x]) {
+    if !kiln_any(&[x]) {
         let (mean, var) = channel_stats_composite(x)?;
         return Ok((mean.detach(), var.detach()));
     }
@@ -324,8 +324,8 @@ pub fn batch_norm_stats(x: &Tensor) -> Result<(Tensor, Tensor)> {
 /// with `[C]` statistics and affine parameters. With `train`, `mean`/`var` must be
 /// `x`'s own [`batch_norm_stats`] and the gradient to `x` includes their
 /// dependence on it (PyTorch's training-mode backward); otherwise they are
-/// constants (running statistics). On the CPU one pass forward and two backward;
-/// candle's broadcast ops elsewhere.
+/// constants (running statistics). On the CPU (and CUDA, f32/f64) one pass
+/// forward and two backward; candle's broadcast ops elsewhere.
 pub fn batch_norm(
     x: &Tensor,
     mean: &Tensor,
@@ -335,7 +335,7 @@ pub fn batch_norm(
     eps: f64,
     train: bool,
 ) -> Result<Tensor> {
-    if !kiln_cpu(&[x, mean, var, weight, bias]) || x.rank() < 2 {
+    if !kiln_any(&[x, mean, var, weight, bias]) || x.rank() < 2 {
         return norm_composite(x, mean, var, weight, bias, eps, train);
     }
     let p = Tensor::stack(

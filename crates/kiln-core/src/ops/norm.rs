@@ -17,7 +17,7 @@ use rayon::prelude::*;
 use super::slice;
 
 /// `(batch, channels, spatial size)` of `[B, C, S..]`.
-fn bcs(l: &Layout, what: &str) -> Result<(usize, usize, usize)> {
+pub(super) fn bcs(l: &Layout, what: &str) -> Result<(usize, usize, usize)> {
     match l.dims() {
         [b, c, rest @ ..] => Ok((*b, *c, rest.iter().product())),
         d => bail!("{what}: expected [B, C, ..], got {d:?}"),
@@ -60,6 +60,15 @@ impl CustomOp1 for BnStats {
         "kiln-batch-norm-stats"
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        super::cuda::bn_stats(s, l)
+    }
+
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let dims = bcs(l, "batch_norm stats")?;
         let out = by_float!(s, "batch_norm stats", |T| {
@@ -89,7 +98,7 @@ fn params<T: WithDType>(p: &[T], c: usize, eps: f64) -> Vec<[f64; 4]> {
         .collect()
 }
 
-fn check_p(l: &Layout, c: usize, what: &str) -> Result<()> {
+pub(super) fn check_p(l: &Layout, c: usize, what: &str) -> Result<()> {
     if l.dims() != [4, c] {
         bail!("{what}: parameters {:?}, expected [4, {c}]", l.dims())
     }
@@ -99,6 +108,17 @@ fn check_p(l: &Layout, c: usize, what: &str) -> Result<()> {
 impl CustomOp2 for BatchNorm {
     fn name(&self) -> &'static str {
         "kiln-batch-norm"
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        super::cuda::batch_norm_fwd(self.eps, s1, l1, s2, l2)
     }
 
     fn cpu_fwd(
@@ -166,6 +186,19 @@ impl CustomOp3 for BnSums {
         "kiln-batch-norm-sums"
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        super::cuda::bn_sums(self.eps, (s1, l1), (s2, l2), (s3, l3))
+    }
+
     fn cpu_fwd(
         &self,
         s1: &CpuStorage,
@@ -215,6 +248,19 @@ struct BnGradX {
 impl CustomOp3 for BnGradX {
     fn name(&self) -> &'static str {
         "kiln-batch-norm-grad-x"
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        super::cuda::bn_grad_x(self.eps, self.train, (s1, l1), (s2, l2), (s3, l3))
     }
 
     fn cpu_fwd(
