@@ -434,72 +434,73 @@ fn im2col_images<T: WithDType>(
     }
 }
 
+/// Runs `f(b0, nb, out_chunk, col, ch)` for each chunk of `c` images of `out`
+/// (`item` elements per image): one task per thread, each with its scratch
+/// column matrix `col [k, c*n]` and channel-major buffer `ch [c_out, c*n]`.
+fn per_chunk<T: WithDType, F>(out: &mut [T], item: usize, g: &Geom, c: usize, f: F)
+where
+    F: Fn(usize, usize, &mut [T], &mut [T], &mut [T]) + Sync,
+{
+    let ld = c * g.n();
+    let zero = T::from_f64(0.0);
+    let per_task = chunks_per_task(g.b, c);
+    out.par_chunks_mut(per_task * c * item)
+        .enumerate()
+        .for_each(|(t, ot)| {
+            let (mut col, mut ch) = (vec![zero; g.k() * ld], vec![zero; g.c_out * ld]);
+            for (j, os) in ot.chunks_mut(c * item).enumerate() {
+                let nb = os.len() / item;
+                f((t * per_task + j) * c, nb, os, &mut col, &mut ch);
+            }
+        });
+}
+
 /// Forward over chunks of `c` images: `y_chunk [c_out, c*n] = W @ cols [k, c*n]`,
 /// tasks in parallel (one group; see [`chunk_images`]).
 fn conv_fwd_chunked<T: WithDType>(x: &[T], w: &[T], g: &Geom, c: usize, y: &mut [T]) {
     let tab = taps(g);
     let tab = tab.as_deref();
-    let (k, n, co) = (g.k(), g.n(), g.c_out);
-    let ld = c * n;
-    let zero = T::from_f64(0.0);
-    let per_task = chunks_per_task(g.b, c);
-    y.par_chunks_mut(per_task * c * g.y_item())
-        .enumerate()
-        .for_each(|(t, yt)| {
-            let (mut col, mut ych) = (vec![zero; k * ld], vec![zero; co * ld]);
-            for (j, ys) in yt.chunks_mut(c * g.y_item()).enumerate() {
-                let nb = ys.len() / g.y_item();
-                let b0 = (t * per_task + j) * c;
-                im2col_images(x, g, (b0, nb), &mut col, ld, tab);
-                mm(
-                    (co, nb * n, k),
-                    &mut ych,
-                    ld,
-                    false,
-                    w,
-                    (k, 1),
-                    &col,
-                    (ld, 1),
-                    Parallelism::None,
-                );
-                scatter_channels(&ych, co, n, ys, ld);
-            }
-        });
+    let (k, n, co, ld) = (g.k(), g.n(), g.c_out, c * g.n());
+    per_chunk(y, g.y_item(), g, c, |b0, nb, ys, col, ych| {
+        im2col_images(x, g, (b0, nb), col, ld, tab);
+        mm(
+            (co, nb * n, k),
+            ych,
+            ld,
+            false,
+            w,
+            (k, 1),
+            col,
+            (ld, 1),
+            Parallelism::None,
+        );
+        scatter_channels(ych, co, n, ys, ld);
+    });
 }
 
 /// Input gradient over chunks of `c` images: `dcols = W^T @ dy_chunk`, then col2im.
 fn conv_grad_input_chunked<T: WithDType>(dy: &[T], w: &[T], g: &Geom, c: usize, dx: &mut [T]) {
     let tab = taps(g);
     let tab = tab.as_deref();
-    let (k, n, co) = (g.k(), g.n(), g.c_out);
-    let ld = c * n;
-    let zero = T::from_f64(0.0);
-    let per_task = chunks_per_task(g.b, c);
-    dx.par_chunks_mut(per_task * c * g.x_item())
-        .enumerate()
-        .for_each(|(t, dxt)| {
-            let (mut col, mut dych) = (vec![zero; k * ld], vec![zero; co * ld]);
-            for (j, dxs) in dxt.chunks_mut(c * g.x_item()).enumerate() {
-                let nb = dxs.len() / g.x_item();
-                let b0 = (t * per_task + j) * c;
-                let dyc = &dy[b0 * g.y_item()..(b0 + nb) * g.y_item()];
-                gather_channels(dyc, co, n, &mut dych, ld);
-                mm(
-                    (k, nb * n, co),
-                    &mut col,
-                    ld,
-                    false,
-                    w,
-                    (1, k),
-                    &dych,
-                    (ld, 1),
-                    Parallelism::None,
-                );
-                for (i, dxb) in dxs.chunks_mut(g.x_item()).enumerate() {
-                    col2im(&col[i * n..], g, dxb, ld, tab);
-                }
-            }
-        });
+    let (k, n, co, ld) = (g.k(), g.n(), g.c_out, c * g.n());
+    per_chunk(dx, g.x_item(), g, c, |b0, nb, dxs, col, dych| {
+        let dyc = &dy[b0 * g.y_item()..(b0 + nb) * g.y_item()];
+        gather_channels(dyc, co, n, dych, ld);
+        mm(
+            (k, nb * n, co),
+            col,
+            ld,
+            false,
+            w,
+            (1, k),
+            dych,
+            (ld, 1),
+            Parallelism::None,
+        );
+        for (i, dxb) in dxs.chunks_mut(g.x_item()).enumerate() {
+            col2im(&col[i * n..], g, dxb, ld, tab);
+        }
+    });
 }
 
 /// Weight gradient over chunks of `c` images: `dW += dy_chunk [c_out, c*n] @ cols^T`,
