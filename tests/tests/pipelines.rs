@@ -4,17 +4,12 @@
 
 use std::sync::Arc;
 
-use kiln_core::observer::ObserverConfig;
 use kiln_core::rng::SeededRng;
-use kiln_core::run::{read_metrics, RunDir};
+use kiln_core::run::read_metrics;
+use kiln_core::run::RunOptions;
 use kiln_core::Device;
 use kiln_data::{open, Dataset, DatasetSpec, Split};
-use kiln_vae::{evaluate, from_run, train, RunOptions, TrainConfig, VaeConfig};
-
-const QUIET: ObserverConfig = ObserverConfig {
-    quiet: true,
-    log_every: 0,
-};
+use kiln_vae::{evaluate, from_run, train, TrainConfig, VaeConfig};
 
 /// synthetic-flowers, opened by name as the CLI does, trains the chapter's VAE
 /// architecture (smaller), and the run folder reloads into a model that
@@ -33,7 +28,6 @@ fn vae_pipeline_from_dataset_name_to_reloaded_samples() {
         latent: 8,
         ..VaeConfig::mlp_chapter()
     };
-    let run = RunDir::create("vae", Some(&dir.path().join("run"))).unwrap();
     let rep = train(
         &cfg,
         &TrainConfig {
@@ -44,11 +38,7 @@ fn vae_pipeline_from_dataset_name_to_reloaded_samples() {
         small_tr,
         Some(small_te.clone()),
         &Device::Cpu,
-        RunOptions {
-            run,
-            resume: false,
-            observer: QUIET,
-        },
+        &RunOptions::new_run(Some(&dir.path().join("run"))).quiet(true),
     )
     .unwrap();
     let recs = read_metrics(&dir.path().join("run/metrics.jsonl")).unwrap();

@@ -1,5 +1,13 @@
-//! Checkpoints: model variables, optimizer state, step and RNG state in one
-//! safetensors file, written atomically and verified on load.
+//! Checkpoints: the variables and optimizer state of every part of a
+//! training session, its position and RNG states, in one safetensors file,
+//! written atomically and verified on load.
+//!
+//! Format `kiln-checkpoint-2` keeps each part under its name: variables as
+//! `parts.<part>.vars.<name>`, optimizer buffers as `parts.<part>.optim.<name>`,
+//! optimizer settings and the part's own RNG (dropout) in the metadata under
+//! `parts.<part>.`. Files of the first format (`kiln-checkpoint-1`: one model
+//! under `model.*`, its optimizer under `optim.*`) still load into a session
+//! with one part.
 //!
 //! A checkpoint is never half-written under its final name (temp file, fsync,
 //! rename), and a truncated or corrupted file is rejected with an error naming
@@ -7,11 +15,11 @@
 //! stored in the metadata catches flipped bytes.
 
 use std::collections::HashMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Result, Tensor};
 
+use crate::files::write_atomic;
 use crate::optim::Optimizer;
 use crate::rng::{RngState, SeededRng};
 use crate::vars::VarStore;
@@ -49,36 +57,6 @@ pub enum CheckpointError {
         /// What did not match.
         reason: String,
     },
-}
-
-/// Writes `bytes` to `path` atomically: a temp file in the same folder, fsync,
-/// rename, then fsync of the folder.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir)?;
-    let name = path
-        .file_name()
-        .map(|s| s.to_string_lossy().to_string())
-        .unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
-    let res = (|| {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        drop(f);
-        std::fs::rename(&tmp, path)?;
-        if let Ok(d) = std::fs::File::open(dir) {
-            let _ = d.sync_all();
-        }
-        Ok(())
-    })();
-    if res.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    res
 }
 
 /// Serialises named tensors to safetensors bytes, adding a CRC-32 of the
@@ -181,52 +159,93 @@ pub fn read_tensors(
     Ok((out, meta))
 }
 
-/// Everything needed to continue training exactly where it stopped.
-#[derive(Debug, Clone)]
+/// The current format's name, in the `kiln.format` metadata field.
+pub const FORMAT: &str = "kiln-checkpoint-2";
+/// The first format (one model, one optimizer), still read.
+pub const FORMAT_V1: &str = "kiln-checkpoint-1";
+
+/// Everything needed to continue training exactly where it stopped, besides
+/// the parts' tensors.
+#[derive(Debug, Clone, Default)]
 pub struct TrainState {
-    /// Optimizer steps taken.
+    /// Batches (loop steps) done.
     pub step: u64,
     /// Completed epochs.
     pub epoch: u64,
-    /// The training RNG (data order, masks, noise), if the run uses one.
+    /// The training RNG (masks, noise), if the run uses one.
     pub rng: Option<RngState>,
-    /// The model's own RNG (dropout), from [`VarStore::rng`].
+    /// The RNG of the single part of a first-format file (format 2 restores
+    /// each part's RNG into its [`VarStore`] directly).
     pub model_rng: Option<RngState>,
-    /// Free-form extra fields (e.g. best validation loss).
+    /// Free-form fields (the session's loop position and epoch sums, a
+    /// trainer's best validation loss, ...).
     pub extra: HashMap<String, String>,
 }
 
-/// Saves model variables, optimizer state and [`TrainState`] atomically.
-/// Variables are stored under `model.<name>`, optimizer buffers under `optim.<name>`.
-pub fn save(
+/// One part's tensors to save: its variables and, when trained, its optimizer.
+#[derive(Debug, Clone, Copy)]
+pub struct PartRef<'a> {
+    /// The part's name (letters, digits, `_`, `-`).
+    pub name: &'a str,
+    /// Its variables.
+    pub vars: &'a VarStore,
+    /// Its optimizer, if it is trained.
+    pub opt: Option<&'a Optimizer>,
+}
+
+/// One part to load into.
+#[derive(Debug)]
+pub struct PartMut<'a> {
+    /// The part's name.
+    pub name: &'a str,
+    /// Its variables (written only if the whole file fits).
+    pub vars: &'a VarStore,
+    /// Its optimizer (replaced only if the whole file fits).
+    pub opt: Option<&'a mut Optimizer>,
+}
+
+/// Saves the parts and the [`TrainState`] atomically in format 2.
+pub fn save_parts(
     path: &Path,
-    vars: &VarStore,
-    opt: Option<&Optimizer>,
+    parts: &[PartRef<'_>],
     state: &TrainState,
 ) -> std::result::Result<(), CheckpointError> {
     let wrap = |e: candle_core::Error| CheckpointError::Invalid {
         path: path.to_path_buf(),
         reason: e.to_string(),
     };
-    let mut tensors: Vec<(String, Tensor)> = vars
-        .tensors()
-        .into_iter()
-        .map(|(n, t)| (format!("model.{n}"), t))
-        .collect();
+    let mut tensors = Vec::new();
     let mut meta = HashMap::new();
-    if let Some(o) = opt {
-        let (ts, m) = o.state().map_err(wrap)?;
-        tensors.extend(ts.into_iter().map(|(n, t)| (format!("optim.{n}"), t)));
-        meta.extend(m);
+    for p in parts {
+        tensors.extend(
+            p.vars
+                .tensors()
+                .into_iter()
+                .map(|(n, t)| (format!("parts.{}.vars.{n}", p.name), t)),
+        );
+        meta.insert(
+            format!("parts.{}.rng", p.name),
+            p.vars.rng().lock().state().to_hex(),
+        );
+        if let Some(o) = p.opt {
+            let (ts, m) = o.state().map_err(wrap)?;
+            tensors.extend(
+                ts.into_iter()
+                    .map(|(n, t)| (format!("parts.{}.optim.{n}", p.name), t)),
+            );
+            meta.extend(
+                m.into_iter()
+                    .map(|(k, v)| (format!("parts.{}.{k}", p.name), v)),
+            );
+        }
     }
-    meta.insert("kiln.format".into(), "kiln-checkpoint-1".into());
+    let names: Vec<&str> = parts.iter().map(|p| p.name).collect();
+    meta.insert("kiln.format".into(), FORMAT.into());
+    meta.insert("kiln.parts".into(), names.join(","));
     meta.insert("train.step".into(), state.step.to_string());
     meta.insert("train.epoch".into(), state.epoch.to_string());
     if let Some(r) = &state.rng {
         meta.insert("train.rng".into(), r.to_hex());
-    }
-    if let Some(r) = &state.model_rng {
-        meta.insert("train.model_rng".into(), r.to_hex());
     }
     for (k, v) in &state.extra {
         meta.insert(format!("extra.{k}"), v.clone());
@@ -238,12 +257,40 @@ pub fn save(
     })
 }
 
-/// Loads a checkpoint written by [`save`] into `vars` (and `opt`), returning the
-/// [`TrainState`]. Nothing is modified unless the whole file verifies and fits.
-pub fn load(
+/// Saves one model (and its optimizer) as the part `model`: the
+/// single-model form of [`save_parts`].
+pub fn save(
     path: &Path,
     vars: &VarStore,
-    opt: Option<&mut Optimizer>,
+    opt: Option<&Optimizer>,
+    state: &TrainState,
+) -> std::result::Result<(), CheckpointError> {
+    save_parts(
+        path,
+        &[PartRef {
+            name: "model",
+            vars,
+            opt,
+        }],
+        state,
+    )
+}
+
+/// The tensors, optimizer metadata and RNG of one part, read from a file.
+struct PartData {
+    vars: HashMap<String, Tensor>,
+    optim: HashMap<String, Tensor>,
+    meta: HashMap<String, String>,
+    rng: Option<RngState>,
+}
+
+/// Loads a checkpoint into `parts`, returning the [`TrainState`]. Every part
+/// in the file must be given and every given part must be in the file (a
+/// first-format file holds one part, which fits a single given part whatever
+/// its name). Nothing is modified unless the whole file verifies and fits.
+pub fn load_parts(
+    path: &Path,
+    parts: &mut [PartMut<'_>],
 ) -> std::result::Result<TrainState, CheckpointError> {
     let (tensors, meta) = read_tensors(path, &Device::Cpu)?;
     let invalid = |reason: String| CheckpointError::Invalid {
@@ -254,10 +301,147 @@ pub fn load(
         path: path.to_path_buf(),
         reason,
     };
-    if meta.get("kiln.format").map(String::as_str) != Some("kiln-checkpoint-1") {
-        return Err(invalid(
-            "metadata field kiln.format is not kiln-checkpoint-1".into(),
-        ));
+    let format = meta.get("kiln.format").map(String::as_str);
+    let mut data: Vec<(String, PartData)> = match format {
+        Some(FORMAT) => {
+            let names: Vec<String> = meta
+                .get("kiln.parts")
+                .ok_or_else(|| invalid("metadata field kiln.parts is missing".into()))?
+                .split(',')
+                .filter(|s| !s.is_empty())
+                .map(str::to_string)
+                .collect();
+            let mut out: Vec<(String, PartData)> = Vec::new();
+            for n in &names {
+                let rng = meta
+                    .get(&format!("parts.{n}.rng"))
+                    .map(|s| RngState::from_hex(s))
+                    .transpose()
+                    .map_err(|e| invalid(format!("metadata field parts.{n}.rng: {e}")))?;
+                let pm = meta
+                    .iter()
+                    .filter_map(|(k, v)| {
+                        k.strip_prefix(&format!("parts.{n}."))
+                            .map(|k| (k.to_string(), v.clone()))
+                    })
+                    .collect();
+                out.push((
+                    n.clone(),
+                    PartData {
+                        vars: HashMap::new(),
+                        optim: HashMap::new(),
+                        meta: pm,
+                        rng,
+                    },
+                ));
+            }
+            for (t_name, t) in tensors {
+                let placed = out.iter_mut().find_map(|(n, d)| {
+                    let rest = t_name.strip_prefix(&format!("parts.{n}."))?;
+                    if let Some(v) = rest.strip_prefix("vars.") {
+                        d.vars.insert(v.to_string(), t.clone());
+                    } else if let Some(o) = rest.strip_prefix("optim.") {
+                        d.optim.insert(o.to_string(), t.clone());
+                    } else {
+                        return None;
+                    }
+                    Some(())
+                });
+                if placed.is_none() {
+                    return Err(invalid(format!(
+                        "tensor {t_name} belongs to no part ({})",
+                        names.join(", ")
+                    )));
+                }
+            }
+            out
+        }
+        Some(FORMAT_V1) => {
+            let (mut vars, mut optim) = (HashMap::new(), HashMap::new());
+            for (n, t) in tensors {
+                if let Some(m) = n.strip_prefix("model.") {
+                    vars.insert(m.to_string(), t);
+                } else if let Some(o) = n.strip_prefix("optim.") {
+                    optim.insert(o.to_string(), t);
+                }
+            }
+            let rng = meta
+                .get("train.model_rng")
+                .map(|s| RngState::from_hex(s))
+                .transpose()
+                .map_err(invalid)?;
+            let [only] = parts else {
+                return Err(mismatch(format!(
+                    "it holds one model (format {FORMAT_V1}), but {} parts were given",
+                    parts.len()
+                )));
+            };
+            vec![(
+                only.name.to_string(),
+                PartData {
+                    vars,
+                    optim,
+                    meta: meta.clone(),
+                    rng,
+                },
+            )]
+        }
+        other => {
+            return Err(invalid(format!(
+                "metadata field kiln.format is {other:?}, expected {FORMAT:?} or {FORMAT_V1:?}"
+            )))
+        }
+    };
+    // Pair the file's parts with the given ones, by name.
+    let file_names: Vec<String> = data.iter().map(|(n, _)| n.clone()).collect();
+    let given: Vec<&str> = parts.iter().map(|p| p.name).collect();
+    if file_names.len() != given.len() || given.iter().any(|g| !file_names.iter().any(|f| f == g)) {
+        return Err(mismatch(format!(
+            "it holds the parts [{}], the session has [{}]",
+            file_names.join(", "),
+            given.join(", ")
+        )));
+    }
+    // Validate everything on copies first, so a mismatch changes nothing.
+    let mut new_opts = Vec::with_capacity(parts.len());
+    for p in parts.iter() {
+        let Some(i) = data.iter().position(|(n, _)| n == p.name) else {
+            continue;
+        };
+        let d = &data[i].1;
+        p.vars
+            .check(&d.vars)
+            .map_err(|e| mismatch(format!("part {}: {e}", p.name)))?;
+        match (&p.opt, d.meta.contains_key("optim.kind")) {
+            (Some(o), true) => {
+                let mut c = (**o).clone();
+                c.load_state(&d.optim, &d.meta)
+                    .map_err(|e| mismatch(format!("part {}: {e}", p.name)))?;
+                new_opts.push(Some(c));
+            }
+            (Some(_), false) => {
+                return Err(mismatch(format!(
+                    "part {} has no optimizer state in the file, but is trained",
+                    p.name
+                )))
+            }
+            (None, _) => new_opts.push(None),
+        }
+    }
+    for (p, new_opt) in parts.iter_mut().zip(new_opts) {
+        let Some(i) = data.iter().position(|(n, _)| n == p.name) else {
+            continue;
+        };
+        let (_, d) = data.swap_remove(i);
+        p.vars
+            .assign(&d.vars)
+            .map_err(|e| mismatch(format!("part {}: {e}", p.name)))?;
+        if let (Some(o), Some(n)) = (p.opt.as_deref_mut(), new_opt) {
+            *o = n;
+        }
+        if let Some(r) = &d.rng {
+            *p.vars.rng().lock() = SeededRng::from_state(r);
+        }
     }
     let num = |k: &str| -> std::result::Result<u64, CheckpointError> {
         meta.get(k)
@@ -265,8 +449,6 @@ pub fn load(
             .parse()
             .map_err(|e| invalid(format!("metadata field {k}: {e}")))
     };
-    let step = num("train.step")?;
-    let epoch = num("train.epoch")?;
     let rng = meta
         .get("train.rng")
         .map(|s| RngState::from_hex(s))
@@ -277,42 +459,85 @@ pub fn load(
         .map(|s| RngState::from_hex(s))
         .transpose()
         .map_err(invalid)?;
-    let mut model = HashMap::new();
-    let mut optim = HashMap::new();
-    for (n, t) in tensors {
-        if let Some(m) = n.strip_prefix("model.") {
-            model.insert(m.to_string(), t);
-        } else if let Some(o) = n.strip_prefix("optim.") {
-            optim.insert(o.to_string(), t);
-        }
-    }
-    // Validate the optimizer first on a copy, so a mismatch leaves everything untouched.
-    let mut new_opt = None;
-    if let Some(o) = &opt {
-        let mut c = (*o).clone();
-        c.load_state(&optim, &meta)
-            .map_err(|e| mismatch(e.to_string()))?;
-        new_opt = Some(c);
-    }
-    // `assign` checks every name and shape before writing anything.
-    vars.assign(&model).map_err(|e| mismatch(e.to_string()))?;
-    if let (Some(o), Some(n)) = (opt, new_opt) {
-        *o = n;
-    }
-    if let Some(r) = &model_rng {
-        *vars.rng().lock() = SeededRng::from_state(r);
-    }
     let extra = meta
         .iter()
         .filter_map(|(k, v)| k.strip_prefix("extra.").map(|k| (k.to_string(), v.clone())))
         .collect();
     Ok(TrainState {
-        step,
-        epoch,
+        step: num("train.step")?,
+        epoch: num("train.epoch")?,
         rng,
         model_rng,
         extra,
     })
+}
+
+/// Loads one model (and its optimizer) from a file holding a single part, in
+/// either format: the single-model form of [`load_parts`].
+pub fn load(
+    path: &Path,
+    vars: &VarStore,
+    opt: Option<&mut Optimizer>,
+) -> std::result::Result<TrainState, CheckpointError> {
+    let (_, meta) = read_tensors(path, &Device::Cpu)?;
+    let name = match meta.get("kiln.parts") {
+        Some(p) if !p.contains(',') => p.clone(),
+        Some(p) => {
+            return Err(CheckpointError::Mismatch {
+                path: path.to_path_buf(),
+                reason: format!("it holds several parts ({p}); load them with load_part"),
+            })
+        }
+        None => "model".into(),
+    };
+    load_parts(
+        path,
+        &mut [PartMut {
+            name: &name,
+            vars,
+            opt,
+        }],
+    )
+}
+
+/// Loads the variables of one part of a checkpoint (for evaluation or
+/// sampling), leaving the other parts and every optimizer aside. A
+/// first-format file's single model is its only part, whatever `name` says.
+pub fn load_part(
+    path: &Path,
+    name: &str,
+    vars: &VarStore,
+) -> std::result::Result<(), CheckpointError> {
+    let (tensors, meta) = read_tensors(path, &Device::Cpu)?;
+    let prefix = match meta.get("kiln.format").map(String::as_str) {
+        Some(FORMAT_V1) => "model.".to_string(),
+        _ => format!("parts.{name}.vars."),
+    };
+    let values: HashMap<String, Tensor> = tensors
+        .into_iter()
+        .filter_map(|(n, t)| n.strip_prefix(&prefix).map(|n| (n.to_string(), t)))
+        .collect();
+    if values.is_empty() {
+        return Err(CheckpointError::Mismatch {
+            path: path.to_path_buf(),
+            reason: format!(
+                "it has no part {name:?} (its parts: {})",
+                meta.get("kiln.parts").map_or("model", String::as_str)
+            ),
+        });
+    }
+    vars.assign(&values)
+        .map_err(|e| CheckpointError::Mismatch {
+            path: path.to_path_buf(),
+            reason: format!("part {name}: {e}"),
+        })?;
+    if let Some(r) = meta
+        .get(&format!("parts.{name}.rng"))
+        .and_then(|s| RngState::from_hex(s).ok())
+    {
+        *vars.rng().lock() = SeededRng::from_state(&r);
+    }
+    Ok(())
 }
 
 /// Restores a generator from a [`TrainState`], or seeds a new one.

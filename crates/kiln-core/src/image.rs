@@ -139,7 +139,7 @@ pub fn save_png(img: &image::RgbImage, path: &Path) -> Result<(), FigureError> {
         path: path.to_path_buf(),
         reason: e.to_string(),
     })?;
-    crate::checkpoint::write_atomic(path, &bytes).map_err(|e| FigureError::Write {
+    crate::files::write_atomic(path, &bytes).map_err(|e| FigureError::Write {
         path: path.to_path_buf(),
         reason: e.to_string(),
     })

@@ -28,6 +28,7 @@
 
 pub mod checkpoint;
 pub mod device;
+pub mod files;
 pub mod image;
 pub mod loss;
 pub mod nn;
@@ -37,6 +38,7 @@ pub mod optim;
 pub mod rng;
 pub mod run;
 pub mod session;
+pub mod tolerance;
 pub mod vars;
 
 pub use candle_core::{

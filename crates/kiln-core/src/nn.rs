@@ -194,7 +194,10 @@ impl Conv2d {
         cfg: ConvConfig,
         vb: VarBuilder<'_>,
     ) -> Result<Self> {
-        if cfg.groups == 0 || in_ch % cfg.groups != 0 || out_ch % cfg.groups != 0 {
+        if cfg.groups == 0
+            || !in_ch.is_multiple_of(cfg.groups)
+            || !out_ch.is_multiple_of(cfg.groups)
+        {
             candle_core::bail!(
                 "Conv2d: in_channels {in_ch} and out_channels {out_ch} must divide by groups {}",
                 cfg.groups

@@ -159,7 +159,10 @@ impl Observer {
                 b.set_message(format!("{summary} {rate:.0}/s"));
             }
             None => {
-                if !self.cfg.quiet && self.cfg.log_every > 0 && step % self.cfg.log_every == 0 {
+                if !self.cfg.quiet
+                    && self.cfg.log_every > 0
+                    && step.is_multiple_of(self.cfg.log_every)
+                {
                     eprintln!(
                         "{} step {step} epoch {epoch}: {summary} ({rate:.0} items/s)",
                         self.task

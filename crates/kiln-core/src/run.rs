@@ -1,11 +1,20 @@
 //! Run folders: `runs/<task>-<timestamp>/` with `config.toml`, `metrics.jsonl`,
-//! `checkpoints/`, figures and `summary.json`.
+//! `checkpoints/`, figures and `summary.json`; [`RunOptions`], the flags every
+//! training command shares; and [`Run`], a folder held by one process.
+//!
+//! A run folder is never lost or overwritten by accident: a new run refuses a
+//! folder that already holds one (unless [`RunOptions::overwrite`] says so), a
+//! resumed run must be of the same kind and keep its config (except the
+//! fields its trainer lets change), and one process at a time holds a folder
+//! through an OS lock on `.lock` (released even on `kill -9`).
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use serde::Serialize;
+
+use crate::observer::ObserverConfig;
 
 /// Why a run folder operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -27,6 +36,131 @@ pub enum RunError {
         /// What was wrong.
         reason: String,
     },
+    /// A new run was asked for in a folder that already holds one.
+    #[error(
+        "{path} already holds a run; continue it with --resume {path}, or pass --overwrite \
+         to delete it and start again"
+    )]
+    Exists {
+        /// The folder.
+        path: PathBuf,
+    },
+    /// A new run was asked for in a folder with other files in it.
+    #[error(
+        "{path} is not empty and holds no kiln run (no config.toml); choose a new folder for \
+         --out (kiln never deletes files it did not write)"
+    )]
+    NotEmpty {
+        /// The folder.
+        path: PathBuf,
+    },
+    /// Another process holds the folder.
+    #[error(
+        "{path} is in use by another kiln process{}; wait for it to finish (a folder is \
+         written by one process at a time)",
+        holder.map(|p| format!(" (pid {p})")).unwrap_or_default()
+    )]
+    Locked {
+        /// The folder.
+        path: PathBuf,
+        /// The holder's process id, when it wrote one.
+        holder: Option<u32>,
+    },
+    /// The folder holds a run of another kind.
+    #[error("{path} is a {found:?} run, not a {expected:?} run; pass a {expected} run folder")]
+    WrongKind {
+        /// The folder.
+        path: PathBuf,
+        /// The kind in its `config.toml`.
+        found: String,
+        /// The kind the caller trains.
+        expected: String,
+    },
+    /// A resumed run was given settings that differ from its `config.toml`.
+    #[error(
+        "cannot resume {path} with other settings: {}. A resumed run keeps its own \
+         config.toml{}; start a new run (--out) to change the others",
+        changes.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "),
+        if may_change.is_empty() { String::new() } else {
+            format!(" except {}", may_change.join(", "))
+        }
+    )]
+    ConfigChanged {
+        /// The folder.
+        path: PathBuf,
+        /// What differs.
+        changes: Vec<ConfigChange>,
+        /// The fields that may change on resume.
+        may_change: Vec<String>,
+    },
+}
+
+/// One setting that differs between a run's `config.toml` and a resume request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigChange {
+    /// The field, as a dotted path (`train.lr`).
+    pub field: String,
+    /// Its value in the run's `config.toml` (`absent` if missing).
+    pub run: String,
+    /// The requested value (`absent` if missing).
+    pub requested: String,
+}
+
+impl std::fmt::Display for ConfigChange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} is {} in the run, {} now",
+            self.field, self.run, self.requested
+        )
+    }
+}
+
+/// Flattens a TOML value into `(dotted path, value)` pairs (arrays whole).
+fn flatten(prefix: &str, v: &toml::Value, out: &mut Vec<(String, toml::Value)>) {
+    match v {
+        toml::Value::Table(t) => {
+            for (k, v) in t {
+                let p = if prefix.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{prefix}.{k}")
+                };
+                flatten(&p, v, out);
+            }
+        }
+        other => out.push((prefix.to_string(), other.clone())),
+    }
+}
+
+/// The fields in which `requested` differs from `saved` (both as TOML), in
+/// path order, skipping those in `may_change` (dotted paths; a path also
+/// covers the fields under it).
+pub fn config_changes(
+    saved: &toml::Value,
+    requested: &toml::Value,
+    may_change: &[&str],
+) -> Vec<ConfigChange> {
+    let (mut a, mut b) = (Vec::new(), Vec::new());
+    flatten("", saved, &mut a);
+    flatten("", requested, &mut b);
+    let a: std::collections::BTreeMap<_, _> = a.into_iter().collect();
+    let b: std::collections::BTreeMap<_, _> = b.into_iter().collect();
+    let allowed = |f: &str| {
+        may_change
+            .iter()
+            .any(|m| f == *m || f.strip_prefix(m).is_some_and(|r| r.starts_with('.')))
+    };
+    let keys: std::collections::BTreeSet<&String> = a.keys().chain(b.keys()).collect();
+    let show = |v: Option<&toml::Value>| v.map_or_else(|| "absent".to_string(), |v| v.to_string());
+    keys.into_iter()
+        .filter(|k| !allowed(k) && a.get(*k) != b.get(*k))
+        .map(|k| ConfigChange {
+            field: k.clone(),
+            run: show(a.get(k)),
+            requested: show(b.get(k)),
+        })
+        .collect()
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> RunError + '_ {
@@ -74,20 +208,16 @@ pub struct RunDir {
 
 impl RunDir {
     /// Creates `out` if given, else `runs/<task>-<timestamp>` under the current
-    /// directory (with a numeric suffix if that exists already).
+    /// directory (with a numeric suffix if that exists already). Refuses a
+    /// folder that already holds a run ([`RunError::Exists`]) or other files
+    /// ([`RunError::NotEmpty`]); an empty folder is used.
     pub fn create(task: &str, out: Option<&Path>) -> Result<Self, RunError> {
         let root = match out {
-            Some(p) => p.to_path_buf(),
-            None => {
-                let base = PathBuf::from("runs").join(format!("{task}-{}", timestamp()));
-                let mut p = base.clone();
-                let mut i = 1;
-                while p.exists() {
-                    p = PathBuf::from(format!("{}-{i}", base.display()));
-                    i += 1;
-                }
-                p
+            Some(p) => {
+                check_new_folder(p)?;
+                p.to_path_buf()
             }
+            None => new_run_folder(task),
         };
         std::fs::create_dir_all(root.join("checkpoints")).map_err(io(&root))?;
         Ok(Self { root })
@@ -142,7 +272,7 @@ impl RunDir {
             path: path.clone(),
             reason: e.to_string(),
         })?;
-        crate::checkpoint::write_atomic(&path, text.as_bytes()).map_err(io(&path))
+        crate::files::write_atomic(&path, text.as_bytes()).map_err(io(&path))
     }
 
     /// Reads `config.toml`: the model kind and the config.
@@ -194,7 +324,334 @@ impl RunDir {
             path: path.clone(),
             reason: e.to_string(),
         })?;
-        crate::checkpoint::write_atomic(&path, text.as_bytes()).map_err(io(&path))
+        crate::files::write_atomic(&path, text.as_bytes()).map_err(io(&path))
+    }
+}
+
+/// A fresh folder name for a run of `task`: `runs/<task>-<timestamp>`, with a
+/// numeric suffix if that exists already.
+pub fn new_run_folder(task: &str) -> PathBuf {
+    let base = PathBuf::from("runs").join(format!("{task}-{}", timestamp()));
+    let mut p = base.clone();
+    let mut i = 1;
+    while p.exists() {
+        p = PathBuf::from(format!("{}-{i}", base.display()));
+        i += 1;
+    }
+    p
+}
+
+/// Whether `path` can take a new run: absent, empty, or holding only the
+/// lock file and the empty folders a refused start may have made.
+fn check_new_folder(path: &Path) -> Result<(), RunError> {
+    if path.join("config.toml").exists() {
+        return Err(RunError::Exists {
+            path: path.to_path_buf(),
+        });
+    }
+    let entries = match std::fs::read_dir(path) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotADirectory => {
+            return Err(RunError::NotEmpty {
+                path: path.to_path_buf(),
+            })
+        }
+        Err(e) => return Err(io(path)(e)),
+    };
+    for entry in entries {
+        let entry = entry.map_err(io(path))?;
+        let name = entry.file_name();
+        let empty_dir = entry.file_type().is_ok_and(|t| t.is_dir())
+            && std::fs::read_dir(entry.path()).is_ok_and(|mut d| d.next().is_none());
+        if name != LOCK_FILE && !empty_dir {
+            return Err(RunError::NotEmpty {
+                path: path.to_path_buf(),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// The lock file in every run folder.
+pub const LOCK_FILE: &str = ".lock";
+
+/// Where and how a training run is written: the options every training
+/// command shares (`--out`, `--resume`, `--overwrite`, `--device`,
+/// `--threads`, `--quiet`). The run's own settings, seed included, live in its
+/// config and `config.toml`, not here.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunOptions {
+    /// Folder of a new run (default `runs/<task>-<timestamp>`).
+    pub out: Option<PathBuf>,
+    /// Continue the run in this folder from its last checkpoint.
+    pub resume: Option<PathBuf>,
+    /// With `out`: delete the run already there and start again.
+    pub overwrite: bool,
+    /// Device: `cpu`, `cuda`, `cuda:N` or `auto`.
+    pub device: String,
+    /// CPU threads (default: all cores).
+    pub threads: Option<usize>,
+    /// No progress bar and no periodic lines.
+    pub quiet: bool,
+}
+
+impl Default for RunOptions {
+    fn default() -> Self {
+        Self {
+            out: None,
+            resume: None,
+            overwrite: false,
+            device: "cpu".into(),
+            threads: None,
+            quiet: false,
+        }
+    }
+}
+
+impl RunOptions {
+    /// A new run in `out` (`None`: `runs/<task>-<timestamp>`).
+    pub fn new_run(out: Option<&Path>) -> Self {
+        Self {
+            out: out.map(Path::to_path_buf),
+            ..Self::default()
+        }
+    }
+
+    /// Continues the run in `path`.
+    pub fn resume(path: &Path) -> Self {
+        Self {
+            resume: Some(path.to_path_buf()),
+            ..Self::default()
+        }
+    }
+
+    /// The same options, quiet or not.
+    pub fn quiet(mut self, quiet: bool) -> Self {
+        self.quiet = quiet;
+        self
+    }
+
+    /// Whether this continues an existing run.
+    pub fn is_resume(&self) -> bool {
+        self.resume.is_some()
+    }
+
+    /// The observer settings these options ask for.
+    pub fn observer(&self) -> ObserverConfig {
+        ObserverConfig {
+            quiet: self.quiet,
+            log_every: 50,
+        }
+    }
+
+    /// Sets the thread count (if given) and opens the device.
+    pub fn device(&self) -> Result<candle_core::Device, crate::device::DeviceError> {
+        if let Some(t) = self.threads {
+            crate::device::set_threads(t)?;
+        }
+        crate::device::device(&self.device)
+    }
+
+    /// On a resumed run, checks that the folder holds a run of `kind`
+    /// (for trainers that read files of the run before opening it); a new
+    /// run passes.
+    pub fn check_kind(&self, kind: &str) -> Result<(), RunError> {
+        let Some(path) = &self.resume else {
+            return Ok(());
+        };
+        let (found, _): (String, toml::Value) = RunDir::open(path)?.read_config()?;
+        if found != kind {
+            return Err(RunError::WrongKind {
+                path: path.clone(),
+                found,
+                expected: kind.into(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Opens the run folder for a trainer of `kind` whose settings are
+    /// `config`, and takes its lock. Call it after validating the config, so a
+    /// bad setting never leaves a folder behind.
+    ///
+    /// - New run: refuses a folder that already holds a run unless
+    ///   [`RunOptions::overwrite`] (then deletes it first, under its lock),
+    ///   creates the folder and writes `config.toml`.
+    /// - Resume: refuses a run of another kind, and a `config` that differs
+    ///   from the saved one in any field but `may_change` (dotted paths such
+    ///   as `train.epochs`), listing what differs; rewrites `config.toml` when
+    ///   an allowed field changed.
+    ///
+    /// Both remove temporary files that a killed writer left.
+    pub fn open<C: Serialize>(
+        &self,
+        task: &str,
+        kind: &str,
+        config: &C,
+        may_change: &[&str],
+    ) -> Result<Run, RunError> {
+        let run = match &self.resume {
+            Some(path) => {
+                let dir = RunDir::open(path)?;
+                let lock = RunLock::acquire(dir.path())?;
+                let (found, saved): (String, toml::Value) = dir.read_config()?;
+                if found != kind {
+                    return Err(RunError::WrongKind {
+                        path: path.clone(),
+                        found,
+                        expected: kind.into(),
+                    });
+                }
+                let requested = config_value(&dir.join("config.toml"), config)?;
+                let changes = config_changes(&saved, &requested, may_change);
+                if !changes.is_empty() {
+                    return Err(RunError::ConfigChanged {
+                        path: path.clone(),
+                        changes,
+                        may_change: may_change.iter().map(|s| (*s).to_string()).collect(),
+                    });
+                }
+                if saved != requested {
+                    dir.write_config(kind, config)?;
+                }
+                Run {
+                    dir,
+                    _lock: lock,
+                    resumed: true,
+                }
+            }
+            None => {
+                let dir = match (&self.out, self.overwrite) {
+                    (Some(out), true) if out.join("config.toml").exists() => {
+                        let lock = RunLock::acquire(out)?;
+                        clear_run_folder(out)?;
+                        let dir = RunDir::create(task, Some(out))?;
+                        dir.write_config(kind, config)?;
+                        return Ok(Run {
+                            dir,
+                            _lock: lock,
+                            resumed: false,
+                        });
+                    }
+                    (out, _) => RunDir::create(task, out.as_deref())?,
+                };
+                let lock = RunLock::acquire(dir.path())?;
+                // Another process may have started a run here since the check.
+                if dir.join("config.toml").exists() {
+                    return Err(RunError::Exists {
+                        path: dir.path().to_path_buf(),
+                    });
+                }
+                dir.write_config(kind, config)?;
+                Run {
+                    dir,
+                    _lock: lock,
+                    resumed: false,
+                }
+            }
+        };
+        for d in [run.dir.path().to_path_buf(), run.dir.join("checkpoints")] {
+            crate::files::remove_stale_temps(&d).map_err(io(&d))?;
+        }
+        Ok(run)
+    }
+}
+
+/// `config` as the TOML body `write_config` would write (without `kind`).
+fn config_value<C: Serialize>(path: &Path, config: &C) -> Result<toml::Value, RunError> {
+    let v = toml::Value::try_from(config).map_err(|e| RunError::Invalid {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })?;
+    Ok(match v {
+        t @ toml::Value::Table(_) => t,
+        other => {
+            let mut t = toml::Table::new();
+            t.insert("config".into(), other);
+            toml::Value::Table(t)
+        }
+    })
+}
+
+/// Deletes everything in a run folder but its lock file (for `--overwrite`).
+fn clear_run_folder(path: &Path) -> Result<(), RunError> {
+    for entry in std::fs::read_dir(path).map_err(io(path))? {
+        let entry = entry.map_err(io(path))?;
+        if entry.file_name() == LOCK_FILE {
+            continue;
+        }
+        let p = entry.path();
+        let r = if entry.file_type().map_err(io(&p))?.is_dir() {
+            std::fs::remove_dir_all(&p)
+        } else {
+            std::fs::remove_file(&p)
+        };
+        r.map_err(io(&p))?;
+    }
+    Ok(())
+}
+
+/// An exclusive OS lock on a run folder's `.lock` file, held until dropped
+/// (or the process ends, however it ends).
+#[derive(Debug)]
+pub struct RunLock {
+    _file: File,
+}
+
+impl RunLock {
+    /// Takes the lock of the run folder `dir` without waiting.
+    pub fn acquire(dir: &Path) -> Result<Self, RunError> {
+        let path = dir.join(LOCK_FILE);
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(io(&path))?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                let holder = std::fs::read_to_string(&path)
+                    .ok()
+                    .and_then(|s| s.trim().parse().ok());
+                return Err(RunError::Locked {
+                    path: dir.to_path_buf(),
+                    holder,
+                });
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(io(&path)(e)),
+        }
+        // The pid is only for the message a second process prints.
+        let _ = file.set_len(0);
+        let _ = writeln!(file, "{}", std::process::id());
+        Ok(Self { _file: file })
+    }
+}
+
+/// A run folder held by this process: its [`RunDir`] and its lock.
+#[derive(Debug)]
+pub struct Run {
+    dir: RunDir,
+    _lock: RunLock,
+    resumed: bool,
+}
+
+impl Run {
+    /// The folder.
+    pub fn dir(&self) -> &RunDir {
+        &self.dir
+    }
+
+    /// The folder's path.
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Whether this continues an existing run.
+    pub fn resumed(&self) -> bool {
+        self.resumed
     }
 }
 
@@ -255,6 +712,39 @@ impl MetricsLog {
         self.file.flush().map_err(io(&self.path))
     }
 
+    /// Cuts the file back to its first `len` bytes (the length a checkpoint
+    /// recorded), dropping the lines written after that checkpoint. Returns
+    /// false (changing nothing) if the file is shorter than `len`.
+    pub fn truncate_to(path: &Path, len: u64) -> Result<bool, RunError> {
+        let cur = match std::fs::metadata(path) {
+            Ok(m) => m.len(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(len == 0),
+            Err(e) => return Err(io(path)(e)),
+        };
+        if cur < len {
+            return Ok(false);
+        }
+        if cur > len {
+            let f = OpenOptions::new()
+                .write(true)
+                .open(path)
+                .map_err(io(path))?;
+            f.set_len(len).map_err(io(path))?;
+            f.sync_all().map_err(io(path))?;
+        }
+        Ok(true)
+    }
+
+    /// The current length of the file in bytes (every line is flushed).
+    pub fn len(&self) -> Result<u64, RunError> {
+        Ok(self.file.metadata().map_err(io(&self.path))?.len())
+    }
+
+    /// Whether nothing has been logged.
+    pub fn is_empty(&self) -> Result<bool, RunError> {
+        Ok(self.len()? == 0)
+    }
+
     /// Drops records with `step > max_step` (used when resuming from a
     /// checkpoint older than the last logged line).
     pub fn truncate_after(path: &Path, max_step: u64) -> Result<(), RunError> {
@@ -275,7 +765,7 @@ impl MetricsLog {
         if !out.is_empty() {
             out.push('\n');
         }
-        crate::checkpoint::write_atomic(path, out.as_bytes()).map_err(io(path))
+        crate::files::write_atomic(path, out.as_bytes()).map_err(io(path))
     }
 }
 

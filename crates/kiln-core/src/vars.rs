@@ -136,6 +136,18 @@ impl VarStore {
     /// must be present with the same shape; unknown names are an error too, so a
     /// checkpoint of another model is never half-loaded.
     pub fn assign(&self, values: &HashMap<String, Tensor>) -> Result<()> {
+        self.check(values)?;
+        let data = self.data();
+        for (name, var) in data.iter() {
+            let t = &values[name];
+            var.set(&t.to_dtype(var.dtype())?.to_device(var.device())?)?;
+        }
+        Ok(())
+    }
+
+    /// Checks that `values` names every variable, and nothing else, with its
+    /// shape: what [`VarStore::assign`] needs. Changes nothing.
+    pub fn check(&self, values: &HashMap<String, Tensor>) -> Result<()> {
         let data = self.data();
         let mut missing: Vec<&str> = data
             .keys()
@@ -167,7 +179,6 @@ impl VarStore {
                     t.shape()
                 );
             }
-            var.set(&t.to_dtype(var.dtype())?.to_device(var.device())?)?;
         }
         Ok(())
     }
@@ -270,7 +281,7 @@ pub fn save_safetensors(
     path: &Path,
 ) -> Result<()> {
     let bytes = crate::checkpoint::serialize_tensors(tensors, metadata)?;
-    crate::checkpoint::write_atomic(path, &bytes).map_err(candle_core::Error::wrap)
+    crate::files::write_atomic(path, &bytes).map_err(candle_core::Error::wrap)
 }
 
 #[cfg(test)]

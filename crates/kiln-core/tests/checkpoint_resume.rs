@@ -9,8 +9,8 @@ use kiln_core::nn::{Dropout, Linear};
 use kiln_core::observer::ObserverConfig;
 use kiln_core::optim::{OptimKind, Optimizer};
 use kiln_core::rng::SeededRng;
-use kiln_core::run::RunDir;
-use kiln_core::session::Session;
+use kiln_core::run::RunOptions;
+use kiln_core::session::{Record, Session, SessionError};
 use kiln_core::vars::VarStore;
 use kiln_core::{DType, Device, Module, ModuleT, Tensor};
 
@@ -48,51 +48,55 @@ fn data() -> (Tensor, Tensor) {
 fn train(run: &Path, seed: u64, resume: bool, stop_at: Option<u64>) -> Vec<f32> {
     let (vs, net) = build(seed);
     let opt = Optimizer::single(OptimKind::adamw(), vs.vars(), 1e-2, 0.01).unwrap();
-    let rd = if resume {
-        RunDir::open(run).unwrap()
+    let opts = if resume {
+        RunOptions::resume(run)
     } else {
-        RunDir::create("t", Some(run)).unwrap()
-    };
-    if !resume {
-        rd.write_config("test-net", &serde_json::json!({"seed": seed}))
-            .unwrap();
+        RunOptions::new_run(Some(run))
     }
+    .quiet(true);
+    let rd = opts
+        .open("t", "test-net", &serde_json::json!({"seed": seed}), &[])
+        .unwrap();
     let (x, y) = data();
-    let mut s = Session::start(rd, vs.clone(), opt, seed, resume, 24, QUIET).unwrap();
-    while s.epoch < 3 {
-        let order = SeededRng::derive(seed, &[s.epoch]).permutation(32);
-        for (i, chunk) in order.chunks(4).enumerate() {
-            if s.skip_batch(i as u64) {
-                continue;
-            }
-            if Some(s.step) == stop_at {
-                s.checkpoint().unwrap();
-                return vec![];
-            }
-            let idx = Tensor::new(
-                chunk.iter().map(|&j| j as u32).collect::<Vec<_>>(),
-                &Device::Cpu,
-            )
-            .unwrap();
-            let xb = x.index_select(&idx, 0).unwrap();
-            let noise = s.rng.normal(&[4, 6], 0.0, 0.05, &Device::Cpu).unwrap();
-            let h = net
-                .a
-                .forward(&(xb + noise).unwrap())
-                .unwrap()
-                .relu()
-                .unwrap();
-            let h = net.drop.forward_t(&h, true).unwrap();
-            let pred = net.b.forward(&h).unwrap();
-            let loss = kiln_core::loss::mse(
-                &pred,
-                &y.index_select(&idx, 0).unwrap(),
-                kiln_core::loss::Reduction::Mean,
-            )
-            .unwrap();
-            s.train_step(&loss, 4, &[]).unwrap();
-        }
-        s.end_epoch(&[]).unwrap();
+    let mut b = Session::builder(rd, seed)
+        .part("model", &vs, opt)
+        .epochs(3, 8)
+        .observer(QUIET);
+    if let Some(n) = stop_at {
+        b = b.stop_at(n);
+    }
+    let mut s = b.start().unwrap();
+    let end = s
+        .run_epochs(
+            |epoch, start| {
+                let order = SeededRng::derive(seed, &[epoch]).permutation(32);
+                let chunks: Vec<Vec<usize>> =
+                    order.chunks(4).skip(start).map(<[usize]>::to_vec).collect();
+                chunks.into_iter().map(Ok::<_, SessionError>)
+            },
+            |s, chunk| {
+                let idx = Tensor::new(
+                    chunk.iter().map(|&j| j as u32).collect::<Vec<_>>(),
+                    &Device::Cpu,
+                )?;
+                let xb = x.index_select(&idx, 0)?;
+                let noise = s.rng.normal(&[4, 6], 0.0, 0.05, &Device::Cpu)?;
+                let h = net.a.forward(&(xb + noise)?)?.relu()?;
+                let h = net.drop.forward_t(&h, true)?;
+                let pred = net.b.forward(&h)?;
+                let loss = kiln_core::loss::mse(
+                    &pred,
+                    &y.index_select(&idx, 0)?,
+                    kiln_core::loss::Reduction::Mean,
+                )?;
+                let v = s.train_step("model", &loss)?;
+                Ok(Record::new(4).with("loss", v))
+            },
+            |_| Ok(()),
+        )
+        .unwrap();
+    if !end.completed() {
+        return vec![];
     }
     s.finish(serde_json::json!({})).unwrap();
     vs.tensors()

@@ -73,7 +73,7 @@ impl Cifar10 {
 
     /// Checks one batch file: whole records, labels below 10.
     fn check(path: &Path, bytes: &[u8]) -> Result<()> {
-        if bytes.is_empty() || bytes.len() % CIFAR_RECORD != 0 {
+        if bytes.is_empty() || !bytes.len().is_multiple_of(CIFAR_RECORD) {
             let whole = bytes.len().div_ceil(CIFAR_RECORD).max(1) * CIFAR_RECORD;
             return Err(DataError::Truncated {
                 path: path.to_path_buf(),

@@ -232,12 +232,20 @@ impl DataLoader {
 
     /// The batches of epoch `epoch` (the shuffle and augmentation depend on it).
     pub fn epoch(&self, epoch: u64) -> Epoch {
+        self.epoch_from(epoch, 0)
+    }
+
+    /// The batches of epoch `epoch` from batch index `start` on: the same
+    /// batches [`DataLoader::epoch`] gives after skipping `start`, without
+    /// loading, decoding or augmenting the skipped ones (a resumed run).
+    pub fn epoch_from(&self, epoch: u64, start: usize) -> Epoch {
         let order = self.order(epoch);
         let b = self.inner.cfg.batch_size;
         let mut chunks: Vec<Vec<usize>> = order.chunks(b).map(<[usize]>::to_vec).collect();
         if self.inner.cfg.drop_last && chunks.last().is_some_and(|c| c.len() < b) {
             chunks.pop();
         }
+        chunks.drain(..start.min(chunks.len()));
         let state = if self.inner.cfg.prefetch > 0 && chunks.len() > 1 {
             let (tx, rx) = sync_channel(self.inner.cfg.prefetch);
             let inner = self.inner.clone();

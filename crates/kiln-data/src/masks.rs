@@ -135,7 +135,7 @@ impl PatchMask {
     }
 
     fn grid(&self, h: usize, w: usize) -> Result<(usize, usize)> {
-        if self.patch == 0 || h % self.patch != 0 || w % self.patch != 0 {
+        if self.patch == 0 || !h.is_multiple_of(self.patch) || !w.is_multiple_of(self.patch) {
             return Err(DataError::config(
                 "patch",
                 format!(

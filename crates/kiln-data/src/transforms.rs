@@ -602,7 +602,7 @@ fn reflect(i: isize, n: usize) -> usize {
 
 /// Blurs with a gaussian of standard deviation `sigma` and `kernel_size` taps.
 pub fn gaussian_blur(img: &Image, kernel_size: usize, sigma: f32) -> Result<Image> {
-    if kernel_size % 2 == 0 || kernel_size == 0 {
+    if kernel_size.is_multiple_of(2) || kernel_size == 0 {
         return Err(DataError::config(
             "blur kernel_size",
             format!("expected an odd positive size, found {kernel_size}"),

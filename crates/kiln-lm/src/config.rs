@@ -196,7 +196,7 @@ impl Gpt2Config {
                 return bad(f, "must be at least 1".into());
             }
         }
-        if self.n_embd % self.n_head != 0 {
+        if !self.n_embd.is_multiple_of(self.n_head) {
             return bad(
                 "n_head",
                 format!("{} heads do not divide n_embd {}", self.n_head, self.n_embd),

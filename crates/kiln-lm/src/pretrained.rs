@@ -307,7 +307,7 @@ impl Gpt2 {
             let p = dir.join(name);
             let s =
                 serde_json::to_string_pretty(v).map_err(|e| LmError::file(&p, e.to_string()))?;
-            kiln_core::checkpoint::write_atomic(&p, s.as_bytes())
+            kiln_core::files::write_atomic(&p, s.as_bytes())
                 .map_err(|e| LmError::file(&p, e.to_string()))
         };
         let cfg = self.config();

@@ -78,7 +78,7 @@ impl Gpt2Tokenizer {
     /// Writes `tokenizer.json` atomically.
     pub fn save(&self, path: &Path) -> Result<()> {
         let json = self.inner.to_string(false).map_err(tk)?;
-        kiln_core::checkpoint::write_atomic(path, json.as_bytes())
+        kiln_core::files::write_atomic(path, json.as_bytes())
             .map_err(|e| LmError::file(path, e.to_string()))
     }
 

@@ -6,11 +6,10 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 use kiln_core::image::plot_metrics;
-use kiln_core::observer::ObserverConfig;
 use kiln_core::optim::{LrSchedule, OptimKind, Optimizer};
 use kiln_core::rng::SeededRng;
-use kiln_core::run::RunDir;
-use kiln_core::session::Session;
+use kiln_core::run::{RunDir, RunOptions};
+use kiln_core::session::{Record, Session};
 use kiln_core::vars::VarStore;
 use kiln_data::text::{TextSource, TokenBlocks};
 use serde::{Deserialize, Serialize};
@@ -187,16 +186,12 @@ pub const RUN_KIND: &str = "lm";
 /// Where the run folder keeps its Hugging Face folder.
 pub const MODEL_DIR: &str = "model";
 
-/// How to run [`train`].
-#[derive(Debug, Clone)]
-pub struct RunOptions {
-    /// The run folder (created by the caller).
-    pub run: RunDir,
-    /// Continue from the folder's last checkpoint.
-    pub resume: bool,
-    /// Progress display.
-    pub observer: ObserverConfig,
-}
+/// The run folder's tokenizer (trained at the start, reused on resume).
+pub const TOKENIZER_FILE: &str = "tokenizer.json";
+
+/// The config fields a resumed run may change (`--epochs`; the learning-rate
+/// schedule then stretches to the new length).
+pub const MAY_CHANGE_ON_RESUME: &[&str] = &["train.epochs"];
 
 /// The outcome of [`train`].
 #[derive(Debug, Clone, Serialize)]
@@ -257,22 +252,16 @@ pub fn evaluate_blocks(
 /// Trains a tokenizer and a GPT-2 from scratch on `tc.corpus`; writes
 /// checkpoints, `metrics.jsonl`, `loss.png`, `samples.txt` and a Hugging Face
 /// folder (`model/`) into the run folder.
-pub fn train(tc: &TrainConfig, device: &Device, opts: RunOptions) -> Result<TrainReport> {
+pub fn train(tc: &TrainConfig, device: &Device, opts: &RunOptions) -> Result<TrainReport> {
     tc.validate()?;
-    let RunOptions {
-        run,
-        resume,
-        observer,
-    } = opts;
     let source: TextSource = tc.corpus.parse()?;
     let texts = source.load(tc.seed)?;
-    let tok_path = run.join("tokenizer.json");
-    let tokenizer = if resume {
-        Gpt2Tokenizer::from_file(&tok_path)?
-    } else {
-        let t = Gpt2Tokenizer::train(&texts, tc.vocab_size)?;
-        t.save(&tok_path)?;
-        t
+    // A resumed run keeps its tokenizer; a new one trains it (and saves it
+    // once the folder is held).
+    opts.check_kind(RUN_KIND)?;
+    let tokenizer = match &opts.resume {
+        Some(dir) => Gpt2Tokenizer::from_file(&dir.join(TOKENIZER_FILE))?,
+        None => Gpt2Tokenizer::train(&texts, tc.vocab_size)?,
     };
     let model_cfg = tc.model_config(tokenizer.vocab_size(), tokenizer.eos_id());
     model_cfg.validate()?;
@@ -280,16 +269,10 @@ pub fn train(tc: &TrainConfig, device: &Device, opts: RunOptions) -> Result<Trai
         model: model_cfg.clone(),
         train: tc.clone(),
     };
-    if resume {
-        let (kind, saved): (String, RunConfig) = run.read_config()?;
-        if kind != RUN_KIND || saved != run_cfg {
-            return Err(LmError::Run {
-                path: run.path().to_path_buf(),
-                msg: format!("cannot resume: it is a {kind:?} run with other settings"),
-            });
-        }
-    } else {
-        run.write_config(RUN_KIND, &run_cfg)?;
+    let run = opts.open("lm", RUN_KIND, &run_cfg, MAY_CHANGE_ON_RESUME)?;
+    let dir = run.dir().clone();
+    if !run.resumed() {
+        tokenizer.save(&dir.join(TOKENIZER_FILE))?;
     }
     let blocks =
         TokenBlocks::from_texts(tokenizer.inner(), &texts, tc.block_size, tokenizer.eos_id())?;
@@ -327,44 +310,50 @@ pub fn train(tc: &TrainConfig, device: &Device, opts: RunOptions) -> Result<Trai
         total,
         min_factor: 0.1,
     };
-    let mut s = Session::start(
-        run.clone(),
-        vs.clone(),
-        opt,
-        tc.seed,
-        resume,
-        total,
-        observer,
-    )?;
-    let mut last = f64::NAN;
+    let mut s = Session::builder(run, tc.seed)
+        .part("model", &vs, opt)
+        .epochs(tc.epochs, steps_per_epoch)
+        .observer(opts.observer())
+        .start()?;
     let mut val_loss = None;
-    let mut interrupted = false;
-    'epochs: while s.epoch < tc.epochs {
-        let order = SeededRng::derive(tc.seed, &[s.epoch]).permutation(n_train);
-        let (mut sum, mut n) = (0.0, 0usize);
-        for (i, chunk) in order.chunks(tc.batch_size).enumerate() {
-            if s.skip_batch(i as u64) {
-                continue;
-            }
-            let (x, y) = blocks.batch(chunk, device)?;
-            sched.apply(&mut s.opt);
+    let end = s.run_epochs(
+        |epoch, start| {
+            let order = SeededRng::derive(tc.seed, &[epoch]).permutation(n_train);
+            let chunks: Vec<Vec<usize>> = order
+                .chunks(tc.batch_size)
+                .skip(start)
+                .map(<[usize]>::to_vec)
+                .collect();
+            chunks.into_iter().map(Ok::<_, LmError>)
+        },
+        |s, chunk| {
+            let (x, y) = blocks.batch(&chunk, device)?;
+            sched.apply(s.opt_mut("model")?);
             let loss = next_token_loss(&model, &x, &y, None, true)?;
-            let v = s.train_step(&loss, chunk.len() * tc.block_size, &[])?;
-            sum += v * chunk.len() as f64;
-            n += chunk.len();
-            if s.should_stop() {
-                s.interrupt()?;
-                interrupted = true;
-                break 'epochs;
+            let v = s.train_step("model", &loss)?;
+            Ok(Record::new(chunk.len() * tc.block_size).with("loss", v))
+        },
+        |s| {
+            if !val_idx.is_empty() {
+                let v = evaluate_blocks(&model, &blocks, &val_idx, tc.batch_size, device)?;
+                s.record("val", &[("loss", v), ("perplexity", v.exp())])?;
+                val_loss = Some(v);
             }
-        }
-        last = sum / n.max(1) as f64;
-        s.end_epoch(&[("loss", last)])?;
-        if !val_idx.is_empty() {
-            let v = evaluate_blocks(&model, &blocks, &val_idx, tc.batch_size, device)?;
-            s.record("val", &[("loss", v), ("perplexity", v.exp())])?;
-            val_loss = Some(v);
-        }
+            Ok(())
+        },
+    )?;
+    let interrupted = !end.completed();
+    let last = s.last_epoch("loss").unwrap_or(f64::NAN);
+    if val_loss.is_none() && !interrupted && !val_idx.is_empty() {
+        // Resumed after the last epoch's validation: eval mode is
+        // deterministic, so this is the value that run logged.
+        val_loss = Some(evaluate_blocks(
+            &model,
+            &blocks,
+            &val_idx,
+            tc.batch_size,
+            device,
+        )?);
     }
     let tokens_per_s = s.observer.throughput();
     let prompt = texts
@@ -387,27 +376,27 @@ pub fn train(tc: &TrainConfig, device: &Device, opts: RunOptions) -> Result<Trai
         val_loss,
         unigram_entropy: unigram,
         train_tokens: train_tokens.len(),
-        epochs: s.epoch,
+        epochs: s.epoch(),
         tokens_per_s,
         sample: format!("{prompt}{}", sample.text),
         interrupted,
     };
     if !interrupted {
-        model.save_pretrained(&run.join(MODEL_DIR), Some(&tokenizer))?;
-        let samples = run.join("samples.txt");
-        kiln_core::checkpoint::write_atomic(&samples, format!("{}\n", report.sample).as_bytes())
+        model.save_pretrained(&dir.join(MODEL_DIR), Some(&tokenizer))?;
+        let samples = dir.join("samples.txt");
+        kiln_core::files::write_atomic(&samples, format!("{}\n", report.sample).as_bytes())
             .map_err(|e| LmError::file(&samples, e.to_string()))?;
-        let metrics = run.join("metrics.jsonl");
+        let metrics = dir.join("metrics.jsonl");
         if metrics.exists() {
             plot_metrics(
                 &metrics,
-                &run.join("loss.png"),
+                &dir.join("loss.png"),
                 "GPT-2: loss (nats/token)",
                 &["loss"],
             )?;
         }
         s.finish(serde_json::to_value(&report).map_err(|e| LmError::Run {
-            path: run.path().to_path_buf(),
+            path: dir.path().to_path_buf(),
             msg: e.to_string(),
         })?)?;
     }

@@ -4,10 +4,10 @@
 use std::path::PathBuf;
 
 use kiln_core::optim::{OptimKind, Optimizer};
-use kiln_core::run::RunDir;
+use kiln_core::run::RunOptions;
 use kiln_core::vars::VarStore;
 use kiln_core::{DType, Device, Tensor};
-use kiln_lm::train::{causal_lm_loss, train, RunOptions, TrainConfig};
+use kiln_lm::train::{causal_lm_loss, train, TrainConfig};
 use kiln_lm::{
     generate_batch, generate_text, FinishReason, GenerationConfig, Gpt2, Gpt2Config, HubOptions,
     KvCache, ModelFiles,
@@ -351,7 +351,6 @@ fn bad_inputs_are_errors_not_panics() {
 #[test]
 fn training_on_synthetic_reviews_falls_well_below_the_unigram_entropy() {
     let dir = tempfile::tempdir().unwrap();
-    let run = RunDir::create("lm", Some(&dir.path().join("run"))).unwrap();
     let tc = TrainConfig {
         corpus: "synthetic-reviews:400".into(),
         vocab_size: 300,
@@ -368,14 +367,7 @@ fn training_on_synthetic_reviews_falls_well_below_the_unigram_entropy() {
     let rep = train(
         &tc,
         &Device::Cpu,
-        RunOptions {
-            run: run.clone(),
-            resume: false,
-            observer: kiln_core::observer::ObserverConfig {
-                quiet: true,
-                log_every: 1000,
-            },
-        },
+        &RunOptions::new_run(Some(&dir.path().join("run"))).quiet(true),
     )
     .unwrap();
     let val = rep.val_loss.unwrap();
@@ -389,9 +381,10 @@ fn training_on_synthetic_reviews_falls_well_below_the_unigram_entropy() {
         rep.unigram_entropy
     );
     // The run's Hugging Face folder loads and generates.
-    let (m, tok) = kiln_lm::train::from_run(run.path(), &Device::Cpu).unwrap();
+    let (m, tok) = kiln_lm::train::from_run(&dir.path().join("run"), &Device::Cpu).unwrap();
     let out = generate_text(&m, &tok, "This", &GenerationConfig::default(), None).unwrap();
     assert!(!out.ids.is_empty());
+    let run = dir.path().join("run");
     assert!(run.join("loss.png").is_file() && run.join("samples.txt").is_file());
 }
 
@@ -468,4 +461,49 @@ fn bf16_decoding_stays_close_to_f32_and_can_be_switched_off() {
         .max_all()
         .unwrap();
     assert_eq!(d.to_scalar::<f32>().unwrap(), 0.0);
+}
+
+/// A run written before sessions had named parts (checkpoint format 1,
+/// interrupted after one batch; fixtures/old_runs/README.md) resumes with
+/// today's code: other settings are refused with the list of what differs,
+/// more epochs are allowed, and the run finishes with every batch logged once.
+#[test]
+fn an_lm_run_of_the_first_checkpoint_format_resumes_and_extends() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("lm");
+    let fixture =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/old_runs/lm");
+    kiln_core::files::copy_dir(&fixture, &run).unwrap();
+    let (_, rc): (String, kiln_lm::train::RunConfig) = kiln_core::run::RunDir::open(&run)
+        .unwrap()
+        .read_config()
+        .unwrap();
+    let opts = RunOptions::resume(&run).quiet(true);
+    let changed = TrainConfig {
+        lr: 0.5,
+        ..rc.train.clone()
+    };
+    let e = train(&changed, &Device::Cpu, &opts)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("cannot resume") && e.contains("train.lr is 0.002 in the run, 0.5 now"),
+        "{e}"
+    );
+    let longer = TrainConfig {
+        epochs: 3,
+        ..rc.train
+    };
+    let rep = train(&longer, &Device::Cpu, &opts).unwrap();
+    assert!(!rep.interrupted && rep.epochs == 3 && rep.val_loss.is_some());
+    let recs = kiln_core::run::read_metrics(&run.join("metrics.jsonl")).unwrap();
+    let steps: Vec<u64> = recs
+        .iter()
+        .filter(|r| r.split == "train")
+        .map(|r| r.step)
+        .collect();
+    assert_eq!(steps, (1..=steps.len() as u64).collect::<Vec<_>>());
+    assert_eq!(steps.len() % 3, 0, "three equal epochs: {}", steps.len());
+    assert_eq!(recs.iter().filter(|r| r.split == "val").count(), 3);
+    kiln_lm::train::from_run(&run, &Device::Cpu).unwrap();
 }

@@ -10,7 +10,7 @@ use kiln_core::nn::{Conv2d, ConvConfig, ConvTranspose2d, MaxPool2d};
 use kiln_core::optim::{OptimKind, Optimizer};
 use kiln_core::rng::SeededRng;
 use kiln_core::run::RunDir;
-use kiln_core::session::Session;
+use kiln_core::session::{Record, Session};
 use kiln_core::vars::VarStore;
 use kiln_core::{candle_nn, DType, Device, Module, Result, Tensor, VarBuilder};
 use kiln_data::masks::SquareMask;
@@ -113,6 +113,9 @@ impl InpaintConfig {
                 msg,
             })
         };
+        if self.epochs == 0 {
+            return bad("epochs", "expected at least 1, found 0".into());
+        }
         if !(self.hole_weight.is_finite() && self.hole_weight > 0.0) {
             return bad(
                 "hole_weight",
@@ -168,6 +171,9 @@ pub fn inpaint_loss(
 
 /// The model kind in a run's `config.toml`.
 pub const INPAINT_KIND: &str = "inpaint";
+
+/// The config fields a resumed inpainting run may change.
+pub const INPAINT_MAY_CHANGE: &[&str] = &["epochs"];
 
 /// Held-out inpainting quality on the masked region.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -317,17 +323,11 @@ pub fn train_inpaint(
     train_set: Arc<dyn Dataset>,
     test_set: Option<Arc<dyn Dataset>>,
     device: &Device,
-    opts: RunOptions,
+    opts: &RunOptions,
 ) -> std::result::Result<InpaintTrainReport, SslError> {
-    let RunOptions {
-        run,
-        resume,
-        observer,
-    } = opts;
     cfg.validate()?;
-    if !resume {
-        run.write_config(INPAINT_KIND, cfg)?;
-    }
+    let run = opts.open("inpaint", INPAINT_KIND, cfg, INPAINT_MAY_CHANGE)?;
+    let dir = run.dir().clone();
     let vs = VarStore::new(cfg.seed);
     let model = InpaintAe::new(cfg.channels, vs.builder(DType::F32, device))?;
     let opt = Optimizer::single(OptimKind::adam(), vs.vars(), cfg.lr, 0.0)?;
@@ -341,24 +341,18 @@ pub fn train_inpaint(
         device,
     )?;
     let mask = SquareMask::new(cfg.mask_size, cfg.mask_per_image);
-    let total = cfg.epochs * loader.len() as u64;
-    let mut s = Session::start(
-        run.clone(),
-        vs.clone(),
-        opt,
-        cfg.seed,
-        resume,
-        total,
-        observer,
-    )?;
-    let (mut last, mut interrupted) = (f64::NAN, false);
-    'outer: while s.epoch < cfg.epochs {
-        let (mut sum, mut nb) = (0.0, 0usize);
-        for (i, batch) in loader.epoch(s.epoch).enumerate() {
-            let batch = batch?;
-            if s.skip_batch(i as u64) {
-                continue;
-            }
+    let mut s = Session::builder(run, cfg.seed)
+        .part("model", &vs, opt)
+        .epochs(cfg.epochs, loader.len() as u64)
+        .observer(opts.observer())
+        .start()?;
+    let end = s.run_epochs(
+        |epoch, start| {
+            loader
+                .epoch_from(epoch, start)
+                .map(|b| b.map_err(SslError::from))
+        },
+        |s, batch| {
             let (masked, keep) = mask.apply(&batch.images, &mut s.rng)?;
             let loss = inpaint_loss(
                 &model.forward(&masked)?,
@@ -366,17 +360,13 @@ pub fn train_inpaint(
                 &keep,
                 cfg.hole_weight,
             )?;
-            sum += s.train_step(&loss, batch.len(), &[])?;
-            nb += 1;
-            if s.should_stop() {
-                s.interrupt()?;
-                interrupted = true;
-                break 'outer;
-            }
-        }
-        last = sum / nb.max(1) as f64;
-        s.end_epoch(&[("loss", last)])?;
-    }
+            let v = s.train_step("model", &loss)?;
+            Ok(Record::new(batch.len()).with("loss", v))
+        },
+        |_| Ok(()),
+    )?;
+    let interrupted = !end.completed();
+    let last = s.last_epoch("loss").unwrap_or(f64::NAN);
     let images_per_s = s.observer.throughput();
     if interrupted {
         return Ok(InpaintTrainReport {
@@ -402,10 +392,10 @@ pub fn train_inpaint(
         None => None,
     };
     let shown = test_set.as_deref().unwrap_or(train_set.as_ref());
-    write_figure(&model, shown, mask, device, cfg.seed, &run)?;
+    write_figure(&model, shown, mask, device, cfg.seed, &dir)?;
     plot_metrics(
-        &run.join("metrics.jsonl"),
-        &run.join("loss.png"),
+        &dir.join("metrics.jsonl"),
+        &dir.join("loss.png"),
         "inpainting: train MSE",
         &["loss"],
     )?;

@@ -22,8 +22,8 @@
 
 use std::path::PathBuf;
 
-use kiln_core::observer::ObserverConfig;
-use kiln_core::run::RunDir;
+/// Where and how a training run is written (kiln-core's, shared by every trainer).
+pub use kiln_core::run::RunOptions;
 
 pub mod inpaint;
 pub mod loss;
@@ -33,17 +33,6 @@ pub mod simclr;
 pub use inpaint::{evaluate_inpaint, train_inpaint, InpaintAe, InpaintConfig, InpaintReport};
 pub use probe::{knn_accuracy, linear_probe, probe_all, LinearProbeConfig, ProbeReport};
 pub use simclr::{train_simclr, Simclr, SimclrConfig, SimclrReport};
-
-/// Where and how a training run is written.
-#[derive(Debug, Clone)]
-pub struct RunOptions {
-    /// The run folder (created by the caller).
-    pub run: RunDir,
-    /// Continue from its last checkpoint.
-    pub resume: bool,
-    /// Progress display.
-    pub observer: ObserverConfig,
-}
 
 /// What went wrong.
 #[derive(Debug, thiserror::Error)]
@@ -77,6 +66,9 @@ pub enum SslError {
     /// Checkpoint I/O.
     #[error(transparent)]
     Checkpoint(#[from] kiln_core::checkpoint::CheckpointError),
+    /// The training session (run folder, checkpoint, NaN guard, finished run).
+    #[error(transparent)]
+    Session(#[from] kiln_core::session::SessionError),
     /// Figure output.
     #[error(transparent)]
     Figure(#[from] kiln_core::image::FigureError),

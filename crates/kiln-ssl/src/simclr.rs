@@ -6,7 +6,7 @@ use std::sync::Arc;
 use kiln_core::image::plot_metrics;
 use kiln_core::nn::{BatchNorm, Conv2d, ConvConfig, Linear, MaxPool2d};
 use kiln_core::optim::{OptimKind, Optimizer};
-use kiln_core::session::Session;
+use kiln_core::session::{Record, Session};
 use kiln_core::vars::VarStore;
 use kiln_core::{DType, Device, Module, ModuleT, Result, Tensor, VarBuilder};
 use kiln_data::transforms::{
@@ -80,6 +80,24 @@ impl SimclrConfig {
                 msg,
             })
         };
+        if self.epochs == 0 {
+            return bad("epochs", "expected at least 1, found 0".into());
+        }
+        if self.batch_size < 2 {
+            return bad(
+                "batch_size",
+                format!(
+                    "expected at least 2 (NT-Xent needs negatives), found {}",
+                    self.batch_size
+                ),
+            );
+        }
+        if !(self.lr.is_finite() && self.lr > 0.0) {
+            return bad(
+                "lr",
+                format!("expected a positive number, found {}", self.lr),
+            );
+        }
         if self.widths.is_empty() || self.widths.contains(&0) {
             return bad(
                 "widths",
@@ -151,6 +169,9 @@ impl Default for SimclrConfig {
 
 /// The model kind in a run's `config.toml`.
 pub const SIMCLR_KIND: &str = "simclr";
+
+/// The config fields a resumed SimCLR run may change.
+pub const SIMCLR_MAY_CHANGE: &[&str] = &["epochs"];
 
 /// A small conv encoder: `[B,C,H,W]` -> `[B, widths.last()]` features.
 #[derive(Debug, Clone)]
@@ -339,21 +360,9 @@ pub fn train_simclr(
     train_set: Arc<dyn Dataset>,
     probe_sets: Option<(Arc<dyn Dataset>, Arc<dyn Dataset>)>,
     device: &Device,
-    opts: RunOptions,
+    opts: &RunOptions,
 ) -> std::result::Result<SimclrReport, SslError> {
-    let RunOptions {
-        run,
-        resume,
-        observer,
-    } = opts;
     cfg.validate()?;
-    if !resume {
-        run.write_config(SIMCLR_KIND, cfg)?;
-    }
-    let vs = VarStore::new(cfg.seed);
-    let model = Simclr::new(cfg, vs.builder(DType::F32, device))?;
-    let trainable = vs.vars_where(|n| !n.contains("running_"));
-    let opt = Optimizer::single(OptimKind::adamw(), trainable, cfg.lr, cfg.weight_decay)?;
     let lc = LoaderConfig {
         batch_size: cfg.batch_size,
         drop_last: true,
@@ -367,39 +376,36 @@ pub fn train_simclr(
             msg: format!("{} is larger than the training set", cfg.batch_size),
         });
     }
-    let mut s = Session::start(
-        run.clone(),
-        vs.clone(),
-        opt,
-        cfg.seed,
-        resume,
-        cfg.epochs * loader.len() as u64,
-        observer,
-    )?;
-    let (mut last, mut interrupted) = (f64::NAN, false);
-    'outer: while s.epoch < cfg.epochs {
-        let (mut sum, mut nb) = (0.0, 0usize);
-        for (i, batch) in loader.epoch(s.epoch).enumerate() {
-            let batch = batch?;
-            if s.skip_batch(i as u64) {
-                continue;
-            }
+    let run = opts.open("simclr", SIMCLR_KIND, cfg, SIMCLR_MAY_CHANGE)?;
+    let dir = run.dir().clone();
+    let vs = VarStore::new(cfg.seed);
+    let model = Simclr::new(cfg, vs.builder(DType::F32, device))?;
+    let trainable = vs.vars_where(|n| !n.contains("running_"));
+    let opt = Optimizer::single(OptimKind::adamw(), trainable, cfg.lr, cfg.weight_decay)?;
+    let mut s = Session::builder(run, cfg.seed)
+        .part("model", &vs, opt)
+        .epochs(cfg.epochs, loader.len() as u64)
+        .observer(opts.observer())
+        .start()?;
+    let end = s.run_epochs(
+        |epoch, start| {
+            loader
+                .epoch_from(epoch, start)
+                .map(|b| b.map_err(SslError::from))
+        },
+        |s, batch| {
             // One forward over both views so BatchNorm sees the whole 2N batch.
             let both = Tensor::cat(&[&batch.views[0], &batch.views[1]], 0)?;
             let z = model.project(&both, true)?;
             let n = batch.len();
             let loss = nt_xent(&z.narrow(0, 0, n)?, &z.narrow(0, n, n)?, cfg.temperature)?;
-            sum += s.train_step(&loss, n, &[])?;
-            nb += 1;
-            if s.should_stop() {
-                s.interrupt()?;
-                interrupted = true;
-                break 'outer;
-            }
-        }
-        last = sum / nb.max(1) as f64;
-        s.end_epoch(&[("loss", last)])?;
-    }
+            let v = s.train_step("model", &loss)?;
+            Ok(Record::new(n).with("loss", v))
+        },
+        |_| Ok(()),
+    )?;
+    let interrupted = !end.completed();
+    let last = s.last_epoch("loss").unwrap_or(f64::NAN);
     let images_per_s = s.observer.throughput();
     let (mut probes, mut random_probes) = (None, None);
     if !interrupted {
@@ -428,8 +434,8 @@ pub fn train_simclr(
             random_probes = Some(r);
         }
         plot_metrics(
-            &run.join("metrics.jsonl"),
-            &run.join("loss.png"),
+            &dir.join("metrics.jsonl"),
+            &dir.join("loss.png"),
             "SimCLR: NT-Xent",
             &["loss"],
         )?;
@@ -462,6 +468,6 @@ pub fn simclr_from_run(
     }
     let vs = VarStore::new(cfg.seed);
     let m = Simclr::new(&cfg, vs.builder(DType::F32, device))?;
-    kiln_core::checkpoint::load(&run.last_checkpoint(), &vs, None)?;
+    kiln_core::checkpoint::load_part(&run.last_checkpoint(), "model", &vs)?;
     Ok((m, cfg))
 }

@@ -5,9 +5,7 @@
 
 use std::sync::Arc;
 
-use kiln_core::observer::ObserverConfig;
 use kiln_core::rng::SeededRng;
-use kiln_core::run::RunDir;
 use kiln_core::{Device, Tensor};
 use kiln_data::masks::SquareMask;
 use kiln_data::{
@@ -17,11 +15,6 @@ use kiln_data::{
 use kiln_ssl::inpaint::{border_mean_fill, inpaint_loss};
 use kiln_ssl::probe::{knn_accuracy, knn_predict, linear_probe, LinearProbeConfig};
 use kiln_ssl::{train_inpaint, train_simclr, InpaintConfig, RunOptions, SimclrConfig};
-
-const QUIET: ObserverConfig = ObserverConfig {
-    quiet: true,
-    log_every: 0,
-};
 
 /// Gaussian blobs around class centres (separable) or pure noise (random labels).
 fn features(n: usize, classes: usize, separable: bool, seed: u64) -> (Tensor, Vec<u32>) {
@@ -132,7 +125,6 @@ fn inpaint_loss_is_the_chapter_mse_at_weight_one_and_weights_the_hole() {
     assert!((got - want).abs() < 1e-6 * want, "{got} vs {want}");
     // Bad settings are refused before anything is written.
     let dir = tempfile::tempdir().unwrap();
-    let run = RunDir::create("inpaint", Some(&dir.path().join("r"))).unwrap();
     let cfg = InpaintConfig {
         hole_weight: -1.0,
         ..Default::default()
@@ -142,11 +134,7 @@ fn inpaint_loss_is_the_chapter_mse_at_weight_one_and_weights_the_hole() {
         flowers(Split::Train, 8, 32),
         None,
         &dev,
-        RunOptions {
-            run,
-            resume: false,
-            observer: QUIET,
-        },
+        &RunOptions::new_run(Some(&dir.path().join("r"))).quiet(true),
     )
     .unwrap_err();
     assert!(e.to_string().contains("hole_weight"), "{e}");
@@ -173,17 +161,12 @@ fn inpainting_beats_the_border_mean_baseline() {
         seed: 1,
         ..Default::default()
     };
-    let run = RunDir::create("inpaint", Some(&dir.path().join("r"))).unwrap();
     let rep = train_inpaint(
         &cfg,
         flowers(Split::Train, 1024, 16),
         Some(flowers(Split::Test, 128, 16)),
         &Device::Cpu,
-        RunOptions {
-            run,
-            resume: false,
-            observer: QUIET,
-        },
+        &RunOptions::new_run(Some(&dir.path().join("r"))).quiet(true),
     )
     .unwrap();
     let t = rep.test.unwrap();
@@ -224,18 +207,13 @@ fn simclr_features_beat_random_init_features_on_shapes() {
         seed: 3,
         ..Default::default()
     };
-    let run = RunDir::create("simclr", Some(&dir.path().join("r"))).unwrap();
     let (tr, te) = (shapes(Split::Train, 2048, 16), shapes(Split::Test, 512, 16));
     let rep = train_simclr(
         &cfg,
         tr.clone(),
         Some((tr, te)),
         &Device::Cpu,
-        RunOptions {
-            run,
-            resume: false,
-            observer: QUIET,
-        },
+        &RunOptions::new_run(Some(&dir.path().join("r"))).quiet(true),
     )
     .unwrap();
     let (p, r) = (rep.probes.unwrap(), rep.random_probes.unwrap());
@@ -261,4 +239,112 @@ fn simclr_features_beat_random_init_features_on_shapes() {
         epoch_loss[epoch_loss.len() - 1] < 0.9 * chance,
         "NT-Xent per epoch {epoch_loss:?} vs chance {chance:.2}"
     );
+}
+
+/// A copy of an old-run fixture (fixtures/old_runs/README.md) in a temporary folder.
+fn old_run(kind: &str) -> (tempfile::TempDir, std::path::PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join(kind);
+    let fixture = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/old_runs")
+        .join(kind);
+    kiln_core::files::copy_dir(&fixture, &run).unwrap();
+    (dir, run)
+}
+
+fn train_steps(run: &std::path::Path) -> Vec<u64> {
+    kiln_core::run::read_metrics(&run.join("metrics.jsonl"))
+        .unwrap()
+        .iter()
+        .filter(|r| r.split == "train")
+        .map(|r| r.step)
+        .collect()
+}
+
+/// Runs written before sessions had named parts (checkpoint format 1,
+/// interrupted after one batch) resume with today's code and finish; each
+/// trainer refuses the other's run.
+#[test]
+fn inpaint_and_simclr_runs_of_the_first_checkpoint_format_resume_to_the_end() {
+    let tiny = SyntheticFlowersConfig {
+        train: 12,
+        test: 4,
+        size: 8,
+        ..Default::default()
+    };
+    let (_d, run) = old_run("inpaint");
+    let (_, cfg): (String, InpaintConfig) = kiln_core::run::RunDir::open(&run)
+        .unwrap()
+        .read_config()
+        .unwrap();
+    let fl = |s| -> Arc<dyn Dataset> { Arc::new(SyntheticFlowers::new(tiny.clone(), s).unwrap()) };
+    let rep = train_inpaint(
+        &cfg,
+        fl(Split::Train),
+        Some(fl(Split::Test)),
+        &Device::Cpu,
+        &RunOptions::resume(&run).quiet(true),
+    )
+    .unwrap();
+    assert!(!rep.interrupted && rep.final_train_mse.is_finite());
+    assert_eq!(train_steps(&run), (1..=6).collect::<Vec<_>>());
+    assert!(run.join("summary.json").is_file());
+
+    let (_d2, srun) = old_run("simclr");
+    let (_, scfg): (String, SimclrConfig) = kiln_core::run::RunDir::open(&srun)
+        .unwrap()
+        .read_config()
+        .unwrap();
+    let sh: Arc<dyn Dataset> = Arc::new(
+        SyntheticShapes::new(
+            SyntheticShapesConfig {
+                train: 12,
+                test: 4,
+                size: 8,
+                ..Default::default()
+            },
+            Split::Train,
+        )
+        .unwrap(),
+    );
+    // The wrong trainer is refused before anything is written.
+    let before = std::fs::read(srun.join("metrics.jsonl")).unwrap();
+    let e = train_inpaint(
+        &cfg,
+        fl(Split::Train),
+        None,
+        &Device::Cpu,
+        &RunOptions::resume(&srun).quiet(true),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("is a \"simclr\" run, not a \"inpaint\" run"),
+        "{e}"
+    );
+    let e = train_simclr(
+        &scfg,
+        sh.clone(),
+        None,
+        &Device::Cpu,
+        &RunOptions::resume(&run),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("is a \"inpaint\" run, not a \"simclr\" run"),
+        "{e}"
+    );
+    assert_eq!(std::fs::read(srun.join("metrics.jsonl")).unwrap(), before);
+    let rep = train_simclr(
+        &scfg,
+        sh,
+        None,
+        &Device::Cpu,
+        &RunOptions::resume(&srun).quiet(true),
+    )
+    .unwrap();
+    assert!(!rep.interrupted && rep.final_loss.is_finite());
+    assert_eq!(train_steps(&srun), (1..=6).collect::<Vec<_>>());
+    kiln_ssl::simclr::simclr_from_run(&srun, &Device::Cpu).unwrap();
 }

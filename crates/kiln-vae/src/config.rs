@@ -125,7 +125,7 @@ impl VaeConfig {
         }
         if self.arch == Arch::Conv {
             let f = 1usize << self.hidden.len();
-            if self.image_size % f != 0 {
+            if !self.image_size.is_multiple_of(f) {
                 return bad(
                     "image_size",
                     format!(

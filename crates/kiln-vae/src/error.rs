@@ -34,6 +34,9 @@ pub enum VaeError {
     /// Checkpoint I/O.
     #[error(transparent)]
     Checkpoint(#[from] kiln_core::checkpoint::CheckpointError),
+    /// The training session (run folder, checkpoint, NaN guard, finished run).
+    #[error(transparent)]
+    Session(#[from] kiln_core::session::SessionError),
     /// Figure output.
     #[error(transparent)]
     Figure(#[from] kiln_core::image::FigureError),

@@ -37,4 +37,6 @@ pub use error::{Result, VaeError};
 pub use eval::{evaluate, EvalReport};
 pub use loss::{elbo_loss, ElboTerms};
 pub use model::{Posterior, Vae, VaeOutput};
-pub use train::{from_run, train, RunConfig, RunOptions, TrainConfig, TrainReport, RUN_KIND};
+pub use train::{
+    from_run, train, RunConfig, TrainConfig, TrainReport, MAY_CHANGE_ON_RESUME, RUN_KIND,
+};

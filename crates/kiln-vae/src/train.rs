@@ -6,11 +6,10 @@ use std::path::Path;
 use std::sync::Arc;
 
 use kiln_core::image::{plot_metrics, save_image_grid, save_image_rows, GridOptions};
-use kiln_core::observer::ObserverConfig;
 use kiln_core::optim::{OptimKind, Optimizer};
 use kiln_core::rng::SeededRng;
-use kiln_core::run::RunDir;
-use kiln_core::session::Session;
+use kiln_core::run::{RunDir, RunOptions};
+use kiln_core::session::{Record, Session};
 use kiln_core::vars::VarStore;
 use kiln_core::{DType, Device, Tensor};
 use kiln_data::{DataLoader, Dataset, LoaderConfig};
@@ -43,6 +42,31 @@ pub struct TrainConfig {
     pub eval_every: u64,
 }
 
+impl TrainConfig {
+    /// Rejects settings that cannot train, naming the field and its range.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |field: &str, msg: String| {
+            Err(VaeError::Config {
+                field: field.into(),
+                msg,
+            })
+        };
+        if self.epochs == 0 {
+            return bad("epochs", "expected at least 1, found 0".into());
+        }
+        if self.batch_size == 0 {
+            return bad("batch_size", "expected at least 1, found 0".into());
+        }
+        if !(self.lr.is_finite() && self.lr > 0.0) {
+            return bad(
+                "lr",
+                format!("expected a positive number, found {}", self.lr),
+            );
+        }
+        Ok(())
+    }
+}
+
 impl Default for TrainConfig {
     fn default() -> Self {
         Self {
@@ -65,30 +89,8 @@ pub struct RunConfig {
     pub train: TrainConfig,
 }
 
-/// Where and how a training run is written.
-#[derive(Debug, Clone)]
-pub struct RunOptions {
-    /// The run folder (created by the caller).
-    pub run: RunDir,
-    /// Continue from the folder's last checkpoint.
-    pub resume: bool,
-    /// Progress display.
-    pub observer: ObserverConfig,
-}
-
-impl RunOptions {
-    /// A new run in `run`, quiet or not.
-    pub fn new(run: RunDir, quiet: bool) -> Self {
-        Self {
-            run,
-            resume: false,
-            observer: ObserverConfig {
-                quiet,
-                log_every: 50,
-            },
-        }
-    }
-}
+/// The config fields a resumed run may change (`--epochs` extends a run).
+pub const MAY_CHANGE_ON_RESUME: &[&str] = &["train.epochs", "train.eval_every"];
 
 /// The outcome of [`train`].
 #[derive(Debug, Clone, Serialize)]
@@ -105,9 +107,10 @@ pub struct TrainReport {
     pub interrupted: bool,
 }
 
-/// Trains `model_cfg` on `train_set` in `opts.run` (with `opts.resume`,
-/// continues from its last checkpoint). Writes `config.toml`,
-/// `metrics.jsonl`, `checkpoints/last.safetensors`, `loss.png`, `samples.png`,
+/// Trains `model_cfg` on `train_set` in the run folder `opts` names (a new
+/// run, or with `opts.resume` the continuation of one: same kind and config
+/// but for [`MAY_CHANGE_ON_RESUME`]). Writes `config.toml`, `metrics.jsonl`,
+/// `checkpoints/last.safetensors`, `loss.png`, `samples.png`,
 /// `reconstructions.png`, `interpolation.png` and `summary.json`.
 pub fn train(
     model_cfg: &VaeConfig,
@@ -115,42 +118,17 @@ pub fn train(
     train_set: Arc<dyn Dataset>,
     test_set: Option<Arc<dyn Dataset>>,
     device: &Device,
-    opts: RunOptions,
+    opts: &RunOptions,
 ) -> Result<TrainReport> {
-    let RunOptions {
-        run,
-        resume,
-        observer: obs,
-    } = opts;
     model_cfg.validate()?;
-    if tc.batch_size == 0 {
-        return Err(VaeError::Config {
-            field: "batch_size".into(),
-            msg: "must be at least 1".into(),
-        });
-    }
-    if !(tc.lr.is_finite() && tc.lr > 0.0) {
-        return Err(VaeError::Config {
-            field: "lr".into(),
-            msg: format!("must be positive, got {}", tc.lr),
-        });
-    }
+    tc.validate()?;
     check_shape(model_cfg, train_set.as_ref())?;
     let run_cfg = RunConfig {
         model: model_cfg.clone(),
         train: tc.clone(),
     };
-    if resume {
-        let (kind, saved): (String, RunConfig) = run.read_config()?;
-        if kind != RUN_KIND || saved.model != run_cfg.model {
-            return Err(VaeError::Run {
-                path: run.path().to_path_buf(),
-                msg: format!("cannot resume: it is a {kind:?} run with another model config"),
-            });
-        }
-    } else {
-        run.write_config(RUN_KIND, &run_cfg)?;
-    }
+    let run = opts.open("vae", RUN_KIND, &run_cfg, MAY_CHANGE_ON_RESUME)?;
+    let dir = run.dir().clone();
 
     let vs = VarStore::new(tc.seed);
     let model = Vae::new(model_cfg, vs.builder(DType::F32, device))?;
@@ -163,27 +141,30 @@ pub fn train(
         ..Default::default()
     };
     let loader = DataLoader::new(train_set.clone(), loader_cfg, device)?;
-    let steps_per_epoch = loader.len() as u64;
-    let mut s = Session::start(
-        run.clone(),
-        vs.clone(),
-        opt,
-        tc.seed,
-        resume,
-        tc.epochs * steps_per_epoch,
-        obs,
-    )?;
-    let n_train = train_set.len() as f64;
+    let mut s = Session::builder(run, tc.seed)
+        .part("model", &vs, opt)
+        .epochs(tc.epochs, loader.len() as u64)
+        .observer(opts.observer())
+        .start()?;
     let cond = model_cfg.num_classes.is_some();
-    let mut last = f64::NAN;
-    let mut interrupted = false;
-    'epochs: while s.epoch < tc.epochs {
-        let (mut sum, mut rec_sum, mut kl_sum) = (0.0, 0.0, 0.0);
-        for (i, batch) in loader.epoch(s.epoch).enumerate() {
-            let batch = batch?;
-            if s.skip_batch(i as u64) {
-                continue;
-            }
+    let eval = |s: &mut Session| -> Result<EvalReport> {
+        let r = evaluate(&model, s_test(&test_set)?, device, 256, 0, tc.seed)?;
+        s.record(
+            "test",
+            &[
+                ("neg_elbo", r.neg_elbo_nats),
+                ("bits_per_dim", r.neg_elbo_bpd),
+            ],
+        )?;
+        Ok(r)
+    };
+    let end = s.run_epochs(
+        |epoch, start| {
+            loader
+                .epoch_from(epoch, start)
+                .map(|b| b.map_err(VaeError::from))
+        },
+        |s, batch| {
             let b = batch.len() as f64;
             let labels = cond.then_some(&batch.labels);
             let out = model.forward(&batch.images, labels, &mut s.rng)?;
@@ -196,81 +177,60 @@ pub fn train(
             )?;
             let rec = t.rec.to_scalar::<f32>()? as f64;
             let kl = t.kl.to_scalar::<f32>()? as f64;
-            let v = s.train_step(
-                &t.loss,
-                batch.len(),
-                &[
-                    ("loss", (rec + model_cfg.beta * kl) / b),
-                    ("rec", rec / b),
-                    ("kl", kl / b),
-                ],
-            )?;
-            sum += v;
-            rec_sum += rec;
-            kl_sum += kl;
-            if s.should_stop() {
-                s.interrupt()?;
-                interrupted = true;
-                break 'epochs;
+            let v = s.train_step("model", &t.loss)?;
+            // Per image, as the chapter prints it; the epoch's line is their
+            // image-weighted mean.
+            Ok(Record::new(batch.len())
+                .with("loss", v / b)
+                .with("rec", rec / b)
+                .with("kl", kl / b))
+        },
+        |s| {
+            if test_set.is_some()
+                && tc.eval_every > 0
+                && s.epoch() % tc.eval_every == 0
+                && s.epoch() < tc.epochs
+            {
+                eval(s)?;
             }
-        }
-        // The chapter prints the average loss per image each epoch.
-        last = sum / n_train;
-        s.end_epoch(&[
-            ("loss", last),
-            ("rec", rec_sum / n_train),
-            ("kl", kl_sum / n_train),
-        ])?;
-        if let (Some(ts), true) = (
-            &test_set,
-            tc.eval_every > 0 && s.epoch % tc.eval_every == 0 && s.epoch < tc.epochs,
-        ) {
-            let r = evaluate(&model, ts.clone(), device, 256, 0, tc.seed)?;
-            s.record(
-                "test",
-                &[
-                    ("neg_elbo", r.neg_elbo_nats),
-                    ("bits_per_dim", r.neg_elbo_bpd),
-                ],
-            )?;
-        }
-    }
+            Ok(())
+        },
+    )?;
+    let interrupted = !end.completed();
     let images_per_s = s.observer.throughput();
     let test = match (&test_set, interrupted) {
-        (Some(ts), false) => {
-            let r = evaluate(&model, ts.clone(), device, 256, 0, tc.seed)?;
-            s.record(
-                "test",
-                &[
-                    ("neg_elbo", r.neg_elbo_nats),
-                    ("bits_per_dim", r.neg_elbo_bpd),
-                ],
-            )?;
-            Some(r)
-        }
+        (Some(_), false) => Some(eval(&mut s)?),
         _ => None,
     };
     let report = TrainReport {
-        final_train_loss: last,
+        final_train_loss: s.last_epoch("loss").unwrap_or(f64::NAN),
         test,
-        epochs: s.epoch,
+        epochs: s.epoch(),
         images_per_s,
         interrupted,
     };
     if !interrupted {
         write_figures(
             &model,
-            &run,
+            &dir,
             test_set.as_deref().unwrap_or(train_set.as_ref()),
             device,
             tc.seed,
         )?;
         s.finish(serde_json::to_value(&report).map_err(|e| VaeError::Run {
-            path: run.path().to_path_buf(),
+            path: dir.path().to_path_buf(),
             msg: e.to_string(),
         })?)?;
     }
     Ok(report)
+}
+
+/// The test set, for the evaluation closure (only called when there is one).
+fn s_test(test_set: &Option<Arc<dyn Dataset>>) -> Result<Arc<dyn Dataset>> {
+    test_set.clone().ok_or_else(|| VaeError::Config {
+        field: "test_set".into(),
+        msg: "no test set to evaluate on".into(),
+    })
 }
 
 fn check_shape(cfg: &VaeConfig, ds: &dyn Dataset) -> Result<()> {
@@ -371,6 +331,6 @@ pub fn from_run(path: &Path, device: &Device) -> Result<(Vae, RunConfig)> {
     }
     let vs = VarStore::new(cfg.train.seed);
     let model = Vae::new(&cfg.model, vs.builder(DType::F32, device))?;
-    kiln_core::checkpoint::load(&run.last_checkpoint(), &vs, None)?;
+    kiln_core::checkpoint::load_part(&run.last_checkpoint(), "model", &vs)?;
     Ok((model, cfg))
 }

@@ -4,21 +4,13 @@
 
 use std::sync::Arc;
 
-use kiln_core::observer::ObserverConfig;
 use kiln_core::optim::{OptimKind, Optimizer};
 use kiln_core::rng::SeededRng;
-use kiln_core::run::RunDir;
+use kiln_core::run::RunOptions;
 use kiln_core::vars::VarStore;
 use kiln_core::{DType, Device, Tensor};
 use kiln_data::{Dataset, Split, SyntheticFlowers, SyntheticFlowersConfig};
-use kiln_vae::{
-    elbo_loss, evaluate, from_run, train, Likelihood, RunOptions, TrainConfig, Vae, VaeConfig,
-};
-
-const QUIET: ObserverConfig = ObserverConfig {
-    quiet: true,
-    log_every: 0,
-};
+use kiln_vae::{elbo_loss, evaluate, from_run, train, Likelihood, TrainConfig, Vae, VaeConfig};
 
 fn tiny(arch_conv: bool) -> VaeConfig {
     if arch_conv {
@@ -206,7 +198,6 @@ fn bad_configs_are_rejected_naming_the_field() {
     assert!(e.contains("latent"), "{e}");
     // A dataset whose images do not fit the model.
     let dir = tempfile::tempdir().unwrap();
-    let run = RunDir::create("vae", Some(&dir.path().join("r"))).unwrap();
     let e = train(
         &tiny(false),
         &TrainConfig {
@@ -216,11 +207,7 @@ fn bad_configs_are_rejected_naming_the_field() {
         flowers(Split::Train, 8, 32),
         None,
         &Device::Cpu,
-        RunOptions {
-            run,
-            resume: false,
-            observer: QUIET,
-        },
+        &RunOptions::new_run(Some(&dir.path().join("r"))).quiet(true),
     )
     .unwrap_err()
     .to_string();
@@ -246,18 +233,13 @@ fn training_lowers_the_negative_elbo_and_writes_a_run() {
         lr: 2e-3,
         ..Default::default()
     };
-    let run = RunDir::create("vae", Some(&dir.path().join("r"))).unwrap();
     let rep = train(
         &cfg,
         &tc,
         tr,
         Some(te.clone()),
         &Device::Cpu,
-        RunOptions {
-            run,
-            resume: false,
-            observer: QUIET,
-        },
+        &RunOptions::new_run(Some(&dir.path().join("r"))).quiet(true),
     )
     .unwrap();
     let after = rep.test.clone().unwrap();
@@ -351,29 +333,18 @@ fn resumed_training_equals_uninterrupted_training() {
     let tr = flowers(Split::Train, 64, 16);
     let go = |name: &str, epochs: u64, resume: bool| {
         let path = dir.path().join(name);
-        let run = if resume {
-            RunDir::open(&path).unwrap()
+        let opts = if resume {
+            RunOptions::resume(&path)
         } else {
-            RunDir::create("vae", Some(&path)).unwrap()
-        };
+            RunOptions::new_run(Some(&path))
+        }
+        .quiet(true);
         let tc = TrainConfig {
             epochs,
             seed: 9,
             ..Default::default()
         };
-        train(
-            &cfg,
-            &tc,
-            tr.clone(),
-            None,
-            &Device::Cpu,
-            RunOptions {
-                run,
-                resume,
-                observer: QUIET,
-            },
-        )
-        .unwrap();
+        train(&cfg, &tc, tr.clone(), None, &Device::Cpu, &opts).unwrap();
         let (m, _) = from_run(&path, &Device::Cpu).unwrap();
         let z = Tensor::ones((1, 6), DType::F32, &Device::Cpu).unwrap();
         m.decode(&z, None)
@@ -387,4 +358,95 @@ fn resumed_training_equals_uninterrupted_training() {
     let _ = go("b", 1, false);
     let resumed = go("b", 3, true);
     assert_eq!(straight, resumed);
+}
+
+/// The tiny flowers the old-run fixtures were made on (fixtures/old_runs/README.md).
+fn fixture_flowers(split: Split) -> Arc<dyn Dataset> {
+    let cfg = SyntheticFlowersConfig {
+        train: 12,
+        test: 4,
+        size: 8,
+        ..Default::default()
+    };
+    Arc::new(SyntheticFlowers::new(cfg, split).unwrap())
+}
+
+/// A run written before sessions had named parts (checkpoint format 1,
+/// interrupted after its first batch) resumes with today's code and
+/// finishes: every remaining batch once, epoch lines, a test line, figures
+/// and a summary; the finished run loads for evaluation.
+#[test]
+fn a_run_written_in_the_first_checkpoint_format_resumes_to_the_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("vae");
+    let fixture =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/old_runs/vae");
+    kiln_core::files::copy_dir(&fixture, &run).unwrap();
+    let (_, rc): (String, kiln_vae::RunConfig) = kiln_core::run::RunDir::open(&run)
+        .unwrap()
+        .read_config()
+        .unwrap();
+    let rep = train(
+        &rc.model,
+        &rc.train,
+        fixture_flowers(Split::Train),
+        Some(fixture_flowers(Split::Test)),
+        &Device::Cpu,
+        &RunOptions::resume(&run).quiet(true),
+    )
+    .unwrap();
+    assert!(!rep.interrupted && rep.epochs == 2);
+    assert!(rep.final_train_loss.is_finite());
+    let recs = kiln_core::run::read_metrics(&run.join("metrics.jsonl")).unwrap();
+    let steps = |split: &str| -> Vec<u64> {
+        recs.iter()
+            .filter(|r| r.split == split)
+            .map(|r| r.step)
+            .collect()
+    };
+    assert_eq!(steps("train"), (1..=6).collect::<Vec<_>>());
+    assert_eq!(steps("train_epoch"), [3, 6]);
+    assert_eq!(steps("test"), [6]);
+    assert!(run.join("summary.json").is_file() && run.join("samples.png").is_file());
+    from_run(&run, &Device::Cpu).unwrap();
+}
+
+/// The trainer checks the run kind itself, not only the CLI.
+#[test]
+fn resuming_a_run_of_another_kind_is_refused_by_the_library() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("r");
+    std::fs::create_dir_all(&run).unwrap();
+    std::fs::write(run.join("config.toml"), "kind = \"inpaint\"\nepochs = 2\n").unwrap();
+    let e = train(
+        &tiny(false),
+        &TrainConfig {
+            epochs: 1,
+            ..Default::default()
+        },
+        flowers(Split::Train, 8, 16),
+        None,
+        &Device::Cpu,
+        &RunOptions::resume(&run).quiet(true),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("is a \"inpaint\" run, not a \"vae\" run"), "{e}");
+    // A bad setting is found before any folder is made.
+    let fresh = dir.path().join("never");
+    let e = train(
+        &tiny(false),
+        &TrainConfig {
+            epochs: 0,
+            ..Default::default()
+        },
+        flowers(Split::Train, 8, 16),
+        None,
+        &Device::Cpu,
+        &RunOptions::new_run(Some(&fresh)).quiet(true),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("epochs") && e.contains("at least 1"), "{e}");
+    assert!(!fresh.exists());
 }

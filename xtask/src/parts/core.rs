@@ -7,8 +7,8 @@ use kiln_core::nn::Linear;
 use kiln_core::observer::ObserverConfig;
 use kiln_core::optim::{OptimKind, Optimizer};
 use kiln_core::rng::SeededRng;
-use kiln_core::run::RunDir;
-use kiln_core::session::Session;
+use kiln_core::run::RunOptions;
+use kiln_core::session::{Record, Session};
 use kiln_core::vars::VarStore;
 use kiln_core::{DType, Device, Module, Tensor};
 
@@ -70,50 +70,58 @@ fn demo(ctx: &crate::demo::DemoCtx) -> Result<()> {
     };
     let data = stripes(512, ctx.seed + 1, dev)?;
     let (epochs, batch) = (15u64, 32usize);
-    let run = RunDir::create("core-demo", Some(&ctx.out.join("core")))?;
-    run.write_config(
-        "core-autoencoder",
-        &serde_json::json!({"epochs": epochs, "batch": batch, "lr": 3e-3, "latent": 8}),
-    )?;
+    let cfg = serde_json::json!({"epochs": epochs, "batch": batch, "lr": 3e-3, "latent": 8});
+    let opts = RunOptions::new_run(Some(&ctx.out.join("core"))).quiet(ctx.quiet);
+    let run = opts.open("core-demo", "core-autoencoder", &cfg, &[])?;
+    let dir = run.dir().clone();
     let opt = Optimizer::single(OptimKind::adam(), vs.vars(), 3e-3, 0.0)?;
-    let steps = epochs * (512 / batch) as u64;
-    let obs = ObserverConfig {
-        quiet: ctx.quiet,
-        log_every: 0,
-    };
-    let mut s = Session::start(run.clone(), vs.clone(), opt, ctx.seed, false, steps, obs)?;
-    let mut last = f64::NAN;
-    while s.epoch < epochs {
-        let order = SeededRng::derive(ctx.seed, &[s.epoch]).permutation(512);
-        let mut total = 0.0;
-        for chunk in order.chunks(batch) {
+    let mut s = Session::builder(run, ctx.seed)
+        .part("model", &vs, opt)
+        .epochs(epochs, (512 / batch) as u64)
+        .observer(ObserverConfig {
+            quiet: ctx.quiet,
+            log_every: 0,
+        })
+        .start()?;
+    s.run_epochs(
+        |epoch, start| {
+            let order = SeededRng::derive(ctx.seed, &[epoch]).permutation(512);
+            let chunks: Vec<Vec<usize>> = order
+                .chunks(batch)
+                .skip(start)
+                .map(<[usize]>::to_vec)
+                .collect();
+            chunks.into_iter().map(Ok::<_, anyhow::Error>)
+        },
+        |s, chunk| {
             let idx = Tensor::new(chunk.iter().map(|&i| i as u32).collect::<Vec<_>>(), dev)?;
             let x = data.index_select(&idx, 0)?;
             let loss = kiln_core::loss::mse(&forward(&x)?, &x, kiln_core::loss::Reduction::Mean)?;
-            total += s.train_step(&loss, chunk.len(), &[])?;
-        }
-        last = total / (512 / batch) as f64;
-        s.end_epoch(&[("loss", last)])?;
-    }
+            let v = s.train_step("model", &loss)?;
+            Ok(Record::new(chunk.len()).with("loss", v))
+        },
+        |_| Ok(()),
+    )?;
+    let last = s.last_epoch("loss").unwrap_or(f64::NAN);
     s.finish(serde_json::json!({"final_train_mse": last}))?;
     let sample = data.narrow(0, 0, 8)?;
     save_image_rows(
         &[&sample, &forward(&sample)?],
-        &run.join("reconstructions.png"),
+        &dir.join("reconstructions.png"),
         &GridOptions {
             scale: 4,
             ..Default::default()
         },
     )?;
     plot_metrics(
-        &run.join("metrics.jsonl"),
-        &run.join("loss.png"),
+        &dir.join("metrics.jsonl"),
+        &dir.join("loss.png"),
         "core demo: train MSE",
         &["loss"],
     )?;
     eprintln!(
         "    core: final train MSE {last:.5}; run folder {}",
-        run.path().display()
+        dir.path().display()
     );
     Ok(())
 }

@@ -8,18 +8,20 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use clap::Parser;
-use kiln_core::observer::ObserverConfig;
 use kiln_core::optim::{OptimKind, Optimizer};
 use kiln_core::rng::SeededRng;
-use kiln_core::run::RunDir;
+use kiln_core::run::{RunDir, RunOptions};
 use kiln_core::vars::VarStore;
 use kiln_core::{DType, Device, Tensor};
-use kiln_lm::train::{causal_lm_loss, train, RunConfig, RunOptions, TrainConfig, RUN_KIND};
+use kiln_lm::train::{causal_lm_loss, train, RunConfig, TrainConfig, RUN_KIND};
 use kiln_lm::{
     generate_batch, generate_text, GenerationConfig, Gpt2, Gpt2Config, HubOptions, ModelFiles,
 };
 
-use super::{parse, resume_config, Bench, Component, DemoPart};
+use super::{
+    exit_if_interrupted, finished_notice, parse, parse_given, resume_config, Bench, Component,
+    DemoPart, Given, RunArgs,
+};
 
 /// Registers kiln-lm's command, task, demo part and benchmarks.
 pub fn component() -> Component {
@@ -251,21 +253,8 @@ struct TrainArgs {
     /// Seed.
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Run folder (default: runs/lm-<timestamp>).
-    #[arg(long)]
-    out: Option<PathBuf>,
-    /// Continue a run from its last checkpoint.
-    #[arg(long)]
-    resume: Option<PathBuf>,
-    /// CPU threads (default: all cores).
-    #[arg(long)]
-    threads: Option<usize>,
-    /// Device: cpu, cuda, cuda:N or auto.
-    #[arg(long, default_value = "cpu")]
-    device: String,
-    /// No progress bars.
-    #[arg(long)]
-    quiet: bool,
+    #[command(flatten)]
+    run: RunArgs,
 }
 
 fn corpus_spec(s: &str) -> String {
@@ -281,59 +270,49 @@ fn corpus_spec(s: &str) -> String {
 }
 
 fn train_cmd(args: &[String]) -> Result<()> {
-    let a: TrainArgs = parse("cargo xtask train lm", args)?;
-    if let Some(t) = a.threads {
-        kiln_core::device::set_threads(t)?;
-    }
-    let device = kiln_core::device::device(&a.device)?;
-    let (tc, run, resume) = match &a.resume {
+    let (a, typed): (TrainArgs, Given) = parse_given("cargo xtask train lm", args)?;
+    let opts = a.run.options("lm");
+    let device = opts.device()?;
+    let (mut tc, given) = match &opts.resume {
         Some(p) => {
-            let run = RunDir::open(p)?;
-            let mut rc: RunConfig = resume_config(&run, RUN_KIND, "an LM run")?;
-            if let Some(e) = a.epochs {
-                rc.train.epochs = e;
-            }
-            (rc.train, run, true)
+            let rc: RunConfig = resume_config(&RunDir::open(p)?, RUN_KIND, "an LM run")?;
+            (rc.train, typed)
         }
-        None => {
-            let tc = TrainConfig {
-                corpus: corpus_spec(&a.corpus),
-                vocab_size: a.vocab_size,
-                block_size: a.block_size,
-                n_layer: a.n_layer,
-                n_embd: a.n_embd,
-                n_head: a.n_head,
-                dropout: a.dropout,
-                batch_size: a.batch_size,
-                epochs: a.epochs.unwrap_or(TrainConfig::default().epochs),
-                lr: a.lr,
-                seed: a.seed,
-                ..Default::default()
-            };
-            (tc, RunDir::create("lm", a.out.as_deref())?, false)
-        }
+        None => (TrainConfig::default(), Given::all()),
     };
+    if given.has("corpus") {
+        tc.corpus = corpus_spec(&a.corpus);
+    }
+    if let Some(e) = a.epochs {
+        tc.epochs = e;
+    }
+    macro_rules! take {
+        ($($f:ident),*) => {$(
+            if given.has(stringify!($f)) {
+                tc.$f = a.$f;
+            }
+        )*};
+    }
+    take!(vocab_size, block_size, n_layer, n_embd, n_head, dropout, batch_size, lr, seed);
     eprintln!(
         "train lm: {} layers x {} wide, {} heads, context {}, BPE {} on {}, {} epochs, batch {}, AdamW lr {}",
         tc.n_layer, tc.n_embd, tc.n_head, tc.block_size, tc.vocab_size, tc.corpus, tc.epochs, tc.batch_size, tc.lr
     );
-    let rep = train(
-        &tc,
-        &device,
-        RunOptions {
-            run: run.clone(),
-            resume,
-            observer: ObserverConfig {
-                quiet: a.quiet,
-                log_every: 50,
-            },
-        },
-    )?;
-    report(&rep, &run);
+    let rep = match train(&tc, &device, &opts) {
+        Ok(r) => r,
+        Err(kiln_lm::LmError::Session(e)) if finished_notice(&e).is_some() => {
+            eprintln!("{e}");
+            return Ok(());
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let folder = opts.resume.clone().or(opts.out.clone()).unwrap_or_default();
+    report(&rep, &folder);
+    exit_if_interrupted(rep.interrupted);
     Ok(())
 }
 
-fn report(rep: &kiln_lm::train::TrainReport, run: &RunDir) {
+fn report(rep: &kiln_lm::train::TrainReport, run: &Path) {
     eprintln!(
         "train lm: train loss {:.3}, val loss {} nats/token (unigram entropy {:.3}); {:.0} tokens/s",
         rep.final_train_loss,
@@ -347,7 +326,7 @@ fn report(rep: &kiln_lm::train::TrainReport, run: &RunDir) {
     eprintln!(
         "train lm: model in {}; try `cargo xtask generate --model {} --prompt \"The\"`",
         run.join(kiln_lm::train::MODEL_DIR).display(),
-        run.path().display()
+        run.display()
     );
 }
 
@@ -358,18 +337,11 @@ fn demo(ctx: &crate::demo::DemoCtx) -> Result<()> {
         seed: ctx.seed,
         ..Default::default()
     };
-    let run = RunDir::create("lm", Some(&ctx.out.join("lm")))?;
+    let run = ctx.out.join("lm");
     let rep = train(
         &tc,
         &ctx.device,
-        RunOptions {
-            run: run.clone(),
-            resume: false,
-            observer: ObserverConfig {
-                quiet: ctx.quiet,
-                log_every: 100,
-            },
-        },
+        &RunOptions::new_run(Some(&run)).quiet(ctx.quiet),
     )?;
     report(&rep, &run);
     // Load the written Hugging Face folder back, as `generate --model RUN` does.

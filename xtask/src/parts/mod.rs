@@ -2,11 +2,14 @@
 //! tasks (`train`/`eval`/`sample <task>`) and top-level commands in its
 //! [`Component`]; adding a component is one module plus one line in [`all`].
 
-use std::path::Path;
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
+use clap::parser::ValueSource;
 use clap::Parser;
+use kiln_core::run::RunOptions;
 use kiln_data::{open_with, Dataset, DatasetSpec, OpenOptions, Split};
 
 pub mod core;
@@ -75,6 +78,109 @@ pub fn parse<P: Parser>(name: &str, args: &[String]) -> Result<P> {
     Ok(P::try_parse_from(
         std::iter::once(name.to_string()).chain(args.iter().cloned()),
     )?)
+}
+
+/// The run flags every training command shares, declared once and flattened
+/// into each command's arguments.
+///
+/// On `--resume` a run keeps its own `config.toml`, seed included. These
+/// flags may differ from the first run: `--epochs` (to extend it; LM
+/// training stretches its schedule), `--eval-every`, `--device`, `--threads`,
+/// `--quiet` and `--data-root`. Any other flag that is given and differs from
+/// the run's config is refused, with the list of what differs.
+#[derive(Debug, Clone, clap::Args)]
+pub struct RunArgs {
+    /// Folder of a new run (default: runs/<task>-<timestamp>). A folder that
+    /// already holds a run is refused: continue it with --resume, or pass --overwrite.
+    #[arg(long, conflicts_with = "resume")]
+    pub out: Option<PathBuf>,
+    /// Continue the run in this folder from its last checkpoint, with its own
+    /// config (only --epochs, --eval-every, --device, --threads, --quiet and
+    /// --data-root may change).
+    #[arg(long)]
+    pub resume: Option<PathBuf>,
+    /// With --out: delete the run already in that folder and start again.
+    #[arg(long, requires = "out")]
+    pub overwrite: bool,
+    /// Device: cpu, cuda, cuda:N or auto.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// CPU threads (default: all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// No progress bar and no periodic lines.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+impl RunArgs {
+    /// kiln-core's run options; a new run without --out gets
+    /// `runs/<task>-<timestamp>` here, so the command can print it.
+    pub fn options(&self, task: &str) -> RunOptions {
+        let out = match (&self.out, &self.resume) {
+            (None, None) => Some(kiln_core::run::new_run_folder(task)),
+            _ => self.out.clone(),
+        };
+        RunOptions {
+            out,
+            resume: self.resume.clone(),
+            overwrite: self.overwrite,
+            device: self.device.clone(),
+            threads: self.threads,
+            quiet: self.quiet,
+        }
+    }
+}
+
+/// Which flags were typed on the command line (as opposed to defaults), so a
+/// resumed run takes only those from the command line and the rest from its
+/// own config.
+pub struct Given(Option<BTreeSet<String>>);
+
+impl Given {
+    /// Every flag counts (a new run: defaults included).
+    pub fn all() -> Self {
+        Self(None)
+    }
+
+    /// Whether flag `id` (the field name, e.g. `batch_size`) was given.
+    pub fn has(&self, id: &str) -> bool {
+        self.0.as_ref().is_none_or(|s| s.contains(id))
+    }
+}
+
+/// Parses like [`parse`], also returning the flags typed on the command line.
+pub fn parse_given<P: Parser>(name: &str, args: &[String]) -> Result<(P, Given)> {
+    let m = P::command()
+        .try_get_matches_from(std::iter::once(name.to_string()).chain(args.iter().cloned()))?;
+    let given = m
+        .ids()
+        .filter(|id| m.value_source(id.as_str()) == Some(ValueSource::CommandLine))
+        .map(|id| id.as_str().to_string())
+        .collect();
+    Ok((P::from_arg_matches(&m)?, Given(Some(given))))
+}
+
+/// What a training command does with its library's result: a resumed run
+/// that had already finished is reported, not an error; an interrupted run
+/// exits with 130 (the Ctrl-C convention) after its checkpoint is written.
+pub fn finished_notice(e: &kiln_core::session::SessionError) -> Option<String> {
+    matches!(e, kiln_core::session::SessionError::Finished { .. }).then(|| e.to_string())
+}
+
+/// Sets the thread count (if given) and opens the device.
+pub fn device(device: &str, threads: Option<usize>) -> Result<kiln_core::Device> {
+    if let Some(t) = threads {
+        kiln_core::device::set_threads(t)?;
+    }
+    Ok(kiln_core::device::device(device)?)
+}
+
+/// Ends the process with 130 after a Ctrl-C that stopped training.
+pub fn exit_if_interrupted(interrupted: bool) {
+    if interrupted {
+        std::process::exit(130);
+    }
 }
 
 /// Opens a split of a dataset for a model of `image_size` (channels as the data has them).

@@ -4,16 +4,17 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Result;
 use clap::Parser;
-use kiln_core::observer::ObserverConfig;
-use kiln_core::run::RunDir;
-use kiln_core::Device;
+use kiln_core::run::{RunDir, RunOptions};
 use kiln_data::{Dataset, Split};
 use kiln_ssl::simclr::{probe_encoder, simclr_from_run};
 use kiln_ssl::{
-    train_inpaint, train_simclr, InpaintConfig, ProbeReport, RunOptions, Simclr, SimclrConfig,
+    train_inpaint, train_simclr, InpaintConfig, ProbeReport, Simclr, SimclrConfig, SslError,
 };
 
-use super::{open_split, parse, resume_config, Component, DemoPart};
+use super::{
+    exit_if_interrupted, finished_notice, open_split, parse, parse_given, resume_config, Component,
+    DemoPart, Given, RunArgs,
+};
 
 /// Registers the SSL tasks and demo parts.
 pub fn component() -> Component {
@@ -52,48 +53,43 @@ struct Common {
     /// Seed.
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Run folder (default: runs/<task>-<timestamp>).
-    #[arg(long)]
-    out: Option<PathBuf>,
-    /// Continue the run in this folder from its last checkpoint.
-    #[arg(long)]
-    resume: Option<PathBuf>,
-    /// Device: cpu, cuda, cuda:N or auto.
-    #[arg(long, default_value = "cpu")]
-    device: String,
-    /// CPU threads.
-    #[arg(long)]
-    threads: Option<usize>,
-    /// No progress bar.
-    #[arg(long)]
-    quiet: bool,
+    #[command(flatten)]
+    run: RunArgs,
 }
 
 impl Common {
-    fn device(&self) -> Result<Device> {
-        if let Some(t) = self.threads {
-            kiln_core::device::set_threads(t)?;
+    /// The dataset: the flag when given (a new run's when set), else `saved`
+    /// (the resumed run's, or a new run's default).
+    fn dataset(&self, given: &Given, saved: &str) -> String {
+        match &self.dataset {
+            Some(d) if given.has("dataset") => d.clone(),
+            _ => saved.to_string(),
         }
-        Ok(kiln_core::device::device(&self.device)?)
     }
-    fn run_options(&self, task: &str) -> Result<RunOptions> {
-        let obs = ObserverConfig {
-            quiet: self.quiet,
-            log_every: 50,
-        };
-        Ok(match &self.resume {
-            Some(p) => RunOptions {
-                run: RunDir::open(p)?,
-                resume: true,
-                observer: obs,
-            },
-            None => RunOptions {
-                run: RunDir::create(task, self.out.as_deref())?,
-                resume: false,
-                observer: obs,
-            },
-        })
-    }
+}
+
+/// The run's saved config on `--resume` (refusing another kind) with the
+/// typed flags, or `default` with every flag on a new run.
+fn base_config<C: serde::de::DeserializeOwned>(
+    opts: &RunOptions,
+    typed: Given,
+    kind: &str,
+    what: &str,
+    default: C,
+) -> Result<(C, Given)> {
+    Ok(match &opts.resume {
+        Some(p) => (resume_config(&RunDir::open(p)?, kind, what)?, typed),
+        None => (default, Given::all()),
+    })
+}
+
+/// Sets `field` from the flag when it was given (always on a new run).
+macro_rules! take {
+    ($given:expr, $cfg:ident.$field:ident = $value:expr) => {
+        if $given.has(stringify!($field)) {
+            $cfg.$field = $value;
+        }
+    };
 }
 
 #[derive(Debug, Parser)]
@@ -126,34 +122,30 @@ struct InpaintArgs {
 }
 
 fn train_inpaint_cmd(args: &[String]) -> Result<()> {
-    let a: InpaintArgs = parse("cargo xtask train inpaint", args)?;
-    let device = a.common.device()?;
-    let opts = a.common.run_options("inpaint")?;
-    let cfg = if opts.resume {
-        let mut c: InpaintConfig = resume_config(
-            &opts.run,
-            kiln_ssl::inpaint::INPAINT_KIND,
-            "an inpainting run",
-        )?;
-        c.epochs = a.epochs;
-        c
-    } else {
-        InpaintConfig {
-            epochs: a.epochs,
-            batch_size: a.batch_size,
-            lr: a.lr,
-            mask_size: a.mask_size,
-            mask_per_image: a.mask_per_image,
-            hole_weight: a.hole_weight,
-            seed: a.common.seed,
-            dataset: a
-                .common
-                .dataset
-                .clone()
-                .unwrap_or_else(|| "synthetic-flowers".into()),
-            ..Default::default()
-        }
+    let (a, typed): (InpaintArgs, Given) = parse_given("cargo xtask train inpaint", args)?;
+    let opts = a.common.run.options("inpaint");
+    let device = opts.device()?;
+    let default = InpaintConfig {
+        dataset: "synthetic-flowers".into(),
+        ..Default::default()
     };
+    let (mut cfg, given) = base_config(
+        &opts,
+        typed,
+        kiln_ssl::inpaint::INPAINT_KIND,
+        "an inpainting run",
+        default,
+    )?;
+    take!(given, cfg.epochs = a.epochs);
+    take!(given, cfg.batch_size = a.batch_size);
+    take!(given, cfg.lr = a.lr);
+    take!(given, cfg.mask_size = a.mask_size);
+    take!(given, cfg.mask_per_image = a.mask_per_image);
+    take!(given, cfg.hole_weight = a.hole_weight);
+    if given.has("seed") {
+        cfg.seed = a.common.seed;
+    }
+    cfg.dataset = a.common.dataset(&given, &cfg.dataset);
     let tr = open_split(
         &cfg.dataset,
         &a.common.data_root,
@@ -167,20 +159,34 @@ fn train_inpaint_cmd(args: &[String]) -> Result<()> {
         cfg.image_size,
     )
     .ok();
-    let run = opts.run.clone();
     let cfg = InpaintConfig {
         channels: tr.get(0)?.image.channels,
         ..cfg
     };
-    let rep = train_inpaint(&cfg, tr, te, &device, opts)?;
+    let rep = match train_inpaint(&cfg, tr, te, &device, &opts) {
+        Ok(r) => r,
+        Err(SslError::Session(e)) if finished_notice(&e).is_some() => {
+            eprintln!("{e}");
+            return Ok(());
+        }
+        Err(e) => return Err(e.into()),
+    };
     if let Some(t) = &rep.test {
         eprintln!(
             "held-out masked region: model MSE {:.5} ({:.2} dB PSNR) vs border-mean fill {:.5} ({:.2} dB)",
             t.masked_mse, t.masked_psnr, t.baseline_mse, t.baseline_psnr
         );
     }
-    println!("{}", run.path().display());
+    print_folder(&opts);
+    exit_if_interrupted(rep.interrupted);
     Ok(())
+}
+
+/// Prints the run folder (stdout), for scripts.
+fn print_folder(opts: &RunOptions) {
+    if let Some(p) = opts.resume.as_ref().or(opts.out.as_ref()) {
+        println!("{}", p.display());
+    }
 }
 
 #[derive(Debug, Parser)]
@@ -224,34 +230,33 @@ struct SimclrArgs {
 }
 
 fn train_simclr_cmd(args: &[String]) -> Result<()> {
-    let a: SimclrArgs = parse("cargo xtask train simclr", args)?;
-    let device = a.common.device()?;
-    let opts = a.common.run_options("simclr")?;
-    let cfg = if opts.resume {
-        let mut c: SimclrConfig =
-            resume_config(&opts.run, kiln_ssl::simclr::SIMCLR_KIND, "a SimCLR run")?;
-        c.epochs = a.epochs;
-        c
-    } else {
-        SimclrConfig {
-            widths: a.widths.clone(),
-            temperature: a.temperature,
-            epochs: a.epochs,
-            batch_size: a.batch_size,
-            lr: a.lr,
-            seed: a.common.seed,
-            dataset: a
-                .common
-                .dataset
-                .clone()
-                .unwrap_or_else(|| "synthetic-shapes".into()),
-            image_size: a.image_size,
-            color_strength: a.color_strength,
-            grayscale_p: a.grayscale_p,
-            crop_min_scale: a.crop_min_scale,
-            ..Default::default()
-        }
+    let (a, typed): (SimclrArgs, Given) = parse_given("cargo xtask train simclr", args)?;
+    let opts = a.common.run.options("simclr");
+    let device = opts.device()?;
+    let default = SimclrConfig {
+        dataset: "synthetic-shapes".into(),
+        ..Default::default()
     };
+    let (mut cfg, given) = base_config(
+        &opts,
+        typed,
+        kiln_ssl::simclr::SIMCLR_KIND,
+        "a SimCLR run",
+        default,
+    )?;
+    take!(given, cfg.widths = a.widths.clone());
+    take!(given, cfg.temperature = a.temperature);
+    take!(given, cfg.epochs = a.epochs);
+    take!(given, cfg.batch_size = a.batch_size);
+    take!(given, cfg.lr = a.lr);
+    take!(given, cfg.image_size = a.image_size);
+    take!(given, cfg.color_strength = a.color_strength);
+    take!(given, cfg.grayscale_p = a.grayscale_p);
+    take!(given, cfg.crop_min_scale = a.crop_min_scale);
+    if given.has("seed") {
+        cfg.seed = a.common.seed;
+    }
+    cfg.dataset = a.common.dataset(&given, &cfg.dataset);
     let tr = open_split(
         &cfg.dataset,
         &a.common.data_root,
@@ -269,12 +274,19 @@ fn train_simclr_cmd(args: &[String]) -> Result<()> {
         channels: tr.get(0)?.image.channels,
         ..cfg
     };
-    let run = opts.run.clone();
-    let rep = train_simclr(&cfg, tr.clone(), te.map(|t| (tr, t)), &device, opts)?;
+    let rep = match train_simclr(&cfg, tr.clone(), te.map(|t| (tr, t)), &device, &opts) {
+        Ok(r) => r,
+        Err(SslError::Session(e)) if finished_notice(&e).is_some() => {
+            eprintln!("{e}");
+            return Ok(());
+        }
+        Err(e) => return Err(e.into()),
+    };
     if let (Some(p), Some(r)) = (&rep.probes, &rep.random_probes) {
         print_probes(p, r);
     }
-    println!("{}", run.path().display());
+    print_folder(&opts);
+    exit_if_interrupted(rep.interrupted);
     Ok(())
 }
 
@@ -346,29 +358,16 @@ fn demo_inpaint(ctx: &crate::demo::DemoCtx) -> Result<()> {
         seed: ctx.seed,
         ..Default::default()
     };
-    let run = RunDir::create("inpaint", Some(&ctx.out.join("inpaint")))?;
-    let obs = ObserverConfig {
-        quiet: ctx.quiet,
-        log_every: 200,
-    };
-    let rep = train_inpaint(
-        &cfg,
-        tr,
-        Some(te),
-        &ctx.device,
-        RunOptions {
-            run: run.clone(),
-            resume: false,
-            observer: obs,
-        },
-    )?;
+    let out = ctx.out.join("inpaint");
+    let opts = RunOptions::new_run(Some(&out)).quiet(ctx.quiet);
+    let rep = train_inpaint(&cfg, tr, Some(te), &ctx.device, &opts)?;
     if let Some(t) = rep.test {
         eprintln!(
             "    inpaint: masked-region PSNR {:.2} dB vs border-mean {:.2} dB; {:.0} images/s; {}",
             t.masked_psnr,
             t.baseline_psnr,
             rep.images_per_s,
-            run.path().display()
+            out.display()
         );
     }
     Ok(())
@@ -394,29 +393,16 @@ fn demo_simclr(ctx: &crate::demo::DemoCtx) -> Result<()> {
         seed: ctx.seed,
         ..Default::default()
     };
-    let run = RunDir::create("simclr", Some(&ctx.out.join("simclr")))?;
-    let obs = ObserverConfig {
-        quiet: ctx.quiet,
-        log_every: 50,
-    };
-    let rep = train_simclr(
-        &cfg,
-        tr.clone(),
-        Some((tr, te)),
-        &ctx.device,
-        RunOptions {
-            run: run.clone(),
-            resume: false,
-            observer: obs,
-        },
-    )?;
+    let out = ctx.out.join("simclr");
+    let opts = RunOptions::new_run(Some(&out)).quiet(ctx.quiet);
+    let rep = train_simclr(&cfg, tr.clone(), Some((tr, te)), &ctx.device, &opts)?;
     if let (Some(p), Some(r)) = (&rep.probes, &rep.random_probes) {
         print_probes(p, r);
     }
     eprintln!(
         "    simclr: {:.0} images/s; {}",
         rep.images_per_s,
-        run.path().display()
+        out.display()
     );
     Ok(())
 }

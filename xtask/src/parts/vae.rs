@@ -6,19 +6,20 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Result};
 use clap::Parser;
 use kiln_core::image::{save_image_grid, GridOptions};
-use kiln_core::observer::ObserverConfig;
 use kiln_core::optim::{OptimKind, Optimizer};
 use kiln_core::rng::SeededRng;
-use kiln_core::run::RunDir;
+use kiln_core::run::{RunDir, RunOptions};
 use kiln_core::vars::VarStore;
 use kiln_core::{DType, Device, Tensor};
 use kiln_data::{Dataset, Split};
 use kiln_vae::{
-    elbo_loss, evaluate, from_run, train, Likelihood, RunConfig, RunOptions, TrainConfig, Vae,
-    VaeConfig,
+    elbo_loss, evaluate, from_run, train, Likelihood, RunConfig, TrainConfig, Vae, VaeConfig,
 };
 
-use super::{open_split, parse, resume_config, Bench, Component, DemoPart};
+use super::{
+    exit_if_interrupted, finished_notice, open_split, parse, parse_given, resume_config, Bench,
+    Component, DemoPart, Given, RunArgs,
+};
 
 /// Registers the VAE's tasks, demo part and benchmark.
 pub fn component() -> Component {
@@ -85,95 +86,101 @@ struct TrainArgs {
     /// Evaluate on the test split every N epochs (0 = at the end).
     #[arg(long, default_value_t = 0)]
     eval_every: u64,
-    /// Run folder (default: runs/vae-<timestamp>).
-    #[arg(long)]
-    out: Option<PathBuf>,
-    /// Continue the run in this folder from its last checkpoint.
-    #[arg(long)]
-    resume: Option<PathBuf>,
-    /// Device: cpu, cuda, cuda:N or auto.
-    #[arg(long, default_value = "cpu")]
-    device: String,
-    /// CPU threads.
-    #[arg(long)]
-    threads: Option<usize>,
-    /// No progress bar.
-    #[arg(long)]
-    quiet: bool,
+    #[command(flatten)]
+    run: RunArgs,
 }
 
-fn model_config(a: &TrainArgs, channels: usize, classes: usize) -> Result<VaeConfig> {
-    let mut cfg = match a.preset.as_str() {
-        "mlp" | "chapter" => VaeConfig::mlp_chapter(),
-        "conv" => VaeConfig::conv(),
-        p => bail!("--preset {p:?}: expected mlp or conv"),
+/// The model config: on a new run from the flags (defaults included), on a
+/// resumed run from the run's config with only the typed flags applied.
+fn model_config(
+    a: &TrainArgs,
+    given: &Given,
+    base: Option<VaeConfig>,
+    channels: usize,
+    classes: usize,
+) -> Result<VaeConfig> {
+    let mut cfg = match base {
+        Some(b) if !given.has("preset") => b,
+        _ => match a.preset.as_str() {
+            "mlp" | "chapter" => VaeConfig::mlp_chapter(),
+            "conv" => VaeConfig::conv(),
+            p => bail!("--preset {p:?}: expected mlp or conv"),
+        },
     };
     cfg.channels = channels;
-    cfg.image_size = a.image_size;
+    if given.has("image_size") {
+        cfg.image_size = a.image_size;
+    }
     if let Some(l) = a.latent {
         cfg.latent = l;
     }
-    cfg.beta = a.beta;
-    cfg.likelihood = match a.likelihood.as_str() {
-        "bernoulli" | "bce" => Likelihood::Bernoulli,
-        "gaussian" | "mse" => Likelihood::Gaussian {
-            learned: false,
-            logvar: 0.0,
-        },
-        "gaussian-learned" => Likelihood::Gaussian {
-            learned: true,
-            logvar: 0.0,
-        },
-        l => bail!("--likelihood {l:?}: expected bernoulli, gaussian or gaussian-learned"),
-    };
-    cfg.num_classes = a.conditional.then_some(classes);
+    if given.has("beta") {
+        cfg.beta = a.beta;
+    }
+    if given.has("likelihood") {
+        cfg.likelihood = match a.likelihood.as_str() {
+            "bernoulli" | "bce" => Likelihood::Bernoulli,
+            "gaussian" | "mse" => Likelihood::Gaussian {
+                learned: false,
+                logvar: 0.0,
+            },
+            "gaussian-learned" => Likelihood::Gaussian {
+                learned: true,
+                logvar: 0.0,
+            },
+            l => bail!("--likelihood {l:?}: expected bernoulli, gaussian or gaussian-learned"),
+        };
+    }
+    if given.has("conditional") {
+        cfg.num_classes = a.conditional.then_some(classes);
+    }
     cfg.validate()?;
     Ok(cfg)
 }
 
-fn setup(device: &str, threads: Option<usize>) -> Result<Device> {
-    if let Some(t) = threads {
-        kiln_core::device::set_threads(t)?;
-    }
-    Ok(kiln_core::device::device(device)?)
-}
-
 fn train_cmd(args: &[String]) -> Result<()> {
-    let a: TrainArgs = parse("cargo xtask train vae", args)?;
-    let device = setup(&a.device, a.threads)?;
-    let obs = ObserverConfig {
-        quiet: a.quiet,
-        log_every: 50,
-    };
-    let (model_cfg, tc, run, resume) = match &a.resume {
+    let (a, typed): (TrainArgs, Given) = parse_given("cargo xtask train vae", args)?;
+    let opts = a.run.options("vae");
+    let device = opts.device()?;
+    // A resumed run starts from its own config; a new one from the defaults.
+    let (base, mut tc, given) = match &opts.resume {
         Some(path) => {
-            let run = RunDir::open(path)?;
-            let mut rc: RunConfig = resume_config(&run, kiln_vae::RUN_KIND, "a VAE run")?;
-            if let Some(e) = a.epochs {
-                rc.train.epochs = e;
-            }
-            (rc.model, rc.train, run, true)
+            let rc: RunConfig =
+                resume_config(&RunDir::open(path)?, kiln_vae::RUN_KIND, "a VAE run")?;
+            (Some(rc.model), rc.train, typed)
         }
-        None => {
-            let train_set = open_split(&a.dataset, &a.data_root, Split::Train, a.image_size)?;
-            let first = train_set.get(0)?;
-            let cfg = model_config(&a, first.image.channels, train_set.num_classes())?;
-            let tc = TrainConfig {
-                epochs: a.epochs.unwrap_or(400),
-                batch_size: a.batch_size,
-                lr: a.lr,
-                seed: a.seed,
-                dataset: a.dataset.clone(),
-                eval_every: a.eval_every,
-            };
-            (cfg, tc, RunDir::create("vae", a.out.as_deref())?, false)
-        }
+        None => (None, TrainConfig::default(), Given::all()),
     };
-    let train_set = open_split(
-        &tc.dataset,
-        &a.data_root,
-        Split::Train,
-        model_cfg.image_size,
+    if let Some(e) = a.epochs {
+        tc.epochs = e;
+    }
+    if given.has("batch_size") {
+        tc.batch_size = a.batch_size;
+    }
+    if given.has("lr") {
+        tc.lr = a.lr;
+    }
+    if given.has("seed") {
+        tc.seed = a.seed;
+    }
+    if given.has("dataset") {
+        tc.dataset = a.dataset.clone();
+    }
+    if given.has("eval_every") {
+        tc.eval_every = a.eval_every;
+    }
+    let image_size = match &base {
+        Some(b) if !given.has("image_size") => b.image_size,
+        _ => a.image_size,
+    };
+    let train_set = open_split(&tc.dataset, &a.data_root, Split::Train, image_size)?;
+    let first = train_set.get(0)?;
+    let model_cfg = model_config(
+        &a,
+        &given,
+        base,
+        first.image.channels,
+        train_set.num_classes(),
     )?;
     let test_set = open_split(&tc.dataset, &a.data_root, Split::Test, model_cfg.image_size).ok();
     eprintln!(
@@ -189,18 +196,14 @@ fn train_cmd(args: &[String]) -> Result<()> {
         tc.batch_size,
         tc.lr
     );
-    let rep = train(
-        &model_cfg,
-        &tc,
-        train_set,
-        test_set,
-        &device,
-        RunOptions {
-            run: run.clone(),
-            resume,
-            observer: obs,
-        },
-    )?;
+    let rep = match train(&model_cfg, &tc, train_set, test_set, &device, &opts) {
+        Ok(r) => r,
+        Err(kiln_vae::VaeError::Session(e)) if finished_notice(&e).is_some() => {
+            eprintln!("{e}");
+            return Ok(());
+        }
+        Err(e) => return Err(e.into()),
+    };
     if let Some(t) = &rep.test {
         eprintln!(
             "test: negative ELBO {:.2} nats/image ({:.4} bits/dim)",
@@ -211,7 +214,10 @@ fn train_cmd(args: &[String]) -> Result<()> {
         "train loss per image (last epoch) {:.2}; {:.0} images/s",
         rep.final_train_loss, rep.images_per_s
     );
-    println!("{}", run.path().display());
+    if let Some(p) = opts.resume.as_ref().or(opts.out.as_ref()) {
+        println!("{}", p.display());
+    }
+    exit_if_interrupted(rep.interrupted);
     Ok(())
 }
 
@@ -264,7 +270,7 @@ struct EvalArgs {
 
 fn eval_cmd(args: &[String]) -> Result<()> {
     let a: EvalArgs = parse("cargo xtask eval vae", args)?;
-    let device = setup(&a.device, a.threads)?;
+    let device = super::device(&a.device, a.threads)?;
     let (model, rc) = from_run(&a.run, &device)?;
     let split = match a.split.as_str() {
         "test" => Split::Test,
@@ -325,7 +331,7 @@ fn sample_cmd(args: &[String]) -> Result<()> {
     if a.n == 0 {
         bail!("--n must be at least 1");
     }
-    let device = setup(&a.device, None)?;
+    let device = super::device(&a.device, None)?;
     let (model, rc) = from_run(&a.run, &device)?;
     let labels = match rc.model.num_classes {
         Some(k) => {
@@ -367,22 +373,9 @@ fn demo(ctx: &crate::demo::DemoCtx) -> Result<()> {
         seed: ctx.seed,
         ..Default::default()
     };
-    let run = RunDir::create("vae", Some(&ctx.out.join("vae")))?;
-    let rep = train(
-        &cfg,
-        &tc,
-        train_set,
-        Some(test_set),
-        &ctx.device,
-        RunOptions {
-            run: run.clone(),
-            resume: false,
-            observer: ObserverConfig {
-                quiet: ctx.quiet,
-                log_every: 200,
-            },
-        },
-    )?;
+    let out = ctx.out.join("vae");
+    let opts = RunOptions::new_run(Some(&out)).quiet(ctx.quiet);
+    let rep = train(&cfg, &tc, train_set, Some(test_set), &ctx.device, &opts)?;
     let t = rep
         .test
         .as_ref()
@@ -396,7 +389,7 @@ fn demo(ctx: &crate::demo::DemoCtx) -> Result<()> {
     eprintln!(
         "    vae: {t}; {:.0} images/s; figures in {}",
         rep.images_per_s,
-        run.path().display()
+        out.display()
     );
     Ok(())
 }

@@ -1,0 +1,108 @@
+//! Comparison tolerances derived from the arithmetic, not from one machine's
+//! result.
+//!
+//! A value computed by f32 reductions (sums, dot products, matmuls) is exact
+//! only up to rounding whose size depends on the order of the additions, and
+//! that order changes with the CPU: candle's gemm picks its blocking from the
+//! cache sizes and its kernels from the instruction set, rayon splits by the
+//! thread count. So a test that compares kiln with PyTorch (or with itself
+//! under another thread count) must allow the rounding of *any* order.
+//!
+//! The bound used here is Higham and Mary's probabilistic one ("A new
+//! approach to probabilistic rounding error analysis", SIAM J. Sci. Comput.
+//! 41(5), 2019, theorem 3.1): a sum of `n` terms in a precision with unit
+//! roundoff `u` has, with probability at least `1 - 2 exp(-λ² / 2)`, a
+//! relative error (with respect to the sum of the terms' magnitudes) of at
+//! most `λ √n u + O(u²)`. With `λ = 10` that fails once in 10²¹ comparisons,
+//! yet is `√n / 10` times tighter than the worst-case `n u`, so the tests keep
+//! their power to catch real bugs (a wrong sign, a missing term, a
+//! transposed weight move values by far more).
+//!
+//! ```
+//! use kiln_core::tolerance::{f32_abs_tol, within};
+//! // A sum of 3072 terms whose magnitudes add up to 40 000:
+//! let tol = f32_abs_tol(3072, 40_000.0);
+//! assert!(tol > 2.6 && tol < 2.7); // 2 · 10 · √3072 · 2⁻²⁴ · 40 000
+//! assert!(within(17486.97, 17486.98, tol));
+//! ```
+
+/// f32's unit roundoff `u = 2^-24` (half of `f32::EPSILON`).
+pub const F32_UNIT_ROUNDOFF: f64 = f32::EPSILON as f64 / 2.0;
+
+/// The confidence factor `λ` of the probabilistic bound (failure probability
+/// `2 exp(-λ²/2)`, about 4e-22 for λ = 10).
+pub const LAMBDA: f64 = 10.0;
+
+/// Relative error bound of one f32 reduction of `n` terms, relative to the
+/// sum of the terms' magnitudes: `λ √n u` (at least one rounding, `u`).
+pub fn f32_reduction_rel(n: usize) -> f64 {
+    (LAMBDA * (n.max(1) as f64).sqrt() * F32_UNIT_ROUNDOFF).max(F32_UNIT_ROUNDOFF)
+}
+
+/// The absolute tolerance for comparing two independent f32 computations of
+/// a value built from reductions of `n` terms whose magnitudes sum to
+/// `magnitude` (for a sum of positive terms, the value itself; for a vector
+/// norm, the norm; for a sum of values that cancel, the sum of their
+/// absolute values). Each side may err by the bound, hence the factor 2.
+pub fn f32_abs_tol(n: usize, magnitude: f64) -> f64 {
+    2.0 * f32_reduction_rel(n) * magnitude.abs()
+}
+
+/// The tolerance to use when a specification also states one: the derived
+/// tolerance, but never looser than the stated one (the stated tolerance is
+/// the loosest allowed).
+pub fn capped(derived: f64, stated: f64) -> f64 {
+    derived.min(stated)
+}
+
+/// `|got - want| <= tol` (false for NaN).
+pub fn within(got: f64, want: f64, tol: f64) -> bool {
+    (got - want).abs() <= tol
+}
+
+/// The length of the longest chain of reductions behind a gradient of a
+/// stack of dense layers: the sum of the widths its backward pass reduces
+/// over (each layer's fan-out on the way back, and the batch for the weight
+/// gradient). Errors of successive reductions add, so their lengths add.
+pub fn chain_length(widths: &[usize]) -> usize {
+    widths.iter().sum::<usize>().max(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bounds_grow_as_root_n_and_scale_linearly() {
+        // Closed form: 2 * 10 * sqrt(10000) * 2^-24 * 1
+        let t = f32_abs_tol(10_000, 1.0);
+        assert!((t - 2000.0 / 16_777_216.0).abs() < 1e-15, "{t}");
+        assert_eq!(f32_abs_tol(400, 3.0), 4.0 * f32_abs_tol(100, 1.5));
+        assert_eq!(f32_reduction_rel(0), f32_reduction_rel(1));
+        assert!(f32_reduction_rel(1) >= F32_UNIT_ROUNDOFF);
+        assert_eq!(capped(1.0, 0.5), 0.5);
+        assert!(!within(f64::NAN, 1.0, 1.0));
+        assert_eq!(chain_length(&[3072, 512, 8]), 3592);
+    }
+
+    /// The bound holds for real f32 sums in shuffled orders: the largest
+    /// error seen over many orders stays below it (and far below the
+    /// worst-case `n u`).
+    #[test]
+    fn f32_sums_in_any_order_stay_within_the_bound() {
+        use crate::rng::SeededRng;
+        let n = 4096;
+        let mut rng = SeededRng::new(7);
+        let xs: Vec<f32> = (0..n)
+            .map(|i| ((i as f32 * 0.37).sin() * 3.0) + 0.1)
+            .collect();
+        let exact: f64 = xs.iter().map(|&x| x as f64).sum();
+        let mag: f64 = xs.iter().map(|&x| (x as f64).abs()).sum();
+        let bound = f32_reduction_rel(n) * mag;
+        for _ in 0..50 {
+            let order = rng.permutation(n);
+            let s: f32 = order.iter().map(|&i| xs[i]).sum();
+            assert!(((s as f64) - exact).abs() <= bound);
+        }
+    }
+}

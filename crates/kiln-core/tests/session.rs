@@ -1,0 +1,565 @@
+//! The multi-part session and its loop: exact resume after every batch of a
+//! two-part loop with several steps per batch (parameters, optimizer state,
+//! RNGs, metrics and summary), gradient accumulation equal to the big batch,
+//! the iteration loop, and run folders that never lose work.
+#![allow(clippy::unwrap_used, missing_docs)]
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use kiln_core::checkpoint::read_tensors;
+use kiln_core::loss::{mse, Reduction};
+use kiln_core::nn::Linear;
+use kiln_core::observer::ObserverConfig;
+use kiln_core::optim::{OptimKind, Optimizer};
+use kiln_core::rng::SeededRng;
+use kiln_core::run::{RunError, RunOptions};
+use kiln_core::session::{LoopEnd, Record, Session, SessionError};
+use kiln_core::tolerance::f32_abs_tol;
+use kiln_core::vars::VarStore;
+use kiln_core::{DType, Device, Module, Tensor};
+
+const QUIET: ObserverConfig = ObserverConfig {
+    quiet: true,
+    log_every: 0,
+};
+const DEV: Device = Device::Cpu;
+const EPOCHS: u64 = 2;
+const BATCHES: u64 = 4;
+
+fn cfg() -> serde_json::Value {
+    serde_json::json!({"epochs": EPOCHS, "lr": 0.01})
+}
+
+/// A toy GAN-shaped loop: a generator `g` and a critic `d`, two critic
+/// steps and one generator step per batch, noise from the session RNG, a
+/// validation line after each epoch. Returns the parameters at the end.
+fn two_part(run: &Path, resume: bool, stop_at: Option<u64>) -> (LoopEnd, Vec<f32>) {
+    let (gv, dv) = (VarStore::new(1), VarStore::new(2));
+    let g = Linear::new(3, 4, gv.builder(DType::F32, &DEV).pp("g")).unwrap();
+    let d = Linear::new(4, 1, dv.builder(DType::F32, &DEV).pp("d")).unwrap();
+    let gopt = Optimizer::single(OptimKind::adam(), gv.vars(), 1e-2, 0.0).unwrap();
+    let dopt = Optimizer::single(OptimKind::adamw(), dv.vars(), 2e-2, 0.01).unwrap();
+    let opts = if resume {
+        RunOptions::resume(run)
+    } else {
+        RunOptions::new_run(Some(run))
+    }
+    .quiet(true);
+    let r = opts.open("toy", "toy-gan", &cfg(), &[]).unwrap();
+    let mut b = Session::builder(r, 7)
+        .part("g", &gv, gopt)
+        .part("d", &dv, dopt)
+        .clip_grad_norm(5.0)
+        .epochs(EPOCHS, BATCHES)
+        .observer(QUIET);
+    if let Some(n) = stop_at {
+        b = b.stop_at(n);
+    }
+    let mut s = b.start().unwrap();
+    let real = |epoch: u64, i: usize| {
+        SeededRng::derive(3, &[epoch, i as u64])
+            .normal(&[8, 4], 1.0, 0.5, &DEV)
+            .unwrap()
+    };
+    let end = s
+        .run_epochs(
+            |epoch, start| {
+                (start..BATCHES as usize).map(move |i| Ok::<_, SessionError>((epoch, i)))
+            },
+            |s, (epoch, i)| {
+                let x = real(epoch, i);
+                let mut rec = Record::new(8);
+                for k in 0..2 {
+                    let z = s.rng.normal(&[8, 3], 0.0, 1.0, &DEV)?;
+                    let fake = g.forward(&z)?.detach();
+                    let loss = (d.forward(&fake)?.mean_all()? - d.forward(&x)?.mean_all()?)?;
+                    let v = s.backward("d", &loss)?;
+                    let norm = s.step("d")?.unwrap();
+                    rec.push(format!("d_loss_{k}"), v);
+                    rec.push(format!("d_norm_{k}"), norm);
+                }
+                let z = s.rng.normal(&[8, 3], 0.0, 1.0, &DEV)?;
+                let gl = d.forward(&g.forward(&z)?)?.mean_all()?.neg()?;
+                rec.push("g_loss", s.train_step("g", &gl)?);
+                Ok(rec)
+            },
+            |s| {
+                let z = SeededRng::new(9).normal(&[16, 3], 0.0, 1.0, &DEV)?;
+                let v = d.forward(&g.forward(&z)?)?.mean_all()?.to_scalar::<f32>()?;
+                s.record("val", &[("critic_fake", v as f64)])
+            },
+        )
+        .unwrap();
+    if end.completed() {
+        let fields = serde_json::json!({
+            "g_loss": s.last_epoch("g_loss"),
+            "epochs": s.epoch(),
+        });
+        s.finish(fields).unwrap();
+    }
+    let params = gv
+        .tensors()
+        .into_iter()
+        .chain(dv.tensors())
+        .flat_map(|(_, t)| t.flatten_all().unwrap().to_vec1::<f32>().unwrap())
+        .collect();
+    (end, params)
+}
+
+/// A checkpoint's tensors (as bytes, by name) and metadata.
+type Contents = (Vec<(String, Vec<u8>)>, HashMap<String, String>);
+
+/// The checkpoint's tensors (as bytes) and metadata.
+fn checkpoint_contents(run: &Path) -> Contents {
+    let (ts, meta) = read_tensors(&run.join("checkpoints/last.safetensors"), &DEV).unwrap();
+    let mut ts: Vec<(String, Vec<u8>)> = ts
+        .into_iter()
+        .map(|(n, t)| {
+            let v = t.flatten_all().unwrap().to_dtype(DType::F64).unwrap();
+            let bytes = v
+                .to_vec1::<f64>()
+                .unwrap()
+                .iter()
+                .flat_map(|x| x.to_le_bytes())
+                .collect();
+            (n, bytes)
+        })
+        .collect();
+    ts.sort();
+    (ts, meta)
+}
+
+fn summary_without_timing(run: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(run.join("summary.json")).unwrap()).unwrap()
+}
+
+#[test]
+fn a_two_part_loop_resumes_exactly_after_every_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    let reference = dir.path().join("ref");
+    let (end, want) = two_part(&reference, false, None);
+    assert!(end.completed());
+    // Every parameter of both parts moved.
+    let (_, init) = {
+        let (gv, dv) = (VarStore::new(1), VarStore::new(2));
+        let _ = Linear::new(3, 4, gv.builder(DType::F32, &DEV).pp("g")).unwrap();
+        let _ = Linear::new(4, 1, dv.builder(DType::F32, &DEV).pp("d")).unwrap();
+        let v: Vec<f32> = gv
+            .tensors()
+            .into_iter()
+            .chain(dv.tensors())
+            .flat_map(|(_, t)| t.flatten_all().unwrap().to_vec1::<f32>().unwrap())
+            .collect();
+        ((), v)
+    };
+    assert_eq!(init.len(), want.len());
+    for (i, (a, b)) in init.iter().zip(&want).enumerate() {
+        assert_ne!(a, b, "parameter element {i} never moved");
+    }
+    let want_ck = checkpoint_contents(&reference);
+    let want_metrics = std::fs::read_to_string(reference.join("metrics.jsonl")).unwrap();
+    let want_summary = summary_without_timing(&reference);
+    assert_eq!(
+        want_metrics.lines().count() as u64,
+        EPOCHS * BATCHES + EPOCHS * 2,
+        "one line per batch, plus a train_epoch and a val line per epoch"
+    );
+    for k in 1..=EPOCHS * BATCHES {
+        let run = dir.path().join(format!("stop{k}"));
+        let (end, _) = two_part(&run, false, Some(k));
+        assert_eq!(end, LoopEnd::Interrupted, "stop at {k}");
+        assert!(!run.join("summary.json").exists());
+        let (end, got) = two_part(&run, true, None);
+        assert!(end.completed());
+        assert_eq!(got, want, "parameters after stopping at batch {k}");
+        assert_eq!(
+            checkpoint_contents(&run),
+            want_ck,
+            "checkpoint (parameters, optimizer state, RNGs, position) after stopping at batch {k}"
+        );
+        assert_eq!(
+            std::fs::read_to_string(run.join("metrics.jsonl")).unwrap(),
+            want_metrics,
+            "metrics.jsonl after stopping at batch {k}"
+        );
+        assert_eq!(
+            summary_without_timing(&run),
+            want_summary,
+            "summary, stop {k}"
+        );
+    }
+}
+
+#[test]
+fn resuming_a_finished_run_changes_nothing_and_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("r");
+    two_part(&run, false, None);
+    let before = (
+        std::fs::read(run.join("metrics.jsonl")).unwrap(),
+        std::fs::read(run.join("checkpoints/last.safetensors")).unwrap(),
+        std::fs::read(run.join("summary.json")).unwrap(),
+        std::fs::read(run.join("config.toml")).unwrap(),
+    );
+    let vs = VarStore::new(0);
+    let _ = Linear::new(3, 4, vs.builder(DType::F32, &DEV).pp("g")).unwrap();
+    let dv = VarStore::new(0);
+    let _ = Linear::new(4, 1, dv.builder(DType::F32, &DEV).pp("d")).unwrap();
+    let r = RunOptions::resume(&run)
+        .open("toy", "toy-gan", &cfg(), &[])
+        .unwrap();
+    let e = Session::builder(r, 7)
+        .part(
+            "g",
+            &vs,
+            Optimizer::single(OptimKind::adam(), vs.vars(), 1e-2, 0.0).unwrap(),
+        )
+        .part(
+            "d",
+            &dv,
+            Optimizer::single(OptimKind::adamw(), dv.vars(), 2e-2, 0.01).unwrap(),
+        )
+        .epochs(EPOCHS, BATCHES)
+        .observer(QUIET)
+        .start()
+        .unwrap_err();
+    assert!(matches!(e, SessionError::Finished { .. }), "{e}");
+    let msg = e.to_string();
+    assert!(
+        msg.contains("already finished (2 of 2 epochs)") && msg.contains("nothing was changed"),
+        "{msg}"
+    );
+    let after = (
+        std::fs::read(run.join("metrics.jsonl")).unwrap(),
+        std::fs::read(run.join("checkpoints/last.safetensors")).unwrap(),
+        std::fs::read(run.join("summary.json")).unwrap(),
+        std::fs::read(run.join("config.toml")).unwrap(),
+    );
+    assert!(before == after, "a finished run was modified");
+}
+
+/// One linear model trained one step on 8 examples: as one batch (mean loss),
+/// or as `k` micro-batches whose losses are normalised by the global count.
+fn accumulated(k: usize, clip: Option<f64>) -> (Vec<f32>, Option<f64>) {
+    let dir = tempfile::tempdir().unwrap();
+    let vs = VarStore::new(4);
+    let fc = Linear::new(5, 3, vs.builder(DType::F32, &DEV).pp("fc")).unwrap();
+    let opt = Optimizer::single(OptimKind::sgd(0.9, false), vs.vars(), 0.1, 0.0).unwrap();
+    let r = RunOptions::new_run(Some(&dir.path().join("r")))
+        .open("acc", "acc", &serde_json::json!({}), &[])
+        .unwrap();
+    let mut b = Session::builder(r, 0)
+        .part("fc", &vs, opt)
+        .epochs(1, 1)
+        .observer(QUIET);
+    if let Some(c) = clip {
+        b = b.clip_grad_norm(c);
+    }
+    let mut s = b.start().unwrap();
+    let mut rng = SeededRng::new(11);
+    let x = rng.normal(&[8, 5], 0.0, 1.0, &DEV).unwrap();
+    let y = rng.normal(&[8, 3], 0.0, 1.0, &DEV).unwrap();
+    let per = 8 / k;
+    for i in 0..k {
+        let (xi, yi) = (
+            x.narrow(0, i * per, per).unwrap(),
+            y.narrow(0, i * per, per).unwrap(),
+        );
+        // Sum over the micro-batch, divided by the global element count.
+        let l =
+            (mse(&fc.forward(&xi).unwrap(), &yi, Reduction::Sum).unwrap() / (8.0 * 3.0)).unwrap();
+        s.backward("fc", &l).unwrap();
+    }
+    let norm = s.step("fc").unwrap();
+    let p = vs
+        .tensors()
+        .into_iter()
+        .flat_map(|(_, t)| t.flatten_all().unwrap().to_vec1::<f32>().unwrap())
+        .collect();
+    (p, norm)
+}
+
+#[test]
+fn accumulating_micro_batches_equals_one_batch_k_times_the_size() {
+    for clip in [None, Some(0.05)] {
+        let (big, n1) = accumulated(1, clip);
+        for k in [2, 4, 8] {
+            let (acc, nk) = accumulated(k, clip);
+            for (i, (a, b)) in big.iter().zip(&acc).enumerate() {
+                // Both sum 8 * 3 squared errors per gradient element in f32, in
+                // another order: the bound for that reduction, on the
+                // parameter's scale (one SGD step of lr 0.1 moves it by < 1).
+                let tol = f32_abs_tol(24, 1.0);
+                assert!(
+                    (a - b).abs() as f64 <= tol,
+                    "k={k} clip={clip:?} element {i}: {a} vs {b}"
+                );
+            }
+            if let (Some(a), Some(b)) = (n1, nk) {
+                assert!((a - b).abs() <= f32_abs_tol(24, a), "norms {a} vs {b}");
+                assert!(a > 0.05, "the clip must bite for this check: norm {a}");
+            }
+        }
+    }
+}
+
+#[test]
+fn the_iteration_loop_keeps_its_counter_and_cursor_across_resume() {
+    let dir = tempfile::tempdir().unwrap();
+    let go = |name: &str, resume: bool, stop: Option<u64>| -> (LoopEnd, Vec<f32>, u64) {
+        let run = dir.path().join(name);
+        let vs = VarStore::new(5);
+        let fc = Linear::new(2, 1, vs.builder(DType::F32, &DEV).pp("policy")).unwrap();
+        let opt = Optimizer::single(OptimKind::adam(), vs.vars(), 1e-2, 0.0).unwrap();
+        let opts = if resume {
+            RunOptions::resume(&run)
+        } else {
+            RunOptions::new_run(Some(&run))
+        };
+        let r = opts.open("it", "it", &serde_json::json!({}), &[]).unwrap();
+        let prompts: Vec<f32> = (0..7).map(|i| i as f32 * 0.3).collect();
+        let mut b = Session::builder(r, 1)
+            .part("policy", &vs, opt)
+            .iterations(6)
+            .checkpoint_every(2)
+            .observer(QUIET);
+        if let Some(n) = stop {
+            b = b.stop_at(n);
+        }
+        let mut s = b.start().unwrap();
+        let end = s
+            .run_iterations(|s| {
+                // Three prompts per iteration, wrapping around the set.
+                let xs: Vec<f32> = (0..3)
+                    .flat_map(|j| {
+                        let p = prompts[(s.cursor as usize + j) % prompts.len()];
+                        [p, 1.0 - p]
+                    })
+                    .collect();
+                s.cursor += 3;
+                let x = Tensor::from_vec(xs, (3, 2), &DEV)?;
+                let noise = s.rng.normal(&[3, 1], 0.0, 0.1, &DEV)?;
+                let l = (fc.forward(&x)? - noise)?.sqr()?.mean_all()?;
+                let v = s.train_step("policy", &l)?;
+                Ok::<_, SessionError>(Record::new(3).with("loss", v))
+            })
+            .unwrap();
+        let cursor = s.cursor;
+        let p = vs
+            .tensors()
+            .into_iter()
+            .flat_map(|(_, t)| t.flatten_all().unwrap().to_vec1::<f32>().unwrap())
+            .collect();
+        (end, p, cursor)
+    };
+    let (end, want, cursor) = go("a", false, None);
+    assert!(end.completed());
+    assert_eq!(cursor, 18);
+    let (end, _, _) = go("b", false, Some(3));
+    assert_eq!(end, LoopEnd::Interrupted);
+    let (end, got, cursor) = go("b", true, None);
+    assert!(end.completed());
+    assert_eq!((got, cursor), (want, 18));
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("a/metrics.jsonl")).unwrap(),
+        std::fs::read_to_string(dir.path().join("b/metrics.jsonl")).unwrap()
+    );
+}
+
+fn toy_run(path: &Path) {
+    two_part(path, false, Some(1));
+}
+
+#[test]
+fn out_on_an_existing_run_is_refused_unless_overwrite() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("r");
+    toy_run(&run);
+    let before = std::fs::read(run.join("metrics.jsonl")).unwrap();
+    let e = RunOptions::new_run(Some(&run))
+        .open("toy", "toy-gan", &cfg(), &[])
+        .unwrap_err();
+    assert!(matches!(e, RunError::Exists { .. }), "{e}");
+    let msg = e.to_string();
+    assert!(
+        msg.contains("--resume")
+            && msg.contains("--overwrite")
+            && msg.contains("already holds a run"),
+        "{msg}"
+    );
+    assert_eq!(std::fs::read(run.join("metrics.jsonl")).unwrap(), before);
+    // A folder with other files is not a run and is never cleared.
+    let other = dir.path().join("notes");
+    std::fs::create_dir_all(&other).unwrap();
+    std::fs::write(other.join("todo.txt"), "keep me").unwrap();
+    for overwrite in [false, true] {
+        let mut o = RunOptions::new_run(Some(&other));
+        o.overwrite = overwrite;
+        let e = o.open("toy", "toy-gan", &cfg(), &[]).unwrap_err();
+        assert!(matches!(e, RunError::NotEmpty { .. }), "{e}");
+    }
+    assert!(other.join("todo.txt").exists());
+    // --overwrite replaces the run.
+    let mut o = RunOptions::new_run(Some(&run));
+    o.overwrite = true;
+    let r = o.open("toy", "toy-gan", &cfg(), &[]).unwrap();
+    assert!(!r.resumed());
+    assert!(
+        !run.join("metrics.jsonl").exists() && !run.join("checkpoints/last.safetensors").exists()
+    );
+    assert!(run.join("config.toml").exists());
+}
+
+#[test]
+fn one_process_at_a_time_holds_a_run_folder() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("r");
+    toy_run(&run);
+    let held = RunOptions::resume(&run)
+        .open("toy", "toy-gan", &cfg(), &[])
+        .unwrap();
+    let e = RunOptions::resume(&run)
+        .open("toy", "toy-gan", &cfg(), &[])
+        .unwrap_err();
+    assert!(matches!(e, RunError::Locked { .. }), "{e}");
+    let msg = e.to_string();
+    assert!(
+        msg.contains("in use by another kiln process")
+            && msg.contains(&format!("pid {}", std::process::id())),
+        "{msg}"
+    );
+    let mut o = RunOptions::new_run(Some(&run));
+    o.overwrite = true;
+    assert!(matches!(
+        o.open("toy", "toy-gan", &cfg(), &[]).unwrap_err(),
+        RunError::Locked { .. }
+    ));
+    drop(held);
+    RunOptions::resume(&run)
+        .open("toy", "toy-gan", &cfg(), &[])
+        .unwrap();
+}
+
+#[test]
+fn stale_temporary_files_are_removed_when_a_run_is_opened() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("r");
+    toy_run(&run);
+    // What `kill -9` during a checkpoint write leaves (no pid reaches 4e9).
+    let stale = [
+        run.join("checkpoints/.last.safetensors.tmp-4000000001"),
+        run.join(".summary.json.tmp-4000000002"),
+    ];
+    for p in &stale {
+        std::fs::write(p, b"half a checkpoint").unwrap();
+    }
+    let _r = RunOptions::resume(&run)
+        .open("toy", "toy-gan", &cfg(), &[])
+        .unwrap();
+    for p in &stale {
+        assert!(!p.exists(), "{} was left", p.display());
+    }
+}
+
+#[test]
+fn resume_refuses_another_kind_and_changed_settings_but_allows_listed_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("r");
+    toy_run(&run);
+    let e = RunOptions::resume(&run)
+        .open("vae", "vae", &cfg(), &[])
+        .unwrap_err();
+    assert!(matches!(e, RunError::WrongKind { .. }), "{e}");
+    assert!(
+        e.to_string()
+            .contains("is a \"toy-gan\" run, not a \"vae\" run"),
+        "{e}"
+    );
+    let changed = serde_json::json!({"epochs": 5, "lr": 0.5, "extra": true});
+    let e = RunOptions::resume(&run)
+        .open("toy", "toy-gan", &changed, &["epochs"])
+        .unwrap_err();
+    let RunError::ConfigChanged { changes, .. } = &e else {
+        panic!("{e}");
+    };
+    let fields: Vec<&str> = changes.iter().map(|c| c.field.as_str()).collect();
+    assert_eq!(fields, ["extra", "lr"]);
+    let msg = e.to_string();
+    assert!(
+        msg.contains("lr is 0.01 in the run, 0.5 now")
+            && msg.contains("extra is absent in the run, true now")
+            && msg.contains("except epochs"),
+        "{msg}"
+    );
+    // An allowed change goes through and is written to config.toml.
+    let longer = serde_json::json!({"epochs": 5, "lr": 0.01});
+    drop(
+        RunOptions::resume(&run)
+            .open("toy", "toy-gan", &longer, &["epochs"])
+            .unwrap(),
+    );
+    let text = std::fs::read_to_string(run.join("config.toml")).unwrap();
+    assert!(text.contains("epochs = 5"), "{text}");
+}
+
+#[test]
+fn a_non_finite_loss_stops_before_the_update_and_names_the_part() {
+    let dir = tempfile::tempdir().unwrap();
+    let vs = VarStore::new(0);
+    let fc = Linear::new(2, 1, vs.builder(DType::F32, &DEV).pp("fc")).unwrap();
+    let opt = Optimizer::single(OptimKind::adam(), vs.vars(), 1e-2, 0.0).unwrap();
+    let r = RunOptions::new_run(Some(&dir.path().join("r")))
+        .open("nan", "nan", &serde_json::json!({}), &[])
+        .unwrap();
+    let mut s = Session::builder(r, 0)
+        .part("critic", &vs, opt)
+        .epochs(1, 1)
+        .observer(QUIET)
+        .start()
+        .unwrap();
+    let before = vs.tensors();
+    let x = Tensor::new(&[[f32::NAN, 1.0]], &DEV).unwrap();
+    let l = fc.forward(&x).unwrap().sum_all().unwrap();
+    let e = s.train_step("critic", &l).unwrap_err().to_string();
+    assert!(e.contains("critic loss is NaN at step 1"), "{e}");
+    for ((_, a), (_, b)) in before.iter().zip(vs.tensors()) {
+        assert_eq!(
+            a.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            b.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+        );
+    }
+    let e = s.train_step("generator", &l).unwrap_err().to_string();
+    assert!(
+        e.contains("no trained part \"generator\" (trained parts: critic)"),
+        "{e}"
+    );
+    let e = s.step("critic").unwrap_err().to_string();
+    assert!(e.contains("without a backward"), "{e}");
+}
+
+#[test]
+fn a_bad_session_is_refused_with_its_mistakes_listed() {
+    let dir = tempfile::tempdir().unwrap();
+    let vs = VarStore::new(0);
+    let _ = Linear::new(2, 1, vs.builder(DType::F32, &DEV).pp("fc")).unwrap();
+    let r = RunOptions::new_run(Some(&dir.path().join("r")))
+        .open("bad", "bad", &serde_json::json!({}), &[])
+        .unwrap();
+    let opt = || Optimizer::single(OptimKind::adam(), vs.vars(), 1e-2, 0.0).unwrap();
+    let e = Session::builder(r, 0)
+        .part("a.b", &vs, opt())
+        .part("a.b", &vs, opt())
+        .frozen("ref", &vs)
+        .clip_grad_norm(1.0)
+        .epochs(1, 1)
+        .start()
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("part name \"a.b\"")
+            && e.contains("given twice")
+            && e.contains("must follow a trained part"),
+        "{e}"
+    );
+}
