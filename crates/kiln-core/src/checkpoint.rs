@@ -115,6 +115,16 @@ fn tensor_bytes(t: &Tensor) -> Result<Vec<u8>> {
     })
 }
 
+/// Writes named tensors to a safetensors file atomically (temp file, fsync, rename).
+pub fn save_safetensors(
+    tensors: &[(String, Tensor)],
+    metadata: Option<HashMap<String, String>>,
+    path: &Path,
+) -> Result<()> {
+    let bytes = serialize_tensors(tensors, metadata)?;
+    write_atomic(path, &bytes).map_err(candle_core::Error::wrap)
+}
+
 /// Reads a safetensors file written by [`serialize_tensors`], verifying its
 /// structure and CRC. Returns tensors (on `device`) and metadata.
 pub fn read_tensors(

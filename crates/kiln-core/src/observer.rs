@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-use crate::run::{MetricsLog, RunError};
+use crate::run::{MetricsLog, RunError, RunOptions};
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 static HANDLER: OnceLock<bool> = OnceLock::new();
@@ -82,6 +82,17 @@ impl Default for ObserverConfig {
     fn default() -> Self {
         Self {
             quiet: false,
+            log_every: 50,
+        }
+    }
+}
+
+impl RunOptions {
+    /// The observer settings these options ask for (quiet or not; a line
+    /// every 50 steps when not on a terminal).
+    pub fn observer(&self) -> ObserverConfig {
+        ObserverConfig {
+            quiet: self.quiet,
             log_every: 50,
         }
     }

@@ -14,8 +14,6 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
-use crate::observer::ObserverConfig;
-
 /// Why a run folder operation failed.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -435,14 +433,6 @@ impl RunOptions {
     /// Whether this continues an existing run.
     pub fn is_resume(&self) -> bool {
         self.resume.is_some()
-    }
-
-    /// The observer settings these options ask for.
-    pub fn observer(&self) -> ObserverConfig {
-        ObserverConfig {
-            quiet: self.quiet,
-            log_every: 50,
-        }
     }
 
     /// Sets the thread count (if given) and opens the device.

@@ -6,7 +6,6 @@
 //! `VarStore` is the backend that builds fresh ones reproducibly.
 
 use std::collections::HashMap;
-use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use candle_core::{DType, Device, Result, Shape, Tensor, Var};
@@ -272,16 +271,6 @@ impl SimpleBackend for VarStore {
     fn contains_tensor(&self, name: &str) -> bool {
         self.data().contains_key(name)
     }
-}
-
-/// Writes named tensors to a safetensors file atomically (temp file, fsync, rename).
-pub fn save_safetensors(
-    tensors: &[(String, Tensor)],
-    metadata: Option<HashMap<String, String>>,
-    path: &Path,
-) -> Result<()> {
-    let bytes = crate::checkpoint::serialize_tensors(tensors, metadata)?;
-    crate::files::write_atomic(path, &bytes).map_err(candle_core::Error::wrap)
 }
 
 #[cfg(test)]

@@ -31,6 +31,7 @@
 //! ```
 
 pub mod cifar;
+mod color;
 pub mod dataset;
 pub mod download;
 pub mod error;

@@ -16,10 +16,10 @@ use std::f32::consts::PI;
 
 use kiln_core::rng::SeededRng;
 
+use crate::color::hsv_to_rgb;
 use crate::dataset::{check_index, Dataset, Sample, Split};
 use crate::error::{DataError, Result};
 use crate::image::Image;
-use crate::synthetic::hsv_to_rgb;
 
 /// The shape of each class, in label order.
 pub const SHAPE_KINDS: [&str; 8] = [

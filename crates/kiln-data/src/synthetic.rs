@@ -10,6 +10,7 @@ use std::f32::consts::PI;
 
 use kiln_core::rng::SeededRng;
 
+use crate::color::hsv_to_rgb;
 use crate::dataset::{check_index, Dataset, Sample, Split};
 use crate::error::{DataError, Result};
 use crate::image::Image;
@@ -513,24 +514,6 @@ fn background(sp: &Species, inst: &Instance, u: f32, v: f32) -> [f32; 3] {
     std::array::from_fn(|c| {
         ((sp.bg_top[c] * (1.0 - g) + sp.bg_bottom[c] * g) * gain).clamp(0.0, 1.0)
     })
-}
-
-/// HSV (all in [0, 1]) to RGB.
-pub(crate) fn hsv_to_rgb([h, s, v]: [f32; 3]) -> [f32; 3] {
-    let h6 = h.rem_euclid(1.0) * 6.0;
-    let i = h6.floor();
-    let f = h6 - i;
-    let p = v * (1.0 - s);
-    let q = v * (1.0 - s * f);
-    let t = v * (1.0 - s * (1.0 - f));
-    match i as i32 {
-        0 => [v, t, p],
-        1 => [q, v, p],
-        2 => [p, v, t],
-        3 => [p, q, v],
-        4 => [t, p, v],
-        _ => [v, p, q],
-    }
 }
 
 impl Dataset for SyntheticFlowers {

@@ -459,7 +459,7 @@ fn shift_hue(img: &mut Image, shift: f32) {
         let rgb = [img.data[i], img.data[n + i], img.data[2 * n + i]];
         let mut hsv = rgb_to_hsv(rgb);
         hsv[0] = (hsv[0] + shift).rem_euclid(1.0);
-        let out = crate::synthetic::hsv_to_rgb(hsv);
+        let out = crate::color::hsv_to_rgb(hsv);
         img.data[i] = out[0];
         img.data[n + i] = out[1];
         img.data[2 * n + i] = out[2];
@@ -805,7 +805,7 @@ mod tests {
         assert!((g.data[0] - 0.299).abs() < 1e-6);
         // hue round trip
         let hsv = rgb_to_hsv([0.2, 0.6, 0.9]);
-        let back = crate::synthetic::hsv_to_rgb(hsv);
+        let back = crate::color::hsv_to_rgb(hsv);
         for (a, b) in back.iter().zip([0.2, 0.6, 0.9]) {
             assert!((a - b).abs() < 1e-5);
         }

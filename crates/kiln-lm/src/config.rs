@@ -211,7 +211,7 @@ impl Gpt2Config {
                 return bad(f, format!("must be in [0, 1), got {p}"));
             }
         }
-        if crate::model::Activation::parse(&self.activation_function).is_none() {
+        if Activation::parse(&self.activation_function).is_none() {
             return bad(
                 "activation_function",
                 format!(
@@ -255,6 +255,32 @@ impl Gpt2Config {
             o.insert("use_cache".into(), serde_json::json!(true));
         }
         v
+    }
+}
+
+/// The MLP's activation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    /// `gelu_new`/`gelu_pytorch_tanh`: the tanh approximation GPT-2 uses.
+    GeluTanh,
+    /// `gelu`: the exact erf form.
+    GeluErf,
+    /// `relu`.
+    Relu,
+    /// `silu`/`swish`.
+    Silu,
+}
+
+impl Activation {
+    /// Parses transformers' `activation_function` names.
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => Self::GeluTanh,
+            "gelu" => Self::GeluErf,
+            "relu" => Self::Relu,
+            "silu" | "swish" => Self::Silu,
+            _ => return None,
+        })
     }
 }
 

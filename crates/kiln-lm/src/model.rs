@@ -13,31 +13,9 @@ use kiln_core::vars::SharedRng;
 use crate::config::Gpt2Config;
 use crate::error::{LmError, Result};
 
-/// The MLP's activation.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Activation {
-    /// `gelu_new`/`gelu_pytorch_tanh`: the tanh approximation GPT-2 uses.
-    GeluTanh,
-    /// `gelu`: the exact erf form.
-    GeluErf,
-    /// `relu`.
-    Relu,
-    /// `silu`/`swish`.
-    Silu,
-}
+pub use crate::config::Activation;
 
 impl Activation {
-    /// Parses transformers' `activation_function` names.
-    pub fn parse(s: &str) -> Option<Self> {
-        Some(match s {
-            "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => Self::GeluTanh,
-            "gelu" => Self::GeluErf,
-            "relu" => Self::Relu,
-            "silu" | "swish" => Self::Silu,
-            _ => return None,
-        })
-    }
-
     fn apply(self, x: &Tensor) -> candle_core::Result<Tensor> {
         match self {
             Self::GeluTanh => kiln_core::ops::gelu_tanh(x),

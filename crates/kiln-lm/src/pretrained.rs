@@ -315,7 +315,7 @@ impl Gpt2 {
         let mut meta = std::collections::HashMap::new();
         meta.insert("format".to_string(), "pt".to_string());
         let p = dir.join(WEIGHTS);
-        kiln_core::vars::save_safetensors(&tensors, Some(meta), &p)
+        kiln_core::checkpoint::save_safetensors(&tensors, Some(meta), &p)
             .map_err(|e| LmError::file(&p, e.to_string()))?;
         write_json("config.json", &cfg.to_hf_json())?;
         let mut gen = serde_json::json!({ "_from_model_config": true });

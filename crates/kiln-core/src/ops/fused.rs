@@ -598,7 +598,7 @@ mod tests {
             let r = rand(&shape, seed + 10, 1.0);
             let (y, g) = fwd_bwd(&x, &r, crate::ops::softmax_last_dim);
             let (yc, gc) = fwd_bwd(&x, &r, |t| {
-                crate::nn::softmax_composite(t, 1 + shape.len() - 2)
+                crate::ops::composite::softmax_composite(t, 1 + shape.len() - 2)
             });
             assert!(max_diff(&y, &yc) < 1e-6, "{shape:?}");
             assert!(max_diff(&g, &gc) < 1e-5, "{shape:?}");
@@ -644,7 +644,7 @@ mod tests {
                 let f = if fused {
                     crate::ops::layer_norm
                 } else {
-                    crate::nn::layer_norm_composite
+                    crate::ops::composite::layer_norm_composite
                 };
                 let y = f(xv.as_tensor(), w.as_tensor(), b.as_tensor(), 1e-5).unwrap();
                 let gs = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();

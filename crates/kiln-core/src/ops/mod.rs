@@ -52,6 +52,7 @@ macro_rules! by_float {
 }
 
 mod act;
+pub(crate) mod composite;
 mod conv;
 #[cfg(feature = "cuda")]
 pub(crate) mod cuda;
@@ -196,7 +197,7 @@ pub fn avg_pool2d(x: &Tensor, kernel: usize, stride: usize) -> Result<Tensor> {
 /// `grad * (onehot - softmax)` straight into the logits' gradient.
 pub fn token_logprobs(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
     if !kiln_any(&[logits]) || !targets.device().same_device(logits.device()) {
-        let lp = crate::nn::log_softmax(logits, candle_core::D::Minus1)?;
+        let lp = composite::log_softmax(logits, candle_core::D::Minus1)?;
         let idx = targets
             .to_dtype(DType::U32)?
             .unsqueeze(candle_core::D::Minus1)?;
@@ -212,7 +213,7 @@ pub fn token_logprobs(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
 /// backward that needs no `[.., V]` intermediate beyond the gradient itself.
 pub fn token_entropy(logits: &Tensor) -> Result<Tensor> {
     if !kiln_any(&[logits]) {
-        let lp = crate::nn::log_softmax(logits, candle_core::D::Minus1)?;
+        let lp = composite::log_softmax(logits, candle_core::D::Minus1)?;
         return (lp.exp()? * &lp)?.sum(candle_core::D::Minus1)?.neg();
     }
     logits.contiguous()?.apply_op1(token::TokenEntropy)
@@ -238,7 +239,7 @@ pub fn gelu_tanh(x: &Tensor) -> Result<Tensor> {
 /// (`y * (g - sum(g * y))`) on the CPU; the max-subtracted composite elsewhere.
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     if !kiln_f32(&[x]) {
-        return crate::nn::softmax_composite(x, candle_core::D::Minus1);
+        return composite::softmax_composite(x, candle_core::D::Minus1);
     }
     x.contiguous()?.apply_op1(fused::SoftmaxLast)
 }
@@ -247,7 +248,7 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
 /// with gradients to `x`, `w` and `b` in two passes on the CPU.
 pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
     if !kiln_f32(&[x, w, b]) {
-        return crate::nn::layer_norm_composite(x, w, b, eps);
+        return composite::layer_norm_composite(x, w, b, eps);
     }
     x.contiguous()?.apply_op3(
         &w.contiguous()?,
