@@ -56,10 +56,11 @@ impl Cifar10 {
                 .collect(),
             Split::Test => vec![dir.join("test_batch.bin")],
             Split::Val => {
-                return Err(DataError::config(
-                    "split",
-                    "CIFAR-10 has train and test splits only, found val",
-                ))
+                return Err(DataError::NoSplit {
+                    dataset: "cifar10".into(),
+                    split,
+                    hint: "it has train and test splits only".into(),
+                })
             }
         };
         let mut data = Vec::new();

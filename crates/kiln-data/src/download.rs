@@ -218,8 +218,9 @@ fn verified(path: &Path, md5: &str) -> Result<bool> {
 }
 
 /// Checks the md5 of `part`, then renames it to `dest`; on mismatch removes
-/// `part` and reports a [`DataError::Checksum`] for `shown`.
-fn finish(part: &Path, dest: &Path, md5: &str, shown: &Path) -> Result<()> {
+/// `part` (kiln's own temporary copy, never the user's file) and reports a
+/// [`DataError::Checksum`] for `shown` with `hint`.
+fn finish(part: &Path, dest: &Path, md5: &str, shown: &Path, hint: String) -> Result<()> {
     let got = md5_file(part)?;
     if !got.eq_ignore_ascii_case(md5) {
         let _ = fs::remove_file(part);
@@ -227,6 +228,7 @@ fn finish(part: &Path, dest: &Path, md5: &str, shown: &Path) -> Result<()> {
             path: shown.to_path_buf(),
             expected: md5.to_string(),
             found: got,
+            hint,
         });
     }
     fs::rename(part, dest).map_err(|e| DataError::io(dest, e))
@@ -334,7 +336,14 @@ pub fn fetch_file(urls: &[String], dest: &Path, md5: &str, progress: bool) -> Re
     let mut last = None;
     for url in urls {
         match download_to_part(url, &part, progress) {
-            Ok(()) => return finish(&part, dest, md5, dest),
+            Ok(()) => {
+                let hint = format!(
+                    "the downloaded data was discarded, not installed as {}: run the \
+                     command again; if it keeps failing, the server or a proxy alters the file",
+                    dest.display()
+                );
+                return finish(&part, dest, md5, dest, hint);
+            }
             Err(e) => last = Some(e),
         }
     }
@@ -345,7 +354,12 @@ pub fn fetch_file(urls: &[String], dest: &Path, md5: &str, progress: bool) -> Re
 fn copy_verified(src: &Path, dest: &Path, md5: &str) -> Result<()> {
     let part = with_suffix(dest, ".part");
     fs::copy(src, &part).map_err(|e| DataError::io(src, e))?;
-    let r = finish(&part, dest, md5, src);
+    let hint = format!(
+        "this --from file is not the published one; it was left untouched and not \
+         installed as {}: replace it with a good copy, or drop --from to download it",
+        dest.display()
+    );
+    let r = finish(&part, dest, md5, src, hint);
     if r.is_err() {
         let _ = fs::remove_file(&part);
     }

@@ -39,7 +39,10 @@ pub enum DataError {
         found: String,
     },
     /// A file ends before the data its header announces.
-    #[error("{path}: truncated: expected {expected} bytes, found {found}")]
+    #[error(
+        "{path}: truncated: expected {expected} bytes, found {found}; the file is incomplete: \
+         download or copy it again"
+    )]
     Truncated {
         /// The file.
         path: PathBuf,
@@ -48,8 +51,11 @@ pub enum DataError {
         /// Actual size in bytes.
         found: u64,
     },
-    /// An image could not be decoded.
-    #[error("{path}: cannot decode image: {msg} (set `skip_corrupt` to skip such files)")]
+    /// An image could not be decoded (damaged, truncated or not an image).
+    #[error(
+        "{path}: cannot decode image: {msg}; the file is damaged or not a JPEG/PNG: replace \
+         it with a good copy or remove it"
+    )]
     Decode {
         /// The image file (or `archive:entry`).
         path: PathBuf,
@@ -69,14 +75,17 @@ pub enum DataError {
         classes: usize,
     },
     /// A downloaded or provided file does not have the published checksum.
-    #[error("{path}: md5 mismatch: expected {expected}, found {found}; the bad copy was deleted, fetch the file again")]
+    #[error("{path}: md5 mismatch: expected {expected}, found {found}; {hint}")]
     Checksum {
-        /// The file (removed).
+        /// The file checked: the download's destination, or the user's
+        /// `--from` file (which is never modified or removed).
         path: PathBuf,
         /// The published md5.
         expected: String,
         /// The md5 of the data received.
         found: String,
+        /// What happened to the data and what to do.
+        hint: String,
     },
     /// An HTTP transfer failed.
     #[error("{url}: {msg}")]
@@ -124,6 +133,19 @@ pub enum DataError {
         /// This item's shape.
         found: Vec<usize>,
     },
+    /// The dataset has no such split (e.g. a validation split of MNIST, or a
+    /// test split of an image folder without a `test/` sub-folder). Callers
+    /// that can do without the split may go on without it, saying so; a
+    /// split that exists but cannot be read is another error.
+    #[error("{dataset} has no {split} split; {hint}")]
+    NoSplit {
+        /// The dataset (`mnist`, `folder:PATH`, ...).
+        dataset: String,
+        /// The split asked for.
+        split: crate::dataset::Split,
+        /// Which splits there are, and how to add the missing one.
+        hint: String,
+    },
     /// A tokenizer failed.
     #[error("tokenizer: {0}")]
     Tokenizer(String),
@@ -170,6 +192,12 @@ impl DataError {
     /// Whether this is an undecodable-image error (what `skip_corrupt` skips).
     pub fn is_corrupt_image(&self) -> bool {
         matches!(self, DataError::Decode { .. })
+    }
+
+    /// Whether the dataset simply has no such split ([`DataError::NoSplit`]),
+    /// as opposed to a split that is there but broken.
+    pub fn is_missing_split(&self) -> bool {
+        matches!(self, DataError::NoSplit { .. })
     }
 }
 

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use crate::dataset::{check_index, Dataset, Sample, Split};
 use crate::error::{read_file, DataError, Result};
 use crate::image::{ColorMode, Image};
+use crate::mat::mat_integers;
 
 /// Number of Flowers102 classes.
 pub const FLOWERS102_CLASSES: usize = 102;
@@ -15,51 +16,6 @@ fn hint(root: &Path) -> String {
         "run `cargo xtask download flowers102 --data-root {}` (or point --data-root at a folder holding flowers-102/)",
         root.display()
     )
-}
-
-/// Reads a numeric variable of a MATLAB v5 file as integers (the labels and
-/// ids are stored as class double, with data in miUINT8/miUINT16 elements).
-pub(crate) fn mat_integers(path: &Path, bytes: &[u8], var: &str) -> Result<Vec<i64>> {
-    let mat = matfile::MatFile::parse(bytes).map_err(|e| {
-        DataError::format(path, "MATLAB v5 file", "a readable .mat (level 5) file", e)
-    })?;
-    let Some(arr) = mat.find_by_name(var) else {
-        let names: Vec<&str> = mat.arrays().iter().map(|a| a.name()).collect();
-        return Err(DataError::format(
-            path,
-            format!("variable `{var}`"),
-            "present",
-            format!("absent (variables: {})", names.join(", ")),
-        ));
-    };
-    use matfile::NumericData as N;
-    let vals: Vec<f64> = match arr.data() {
-        N::Double { real, .. } => real.clone(),
-        N::Single { real, .. } => real.iter().map(|&x| f64::from(x)).collect(),
-        N::UInt8 { real, .. } => real.iter().map(|&x| f64::from(x)).collect(),
-        N::UInt16 { real, .. } => real.iter().map(|&x| f64::from(x)).collect(),
-        N::Int16 { real, .. } => real.iter().map(|&x| f64::from(x)).collect(),
-        N::Int32 { real, .. } => real.iter().map(|&x| f64::from(x)).collect(),
-        N::UInt32 { real, .. } => real.iter().map(|&x| f64::from(x)).collect(),
-        N::Int8 { real, .. } => real.iter().map(|&x| f64::from(x)).collect(),
-        N::Int64 { real, .. } => real.iter().map(|&x| x as f64).collect(),
-        N::UInt64 { real, .. } => real.iter().map(|&x| x as f64).collect(),
-    };
-    vals.iter()
-        .enumerate()
-        .map(|(i, &v)| {
-            if v.fract() == 0.0 && v.is_finite() {
-                Ok(v as i64)
-            } else {
-                Err(DataError::format(
-                    path,
-                    format!("`{var}`[{i}]"),
-                    "an integer",
-                    v,
-                ))
-            }
-        })
-        .collect()
 }
 
 /// Oxford Flowers102: 1020 train, 1020 val and 6149 test images, labels 0..101.

@@ -7,7 +7,12 @@ use crate::error::{read_file, DataError, Result};
 use crate::image::{ColorMode, Image};
 
 /// Pictures sorted into one sub-folder per class (torchvision's `ImageFolder`).
-/// Classes are the sub-folder names in sorted order; files are sorted by name.
+///
+/// Classes are the sub-folder names in sorted order, so the label of a class
+/// depends only on the folder names, never on which folders hold images;
+/// files are sorted by name. A class folder without images is refused
+/// unless [`FolderOptions::allow_empty`] is set (then the class keeps its
+/// label and has no items), as torchvision's `allow_empty`.
 #[derive(Debug, Clone)]
 pub struct ImageFolder {
     root: PathBuf,
@@ -15,6 +20,23 @@ pub struct ImageFolder {
     items: Vec<(PathBuf, usize)>,
     mode: ColorMode,
 }
+
+/// How [`ImageFolder`] scans a folder.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct FolderOptions {
+    /// How pictures decode ([`ColorMode::Native`] is read as RGB).
+    pub mode: ColorMode,
+    /// Keep class folders that hold no image (the class keeps its label and
+    /// has no items) instead of refusing them.
+    pub allow_empty: bool,
+}
+
+/// The split sub-folder names [`ImageFolder::for_split`] recognises.
+const SPLIT_DIRS: [(Split, &[&str]); 3] = [
+    (Split::Train, &["train"]),
+    (Split::Val, &["val", "valid", "validation"]),
+    (Split::Test, &["test"]),
+];
 
 fn is_image(p: &Path) -> bool {
     p.extension()
@@ -43,37 +65,72 @@ fn sorted_entries(dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(v)
 }
 
+/// The class sub-folders of `dir` (hidden ones skipped), sorted by name.
+fn class_dirs(dir: &Path) -> Result<Vec<(String, PathBuf)>> {
+    Ok(sorted_entries(dir)?
+        .into_iter()
+        .filter(|p| p.is_dir())
+        .filter_map(|p| {
+            let name = p.file_name()?.to_string_lossy().into_owned();
+            (!name.starts_with('.')).then_some((name, p))
+        })
+        .collect())
+}
+
+/// The split folder of `split` under `root`, if there is one.
+fn split_dir(root: &Path, split: Split) -> Option<PathBuf> {
+    SPLIT_DIRS
+        .iter()
+        .filter(|(s, _)| *s == split)
+        .flat_map(|(_, names)| names.iter())
+        .map(|n| root.join(n))
+        .find(|p| p.is_dir())
+}
+
 impl ImageFolder {
-    /// Scans `root`; pictures decode as RGB.
+    /// Scans `root`; pictures decode as RGB; empty class folders are refused.
     pub fn new(root: impl AsRef<Path>) -> Result<Self> {
-        Self::with_mode(root, ColorMode::Rgb)
+        Self::with_options(root, &FolderOptions::default())
     }
 
-    /// Scans `root`; pictures decode as `mode` ([`ColorMode::Native`] is read as RGB).
+    /// Scans `root`; pictures decode as `mode` ([`ColorMode::Native`] is read
+    /// as RGB); empty class folders are refused.
     pub fn with_mode(root: impl AsRef<Path>, mode: ColorMode) -> Result<Self> {
+        Self::with_options(
+            root,
+            &FolderOptions {
+                mode,
+                ..Default::default()
+            },
+        )
+    }
+
+    /// Scans `root` with all options.
+    pub fn with_options(root: impl AsRef<Path>, opts: &FolderOptions) -> Result<Self> {
         let root = root.as_ref().to_path_buf();
-        let mode = if mode == ColorMode::Native {
+        let mode = if opts.mode == ColorMode::Native {
             ColorMode::Rgb
         } else {
-            mode
+            opts.mode
         };
         let mut classes = Vec::new();
         let mut items = Vec::new();
-        for dir in sorted_entries(&root)?.into_iter().filter(|p| p.is_dir()) {
-            let name = dir
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default();
-            if name.starts_with('.') {
-                continue;
-            }
+        for (name, dir) in class_dirs(&root)? {
             let label = classes.len();
             let files: Vec<PathBuf> = sorted_entries(&dir)?
                 .into_iter()
                 .filter(|p| p.is_file() && is_image(p))
                 .collect();
-            if files.is_empty() {
-                continue;
+            if files.is_empty() && !opts.allow_empty {
+                return Err(DataError::format(
+                    &dir,
+                    "class folder",
+                    "at least one .jpg/.jpeg/.png file (one sub-folder per class)",
+                    format!(
+                        "none; add images of class {name:?} or remove the folder (removing it \
+                         renumbers the classes after it, so do the same in every split)"
+                    ),
+                ));
             }
             classes.push(name);
             items.extend(files.into_iter().map(|f| (f, label)));
@@ -94,21 +151,110 @@ impl ImageFolder {
         })
     }
 
-    /// For `folder:PATH` specs: `PATH/<split>` (`train`, `val`/`valid`, `test`)
-    /// when it exists, else `PATH` for every split.
+    /// For `folder:PATH` specs: `PATH/<split>` (`train`, `val`/`valid`/`validation`,
+    /// `test`), with empty class folders refused. See [`ImageFolder::for_split_with`].
     pub fn for_split(root: impl AsRef<Path>, split: Split, mode: ColorMode) -> Result<Self> {
+        Self::for_split_with(
+            root,
+            split,
+            &FolderOptions {
+                mode,
+                ..Default::default()
+            },
+        )
+    }
+
+    /// For `folder:PATH` specs: `PATH/<split>` (`train`, `val`/`valid`/`validation`,
+    /// `test`) when `PATH` has split folders; their class folders must have
+    /// the same names, so every split numbers the classes alike. Without
+    /// split folders, `PATH` itself is the train split and the other splits
+    /// are [`DataError::NoSplit`]: the same pictures are never used for
+    /// training and testing.
+    pub fn for_split_with(
+        root: impl AsRef<Path>,
+        split: Split,
+        opts: &FolderOptions,
+    ) -> Result<Self> {
         let root = root.as_ref();
-        let names: &[&str] = match split {
-            Split::Train => &["train"],
-            Split::Val => &["val", "valid", "validation"],
-            Split::Test => &["test"],
+        let present: Vec<(Split, PathBuf)> = SPLIT_DIRS
+            .iter()
+            .filter_map(|(s, _)| split_dir(root, *s).map(|d| (*s, d)))
+            .collect();
+        let dataset = format!("folder:{}", root.display());
+        let Some((_, dir)) = present.iter().find(|(s, _)| *s == split) else {
+            if present.is_empty() {
+                if split == Split::Train {
+                    return Self::with_options(root, opts);
+                }
+                return Err(DataError::NoSplit {
+                    dataset,
+                    split,
+                    hint: format!(
+                        "{} has no train/ and {split}/ sub-folders, so all its pictures are \
+                         the training split; to evaluate on held-out pictures, put them in \
+                         {split}/<class>/ and the training ones in train/<class>/",
+                        root.display()
+                    ),
+                });
+            }
+            let names: Vec<String> = present
+                .iter()
+                .map(|(_, d)| format!("{}/", d.file_name().unwrap_or_default().to_string_lossy()))
+                .collect();
+            if split == Split::Train {
+                return Err(DataError::Missing {
+                    path: root.join("train"),
+                    hint: format!(
+                        "{} has split folders ({}) but no train/: put the training pictures \
+                         in train/<class>/",
+                        root.display(),
+                        names.join(", ")
+                    ),
+                });
+            }
+            return Err(DataError::NoSplit {
+                dataset,
+                split,
+                hint: format!(
+                    "{} has {} but no {split}/ sub-folder",
+                    root.display(),
+                    names.join(", ")
+                ),
+            });
         };
-        for n in names {
-            if root.join(n).is_dir() {
-                return Self::with_mode(root.join(n), mode);
+        let folder = Self::with_options(dir, opts)?;
+        for (other, odir) in present.iter().filter(|(s, _)| *s != split) {
+            let theirs: Vec<String> = class_dirs(odir)?.into_iter().map(|(n, _)| n).collect();
+            if theirs != folder.classes {
+                let only = |a: &[String], b: &[String]| -> String {
+                    let v: Vec<&str> = a
+                        .iter()
+                        .filter(|x| !b.contains(x))
+                        .map(String::as_str)
+                        .collect();
+                    if v.is_empty() {
+                        "none".into()
+                    } else {
+                        v.join(", ")
+                    }
+                };
+                return Err(DataError::format(
+                    root,
+                    "class folders",
+                    format!(
+                        "the same class folders in {split}/ and {other}/, so both number the \
+                         classes alike"
+                    ),
+                    format!(
+                        "only in {split}/: {}; only in {other}/: {}; rename, add or remove \
+                         class folders so every split has the same ones",
+                        only(&folder.classes, &theirs),
+                        only(&theirs, &folder.classes)
+                    ),
+                ));
             }
         }
-        Self::with_mode(root, mode)
+        Ok(folder)
     }
 
     /// The class names, in label order.

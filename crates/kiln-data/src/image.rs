@@ -123,11 +123,19 @@ impl Image {
     }
 
     /// Decodes a PNG or JPEG held in memory; `origin` names it in errors.
+    ///
+    /// A truncated JPEG is refused ([`DataError::Decode`]): the `image`
+    /// crate's decoder fills the missing part with grey and reports success,
+    /// so the file's structure is checked up to its end-of-image marker first.
     pub fn decode(bytes: &[u8], mode: ColorMode, origin: &Path) -> Result<Self> {
-        let img = image::load_from_memory(bytes).map_err(|e| DataError::Decode {
+        let err = |msg: String| DataError::Decode {
             path: origin.to_path_buf(),
-            msg: e.to_string(),
-        })?;
+            msg,
+        };
+        if bytes.starts_with(&[0xff, 0xd8]) {
+            check_jpeg_complete(bytes).map_err(err)?;
+        }
+        let img = image::load_from_memory(bytes).map_err(|e| err(e.to_string()))?;
         Ok(Self::from_dynamic(&img, mode))
     }
 
@@ -213,6 +221,88 @@ impl Image {
     /// Writes a PNG (through a temporary file renamed into place).
     pub fn save_png(&self, path: &Path) -> Result<()> {
         crate::util::write_atomic(path, &self.to_png()?)
+    }
+}
+
+/// Checks that a JPEG's marker structure runs to its end-of-image marker
+/// (`FF D9`): every segment's length fits in the data, and each scan's
+/// entropy-coded data is followed by another marker. Returns what is wrong
+/// otherwise (a truncated file, as a cut download or copy leaves it).
+pub fn check_jpeg_complete(bytes: &[u8]) -> std::result::Result<(), String> {
+    let n = bytes.len();
+    let cut = |at: usize, what: &str| {
+        Err(format!(
+            "truncated JPEG: the data ends at byte {n} inside {what} starting at byte {at}, \
+             before the end-of-image marker"
+        ))
+    };
+    if !bytes.starts_with(&[0xff, 0xd8]) {
+        return Err("not a JPEG: it does not start with the start-of-image marker FF D8".into());
+    }
+    let mut i = 2;
+    loop {
+        // a marker: FF, optional FF fill bytes, then the code
+        if i >= n {
+            return cut(i, "the next marker");
+        }
+        if bytes[i] != 0xff {
+            // extraneous bytes before a marker: skipped, as libjpeg does
+            match bytes[i..].iter().position(|&b| b == 0xff) {
+                Some(k) => i += k,
+                None => return cut(i, "bytes before the next marker"),
+            }
+        }
+        let at = i;
+        while i < n && bytes[i] == 0xff {
+            i += 1;
+        }
+        if i >= n {
+            return cut(at, "a marker");
+        }
+        let code = bytes[i];
+        i += 1;
+        match code {
+            0xd9 => return Ok(()),
+            // standalone markers: restart, TEM
+            0xd0..=0xd7 | 0x01 => continue,
+            _ => {}
+        }
+        if i + 2 > n {
+            return cut(at, "a segment header");
+        }
+        let len = usize::from(u16::from_be_bytes([bytes[i], bytes[i + 1]]));
+        if len < 2 {
+            return Err(format!(
+                "damaged JPEG: segment at byte {at} has length {len}, below the minimum of 2"
+            ));
+        }
+        if i + len > n {
+            return cut(at, &format!("a {len}-byte segment"));
+        }
+        i += len;
+        if code == 0xda {
+            // entropy-coded data: runs to the next marker that is not a
+            // stuffed byte (FF 00), a restart marker or fill
+            let scan = i;
+            loop {
+                if i + 1 >= n {
+                    return cut(scan, "the image data of a scan");
+                }
+                if bytes[i] == 0xff {
+                    let next = bytes[i + 1];
+                    if next == 0x00 || (0xd0..=0xd7).contains(&next) {
+                        i += 2;
+                        continue;
+                    }
+                    if next == 0xff {
+                        i += 1;
+                        continue;
+                    }
+                    break;
+                }
+                i += 1;
+            }
+        }
     }
 }
 

@@ -46,13 +46,15 @@ pub mod spec;
 pub mod synthetic;
 pub mod text;
 pub mod transforms;
+mod mat;
+mod sizes;
 mod util;
 
 pub use cifar::Cifar10;
 pub use dataset::{Cached, Dataset, Mapped, Sample, Split, Subset};
 pub use error::{DataError, Result};
 pub use flowers::Flowers102;
-pub use folder::ImageFolder;
+pub use folder::{FolderOptions, ImageFolder};
 pub use image::{ColorMode, Image};
 pub use loader::{Batch, DataLoader, Epoch, LoaderConfig};
 pub use mnist::Mnist;

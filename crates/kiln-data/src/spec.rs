@@ -10,7 +10,7 @@ use crate::cifar::Cifar10;
 use crate::dataset::{Cached, Dataset, Mapped, Split};
 use crate::error::{DataError, Result};
 use crate::flowers::Flowers102;
-use crate::folder::ImageFolder;
+use crate::folder::{FolderOptions, ImageFolder};
 use crate::image::ColorMode;
 use crate::mnist::Mnist;
 use crate::shapes::{SyntheticShapes, SyntheticShapesConfig};
@@ -110,6 +110,9 @@ pub struct OpenOptions {
     /// memory ([`Cached`]): worth it for small sets read for
     /// many epochs, such as Flowers102's 1020 training images at 32x32.
     pub cache: bool,
+    /// `folder:PATH` only: keep class folders without pictures (the class
+    /// keeps its label and has no items) instead of refusing them.
+    pub allow_empty_classes: bool,
 }
 
 impl Default for OpenOptions {
@@ -122,6 +125,7 @@ impl Default for OpenOptions {
             synthetic: SyntheticFlowersConfig::default(),
             shapes: SyntheticShapesConfig::default(),
             cache: false,
+            allow_empty_classes: false,
         }
     }
 }
@@ -173,7 +177,14 @@ pub fn open_with(
         DatasetSpec::Flowers102 => Box::new(Flowers102::new(data_root, split)?),
         DatasetSpec::Cifar10 => Box::new(Cifar10::new(data_root, split)?),
         DatasetSpec::Mnist => Box::new(Mnist::new(data_root, split)?),
-        DatasetSpec::Folder(p) => Box::new(ImageFolder::for_split(p, split, ColorMode::Rgb)?),
+        DatasetSpec::Folder(p) => Box::new(ImageFolder::for_split_with(
+            p,
+            split,
+            &FolderOptions {
+                mode: ColorMode::Rgb,
+                allow_empty: opts.allow_empty_classes,
+            },
+        )?),
     };
     let mut steps = Compose::new();
     let mut channels = base.channels();

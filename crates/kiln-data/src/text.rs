@@ -71,7 +71,7 @@ impl TokenBlocks {
     ) -> Result<Self> {
         let mut docs = Vec::with_capacity(paths.len());
         for p in paths {
-            let text = std::fs::read_to_string(p).map_err(|e| DataError::io(p, e))?;
+            let text = read_text(p)?;
             docs.push(encode(tokenizer, &text).map_err(|e| at_file(p, e))?);
         }
         Self::pack(docs, block_size, separator)
@@ -84,7 +84,7 @@ impl TokenBlocks {
         block_size: usize,
         separator: Option<u32>,
     ) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| DataError::io(path, e))?;
+        let text = read_text(path)?;
         let docs = text
             .lines()
             .filter(|l| !l.trim().is_empty())
@@ -150,6 +150,22 @@ impl TokenBlocks {
         let chunks: Vec<Vec<usize>> = order.chunks(bs).map(<[usize]>::to_vec).collect();
         chunks.into_iter().map(move |c| self.batch(&c, device))
     }
+}
+
+/// Reads a UTF-8 text file; a missing file or bytes that are not UTF-8 are
+/// errors naming the file (and the line of the first bad byte).
+pub fn read_text(path: &Path) -> Result<String> {
+    let bytes = crate::error::read_file(path, "expected a UTF-8 text file")?;
+    String::from_utf8(bytes).map_err(|e| {
+        let at = e.utf8_error().valid_up_to();
+        let line = 1 + e.as_bytes()[..at].iter().filter(|&&b| b == b'\n').count();
+        DataError::format(
+            path,
+            format!("line {line}"),
+            "UTF-8 text",
+            format!("a byte that is not UTF-8 at byte {at}; convert the file to UTF-8"),
+        )
+    })
 }
 
 fn encode(tokenizer: &Tokenizer, text: &str) -> Result<Vec<u32>> {
@@ -333,6 +349,9 @@ pub enum TextSource {
     Files(PathBuf),
 }
 
+/// The most reviews `synthetic-reviews:N` writes (about 150 MB of text).
+pub const MAX_SYNTHETIC_REVIEWS: usize = 1_000_000;
+
 /// The names [`TextSource`] accepts, for help texts.
 pub const TEXT_SOURCES: &str = "synthetic-reviews[:N], lines:PATH, files:PATH";
 
@@ -349,12 +368,18 @@ impl std::str::FromStr for TextSource {
             return Ok(Self::SyntheticReviews(2000));
         }
         if let Some(n) = s.strip_prefix("synthetic-reviews:") {
-            let n = n.parse().map_err(|_| {
+            let bad = || {
                 DataError::config(
                     "text corpus",
-                    format!("expected synthetic-reviews:N with a count, found {s:?}"),
+                    format!(
+                        "expected synthetic-reviews:N with N in 1..={MAX_SYNTHETIC_REVIEWS}, found {s:?}"
+                    ),
                 )
-            })?;
+            };
+            let n: usize = n.parse().map_err(|_| bad())?;
+            if !(1..=MAX_SYNTHETIC_REVIEWS).contains(&n) {
+                return Err(bad());
+            }
             return Ok(Self::SyntheticReviews(n));
         }
         Err(DataError::config(
@@ -373,7 +398,7 @@ impl TextSource {
                 .map(|r| r.text)
                 .collect()),
             Self::Lines(p) => {
-                let text = std::fs::read_to_string(p).map_err(|e| DataError::io(p, e))?;
+                let text = read_text(p)?;
                 Ok(text
                     .lines()
                     .filter(|l| !l.trim().is_empty())
@@ -400,10 +425,7 @@ impl TextSource {
                         "none",
                     ));
                 }
-                files
-                    .iter()
-                    .map(|f| std::fs::read_to_string(f).map_err(|e| DataError::io(f, e)))
-                    .collect()
+                files.iter().map(|f| read_text(f)).collect()
             }
         }
     }
@@ -448,7 +470,7 @@ impl Turns {
 /// A preference pair: for `prompt`, `chosen` was preferred over `rejected`.
 /// Without a prompt (TRL's implicit-prompt form) the completions hold the
 /// whole conversation.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PreferencePair {
     /// The prompt, if explicit.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -457,6 +479,10 @@ pub struct PreferencePair {
     pub chosen: Turns,
     /// The other completion.
     pub rejected: Turns,
+    /// How strongly `chosen` is preferred (TRL's optional `margin` column,
+    /// subtracted inside the reward model's Bradley-Terry loss); a finite number.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub margin: Option<f64>,
 }
 
 fn kind(v: &Value) -> &'static str {
@@ -523,10 +549,28 @@ fn parse_pair(line: &str) -> std::result::Result<PreferencePair, String> {
     if matches!(chosen, Turns::Text(_)) != matches!(rejected, Turns::Text(_)) {
         return Err("`chosen` and `rejected` must both be text or both be message lists".into());
     }
+    let margin = match obj.get("margin") {
+        None | Some(Value::Null) => None,
+        Some(Value::Number(n)) => match n.as_f64() {
+            Some(m) if m.is_finite() => Some(m),
+            _ => {
+                return Err(format!(
+                    "field `margin`: expected a finite number, found {n}"
+                ))
+            }
+        },
+        Some(other) => {
+            return Err(format!(
+                "field `margin`: expected a number, found {}",
+                kind(other)
+            ))
+        }
+    };
     Ok(PreferencePair {
         prompt,
         chosen,
         rejected,
+        margin,
     })
 }
 
@@ -535,7 +579,17 @@ fn parse_pair(line: &str) -> std::result::Result<PreferencePair, String> {
 pub fn parse_preferences(reader: impl BufRead, path: &Path) -> Result<Vec<PreferencePair>> {
     let mut out = Vec::new();
     for (i, line) in reader.lines().enumerate() {
-        let line = line.map_err(|e| DataError::io(path, e))?;
+        let line = line.map_err(|e| {
+            if e.kind() == std::io::ErrorKind::InvalidData {
+                DataError::Json {
+                    path: path.to_path_buf(),
+                    line: i + 1,
+                    msg: "not UTF-8 text; convert the file to UTF-8".into(),
+                }
+            } else {
+                DataError::io(path, e)
+            }
+        })?;
         if line.trim().is_empty() {
             continue;
         }
@@ -598,6 +652,7 @@ pub fn synthetic_preferences(n: usize, seed: u64) -> Vec<PreferencePair> {
                 ))),
                 chosen: Turns::Text(good.text),
                 rejected: Turns::Text(bad.text),
+                margin: None,
             }
         })
         .collect()
@@ -691,6 +746,10 @@ mod tests {
         assert_eq!(p[0].prompt, Some(Turns::Text("Say hi".into())));
         assert!(matches!(&p[1].chosen, Turns::Chat(m) if m[0].role == "assistant"));
         assert_eq!(p[2].prompt, None);
+        assert!(p.iter().all(|p| p.margin.is_none()));
+        let with_margin = r#"{"chosen": "a", "rejected": "b", "margin": 1.5}"#;
+        let m = parse_preferences(with_margin.as_bytes(), Path::new("p.jsonl")).unwrap();
+        assert_eq!(m[0].margin, Some(1.5));
         let bad = [
             (
                 "{\"prompt\": \"x\", \"chosen\": \"a\"}\n",
@@ -703,6 +762,10 @@ mod tests {
             ),
             ("not json\n", "invalid JSON"),
             ("[1]\n", "expected a JSON object"),
+            (
+                "{\"chosen\": \"a\", \"rejected\": \"b\", \"margin\": \"big\"}",
+                "field `margin`: expected a number, found a string",
+            ),
         ];
         for (line, want) in bad {
             let src = format!("{}\n{line}", r#"{"chosen": "a", "rejected": "b"}"#);
