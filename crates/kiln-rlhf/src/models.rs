@@ -1,0 +1,136 @@
+//! Loading GPT-2 weights as trainable variables (a policy, a reward model's
+//! backbone) or as a frozen copy (a reference), and finding the Hugging Face
+//! folder inside a run folder.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor, Var};
+use candle_nn::VarBuilder;
+use kiln_core::vars::{SharedRng, VarStore};
+use kiln_lm::{Gpt2, Gpt2Config, ModelFiles};
+
+use crate::error::{Result, RlhfError};
+
+/// The Hugging Face folder of `path`: `path/model` when `path` is a kiln run
+/// folder (`config.toml` beside a `model/` folder: `train lm`, `rlhf dpo`,
+/// `rlhf reward`, ...), else `path` itself.
+pub fn model_dir(path: &Path) -> PathBuf {
+    let inner = path.join("model");
+    if path.join("config.toml").is_file() && inner.join("config.json").is_file() {
+        inner
+    } else {
+        path.to_path_buf()
+    }
+}
+
+/// The config and every tensor of a model folder, as f32 on `device`. The
+/// original OpenAI layout (`h.0...` without `transformer.`) is renamed to
+/// Hugging Face's, and its `attn.bias` / `attn.masked_bias` buffers dropped.
+pub fn load_weights(
+    files: &ModelFiles,
+    device: &Device,
+) -> Result<(Gpt2Config, HashMap<String, Tensor>)> {
+    let cfg = Gpt2Config::from_file(&files.config)?;
+    let mut out = HashMap::new();
+    for w in &files.weights {
+        let tensors = candle_core::safetensors::load(w, device)
+            .map_err(|e| RlhfError::file(w, format!("not a readable safetensors file: {e}")))?;
+        for (k, v) in tensors {
+            out.insert(k, v.to_dtype(DType::F32)?);
+        }
+    }
+    if !out.contains_key("transformer.wte.weight") && out.contains_key("wte.weight") {
+        out = out
+            .into_iter()
+            .filter(|(k, _)| !(k.ends_with(".attn.bias") || k.ends_with(".attn.masked_bias")))
+            .map(|(k, v)| {
+                if k == "lm_head.weight" || k == "score.weight" {
+                    (k, v)
+                } else {
+                    (format!("transformer.{k}"), v)
+                }
+            })
+            .collect();
+    }
+    if !out.contains_key("transformer.wte.weight") {
+        let first = files.weights.first().cloned().unwrap_or_default();
+        return Err(RlhfError::file(
+            first,
+            "no `transformer.wte.weight` or `wte.weight`: not a GPT-2 checkpoint",
+        ));
+    }
+    Ok((cfg, out))
+}
+
+/// A store whose variables are `tensors` (copied into new variables).
+pub fn store_of(tensors: &HashMap<String, Tensor>, seed: u64) -> Result<VarStore> {
+    let vs = VarStore::new(seed);
+    {
+        let mut data = vs.varmap().data().lock().unwrap_or_else(|p| p.into_inner());
+        for (k, t) in tensors {
+            data.insert(k.clone(), Var::from_tensor(&t.copy()?)?);
+        }
+    }
+    Ok(vs)
+}
+
+/// Checks that building a model used every stored tensor (a misnamed or
+/// foreign tensor in the folder is an error, not silently ignored).
+pub(crate) fn check_all_used(
+    vs: &VarStore,
+    tensors: &HashMap<String, Tensor>,
+    place: &Path,
+) -> Result<()> {
+    let used: std::collections::HashSet<String> = vs.names().into_iter().collect();
+    let mut extra: Vec<&String> = tensors.keys().filter(|k| !used.contains(*k)).collect();
+    extra.sort();
+    if !extra.is_empty() {
+        return Err(RlhfError::file(
+            place,
+            format!(
+                "tensors the model does not use: {}",
+                extra
+                    .iter()
+                    .map(|s| s.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// A GPT-2 language model whose weights are trainable variables in the
+/// returned store, loaded from `files`. `seed` seeds the store's generator
+/// (dropout).
+pub fn trainable_lm(files: &ModelFiles, device: &Device, seed: u64) -> Result<(Gpt2, VarStore)> {
+    let (cfg, tensors) = load_weights(files, device)?;
+    let vs = store_of(&tensors, seed)?;
+    let model = Gpt2::new(&cfg, vs.builder(DType::F32, device), vs.rng().clone())?;
+    check_all_used(&vs, &tensors, &files.config)?;
+    Ok((model, vs))
+}
+
+/// A frozen copy of the model whose variables are in `vs`: new tensors (not
+/// variables, so nothing is recorded for backprop), unaffected by later
+/// optimizer steps on `vs` (kiln's optimizers update in place).
+pub fn frozen_copy(cfg: &Gpt2Config, vs: &VarStore, device: &Device) -> Result<Gpt2> {
+    let map: HashMap<String, Tensor> = vs
+        .tensors()
+        .into_iter()
+        .map(|(k, t)| Ok((k, t.copy()?.detach())))
+        .collect::<Result<_>>()?;
+    let vb = VarBuilder::from_tensors(map, DType::F32, device);
+    Ok(Gpt2::new(cfg, vb, SharedRng::new(0))?)
+}
+
+/// A GPT-2 whose weights are the (non-trainable) `tensors`.
+pub fn frozen_from(
+    cfg: &Gpt2Config,
+    tensors: HashMap<String, Tensor>,
+    device: &Device,
+) -> Result<Gpt2> {
+    let vb = VarBuilder::from_tensors(tensors, DType::F32, device);
+    Ok(Gpt2::new(cfg, vb, SharedRng::new(0))?)
+}
