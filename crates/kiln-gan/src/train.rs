@@ -1,0 +1,684 @@
+//! Training: the GAN's discriminator and generator steps on a kiln-core
+//! [`Session`] with parts `g` and `d` (and `g_ema`), with checkpoints and
+//! exact resume, fixed-noise sample grids each epoch, metrics, collapse
+//! detection and figures in the run folder.
+//!
+//! One loader batch holds `batch_size * n_critic` real images: each of the
+//! `n_critic` discriminator steps takes its own slice of them and fresh
+//! noise, then one generator step reuses the last step's generated images
+//! (as pytorch/examples' DCGAN does with `n_critic = 1`). Each step logs
+//! both losses and D(x) / D(G(z)) before the discriminator's steps (from
+//! the first step's forward) and after them (D(x) from one more forward of
+//! the last real slice, D(G(z)) from the generator step's forward).
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use kiln_core::checkpoint::{load_part, read_tensors, save_parts, PartRef, TrainState};
+use kiln_core::image::{plot_metrics, save_image_grid, GridOptions};
+use kiln_core::optim::{OptimKind, Optimizer};
+use kiln_core::rng::SeededRng;
+use kiln_core::run::{read_metrics, RunDir, RunOptions};
+use kiln_core::session::{Record, Session, SessionError};
+use kiln_core::vars::VarStore;
+use kiln_core::{DType, Device, Tensor, Var};
+use kiln_data::{Batch, DataLoader, Dataset, LoaderConfig};
+use rand::RngCore;
+use serde::Serialize;
+
+use crate::augment::diff_augment;
+use crate::config::{
+    LossKind, ModelConfig, PenaltyKind, RunConfig, TrainConfig, MAY_CHANGE_ON_RESUME,
+};
+use crate::ema::Ema;
+use crate::error::{config_err, Failure, GanError, Result};
+use crate::loss::{d_loss, g_loss, mean_prob};
+use crate::model::{is_trainable, Discriminator, Generator};
+use crate::monitor::{CollapseMonitor, Verdict};
+use crate::penalty::gradient_penalty;
+
+/// The model kind written to a run's `config.toml`.
+pub const RUN_KIND: &str = "gan";
+
+/// The checkpoint holding the generator (and its EMA) as of the last epoch
+/// end that was not inside a collapse streak: the one to sample from when
+/// training collapses or diverges.
+pub const HEALTHY_CHECKPOINT: &str = "healthy.safetensors";
+
+/// Images in each fixed-noise grid.
+pub const GRID_IMAGES: usize = 64;
+
+/// The outcome of [`train`].
+#[derive(Debug, Clone, Serialize)]
+pub struct TrainReport {
+    /// Mean discriminator loss over the last epoch (without the penalty).
+    pub d_loss: f64,
+    /// Mean generator loss over the last epoch.
+    pub g_loss: f64,
+    /// Mean D(x) after the discriminator's step, last epoch.
+    pub d_real: f64,
+    /// Mean D(G(z)) after the discriminator's step, last epoch.
+    pub d_fake: f64,
+    /// Epochs completed.
+    pub epochs: u64,
+    /// Real images per second through the loop.
+    pub images_per_s: f64,
+    /// Whether training stopped early (Ctrl-C or `stop_at`; a checkpoint was written).
+    pub interrupted: bool,
+}
+
+/// The networks of a run: G, D and the optional EMA copy of G, each in its
+/// own store.
+#[derive(Debug)]
+pub struct Gan {
+    /// The generator.
+    pub g: Generator,
+    /// The generator's variables.
+    pub g_vars: VarStore,
+    /// The discriminator.
+    pub d: Discriminator,
+    /// The discriminator's variables.
+    pub d_vars: VarStore,
+    /// The EMA copy of G and its recurrence, if the run keeps one.
+    pub ema: Option<(Generator, Ema)>,
+}
+
+impl Gan {
+    /// Fresh networks for `rc`, seeded from `rc.train.seed`.
+    pub fn new(rc: &RunConfig, device: &Device) -> Result<Self> {
+        let mut seeds = SeededRng::derive(rc.train.seed, &[0x6A4E]);
+        let g_vars = VarStore::new(seeds.next_u64());
+        let d_vars = VarStore::new(seeds.next_u64());
+        let g = Generator::new(&rc.model, g_vars.builder(DType::F32, device))?;
+        let d = Discriminator::new(&rc.model, d_vars.builder(DType::F32, device))?;
+        let ema = match &rc.train.ema {
+            Some(e) => {
+                let vs = VarStore::new(0);
+                let model = Generator::new(&rc.model, vs.builder(DType::F32, device))?;
+                Some((model, Ema::new(vs, &g_vars, e.decay, e.start)?))
+            }
+            None => None,
+        };
+        Ok(Self {
+            g,
+            g_vars,
+            d,
+            d_vars,
+            ema,
+        })
+    }
+}
+
+/// Trains a GAN on `train_set` in the run folder `opts` names (a new run, or
+/// with `opts.resume` the continuation of one: same kind and config but for
+/// [`MAY_CHANGE_ON_RESUME`]). Writes `config.toml`, `metrics.jsonl`,
+/// `checkpoints/{last,healthy}.safetensors`, `samples/epoch-NNN.png` (and
+/// `-ema`) each epoch, and at the end `samples.png`, `interpolation.png`,
+/// `loss.png`, `d_outputs.png` and `summary.json`.
+///
+/// Stops with [`GanError::Collapsed`] or [`GanError::Diverged`] (naming the
+/// checkpoint to use) when training fails.
+pub fn train(
+    model: &ModelConfig,
+    tc: &TrainConfig,
+    train_set: Arc<dyn Dataset>,
+    device: &Device,
+    opts: &RunOptions,
+) -> Result<TrainReport> {
+    train_until(model, tc, train_set, device, opts, None)
+}
+
+/// [`train`], stopping as on Ctrl-C once `stop_at` batches are done in all
+/// (a checkpoint is written; `--resume` continues exactly). For tests and
+/// for training in slices.
+pub fn train_until(
+    model: &ModelConfig,
+    tc: &TrainConfig,
+    train_set: Arc<dyn Dataset>,
+    device: &Device,
+    opts: &RunOptions,
+    stop_at: Option<u64>,
+) -> Result<TrainReport> {
+    let rc = RunConfig {
+        model: model.clone(),
+        train: tc.clone(),
+    };
+    rc.validate()?;
+    check_data(model, train_set.as_ref())?;
+    let loader_cfg = LoaderConfig {
+        batch_size: tc.batch_size * tc.n_critic,
+        shuffle: true,
+        drop_last: true,
+        seed: tc.seed,
+        ..Default::default()
+    };
+    let loader = DataLoader::new(train_set.clone(), loader_cfg, device)?;
+    if loader.is_empty() {
+        return Err(config_err(
+            "train.batch_size",
+            format!(
+                "the training set's {} images do not fill one batch of batch_size * n_critic = {}",
+                train_set.len(),
+                tc.batch_size * tc.n_critic
+            ),
+        ));
+    }
+    let run = opts.open("gan", RUN_KIND, &rc, MAY_CHANGE_ON_RESUME)?;
+    let dir = run.dir().clone();
+    let gan = Gan::new(&rc, device)?;
+    let adam = OptimKind::Adam {
+        betas: (tc.beta1, tc.beta2),
+        eps: 1e-8,
+    };
+    let og = Optimizer::single(adam, gan.g_vars.vars_where(is_trainable), tc.lr_g, 0.0)?;
+    let d_train = gan.d_vars.vars_where(is_trainable);
+    let od = Optimizer::single(adam, d_train.clone(), tc.lr_d, 0.0)?;
+    let mut b = Session::builder(run, tc.seed)
+        .part("g", &gan.g_vars, og)
+        .part("d", &gan.d_vars, od);
+    if let Some((_, e)) = &gan.ema {
+        b = b.saved("g_ema", &e.vars);
+    }
+    if let Some(n) = stop_at {
+        b = b.stop_at(n);
+    }
+    let mut s = b
+        .epochs(tc.epochs, loader.len() as u64)
+        .observer(opts.observer())
+        .start()?;
+
+    let window = if tc.loss.is_classifier() {
+        tc.collapse_window
+    } else {
+        0
+    };
+    let monitor = RefCell::new(CollapseMonitor::new(
+        window,
+        tc.collapse_real,
+        tc.collapse_fake,
+    ));
+    let metrics = dir.join("metrics.jsonl");
+    if s.resumed() && metrics.exists() {
+        monitor.borrow_mut().replay(&read_metrics(&metrics)?);
+    }
+    let fixed = FixedNoise::new(&gan.g, tc.seed, device)?;
+    let step_ctx = StepCtx {
+        tc,
+        gan: &gan,
+        d_train: &d_train,
+        device,
+        monitor: &monitor,
+        dir: &dir,
+    };
+    let result = s.run_epochs(
+        |epoch, start| {
+            loader
+                .epoch_from(epoch, start)
+                .map(|b| b.map_err(GanError::from))
+        },
+        |s, batch| step_ctx.step(s, &batch),
+        |s| {
+            let e = s.epoch();
+            fixed.save_grids(&gan, &dir, &format!("epoch-{e:03}"))?;
+            if monitor.borrow().streak_start().is_none() {
+                save_healthy(&gan, &dir, s.global_step(), e)?;
+            }
+            Ok(())
+        },
+    );
+    let end = match result {
+        Ok(end) => end,
+        Err(e) => {
+            s.observer.finish();
+            return Err(match e {
+                GanError::Session(SessionError::Train(t)) => GanError::Diverged(Box::new(failure(
+                    &dir,
+                    s.global_step() + 1,
+                    t.to_string().trim_end_matches('.').to_string(),
+                ))),
+                other => other,
+            });
+        }
+    };
+    let interrupted = !end.completed();
+    let report = TrainReport {
+        d_loss: s.last_epoch("d_loss").unwrap_or(f64::NAN),
+        g_loss: s.last_epoch("g_loss").unwrap_or(f64::NAN),
+        d_real: s.last_epoch("d_real_after").unwrap_or(f64::NAN),
+        d_fake: s.last_epoch("d_fake_after").unwrap_or(f64::NAN),
+        epochs: s.epoch(),
+        images_per_s: s.observer.throughput(),
+        interrupted,
+    };
+    if !interrupted {
+        fixed.save_grids(&gan, &dir, "samples")?;
+        fixed.save_interpolation(&gan, &dir)?;
+        write_curves(&dir)?;
+        let json = serde_json::to_value(&report).map_err(|e| GanError::Run {
+            path: dir.path().to_path_buf(),
+            msg: e.to_string(),
+        })?;
+        s.finish(json)?;
+    }
+    Ok(report)
+}
+
+/// Everything one batch's steps need.
+struct StepCtx<'a> {
+    tc: &'a TrainConfig,
+    gan: &'a Gan,
+    d_train: &'a [(String, Var)],
+    device: &'a Device,
+    monitor: &'a RefCell<CollapseMonitor>,
+    dir: &'a RunDir,
+}
+
+/// One discriminator step's inputs, kept for the generator step.
+struct Slice {
+    fake: Tensor,
+    fake_labels: Option<Tensor>,
+    real_in: Tensor,
+    real_labels: Option<Tensor>,
+}
+
+impl StepCtx<'_> {
+    fn augment(&self, x: &Tensor, rng: &mut SeededRng) -> Result<Tensor> {
+        Ok(diff_augment(x, &self.tc.augment, rng)?)
+    }
+
+    /// `n_critic` discriminator steps and one generator step.
+    fn step(&self, s: &mut Session, batch: &Batch) -> Result<Record> {
+        let (tc, g, d) = (self.tc, &self.gan.g, &self.gan.d);
+        let step = s.global_step() + 1;
+        let bsz = tc.batch_size;
+        let nc = tc.n_critic as f64;
+        let classes = g.config().num_classes;
+        let real_all = batch.images.affine(2.0, -1.0)?;
+        let mut rec = Record::new(batch.len());
+        let (mut dl, mut pen, mut gnorm) = (0.0, 0.0, 0.0);
+        let mut before = (0.0, 0.0);
+        let mut last = None;
+        for k in 0..tc.n_critic {
+            let real = real_all.narrow(0, k * bsz, bsz)?;
+            let real_labels = classes
+                .map(|_| batch.labels.narrow(0, k * bsz, bsz))
+                .transpose()?;
+            let z = g.noise(bsz, &mut s.rng)?;
+            let fake_labels = classes
+                .map(|c| random_labels(bsz, c, &mut s.rng, self.device))
+                .transpose()?;
+            let fake = g.forward_t(&z, fake_labels.as_ref(), true)?;
+            d.power_iteration()?;
+            let real_in = self.augment(&real, &mut s.rng)?;
+            let fake_in = self.augment(&fake.detach(), &mut s.rng)?;
+            let lr = d.forward_t(&real_in, real_labels.as_ref(), true)?;
+            let lf = d.forward_t(&fake_in, fake_labels.as_ref(), true)?;
+            if k == 0 {
+                before = (mean_prob(&lr)?, mean_prob(&lf)?);
+            }
+            let loss = d_loss(tc.loss, &lr, &lf)?;
+            dl += s.backward("d", &loss)? / nc;
+            if tc.penalty != PenaltyKind::None {
+                let x = match tc.penalty {
+                    PenaltyKind::WganGp => {
+                        let a = s.rng.uniform(&[bsz, 1, 1, 1], 0.0, 1.0, self.device)?;
+                        (real_in.broadcast_mul(&a)?
+                            + fake_in.broadcast_mul(&a.affine(-1.0, 1.0)?)?)?
+                    }
+                    _ => real_in.clone(),
+                };
+                let labels = real_labels.clone();
+                let critic = |x: &Tensor| -> kiln_core::Result<Tensor> {
+                    let reps = x.dim(0)? / bsz;
+                    let y = labels
+                        .as_ref()
+                        .map(|y| Tensor::cat(&vec![y; reps], 0))
+                        .transpose()?;
+                    d.forward_t(x, y.as_ref(), true)
+                };
+                let p = gradient_penalty(critic, &x, tc.penalty, tc.penalty_weight, tc.fd_step)?;
+                s.backward("d", &p.surrogate)?;
+                pen += p.value / nc;
+                gnorm += p.grad_norm / nc;
+            }
+            s.step("d")?;
+            if tc.loss == LossKind::Wasserstein && tc.clip > 0.0 {
+                for (_, v) in self.d_train {
+                    v.set(&v.as_tensor().clamp(-tc.clip, tc.clip)?)?;
+                }
+            }
+            last = Some(Slice {
+                fake,
+                fake_labels,
+                real_in,
+                real_labels,
+            });
+        }
+        let Some(sl) = last else {
+            return Err(config_err("train.n_critic", "expected at least 1"));
+        };
+        let real_after = mean_prob(&d.forward_t(&sl.real_in, sl.real_labels.as_ref(), true)?)?;
+        let fake_in = self.augment(&sl.fake, &mut s.rng)?;
+        let lf = d.forward_t(&fake_in, sl.fake_labels.as_ref(), true)?;
+        let fake_after = mean_prob(&lf)?;
+        let gl = s.train_step("g", &g_loss(tc.loss, &lf)?)?;
+        if let Some((_, ema)) = &self.gan.ema {
+            ema.update(&self.gan.g_vars, step)?;
+        }
+        let verdict = self
+            .monitor
+            .borrow_mut()
+            .observe(step, real_after, fake_after);
+        match verdict {
+            Verdict::Healthy => {}
+            Verdict::Collapsed { reason, .. } => {
+                s.observer.finish();
+                return Err(GanError::Collapsed(Box::new(failure(
+                    self.dir, step, reason,
+                ))));
+            }
+            Verdict::Diverged { reason } => {
+                s.observer.finish();
+                return Err(GanError::Diverged(Box::new(failure(
+                    self.dir, step, reason,
+                ))));
+            }
+        }
+        rec.push("d_loss", dl);
+        rec.push("g_loss", gl);
+        rec.push("d_real_before", before.0);
+        rec.push("d_fake_before", before.1);
+        rec.push("d_real_after", real_after);
+        rec.push("d_fake_after", fake_after);
+        if tc.penalty != PenaltyKind::None {
+            rec.push("penalty", pen);
+            rec.push("grad_norm", gnorm);
+        }
+        Ok(rec)
+    }
+}
+
+/// `n` labels uniform in `0..classes`.
+fn random_labels(
+    n: usize,
+    classes: usize,
+    rng: &mut SeededRng,
+    dev: &Device,
+) -> kiln_core::Result<Tensor> {
+    let v: Vec<u32> = (0..n).map(|_| rng.below(classes) as u32).collect();
+    Tensor::new(v, dev)
+}
+
+/// A failure record naming the healthy checkpoint, when there is one.
+fn failure(dir: &RunDir, step: u64, reason: String) -> Failure {
+    let path = dir.join("checkpoints").join(HEALTHY_CHECKPOINT);
+    let at = read_tensors(&path, &Device::Cpu)
+        .ok()
+        .and_then(|(_, meta)| meta.get("train.step").and_then(|s| s.parse().ok()));
+    Failure {
+        run: dir.path().to_path_buf(),
+        step,
+        reason,
+        checkpoint: at.map(|_| path),
+        checkpoint_step: at,
+    }
+}
+
+/// Writes the generator (and its EMA) to `checkpoints/healthy.safetensors`.
+fn save_healthy(gan: &Gan, dir: &RunDir, step: u64, epoch: u64) -> Result<()> {
+    let mut parts = vec![PartRef {
+        name: "g",
+        vars: &gan.g_vars,
+        opt: None,
+    }];
+    if let Some((_, e)) = &gan.ema {
+        parts.push(PartRef {
+            name: "g_ema",
+            vars: &e.vars,
+            opt: None,
+        });
+    }
+    let st = TrainState {
+        step,
+        epoch,
+        rng: None,
+        model_rng: None,
+        extra: HashMap::new(),
+    };
+    save_parts(
+        &dir.join("checkpoints").join(HEALTHY_CHECKPOINT),
+        &parts,
+        &st,
+    )?;
+    Ok(())
+}
+
+fn check_data(cfg: &ModelConfig, ds: &dyn Dataset) -> Result<()> {
+    if ds.is_empty() {
+        return Err(config_err("dataset", "the training set is empty"));
+    }
+    let shape = ds.get(0)?.image.shape();
+    let want = [cfg.channels, cfg.image_size, cfg.image_size];
+    if shape != want {
+        return Err(config_err(
+            "model.channels/image_size",
+            format!("the model makes images {want:?}, the dataset gives {shape:?}"),
+        ));
+    }
+    if let Some(k) = cfg.num_classes {
+        if ds.num_classes() != k {
+            return Err(config_err(
+                "model.num_classes",
+                format!(
+                    "the model has {k} classes, the dataset {}",
+                    ds.num_classes()
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The fixed latents (and labels) of the sample grids, drawn from the run's
+/// seed alone, so every epoch's grid shows the same points.
+struct FixedNoise {
+    z: Tensor,
+    labels: Option<Tensor>,
+    interp: Tensor,
+    interp_labels: Option<Tensor>,
+}
+
+/// Grid images per row, interpolation pairs and steps.
+const INTERP_ROWS: usize = 8;
+const INTERP_STEPS: usize = 10;
+
+impl FixedNoise {
+    fn new(g: &Generator, seed: u64, dev: &Device) -> Result<Self> {
+        let mut rng = SeededRng::derive(seed, &[0xF1_7ED]);
+        let z = g.noise(GRID_IMAGES, &mut rng)?;
+        let classes = g.config().num_classes;
+        let cycle = |n: usize, per: usize, k: usize| -> kiln_core::Result<Tensor> {
+            Tensor::new(
+                (0..n).map(|i| ((i / per) % k) as u32).collect::<Vec<_>>(),
+                dev,
+            )
+        };
+        // Each grid row of 8 shows one class.
+        let labels = classes.map(|k| cycle(GRID_IMAGES, 8, k)).transpose()?;
+        let ends = g
+            .noise(2 * INTERP_ROWS, &mut rng)?
+            .to_dtype(DType::F32)?
+            .to_vec2::<f32>()?;
+        let mut path = Vec::with_capacity(INTERP_ROWS * INTERP_STEPS);
+        for r in 0..INTERP_ROWS {
+            for t in 0..INTERP_STEPS {
+                let t = t as f32 / (INTERP_STEPS - 1) as f32;
+                path.push(slerp(&ends[2 * r], &ends[2 * r + 1], t));
+            }
+        }
+        let nz = g.config().nz;
+        let interp = Tensor::from_vec(path.concat(), (INTERP_ROWS * INTERP_STEPS, nz), dev)?;
+        let interp_labels = classes
+            .map(|k| cycle(INTERP_ROWS * INTERP_STEPS, INTERP_STEPS, k))
+            .transpose()?;
+        Ok(Self {
+            z,
+            labels,
+            interp,
+            interp_labels,
+        })
+    }
+
+    /// `samples/<stem>.png` from G, `samples/<stem>-ema.png` from the EMA
+    /// copy; the final grids (`stem = "samples"`) go to the run folder.
+    fn save_grids(&self, gan: &Gan, dir: &RunDir, stem: &str) -> Result<()> {
+        let folder = if stem == "samples" {
+            dir.path().to_path_buf()
+        } else {
+            dir.join("samples")
+        };
+        std::fs::create_dir_all(&folder).map_err(|e| GanError::Run {
+            path: folder.clone(),
+            msg: e.to_string(),
+        })?;
+        let opts = grid_options(8);
+        let x = gan.g.forward_t(&self.z, self.labels.as_ref(), false)?;
+        save_image_grid(&x, &folder.join(format!("{stem}.png")), &opts)?;
+        if let Some((g, _)) = &gan.ema {
+            let x = g.forward_t(&self.z, self.labels.as_ref(), false)?;
+            save_image_grid(&x, &folder.join(format!("{stem}-ema.png")), &opts)?;
+        }
+        Ok(())
+    }
+
+    /// `interpolation.png`: 8 rows of 10 images along great circles between
+    /// pairs of latents (from the EMA copy when there is one).
+    fn save_interpolation(&self, gan: &Gan, dir: &RunDir) -> Result<()> {
+        let g = gan.ema.as_ref().map_or(&gan.g, |(g, _)| g);
+        let x = g.forward_t(&self.interp, self.interp_labels.as_ref(), false)?;
+        save_image_grid(
+            &x,
+            &dir.join("interpolation.png"),
+            &grid_options(INTERP_STEPS),
+        )?;
+        Ok(())
+    }
+}
+
+/// Grid layout for `[-1, 1]` images.
+pub fn grid_options(ncols: usize) -> GridOptions {
+    GridOptions {
+        ncols,
+        range: (-1.0, 1.0),
+        scale: 2,
+        ..Default::default()
+    }
+}
+
+/// Spherical interpolation between `a` and `b` at `t` (linear when they are
+/// nearly parallel): the path stays at the typical norm of Gaussian latents.
+pub fn slerp(a: &[f32], b: &[f32], t: f32) -> Vec<f32> {
+    let dot: f64 = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| (*x as f64) * (*y as f64))
+        .sum();
+    let na: f64 = a.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+    let nb: f64 = b.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+    let cos = (dot / (na * nb).max(1e-12)).clamp(-1.0, 1.0);
+    let omega = cos.acos();
+    let t = t as f64;
+    let (wa, wb) = if omega.sin().abs() < 1e-6 {
+        (1.0 - t, t)
+    } else {
+        (
+            ((1.0 - t) * omega).sin() / omega.sin(),
+            (t * omega).sin() / omega.sin(),
+        )
+    };
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (wa * *x as f64 + wb * *y as f64) as f32)
+        .collect()
+}
+
+/// `loss.png` (both losses) and `d_outputs.png` (D(x), D(G(z)) before and
+/// after the discriminator's steps), per epoch.
+fn write_curves(dir: &RunDir) -> Result<()> {
+    let metrics = dir.join("metrics.jsonl");
+    if !metrics.exists() {
+        return Ok(());
+    }
+    plot_metrics(
+        &metrics,
+        &dir.join("loss.png"),
+        "GAN: discriminator and generator losses",
+        &["d_loss", "g_loss"],
+    )?;
+    plot_metrics(
+        &metrics,
+        &dir.join("d_outputs.png"),
+        "GAN: D(x) and D(G(z)) before / after the D step",
+        &[
+            "d_real_before",
+            "d_fake_before",
+            "d_real_after",
+            "d_fake_after",
+        ],
+    )?;
+    Ok(())
+}
+
+/// Which generator to load from a run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Which {
+    /// The trained generator (part `g`).
+    #[default]
+    Generator,
+    /// The EMA copy (part `g_ema`).
+    Ema,
+}
+
+/// Loads a run's generator (or its EMA copy) from `checkpoint` (default
+/// `checkpoints/last.safetensors`; `healthy` names
+/// `checkpoints/healthy.safetensors`, any other value a file), with the
+/// run's config.
+pub fn load_generator(
+    run: &Path,
+    which: Which,
+    checkpoint: Option<&str>,
+    device: &Device,
+) -> Result<(Generator, RunConfig)> {
+    let dir = RunDir::open(run)?;
+    let (kind, rc): (String, RunConfig) = dir.read_config()?;
+    if kind != RUN_KIND {
+        return Err(GanError::Run {
+            path: run.to_path_buf(),
+            msg: format!("this is a {kind:?} run, not a GAN run"),
+        });
+    }
+    let part = match which {
+        Which::Generator => "g",
+        Which::Ema if rc.train.ema.is_some() => "g_ema",
+        Which::Ema => {
+            return Err(GanError::Run {
+                path: run.to_path_buf(),
+                msg: "this run keeps no EMA copy of the generator (it was trained without \
+                      --ema-decay); sample without --ema"
+                    .into(),
+            })
+        }
+    };
+    let path: PathBuf = match checkpoint {
+        None | Some("last") => dir.last_checkpoint(),
+        Some("healthy") => dir.join("checkpoints").join(HEALTHY_CHECKPOINT),
+        Some(p) if Path::new(p).is_file() => PathBuf::from(p),
+        Some(name) => dir.join("checkpoints").join(format!("{name}.safetensors")),
+    };
+    let vs = VarStore::new(0);
+    let g = Generator::new(&rc.model, vs.builder(DType::F32, device))?;
+    load_part(&path, part, &vs)?;
+    Ok((g, rc))
+}
