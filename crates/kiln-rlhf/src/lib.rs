@@ -2,7 +2,8 @@
 //! data in TRL's forms ([`prefs`]), GPT-2 reward models saved and loaded in
 //! transformers' `GPT2ForSequenceClassification` layout ([`reward`]), DPO and
 //! its family with TRL's `loss_type` list ([`loss`]) on completion
-//! log-probabilities computed without a `[B, T, V]` log-softmax ([`logps`]).
+//! log-probabilities computed without a `[B, T, V]` log-softmax ([`logps`]),
+//! and their trainers ([`dpo`], [`reward_train`], sharing [`train`]).
 //!
 //! The reference chapter's RLHF is a toy (`loss = lm_loss * reward`); its
 //! three stages (pretrain an LM, fit a reward model on human preferences,
@@ -33,17 +34,23 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+pub mod dpo;
 pub mod error;
 pub mod logps;
 pub mod loss;
 pub mod models;
 pub mod prefs;
 pub mod reward;
+pub mod reward_train;
+pub mod train;
 
+pub use dpo::{train_dpo, DpoConfig, DpoReport};
 pub use error::{Result, RlhfError};
 pub use loss::{dpo_loss, reward_loss, DpoLossConfig, DpoLossType, LossScale, SequenceLogps};
 pub use prefs::{EncodedPair, PairEncoder, PreferenceData};
 pub use reward::RewardModel;
+pub use reward_train::{train_reward, RewardConfig, RewardReport};
+pub use train::TrainingArgs;
 
 /// The README's example, run as a doctest.
 #[cfg(doctest)]

@@ -106,10 +106,7 @@ pub(crate) fn check_all_used(
 /// (dropout).
 pub fn trainable_lm(files: &ModelFiles, device: &Device, seed: u64) -> Result<(Gpt2, VarStore)> {
     let (cfg, tensors) = load_weights(files, device)?;
-    let vs = store_of(&tensors, seed)?;
-    let model = Gpt2::new(&cfg, vs.builder(DType::F32, device), vs.rng().clone())?;
-    check_all_used(&vs, &tensors, &files.config)?;
-    Ok((model, vs))
+    trainable_from(&cfg, &tensors, device, seed, &files.config)
 }
 
 /// A frozen copy of the model whose variables are in `vs`: new tensors (not
@@ -123,6 +120,34 @@ pub fn frozen_copy(cfg: &Gpt2Config, vs: &VarStore, device: &Device) -> Result<G
         .collect::<Result<_>>()?;
     let vb = VarBuilder::from_tensors(map, DType::F32, device);
     Ok(Gpt2::new(cfg, vb, SharedRng::new(0))?)
+}
+
+/// A frozen view of the model whose variables are in `vs`, sharing their
+/// storage (no copy): for a store that no optimizer updates, such as a
+/// reference model's.
+pub fn frozen_view(cfg: &Gpt2Config, vs: &VarStore, device: &Device) -> Result<Gpt2> {
+    let map: HashMap<String, Tensor> = vs
+        .tensors()
+        .into_iter()
+        .map(|(k, t)| (k, t.detach()))
+        .collect();
+    let vb = VarBuilder::from_tensors(map, DType::F32, device);
+    Ok(Gpt2::new(cfg, vb, SharedRng::new(0))?)
+}
+
+/// A GPT-2 language model whose weights are trainable variables in a new
+/// store (a copy of `tensors`), checking that every tensor is used.
+pub fn trainable_from(
+    cfg: &Gpt2Config,
+    tensors: &HashMap<String, Tensor>,
+    device: &Device,
+    seed: u64,
+    place: &Path,
+) -> Result<(Gpt2, VarStore)> {
+    let vs = store_of(tensors, seed)?;
+    let model = Gpt2::new(cfg, vs.builder(DType::F32, device), vs.rng().clone())?;
+    check_all_used(&vs, tensors, place)?;
+    Ok((model, vs))
 }
 
 /// A GPT-2 whose weights are the (non-trainable) `tensors`.
