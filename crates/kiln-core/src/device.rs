@@ -27,6 +27,20 @@ pub enum DeviceError {
         /// What candle reported.
         reason: String,
     },
+    /// The thread count is outside `1..=max_threads()`.
+    #[error(
+        "thread count {threads} is out of range: expected 1..={max} (at most \
+         {MAX_THREADS_PER_CORE} per logical core of this machine, which has {cores}, and never \
+         more than {MAX_THREADS}); more threads than that only contend for the cores"
+    )]
+    ThreadCount {
+        /// The requested number of threads.
+        threads: usize,
+        /// The largest count accepted here ([`max_threads`]).
+        max: usize,
+        /// The machine's logical cores.
+        cores: usize,
+    },
     /// The thread pool could not be configured.
     #[error("could not set the CPU thread count to {threads}: {reason}")]
     Threads {
@@ -117,10 +131,46 @@ pub fn device(spec: &str) -> Result<Device, DeviceError> {
     spec.parse::<DeviceSpec>()?.open()
 }
 
+/// The most threads [`set_threads`] accepts per logical core.
+pub const MAX_THREADS_PER_CORE: usize = 4;
+
+/// The most threads [`set_threads`] accepts on any machine.
+pub const MAX_THREADS: usize = 1024;
+
+/// The machine's logical cores (as the OS reports them to this process,
+/// CPU quotas included; 1 if unknown).
+pub fn logical_cores() -> usize {
+    std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+}
+
+/// The largest thread count [`set_threads`] accepts here:
+/// [`MAX_THREADS_PER_CORE`] per logical core, at most [`MAX_THREADS`].
+pub fn max_threads() -> usize {
+    logical_cores()
+        .saturating_mul(MAX_THREADS_PER_CORE)
+        .min(MAX_THREADS)
+}
+
+/// Checks a thread count against `1..=`[`max_threads`] without applying it.
+pub fn check_threads(threads: usize) -> Result<(), DeviceError> {
+    let max = max_threads();
+    if threads == 0 || threads > max {
+        return Err(DeviceError::ThreadCount {
+            threads,
+            max,
+            cores: logical_cores(),
+        });
+    }
+    Ok(())
+}
+
 /// Sets the number of threads used for CPU work (rayon's global pool and
-/// candle's gemm). Call once, early; a second call with a different count fails.
+/// candle's gemm). Call once, early; a second call with a different count
+/// fails. A count outside `1..=`[`max_threads`] (0, or more than
+/// [`MAX_THREADS_PER_CORE`] per logical core) is refused before any thread
+/// is started.
 pub fn set_threads(threads: usize) -> Result<(), DeviceError> {
-    let threads = threads.max(1);
+    check_threads(threads)?;
     // candle's CPU kernels size their parallelism from RAYON_NUM_THREADS via
     // `get_num_threads`; the global pool covers kiln's own kernels.
     std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
@@ -185,6 +235,25 @@ mod tests {
         // Allocation still works after it, large and small.
         let v = vec![1u8; 40 << 20];
         assert_eq!(v.iter().map(|&x| x as usize).sum::<usize>(), 40 << 20);
+    }
+
+    #[test]
+    fn thread_counts_outside_the_limit_are_refused_with_the_range() {
+        let max = max_threads();
+        assert!((1..=MAX_THREADS).contains(&max));
+        assert_eq!(
+            max,
+            (logical_cores() * MAX_THREADS_PER_CORE).min(MAX_THREADS)
+        );
+        for bad in [0, max + 1, 100_000] {
+            // refused before the global pool is touched
+            let e = set_threads(bad).unwrap_err().to_string();
+            assert!(
+                e.contains(&format!("thread count {bad}")) && e.contains(&format!("1..={max}")),
+                "{e}"
+            );
+        }
+        assert!(check_threads(1).is_ok() && check_threads(max).is_ok());
     }
 
     #[test]

@@ -109,14 +109,49 @@ impl ModelFiles {
     /// hub repository id (`gpt2`, `openai-community/gpt2-medium`,
     /// `distilbert/distilgpt2`), read from the cache and downloaded when missing
     /// (unless `opts.offline`).
+    ///
+    /// A path to a file (an existing one, or a name ending in a weights or
+    /// config extension such as `.safetensors`, `.bin` or `.json`) is refused
+    /// with a message saying to pass its folder, instead of being looked up
+    /// on the hub as a repository id.
     pub fn resolve(model: &str, opts: &HubOptions) -> Result<Self> {
         let p = Path::new(model);
         if p.is_dir() {
             return Self::from_dir(p);
         }
-        if model.starts_with('.') || model.starts_with('/') || model.contains('\\') {
+        let folder_hint = || match p.parent().filter(|d| !d.as_os_str().is_empty()) {
+            Some(d) => format!(" (here: {})", d.display()),
+            None => String::new(),
+        };
+        if p.is_file() {
             return Err(LmError::NotFound(format!(
-                "{model} is not a folder (and not a hub repository id)"
+                "{model} is a file; pass the folder that holds config.json, model.safetensors and \
+                 tokenizer.json{}, a `train lm` run folder, or a hub repository id",
+                folder_hint()
+            )));
+        }
+        let file_like = p.extension().and_then(|e| e.to_str()).is_some_and(|e| {
+            matches!(
+                e.to_ascii_lowercase().as_str(),
+                "safetensors" | "bin" | "json" | "pt" | "pth" | "ckpt" | "gguf" | "toml"
+            )
+        });
+        if model.starts_with('.')
+            || model.starts_with('/')
+            || model.starts_with('~')
+            || model.contains('\\')
+            || model.matches('/').count() > 1
+            || file_like
+        {
+            return Err(LmError::NotFound(format!(
+                "{model} looks like a path but no such folder exists (and it is not a hub \
+                 repository id such as `gpt2` or `openai-community/gpt2-medium`); pass an \
+                 existing folder holding config.json, model.safetensors and tokenizer.json{}",
+                if file_like {
+                    folder_hint()
+                } else {
+                    String::new()
+                }
             )));
         }
         hub_files(model, opts)

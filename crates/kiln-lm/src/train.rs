@@ -406,13 +406,22 @@ pub fn train(tc: &TrainConfig, device: &Device, opts: &RunOptions) -> Result<Tra
 /// Loads a finished `train lm` run's model and tokenizer.
 pub fn from_run(path: &Path, device: &Device) -> Result<(Gpt2, Gpt2Tokenizer)> {
     let run = RunDir::open(path)?;
-    let (kind, _cfg): (String, RunConfig) = run.read_config()?;
+    // The kind first, so a run of another model says so instead of failing
+    // on the first field an LM config does not have.
+    let (kind, raw): (String, serde_json::Value) = run.read_config()?;
     if kind != RUN_KIND {
         return Err(LmError::Run {
             path: path.to_path_buf(),
-            msg: format!("this is a {kind:?} run, not an LM run"),
+            msg: format!(
+                "this is a {kind:?} run, not an LM run ({RUN_KIND:?}); pass the folder of a \
+                 `train lm` run"
+            ),
         });
     }
+    let _cfg: RunConfig = serde_json::from_value(raw).map_err(|e| LmError::Run {
+        path: path.to_path_buf(),
+        msg: format!("config.toml: {e}"),
+    })?;
     let files = crate::pretrained::ModelFiles::from_dir(&run.join(MODEL_DIR))?;
     Ok((Gpt2::from_files(&files, device)?, files.load_tokenizer()?))
 }

@@ -507,3 +507,63 @@ fn an_lm_run_of_the_first_checkpoint_format_resumes_and_extends() {
     assert_eq!(recs.iter().filter(|r| r.split == "val").count(), 3);
     kiln_lm::train::from_run(&run, &Device::Cpu).unwrap();
 }
+
+/// `generate --model <a VAE run>` and other loaders of LM runs: the kind is
+/// checked before the config's fields, so the message names the run's kind
+/// instead of serde's "unknown field".
+#[test]
+fn loading_a_run_of_another_kind_names_its_kind() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("vae-run");
+    std::fs::create_dir_all(run.join("checkpoints")).unwrap();
+    std::fs::write(
+        run.join("config.toml"),
+        "kind = \"vae\"\n[model]\narch = \"mlp\"\nlatent = 2\n[train]\nepochs = 1\n",
+    )
+    .unwrap();
+    let e = kiln_lm::train::from_run(&run, &Device::Cpu)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("is a \"vae\" run, not an LM run") && !e.contains("unknown field"),
+        "{e}"
+    );
+}
+
+/// `generate --model path/to/model.safetensors`: a file path is refused with
+/// a message naming its folder, never looked up on the hub as a repository id.
+#[test]
+fn a_file_path_given_as_model_is_not_taken_for_a_hub_id() {
+    let cache = tempfile::tempdir().unwrap();
+    let mut o = HubOptions::new(cache.path());
+    o.offline = true;
+    let weights = fixture_dir().join("model.safetensors");
+    let e = ModelFiles::resolve(&weights.display().to_string(), &o)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("is a file")
+            && e.contains(&fixture_dir().display().to_string())
+            && !e.contains("offline"),
+        "{e}"
+    );
+    for missing in [
+        "runs/lm-1/model/model.safetensors",
+        "models/tiny/config.json",
+        "nothing/here/at/all",
+        "./tiny",
+    ] {
+        let e = ModelFiles::resolve(missing, &o).unwrap_err().to_string();
+        assert!(
+            e.contains("looks like a path") && !e.contains("offline"),
+            "{missing}: {e}"
+        );
+    }
+    // a folder still resolves, and so does a plain hub id (offline: not cached)
+    assert!(ModelFiles::resolve(&fixture_dir().display().to_string(), &o).is_ok());
+    let e = ModelFiles::resolve("someone/tiny", &o)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("offline"), "{e}");
+}

@@ -459,13 +459,22 @@ pub fn simclr_from_run(
     device: &Device,
 ) -> std::result::Result<(Simclr, SimclrConfig), SslError> {
     let run = kiln_core::run::RunDir::open(path)?;
-    let (kind, cfg): (String, SimclrConfig) = run.read_config()?;
+    // The kind first, so a run of another model says so instead of failing
+    // on the first field a SimCLR config does not have.
+    let (kind, raw): (String, serde_json::Value) = run.read_config()?;
     if kind != SIMCLR_KIND {
         return Err(SslError::Run {
             path: path.to_path_buf(),
-            msg: format!("this is a {kind:?} run, not a SimCLR run"),
+            msg: format!(
+                "this is a {kind:?} run, not a SimCLR run ({SIMCLR_KIND:?}); pass the folder of \
+                 a `train simclr` run"
+            ),
         });
     }
+    let cfg: SimclrConfig = serde_json::from_value(raw).map_err(|e| SslError::Run {
+        path: path.to_path_buf(),
+        msg: format!("config.toml: {e}"),
+    })?;
     let vs = VarStore::new(cfg.seed);
     let m = Simclr::new(&cfg, vs.builder(DType::F32, device))?;
     kiln_core::checkpoint::load_part(&run.last_checkpoint(), "model", &vs)?;

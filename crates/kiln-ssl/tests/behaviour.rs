@@ -348,3 +348,34 @@ fn inpaint_and_simclr_runs_of_the_first_checkpoint_format_resume_to_the_end() {
     assert_eq!(train_steps(&srun), (1..=6).collect::<Vec<_>>());
     kiln_ssl::simclr::simclr_from_run(&srun, &Device::Cpu).unwrap();
 }
+
+/// `eval ssl --run <a VAE run>`: the kind is checked before the config's
+/// fields, so the message names the run's kind instead of serde's "unknown field".
+#[test]
+fn loading_a_run_of_another_kind_names_its_kind() {
+    let dir = tempfile::tempdir().unwrap();
+    for (kind, body) in [
+        (
+            "vae",
+            "[model]\narch = \"mlp\"\nlatent = 2\n[train]\nepochs = 1\n",
+        ),
+        ("inpaint", "epochs = 2\nmask_size = 2\nhole_weight = 1.0\n"),
+    ] {
+        let run = dir.path().join(kind);
+        std::fs::create_dir_all(run.join("checkpoints")).unwrap();
+        std::fs::write(
+            run.join("config.toml"),
+            format!("kind = \"{kind}\"\n{body}"),
+        )
+        .unwrap();
+        let e = kiln_ssl::simclr::simclr_from_run(&run, &Device::Cpu)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            e.contains(&format!("is a \"{kind}\" run, not a SimCLR run"))
+                && !e.contains("unknown field"),
+            "{e}"
+        );
+    }
+}

@@ -322,13 +322,22 @@ fn plot_train_curve(metrics: &Path, out: &Path) -> Result<()> {
 /// Loads a finished (or interrupted) run as a model: its config and last checkpoint.
 pub fn from_run(path: &Path, device: &Device) -> Result<(Vae, RunConfig)> {
     let run = RunDir::open(path)?;
-    let (kind, cfg): (String, RunConfig) = run.read_config()?;
+    // The kind first, so a run of another model says so instead of failing
+    // on the first field a VAE config does not have.
+    let (kind, raw): (String, serde_json::Value) = run.read_config()?;
     if kind != RUN_KIND {
         return Err(VaeError::Run {
             path: path.to_path_buf(),
-            msg: format!("this is a {kind:?} run, not a VAE run"),
+            msg: format!(
+                "this is a {kind:?} run, not a VAE run ({RUN_KIND:?}); pass the folder of a \
+                 `train vae` run"
+            ),
         });
     }
+    let cfg: RunConfig = serde_json::from_value(raw).map_err(|e| VaeError::Run {
+        path: path.to_path_buf(),
+        msg: format!("config.toml: {e}"),
+    })?;
     let vs = VarStore::new(cfg.train.seed);
     let model = Vae::new(&cfg.model, vs.builder(DType::F32, device))?;
     kiln_core::checkpoint::load_part(&run.last_checkpoint(), "model", &vs)?;

@@ -450,3 +450,24 @@ fn resuming_a_run_of_another_kind_is_refused_by_the_library() {
     assert!(e.contains("epochs") && e.contains("at least 1"), "{e}");
     assert!(!fresh.exists());
 }
+
+/// `eval vae --run <an inpaint run>`: the kind is checked before the config's
+/// fields, so the message names the run's kind instead of serde's "unknown field".
+#[test]
+fn loading_a_run_of_another_kind_names_its_kind() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("inpaint-run");
+    std::fs::create_dir_all(run.join("checkpoints")).unwrap();
+    std::fs::write(
+        run.join("config.toml"),
+        "kind = \"inpaint\"\nepochs = 2\nbatch_size = 4\nmask_size = 2\nhole_weight = 1.0\n",
+    )
+    .unwrap();
+    let e = from_run(&run, &Device::Cpu).err().unwrap().to_string();
+    assert!(
+        e.contains("inpaint-run")
+            && e.contains("is a \"inpaint\" run, not a VAE run")
+            && !e.contains("unknown field"),
+        "{e}"
+    );
+}
