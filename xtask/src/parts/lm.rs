@@ -19,8 +19,8 @@ use kiln_lm::{
 };
 
 use super::{
-    exit_if_interrupted, finished_notice, parse, parse_given, resume_config, Bench, Component,
-    DemoPart, Given, RunArgs,
+    exit_if_interrupted, finished_notice, float_in, int_in, parse, parse_given, resume_config,
+    threads_flag, Bench, Component, DemoPart, Given, RunArgs,
 };
 
 /// Registers kiln-lm's command, task, demo part and benchmarks.
@@ -71,27 +71,28 @@ struct GenArgs {
     /// The prompt (may be empty: generation then starts from <|endoftext|>).
     #[arg(long, default_value = "")]
     prompt: String,
-    /// Tokens to generate at most.
-    #[arg(long, default_value_t = 64)]
+    /// Tokens to generate at most (fewer when the model's context fills up
+    /// first, which is said on stderr).
+    #[arg(long, default_value_t = 64, value_parser = int_in(1usize, 1_000_000))]
     max_new_tokens: usize,
     /// Sampling temperature; 0 = greedy. The sampling defaults are transformers'
     /// (temperature 1, top-k 50, no top-p, no repetition penalty).
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, value_parser = float_in::<f64>(">= 0", |x| x >= 0.0))]
     temperature: f64,
     /// Keep the k most likely tokens (0 = off).
-    #[arg(long, default_value_t = 50)]
+    #[arg(long, default_value_t = 50, value_parser = int_in(0usize, usize::MAX))]
     top_k: usize,
     /// Nucleus sampling mass (1 = off).
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, value_parser = float_in::<f64>("in (0, 1]", |x| x > 0.0 && x <= 1.0))]
     top_p: f64,
     /// Repetition penalty (1 = off).
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, value_parser = float_in::<f64>("> 0", |x| x > 0.0))]
     repetition_penalty: f64,
     /// Stop at this string (repeatable; not printed).
     #[arg(long)]
     stop: Vec<String>,
     /// Sampling seed.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, value_parser = int_in(0u64, u64::MAX))]
     seed: u64,
     /// Print the generated token ids (space-separated) instead of text.
     #[arg(long)]
@@ -113,8 +114,8 @@ struct GenArgs {
     /// Never use the network (also HF_HUB_OFFLINE=1).
     #[arg(long)]
     offline: bool,
-    /// CPU threads (default: all cores).
-    #[arg(long)]
+    /// CPU threads (default: all cores; at most 4 per core).
+    #[arg(long, value_parser = threads_flag())]
     threads: Option<usize>,
     /// Device: cpu, cuda, cuda:N or auto.
     #[arg(long, default_value = "cpu")]
@@ -145,6 +146,17 @@ fn hub_options(cache_dir: Option<PathBuf>, revision: String, offline: bool) -> H
 /// A `train lm` run folder holds its Hugging Face folder in `model/`.
 fn model_files(model: &str, opts: &HubOptions) -> Result<ModelFiles> {
     let p = Path::new(model);
+    if p.join("config.toml").is_file() {
+        // A kiln run folder: it must be a `train lm` run.
+        let (kind, _): (String, serde_json::Value) = RunDir::open(p)?.read_config()?;
+        if kind != RUN_KIND {
+            anyhow::bail!(
+                "--model {model}: this is a {kind:?} run, not a `train lm` run; pass an LM run \
+                 folder, a folder with config.json + model.safetensors + tokenizer.json, or a \
+                 hub repository id"
+            );
+        }
+    }
     let in_run = p.join(kiln_lm::train::MODEL_DIR);
     if p.join("config.toml").is_file() && in_run.join("config.json").is_file() {
         return Ok(ModelFiles::from_dir(&in_run)?);
@@ -184,6 +196,16 @@ fn generate_cmd(args: &[String]) -> Result<()> {
         ignore_eos: a.ignore_eos,
         seed: a.seed,
     };
+    // The model cannot see past its context: say so now, not by a silent cut.
+    let prompt_len = tok.encode(&a.prompt)?.len().max(1);
+    let room = c.n_positions.saturating_sub(prompt_len);
+    if a.max_new_tokens > room {
+        eprintln!(
+            "generate: note: --max-new-tokens {} does not fit: the model's context is {} tokens \
+             and the prompt takes {prompt_len}, so at most {room} new tokens can follow",
+            a.max_new_tokens, c.n_positions
+        );
+    }
     let t = Instant::now();
     let out = if a.ids {
         generate_text(&model, &tok, &a.prompt, &cfg, None)?
@@ -202,12 +224,18 @@ fn generate_cmd(args: &[String]) -> Result<()> {
     } else {
         println!();
     }
+    let why = match out.finish {
+        kiln_lm::FinishReason::Length if out.ids.len() < a.max_new_tokens => format!(
+            "the model's context ({} tokens) being full, before --max-new-tokens {}",
+            c.n_positions, a.max_new_tokens
+        ),
+        f => format!("{f:?}"),
+    };
     eprintln!(
-        "generate: {} tokens in {:.2}s ({:.1} tokens/s, prompt included), finished by {:?}",
+        "generate: {} tokens in {:.2}s ({:.1} tokens/s, prompt included), finished by {why}",
         out.ids.len(),
         dt,
         out.ids.len() as f64 / dt,
-        out.finish
     );
     Ok(())
 }
@@ -224,34 +252,34 @@ struct TrainArgs {
     #[arg(long, default_value = "synthetic-reviews")]
     corpus: String,
     /// Epochs (overrides the run's on --resume).
-    #[arg(long)]
+    #[arg(long, value_parser = int_in(1u64, u64::MAX))]
     epochs: Option<u64>,
     /// Blocks per batch.
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 16, value_parser = int_in(1usize, super::MAX_BATCH))]
     batch_size: usize,
     /// Tokens per block (the model's context).
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 64, value_parser = int_in(2usize, 65536))]
     block_size: usize,
-    /// BPE vocabulary size.
-    #[arg(long, default_value_t = 512)]
+    /// BPE vocabulary size (256 bytes + <|endoftext|> at least).
+    #[arg(long, default_value_t = 512, value_parser = int_in(257usize, 1_000_000))]
     vocab_size: usize,
     /// Transformer blocks.
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = 4, value_parser = int_in(1usize, 1024))]
     n_layer: usize,
-    /// Width.
-    #[arg(long, default_value_t = 128)]
+    /// Width (a multiple of --n-head).
+    #[arg(long, default_value_t = 128, value_parser = int_in(1usize, 65536))]
     n_embd: usize,
     /// Attention heads.
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = 4, value_parser = int_in(1usize, 1024))]
     n_head: usize,
     /// Dropout.
-    #[arg(long, default_value_t = 0.1)]
+    #[arg(long, default_value_t = 0.1, value_parser = float_in::<f64>("in [0, 1)", |x| (0.0..1.0).contains(&x)))]
     dropout: f64,
     /// Peak AdamW learning rate.
-    #[arg(long, default_value_t = 2e-3)]
+    #[arg(long, default_value_t = 2e-3, value_parser = float_in::<f64>("> 0", |x| x > 0.0))]
     lr: f64,
     /// Seed.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, value_parser = int_in(0u64, u64::MAX))]
     seed: u64,
     #[command(flatten)]
     run: RunArgs,
@@ -452,4 +480,16 @@ fn bench_train(ctx: &crate::bench::BenchCtx) -> Result<serde_json::Value> {
         "seq": t,
         "tokens_per_s": ((b * t * steps) as f64 / dt * 10.0).round() / 10.0,
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::parts::assert_numeric_flags_checked;
+
+    #[test]
+    fn every_numeric_flag_is_range_checked() {
+        assert_numeric_flags_checked::<GenArgs>("cargo xtask generate", None, &["--model", "m"]);
+        assert_numeric_flags_checked::<TrainArgs>("cargo xtask train lm", None, &[]);
+    }
 }

@@ -21,6 +21,12 @@ pub mod prompt;
 pub mod ssl;
 pub mod vae;
 
+/// The largest `--batch-size` a command accepts.
+pub const MAX_BATCH: usize = 65536;
+
+/// The largest `--image-size` a command accepts.
+pub const MAX_IMAGE_SIZE: usize = 1024;
+
 /// A command handler: receives the arguments after its name.
 pub type Handler = fn(&[String]) -> Result<()>;
 
@@ -75,9 +81,128 @@ pub fn all() -> Vec<Component> {
 
 /// Parses a handler's arguments with clap, `name` standing in for argv[0].
 pub fn parse<P: Parser>(name: &str, args: &[String]) -> Result<P> {
-    Ok(P::try_parse_from(
-        std::iter::once(name.to_string()).chain(args.iter().cloned()),
-    )?)
+    let m = command::<P>()
+        .try_get_matches_from(std::iter::once(name.to_string()).chain(args.iter().cloned()))?;
+    Ok(P::from_arg_matches(&m)?)
+}
+
+/// `P`'s clap command as [`parse`] runs it: every option that takes a value
+/// accepts one that is a negative number (`--epochs -1`), so it reaches the
+/// flag's range check ([`int_in`], [`float_in`]) instead of reading as an
+/// unknown flag.
+pub fn command<P: clap::CommandFactory>() -> clap::Command {
+    fn negatives(c: clap::Command) -> clap::Command {
+        c.mut_args(|a| {
+            if a.get_action().takes_values() {
+                a.allow_negative_numbers(true)
+            } else {
+                a
+            }
+        })
+        .mut_subcommands(negatives)
+    }
+    negatives(P::command())
+}
+
+/// A clap value parser for an integer flag in `lo..=hi`: anything else
+/// (`-1`, `abc`, too large) is refused with the range in the message.
+pub fn int_in<T>(
+    lo: T,
+    hi: T,
+) -> impl Fn(&str) -> std::result::Result<T, String> + Clone + Send + Sync + 'static
+where
+    T: Copy + TryInto<i128> + TryFrom<i128> + std::fmt::Display + Send + Sync + 'static,
+{
+    move |s: &str| {
+        // every integer type up to 64 bits fits in an i128
+        let l: i128 = lo.try_into().unwrap_or(i128::MIN);
+        let h: i128 = hi.try_into().unwrap_or(i128::MAX);
+        let range = if h >= i128::from(u32::MAX) {
+            format!("an integer >= {lo}")
+        } else {
+            format!("an integer in {lo}..={hi}")
+        };
+        let v: i128 = s
+            .trim()
+            .parse()
+            .map_err(|_| format!("expected {range}, found {s:?}"))?;
+        if !(l..=h).contains(&v) {
+            return Err(format!("{v} is out of range: expected {range}"));
+        }
+        T::try_from(v).map_err(|_| format!("{v} is out of range: expected {range}"))
+    }
+}
+
+/// A clap value parser for a number flag (f32 or f64) that `ok` accepts;
+/// `range` says which values those are (`"in (0, 1]"`, `"> 0"`).
+pub fn float_in<T>(
+    range: &'static str,
+    ok: fn(f64) -> bool,
+) -> impl Fn(&str) -> std::result::Result<T, String> + Clone + Send + Sync + 'static
+where
+    T: Copy + std::str::FromStr + Into<f64> + Send + Sync + 'static,
+{
+    move |s: &str| {
+        let v: T = s
+            .trim()
+            .parse()
+            .map_err(|_| format!("expected a number {range}, found {s:?}"))?;
+        let x: f64 = v.into();
+        if !x.is_finite() || !ok(x) {
+            return Err(format!("{s} is out of range: expected a number {range}"));
+        }
+        Ok(v)
+    }
+}
+
+/// Checks that every numeric option of `P` (and of its subcommands) has a
+/// range check: `-1` and `abc` must both be refused with a message that
+/// says what is expected. `required` are arguments the command needs to
+/// parse at all (`["--run", "x"]`), `sub` the subcommand to test, if any.
+#[cfg(test)]
+pub fn assert_numeric_flags_checked<P: Parser>(name: &str, sub: Option<&str>, required: &[&str]) {
+    use clap::builder::ValueParser;
+    let numeric = [
+        ValueParser::from(clap::value_parser!(u64)).type_id(),
+        ValueParser::from(clap::value_parser!(u32)).type_id(),
+        ValueParser::from(clap::value_parser!(usize)).type_id(),
+        ValueParser::from(clap::value_parser!(i64)).type_id(),
+        ValueParser::from(clap::value_parser!(f64)).type_id(),
+        ValueParser::from(clap::value_parser!(f32)).type_id(),
+    ];
+    let cmd = command::<P>();
+    let cmd = match sub {
+        Some(s) => cmd
+            .find_subcommand(s)
+            .cloned()
+            .unwrap_or_else(|| panic!("no {s}")),
+        None => cmd,
+    };
+    let mut checked = 0;
+    for a in cmd.get_arguments() {
+        let Some(long) = a.get_long() else { continue };
+        if !numeric.contains(&a.get_value_parser().type_id()) {
+            continue;
+        }
+        for bad in ["-1", "abc"] {
+            let args: Vec<String> = sub
+                .into_iter()
+                .chain(required.iter().copied())
+                .chain([format!("--{long}").as_str(), bad])
+                .map(str::to_string)
+                .collect();
+            let e = match parse::<P>(name, &args) {
+                Ok(_) => panic!("{name} --{long} {bad} was accepted"),
+                Err(e) => e.to_string(),
+            };
+            assert!(
+                e.contains(&format!("--{long}")) && e.contains("expected"),
+                "{name} --{long} {bad}: {e}"
+            );
+        }
+        checked += 1;
+    }
+    assert!(checked > 0, "{name}: no numeric flag found");
 }
 
 /// The run flags every training command shares, declared once and flattened
@@ -105,8 +230,8 @@ pub struct RunArgs {
     /// Device: cpu, cuda, cuda:N or auto.
     #[arg(long, default_value = "cpu")]
     pub device: String,
-    /// CPU threads (default: all cores).
-    #[arg(long)]
+    /// CPU threads (default: all cores; at most 4 per core).
+    #[arg(long, value_parser = threads_flag())]
     pub threads: Option<usize>,
     /// No progress bar and no periodic lines.
     #[arg(long)]
@@ -151,7 +276,7 @@ impl Given {
 
 /// Parses like [`parse`], also returning the flags typed on the command line.
 pub fn parse_given<P: Parser>(name: &str, args: &[String]) -> Result<(P, Given)> {
-    let m = P::command()
+    let m = command::<P>()
         .try_get_matches_from(std::iter::once(name.to_string()).chain(args.iter().cloned()))?;
     let given = m
         .ids()
@@ -168,6 +293,21 @@ pub fn finished_notice(e: &kiln_core::session::SessionError) -> Option<String> {
     matches!(e, kiln_core::session::SessionError::Finished { .. }).then(|| e.to_string())
 }
 
+/// The value parser of every `--threads` flag: `1..=`the machine's limit
+/// (`kiln_core::device::max_threads`, 4 per logical core).
+pub fn threads_flag(
+) -> impl Fn(&str) -> std::result::Result<usize, String> + Clone + Send + Sync + 'static {
+    let check = int_in(1usize, kiln_core::device::max_threads());
+    move |s: &str| {
+        check(s).map_err(|e| {
+            format!(
+                "{e} (at most {} threads per logical core of this machine)",
+                kiln_core::device::MAX_THREADS_PER_CORE
+            )
+        })
+    }
+}
+
 /// Sets the thread count (if given) and opens the device.
 pub fn device(device: &str, threads: Option<usize>) -> Result<kiln_core::Device> {
     if let Some(t) = threads {
@@ -176,9 +316,10 @@ pub fn device(device: &str, threads: Option<usize>) -> Result<kiln_core::Device>
     Ok(kiln_core::device::device(device)?)
 }
 
-/// Ends the process with 130 after a Ctrl-C that stopped training.
+/// Ends the process with 130 after a Ctrl-C that stopped training (or came
+/// during the final evaluation, after the training loop).
 pub fn exit_if_interrupted(interrupted: bool) {
-    if interrupted {
+    if interrupted || kiln_core::observer::interrupted() {
         std::process::exit(130);
     }
 }
@@ -205,6 +346,28 @@ pub fn open_split(
         None => format!("opening {spec}"),
     })?;
     Ok(Arc::from(ds))
+}
+
+/// Opens a split a command can do without (the test split a training run
+/// evaluates on): `None`, said on stderr, when the dataset has no such split
+/// (a `folder:PATH` without `test/`); a split that is there but cannot be
+/// read is an error, like any other.
+pub fn open_optional_split(
+    dataset: &str,
+    data_root: &Path,
+    split: Split,
+    image_size: usize,
+) -> Result<Option<Arc<dyn Dataset>>> {
+    match open_split(dataset, data_root, split, image_size) {
+        Ok(ds) => Ok(Some(ds)),
+        Err(e) => match e.downcast_ref::<kiln_data::DataError>() {
+            Some(d) if d.is_missing_split() => {
+                eprintln!("note: running without a {split} split: {d}");
+                Ok(None)
+            }
+            _ => Err(e),
+        },
+    }
 }
 
 /// Reads a run folder's config for `--resume`, refusing a run of another kind

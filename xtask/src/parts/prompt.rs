@@ -12,7 +12,7 @@ use kiln_prompt::{
     TextGenerator, TokenCounter, WordCounter,
 };
 
-use super::{Component, DemoPart};
+use super::{float_in, int_in, Component, DemoPart};
 
 /// Registers the `prompt` command and demo part.
 pub fn component() -> Component {
@@ -55,13 +55,13 @@ enum Cmd {
         #[arg(long)]
         model: Option<PathBuf>,
         /// Attempts per case (1 = no re-asking).
-        #[arg(long, default_value_t = 2)]
+        #[arg(long, default_value_t = 2, value_parser = int_in(1usize, 100))]
         attempts: usize,
         /// Sampling seed.
-        #[arg(long, default_value_t = 0)]
+        #[arg(long, default_value_t = 0, value_parser = int_in(0u64, u64::MAX))]
         seed: u64,
         /// Most tokens per answer.
-        #[arg(long, default_value_t = 256)]
+        #[arg(long, default_value_t = 256, value_parser = int_in(1usize, 1_000_000))]
         max_new_tokens: usize,
         /// Render prompts as chat: `chatml`, `llama-3.1`, a model folder, a tokenizer_config.json
         /// or a .jinja file.
@@ -71,7 +71,7 @@ enum Cmd {
         #[arg(long)]
         tokenizer: Option<PathBuf>,
         /// The built-in generator's slip rate on first attempts.
-        #[arg(long, default_value_t = 0.3)]
+        #[arg(long, default_value_t = 0.3, value_parser = float_in::<f64>("in [0, 1]", |x| (0.0..=1.0).contains(&x)))]
         slip_rate: f64,
         /// Also write the JSON report here.
         #[arg(long)]
@@ -92,10 +92,10 @@ enum Cmd {
         #[arg(long)]
         messages: bool,
         /// Fit the prompt into this many tokens (cuts are reported on stderr).
-        #[arg(long)]
+        #[arg(long, value_parser = int_in(1usize, usize::MAX))]
         context_size: Option<usize>,
         /// Tokens kept free for the answer when fitting.
-        #[arg(long, default_value_t = 0)]
+        #[arg(long, default_value_t = 0, value_parser = int_in(0usize, usize::MAX))]
         reserve: usize,
         /// Count tokens with this tokenizer.json (default: whitespace words).
         #[arg(long)]
@@ -104,8 +104,7 @@ enum Cmd {
 }
 
 fn command(args: &[String]) -> Result<()> {
-    let a =
-        Args::try_parse_from(std::iter::once("prompt".to_string()).chain(args.iter().cloned()))?;
+    let a: Args = super::parse("prompt", args)?;
     match a.cmd {
         Cmd::Eval {
             dir,
@@ -358,4 +357,16 @@ fn demo(ctx: &crate::demo::DemoCtx) -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::parts::assert_numeric_flags_checked;
+
+    #[test]
+    fn every_numeric_flag_is_range_checked() {
+        assert_numeric_flags_checked::<Args>("prompt", Some("eval"), &["dir"]);
+        assert_numeric_flags_checked::<Args>("prompt", Some("render"), &["spec.toml"]);
+    }
 }

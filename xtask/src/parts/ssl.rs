@@ -12,8 +12,8 @@ use kiln_ssl::{
 };
 
 use super::{
-    exit_if_interrupted, finished_notice, open_split, parse, parse_given, resume_config, Component,
-    DemoPart, Given, RunArgs,
+    exit_if_interrupted, finished_notice, float_in, int_in, open_optional_split, open_split, parse,
+    parse_given, resume_config, Component, DemoPart, Given, RunArgs, MAX_BATCH, MAX_IMAGE_SIZE,
 };
 
 /// Registers the SSL tasks and demo parts.
@@ -51,7 +51,7 @@ struct Common {
     #[arg(long, default_value = "data")]
     data_root: PathBuf,
     /// Seed.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, value_parser = int_in(0u64, u64::MAX))]
     seed: u64,
     #[command(flatten)]
     run: RunArgs,
@@ -101,23 +101,23 @@ struct InpaintArgs {
     #[command(flatten)]
     common: Common,
     /// Epochs (the chapter trains 200).
-    #[arg(long, default_value_t = 200)]
+    #[arg(long, default_value_t = 200, value_parser = int_in(1u64, u64::MAX))]
     epochs: u64,
     /// Batch size.
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = 32, value_parser = int_in(1usize, MAX_BATCH))]
     batch_size: usize,
     /// Adam learning rate.
-    #[arg(long, default_value_t = 1e-3)]
+    #[arg(long, default_value_t = 1e-3, value_parser = float_in::<f64>("> 0", |x| x > 0.0))]
     lr: f64,
-    /// Mask side.
-    #[arg(long, default_value_t = 8)]
+    /// Mask side (smaller than the image side).
+    #[arg(long, default_value_t = 8, value_parser = int_in(1usize, MAX_IMAGE_SIZE))]
     mask_size: usize,
     /// One mask per image (the chapter draws one per batch).
     #[arg(long)]
     mask_per_image: bool,
     /// Weight of the hole's squared error relative to the visible pixels'
     /// (1: the chapter's plain full-image MSE).
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, value_parser = float_in::<f64>("> 0", |x| x > 0.0))]
     hole_weight: f64,
 }
 
@@ -152,13 +152,12 @@ fn train_inpaint_cmd(args: &[String]) -> Result<()> {
         Split::Train,
         cfg.image_size,
     )?;
-    let te = open_split(
+    let te = open_optional_split(
         &cfg.dataset,
         &a.common.data_root,
         Split::Test,
         cfg.image_size,
-    )
-    .ok();
+    )?;
     let cfg = InpaintConfig {
         channels: tr.get(0)?.image.channels,
         ..cfg
@@ -198,34 +197,34 @@ struct SimclrArgs {
     #[command(flatten)]
     common: Common,
     /// Epochs.
-    #[arg(long, default_value_t = 20)]
+    #[arg(long, default_value_t = 20, value_parser = int_in(1u64, u64::MAX))]
     epochs: u64,
-    /// Images per batch.
-    #[arg(long, default_value_t = 128)]
+    /// Images per batch (at least 2: each image's other view is its positive).
+    #[arg(long, default_value_t = 128, value_parser = int_in(2usize, MAX_BATCH))]
     batch_size: usize,
     /// AdamW learning rate.
-    #[arg(long, default_value_t = 1e-3)]
+    #[arg(long, default_value_t = 1e-3, value_parser = float_in::<f64>("> 0", |x| x > 0.0))]
     lr: f64,
     /// NT-Xent temperature.
-    #[arg(long, default_value_t = 0.2)]
+    #[arg(long, default_value_t = 0.2, value_parser = float_in::<f64>("> 0", |x| x > 0.0))]
     temperature: f64,
     /// Encoder widths, comma-separated.
-    #[arg(long, value_delimiter = ',', default_value = "32,64,128")]
+    #[arg(long, value_delimiter = ',', default_value = "32,64,128", value_parser = int_in(1usize, 4096))]
     widths: Vec<usize>,
     /// Image side.
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = 32, value_parser = int_in(1usize, MAX_IMAGE_SIZE))]
     image_size: usize,
     /// Colour-distortion strength s: jitter (0.8s, 0.8s, 0.8s, 0.2s), at most 2.5.
     /// The default 1 (ImageNet's; 0.5 is SimCLR's CIFAR setting) keeps random
     /// colours from being a shortcut for telling images apart.
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, value_parser = float_in::<f32>("in [0, 2.5]", |x| (0.0..=2.5).contains(&x)))]
     color_strength: f32,
     /// Probability of a grayscale view.
-    #[arg(long, default_value_t = 0.5)]
+    #[arg(long, default_value_t = 0.5, value_parser = float_in::<f64>("in [0, 1]", |x| (0.0..=1.0).contains(&x)))]
     grayscale_p: f64,
     /// Smallest area fraction of the random resized crop (0.4 keeps most of
     /// a synthetic-shapes silhouette in view).
-    #[arg(long, default_value_t = 0.4)]
+    #[arg(long, default_value_t = 0.4, value_parser = float_in::<f32>("in (0, 1]", |x| x > 0.0 && x <= 1.0))]
     crop_min_scale: f32,
 }
 
@@ -263,13 +262,12 @@ fn train_simclr_cmd(args: &[String]) -> Result<()> {
         Split::Train,
         cfg.image_size,
     )?;
-    let te = open_split(
+    let te = open_optional_split(
         &cfg.dataset,
         &a.common.data_root,
         Split::Test,
         cfg.image_size,
-    )
-    .ok();
+    )?;
     let cfg = SimclrConfig {
         channels: tr.get(0)?.image.channels,
         ..cfg
@@ -405,4 +403,16 @@ fn demo_simclr(ctx: &crate::demo::DemoCtx) -> Result<()> {
         out.display()
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::parts::assert_numeric_flags_checked;
+
+    #[test]
+    fn every_numeric_flag_is_range_checked() {
+        assert_numeric_flags_checked::<InpaintArgs>("cargo xtask train inpaint", None, &[]);
+        assert_numeric_flags_checked::<SimclrArgs>("cargo xtask train simclr", None, &[]);
+    }
 }
