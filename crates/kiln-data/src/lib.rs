@@ -40,14 +40,14 @@ pub mod folder;
 pub mod image;
 pub mod loader;
 pub mod masks;
+mod mat;
 pub mod mnist;
 pub mod shapes;
+mod sizes;
 pub mod spec;
 pub mod synthetic;
 pub mod text;
 pub mod transforms;
-mod mat;
-mod sizes;
 mod util;
 
 pub use cifar::Cifar10;
