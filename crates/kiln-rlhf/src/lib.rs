@@ -3,7 +3,10 @@
 //! transformers' `GPT2ForSequenceClassification` layout ([`reward`]), DPO and
 //! its family with TRL's `loss_type` list ([`loss`]) on completion
 //! log-probabilities computed without a `[B, T, V]` log-softmax ([`logps`]),
-//! and their trainers ([`dpo`], [`reward_train`], sharing [`train`]).
+//! and their trainers ([`dpo`], [`reward_train`], sharing [`train`]);
+//! sampling, best-of-n and reward-weighted fine-tuning ([`sample`]); and an
+//! offline experiment ([`experiment`]) with a simulated labeller
+//! ([`labeller`]) whose reward-against-KL frontier [`plot`] draws.
 //!
 //! The reference chapter's RLHF is a toy (`loss = lm_loss * reward`); its
 //! three stages (pretrain an LM, fit a reward model on human preferences,
@@ -36,12 +39,16 @@
 
 pub mod dpo;
 pub mod error;
+pub mod experiment;
+pub mod labeller;
 pub mod logps;
 pub mod loss;
 pub mod models;
+pub mod plot;
 pub mod prefs;
 pub mod reward;
 pub mod reward_train;
+pub mod sample;
 pub mod train;
 
 pub use dpo::{train_dpo, DpoConfig, DpoReport};

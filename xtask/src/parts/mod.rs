@@ -18,6 +18,7 @@ pub mod data;
 pub mod kernels;
 pub mod lm;
 pub mod prompt;
+pub mod rlhf;
 pub mod ssl;
 pub mod vae;
 
@@ -74,6 +75,7 @@ pub fn all() -> Vec<Component> {
         ssl::component(),
         prompt::component(),
         lm::component(),
+        rlhf::component(),
         kernels::component(),
         cuda::component(),
     ]

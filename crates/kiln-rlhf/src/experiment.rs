@@ -1,0 +1,637 @@
+//! The offline RLHF experiment: the chapter's three stages end to end on
+//! embedded data, with a simulated labeller as the human.
+//!
+//! 1. Pretrain: a tiny GPT-2 (kiln-lm's `train lm`) on kiln-data's synthetic
+//!    reviews, each written as `Review of the <subject>: <text>`.
+//! 2. Preferences: for training subjects, sample two completions of the
+//!    prompt `Review of the <subject>:` from the base model; the
+//!    [`LexiconLabeller`] prefers the more positive one (ties are dropped).
+//!    Fit a reward model on them (held-out accuracy reported).
+//! 3. Optimise: DPO at several β, best-of-n with the reward model, and
+//!    reward-weighted fine-tuning.
+//!
+//! Every method is evaluated on held-out subjects by sampling (temperature 1,
+//! no truncation, so samples come from the policy itself): the labeller's
+//! positive rate, the reward model's mean score, the KL to the base model
+//! (the mean of `log π(y|x) - log π_base(y|x)` over the samples; for
+//! best-of-n its bound `log n - (n-1)/n`), the mean completion length in
+//! tokens (to catch length hacking) and sample completions. Results go to
+//! `results.md`, `results.json` and `frontier.png` (reward and positive rate
+//! against KL).
+
+use std::path::{Path, PathBuf};
+
+use candle_core::Device;
+use kiln_core::rng::SeededRng;
+use kiln_core::run::RunOptions;
+use kiln_lm::{GenerationConfig, Gpt2, Gpt2Tokenizer, ModelFiles};
+use serde::{Deserialize, Serialize};
+
+use crate::dpo::Control;
+use crate::dpo::{train_dpo, DpoConfig};
+use crate::error::{Result, RlhfError};
+use crate::labeller::{LexiconLabeller, Verdict};
+use crate::loss::DpoLossConfig;
+use crate::models::{frozen_from, load_weights, model_dir};
+use crate::reward::RewardModel;
+use crate::reward_train::{train_reward, RewardConfig};
+use crate::sample::{
+    best_of_n, best_of_n_kl, sample_completions, sample_kl, score_texts, train_rwft, RewardScorer,
+    RwftConfig,
+};
+use crate::train::TrainingArgs;
+
+/// The experiment's settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ExperimentConfig {
+    /// Reviews in the pretraining corpus.
+    pub reviews: usize,
+    /// The base LM's settings (kiln-lm's `train lm`; `corpus` is set by the experiment).
+    pub lm: kiln_lm::train::TrainConfig,
+    /// Preference pairs to sample and label (ties are dropped).
+    pub pairs: usize,
+    /// Probability that the labeller's verdict is flipped (label noise).
+    pub label_noise: f64,
+    /// Subjects held out for evaluation (the rest give training prompts).
+    pub eval_subjects: usize,
+    /// Samples per held-out subject in the evaluation.
+    pub eval_samples: usize,
+    /// Most tokens per completion.
+    pub max_new_tokens: usize,
+    /// Reward-model training.
+    pub reward: TrainingArgs,
+    /// DPO's β values (one run each).
+    pub dpo_betas: Vec<f64>,
+    /// DPO training.
+    pub dpo: TrainingArgs,
+    /// Best-of-n's n.
+    pub best_of: usize,
+    /// Reward-weighted fine-tuning: samples per prompt.
+    pub rwft_n: usize,
+    /// Reward-weighted fine-tuning: τ.
+    pub rwft_tau: f64,
+    /// Reward-weighted fine-tuning: iterations.
+    pub rwft_iterations: u64,
+    /// Reward-weighted fine-tuning: prompts per iteration.
+    pub rwft_prompts: usize,
+    /// Reward-weighted fine-tuning: learning rate.
+    pub rwft_lr: f64,
+    /// Seed of everything.
+    pub seed: u64,
+}
+
+impl Default for ExperimentConfig {
+    fn default() -> Self {
+        Self {
+            reviews: 3000,
+            // A word-level-sized BPE on this templated corpus makes reviews
+            // short in tokens: a small model learns them in seconds.
+            lm: kiln_lm::train::TrainConfig {
+                vocab_size: 1024,
+                block_size: 64,
+                n_layer: 4,
+                n_embd: 128,
+                n_head: 4,
+                dropout: 0.0,
+                batch_size: 16,
+                epochs: 4,
+                lr: 3e-3,
+                warmup: 20,
+                val_fraction: 0.05,
+                ..Default::default()
+            },
+            pairs: 1500,
+            label_noise: 0.0,
+            eval_subjects: 6,
+            eval_samples: 32,
+            max_new_tokens: 40,
+            reward: TrainingArgs {
+                epochs: 3,
+                batch_size: 16,
+                lr: 1e-3,
+                eval_fraction: 0.15,
+                ..TrainingArgs::with_lr(1e-3)
+            },
+            dpo_betas: vec![0.05, 0.1, 0.5],
+            dpo: TrainingArgs {
+                epochs: 2,
+                batch_size: 16,
+                lr: 5e-4,
+                eval_fraction: 0.1,
+                ..TrainingArgs::with_lr(5e-4)
+            },
+            best_of: 16,
+            rwft_n: 4,
+            rwft_tau: 0.5,
+            rwft_iterations: 60,
+            rwft_prompts: 8,
+            rwft_lr: 3e-4,
+            seed: 0,
+        }
+    }
+}
+
+impl ExperimentConfig {
+    /// The short version for `cargo xtask demo` (well under a minute on 2 cores).
+    pub fn quick() -> Self {
+        let d = Self::default();
+        Self {
+            reviews: 1200,
+            lm: kiln_lm::train::TrainConfig {
+                n_layer: 2,
+                n_embd: 96,
+                epochs: 3,
+                ..d.lm.clone()
+            },
+            pairs: 700,
+            eval_samples: 12,
+            max_new_tokens: 32,
+            reward: TrainingArgs {
+                epochs: 3,
+                ..d.reward.clone()
+            },
+            dpo_betas: vec![0.1],
+            dpo: TrainingArgs {
+                epochs: 1,
+                ..d.dpo.clone()
+            },
+            best_of: 8,
+            rwft_iterations: 30,
+            ..d
+        }
+    }
+
+    /// Checks the values, naming the field at fault.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |f: &str, m: &str| Err(RlhfError::config("experiment", f, m));
+        if self.reviews < 50 {
+            return bad("reviews", "need at least 50 reviews to pretrain on");
+        }
+        if self.pairs < 20 {
+            return bad("pairs", "need at least 20 pairs");
+        }
+        if !(0.0..0.5).contains(&self.label_noise) {
+            return bad("label_noise", "must be in [0, 0.5)");
+        }
+        if self.eval_subjects == 0 || self.eval_samples == 0 {
+            return bad("eval_subjects/eval_samples", "both must be at least 1");
+        }
+        if self.best_of < 2 || self.rwft_n < 2 {
+            return bad("best_of/rwft_n", "both must be at least 2");
+        }
+        if self.dpo_betas.iter().any(|b| !(b.is_finite() && *b > 0.0)) {
+            return bad("dpo_betas", "every β must be positive");
+        }
+        self.reward.validate("experiment reward")?;
+        self.dpo.validate("experiment DPO")
+    }
+}
+
+/// One method's evaluation on the held-out prompts.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MethodResult {
+    /// The method (`base`, `dpo β=0.1`, `best-of-8`, `rwft τ=0.5`).
+    pub name: String,
+    /// The labeller's positive rate.
+    pub positive_rate: f64,
+    /// The reward model's mean score.
+    pub reward: f64,
+    /// KL to the base model (nats per completion).
+    pub kl: f64,
+    /// Whether `kl` is best-of-n's analytic bound rather than a sample estimate.
+    pub kl_is_bound: bool,
+    /// Mean completion length (tokens).
+    pub mean_length: f64,
+    /// A few completions (prompt + text).
+    pub samples: Vec<String>,
+}
+
+/// The experiment's outcome.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ExperimentReport {
+    /// Pairs labelled (after dropping ties).
+    pub labelled_pairs: usize,
+    /// Ties dropped while labelling.
+    pub ties: usize,
+    /// The reward model's held-out accuracy.
+    pub reward_accuracy: f64,
+    /// Each method on the held-out prompts (`base` first).
+    pub methods: Vec<MethodResult>,
+    /// The folder the experiment wrote.
+    pub out: PathBuf,
+}
+
+impl ExperimentReport {
+    /// The table as Markdown.
+    pub fn table(&self) -> String {
+        let mut s = String::from(
+            "| method | labeller positive rate | reward-model score | KL to base (nats) | mean length (tokens) |\n|---|---|---|---|---|\n",
+        );
+        for m in &self.methods {
+            s += &format!(
+                "| {} | {:.1}% | {:.3} | {}{:.3} | {:.1} |\n",
+                m.name,
+                100.0 * m.positive_rate,
+                m.reward,
+                if m.kl_is_bound { "≤ " } else { "" },
+                m.kl,
+                m.mean_length
+            );
+        }
+        s
+    }
+
+    /// A method's result by name.
+    pub fn method(&self, name: &str) -> Option<&MethodResult> {
+        self.methods.iter().find(|m| m.name == name)
+    }
+}
+
+fn io(path: &Path) -> impl Fn(std::io::Error) -> RlhfError + '_ {
+    move |e| RlhfError::file(path, e.to_string())
+}
+
+fn prompt_of(subject: &str) -> String {
+    format!("Review of the {subject}:")
+}
+
+struct Evaluator<'a> {
+    base: &'a Gpt2,
+    tok: &'a Gpt2Tokenizer,
+    rm: &'a RewardModel,
+    labeller: &'a LexiconLabeller,
+    prompts: &'a [String],
+    gen: GenerationConfig,
+    pad: u32,
+}
+
+impl Evaluator<'_> {
+    /// Samples `k` completions per prompt from `policy` and measures them.
+    fn policy(&self, name: &str, policy: &Gpt2, k: usize) -> Result<MethodResult> {
+        let gens = sample_completions(policy, self.tok, self.prompts, k, &self.gen, 4)?;
+        let mut texts = Vec::new();
+        let mut rewards = Vec::new();
+        let mut lens = Vec::new();
+        let mut rows_ids = Vec::new();
+        let mut lps = Vec::new();
+        let mut samples = Vec::new();
+        for (p, g) in self.prompts.iter().zip(&gens) {
+            let t: Vec<String> = g.iter().map(|x| x.text.clone()).collect();
+            rewards.extend(score_texts(self.rm, self.tok, p, &t, k)?);
+            let pid = self.tok.encode(p)?;
+            for x in g {
+                lens.push(x.ids.len() as f64);
+                lps.push(x.logprobs.iter().map(|&v| v as f64).sum::<f64>());
+                rows_ids.push((pid.clone(), x.ids.clone()));
+            }
+            if samples.len() < 3 {
+                samples.push(format!("{p}{}", t[0]));
+            }
+            texts.extend(t);
+        }
+        let rows: Vec<(&[u32], &[u32])> = rows_ids
+            .iter()
+            .map(|(a, b)| (a.as_slice(), b.as_slice()))
+            .collect();
+        let kl = sample_kl(self.base, &rows, &lps, self.pad, 16)?;
+        Ok(MethodResult {
+            name: name.into(),
+            positive_rate: self.labeller.positive_rate(&texts),
+            reward: rewards.iter().map(|&r| r as f64).sum::<f64>() / rewards.len().max(1) as f64,
+            kl,
+            kl_is_bound: false,
+            mean_length: lens.iter().sum::<f64>() / lens.len().max(1) as f64,
+            samples,
+        })
+    }
+}
+
+/// Runs the experiment into `out` (a new folder, or one left by an earlier
+/// run with `overwrite`). `quiet` silences the trainers' progress.
+pub fn run_experiment(
+    cfg: &ExperimentConfig,
+    device: &Device,
+    out: &Path,
+    overwrite: bool,
+    quiet: bool,
+) -> Result<ExperimentReport> {
+    cfg.validate()?;
+    if out.exists() && std::fs::read_dir(out).map_err(io(out))?.next().is_some() && !overwrite {
+        return Err(RlhfError::file(
+            out,
+            "is not empty; choose a new folder or pass --overwrite",
+        ));
+    }
+    if out.exists() && overwrite {
+        std::fs::remove_dir_all(out).map_err(io(out))?;
+    }
+    std::fs::create_dir_all(out).map_err(io(out))?;
+    let t0 = std::time::Instant::now();
+    let say = |m: String| {
+        if !quiet {
+            eprintln!("rlhf experiment [{:.0}s]: {m}", t0.elapsed().as_secs_f64());
+        }
+    };
+    let run = |name: &str| RunOptions::new_run(Some(&out.join(name))).quiet(true);
+
+    // 1. Pretrain.
+    let reviews = kiln_data::text::synthetic_reviews(cfg.reviews, cfg.seed);
+    let mut subjects: Vec<String> = reviews.iter().map(|r| r.subject.clone()).collect();
+    subjects.sort();
+    subjects.dedup();
+    let mut order = SeededRng::derive(cfg.seed, &[0xE7]).permutation(subjects.len());
+    let n_eval = cfg
+        .eval_subjects
+        .min(subjects.len().saturating_sub(1))
+        .max(1);
+    let eval_idx: Vec<usize> = order.split_off(order.len() - n_eval);
+    let train_subjects: Vec<&String> = order.iter().map(|&i| &subjects[i]).collect();
+    let eval_prompts: Vec<String> = eval_idx.iter().map(|&i| prompt_of(&subjects[i])).collect();
+    let corpus = out.join("corpus.txt");
+    let text: String = reviews
+        .iter()
+        .map(|r| format!("{} {}\n", prompt_of(&r.subject), r.text))
+        .collect();
+    kiln_core::files::write_atomic(&corpus, text.as_bytes()).map_err(io(&corpus))?;
+    let tc = kiln_lm::train::TrainConfig {
+        corpus: format!("lines:{}", corpus.display()),
+        seed: cfg.seed,
+        ..cfg.lm.clone()
+    };
+    let lm_rep = kiln_lm::train::train(&tc, device, &run("lm"))?;
+    say(format!(
+        "base LM: val loss {:.3} nats/token; sample: {}",
+        lm_rep.val_loss.unwrap_or(f64::NAN),
+        lm_rep.sample.trim()
+    ));
+    let lm_dir = out.join("lm");
+    let files = ModelFiles::from_dir(&model_dir(&lm_dir))?;
+    let tok = files.load_tokenizer()?;
+    let (mcfg, w) = load_weights(&files, device)?;
+    let base = frozen_from(&mcfg, w, device)?;
+    let pad = tok.eos_id().unwrap_or(0);
+    let gen = GenerationConfig {
+        max_new_tokens: cfg.max_new_tokens,
+        temperature: 1.0,
+        seed: cfg.seed,
+        ..Default::default()
+    };
+
+    // 2. Sample pairs, label them, fit a reward model.
+    let labeller = LexiconLabeller::default();
+    let pair_prompts: Vec<String> = (0..cfg.pairs)
+        .map(|i| prompt_of(train_subjects[i % train_subjects.len()]))
+        .collect();
+    let gens = sample_completions(
+        &base,
+        &tok,
+        &pair_prompts,
+        2,
+        &GenerationConfig {
+            seed: cfg.seed ^ 0xA11,
+            ..gen.clone()
+        },
+        16,
+    )?;
+    let mut rng = SeededRng::derive(cfg.seed, &[0x1AB]);
+    let (mut lines, mut ties) = (String::new(), 0usize);
+    let mut labelled = 0usize;
+    for (p, g) in pair_prompts.iter().zip(&gens) {
+        let (a, b) = (&g[0].text, &g[1].text);
+        let (c, r) = match labeller.prefer_noisy(a, b, cfg.label_noise, &mut rng) {
+            Verdict::First => (a, b),
+            Verdict::Second => (b, a),
+            Verdict::Tie => {
+                ties += 1;
+                continue;
+            }
+        };
+        labelled += 1;
+        lines += &serde_json::json!({"prompt": p, "chosen": c, "rejected": r}).to_string();
+        lines.push('\n');
+    }
+    let prefs = out.join("prefs.jsonl");
+    kiln_core::files::write_atomic(&prefs, lines.as_bytes()).map_err(io(&prefs))?;
+    if labelled < 8 {
+        return Err(RlhfError::Input(format!(
+            "the labeller preferred one sample in only {labelled} of {} pairs (the rest were ties): \
+             the base model writes too little sentiment; train it longer (lm.epochs) or sample more pairs",
+            cfg.pairs
+        )));
+    }
+    say(format!("{labelled} pairs labelled ({ties} ties dropped)"));
+    let rrep = train_reward(
+        &RewardConfig {
+            prefs: prefs.clone(),
+            model: lm_dir.clone(),
+            train: TrainingArgs {
+                seed: cfg.seed,
+                ..cfg.reward.clone()
+            },
+            ..Default::default()
+        },
+        device,
+        &run("reward"),
+    )?;
+    let reward_accuracy = rrep
+        .eval
+        .as_ref()
+        .and_then(|e| e.get("accuracy").copied())
+        .unwrap_or(f64::NAN);
+    say(format!(
+        "reward model: held-out accuracy {:.1}%",
+        100.0 * reward_accuracy
+    ));
+    let (rm, _) = RewardModel::load(&model_dir(&out.join("reward")), device, 0)?;
+
+    let ev = Evaluator {
+        base: &base,
+        tok: &tok,
+        rm: &rm,
+        labeller: &labeller,
+        prompts: &eval_prompts,
+        gen: GenerationConfig {
+            seed: cfg.seed ^ 0xE7A1,
+            ..gen.clone()
+        },
+        pad,
+    };
+    let mut methods = vec![ev.policy("base", &base, cfg.eval_samples)?];
+    say(format!(
+        "base: {:.1}% positive",
+        100.0 * methods[0].positive_rate
+    ));
+
+    // 3a. DPO at each β.
+    for &beta in &cfg.dpo_betas {
+        let name = format!("dpo-beta{beta}");
+        train_dpo(
+            &DpoConfig {
+                prefs: prefs.clone(),
+                model: lm_dir.clone(),
+                loss: DpoLossConfig {
+                    beta,
+                    ..Default::default()
+                },
+                train: TrainingArgs {
+                    seed: cfg.seed,
+                    ..cfg.dpo.clone()
+                },
+                // One reference pass before training instead of a frozen
+                // copy's forward at every step.
+                precompute_ref_log_probs: true,
+                ..Default::default()
+            },
+            device,
+            &run(&name),
+        )?;
+        let pol = load_policy(&out.join(&name), device)?;
+        let m = ev.policy(&format!("dpo β={beta}"), &pol, cfg.eval_samples)?;
+        say(format!(
+            "{}: {:.1}% positive, KL {:.2}",
+            m.name,
+            100.0 * m.positive_rate,
+            m.kl
+        ));
+        methods.push(m);
+    }
+
+    // 3b. Best-of-n from the base model.
+    let scorer = RewardScorer {
+        model: &rm,
+        tokenizer: &tok,
+    };
+    let bon = best_of_n(
+        &base,
+        &tok,
+        &scorer,
+        &eval_prompts,
+        cfg.best_of,
+        &GenerationConfig {
+            seed: cfg.seed ^ 0xB0,
+            ..gen.clone()
+        },
+        4,
+    )?;
+    let mut bon_texts = Vec::new();
+    let mut bon_r = Vec::new();
+    let mut bon_len = Vec::new();
+    let mut bon_samples = Vec::new();
+    // eval_samples draws of best-of-n per prompt: repeat with other seeds.
+    let mut all = vec![bon];
+    for k in 1..cfg.eval_samples {
+        all.push(best_of_n(
+            &base,
+            &tok,
+            &scorer,
+            &eval_prompts,
+            cfg.best_of,
+            &GenerationConfig {
+                seed: cfg.seed ^ (0xB0 + k as u64 * 7919),
+                ..gen.clone()
+            },
+            4,
+        )?);
+    }
+    for round in &all {
+        for b in round {
+            if let Some(c) = b.best() {
+                bon_texts.push(c.text.clone());
+                bon_r.push(c.reward as f64);
+                bon_len.push(c.ids.len() as f64);
+                if bon_samples.len() < 3 {
+                    bon_samples.push(format!("{}{}", b.prompt, c.text));
+                }
+            }
+        }
+    }
+    let m = MethodResult {
+        name: format!("best-of-{}", cfg.best_of),
+        positive_rate: labeller.positive_rate(&bon_texts),
+        reward: bon_r.iter().sum::<f64>() / bon_r.len().max(1) as f64,
+        kl: best_of_n_kl(cfg.best_of),
+        kl_is_bound: true,
+        mean_length: bon_len.iter().sum::<f64>() / bon_len.len().max(1) as f64,
+        samples: bon_samples,
+    };
+    say(format!(
+        "{}: {:.1}% positive",
+        m.name,
+        100.0 * m.positive_rate
+    ));
+    methods.push(m);
+
+    // 3c. Reward-weighted fine-tuning.
+    let prompts_file = out.join("prompts.txt");
+    let ptext: String = train_subjects
+        .iter()
+        .map(|s| format!("{}\n", prompt_of(s)))
+        .collect();
+    kiln_core::files::write_atomic(&prompts_file, ptext.as_bytes()).map_err(io(&prompts_file))?;
+    train_rwft(
+        &RwftConfig {
+            prompts: prompts_file,
+            model: lm_dir.clone(),
+            reward_model: out.join("reward"),
+            n: cfg.rwft_n,
+            tau: cfg.rwft_tau,
+            iterations: cfg.rwft_iterations,
+            prompts_per_iteration: cfg.rwft_prompts,
+            generation: GenerationConfig {
+                seed: cfg.seed,
+                ..gen.clone()
+            },
+            lr: cfg.rwft_lr,
+            seed: cfg.seed,
+            ..Default::default()
+        },
+        device,
+        &run("rwft"),
+        &Control::default(),
+    )?;
+    let pol = load_policy(&out.join("rwft"), device)?;
+    let m = ev.policy(&format!("rwft τ={}", cfg.rwft_tau), &pol, cfg.eval_samples)?;
+    say(format!(
+        "{}: {:.1}% positive, KL {:.2}",
+        m.name,
+        100.0 * m.positive_rate,
+        m.kl
+    ));
+    methods.push(m);
+
+    let report = ExperimentReport {
+        labelled_pairs: labelled,
+        ties,
+        reward_accuracy,
+        methods,
+        out: out.to_path_buf(),
+    };
+    let mut md = format!(
+        "# RLHF experiment\n\nBase: a {}-layer, {}-wide GPT-2 trained on {} synthetic reviews. {} pairs labelled by the lexicon labeller ({} ties dropped); reward model held-out accuracy {:.1}%. Evaluated on {} held-out subjects x {} samples.\n\n",
+        cfg.lm.n_layer, cfg.lm.n_embd, cfg.reviews, labelled, ties, 100.0 * reward_accuracy, eval_prompts.len(), cfg.eval_samples
+    );
+    md += &report.table();
+    md += "\n## Samples\n\n";
+    for m in &report.methods {
+        md += &format!("**{}**\n\n", m.name);
+        for s in &m.samples {
+            md += &format!("- {s}\n");
+        }
+        md.push('\n');
+    }
+    let p = out.join("results.md");
+    kiln_core::files::write_atomic(&p, md.as_bytes()).map_err(io(&p))?;
+    let p = out.join("results.json");
+    let j =
+        serde_json::to_string_pretty(&report).map_err(|e| RlhfError::file(&p, e.to_string()))?;
+    kiln_core::files::write_atomic(&p, j.as_bytes()).map_err(io(&p))?;
+    crate::plot::frontier(&report.methods, &out.join("frontier.png"))?;
+    Ok(report)
+}
+
+fn load_policy(run: &Path, device: &Device) -> Result<Gpt2> {
+    let files = ModelFiles::from_dir(&model_dir(run))?;
+    let (cfg, w) = load_weights(&files, device)?;
+    frozen_from(&cfg, w, device)
+}

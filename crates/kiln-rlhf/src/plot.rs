@@ -1,0 +1,87 @@
+//! The reward-against-KL frontier as a PNG (plotters' bitmap backend with a
+//! bundled ASCII subset of DejaVu Sans, as kiln-core's plots: a CI machine
+//! may have no fonts).
+
+use std::path::Path;
+
+use crate::error::{Result, RlhfError};
+use crate::experiment::MethodResult;
+
+static FONT: &[u8] = include_bytes!("../assets/DejaVuSans-ascii.ttf");
+
+fn ensure_font() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let _ =
+            plotters::style::register_font("sans-serif", plotters::style::FontStyle::Normal, FONT);
+    });
+}
+
+/// ASCII only (the bundled font has no other glyphs): β → b, τ → tau, ≤ → <=.
+fn ascii(s: &str) -> String {
+    s.replace('β', "b").replace('τ', "tau").replace('≤', "<=")
+}
+
+type Metric = fn(&MethodResult) -> f64;
+
+/// Draws two panels, the reward model's score and the labeller's positive
+/// rate against the KL to the base model, one labelled point per method.
+pub fn frontier(methods: &[MethodResult], out: &Path) -> Result<()> {
+    use plotters::prelude::*;
+    ensure_font();
+    let (w, h) = (1000u32, 440u32);
+    let mut buf = vec![0u8; (w * h * 3) as usize];
+    let err = |e: String| RlhfError::file(out, e);
+    {
+        let root = BitMapBackend::with_buffer(&mut buf, (w, h)).into_drawing_area();
+        root.fill(&WHITE).map_err(|e| err(e.to_string()))?;
+        let panels = root.split_evenly((1, 2));
+        let kl_max = methods.iter().map(|m| m.kl).fold(0.0f64, f64::max).max(0.1) * 1.15;
+        let series: [(&str, Metric); 2] = [
+            ("reward-model score", |m| m.reward),
+            ("labeller positive rate", |m| m.positive_rate),
+        ];
+        for (panel, (label, f)) in panels.iter().zip(series) {
+            let ys: Vec<f64> = methods.iter().map(f).collect();
+            let (mut y0, mut y1) = ys
+                .iter()
+                .fold((f64::MAX, f64::MIN), |(a, b), &y| (a.min(y), b.max(y)));
+            if y1 - y0 < 1e-6 {
+                y0 -= 0.5;
+                y1 += 0.5;
+            }
+            let pad = (y1 - y0) * 0.15;
+            let kl_min = methods.iter().map(|m| m.kl).fold(0.0f64, f64::min) - 0.05 * kl_max;
+            let mut chart = ChartBuilder::on(panel)
+                .caption(format!("{label} vs KL to base"), ("sans-serif", 18))
+                .margin(12)
+                .x_label_area_size(36)
+                .y_label_area_size(56)
+                .build_cartesian_2d(kl_min..kl_max, (y0 - pad)..(y1 + pad))
+                .map_err(|e| err(e.to_string()))?;
+            chart
+                .configure_mesh()
+                .x_desc("KL to base (nats)")
+                .y_desc(label)
+                .label_style(("sans-serif", 13))
+                .draw()
+                .map_err(|e| err(e.to_string()))?;
+            for (i, (m, y)) in methods.iter().zip(&ys).enumerate() {
+                let c = Palette99::pick(i).to_rgba();
+                chart
+                    .draw_series(std::iter::once(Circle::new((m.kl, *y), 5, c.filled())))
+                    .map_err(|e| err(e.to_string()))?;
+                chart
+                    .draw_series(std::iter::once(Text::new(
+                        ascii(&m.name),
+                        (m.kl, *y),
+                        ("sans-serif", 13).into_font(),
+                    )))
+                    .map_err(|e| err(e.to_string()))?;
+            }
+        }
+        root.present().map_err(|e| err(e.to_string()))?;
+    }
+    let img = image::RgbImage::from_raw(w, h, buf).ok_or_else(|| err("bad image buffer".into()))?;
+    Ok(kiln_core::image::save_png(&img, out)?)
+}
