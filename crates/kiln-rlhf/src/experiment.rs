@@ -117,16 +117,16 @@ impl Default for ExperimentConfig {
             dpo: TrainingArgs {
                 epochs: 2,
                 batch_size: 16,
-                lr: 5e-4,
+                lr: 1e-4,
                 eval_fraction: 0.1,
-                ..TrainingArgs::with_lr(5e-4)
+                ..TrainingArgs::with_lr(1e-4)
             },
             best_of: 16,
             rwft_n: 4,
-            rwft_tau: 0.5,
+            rwft_tau: 1.0,
             rwft_iterations: 60,
             rwft_prompts: 8,
-            rwft_lr: 3e-4,
+            rwft_lr: 1e-4,
             seed: 0,
         }
     }
@@ -152,12 +152,16 @@ impl ExperimentConfig {
                 ..d.reward.clone()
             },
             dpo_betas: vec![0.1],
+            // Fewer, larger steps than the full run: seconds, not minutes.
             dpo: TrainingArgs {
                 epochs: 1,
+                lr: 5e-4,
                 ..d.dpo.clone()
             },
             best_of: 8,
+            rwft_tau: 0.5,
             rwft_iterations: 30,
+            rwft_lr: 3e-4,
             ..d
         }
     }

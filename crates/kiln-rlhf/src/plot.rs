@@ -36,7 +36,7 @@ pub fn frontier(methods: &[MethodResult], out: &Path) -> Result<()> {
         let root = BitMapBackend::with_buffer(&mut buf, (w, h)).into_drawing_area();
         root.fill(&WHITE).map_err(|e| err(e.to_string()))?;
         let panels = root.split_evenly((1, 2));
-        let kl_max = methods.iter().map(|m| m.kl).fold(0.0f64, f64::max).max(0.1) * 1.15;
+        let kl_max = methods.iter().map(|m| m.kl).fold(0.0f64, f64::max).max(0.1) * 1.3;
         let series: [(&str, Metric); 2] = [
             ("reward-model score", |m| m.reward),
             ("labeller positive rate", |m| m.positive_rate),

@@ -189,8 +189,21 @@ fn reward_scores_match_transformers_with_right_and_left_padding() -> Result<()> 
 
 /// A folder kiln writes has transformers' layout: the same tensor names and
 /// shapes as the one transformers wrote, `num_labels = 1`, the architecture
-/// and pad token; and it loads back to the same scores. (Loading it in
-/// transformers was checked with `make_rlhf_fixture.py --check-kiln-folder`.)
+/// and pad token; and it loads back to the same scores.
+///
+/// Loading in transformers 5.24 was checked with `make_rlhf_fixture.py
+/// --check-kiln-folder DIR` on the folders this test writes, for the fixture
+/// model and for a fresh one (`RewardModel::from_lm(tiny-lm, seed 7)`, kiln's
+/// scores of the fixture's three sequences `[-1.5128168, -0.078690976,
+/// 0.6346837]`):
+///
+/// ```text
+/// $ python3 make_rlhf_fixture.py --check-kiln-folder /tmp/kiln-saved-rm
+/// num_labels 1 pad_token_id 0
+/// {"right": [7.015594482421875, 6.502582550048828, -2.646488904953003], ...}   (= expected.json)
+/// $ python3 make_rlhf_fixture.py --check-kiln-folder /tmp/kiln-fresh-rm
+/// {"right": [-1.5128166675567627, -0.07869154214859009, 0.6346837878227234], ...}
+/// ```
 #[test]
 fn saved_reward_folder_has_transformers_layout() -> Result<()> {
     let dev = Device::Cpu;
