@@ -809,3 +809,31 @@ impl Session {
 fn to_json<T: serde::Serialize>(v: &T) -> String {
     serde_json::to_string(v).unwrap_or_default()
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    /// The epoch's sums go through JSON in the checkpoint: they must come back
+    /// bit for bit (serde_json's `float_roundtrip`), or a resumed epoch's mean
+    /// would differ from an uninterrupted one's in the last digit.
+    #[test]
+    fn epoch_sums_survive_json_bit_for_bit() {
+        let mut rng = SeededRng::new(3);
+        let mut sums = BTreeMap::new();
+        for i in 0..2000 {
+            let a = (rng.uniform_f32(-1.0, 1.0) as f64) * 10f64.powi(i % 17 - 8) / 3.0;
+            sums.insert(format!("m{i}"), (a, -936_991.637_620_914_5 * a));
+        }
+        let back: BTreeMap<String, (f64, f64)> = serde_json::from_str(&to_json(&sums)).unwrap();
+        for (k, (a, b)) in &sums {
+            let (c, d) = back[k];
+            assert_eq!(
+                (a.to_bits(), b.to_bits()),
+                (c.to_bits(), d.to_bits()),
+                "{k}"
+            );
+        }
+    }
+}
