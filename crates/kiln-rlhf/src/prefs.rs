@@ -87,9 +87,14 @@ impl PreferenceData {
         (self, held)
     }
 
+    /// Pairs kept (read minus dropped; also when `pairs` was emptied for a report).
+    pub fn kept(&self) -> usize {
+        self.total - self.dropped_too_long - self.dropped_empty
+    }
+
     /// One line for logs: `kept of total (n dropped: longer than max_length, ...)`.
     pub fn describe(&self, max_length: usize) -> String {
-        let mut s = format!("{} of {} pairs", self.pairs.len(), self.total);
+        let mut s = format!("{} of {} pairs", self.kept(), self.total);
         if self.dropped_too_long > 0 {
             s += &format!(
                 "; {} dropped as longer than max_length {max_length}",

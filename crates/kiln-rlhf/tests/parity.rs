@@ -116,6 +116,10 @@ fn long_pairs_are_dropped_and_counted() -> Result<()> {
     assert!(data
         .describe(16)
         .contains("3 dropped as longer than max_length 16"));
+    assert!(data.describe(16).starts_with("2 of 5 pairs"));
+    let mut emptied = data.clone();
+    emptied.pairs.clear();
+    assert_eq!(emptied.kept(), 2);
     let e = PairEncoder::new(&tok, None, 1024).read(&path).unwrap_err();
     let msg = e.to_string();
     assert!(
