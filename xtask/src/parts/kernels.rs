@@ -1,16 +1,17 @@
 //! kiln-core's kernels in xtask: the `inpaint_convae_train_step` benchmark, the
 //! chapter's masked conv autoencoder built from kiln-core layers (which run on
-//! `kiln_core::ops`).
+//! `kiln_core::ops`), and `dcgan32_train_iter`, torch_reference.py's DCGAN
+//! iteration built from kiln-gan's `dcgan32` models.
 
 use anyhow::Result;
-use kiln_core::loss::bce_with_logits;
 use kiln_core::loss::{mse, Reduction};
-use kiln_core::nn::{BatchNorm, Conv2d, ConvConfig, ConvTranspose2d, MaxPool2d};
+use kiln_core::nn::{Conv2d, ConvConfig, ConvTranspose2d, MaxPool2d};
 use kiln_core::optim::{OptimKind, Optimizer};
 use kiln_core::rng::SeededRng;
 use kiln_core::vars::VarStore;
-use kiln_core::ModuleT;
 use kiln_core::{DType, Device, Module, Tensor};
+use kiln_gan::loss::{minimax_d, non_saturating_g};
+use kiln_gan::{is_trainable, Discriminator, Generator, ModelConfig};
 
 use super::{Bench, Component};
 
@@ -81,128 +82,38 @@ fn bench_convae(ctx: &crate::bench::BenchCtx) -> Result<serde_json::Value> {
     })
 }
 
-/// Stride and padding of a 4x4 DCGAN layer, without bias (a batch norm follows).
-fn dcgan_cfg(stride: usize, padding: usize) -> ConvConfig {
-    ConvConfig {
-        stride,
-        padding,
-        ..ConvConfig::default()
-    }
-    .no_bias()
-}
-
-/// torch_reference.py's DCGAN generator at 32x32 (nz 100, ngf 64): transposed
-/// convs without bias, batch norm and ReLU, then tanh.
-struct DcganG {
-    t: Vec<ConvTranspose2d>,
-    bn: Vec<BatchNorm>,
-}
-
-impl DcganG {
-    fn new(vs: &VarStore, dev: &Device) -> Result<Self> {
-        let vb = vs.builder(DType::F32, dev);
-        let ch = [100, 256, 128, 64, 3];
-        let mut t = Vec::new();
-        for i in 0..4 {
-            let cfg = if i == 0 {
-                dcgan_cfg(1, 0)
-            } else {
-                dcgan_cfg(2, 1)
-            };
-            t.push(ConvTranspose2d::new(
-                ch[i],
-                ch[i + 1],
-                4,
-                cfg,
-                vb.pp(format!("t{i}")),
-            )?);
-        }
-        let bn = (1..4)
-            .map(|i| BatchNorm::new(ch[i], vb.pp(format!("bn{i}"))))
-            .collect::<kiln_core::Result<_>>()?;
-        Ok(Self { t, bn })
-    }
-
-    fn forward(&self, z: &Tensor) -> Result<Tensor> {
-        let mut h = z.clone();
-        for (t, bn) in self.t.iter().zip(&self.bn) {
-            h = kiln_core::ops::relu(&bn.forward_t(&t.forward(&h)?, true)?)?;
-        }
-        Ok(self.t[3].forward(&h)?.tanh()?)
-    }
-}
-
-/// torch_reference.py's DCGAN discriminator (ndf 64): strided convs without
-/// bias, batch norm and leaky ReLU (0.2), one logit per image.
-struct DcganD {
-    c: Vec<Conv2d>,
-    bn: Vec<BatchNorm>,
-}
-
-impl DcganD {
-    fn new(vs: &VarStore, dev: &Device) -> Result<Self> {
-        let vb = vs.builder(DType::F32, dev);
-        let ch = [3, 64, 128, 256, 1];
-        let mut c = Vec::new();
-        for i in 0..4 {
-            let cfg = if i == 3 {
-                dcgan_cfg(1, 0)
-            } else {
-                dcgan_cfg(2, 1)
-            };
-            c.push(Conv2d::new(
-                ch[i],
-                ch[i + 1],
-                4,
-                cfg,
-                vb.pp(format!("c{i}")),
-            )?);
-        }
-        let bn = (1..3)
-            .map(|i| BatchNorm::new(ch[i + 1], vb.pp(format!("bn{i}"))))
-            .collect::<kiln_core::Result<_>>()?;
-        Ok(Self { c, bn })
-    }
-
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let mut h = kiln_core::ops::leaky_relu(&self.c[0].forward(x)?, 0.2)?;
-        for (c, bn) in self.c[1..3].iter().zip(&self.bn) {
-            h = kiln_core::ops::leaky_relu(&bn.forward_t(&c.forward(&h)?, true)?, 0.2)?;
-        }
-        Ok(self.c[3].forward(&h)?.flatten_all()?)
-    }
-}
-
 /// One DCGAN iteration as torch_reference.py's `dcgan`: a discriminator step on
 /// real and (detached) fake images, then a non-saturating generator step; Adam
 /// (2e-4, betas 0.5/0.999), batch 64, 30 timed steps after 3 warm-up steps.
 fn bench_dcgan(ctx: &crate::bench::BenchCtx) -> Result<serde_json::Value> {
     let dev = Device::Cpu;
+    let cfg = ModelConfig::dcgan32();
     let (vg, vd) = (VarStore::new(0), VarStore::new(1));
-    let (g, d) = (DcganG::new(&vg, &dev)?, DcganD::new(&vd, &dev)?);
+    let g = Generator::new(&cfg, vg.builder(DType::F32, &dev))?;
+    let d = Discriminator::new(&cfg, vd.builder(DType::F32, &dev))?;
     let adam = OptimKind::Adam {
         betas: (0.5, 0.999),
         eps: 1e-8,
     };
-    let mut og = Optimizer::single(adam, vg.vars(), 2e-4, 0.0)?;
-    let mut od = Optimizer::single(adam, vd.vars(), 2e-4, 0.0)?;
+    let mut og = Optimizer::single(adam, vg.vars_where(is_trainable), 2e-4, 0.0)?;
+    let mut od = Optimizer::single(adam, vd.vars_where(is_trainable), 2e-4, 0.0)?;
     let mut rng = SeededRng::new(0);
     let b = 64;
     let real = rng.uniform(&[b, 3, 32, 32], -1.0, 1.0, &dev)?;
-    let ones = Tensor::ones(b, DType::F32, &dev)?;
-    let zeros = Tensor::zeros(b, DType::F32, &dev)?;
     let ctx = crate::bench::BenchCtx {
         threads: ctx.threads,
         steps: 30,
         warm: 3,
     };
     ctx.train_line("dcgan32_train_iter", b, || {
-        let z = rng.normal(&[b, 100, 1, 1], 0.0, 1.0, &dev)?;
-        let fake = g.forward(&z)?;
-        let ld = (bce_with_logits(&d.forward(&real)?, &ones, Reduction::Mean)?
-            + bce_with_logits(&d.forward(&fake.detach())?, &zeros, Reduction::Mean)?)?;
+        let fake = g.forward_t(&g.noise(b, &mut rng)?, None, true)?;
+        // BCE-with-logits against ones / zeros, as the reference.
+        let ld = minimax_d(
+            &d.forward_t(&real, None, true)?,
+            &d.forward_t(&fake.detach(), None, true)?,
+        )?;
         od.backward_step(&ld)?;
-        let lg = bce_with_logits(&d.forward(&fake)?, &ones, Reduction::Mean)?;
+        let lg = non_saturating_g(&d.forward_t(&fake, None, true)?)?;
         og.backward_step(&lg)?;
         Ok(())
     })

@@ -15,6 +15,7 @@ use kiln_data::{open_with, Dataset, DatasetSpec, OpenOptions, Split};
 pub mod core;
 pub mod cuda;
 pub mod data;
+pub mod gan;
 pub mod kernels;
 pub mod lm;
 pub mod prompt;
@@ -72,6 +73,7 @@ pub fn all() -> Vec<Component> {
         core::component(),
         data::component(),
         vae::component(),
+        gan::component(),
         ssl::component(),
         prompt::component(),
         lm::component(),
