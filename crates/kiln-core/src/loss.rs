@@ -24,17 +24,21 @@ fn reduce(x: Tensor, r: Reduction) -> Result<Tensor> {
 }
 
 /// `softplus(x) = log(1 + exp(x))`, computed as `relu(x) + log(1 + exp(-|x|))` so
-/// it never overflows.
+/// it never overflows; its gradient is `sigmoid(x)` everywhere, 1/2 at exactly 0.
 pub fn softplus(x: &Tensor) -> Result<Tensor> {
-    let tail = (x.abs()?.neg()?.exp()? + 1.0)?.log()?;
-    x.relu()? + tail
+    let abs = x.abs()?;
+    let tail = (abs.neg()?.exp()? + 1.0)?.log()?;
+    // `(x + |x|) / 2` is `relu(x)` bit for bit, but its gradient at exactly 0
+    // is 1/2 whatever sign the backward of `|x|` takes there, so the total is
+    // sigmoid(0) = 1/2. With `relu` (gradient 0 at 0) it was 0 or -1/2: a DPO
+    // step from a policy equal to its reference did not move.
+    ((x + &abs)? * 0.5)? + tail
 }
 
 /// Binary cross-entropy on logits: `relu(x) - x*t + log(1 + exp(-|x|))`.
 /// Finite for any logit (candle's version goes through sigmoid then log).
 pub fn bce_with_logits(logits: &Tensor, target: &Tensor, r: Reduction) -> Result<Tensor> {
-    let tail = (logits.abs()?.neg()?.exp()? + 1.0)?.log()?;
-    let per = ((logits.relu()? - (logits * target)?)? + tail)?;
+    let per = (softplus(logits)? - (logits * target)?)?;
     reduce(per, r)
 }
 
@@ -115,6 +119,32 @@ mod tests {
     )]
     use super::*;
     use candle_core::{Device, Var};
+
+    /// The gradient at a logit of exactly 0 is sigmoid(0) = 1/2 (closed
+    /// form), where DPO and a GAN's first steps start; elsewhere sigmoid(x).
+    #[test]
+    fn softplus_and_bce_gradients_are_sigmoid_at_zero_too() {
+        let x = Var::new(&[-1f32, 0.0, 0.0, 2.0], &Device::Cpu).unwrap();
+        let g = softplus(x.as_tensor())
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let g: Vec<f32> = g.get(x.as_tensor()).unwrap().to_vec1().unwrap();
+        let sig = |v: f32| 1.0 / (1.0 + (-v).exp());
+        close(&g, &[sig(-1.0), 0.5, 0.5, sig(2.0)], 1e-6);
+        let y = t(&[0.0, 0.0, 1.0, 1.0]);
+        let l = bce_with_logits(x.as_tensor(), &y, Reduction::Sum).unwrap();
+        let g: Vec<f32> = l
+            .backward()
+            .unwrap()
+            .get(x.as_tensor())
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        close(&g, &[sig(-1.0), 0.5, -0.5, sig(2.0) - 1.0], 1e-6);
+    }
 
     fn t(v: &[f32]) -> Tensor {
         Tensor::new(v, &Device::Cpu).unwrap()
