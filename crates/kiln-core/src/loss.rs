@@ -28,11 +28,12 @@ fn reduce(x: Tensor, r: Reduction) -> Result<Tensor> {
 pub fn softplus(x: &Tensor) -> Result<Tensor> {
     let abs = x.abs()?;
     let tail = (abs.neg()?.exp()? + 1.0)?.log()?;
-    // `(x + |x|) / 2` is `relu(x)` bit for bit, but its gradient at exactly 0
-    // is 1/2 whatever sign the backward of `|x|` takes there, so the total is
+    // `x/2 + |x|/2` is `relu(x)` bit for bit (halving is exact; halving
+    // first keeps it finite up to f32::MAX), but its gradient at exactly 0 is
+    // 1/2 whatever sign the backward of `|x|` takes there, so the total is
     // sigmoid(0) = 1/2. With `relu` (gradient 0 at 0) it was 0 or -1/2: a DPO
     // step from a policy equal to its reference did not move.
-    ((x + &abs)? * 0.5)? + tail
+    ((x * 0.5)? + (&abs * 0.5)?)? + tail
 }
 
 /// Binary cross-entropy on logits: `relu(x) - x*t + log(1 + exp(-|x|))`.
@@ -144,6 +145,10 @@ mod tests {
             .to_vec1()
             .unwrap();
         close(&g, &[sig(-1.0), 0.5, -0.5, sig(2.0) - 1.0], 1e-6);
+        // Finite and exact at the ends of f32's range.
+        let big = t(&[-f32::MAX, f32::MAX, 3e38]);
+        let v: Vec<f32> = softplus(&big).unwrap().to_vec1().unwrap();
+        assert_eq!(v, [0.0, f32::MAX, 3e38]);
     }
 
     fn t(v: &[f32]) -> Tensor {
