@@ -2,49 +2,8 @@
 //! `shared/bench/torch_reference.py` (warm-up steps, then timed steps).
 
 use anyhow::{bail, Result};
-use std::time::Instant;
 
-use crate::parts::Component;
-
-/// What each benchmark receives.
-pub struct BenchCtx {
-    /// CPU threads in use.
-    pub threads: usize,
-    /// Timed steps (torch_reference.py uses 200 for the small models).
-    pub steps: usize,
-    /// Warm-up steps (torch_reference.py uses 20).
-    pub warm: usize,
-}
-
-impl BenchCtx {
-    /// Times a train step the way torch_reference.py's `bench_train` does and
-    /// returns its JSON line.
-    pub fn train_line(
-        &self,
-        name: &str,
-        batch: usize,
-        mut step: impl FnMut() -> Result<()>,
-    ) -> Result<serde_json::Value> {
-        for _ in 0..self.warm {
-            step()?;
-        }
-        let t = Instant::now();
-        for _ in 0..self.steps {
-            step()?;
-        }
-        let dt = t.elapsed().as_secs_f64();
-        let round1 = |x: f64| (x * 10.0).round() / 10.0;
-        let round3 = |x: f64| (x * 1000.0).round() / 1000.0;
-        Ok(serde_json::json!({
-            "bench": name,
-            "threads": self.threads,
-            "batch": batch,
-            "steps": self.steps,
-            "images_per_s": round1(batch as f64 * self.steps as f64 / dt),
-            "ms_per_step": round3(1000.0 * dt / self.steps as f64),
-        }))
-    }
-}
+use crate::parts::{BenchCtx, Component};
 
 /// Runs the named benchmarks (all when none is named).
 pub fn run(args: &[String], components: &[Component]) -> Result<()> {

@@ -5,7 +5,7 @@ use clap::Parser;
 use std::path::PathBuf;
 use std::time::Instant;
 
-use crate::parts::Component;
+use crate::parts::{Component, DemoCtx};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -31,18 +31,6 @@ struct Args {
     /// No progress bars.
     #[arg(long)]
     quiet: bool,
-}
-
-/// What each demo part receives.
-pub struct DemoCtx {
-    /// The folder under which each part writes its run folder.
-    pub out: PathBuf,
-    /// Base seed.
-    pub seed: u64,
-    /// The device to run on.
-    pub device: kiln_core::Device,
-    /// Suppress progress bars.
-    pub quiet: bool,
 }
 
 /// Runs the selected demo parts in order.

@@ -58,7 +58,7 @@ impl Cifar10 {
             Split::Val => {
                 return Err(DataError::NoSplit {
                     dataset: "cifar10".into(),
-                    split,
+                    split: split.as_str(),
                     hint: "it has train and test splits only".into(),
                 })
             }

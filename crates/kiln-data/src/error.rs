@@ -141,8 +141,8 @@ pub enum DataError {
     NoSplit {
         /// The dataset (`mnist`, `folder:PATH`, ...).
         dataset: String,
-        /// The split asked for.
-        split: crate::dataset::Split,
+        /// The split asked for (`train`, `val`, `test`).
+        split: &'static str,
         /// Which splits there are, and how to add the missing one.
         hint: String,
     },

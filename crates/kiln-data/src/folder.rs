@@ -188,7 +188,7 @@ impl ImageFolder {
                 }
                 return Err(DataError::NoSplit {
                     dataset,
-                    split,
+                    split: split.as_str(),
                     hint: format!(
                         "{} has no train/ and {split}/ sub-folders, so all its pictures are \
                          the training split; to evaluate on held-out pictures, put them in \
@@ -214,7 +214,7 @@ impl ImageFolder {
             }
             return Err(DataError::NoSplit {
                 dataset,
-                split,
+                split: split.as_str(),
                 hint: format!(
                     "{} has {} but no {split}/ sub-folder",
                     root.display(),

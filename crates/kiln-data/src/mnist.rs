@@ -129,7 +129,7 @@ impl Mnist {
             Split::Val => {
                 return Err(DataError::NoSplit {
                     dataset: "mnist".into(),
-                    split,
+                    split: split.as_str(),
                     hint: "it has train and test splits only".into(),
                 })
             }

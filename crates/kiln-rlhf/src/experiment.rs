@@ -192,24 +192,7 @@ impl ExperimentConfig {
     }
 }
 
-/// One method's evaluation on the held-out prompts.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct MethodResult {
-    /// The method (`base`, `dpo β=0.1`, `best-of-8`, `rwft τ=0.5`).
-    pub name: String,
-    /// The labeller's positive rate.
-    pub positive_rate: f64,
-    /// The reward model's mean score.
-    pub reward: f64,
-    /// KL to the base model (nats per completion).
-    pub kl: f64,
-    /// Whether `kl` is best-of-n's analytic bound rather than a sample estimate.
-    pub kl_is_bound: bool,
-    /// Mean completion length (tokens).
-    pub mean_length: f64,
-    /// A few completions (prompt + text).
-    pub samples: Vec<String>,
-}
+pub use crate::plot::MethodResult;
 
 /// The experiment's outcome.
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -4,8 +4,9 @@
 
 use std::path::Path;
 
+use serde::{Deserialize, Serialize};
+
 use crate::error::{Result, RlhfError};
-use crate::experiment::MethodResult;
 
 static FONT: &[u8] = include_bytes!("../assets/DejaVuSans-ascii.ttf");
 
@@ -20,6 +21,25 @@ fn ensure_font() {
 /// ASCII only (the bundled font has no other glyphs): β → b, τ → tau, ≤ → <=.
 fn ascii(s: &str) -> String {
     s.replace('β', "b").replace('τ', "tau").replace('≤', "<=")
+}
+
+/// One method's evaluation on the held-out prompts.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MethodResult {
+    /// The method (`base`, `dpo β=0.1`, `best-of-8`, `rwft τ=0.5`).
+    pub name: String,
+    /// The labeller's positive rate.
+    pub positive_rate: f64,
+    /// The reward model's mean score.
+    pub reward: f64,
+    /// KL to the base model (nats per completion).
+    pub kl: f64,
+    /// Whether `kl` is best-of-n's analytic bound rather than a sample estimate.
+    pub kl_is_bound: bool,
+    /// Mean completion length (tokens).
+    pub mean_length: f64,
+    /// A few completions (prompt + text).
+    pub samples: Vec<String>,
 }
 
 type Metric = fn(&MethodResult) -> f64;

@@ -53,7 +53,7 @@ fn stripes(n: usize, seed: u64, dev: &Device) -> Result<Tensor> {
     Ok(Tensor::from_vec(v, (n, 3, SIDE, SIDE), dev)?)
 }
 
-fn demo(ctx: &crate::demo::DemoCtx) -> Result<()> {
+fn demo(ctx: &super::DemoCtx) -> Result<()> {
     let dev = &ctx.device;
     let d = 3 * SIDE * SIDE;
     let vs = VarStore::new(ctx.seed);

@@ -61,7 +61,7 @@ impl ConvAe {
     }
 }
 
-fn bench_convae(ctx: &crate::bench::BenchCtx) -> Result<serde_json::Value> {
+fn bench_convae(ctx: &super::BenchCtx) -> Result<serde_json::Value> {
     let dev = Device::Cpu;
     let vs = VarStore::new(0);
     let model = ConvAe::new(&vs, &dev)?;
@@ -85,7 +85,7 @@ fn bench_convae(ctx: &crate::bench::BenchCtx) -> Result<serde_json::Value> {
 /// One DCGAN iteration as torch_reference.py's `dcgan`: a discriminator step on
 /// real and (detached) fake images, then a non-saturating generator step; Adam
 /// (2e-4, betas 0.5/0.999), batch 64, 30 timed steps after 3 warm-up steps.
-fn bench_dcgan(ctx: &crate::bench::BenchCtx) -> Result<serde_json::Value> {
+fn bench_dcgan(ctx: &super::BenchCtx) -> Result<serde_json::Value> {
     let dev = Device::Cpu;
     let cfg = ModelConfig::dcgan32();
     let (vg, vd) = (VarStore::new(0), VarStore::new(1));
@@ -100,7 +100,7 @@ fn bench_dcgan(ctx: &crate::bench::BenchCtx) -> Result<serde_json::Value> {
     let mut rng = SeededRng::new(0);
     let b = 64;
     let real = rng.uniform(&[b, 3, 32, 32], -1.0, 1.0, &dev)?;
-    let ctx = crate::bench::BenchCtx {
+    let ctx = super::BenchCtx {
         threads: ctx.threads,
         steps: 30,
         warm: 3,

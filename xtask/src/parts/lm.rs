@@ -358,7 +358,7 @@ fn report(rep: &kiln_lm::train::TrainReport, run: &Path) {
     );
 }
 
-fn demo(ctx: &crate::demo::DemoCtx) -> Result<()> {
+fn demo(ctx: &super::DemoCtx) -> Result<()> {
     let tc = TrainConfig {
         corpus: "synthetic-reviews:1500".into(),
         epochs: 3,
@@ -392,17 +392,17 @@ fn demo(ctx: &crate::demo::DemoCtx) -> Result<()> {
 
 /// GPT-2 small (random weights), 32-token prompt, 64 new tokens, tokens/s
 /// including the prefill: torch_reference.py's `gpt2` benchmark.
-fn bench_decode(ctx: &crate::bench::BenchCtx) -> Result<serde_json::Value> {
+fn bench_decode(ctx: &super::BenchCtx) -> Result<serde_json::Value> {
     decode_line(ctx, false)
 }
 
 /// The same with bf16 decode weights; also reports the logits' deviation from
 /// f32 on a decode step.
-fn bench_decode_bf16(ctx: &crate::bench::BenchCtx) -> Result<serde_json::Value> {
+fn bench_decode_bf16(ctx: &super::BenchCtx) -> Result<serde_json::Value> {
     decode_line(ctx, true)
 }
 
-fn decode_line(ctx: &crate::bench::BenchCtx, bf16: bool) -> Result<serde_json::Value> {
+fn decode_line(ctx: &super::BenchCtx, bf16: bool) -> Result<serde_json::Value> {
     let dev = Device::Cpu;
     let cfg = Gpt2Config::gpt2_small();
     let vs = VarStore::new(0);
@@ -449,7 +449,7 @@ fn decode_line(ctx: &crate::bench::BenchCtx, bf16: bool) -> Result<serde_json::V
 
 /// GPT-2 small train step, batch 8 x 128, dropout on, AdamW: torch_reference.py's
 /// `gpt2train` benchmark (1 warm-up step, 5 timed).
-fn bench_train(ctx: &crate::bench::BenchCtx) -> Result<serde_json::Value> {
+fn bench_train(ctx: &super::BenchCtx) -> Result<serde_json::Value> {
     let dev = Device::Cpu;
     let cfg = Gpt2Config::gpt2_small();
     let vs = VarStore::new(0);

@@ -32,6 +32,58 @@ pub const MAX_IMAGE_SIZE: usize = 1024;
 /// A command handler: receives the arguments after its name.
 pub type Handler = fn(&[String]) -> Result<()>;
 
+/// What each demo part receives.
+pub struct DemoCtx {
+    /// The folder under which each part writes its run folder.
+    pub out: PathBuf,
+    /// Base seed.
+    pub seed: u64,
+    /// The device to run on.
+    pub device: kiln_core::Device,
+    /// Suppress progress bars.
+    pub quiet: bool,
+}
+
+/// What each benchmark receives.
+pub struct BenchCtx {
+    /// CPU threads in use.
+    pub threads: usize,
+    /// Timed steps (torch_reference.py uses 200 for the small models).
+    pub steps: usize,
+    /// Warm-up steps (torch_reference.py uses 20).
+    pub warm: usize,
+}
+
+impl BenchCtx {
+    /// Times a train step the way torch_reference.py's `bench_train` does and
+    /// returns its JSON line.
+    pub fn train_line(
+        &self,
+        name: &str,
+        batch: usize,
+        mut step: impl FnMut() -> Result<()>,
+    ) -> Result<serde_json::Value> {
+        for _ in 0..self.warm {
+            step()?;
+        }
+        let t = std::time::Instant::now();
+        for _ in 0..self.steps {
+            step()?;
+        }
+        let dt = t.elapsed().as_secs_f64();
+        let round1 = |x: f64| (x * 10.0).round() / 10.0;
+        let round3 = |x: f64| (x * 1000.0).round() / 1000.0;
+        Ok(serde_json::json!({
+            "bench": name,
+            "threads": self.threads,
+            "batch": batch,
+            "steps": self.steps,
+            "images_per_s": round1(batch as f64 * self.steps as f64 / dt),
+            "ms_per_step": round3(1000.0 * dt / self.steps as f64),
+        }))
+    }
+}
+
 /// A demo part: runs the component's main job on embedded data.
 pub struct DemoPart {
     /// Name used by `demo --only`.
@@ -39,7 +91,7 @@ pub struct DemoPart {
     /// One line on what it does.
     pub about: &'static str,
     /// Runs the part; receives the demo's output folder and whether to be quiet.
-    pub run: fn(&crate::demo::DemoCtx) -> Result<()>,
+    pub run: fn(&DemoCtx) -> Result<()>,
 }
 
 /// A throughput benchmark printed as one JSON line.
@@ -47,7 +99,7 @@ pub struct Bench {
     /// The name shared with `torch_reference.py` (e.g. `vae_mlp_train_step`).
     pub name: &'static str,
     /// Runs the benchmark and returns its JSON line.
-    pub run: fn(&crate::bench::BenchCtx) -> Result<serde_json::Value>,
+    pub run: fn(&BenchCtx) -> Result<serde_json::Value>,
 }
 
 /// What one component adds to xtask.

@@ -263,7 +263,7 @@ const DEMO_FILES: [(&str, &str); 4] = [
 /// The `prompt` demo part: writes under `<out>/prompt/`:
 /// `spec.toml`, `prompt.txt`, `prompt.llama31.txt`, `attempts.json`, `eval/` (the example
 /// suite), `eval.md` and `eval.json`.
-fn demo(ctx: &crate::demo::DemoCtx) -> Result<()> {
+fn demo(ctx: &super::DemoCtx) -> Result<()> {
     let out = ctx.out.join("prompt");
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
 

@@ -774,7 +774,7 @@ fn experiment_cmd(args: &[String]) -> Result<()> {
     Ok(())
 }
 
-fn demo(ctx: &crate::demo::DemoCtx) -> Result<()> {
+fn demo(ctx: &super::DemoCtx) -> Result<()> {
     let cfg = ExperimentConfig {
         seed: ctx.seed,
         ..ExperimentConfig::quick()
@@ -811,7 +811,7 @@ fn random_pairs(n: usize, prompt: usize, len: usize, vocab: usize, seed: u64) ->
 /// GPT-2 small (random init), 2 pairs x 256 tokens (64 prompt + 192
 /// completion): reference forward, policy forward + backward, AdamW.
 /// `scripts/rlhf/dpo_bench.py` is the PyTorch equivalent.
-fn bench_dpo(ctx: &crate::bench::BenchCtx) -> Result<serde_json::Value> {
+fn bench_dpo(ctx: &super::BenchCtx) -> Result<serde_json::Value> {
     let dev = Device::Cpu;
     let cfg = Gpt2Config {
         resid_pdrop: 0.0,
@@ -875,7 +875,7 @@ fn reset_peak() -> bool {
 /// `token_logprobs` on the completion positions against a naive
 /// `[B, T, V]` log-softmax + gather. Linux (VmHWM, reset through
 /// /proc/self/clear_refs) only.
-fn bench_memory(ctx: &crate::bench::BenchCtx) -> Result<serde_json::Value> {
+fn bench_memory(ctx: &super::BenchCtx) -> Result<serde_json::Value> {
     let dev = Device::Cpu;
     let cfg = Gpt2Config {
         resid_pdrop: 0.0,

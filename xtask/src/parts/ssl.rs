@@ -341,7 +341,7 @@ fn eval_cmd(args: &[String]) -> Result<()> {
     Ok(())
 }
 
-fn demo_inpaint(ctx: &crate::demo::DemoCtx) -> Result<()> {
+fn demo_inpaint(ctx: &super::DemoCtx) -> Result<()> {
     let tr = open_split("synthetic-flowers", Path::new("data"), Split::Train, 32)?;
     let te = open_split("synthetic-flowers", Path::new("data"), Split::Test, 32)?;
     // The chapter's model, mask and optimiser, trained with the hole's error
@@ -374,7 +374,7 @@ fn demo_inpaint(ctx: &crate::demo::DemoCtx) -> Result<()> {
 /// Epochs of the SimCLR demo part.
 const DEMO_SIMCLR_EPOCHS: u64 = 8;
 
-fn demo_simclr(ctx: &crate::demo::DemoCtx) -> Result<()> {
+fn demo_simclr(ctx: &super::DemoCtx) -> Result<()> {
     // Shapes whose colours are random: random-init features cannot lean on colour.
     let tr = open_split("synthetic-shapes", Path::new("data"), Split::Train, 16)?;
     let te = open_split("synthetic-shapes", Path::new("data"), Split::Test, 16)?;

@@ -436,7 +436,7 @@ fn sample_cmd(args: &[String]) -> Result<()> {
     Ok(())
 }
 
-fn demo(ctx: &crate::demo::DemoCtx) -> Result<()> {
+fn demo(ctx: &super::DemoCtx) -> Result<()> {
     let train_set = open_split("synthetic-flowers", Path::new("data"), Split::Train, 32)?;
     let test_set = open_split("synthetic-flowers", Path::new("data"), Split::Test, 32)?;
     let cfg = VaeConfig::mlp_chapter();
@@ -468,7 +468,7 @@ fn demo(ctx: &crate::demo::DemoCtx) -> Result<()> {
 
 /// The chapter VAE's train step at batch 32 on random images, as in
 /// torch_reference.py's `vae` benchmark.
-fn bench_train_step(ctx: &crate::bench::BenchCtx) -> Result<serde_json::Value> {
+fn bench_train_step(ctx: &super::BenchCtx) -> Result<serde_json::Value> {
     let dev = Device::Cpu;
     let cfg = VaeConfig::mlp_chapter();
     let vs = VarStore::new(0);
