@@ -133,14 +133,14 @@ proptest! {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("prefs.jsonl");
         write_preferences(&p, &pairs).unwrap();
-        // Margins come back within one ulp, not bit-exact: serde_json parses floats
-        // without its `float_roundtrip` feature (found by this property; reported).
+        // Margins come back bit-exact: the workspace turns on serde_json's
+        // `float_roundtrip` (this property found them 1 ulp off without it).
         let back = read_preferences(&p).unwrap();
         prop_assert_eq!(back.len(), pairs.len());
         for (b, a) in back.iter().zip(&pairs) {
             prop_assert_eq!((&b.prompt, &b.chosen, &b.rejected), (&a.prompt, &a.chosen, &a.rejected));
             match (b.margin, a.margin) {
-                (Some(x), Some(y)) => prop_assert!((x - y).abs() <= y.abs() * 1e-15, "{x} vs {y}"),
+                (Some(x), Some(y)) => prop_assert_eq!(x.to_bits(), y.to_bits(), "{} vs {}", x, y),
                 (x, y) => prop_assert_eq!(x, y),
             }
         }
