@@ -1,7 +1,7 @@
 //! Property tests for kiln-data's file parsers (issue 21, fuzzing): arbitrary
 //! bytes and structured mutations of valid files never panic, and valid files
 //! read back what was written. The same parsers have cargo-fuzz targets in
-//! `fuzz/` (`cargo xtask fuzz`).
+//! `fuzz/` (`RUSTC_BOOTSTRAP=1 cargo fuzz run TARGET` there).
 #![allow(clippy::unwrap_used, missing_docs)]
 
 mod common;
