@@ -29,9 +29,27 @@ fn main() {
             );
             std::process::exit(if help { 0 } else { 2 });
         }
-        eprintln!("error: {e:#}");
+        eprintln!("error: {}", error_message(&e));
         std::process::exit(1);
     }
+}
+
+/// The error and its causes joined with ": ", leaving out a cause whose text
+/// the message already holds (library errors such as `checkpoint PATH: {io}`
+/// print their source themselves and also expose it as the source).
+fn error_message(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let s = cause.to_string();
+        if s.is_empty() || out.contains(&s) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&s);
+    }
+    out
 }
 
 fn run() -> Result<()> {
@@ -92,4 +110,23 @@ fn extra_usage() -> String {
         }
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cause_already_in_the_message_is_not_repeated() {
+        let io = std::io::Error::new(std::io::ErrorKind::NotFound, "No such file (os error 2)");
+        let e = kiln_core::checkpoint::CheckpointError::Io {
+            path: "run/checkpoints/healthy.safetensors".into(),
+            source: io,
+        };
+        let e = anyhow::Error::new(e).context("sample gan");
+        assert_eq!(
+            error_message(&e),
+            "sample gan: checkpoint run/checkpoints/healthy.safetensors: No such file (os error 2)"
+        );
+    }
 }
