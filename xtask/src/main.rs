@@ -29,6 +29,16 @@ fn main() {
             );
             std::process::exit(if help { 0 } else { 2 });
         }
+        // Resuming a run that had already finished changes nothing: say so
+        // and succeed, whichever trainer's error carries it.
+        if let Some(f) = e
+            .chain()
+            .filter_map(|c| c.downcast_ref::<kiln_core::session::SessionError>())
+            .find(|s| matches!(s, kiln_core::session::SessionError::Finished { .. }))
+        {
+            eprintln!("{f}");
+            std::process::exit(0);
+        }
         eprintln!("error: {}", error_message(&e));
         std::process::exit(1);
     }
@@ -115,6 +125,25 @@ fn extra_usage() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A finished run's notice is found through a trainer's error wrapper.
+    #[test]
+    fn a_finished_session_is_found_in_a_trainers_error() {
+        let f = kiln_core::session::SessionError::Finished {
+            path: "R".into(),
+            done: "1 of 1 epochs".into(),
+        };
+        let e = anyhow::Error::new(kiln_vae::VaeError::from(f));
+        assert!(e
+            .chain()
+            .filter_map(|c| c.downcast_ref::<kiln_core::session::SessionError>())
+            .any(|s| matches!(s, kiln_core::session::SessionError::Finished { .. })));
+        assert_eq!(
+            error_message(&e),
+            "R already finished (1 of 1 epochs); nothing was changed. To train further, resume \
+             it with a larger --epochs"
+        );
+    }
 
     #[test]
     fn a_cause_already_in_the_message_is_not_repeated() {

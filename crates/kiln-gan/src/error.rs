@@ -45,7 +45,9 @@ pub enum GanError {
     #[error(transparent)]
     Checkpoint(#[from] kiln_core::checkpoint::CheckpointError),
     /// The training session (run folder, checkpoint, finished run).
-    #[error(transparent)]
+    // Not transparent: the session error stays in the source chain, so a
+    // caller can find `SessionError::Finished` through any crate's error.
+    #[error("{0}")]
     Session(#[from] kiln_core::session::SessionError),
     /// Figure output.
     #[error(transparent)]

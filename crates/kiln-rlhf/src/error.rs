@@ -53,7 +53,9 @@ pub enum RlhfError {
     #[error(transparent)]
     RunDir(#[from] kiln_core::run::RunError),
     /// The training session (run folder, checkpoint, NaN guard, finished run).
-    #[error(transparent)]
+    // Not transparent: the session error stays in the source chain, so a
+    // caller can find `SessionError::Finished` through any crate's error.
+    #[error("{0}")]
     Session(#[from] kiln_core::session::SessionError),
     /// Figure output.
     #[error(transparent)]

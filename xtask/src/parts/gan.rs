@@ -14,13 +14,13 @@ use kiln_core::Tensor;
 use kiln_data::{Cached, Dataset, Split};
 use kiln_gan::train::grid_options;
 use kiln_gan::{
-    load_generator, train, Augment, EmaConfig, GanError, Init, LossKind, ModelConfig, Norm,
-    PenaltyKind, RunConfig, TrainConfig, Which,
+    load_generator, train, Augment, EmaConfig, Init, LossKind, ModelConfig, Norm, PenaltyKind,
+    RunConfig, TrainConfig, Which,
 };
 
 use super::{
-    exit_if_interrupted, finished_notice, open_split, parse, parse_given, resume_config, Component,
-    DemoPart, Given, RunArgs,
+    exit_if_interrupted, open_split, parse, parse_given, resume_config, Component, DemoPart, Given,
+    RunArgs,
 };
 
 /// Registers the GAN's tasks and demo part.
@@ -301,14 +301,7 @@ fn train_cmd(args: &[String]) -> Result<()> {
         tc.lr_g,
         tc.lr_d
     );
-    let rep = match train(&model, &tc, train_set, &device, &opts) {
-        Ok(r) => r,
-        Err(GanError::Session(e)) if finished_notice(&e).is_some() => {
-            eprintln!("{e}");
-            return Ok(());
-        }
-        Err(e) => return Err(e.into()),
-    };
+    let rep = train(&model, &tc, train_set, &device, &opts)?;
     eprintln!(
         "last epoch: D loss {:.4}, G loss {:.4}, D(x) {:.3}, D(G(z)) {:.3}; {:.0} images/s",
         rep.d_loss, rep.g_loss, rep.d_real, rep.d_fake, rep.images_per_s

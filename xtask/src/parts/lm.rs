@@ -19,8 +19,8 @@ use kiln_lm::{
 };
 
 use super::{
-    exit_if_interrupted, finished_notice, float_in, int_in, parse, parse_given, resume_config,
-    threads_flag, Bench, Component, DemoPart, Given, RunArgs,
+    exit_if_interrupted, float_in, int_in, parse, parse_given, resume_config, threads_flag, Bench,
+    Component, DemoPart, Given, RunArgs,
 };
 
 /// Registers kiln-lm's command, task, demo part and benchmarks.
@@ -326,14 +326,7 @@ fn train_cmd(args: &[String]) -> Result<()> {
         "train lm: {} layers x {} wide, {} heads, context {}, BPE {} on {}, {} epochs, batch {}, AdamW lr {}",
         tc.n_layer, tc.n_embd, tc.n_head, tc.block_size, tc.vocab_size, tc.corpus, tc.epochs, tc.batch_size, tc.lr
     );
-    let rep = match train(&tc, &device, &opts) {
-        Ok(r) => r,
-        Err(kiln_lm::LmError::Session(e)) if finished_notice(&e).is_some() => {
-            eprintln!("{e}");
-            return Ok(());
-        }
-        Err(e) => return Err(e.into()),
-    };
+    let rep = train(&tc, &device, &opts)?;
     let folder = opts.resume.clone().or(opts.out.clone()).unwrap_or_default();
     report(&rep, &folder);
     exit_if_interrupted(rep.interrupted);

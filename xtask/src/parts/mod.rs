@@ -342,13 +342,6 @@ pub fn parse_given<P: Parser>(name: &str, args: &[String]) -> Result<(P, Given)>
     Ok((P::from_arg_matches(&m)?, Given(Some(given))))
 }
 
-/// What a training command does with its library's result: a resumed run
-/// that had already finished is reported, not an error; an interrupted run
-/// exits with 130 (the Ctrl-C convention) after its checkpoint is written.
-pub fn finished_notice(e: &kiln_core::session::SessionError) -> Option<String> {
-    matches!(e, kiln_core::session::SessionError::Finished { .. }).then(|| e.to_string())
-}
-
 /// The value parser of every `--threads` flag: `1..=`the machine's limit
 /// (`kiln_core::device::max_threads`, 4 per logical core).
 pub fn threads_flag(

@@ -23,11 +23,11 @@ use kiln_rlhf::models::{frozen_from, load_weights, model_dir};
 use kiln_rlhf::prefs::{chat_template_for, EncodedPair};
 use kiln_rlhf::reward_train::{train_reward_with, RewardConfig};
 use kiln_rlhf::sample::{best_of_n, read_prompts, sample_completions, train_rwft, RwftConfig};
-use kiln_rlhf::{RewardModel, RlhfError};
+use kiln_rlhf::RewardModel;
 
 use super::{
-    exit_if_interrupted, finished_notice, parse, parse_given, resume_config, Bench, Component,
-    DemoPart, Given, RunArgs,
+    exit_if_interrupted, parse, parse_given, resume_config, Bench, Component, DemoPart, Given,
+    RunArgs,
 };
 
 /// Registers kiln-rlhf's command, demo part and benchmarks.
@@ -221,14 +221,7 @@ fn reward_cmd(args: &[String]) -> Result<()> {
     {
         bail!("give --prefs FILE and --model DIR (see --help)");
     }
-    let rep = match train_reward_with(&cfg, &device, &opts, &Control::default()) {
-        Ok(r) => r,
-        Err(RlhfError::Session(e)) if finished_notice(&e).is_some() => {
-            eprintln!("{e}");
-            return Ok(());
-        }
-        Err(e) => return Err(e.into()),
-    };
+    let rep = train_reward_with(&cfg, &device, &opts, &Control::default())?;
     eprintln!(
         "rlhf reward: {} train / {} held-out pairs ({}); {} steps, {:.1} pairs/s",
         rep.train_pairs,
@@ -349,14 +342,7 @@ fn dpo_cmd(args: &[String]) -> Result<()> {
     {
         bail!("give --prefs FILE and --model DIR (see --help)");
     }
-    let rep = match train_dpo_with(&cfg, &device, &opts, &Control::default()) {
-        Ok(r) => r,
-        Err(RlhfError::Session(e)) if finished_notice(&e).is_some() => {
-            eprintln!("{e}");
-            return Ok(());
-        }
-        Err(e) => return Err(e.into()),
-    };
+    let rep = train_dpo_with(&cfg, &device, &opts, &Control::default())?;
     eprintln!(
         "rlhf dpo: {} train / {} held-out pairs ({}); {} steps, {:.1} pairs/s",
         rep.train_pairs,
@@ -685,14 +671,7 @@ fn rwft_cmd(args: &[String]) -> Result<()> {
     if given.has("temperature") {
         cfg.generation.temperature = a.temperature;
     }
-    let rep = match train_rwft(&cfg, &device, &opts, &Control::default()) {
-        Ok(r) => r,
-        Err(RlhfError::Session(e)) if finished_notice(&e).is_some() => {
-            eprintln!("{e}");
-            return Ok(());
-        }
-        Err(e) => return Err(e.into()),
-    };
+    let rep = train_rwft(&cfg, &device, &opts, &Control::default())?;
     eprintln!(
         "rlhf rwft: {} iterations; last 10: {}",
         rep.iterations,

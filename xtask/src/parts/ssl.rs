@@ -7,13 +7,11 @@ use clap::Parser;
 use kiln_core::run::{RunDir, RunOptions};
 use kiln_data::{Dataset, Split};
 use kiln_ssl::simclr::{probe_encoder, simclr_from_run};
-use kiln_ssl::{
-    train_inpaint, train_simclr, InpaintConfig, ProbeReport, Simclr, SimclrConfig, SslError,
-};
+use kiln_ssl::{train_inpaint, train_simclr, InpaintConfig, ProbeReport, Simclr, SimclrConfig};
 
 use super::{
-    exit_if_interrupted, finished_notice, float_in, int_in, open_optional_split, open_split, parse,
-    parse_given, resume_config, Component, DemoPart, Given, RunArgs, MAX_BATCH, MAX_IMAGE_SIZE,
+    exit_if_interrupted, float_in, int_in, open_optional_split, open_split, parse, parse_given,
+    resume_config, Component, DemoPart, Given, RunArgs, MAX_BATCH, MAX_IMAGE_SIZE,
 };
 
 /// Registers the SSL tasks and demo parts.
@@ -162,14 +160,7 @@ fn train_inpaint_cmd(args: &[String]) -> Result<()> {
         channels: tr.get(0)?.image.channels,
         ..cfg
     };
-    let rep = match train_inpaint(&cfg, tr, te, &device, &opts) {
-        Ok(r) => r,
-        Err(SslError::Session(e)) if finished_notice(&e).is_some() => {
-            eprintln!("{e}");
-            return Ok(());
-        }
-        Err(e) => return Err(e.into()),
-    };
+    let rep = train_inpaint(&cfg, tr, te, &device, &opts)?;
     if let Some(t) = &rep.test {
         eprintln!(
             "held-out masked region: model MSE {:.5} ({:.2} dB PSNR) vs border-mean fill {:.5} ({:.2} dB)",
@@ -272,14 +263,7 @@ fn train_simclr_cmd(args: &[String]) -> Result<()> {
         channels: tr.get(0)?.image.channels,
         ..cfg
     };
-    let rep = match train_simclr(&cfg, tr.clone(), te.map(|t| (tr, t)), &device, &opts) {
-        Ok(r) => r,
-        Err(SslError::Session(e)) if finished_notice(&e).is_some() => {
-            eprintln!("{e}");
-            return Ok(());
-        }
-        Err(e) => return Err(e.into()),
-    };
+    let rep = train_simclr(&cfg, tr.clone(), te.map(|t| (tr, t)), &device, &opts)?;
     if let (Some(p), Some(r)) = (&rep.probes, &rep.random_probes) {
         print_probes(p, r);
     }

@@ -17,9 +17,9 @@ use kiln_vae::{
 };
 
 use super::{
-    exit_if_interrupted, finished_notice, float_in, int_in, open_optional_split, open_split, parse,
-    parse_given, resume_config, threads_flag, Bench, Component, DemoPart, Given, RunArgs,
-    MAX_BATCH, MAX_IMAGE_SIZE,
+    exit_if_interrupted, float_in, int_in, open_optional_split, open_split, parse, parse_given,
+    resume_config, threads_flag, Bench, Component, DemoPart, Given, RunArgs, MAX_BATCH,
+    MAX_IMAGE_SIZE,
 };
 
 /// Registers the VAE's tasks, demo part and benchmark.
@@ -198,14 +198,7 @@ fn train_cmd(args: &[String]) -> Result<()> {
         tc.batch_size,
         tc.lr
     );
-    let rep = match train(&model_cfg, &tc, train_set, test_set, &device, &opts) {
-        Ok(r) => r,
-        Err(kiln_vae::VaeError::Session(e)) if finished_notice(&e).is_some() => {
-            eprintln!("{e}");
-            return Ok(());
-        }
-        Err(e) => return Err(e.into()),
-    };
+    let rep = train(&model_cfg, &tc, train_set, test_set, &device, &opts)?;
     if let Some(t) = &rep.test {
         eprintln!(
             "test: negative ELBO {:.2} nats/image ({:.4} bits/dim)",
