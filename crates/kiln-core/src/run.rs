@@ -299,6 +299,28 @@ impl RunDir {
         Ok((kind, cfg))
     }
 
+    /// Reads `config.toml` of a run that must be of `kind`: the kind is checked
+    /// before the fields, so a run of another model says what it is
+    /// ([`RunError::WrongKind`]) instead of failing on a missing field.
+    pub fn read_config_of<C: serde::de::DeserializeOwned>(
+        &self,
+        kind: &str,
+    ) -> Result<C, RunError> {
+        let (found, raw): (String, toml::Value) = self.read_config()?;
+        if found != kind {
+            return Err(RunError::WrongKind {
+                path: self.root.clone(),
+                found,
+                expected: kind.into(),
+            });
+        }
+        raw.try_into()
+            .map_err(|e: toml::de::Error| RunError::Invalid {
+                path: self.join("config.toml"),
+                reason: e.to_string(),
+            })
+    }
+
     /// Appends metrics to `metrics.jsonl`.
     pub fn metrics(&self) -> Result<MetricsLog, RunError> {
         MetricsLog::open(&self.join("metrics.jsonl"))
@@ -864,5 +886,9 @@ mod tests {
             .to_string();
         assert!(e.contains("line 2"), "{e}");
         assert!(RunDir::open(tmp.path()).is_err());
+        // Another kind is named before any field is read.
+        let e = run.read_config_of::<Cfg>("gan").unwrap_err().to_string();
+        assert!(e.contains("is a \"vae-mlp\" run, not a \"gan\" run"), "{e}");
+        assert_eq!(run.read_config_of::<Cfg>("vae-mlp").unwrap(), cfg);
     }
 }

@@ -652,13 +652,7 @@ pub fn load_generator(
     device: &Device,
 ) -> Result<(Generator, RunConfig)> {
     let dir = RunDir::open(run)?;
-    let (kind, rc): (String, RunConfig) = dir.read_config()?;
-    if kind != RUN_KIND {
-        return Err(GanError::Run {
-            path: run.to_path_buf(),
-            msg: format!("this is a {kind:?} run, not a GAN run"),
-        });
-    }
+    let rc: RunConfig = dir.read_config_of(RUN_KIND)?;
     let part = match which {
         Which::Generator => "g",
         Which::Ema if rc.train.ema.is_some() => "g_ema",
