@@ -622,7 +622,18 @@ impl RunLock {
             .truncate(false)
             .open(&path)
             .map_err(io(&path))?;
-        match file.try_lock() {
+        // A lock can outlive its holder's release by a moment: a child the
+        // holder's process forked (e.g. `git rev-parse` for a summary) keeps a
+        // copy of the descriptor until it execs. Wait up to half a second
+        // before calling the folder busy.
+        let mut tries = 0;
+        let mut res = file.try_lock();
+        while matches!(res, Err(std::fs::TryLockError::WouldBlock)) && tries < 25 {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            tries += 1;
+            res = file.try_lock();
+        }
+        match res {
             Ok(()) => {}
             Err(std::fs::TryLockError::WouldBlock) => {
                 let holder = std::fs::read_to_string(&path)
