@@ -4,9 +4,9 @@
 use anyhow::{bail, Result};
 
 mod bench;
-mod ci;
 mod demo;
 mod parts;
+mod tools;
 
 const USAGE: &str = "usage: cargo xtask <command> [args]
 
@@ -15,8 +15,7 @@ commands:
   train <task> [args]                            train a model (see `train --help`)
   eval <task> [args]                             evaluate a run
   sample <task> [args]                           sample from a run
-  bench [NAME...] [--threads N]                  throughput benchmarks, one JSON line each
-  ci                                             fmt check, clippy -D warnings, tests";
+  bench [NAME...] [--threads N]                  throughput benchmarks, one JSON line each";
 
 fn main() {
     if let Err(e) = run() {
@@ -75,7 +74,6 @@ fn run() -> Result<()> {
     match cmd {
         "demo" => demo::run(rest, &components),
         "bench" => bench::run(rest, &components),
-        "ci" => ci::run(rest),
         "train" | "eval" | "sample" => {
             let table: Vec<(&str, parts::Handler)> = components
                 .iter()
@@ -102,6 +100,9 @@ fn run() -> Result<()> {
             Ok(())
         }
         other => {
+            if let Some((_, _, h)) = tools::ALL.iter().find(|(n, _, _)| *n == other) {
+                return h(rest);
+            }
             for c in &components {
                 if let Some((_, _, h)) = c.commands.iter().find(|(n, _, _)| *n == other) {
                     return h(rest);
@@ -114,6 +115,9 @@ fn run() -> Result<()> {
 
 fn extra_usage() -> String {
     let mut s = String::new();
+    for (name, help, _) in tools::ALL {
+        s.push_str(&format!("\n  {name:<47}{help}"));
+    }
     for c in parts::all() {
         for (name, help, _) in &c.commands {
             s.push_str(&format!("\n  {name:<47}{help}"));

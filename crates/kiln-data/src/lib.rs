@@ -10,6 +10,11 @@
 //! whose classes differ only in shape (colours carry no label information);
 //! verified, resumable downloads; and text corpora and preference pairs.
 //!
+//! Features (both on by default): `download` ([`download`]: ureq with TLS, md5,
+//! tar) and `text` (`text`: tokenizers, and kiln-prompt's chat [`text::Message`]).
+//! Image-only users can turn them off: the readers, loader, transforms and
+//! synthetic sets need neither.
+//!
 //! ```
 //! use kiln_core::{rng::SeededRng, Device};
 //! use kiln_data::{masks::SquareMask, open, DataLoader, DatasetSpec, LoaderConfig, Split};
@@ -33,6 +38,7 @@
 pub mod cifar;
 mod color;
 pub mod dataset;
+#[cfg(feature = "download")]
 pub mod download;
 pub mod error;
 pub mod flowers;
@@ -46,6 +52,7 @@ pub mod shapes;
 mod sizes;
 pub mod spec;
 pub mod synthetic;
+#[cfg(feature = "text")]
 pub mod text;
 pub mod transforms;
 mod util;
@@ -61,6 +68,7 @@ pub use mnist::Mnist;
 pub use shapes::{SyntheticShapes, SyntheticShapesConfig, SHAPE_KINDS};
 pub use spec::{open, open_with, DatasetSpec, OpenOptions, DATASET_NAMES};
 pub use synthetic::{SyntheticFlowers, SyntheticFlowersConfig};
+#[cfg(feature = "text")]
 pub use text::TextSource;
 
 #[doc = include_str!("../README.md")]

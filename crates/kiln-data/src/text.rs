@@ -433,18 +433,13 @@ impl TextSource {
 
 // ---------------------------------------------------------------- preferences
 
-/// One chat message.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Message {
-    /// `system`, `user`, `assistant`, ...
-    pub role: String,
-    /// The text.
-    pub content: String,
-}
+/// One chat message: kiln-prompt's type, so that pairs render through its
+/// chat templates without conversion (extra keys such as `name` are kept).
+pub use kiln_prompt::Message;
 
 /// A prompt or completion: plain text (TRL's standard form) or messages
 /// (the conversational form).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum Turns {
     /// Plain text.
@@ -515,10 +510,13 @@ fn turns(v: &Value, field: &str) -> std::result::Result<Turns, String> {
                         )),
                     }
                 };
-                out.push(Message {
-                    role: get("role")?,
-                    content: get("content")?,
-                });
+                let mut msg = Message::new(get("role")?, get("content")?);
+                if let Value::Object(o) = m {
+                    for (k, v) in o.iter().filter(|(k, _)| !matches!(k.as_str(), "role" | "content")) {
+                        msg.extra.insert(k.clone(), v.clone());
+                    }
+                }
+                out.push(msg);
             }
             Ok(Turns::Chat(out))
         }
@@ -774,6 +772,24 @@ mod tests {
                 .to_string();
             assert!(e.starts_with("p.jsonl:2: ") && e.contains(want), "{e}");
         }
+    }
+
+    #[test]
+    fn chat_messages_are_kiln_prompts_and_keep_extra_keys() {
+        // One Message type across kiln: a pair's messages render through
+        // kiln-prompt's chat templates as they are, tool-call keys included.
+        let src = r#"{"prompt": [{"role": "user", "content": "hi", "name": "ann"}], "chosen": [{"role": "assistant", "content": "hello"}], "rejected": [{"role": "assistant", "content": "no"}]}"#;
+        let p = parse_preferences(src.as_bytes(), Path::new("p.jsonl")).unwrap();
+        let Some(Turns::Chat(m)) = &p[0].prompt else {
+            panic!("chat prompt expected")
+        };
+        let want: kiln_prompt::Message = kiln_prompt::Message::new("user", "hi");
+        assert_eq!((&m[0].role, &m[0].content), (&want.role, &want.content));
+        assert_eq!(m[0].extra.get("name"), Some(&Value::String("ann".into())));
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("p.jsonl");
+        write_preferences(&path, &p).unwrap();
+        assert_eq!(read_preferences(&path).unwrap(), p);
     }
 
     #[test]

@@ -1,10 +1,13 @@
 //! Small file helpers.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
+#[cfg(feature = "download")]
+use std::path::PathBuf;
 
 use crate::error::{DataError, Result};
 
 /// A sibling path with `suffix` appended to the file name (`a.tgz` -> `a.tgz.part`).
+#[cfg(feature = "download")]
 pub(crate) fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
     let mut s = path.as_os_str().to_owned();
     s.push(suffix);

@@ -204,12 +204,6 @@ pub fn chat_template_for(
     })
 }
 
-fn chat_messages(m: &[Message]) -> Vec<kiln_prompt::Message> {
-    m.iter()
-        .map(|m| kiln_prompt::Message::new(m.role.clone(), m.content.clone()))
-        .collect()
-}
-
 /// Turns preference pairs into token ids as TRL's trainers do (see the
 /// module notes).
 #[derive(Debug, Clone)]
@@ -281,17 +275,16 @@ impl<'a> PairEncoder<'a> {
                          (e.g. --chat-template chatml or a tokenizer_config.json)",
                     )
                 })?;
-                let render = |msgs: Vec<kiln_prompt::Message>, gen: bool| -> Result<Vec<u32>> {
+                let render = |msgs: &[Message], gen: bool| -> Result<Vec<u32>> {
                     let text = chat
-                        .render(&msgs, gen)
+                        .render(msgs, gen)
                         .map_err(|e| self.err(line, e.to_string()))?;
                     tok(&text)
                 };
-                let pm = chat_messages(p);
                 (
-                    render(pm.clone(), true)?,
-                    render([pm.clone(), chat_messages(c)].concat(), false)?,
-                    render([pm, chat_messages(r)].concat(), false)?,
+                    render(p, true)?,
+                    render(&[p.as_slice(), c].concat(), false)?,
+                    render(&[p.as_slice(), r].concat(), false)?,
                 )
             }
             _ => {
@@ -362,10 +355,7 @@ mod tests {
     }
 
     fn msg(role: &str, content: &str) -> Message {
-        Message {
-            role: role.into(),
-            content: content.into(),
-        }
+        Message::new(role, content)
     }
 
     /// The examples of TRL's `extract_prompt` docstring, and its space rule:

@@ -13,7 +13,6 @@ use kiln_core::run::RunOptions;
 use kiln_data::{open_with, Dataset, DatasetSpec, OpenOptions, Split};
 
 pub mod core;
-pub mod cuda;
 pub mod data;
 pub mod gan;
 pub mod kernels;
@@ -131,7 +130,6 @@ pub fn all() -> Vec<Component> {
         lm::component(),
         rlhf::component(),
         kernels::component(),
-        cuda::component(),
     ]
 }
 

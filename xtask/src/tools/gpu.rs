@@ -22,27 +22,6 @@ use kiln_core::rng::SeededRng;
 use kiln_core::{ops, DType, Device, Tensor, Var};
 use serde_json::{json, Value};
 
-use super::Component;
-
-/// Registers `cuda-check` and `export-gpu-refs`.
-pub fn component() -> Component {
-    Component {
-        commands: vec![
-            (
-                "cuda-check",
-                "[--install] [--compute-cap N] [--workspace]  build kiln-core's CUDA kernels without a GPU (opt-in)",
-                cuda_check,
-            ),
-            (
-                "export-gpu-refs",
-                "DIR                                  kernel inputs + CPU outputs for scripts/gpu-check.sh",
-                export_gpu_refs,
-            ),
-        ],
-        ..Default::default()
-    }
-}
-
 #[derive(Parser, Debug)]
 #[command(about = "Build kiln-core with --features cuda on a machine without a GPU")]
 struct CheckArgs {
@@ -181,8 +160,9 @@ fn probe_nvcc(ccbin: Option<&str>, install: bool) -> Result<Option<String>> {
     bail!("nvcc cannot compile a trivial kernel (see above)")
 }
 
-fn cuda_check(args: &[String]) -> Result<()> {
-    let a: CheckArgs = super::parse("cuda-check", args)?;
+/// `cargo xtask cuda-check`.
+pub fn cuda_check(args: &[String]) -> Result<()> {
+    let a: CheckArgs = crate::parts::parse("cuda-check", args)?;
     let total = Instant::now();
     let mut times: Vec<(String, f64)> = Vec::new();
     if a.install {
@@ -256,8 +236,9 @@ struct ExportArgs {
     dir: PathBuf,
 }
 
-fn export_gpu_refs(args: &[String]) -> Result<()> {
-    let a: ExportArgs = super::parse("export-gpu-refs", args)?;
+/// `cargo xtask export-gpu-refs`.
+pub fn export_gpu_refs(args: &[String]) -> Result<()> {
+    let a: ExportArgs = crate::parts::parse("export-gpu-refs", args)?;
     let n = export(&a.dir)?;
     println!("wrote {n} cases to {}", a.dir.display());
     Ok(())
