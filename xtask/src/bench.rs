@@ -1,54 +1,486 @@
 //! `cargo xtask bench`: throughput benchmarks with the protocol and JSON keys of
-//! `shared/bench/torch_reference.py` (warm-up steps, then timed steps).
+//! `shared/bench/torch_reference.py` (warm-up steps, then timed steps), and
+//! `bench --compare`, which runs kiln and the PyTorch reference alternately.
 
-use anyhow::{bail, Result};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+use kiln_core::device;
+use serde_json::{json, Map, Value};
 
 use crate::parts::{BenchCtx, Component};
 
-/// Runs the named benchmarks (all when none is named).
-pub fn run(args: &[String], components: &[Component]) -> Result<()> {
-    let mut names = Vec::new();
-    let mut threads = 2usize;
-    let mut steps = 200usize;
+const USAGE: &str = "usage: cargo xtask bench [NAME...] [--threads N] [--steps N]
+       cargo xtask bench --compare [NAME...] [--rounds N] [--threads N] [--python PY] [--torch SCRIPT]";
+
+/// The command line of `bench`.
+#[derive(Debug, Clone, PartialEq)]
+struct Args {
+    names: Vec<String>,
+    threads: usize,
+    steps: Option<usize>,
+    compare: bool,
+    rounds: usize,
+    python: String,
+    torch: Option<PathBuf>,
+    help: bool,
+}
+
+fn parse_args(args: &[String]) -> Result<Args> {
+    let mut out = Args {
+        names: Vec::new(),
+        threads: 2,
+        steps: None,
+        compare: false,
+        rounds: 3,
+        python: "python3".into(),
+        torch: None,
+        help: false,
+    };
     let mut it = args.iter();
     while let Some(a) = it.next() {
+        let mut value = |flag: &str| {
+            it.next()
+                .cloned()
+                .with_context(|| format!("{flag} needs a value\n{USAGE}"))
+        };
+        let mut count = |flag: &str, max: usize| -> Result<usize> {
+            let v = value(flag)?;
+            v.parse()
+                .ok()
+                .filter(|n| (1..=max).contains(n))
+                .with_context(|| format!("{flag} expects a whole number in 1..={max}, found {v:?}"))
+        };
         match a.as_str() {
-            "--threads" => threads = it.next().map(|s| s.parse()).transpose()?.unwrap_or(2),
-            "--steps" => steps = it.next().map(|s| s.parse()).transpose()?.unwrap_or(200),
-            "-h" | "--help" => {
-                println!("usage: cargo xtask bench [NAME...] [--threads N] [--steps N]\n");
-                println!("One JSON line per benchmark; all of them when no NAME is given:");
-                for c in components {
-                    for b in &c.benches {
-                        println!("  {}", b.name);
-                    }
-                }
-                return Ok(());
-            }
-            s if s.starts_with('-') => {
-                bail!("unknown flag {s}; usage: bench [NAME...] [--threads N] [--steps N]")
-            }
-            s => names.push(s.to_string()),
+            "--threads" => out.threads = count("--threads", device::max_threads())?,
+            "--steps" => out.steps = Some(count("--steps", 1_000_000)?),
+            "--rounds" => out.rounds = count("--rounds", 100)?,
+            "--compare" => out.compare = true,
+            "--python" => out.python = value("--python")?,
+            "--torch" => out.torch = Some(PathBuf::from(value("--torch")?)),
+            "-h" | "--help" => out.help = true,
+            s if s.starts_with('-') => bail!("unknown flag {s}\n{USAGE}"),
+            s => out.names.push(s.to_string()),
         }
     }
-    kiln_core::device::set_threads(threads)?;
+    if !out.compare && (out.torch.is_some() || args.iter().any(|a| a == "--rounds")) {
+        bail!("--rounds and --torch go with --compare\n{USAGE}");
+    }
+    Ok(out)
+}
+
+/// Runs the named benchmarks (all when none is named), or compares them.
+pub fn run(args: &[String], components: &[Component]) -> Result<()> {
+    let a = parse_args(args)?;
     let benches: Vec<_> = components.iter().flat_map(|c| c.benches.iter()).collect();
-    for n in &names {
+    if a.help {
+        println!("{USAGE}\n\nOne JSON line per benchmark; all of them when no NAME is given:");
+        for b in &benches {
+            let with = PAIRS.iter().any(|p| p.kiln == b.name);
+            println!("  {}{}", b.name, if with { "  (--compare)" } else { "" });
+        }
+        return Ok(());
+    }
+    for n in &a.names {
         if !benches.iter().any(|b| b.name == n) {
             let all: Vec<_> = benches.iter().map(|b| b.name).collect();
             bail!("unknown benchmark {n:?}; benchmarks: {}", all.join(", "));
         }
     }
+    if a.compare {
+        return compare(&a);
+    }
+    device::set_threads(a.threads)?;
     let ctx = BenchCtx {
-        threads,
-        steps,
+        threads: a.threads,
+        steps: a.steps.unwrap_or(200),
         warm: 20,
     };
     for b in benches {
-        if names.is_empty() || names.iter().any(|n| n == b.name) {
-            let line = (b.run)(&ctx)?;
+        if a.names.is_empty() || a.names.iter().any(|n| n == b.name) {
+            let mut line = (b.run)(&ctx)?;
+            if let Value::Object(o) = &mut line {
+                o.extend(machine());
+            }
             println!("{line}");
         }
     }
     Ok(())
+}
+
+/// What every benchmark line says about the machine, with the keys of
+/// `scripts/bench/torch_reference.py`: figures differ between CPUs.
+pub fn machine() -> Map<String, Value> {
+    let mut m = Map::new();
+    m.insert("cpu".into(), device::cpu_model().into());
+    m.insert("cores".into(), device::logical_cores().into());
+    m.insert("simd".into(), device::simd_level().into());
+    m.insert("gemm_simd".into(), device::gemm_simd_level().into());
+    m
+}
+
+/// A kiln benchmark and its PyTorch counterpart in the reference script.
+struct Pair {
+    kiln: &'static str,
+    /// The script's first argument.
+    torch_arg: &'static str,
+    /// The `bench` value of the script's line.
+    torch_bench: &'static str,
+}
+
+/// The benchmarks `--compare` knows. kiln's bf16-weight decode is compared
+/// with PyTorch's f32 decode, as the performance issue states its target.
+const PAIRS: &[Pair] = &[
+    Pair {
+        kiln: "vae_mlp_train_step",
+        torch_arg: "vae",
+        torch_bench: "vae_mlp_train_step",
+    },
+    Pair {
+        kiln: "inpaint_convae_train_step",
+        torch_arg: "convae",
+        torch_bench: "inpaint_convae_train_step",
+    },
+    Pair {
+        kiln: "dcgan32_train_iter",
+        torch_arg: "dcgan",
+        torch_bench: "dcgan32_train_iter",
+    },
+    Pair {
+        kiln: "gpt2_small_greedy_decode",
+        torch_arg: "gpt2",
+        torch_bench: "gpt2_small_greedy_decode",
+    },
+    Pair {
+        kiln: "gpt2_small_greedy_decode_bf16",
+        torch_arg: "gpt2",
+        torch_bench: "gpt2_small_greedy_decode",
+    },
+    Pair {
+        kiln: "gpt2_small_train_step",
+        torch_arg: "gpt2train",
+        torch_bench: "gpt2_small_train_step",
+    },
+];
+
+/// The throughput a line reports: its key and value.
+fn metric(line: &Value) -> Option<(&'static str, f64)> {
+    ["images_per_s", "tokens_per_s", "pairs_per_s"]
+        .into_iter()
+        .find_map(|k| Some((k, line.get(k)?.as_f64()?)))
+}
+
+/// The JSON line of `bench` in a process's output.
+fn line_of(stdout: &str, bench: &str) -> Option<Value> {
+    stdout
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l.trim()).ok())
+        .find(|v| v.get("bench").and_then(Value::as_str) == Some(bench))
+}
+
+/// The median (the mean of the middle two for an even count).
+fn median(xs: &[f64]) -> f64 {
+    let mut v = xs.to_vec();
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    match n {
+        0 => f64::NAN,
+        _ if n % 2 == 1 => v[n / 2],
+        _ => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+/// One benchmark's figures over the rounds.
+#[derive(Debug, Clone, PartialEq)]
+struct Compared {
+    bench: String,
+    metric: &'static str,
+    kiln: Vec<f64>,
+    torch: Vec<f64>,
+}
+
+impl Compared {
+    /// The median over rounds of kiln / PyTorch, each round's pair measured
+    /// back to back (so slow drifts of the machine cancel).
+    fn ratio(&self) -> f64 {
+        let r: Vec<f64> = self
+            .kiln
+            .iter()
+            .zip(&self.torch)
+            .map(|(k, t)| k / t)
+            .collect();
+        median(&r)
+    }
+}
+
+/// Runs `rounds` rounds; in each, every benchmark's kiln and PyTorch runs go
+/// back to back, kiln first in odd rounds and PyTorch first in even ones.
+fn alternate(
+    names: &[&Pair],
+    rounds: usize,
+    mut kiln: impl FnMut(&Pair) -> Result<Value>,
+    mut torch: impl FnMut(&Pair) -> Result<Value>,
+    mut progress: impl FnMut(&str),
+) -> Result<Vec<Compared>> {
+    let mut out: Vec<Compared> = Vec::new();
+    for round in 0..rounds {
+        for (i, p) in names.iter().enumerate() {
+            let (k, t) = if round % 2 == 0 {
+                let k = kiln(p)?;
+                (k, torch(p)?)
+            } else {
+                let t = torch(p)?;
+                (kiln(p)?, t)
+            };
+            let (mk, vk) = metric(&k)
+                .with_context(|| format!("kiln's {} line has no throughput: {k}", p.kiln))?;
+            let (mt, vt) = metric(&t).with_context(|| {
+                format!("PyTorch's {} line has no throughput: {t}", p.torch_bench)
+            })?;
+            if mk != mt {
+                bail!(
+                    "{}: kiln reports {mk}, PyTorch {mt}; they cannot be compared",
+                    p.kiln
+                );
+            }
+            if out.len() <= i {
+                out.push(Compared {
+                    bench: p.kiln.into(),
+                    metric: mk,
+                    kiln: Vec::new(),
+                    torch: Vec::new(),
+                });
+            }
+            out[i].kiln.push(vk);
+            out[i].torch.push(vt);
+            progress(&format!(
+                "round {}/{rounds}: {} kiln {vk:.1} vs PyTorch {vt:.1} {mk} ({:.2}x)",
+                round + 1,
+                p.kiln,
+                vk / vt
+            ));
+        }
+    }
+    Ok(out)
+}
+
+/// The reference script: `--torch`, or `scripts/bench/torch_reference.py`.
+fn torch_script(a: &Args) -> Result<PathBuf> {
+    let p = a.torch.clone().unwrap_or_else(|| {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .parent()
+            .unwrap_or(Path::new("."))
+            .join("scripts/bench/torch_reference.py")
+    });
+    if !p.is_file() {
+        bail!(
+            "the PyTorch reference script {} does not exist (pass --torch SCRIPT)",
+            p.display()
+        );
+    }
+    Ok(p)
+}
+
+/// Runs a command and returns its stdout, or an error with its stderr's tail.
+fn output(cmd: &mut Command, what: &str) -> Result<String> {
+    let o = cmd
+        .output()
+        .with_context(|| format!("could not start {what} ({cmd:?})"))?;
+    let stdout = String::from_utf8_lossy(&o.stdout).into_owned();
+    if !o.status.success() {
+        let err = String::from_utf8_lossy(&o.stderr);
+        let tail: Vec<&str> = err.lines().rev().take(8).collect();
+        let tail: Vec<&str> = tail.into_iter().rev().collect();
+        bail!("{what} failed ({}):\n{}", o.status, tail.join("\n"));
+    }
+    Ok(stdout)
+}
+
+fn compare(a: &Args) -> Result<()> {
+    let chosen: Vec<&Pair> = if a.names.is_empty() {
+        PAIRS.iter().collect()
+    } else {
+        let mut v = Vec::new();
+        for n in &a.names {
+            let p = PAIRS.iter().find(|p| p.kiln == n).with_context(|| {
+                let known: Vec<_> = PAIRS.iter().map(|p| p.kiln).collect();
+                format!(
+                    "{n} has no PyTorch counterpart for --compare; these do: {}",
+                    known.join(", ")
+                )
+            })?;
+            v.push(p);
+        }
+        v
+    };
+    let script = torch_script(a)?;
+    let exe = std::env::current_exe().context("finding the xtask binary")?;
+    let threads = a.threads.to_string();
+    let kiln = |p: &Pair| -> Result<Value> {
+        let mut cmd = Command::new(&exe);
+        cmd.args(["bench", p.kiln, "--threads", &threads]);
+        if let Some(s) = a.steps {
+            cmd.args(["--steps", &s.to_string()]);
+        }
+        let out = output(&mut cmd, &format!("kiln's {}", p.kiln))?;
+        line_of(&out, p.kiln).with_context(|| format!("kiln's {} printed no line", p.kiln))
+    };
+    let torch = |p: &Pair| -> Result<Value> {
+        let mut cmd = Command::new(&a.python);
+        cmd.arg(&script)
+            .args([p.torch_arg, "--threads", &threads])
+            .env("OMP_NUM_THREADS", &threads);
+        let what = format!(
+            "the PyTorch reference ({} {} {}; needs torch and transformers: \
+             python3 -m pip install torch transformers)",
+            a.python,
+            script.display(),
+            p.torch_arg
+        );
+        let out = output(&mut cmd, &what)?;
+        line_of(&out, p.torch_bench)
+            .with_context(|| format!("{what} printed no {} line", p.torch_bench))
+    };
+    let results = alternate(&chosen, a.rounds, kiln, torch, |s| eprintln!("{s}"))?;
+    let m = machine();
+    println!(
+        "\n{:<32} {:>12} {:>12} {:>8}  (medians of {} rounds, {} threads; {})",
+        "benchmark",
+        "kiln",
+        "PyTorch",
+        "ratio",
+        a.rounds,
+        a.threads,
+        m["cpu"].as_str().unwrap_or("unknown")
+    );
+    for r in &results {
+        println!(
+            "{:<32} {:>12.1} {:>12.1} {:>7.2}x  {}",
+            r.bench,
+            median(&r.kiln),
+            median(&r.torch),
+            r.ratio(),
+            r.metric
+        );
+    }
+    for r in &results {
+        let mut line = json!({
+            "compare": r.bench,
+            "metric": r.metric,
+            "rounds": a.rounds,
+            "threads": a.threads,
+            "kiln": r.kiln,
+            "torch": r.torch,
+            "kiln_median": median(&r.kiln),
+            "torch_median": median(&r.torch),
+            "ratio": r.ratio(),
+        });
+        if let Value::Object(o) = &mut line {
+            o.extend(m.clone());
+        }
+        println!("{line}");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn args(s: &[&str]) -> Vec<String> {
+        s.iter().map(|a| a.to_string()).collect()
+    }
+
+    #[test]
+    fn flags_are_range_checked() {
+        let a = parse_args(&args(&["--compare", "vae_mlp_train_step", "--rounds", "5"])).unwrap();
+        assert!(a.compare);
+        assert_eq!((a.rounds, a.names.len(), a.threads), (5, 1, 2));
+        for bad in [
+            &["--threads", "0"][..],
+            &["--steps", "-1"],
+            &["--compare", "--rounds", "0"],
+            &["--rounds", "3"],
+            &["--torch", "x.py"],
+            &["--frob"],
+            &["--threads"],
+        ] {
+            assert!(parse_args(&args(bad)).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn medians_and_metrics() {
+        assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), 2.5);
+        assert!(median(&[]).is_nan());
+        let l = json!({"bench": "x", "tokens_per_s": 12.5});
+        assert_eq!(metric(&l), Some(("tokens_per_s", 12.5)));
+        assert_eq!(metric(&json!({"bench": "x"})), None);
+        let out = "noise\n{\"bench\": \"a\", \"images_per_s\": 1}\n{\"bench\": \"b\", \"images_per_s\": 2}\n";
+        assert_eq!(line_of(out, "b").unwrap()["images_per_s"], 2);
+        assert!(line_of(out, "c").is_none());
+    }
+
+    #[test]
+    fn rounds_alternate_and_ratios_pair_each_round() {
+        let pairs: Vec<&Pair> = PAIRS.iter().take(2).collect();
+        let mut order = Vec::new();
+        let calls = std::cell::RefCell::new(0.0);
+        let kiln = |p: &Pair| {
+            *calls.borrow_mut() += 1.0;
+            Ok(json!({"bench": p.kiln, "images_per_s": 100.0 + *calls.borrow()}))
+        };
+        let log = std::cell::RefCell::new(Vec::new());
+        let torch = |p: &Pair| {
+            log.borrow_mut().push(p.torch_arg);
+            Ok(json!({"bench": p.torch_bench, "images_per_s": 50.0}))
+        };
+        let r = alternate(&pairs, 3, kiln, torch, |s| order.push(s.to_string())).unwrap();
+        assert_eq!(r.len(), 2);
+        assert_eq!(r[0].kiln, vec![101.0, 103.0, 105.0]);
+        assert_eq!(r[0].torch, vec![50.0; 3]);
+        // kiln / torch per round: 2.02, 2.06, 2.10 -> median 2.06.
+        assert!((r[0].ratio() - 2.06).abs() < 1e-12);
+        assert_eq!(order.len(), 6);
+        assert_eq!(log.borrow().len(), 6);
+        // A line without a throughput, or with another unit, is an error.
+        let bad = alternate(
+            &pairs,
+            1,
+            |p| Ok(json!({"bench": p.kiln, "tokens_per_s": 1.0})),
+            |p| Ok(json!({"bench": p.torch_bench, "images_per_s": 1.0})),
+            |_| {},
+        );
+        assert!(bad.unwrap_err().to_string().contains("cannot be compared"));
+    }
+
+    #[test]
+    fn every_pair_names_a_bench_of_the_reference_script() {
+        let script = std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/bench/torch_reference.py"),
+        )
+        .unwrap();
+        for p in PAIRS {
+            assert!(
+                script.contains(&format!("\"{}\"", p.torch_bench)),
+                "{}",
+                p.torch_bench
+            );
+            assert!(
+                script.contains(&format!("\"{}\"", p.torch_arg)),
+                "{}",
+                p.torch_arg
+            );
+        }
+        let kiln: Vec<&str> = crate::parts::all()
+            .iter()
+            .flat_map(|c| c.benches.iter().map(|b| b.name))
+            .collect();
+        for p in PAIRS {
+            assert!(kiln.contains(&p.kiln), "{}", p.kiln);
+        }
+    }
 }

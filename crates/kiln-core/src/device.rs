@@ -143,6 +143,59 @@ pub fn logical_cores() -> usize {
     std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
 }
 
+/// The CPU's model name (`/proc/cpuinfo`'s `model name`; `"unknown"` where
+/// it cannot be read), for benchmark reports: figures differ between CPUs.
+pub fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_string())
+        })
+        .filter(|m| !m.is_empty())
+        .unwrap_or_else(|| "unknown".into())
+}
+
+/// The widest SIMD level this CPU offers, detected at run time:
+/// `avx512`, `avx2`, `sse4.2` or `none` on x86-64, `neon` on aarch64.
+pub fn simd_level() -> &'static str {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            "avx512"
+        } else if std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma")
+        {
+            "avx2"
+        } else if std::arch::is_x86_feature_detected!("sse4.2") {
+            "sse4.2"
+        } else {
+            "none"
+        }
+    }
+    #[cfg(target_arch = "aarch64")]
+    {
+        "neon"
+    }
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+    {
+        "none"
+    }
+}
+
+/// The SIMD level of the matrix-multiply kernels candle's `gemm` picks here:
+/// `avx512` only with the `gemm-avx512` feature on an AVX-512 CPU, since gemm
+/// compiles those kernels in only with its `x86-v4` feature.
+pub fn gemm_simd_level() -> &'static str {
+    match simd_level() {
+        "avx512" if cfg!(feature = "gemm-avx512") => "avx512",
+        "avx512" | "avx2" => "avx2",
+        other => other,
+    }
+}
+
 /// The largest thread count [`set_threads`] accepts here:
 /// [`MAX_THREADS_PER_CORE`] per logical core, at most [`MAX_THREADS`].
 pub fn max_threads() -> usize {
@@ -227,6 +280,30 @@ pub fn threads() -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cpu_facts_are_named_and_consistent() {
+        let simd = simd_level();
+        assert!(
+            ["avx512", "avx2", "sse4.2", "none", "neon"].contains(&simd),
+            "{simd}"
+        );
+        let gemm = gemm_simd_level();
+        // gemm never goes past the CPU, and reaches AVX-512 only with the feature.
+        assert!(
+            gemm == simd || (simd == "avx512" && gemm == "avx2"),
+            "{simd} {gemm}"
+        );
+        assert_eq!(
+            gemm == "avx512",
+            simd == "avx512" && cfg!(feature = "gemm-avx512")
+        );
+        let model = cpu_model();
+        assert!(!model.is_empty() && !model.contains('\n'), "{model:?}");
+        if cfg!(target_os = "linux") && cfg!(target_arch = "x86_64") {
+            assert_ne!(model, "unknown");
+        }
+    }
 
     #[test]
     fn allocator_tuning_is_accepted_on_glibc() {

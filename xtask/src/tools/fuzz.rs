@@ -190,7 +190,12 @@ pub fn run(args: &[String]) -> Result<()> {
     }
     let (mut build, toolchain) = cargo(&dir);
     eprintln!("==> cargo fuzz build ({toolchain})");
-    let st = build.args(["fuzz", "build"]).status()?;
+    build.args(["fuzz", "build"]);
+    // One target asked for: build only it (each target links the whole parser stack).
+    if let [one] = chosen.as_slice() {
+        build.arg(one);
+    }
+    let st = build.status()?;
     if !st.success() {
         bail!("`cargo fuzz build` failed ({st}) in {}", dir.display());
     }
