@@ -121,7 +121,7 @@ impl std::fmt::Display for EvalReport {
             "{} generated images against {} images of {}",
             self.n_generated, self.n_reference, self.reference
         )?;
-        write!(f, "FID {:.4}", self.fid)?;
+        write!(f, "FID {}", num(self.fid))?;
         if !self.fid_full_rank {
             write!(
                 f,
@@ -133,8 +133,11 @@ impl std::fmt::Display for EvalReport {
         writeln!(f)?;
         writeln!(
             f,
-            "KID {:.6} +- {:.6} ({} subsets of {})",
-            self.kid_mean, self.kid_std, self.kid_subsets, self.kid_subset_size
+            "KID {} +- {} ({} subsets of {})",
+            num(self.kid_mean),
+            num(self.kid_std),
+            self.kid_subsets,
+            self.kid_subset_size
         )?;
         writeln!(
             f,
@@ -142,7 +145,7 @@ impl std::fmt::Display for EvalReport {
             self.precision, self.recall, self.density, self.coverage, self.prdc_k
         )?;
         match self.inception_score {
-            Some((m, s)) => writeln!(f, "Inception Score {m:.4} +- {s:.4}")?,
+            Some((m, s)) => writeln!(f, "Inception Score {} +- {}", num(m), num(s))?,
             None => writeln!(
                 f,
                 "Inception Score: not available (the extractor has no classifier)"
@@ -151,17 +154,26 @@ impl std::fmt::Display for EvalReport {
         if let Some(m) = &self.memorisation {
             writeln!(
                 f,
-                "memorisation: median nearest-training distance {:.4} generated vs {:.4} held-out \
+                "memorisation: median nearest-training distance {} generated vs {} held-out \
                  (ratio {:.3}); {:.1}% of generated images nearer than 99% of held-out ones \
                  ({} training images)",
-                m.generated_median,
-                m.held_out_median,
+                num(m.generated_median),
+                num(m.held_out_median),
                 m.ratio,
                 100.0 * m.near_copies,
                 m.n_train
             )?;
         }
         Ok(())
+    }
+}
+
+/// Four decimals, or four significant digits for values below 1e-3 (an
+/// extractor's scale sets the metrics' scale).
+fn num(x: f64) -> String {
+    match x != 0.0 && x.abs() < 1e-3 {
+        true => format!("{x:.3e}"),
+        false => format!("{x:.4}"),
     }
 }
 

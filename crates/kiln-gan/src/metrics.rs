@@ -324,7 +324,7 @@ pub fn frechet_distance(a: &GaussianStats, b: &GaussianStats) -> Result<Fid> {
     Ok(Fid {
         value: diff + tr(&s1) + tr(&s2) - 2.0 * tr_covmean,
         dim: d,
-        rank: [rank(&l1), rank(&l2)],
+        rank: [rank(&l1, a), rank(&l2, b)],
         count: [a.count(), b.count()],
     })
 }
@@ -334,12 +334,19 @@ fn symmetrise(m: MatRef<'_, f64>) -> Mat<f64> {
     Mat::from_fn(m.nrows(), m.ncols(), |i, j| 0.5 * (m[(i, j)] + m[(j, i)]))
 }
 
-/// Numerical rank from eigenvalues: those above `d * eps * max |l|`
-/// (numpy's `matrix_rank` threshold).
-fn rank(l: &[f64]) -> usize {
+/// Numerical rank of a covariance from its eigenvalues: those above
+/// `d * eps` times the larger of the top eigenvalue and the largest second
+/// moment (the sums the covariance was cancelled from set its rounding), and
+/// never above `n - 1`.
+fn rank(l: &[f64], st: &GaussianStats) -> usize {
     let top = l.iter().fold(0.0f64, |a, v| a.max(v.abs()));
-    let tol = top * l.len() as f64 * f64::EPSILON;
-    l.iter().filter(|v| **v > tol).count()
+    let n = st.count();
+    let moment = (0..st.dim())
+        .map(|i| st.outer[(i, i)] / (n.max(2) - 1) as f64)
+        .fold(0.0f64, f64::max);
+    let tol = top.max(moment) * l.len() as f64 * f64::EPSILON;
+    let r = l.iter().filter(|v| **v > tol).count();
+    r.min(n.saturating_sub(1) as usize)
 }
 
 fn eig_err(e: faer::linalg::evd::EvdError) -> GanError {

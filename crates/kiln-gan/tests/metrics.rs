@@ -109,6 +109,17 @@ fn fid_matches_pytorch_fid_with_fewer_images_than_dimensions() {
 }
 
 #[test]
+fn rank_sees_through_a_large_mean() {
+    // 12 images in 16 dimensions, shifted far from the origin: the
+    // covariance has rank 11 whatever the sums' rounding.
+    let c = feat(12, 16, 3, 0.0);
+    let far = Features::new(16, c.as_slice().iter().map(|v| v + 1e4).collect()).unwrap();
+    let f = frechet_distance(&stats(&far), &stats(&far)).unwrap();
+    assert_eq!(f.rank, [11, 11]);
+    assert!(f.value.abs() < 1e-6, "{}", f.value);
+}
+
+#[test]
 fn fid_of_a_set_with_itself_is_zero_and_stats_survive_tensors() {
     let a = feat(30, 6, 11, 0.0);
     let s = stats(&a);
