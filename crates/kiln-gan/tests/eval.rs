@@ -189,3 +189,79 @@ fn training_keeps_the_best_fid_checkpoint_across_a_resume() {
     let (_, meta) = read_tensors(&run.join("checkpoints").join(BEST_FID_CHECKPOINT), &DEV).unwrap();
     assert_eq!(meta["extra.fid"].parse::<f64>().unwrap(), best);
 }
+
+/// Features that ignore the images: every evaluation gives the same FID.
+struct Blind;
+
+impl FeatureExtractor for Blind {
+    fn name(&self) -> String {
+        "blind".into()
+    }
+    fn hash(&self) -> String {
+        "fedcba9876543210".into()
+    }
+    fn dim(&self) -> usize {
+        2
+    }
+    fn extract(&self, images: &Tensor) -> kiln_gan::Result<Extracted> {
+        let n = images.dim(0)?;
+        let v = (0..2 * n).map(|i| (i % 7) as f64).collect();
+        Ok(Extracted {
+            features: Features::new(2, v)?,
+            logits: None,
+        })
+    }
+}
+
+#[test]
+fn a_fid_that_stays_above_the_best_stops_training_naming_the_best_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    let model = ModelConfig {
+        image_size: 16,
+        nz: 16,
+        ngf: 8,
+        ndf: 8,
+        ..ModelConfig::dcgan32()
+    };
+    let tc = TrainConfig {
+        epochs: 4,
+        batch_size: 4,
+        eval_every: 1,
+        ..TrainConfig::default()
+    };
+    let reference = Features::new(2, (0..40).map(|i| (i % 5) as f64).collect()).unwrap();
+    // The blind extractor gives the same FID every time; with rise 0 every
+    // FID not below the best counts, so the second and third evaluations stop
+    // training.
+    let ev = FidEval {
+        batch: 8,
+        patience: 2,
+        rise: 0.0,
+        ..FidEval::new(&Blind, &reference, 8)
+    };
+    let e = train_with_eval(
+        &model,
+        &tc,
+        flowers(Split::Train, 8),
+        &DEV,
+        &opts(&run, false),
+        None,
+        Some(&ev),
+    )
+    .unwrap_err();
+    let kiln_gan::GanError::Collapsed(f) = e else {
+        panic!("expected a collapse, got {e}")
+    };
+    assert_eq!(f.step, 6, "stopped after the third epoch's evaluation");
+    assert_eq!(f.checkpoint_step, Some(2));
+    assert_eq!(
+        f.checkpoint.unwrap(),
+        run.join("checkpoints").join(BEST_FID_CHECKPOINT)
+    );
+    assert!(
+        f.reason.contains("for 2 evaluations in a row"),
+        "{}",
+        f.reason
+    );
+}
