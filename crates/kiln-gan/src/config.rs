@@ -350,6 +350,11 @@ pub struct TrainConfig {
     pub collapse_window: u64,
     /// The D(x) threshold of the collapse check (0.99).
     pub collapse_real: f64,
+    /// Evaluate FID every this many epochs with the extractor given to
+    /// [`train_with_eval`](crate::train::train_with_eval) (0: never), keeping
+    /// the best generator in `checkpoints/best-fid.safetensors`.
+    #[serde(default)]
+    pub eval_every: u64,
     /// The D(G(z)) threshold of the collapse check (0.01).
     pub collapse_fake: f64,
 }
@@ -376,6 +381,7 @@ impl Default for TrainConfig {
             collapse_window: 200,
             collapse_real: 0.99,
             collapse_fake: 0.01,
+            eval_every: 0,
         }
     }
 }
@@ -492,7 +498,7 @@ impl RunConfig {
 }
 
 /// The config fields a resumed run may change (`--epochs` extends a run).
-pub const MAY_CHANGE_ON_RESUME: &[&str] = &["train.epochs"];
+pub const MAY_CHANGE_ON_RESUME: &[&str] = &["train.epochs", "train.eval_every"];
 
 #[cfg(test)]
 mod tests {

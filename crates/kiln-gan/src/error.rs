@@ -49,6 +49,10 @@ pub enum GanError {
     // caller can find `SessionError::Finished` through any crate's error.
     #[error("{0}")]
     Session(#[from] kiln_core::session::SessionError),
+    /// A metric's inputs do not fit (too few images, mismatched dimensions,
+    /// non-finite features) or its linear algebra failed.
+    #[error("{0}")]
+    Metric(String),
     /// Figure output.
     #[error(transparent)]
     Figure(#[from] kiln_core::image::FigureError),

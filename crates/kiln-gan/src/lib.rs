@@ -10,8 +10,11 @@
 //! (batch-norm statistics included); DiffAugment; R1 and WGAN-GP gradient
 //! penalties through a finite-difference Hessian-vector product (candle has
 //! no double backward); a class-conditional mode with a projection
-//! discriminator; and a trainer on kiln-core's session with exact resume,
-//! sample grids each epoch and collapse detection.
+//! discriminator; a trainer on kiln-core's session with exact resume,
+//! sample grids each epoch, collapse detection and a best-FID checkpoint;
+//! and sample-quality metrics in f64 ([`metrics`]: FID, KID, PRDC, Inception
+//! Score, memorisation) on pytorch-fid's InceptionV3 ([`inception`]) or any
+//! other [`metrics::FeatureExtractor`].
 //!
 //! ```
 //! use kiln_core::{rng::SeededRng, vars::VarStore, DType, Device};
@@ -39,7 +42,10 @@ pub mod augment;
 pub mod config;
 pub mod ema;
 pub mod error;
+pub mod eval;
+pub mod inception;
 pub mod loss;
+pub mod metrics;
 pub mod model;
 pub mod monitor;
 pub mod penalty;
@@ -57,7 +63,8 @@ pub use model::{is_trainable, Discriminator, Generator, SpectralNorm};
 pub use monitor::{CollapseMonitor, Verdict};
 pub use penalty::{gradient_penalty, PenaltyTerms};
 pub use train::{
-    load_generator, train, train_until, Gan, TrainReport, Which, HEALTHY_CHECKPOINT, RUN_KIND,
+    load_generator, train, train_until, train_with_eval, FidEval, Gan, TrainReport, Which,
+    BEST_FID_CHECKPOINT, HEALTHY_CHECKPOINT, RUN_KIND,
 };
 
 #[cfg(doctest)]

@@ -34,7 +34,9 @@ use crate::config::{
 };
 use crate::ema::Ema;
 use crate::error::{config_err, Failure, GanError, Result};
+use crate::eval::generated_features;
 use crate::loss::{d_loss, g_loss, mean_prob};
+use crate::metrics::{frechet_distance, FeatureExtractor, Features, GaussianStats};
 use crate::model::{is_trainable, Discriminator, Generator};
 use crate::monitor::{CollapseMonitor, Verdict};
 use crate::penalty::gradient_penalty;
@@ -46,6 +48,46 @@ pub const RUN_KIND: &str = "gan";
 /// end that was not inside a collapse streak: the one to sample from when
 /// training collapses or diverges.
 pub const HEALTHY_CHECKPOINT: &str = "healthy.safetensors";
+
+/// The checkpoint holding the generator (and its EMA) with the lowest FID
+/// of `train --eval-every` so far (its FID in the metadata, `extra.fid`).
+pub const BEST_FID_CHECKPOINT: &str = "best-fid.safetensors";
+
+/// What training evaluates FID with every `train.eval_every` epochs.
+pub struct FidEval<'a> {
+    /// The feature extractor.
+    pub extractor: &'a dyn FeatureExtractor,
+    /// Features of the reference images.
+    pub reference: &'a Features,
+    /// Generated images per evaluation.
+    pub n: usize,
+    /// Images per extractor batch.
+    pub batch: usize,
+    /// Seed of the evaluation's latents (the same every time, so successive
+    /// FIDs differ by the generator only).
+    pub seed: u64,
+    /// Training stops as collapsed when FID stays above `rise` times the
+    /// best for `patience` evaluations in a row (0: never).
+    pub patience: u32,
+    /// See `patience`.
+    pub rise: f64,
+}
+
+impl<'a> FidEval<'a> {
+    /// `n` images in batches of 50, seed 0; stop after 3 evaluations in a
+    /// row above twice the best FID.
+    pub fn new(extractor: &'a dyn FeatureExtractor, reference: &'a Features, n: usize) -> Self {
+        Self {
+            extractor,
+            reference,
+            n,
+            batch: 50,
+            seed: 0,
+            patience: 3,
+            rise: 2.0,
+        }
+    }
+}
 
 /// Images in each fixed-noise grid.
 pub const GRID_IMAGES: usize = 64;
@@ -67,6 +109,8 @@ pub struct TrainReport {
     pub images_per_s: f64,
     /// Whether training stopped early (Ctrl-C or `stop_at`; a checkpoint was written).
     pub interrupted: bool,
+    /// The lowest FID of `train.eval_every`'s evaluations, if any ran.
+    pub best_fid: Option<f64>,
 }
 
 /// The networks of a run: G, D and the optional EMA copy of G, each in its
@@ -141,6 +185,23 @@ pub fn train_until(
     opts: &RunOptions,
     stop_at: Option<u64>,
 ) -> Result<TrainReport> {
+    train_with_eval(model, tc, train_set, device, opts, stop_at, None)
+}
+
+/// [`train_until`] evaluating FID every `tc.eval_every` epochs with `eval`
+/// (on the EMA generator when the run keeps one): each FID is recorded in
+/// `metrics.jsonl` (split `eval`), the best generator is kept in
+/// `checkpoints/best-fid.safetensors` beside `last`, and a FID that stays far
+/// above the best stops training as collapsed, naming that checkpoint.
+pub fn train_with_eval(
+    model: &ModelConfig,
+    tc: &TrainConfig,
+    train_set: Arc<dyn Dataset>,
+    device: &Device,
+    opts: &RunOptions,
+    stop_at: Option<u64>,
+    eval: Option<&FidEval<'_>>,
+) -> Result<TrainReport> {
     let rc = RunConfig {
         model: model.clone(),
         train: tc.clone(),
@@ -204,6 +265,21 @@ pub fn train_until(
         monitor.borrow_mut().replay(&read_metrics(&metrics)?);
     }
     let fixed = FixedNoise::new(&gan.g, tc.seed, device)?;
+    let ref_stats = match eval {
+        Some(ev) if tc.eval_every > 0 => Some(GaussianStats::of(ev.reference)?),
+        _ => None,
+    };
+    let best_path = dir.join("checkpoints").join(BEST_FID_CHECKPOINT);
+    // The best so far survives a resume through the checkpoint's metadata.
+    let mut best: Option<(f64, u64)> = match s.resumed() && best_path.is_file() {
+        true => {
+            let (_, meta) = read_tensors(&best_path, &Device::Cpu)?;
+            let num = |k: &str| meta.get(k).and_then(|v| v.parse::<f64>().ok());
+            num("extra.fid").zip(num("train.step").map(|v| v as u64))
+        }
+        false => None,
+    };
+    let mut above = 0u32;
     let step_ctx = StepCtx {
         tc,
         gan: &gan,
@@ -224,6 +300,46 @@ pub fn train_until(
             fixed.save_grids(&gan, &dir, &format!("epoch-{e:03}"))?;
             if monitor.borrow().streak_start().is_none() {
                 save_healthy(&gan, &dir, s.global_step(), e)?;
+            }
+            if let (Some(ev), Some(rs)) = (eval, &ref_stats) {
+                if e % tc.eval_every == 0 {
+                    let g = gan.ema.as_ref().map_or(&gan.g, |(g, _)| g);
+                    let x = generated_features(
+                        ev.extractor,
+                        g,
+                        model.num_classes,
+                        ev.n,
+                        ev.batch,
+                        ev.seed,
+                        device,
+                    )?;
+                    let fid = frechet_distance(rs, &GaussianStats::of(&x.features)?)?.value;
+                    s.record("eval", &[("fid", fid)])?;
+                    let step = s.global_step();
+                    match best {
+                        Some((b, _)) if fid >= b => {
+                            above = if fid > ev.rise * b { above + 1 } else { 0 };
+                            if ev.patience > 0 && above >= ev.patience {
+                                return Err(GanError::Collapsed(Box::new(Failure {
+                                    run: dir.path().to_path_buf(),
+                                    step,
+                                    reason: format!(
+                                        "FID {fid:.3} stayed above {} x the best FID {b:.3} for \
+                                         {above} evaluations in a row",
+                                        ev.rise
+                                    ),
+                                    checkpoint: best.map(|_| best_path.clone()),
+                                    checkpoint_step: best.map(|(_, st)| st),
+                                })));
+                            }
+                        }
+                        _ => {
+                            save_generator(&gan, &best_path, step, e, Some(fid))?;
+                            best = Some((fid, step));
+                            above = 0;
+                        }
+                    }
+                }
             }
             Ok(())
         },
@@ -251,6 +367,7 @@ pub fn train_until(
         epochs: s.epoch(),
         images_per_s: s.observer.throughput(),
         interrupted,
+        best_fid: best.map(|(b, _)| b),
     };
     if !interrupted {
         fixed.save_grids(&gan, &dir, "samples")?;
@@ -428,6 +545,17 @@ fn failure(dir: &RunDir, step: u64, reason: String) -> Failure {
 
 /// Writes the generator (and its EMA) to `checkpoints/healthy.safetensors`.
 fn save_healthy(gan: &Gan, dir: &RunDir, step: u64, epoch: u64) -> Result<()> {
+    save_generator(
+        gan,
+        &dir.join("checkpoints").join(HEALTHY_CHECKPOINT),
+        step,
+        epoch,
+        None,
+    )
+}
+
+/// Writes the generator (and its EMA) to `path`, with its FID if given.
+fn save_generator(gan: &Gan, path: &Path, step: u64, epoch: u64, fid: Option<f64>) -> Result<()> {
     let mut parts = vec![PartRef {
         name: "g",
         vars: &gan.g_vars,
@@ -445,13 +573,11 @@ fn save_healthy(gan: &Gan, dir: &RunDir, step: u64, epoch: u64) -> Result<()> {
         epoch,
         rng: None,
         model_rng: None,
-        extra: HashMap::new(),
+        extra: fid
+            .map(|f| HashMap::from([("fid".to_string(), format!("{f:?}"))]))
+            .unwrap_or_default(),
     };
-    save_parts(
-        &dir.join("checkpoints").join(HEALTHY_CHECKPOINT),
-        &parts,
-        &st,
-    )?;
+    save_parts(path, &parts, &st)?;
     Ok(())
 }
 

@@ -1,26 +1,33 @@
-//! kiln-gan in xtask: `train gan`, `sample gan` and the `gan` demo part
-//! (the `dcgan32_train_iter` benchmark lives in `kernels.rs`, built from
-//! kiln-gan's models).
+//! kiln-gan in xtask: `train gan`, `eval gan`, `sample gan`, the `gan` demo
+//! part and the `fid_inception_features` benchmark (the `dcgan32_train_iter`
+//! benchmark lives in `kernels.rs`, built from kiln-gan's models). The
+//! fallback feature extractor, a kiln-ssl SimCLR encoder, is wired in here so
+//! that kiln-gan does not depend on kiln-ssl.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use clap::Parser;
 use kiln_core::image::save_image_grid;
 use kiln_core::rng::SeededRng;
 use kiln_core::run::{RunDir, RunOptions};
 use kiln_core::Tensor;
 use kiln_data::{Cached, Dataset, Split};
+use kiln_gan::eval::{
+    collapsed_features, dataset_features, evaluate, generated_features, EvalOptions, Fnv,
+};
+use kiln_gan::inception::{resize_bilinear, InceptionV3, RandomWeights};
+use kiln_gan::metrics::{Extracted, FeatureExtractor, Features, KidOptions};
 use kiln_gan::train::grid_options;
 use kiln_gan::{
-    load_generator, train, Augment, EmaConfig, Init, LossKind, ModelConfig, Norm, PenaltyKind,
-    RunConfig, TrainConfig, Which,
+    load_generator, train, train_with_eval, Augment, EmaConfig, FidEval, Init, LossKind,
+    ModelConfig, Norm, PenaltyKind, RunConfig, TrainConfig, Which, BEST_FID_CHECKPOINT,
 };
 
 use super::{
-    exit_if_interrupted, open_split, parse, parse_given, resume_config, Component, DemoPart, Given,
-    RunArgs,
+    exit_if_interrupted, int_in, open_split, parse, parse_given, resume_config, threads_flag,
+    Component, DemoPart, Given, RunArgs,
 };
 
 /// Registers the GAN's tasks and demo part.
@@ -32,7 +39,12 @@ pub fn component() -> Component {
             run: demo,
         }],
         train: vec![("gan", train_cmd)],
+        eval: vec![("gan", eval_cmd)],
         sample: vec![("gan", sample_cmd)],
+        benches: vec![super::Bench {
+            name: "fid_inception_features",
+            run: bench_fid,
+        }],
         ..Default::default()
     }
 }
@@ -130,6 +142,19 @@ struct TrainArgs {
     /// Seed of weights, data order, noise and augmentation.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Evaluate FID every N epochs and keep checkpoints/best-fid.safetensors
+    /// (needs --inception or --ssl-run; 0: never).
+    #[arg(long, value_parser = int_in(0u64, u64::MAX))]
+    eval_every: Option<u64>,
+    /// pytorch-fid InceptionV3 weights for --eval-every.
+    #[arg(long)]
+    inception: Option<PathBuf>,
+    /// A SimCLR run whose encoder --eval-every uses when no Inception weights are at hand.
+    #[arg(long)]
+    ssl_run: Option<PathBuf>,
+    /// Generated images per evaluation (and test images compared with).
+    #[arg(long, default_value_t = 1000, value_parser = int_in(2usize, 1_000_000))]
+    eval_n: usize,
     #[command(flatten)]
     run: RunArgs,
 }
@@ -260,6 +285,9 @@ fn train_config(a: &TrainArgs, given: &Given, base: Option<TrainConfig>) -> Resu
     if given.has("seed") {
         tc.seed = a.seed;
     }
+    if let Some(v) = a.eval_every {
+        tc.eval_every = v;
+    }
     Ok(tc)
 }
 
@@ -301,7 +329,46 @@ fn train_cmd(args: &[String]) -> Result<()> {
         tc.lr_g,
         tc.lr_d
     );
-    let rep = train(&model, &tc, train_set, &device, &opts)?;
+    let (ex, reference) = match tc.eval_every {
+        0 => (None, None),
+        _ => {
+            let ex = extractor(a.inception.as_deref(), a.ssl_run.as_deref(), &device)?;
+            let test = open_split(&tc.dataset, &a.data_root, Split::Test, model.image_size)?;
+            let f = dataset_features(
+                ex.as_ref(),
+                test.as_ref(),
+                Some(a.eval_n),
+                50,
+                &device,
+                Some(&a.data_root.join("feature-cache")),
+            )?;
+            eprintln!(
+                "FID every {} epoch(s): {} images against {} test images, extractor {} (hash {})",
+                tc.eval_every,
+                a.eval_n,
+                f.len(),
+                ex.name(),
+                ex.hash()
+            );
+            (Some(ex), Some(f))
+        }
+    };
+    let fid_eval = match (&ex, &reference) {
+        (Some(ex), Some(f)) => Some(FidEval::new(ex.as_ref(), f, a.eval_n)),
+        _ => None,
+    };
+    let rep = train_with_eval(
+        &model,
+        &tc,
+        train_set,
+        &device,
+        &opts,
+        None,
+        fid_eval.as_ref(),
+    )?;
+    if let Some(b) = rep.best_fid {
+        eprintln!("best FID {b:.4} (checkpoints/{BEST_FID_CHECKPOINT})");
+    }
     eprintln!(
         "last epoch: D loss {:.4}, G loss {:.4}, D(x) {:.3}, D(G(z)) {:.3}; {:.0} images/s",
         rep.d_loss, rep.g_loss, rep.d_real, rep.d_fake, rep.images_per_s
@@ -427,4 +494,245 @@ fn demo(ctx: &super::DemoCtx) -> Result<()> {
         out.display()
     );
     Ok(())
+}
+
+/// The fallback extractor: a kiln-ssl SimCLR run's encoder (global-pooled
+/// conv features). Its FID is not Inception-FID; its name says so.
+struct SslExtractor {
+    encoder: kiln_ssl::simclr::ConvEncoder,
+    name: String,
+    hash: String,
+    dim: usize,
+    size: usize,
+}
+
+impl SslExtractor {
+    fn open(run: &Path, device: &kiln_core::Device) -> Result<Self> {
+        let (m, cfg) = kiln_ssl::simclr::simclr_from_run(run, device)?;
+        let ckpt = RunDir::open(run)?.last_checkpoint();
+        let bytes =
+            std::fs::read(&ckpt).map_err(|e| anyhow::anyhow!("reading {}: {e}", ckpt.display()))?;
+        let mut h = Fnv::default();
+        h.bytes(&bytes);
+        h.bytes(format!("{:?}", cfg.widths).as_bytes());
+        let dim = m.encoder.dim();
+        Ok(Self {
+            name: format!(
+                "kiln-ssl SimCLR encoder of run {} (widths {:?}, {dim}-d, trained on {}; \
+                 not Inception: these FIDs compare only with each other)",
+                run.display(),
+                cfg.widths,
+                cfg.dataset
+            ),
+            hash: h.hex(),
+            dim,
+            size: cfg.image_size,
+            encoder: m.encoder,
+        })
+    }
+}
+
+impl FeatureExtractor for SslExtractor {
+    fn name(&self) -> String {
+        self.name.clone()
+    }
+
+    fn hash(&self) -> String {
+        self.hash.clone()
+    }
+
+    fn dim(&self) -> usize {
+        self.dim
+    }
+
+    fn extract(&self, images: &Tensor) -> kiln_gan::Result<Extracted> {
+        use kiln_core::ModuleT;
+        // The encoder saw images of its own size in [0, 1].
+        let x = resize_bilinear(images, self.size, self.size)?;
+        let f = self.encoder.forward_t(&x, false)?;
+        Ok(Extracted {
+            features: Features::from_tensor(&f)?,
+            logits: None,
+        })
+    }
+}
+
+/// The extractor a command asked for: pytorch-fid's InceptionV3 from
+/// `--inception FILE`, else the SimCLR encoder of `--ssl-run RUN`.
+fn extractor(
+    inception: Option<&Path>,
+    ssl_run: Option<&Path>,
+    device: &kiln_core::Device,
+) -> Result<Box<dyn FeatureExtractor>> {
+    match (inception, ssl_run) {
+        (Some(f), None) => Ok(Box::new(InceptionV3::load(f, device)?)),
+        (None, Some(r)) => Ok(Box::new(SslExtractor::open(r, device)?)),
+        (Some(_), Some(_)) => bail!("give one of --inception and --ssl-run, not both"),
+        (None, None) => bail!(
+            "no feature extractor: pass --inception FILE (pytorch-fid's InceptionV3 weights \
+             converted by scripts/gan/convert_inception.py) or, without them, --ssl-run RUN \
+             (a `cargo xtask train simclr` run on the same data; its FID is not Inception-FID)"
+        ),
+    }
+}
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "cargo xtask eval gan",
+    about = "FID, KID, precision/recall/density/coverage, Inception Score and a memorisation check of a GAN run"
+)]
+struct EvalArgs {
+    /// The run folder.
+    #[arg(long)]
+    run: PathBuf,
+    /// Reference split: test, val or train.
+    #[arg(long, default_value = "test")]
+    split: String,
+    /// Generated images (reference images: up to as many from the split).
+    #[arg(long, default_value_t = 10_000, value_parser = int_in(2usize, 1_000_000))]
+    n: usize,
+    /// Evaluate the EMA copy of the generator.
+    #[arg(long)]
+    ema: bool,
+    /// Checkpoint: last (default), best-fid, healthy or a file.
+    #[arg(long)]
+    checkpoint: Option<String>,
+    /// pytorch-fid InceptionV3 weights (safetensors from scripts/gan/convert_inception.py).
+    #[arg(long)]
+    inception: Option<PathBuf>,
+    /// A SimCLR run whose encoder is the extractor when no Inception weights are at hand.
+    #[arg(long)]
+    ssl_run: Option<PathBuf>,
+    /// Training images searched by the memorisation check (0: skip it).
+    #[arg(long, default_value_t = 10_000, value_parser = int_in(0usize, 1_000_000))]
+    n_train: usize,
+    /// Images per extractor batch.
+    #[arg(long, default_value_t = 50, value_parser = int_in(1usize, 4096))]
+    batch: usize,
+    /// Seed of the latents and of KID's subsets.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Folder holding downloaded datasets.
+    #[arg(long)]
+    data_root: Option<PathBuf>,
+    /// Feature cache (default DATA_ROOT/feature-cache).
+    #[arg(long)]
+    cache: Option<PathBuf>,
+    /// Also report the same generator collapsed to one image (one latent
+    /// repeated), the baseline recall and coverage should stand well above.
+    #[arg(long)]
+    collapse_baseline: bool,
+    /// Device.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// CPU threads.
+    #[arg(long, value_parser = threads_flag())]
+    threads: Option<usize>,
+}
+
+fn eval_cmd(args: &[String]) -> Result<()> {
+    let a: EvalArgs = parse("cargo xtask eval gan", args)?;
+    let device = super::device(&a.device, a.threads)?;
+    let split: Split = a.split.parse().context("--split")?;
+    let which = if a.ema { Which::Ema } else { Which::Generator };
+    let (g, rc) = load_generator(&a.run, which, a.checkpoint.as_deref(), &device)?;
+    let ex = extractor(a.inception.as_deref(), a.ssl_run.as_deref(), &device)?;
+    let data_root = a.data_root.clone().unwrap_or_else(|| PathBuf::from("data"));
+    let cache = a
+        .cache
+        .clone()
+        .unwrap_or_else(|| data_root.join("feature-cache"));
+    let n = a.n;
+    let opts = EvalOptions {
+        n,
+        batch: a.batch,
+        seed: a.seed,
+        kid: KidOptions {
+            seed: a.seed,
+            ..KidOptions::default()
+        },
+        ..EvalOptions::default()
+    };
+    eprintln!("eval gan: extractor {} (hash {})", ex.name(), ex.hash());
+    let size = rc.model.image_size;
+    let reference = open_split(&rc.train.dataset, &data_root, split, size)?;
+    let rf = dataset_features(
+        ex.as_ref(),
+        reference.as_ref(),
+        Some(n),
+        opts.batch,
+        &device,
+        Some(&cache),
+    )?;
+    let tf = match a.n_train {
+        0 => None,
+        k => {
+            let train_set = open_split(&rc.train.dataset, &data_root, Split::Train, size)?;
+            Some(dataset_features(
+                ex.as_ref(),
+                train_set.as_ref(),
+                Some(k),
+                opts.batch,
+                &device,
+                Some(&cache),
+            )?)
+        }
+    };
+    let gen = generated_features(
+        ex.as_ref(),
+        &g,
+        rc.model.num_classes,
+        n,
+        opts.batch,
+        a.seed,
+        &device,
+    )?;
+    let name = format!("{} {split} split", rc.train.dataset);
+    let rep = evaluate(ex.as_ref(), &gen, &rf, &name, tf.as_ref(), &opts)?;
+    print!("{rep}");
+    let baseline = match a.collapse_baseline {
+        true => {
+            let one =
+                collapsed_features(ex.as_ref(), &g, rc.model.num_classes, n, a.seed, &device)?;
+            let b = evaluate(ex.as_ref(), &one, &rf, &name, None, &opts)?;
+            println!(
+                "collapsed to one image: FID {:.4}, KID {:.6}, precision {:.4}, recall {:.4}, \
+                 density {:.4}, coverage {:.4}",
+                b.fid, b.kid_mean, b.precision, b.recall, b.density, b.coverage
+            );
+            Some(b)
+        }
+        false => None,
+    };
+    let out = a.run.join(format!(
+        "eval-{}{}-{}.json",
+        a.checkpoint
+            .as_deref()
+            .unwrap_or("last")
+            .replace(['/', '\\', '.'], "_"),
+        if a.ema { "-ema" } else { "" },
+        &rep.extractor_hash
+    ));
+    let json = serde_json::json!({ "report": rep, "collapsed_baseline": baseline });
+    kiln_core::files::write_atomic(&out, serde_json::to_string_pretty(&json)?.as_bytes())?;
+    println!("{}", out.display());
+    Ok(())
+}
+
+/// `fid_inception_features`: pytorch-fid's network (random weights: the
+/// speed does not depend on them) on batches of 50 32x32 images resized to
+/// 299x299, as `scripts/gan/fid_bench.py` times PyTorch.
+fn bench_fid(ctx: &super::BenchCtx) -> Result<serde_json::Value> {
+    let dev = kiln_core::Device::Cpu;
+    let net = InceptionV3::from_source(&mut RandomWeights::new(0, &dev), &dev)?;
+    let x = SeededRng::new(1).uniform(&[50, 3, 32, 32], 0.0, 1.0, &dev)?;
+    let ctx = super::BenchCtx {
+        threads: ctx.threads,
+        steps: 3,
+        warm: 1,
+    };
+    ctx.train_line("fid_inception_features", 50, || {
+        net.features(&x)?;
+        Ok(())
+    })
 }

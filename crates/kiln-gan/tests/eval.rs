@@ -1,0 +1,267 @@
+//! Evaluation around the metrics: the feature cache, the report, and
+//! `train_with_eval`'s best-FID checkpoint across a resume.
+#![allow(clippy::unwrap_used, missing_docs)]
+
+use std::path::Path;
+use std::sync::Arc;
+
+use kiln_core::checkpoint::read_tensors;
+use kiln_core::run::{read_metrics, RunOptions};
+use kiln_core::{Device, Tensor};
+use kiln_data::{Dataset, Split, SyntheticFlowers, SyntheticFlowersConfig};
+use kiln_gan::eval::{dataset_features, evaluate, EvalOptions};
+use kiln_gan::metrics::{Extracted, FeatureExtractor, Features, KidOptions};
+use kiln_gan::{train_with_eval, FidEval, ModelConfig, TrainConfig, BEST_FID_CHECKPOINT};
+
+const DEV: Device = Device::Cpu;
+
+/// 4x4 average-pooled pixels: a cheap stand-in extractor (48-d at 16x16).
+struct Pixels;
+
+impl FeatureExtractor for Pixels {
+    fn name(&self) -> String {
+        "4x4-pooled pixels".into()
+    }
+    fn hash(&self) -> String {
+        "0123456789abcdef".into()
+    }
+    fn dim(&self) -> usize {
+        48
+    }
+    fn extract(&self, images: &Tensor) -> kiln_gan::Result<Extracted> {
+        let f = images.avg_pool2d(4)?.flatten_from(1)?;
+        Ok(Extracted {
+            features: Features::from_tensor(&f)?,
+            logits: None,
+        })
+    }
+}
+
+fn flowers(split: Split, n: usize) -> Arc<dyn Dataset> {
+    let cfg = SyntheticFlowersConfig {
+        train: n,
+        test: n,
+        size: 16,
+        ..Default::default()
+    };
+    Arc::new(SyntheticFlowers::new(cfg, split).unwrap())
+}
+
+#[test]
+fn features_are_cached_under_the_extractor_and_the_pixels() {
+    let dir = tempfile::tempdir().unwrap();
+    let ds = flowers(Split::Test, 20);
+    let a = dataset_features(&Pixels, ds.as_ref(), None, 8, &DEV, Some(dir.path())).unwrap();
+    let files: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+    assert_eq!(files.len(), 1);
+    let b = dataset_features(&Pixels, ds.as_ref(), None, 8, &DEV, Some(dir.path())).unwrap();
+    assert_eq!(a, b);
+    assert_eq!((a.len(), a.dim()), (20, 48));
+    // Other images: another file.
+    dataset_features(&Pixels, ds.as_ref(), Some(10), 8, &DEV, Some(dir.path())).unwrap();
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 2);
+}
+
+#[test]
+fn the_report_names_the_extractor_and_a_collapsed_set_has_no_recall() {
+    let real = dataset_features(
+        &Pixels,
+        flowers(Split::Test, 40).as_ref(),
+        None,
+        20,
+        &DEV,
+        None,
+    )
+    .unwrap();
+    let other = dataset_features(
+        &Pixels,
+        flowers(Split::Train, 40).as_ref(),
+        None,
+        20,
+        &DEV,
+        None,
+    )
+    .unwrap();
+    let opts = EvalOptions {
+        kid: KidOptions {
+            subsets: 10,
+            subset_size: 20,
+            seed: 0,
+        },
+        ..EvalOptions::default()
+    };
+    let good = Extracted {
+        features: other.clone(),
+        logits: None,
+    };
+    let rep = evaluate(&Pixels, &good, &real, "flowers test", Some(&other), &opts).unwrap();
+    let text = rep.to_string();
+    assert!(
+        text.contains("4x4-pooled pixels (hash 0123456789abcdef, 48-d)"),
+        "{text}"
+    );
+    assert!(
+        text.contains("40 generated images against 40 images of flowers test"),
+        "{text}"
+    );
+    assert!(
+        text.contains("biased upward"),
+        "40 images in 48 dimensions: {text}"
+    );
+    assert!(rep.recall > 0.5, "{rep:?}");
+    // The same "generator" collapsed to its first image.
+    let one = Extracted {
+        features: Features::new(48, other.row(0).repeat(40)).unwrap(),
+        logits: None,
+    };
+    let col = evaluate(&Pixels, &one, &real, "flowers test", None, &opts).unwrap();
+    assert_eq!(col.recall, 0.0);
+    assert!(
+        col.coverage < 0.2 && col.fid > 10.0 * rep.fid,
+        "{col:?} vs {rep:?}"
+    );
+    // Memorisation: "generated" = training images themselves.
+    let m = rep.memorisation.unwrap();
+    assert_eq!((m.generated_median, m.near_copies), (0.0, 1.0));
+}
+
+fn opts(run: &Path, resume: bool) -> RunOptions {
+    match resume {
+        true => RunOptions::resume(run),
+        false => RunOptions::new_run(Some(run)),
+    }
+    .quiet(true)
+}
+
+#[test]
+fn training_keeps_the_best_fid_checkpoint_across_a_resume() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    let model = ModelConfig {
+        image_size: 16,
+        nz: 16,
+        ngf: 8,
+        ndf: 8,
+        ..ModelConfig::dcgan32()
+    };
+    let tc = TrainConfig {
+        epochs: 3,
+        batch_size: 4,
+        eval_every: 1,
+        ..TrainConfig::default()
+    };
+    let reference = dataset_features(
+        &Pixels,
+        flowers(Split::Test, 32).as_ref(),
+        None,
+        16,
+        &DEV,
+        None,
+    )
+    .unwrap();
+    let ev = FidEval {
+        batch: 16,
+        ..FidEval::new(&Pixels, &reference, 32)
+    };
+    let train = flowers(Split::Train, 16);
+    // Stopped inside the second epoch, then resumed to the end.
+    let r = train_with_eval(
+        &model,
+        &tc,
+        train.clone(),
+        &DEV,
+        &opts(&run, false),
+        Some(6),
+        Some(&ev),
+    )
+    .unwrap();
+    assert!(r.interrupted && r.best_fid.is_some());
+    let r = train_with_eval(&model, &tc, train, &DEV, &opts(&run, true), None, Some(&ev)).unwrap();
+    let fids: Vec<f64> = read_metrics(&run.join("metrics.jsonl"))
+        .unwrap()
+        .iter()
+        .filter(|m| m.split == "eval")
+        .map(|m| m.values.iter().find(|(k, _)| k == "fid").unwrap().1)
+        .collect();
+    assert_eq!(fids.len(), 3, "one evaluation per epoch");
+    let best = fids.iter().copied().fold(f64::INFINITY, f64::min);
+    assert_eq!(r.best_fid, Some(best));
+    let (_, meta) = read_tensors(&run.join("checkpoints").join(BEST_FID_CHECKPOINT), &DEV).unwrap();
+    assert_eq!(meta["extra.fid"].parse::<f64>().unwrap(), best);
+}
+
+/// Features that ignore the images: every evaluation gives the same FID.
+struct Blind;
+
+impl FeatureExtractor for Blind {
+    fn name(&self) -> String {
+        "blind".into()
+    }
+    fn hash(&self) -> String {
+        "fedcba9876543210".into()
+    }
+    fn dim(&self) -> usize {
+        2
+    }
+    fn extract(&self, images: &Tensor) -> kiln_gan::Result<Extracted> {
+        let n = images.dim(0)?;
+        let v = (0..2 * n).map(|i| (i % 7) as f64).collect();
+        Ok(Extracted {
+            features: Features::new(2, v)?,
+            logits: None,
+        })
+    }
+}
+
+#[test]
+fn a_fid_that_stays_above_the_best_stops_training_naming_the_best_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    let model = ModelConfig {
+        image_size: 16,
+        nz: 16,
+        ngf: 8,
+        ndf: 8,
+        ..ModelConfig::dcgan32()
+    };
+    let tc = TrainConfig {
+        epochs: 4,
+        batch_size: 4,
+        eval_every: 1,
+        ..TrainConfig::default()
+    };
+    let reference = Features::new(2, (0..40).map(|i| (i % 5) as f64).collect()).unwrap();
+    // The blind extractor gives the same FID every time; with rise 0 every
+    // FID not below the best counts, so the second and third evaluations stop
+    // training.
+    let ev = FidEval {
+        batch: 8,
+        patience: 2,
+        rise: 0.0,
+        ..FidEval::new(&Blind, &reference, 8)
+    };
+    let e = train_with_eval(
+        &model,
+        &tc,
+        flowers(Split::Train, 8),
+        &DEV,
+        &opts(&run, false),
+        None,
+        Some(&ev),
+    )
+    .unwrap_err();
+    let kiln_gan::GanError::Collapsed(f) = e else {
+        panic!("expected a collapse, got {e}")
+    };
+    assert_eq!(f.step, 6, "stopped after the third epoch's evaluation");
+    assert_eq!(f.checkpoint_step, Some(2));
+    assert_eq!(
+        f.checkpoint.unwrap(),
+        run.join("checkpoints").join(BEST_FID_CHECKPOINT)
+    );
+    assert!(
+        f.reason.contains("for 2 evaluations in a row"),
+        "{}",
+        f.reason
+    );
+}
