@@ -192,11 +192,28 @@ fn bad_requests_get_4xx_with_a_reason() {
     assert_eq!(c, 200, "{text}");
     let (c, text) = call(&a, "POST", &format!("{base}/api/answer/1{ok}"), Some(body));
     assert!(c == 409 && text.contains("already answered"), "{c} {text}");
+    // A swapped repeat needs a first answer, shows the other order, and comes once.
+    let rep = r#"{"key":"1","seconds":1,"repeat":true}"#;
+    let (c, text) = call(&a, "POST", &format!("{base}/api/answer/2{ok}"), Some(rep));
+    assert!(c == 409 && text.contains("no first answer"), "{c} {text}");
+    let (c, text) = call(&a, "POST", &format!("{base}/api/answer/1{ok}"), Some(rep));
+    assert_eq!(c, 200, "{text}");
+    let (c, text) = call(&a, "POST", &format!("{base}/api/answer/1{ok}"), Some(rep));
+    assert!(c == 409 && text.contains("already repeated"), "{c} {text}");
     let (c, page) = call(&a, "GET", &format!("{base}/"), None);
     assert!(c == 200 && page.contains("/api/answer/"), "{c}");
-    // Nothing but the one good answer reached the log.
+    // Nothing but the two good answers reached the log; the repeat has the sides swapped.
     let (recs, torn) = read_log(&tmp.path().join("out/answers.jsonl")).unwrap();
-    assert_eq!((recs.len(), torn), (1, false));
+    assert_eq!((recs.len(), torn), (2, false));
+    let (Record::Answer(first), Record::Answer(again)) = (&recs[0], &recs[1]) else {
+        panic!("{recs:?}")
+    };
+    assert!(again.repeat && !first.repeat);
+    assert_eq!(again.shown, first.shown.swapped());
+    assert_ne!(
+        again.label, first.label,
+        "key 1 on swapped sides names the other completion"
+    );
 }
 
 /// 20 clients (one per annotator) each answer the same 50 items at once.
