@@ -14,6 +14,7 @@ use kiln_data::{open_with, Dataset, DatasetSpec, OpenOptions, Split};
 
 pub mod core;
 pub mod data;
+pub mod feedback;
 pub mod gan;
 pub mod kernels;
 pub mod lm;

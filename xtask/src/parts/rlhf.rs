@@ -50,7 +50,7 @@ pub fn component() -> Component {
         ],
         commands: vec![(
             "rlhf",
-            "<reward|dpo|sample|best-of-n|rwft|experiment> [args]: preference training and sampling (TRL formats)",
+            "<reward|dpo|sample|best-of-n|rwft|experiment|label|serve|agreement|export> [args]: preference training, sampling and labelling (TRL formats)",
             rlhf_cmd,
         )],
         ..Default::default()
@@ -66,12 +66,17 @@ commands:
   best-of-n --model DIR --reward-model DIR --prompts FILE --n N
   rwft --model DIR --reward-model DIR --prompts FILE   reward-weighted fine-tuning
   experiment [--quick] [--out DIR]       the offline experiment: table and reward-vs-KL frontier
+{FEEDBACK}
 
 Each takes --help.";
 
 fn rlhf_cmd(args: &[String]) -> Result<()> {
+    let usage = RLHF_USAGE.replace(
+        "{FEEDBACK}",
+        super::feedback::USAGE.trim_start_matches('\n'),
+    );
     let Some(sub) = args.first() else {
-        println!("{RLHF_USAGE}");
+        println!("{usage}");
         return Ok(());
     };
     let rest = &args[1..];
@@ -82,11 +87,12 @@ fn rlhf_cmd(args: &[String]) -> Result<()> {
         "best-of-n" => bon_cmd(rest),
         "rwft" => rwft_cmd(rest),
         "experiment" => experiment_cmd(rest),
+        s if super::feedback::SUBCOMMANDS.contains(&s) => super::feedback::run(s, rest),
         "-h" | "--help" | "help" => {
-            println!("{RLHF_USAGE}");
+            println!("{usage}");
             Ok(())
         }
-        other => bail!("unknown rlhf command {other:?}\n\n{RLHF_USAGE}"),
+        other => bail!("unknown rlhf command {other:?}\n\n{usage}"),
     }
 }
 

@@ -1,0 +1,204 @@
+//! The pairs to label: JSONL with `prompt`, `completion_a`, `completion_b`
+//! (what `cargo xtask rlhf sample --pairs` writes) and an optional `id`.
+//! A pair without an id is named by its line number. Ids travel in URLs, so
+//! they are restricted to a safe alphabet ([`valid_id`]).
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{FeedbackError, Result};
+
+/// One pair to label.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Item {
+    /// The pair's id (its `id` field, else its 1-based line number).
+    pub id: String,
+    /// The prompt as the file gave it: a string or a list of `{role, content}` messages.
+    pub prompt: serde_json::Value,
+    /// The first completion.
+    pub completion_a: String,
+    /// The second completion.
+    pub completion_b: String,
+}
+
+impl Item {
+    /// The prompt as text for display: a string as is, messages as `role: content` lines.
+    pub fn prompt_text(&self) -> String {
+        match &self.prompt {
+            serde_json::Value::String(s) => s.clone(),
+            serde_json::Value::Array(msgs) => msgs
+                .iter()
+                .map(|m| {
+                    format!(
+                        "{}: {}",
+                        m["role"].as_str().unwrap_or("?"),
+                        m["content"].as_str().unwrap_or("")
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join("\n"),
+            other => other.to_string(),
+        }
+    }
+
+    /// Completion `a` or `b`.
+    pub fn completion(&self, side: crate::store::Side) -> &str {
+        match side {
+            crate::store::Side::A => &self.completion_a,
+            crate::store::Side::B => &self.completion_b,
+        }
+    }
+}
+
+/// The longest id accepted.
+pub const MAX_ID_LEN: usize = 128;
+
+/// Whether `id` is a safe item id: 1 to [`MAX_ID_LEN`] ASCII letters, digits,
+/// `-`, `_` or `.`, and not `.`/`..`-like (so an id can never climb a path
+/// or smuggle a separator into a URL).
+pub fn valid_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= MAX_ID_LEN
+        && !id.contains("..")
+        && !id.starts_with('.')
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+}
+
+/// Why an id is refused, for error messages.
+pub fn id_rule() -> String {
+    format!(
+        "ids are 1 to {MAX_ID_LEN} ASCII letters, digits, '-', '_' or '.', not starting with '.' \
+         and without '..'"
+    )
+}
+
+/// Parses a pairs file's text (`path` names it in errors).
+pub fn parse_items(text: &str, path: &Path) -> Result<Vec<Item>> {
+    let mut items: Vec<Item> = Vec::new();
+    let mut seen = std::collections::HashMap::new();
+    for (i, line) in text.lines().enumerate() {
+        let n = i + 1;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let err = |m: String| FeedbackError::line(path, n, m);
+        let v: serde_json::Value =
+            serde_json::from_str(line).map_err(|e| err(format!("invalid JSON: {e}")))?;
+        let obj = v
+            .as_object()
+            .ok_or_else(|| err("expected a JSON object".into()))?;
+        let text_field = |k: &str| -> Result<String> {
+            match obj.get(k) {
+                Some(serde_json::Value::String(s)) => Ok(s.clone()),
+                Some(_) => Err(err(format!("field `{k}` must be a string"))),
+                None => Err(err(format!(
+                    "missing field `{k}` (expected prompt, completion_a, completion_b as \
+                     `cargo xtask rlhf sample --pairs` writes)"
+                ))),
+            }
+        };
+        let prompt = match obj.get("prompt") {
+            Some(p @ serde_json::Value::String(_)) => p.clone(),
+            Some(p @ serde_json::Value::Array(msgs))
+                if msgs
+                    .iter()
+                    .all(|m| m["role"].is_string() && m["content"].is_string()) =>
+            {
+                p.clone()
+            }
+            Some(_) => {
+                return Err(err(
+                    "field `prompt` must be a string or a list of {role, content} messages".into(),
+                ))
+            }
+            None => return Err(err("missing field `prompt`".into())),
+        };
+        let id = match obj.get("id") {
+            None => n.to_string(),
+            Some(serde_json::Value::String(s)) => s.clone(),
+            Some(serde_json::Value::Number(x)) => x.to_string(),
+            Some(_) => return Err(err("field `id` must be a string or a number".into())),
+        };
+        if !valid_id(&id) {
+            return Err(err(format!("id {id:?} is not a valid id: {}", id_rule())));
+        }
+        if let Some(prev) = seen.insert(id.clone(), n) {
+            return Err(err(format!("id {id:?} is already used on line {prev}")));
+        }
+        items.push(Item {
+            id,
+            prompt,
+            completion_a: text_field("completion_a")?,
+            completion_b: text_field("completion_b")?,
+        });
+    }
+    if items.is_empty() {
+        return Err(FeedbackError::Invalid(format!(
+            "{}: no pairs (expected JSONL with prompt, completion_a, completion_b)",
+            path.display()
+        )));
+    }
+    Ok(items)
+}
+
+/// Reads a pairs file.
+pub fn read_items(path: &Path) -> Result<Vec<Item>> {
+    let text = std::fs::read_to_string(path).map_err(|e| FeedbackError::io(path, e))?;
+    parse_items(&text, path)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_and_bad_lines_are_checked() {
+        let p = Path::new("p.jsonl");
+        let ok = "{\"prompt\":\"Q\",\"completion_a\":\"x\",\"completion_b\":\"y\"}\n\n\
+                  {\"id\":\"k-2\",\"prompt\":[{\"role\":\"user\",\"content\":\"hi\"}],\"completion_a\":\"x\",\"completion_b\":\"y\"}\n";
+        let items = parse_items(ok, p).unwrap();
+        assert_eq!(items[0].id, "1");
+        assert_eq!(items[1].id, "k-2");
+        assert_eq!(items[1].prompt_text(), "user: hi");
+        for (bad, want) in [
+            (
+                "{\"prompt\":\"Q\",\"completion_a\":\"x\"}",
+                "p.jsonl:1: missing field `completion_b`",
+            ),
+            (
+                "{\"id\":\"../x\",\"prompt\":\"Q\",\"completion_a\":\"x\",\"completion_b\":\"y\"}",
+                "p.jsonl:1: id \"../x\" is not a valid id",
+            ),
+            ("[1]", "p.jsonl:1: expected a JSON object"),
+            (
+                "{\"prompt\":3,\"completion_a\":\"x\",\"completion_b\":\"y\"}",
+                "p.jsonl:1: field `prompt` must be",
+            ),
+            ("{oops", "p.jsonl:1: invalid JSON"),
+        ] {
+            let e = parse_items(bad, p).unwrap_err().to_string();
+            assert!(e.starts_with(want), "{e}");
+        }
+        let dup = "{\"id\":\"a\",\"prompt\":\"Q\",\"completion_a\":\"x\",\"completion_b\":\"y\"}\n"
+            .repeat(2);
+        let e = parse_items(&dup, p).unwrap_err().to_string();
+        assert_eq!(e, "p.jsonl:2: id \"a\" is already used on line 1");
+        for id in [
+            "a/b",
+            "..",
+            ".x",
+            "a\\b",
+            "a%2F",
+            "",
+            "a b",
+            &"x".repeat(129),
+        ] {
+            assert!(!valid_id(id), "{id}");
+        }
+        assert!(valid_id("item-7.v2_x"));
+    }
+}
