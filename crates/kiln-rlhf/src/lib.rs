@@ -37,17 +37,25 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+pub mod arith;
 pub mod dpo;
 pub mod error;
 pub mod experiment;
+pub mod grpo;
 pub mod labeller;
 pub mod logps;
 pub mod loss;
 pub mod models;
+pub mod online;
+pub mod pg;
 pub mod plot;
+pub mod ppo;
 pub mod prefs;
 pub mod reward;
 pub mod reward_train;
+pub mod rewards;
+pub mod rloo;
+pub mod rollout;
 pub mod sample;
 pub mod train;
 
