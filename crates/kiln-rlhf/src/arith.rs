@@ -2,8 +2,10 @@
 //! GPT-2 pretrained (kiln-lm's `train lm`) on short additions written as
 //! `a+b=c`, then GRPO with the exact-answer reward ([`ExactAnswer`]) on
 //! prompts `a+b=` whose `answer` column holds `c`. Accuracy is measured on
-//! held-out problems before and after, sampled at temperature 1 (the
-//! policy GRPO optimises) and greedily.
+//! problems held out from GRPO's prompts (not from the pretraining corpus:
+//! the base model has seen them, as a pretrained model has seen most
+//! facts) before and after, sampled at temperature 1 (the policy GRPO
+//! optimises) and greedily.
 //!
 //! The pretraining is kept short on purpose, so the base model knows the
 //! format and often the answer but not reliably: the room GRPO turns into
@@ -48,22 +50,22 @@ pub struct ArithConfig {
 impl Default for ArithConfig {
     fn default() -> Self {
         Self {
-            max_operand: 49,
+            max_operand: 9,
             train_problems: 3000,
             lm: kiln_lm::train::TrainConfig {
-                vocab_size: 64,
+                vocab_size: 300,
                 block_size: 32,
                 n_layer: 2,
                 n_embd: 64,
                 n_head: 4,
                 dropout: 0.0,
-                batch_size: 32,
-                epochs: 2,
+                batch_size: 16,
+                epochs: 3,
                 lr: 3e-3,
                 ..Default::default()
             },
-            eval_problems: 200,
-            rl_prompts: 400,
+            eval_problems: 30,
+            rl_prompts: 300,
             grpo: GrpoConfig {
                 common: OnlineArgs {
                     prompts_per_iteration: 8,
@@ -226,13 +228,10 @@ pub fn run_arithmetic(
     let mut rng = SeededRng::derive(cfg.seed, &[0xA417]);
     let eval = problems(cfg.eval_problems, cfg.max_operand, &mut rng);
     let held: std::collections::HashSet<(u32, u32)> = eval.iter().copied().collect();
-    let mut train = Vec::new();
-    while train.len() < cfg.train_problems {
-        let p = problems(1, cfg.max_operand, &mut rng)[0];
-        if !held.contains(&p) {
-            train.push(p);
-        }
-    }
+    // The pretraining corpus draws from every problem (the base model has
+    // seen the held-out ones, as a pretrained model has seen most facts);
+    // GRPO's prompts never include them.
+    let train = problems(cfg.train_problems, cfg.max_operand, &mut rng);
     let corpus = out.join("corpus.txt");
     let text: String = train
         .iter()
