@@ -424,3 +424,42 @@ fn bad_settings_name_the_field() {
     let e = p.validate().unwrap_err().to_string();
     assert!(e.contains("reward_model"), "{e}");
 }
+
+/// The arithmetic task end to end at toy size: pretraining, accuracy on the
+/// whole table before and after GRPO, results.json; a second run into the
+/// same folder is refused without `overwrite`.
+#[test]
+fn arithmetic_task_pipeline() -> Result<()> {
+    use kiln_rlhf::arith::{run_arithmetic, ArithConfig};
+    let dir = tempfile::tempdir()?;
+    let out = dir.path().join("arith");
+    let d = ArithConfig::quick();
+    let mut cfg = ArithConfig {
+        max_operand: 3,
+        train_problems: 200,
+        lm: kiln_lm::train::TrainConfig {
+            epochs: 1,
+            n_embd: 32,
+            n_layer: 1,
+            ..d.lm.clone()
+        },
+        rl_prompts: 20,
+        ..d
+    };
+    cfg.grpo.common.iterations = 2;
+    cfg.grpo.common.prompts_per_iteration = 2;
+    let rep = run_arithmetic(&cfg, &Device::Cpu, &out, false, true)?;
+    assert_eq!(rep.iterations, 2);
+    for a in [rep.before, rep.after] {
+        // 16 problems in the 0..=3 table: accuracies are multiples of 1/16.
+        for x in [a.sampled, a.greedy] {
+            assert!((0.0..=1.0).contains(&x) && (x * 16.0 - (x * 16.0).round()).abs() < 1e-9);
+        }
+    }
+    assert!(
+        out.join("results.json").is_file() && out.join("grpo/model/model.safetensors").is_file()
+    );
+    assert!(rep.summary().contains("exact-answer accuracy"));
+    assert!(run_arithmetic(&cfg, &Device::Cpu, &out, false, true).is_err());
+    Ok(())
+}
