@@ -78,7 +78,7 @@ impl Default for ArithConfig {
             grpo: GrpoConfig {
                 common: OnlineArgs {
                     prompts_per_iteration: 8,
-                    iterations: 150,
+                    iterations: 2000,
                     generation: GenerationConfig {
                         max_new_tokens: 6,
                         temperature: 1.0,
@@ -91,7 +91,7 @@ impl Default for ArithConfig {
                     }],
                     ..Default::default()
                 },
-                num_generations: 8,
+                num_generations: 16,
                 ..Default::default()
             },
             base_model: None,
@@ -105,16 +105,9 @@ impl ArithConfig {
     pub fn quick() -> Self {
         let d = Self::default();
         let mut grpo = d.grpo.clone();
-        grpo.common.iterations = 30;
-        Self {
-            train_problems: 1500,
-            lm: kiln_lm::train::TrainConfig {
-                epochs: 8,
-                ..d.lm.clone()
-            },
-            grpo,
-            ..d
-        }
+        grpo.common.iterations = 300;
+        grpo.num_generations = 8;
+        Self { grpo, ..d }
     }
 }
 

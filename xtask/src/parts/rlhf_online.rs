@@ -431,6 +431,18 @@ struct ArithArgs {
     /// The short version (the demo's).
     #[arg(long)]
     quick: bool,
+    /// Pretraining epochs of the base LM.
+    #[arg(long)]
+    lm_epochs: Option<u64>,
+    /// GRPO iterations.
+    #[arg(long)]
+    iterations: Option<u64>,
+    /// GRPO learning rate.
+    #[arg(long)]
+    lr: Option<f64>,
+    /// GRPO completions per prompt.
+    #[arg(long)]
+    num_generations: Option<usize>,
     /// Seed.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -454,6 +466,18 @@ fn arith_cmd(args: &[String]) -> Result<()> {
         kiln_rlhf::arith::ArithConfig::default()
     };
     cfg.seed = a.seed;
+    if let Some(e) = a.lm_epochs {
+        cfg.lm.epochs = e;
+    }
+    if let Some(i) = a.iterations {
+        cfg.grpo.common.iterations = i;
+    }
+    if let Some(lr) = a.lr {
+        cfg.grpo.common.lr = lr;
+    }
+    if let Some(g) = a.num_generations {
+        cfg.grpo.num_generations = g;
+    }
     let out = a
         .out
         .clone()
