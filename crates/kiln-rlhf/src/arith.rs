@@ -78,7 +78,7 @@ impl Default for ArithConfig {
             grpo: GrpoConfig {
                 common: OnlineArgs {
                     prompts_per_iteration: 8,
-                    iterations: 2000,
+                    iterations: 4000,
                     generation: GenerationConfig {
                         max_new_tokens: 6,
                         temperature: 1.0,
