@@ -7,8 +7,9 @@
 //!    prompt `Review of the <subject>:` from the base model; the
 //!    [`LexiconLabeller`] prefers the more positive one (ties are dropped).
 //!    Fit a reward model on them (held-out accuracy reported).
-//! 3. Optimise: DPO at several β, best-of-n with the reward model, and
-//!    reward-weighted fine-tuning.
+//! 3. Optimise: DPO at several β, best-of-n with the reward model,
+//!    reward-weighted fine-tuning, and online RL (GRPO, RLOO, PPO) against
+//!    the reward model, all from the same base.
 //!
 //! Every method is evaluated on held-out subjects by sampling (temperature 1,
 //! no truncation, so samples come from the policy itself): the labeller's
@@ -30,11 +31,15 @@ use serde::{Deserialize, Serialize};
 use crate::dpo::Control;
 use crate::dpo::{train_dpo, DpoConfig};
 use crate::error::{Result, RlhfError};
+use crate::grpo::{train_grpo, GrpoConfig};
 use crate::labeller::{LexiconLabeller, Verdict};
 use crate::loss::DpoLossConfig;
 use crate::models::{frozen_from, load_weights, model_dir};
+use crate::online::OnlineArgs;
+use crate::ppo::{train_ppo, PpoConfig};
 use crate::reward::RewardModel;
 use crate::reward_train::{train_reward, RewardConfig};
+use crate::rloo::{train_rloo, RlooConfig};
 use crate::sample::{
     best_of_n, best_of_n_kl, sample_completions, sample_kl, score_texts, train_rwft, RewardScorer,
     RwftConfig,
@@ -77,6 +82,12 @@ pub struct ExperimentConfig {
     pub rwft_prompts: usize,
     /// Reward-weighted fine-tuning: learning rate.
     pub rwft_lr: f64,
+    /// GRPO, RLOO and PPO: rollouts each (0 skips them).
+    pub online_iterations: u64,
+    /// GRPO, RLOO and PPO: prompts per rollout.
+    pub online_prompts: usize,
+    /// GRPO, RLOO and PPO: learning rate.
+    pub online_lr: f64,
     /// Seed of everything.
     pub seed: u64,
 }
@@ -127,6 +138,9 @@ impl Default for ExperimentConfig {
             rwft_iterations: 60,
             rwft_prompts: 8,
             rwft_lr: 1e-4,
+            online_iterations: 60,
+            online_prompts: 8,
+            online_lr: 1e-4,
             seed: 0,
         }
     }
@@ -162,6 +176,8 @@ impl ExperimentConfig {
             rwft_tau: 0.5,
             rwft_iterations: 30,
             rwft_lr: 3e-4,
+            online_iterations: 30,
+            online_lr: 3e-4,
             ..d
         }
     }
@@ -239,6 +255,22 @@ fn io(path: &Path) -> impl Fn(std::io::Error) -> RlhfError + '_ {
     move |e| RlhfError::file(path, e.to_string())
 }
 
+/// Creates `out`, refusing a folder that is not empty unless `overwrite`
+/// (then its contents are removed).
+pub(crate) fn prepare_out(out: &Path, overwrite: bool) -> Result<()> {
+    if out.exists() && std::fs::read_dir(out).map_err(io(out))?.next().is_some() && !overwrite {
+        return Err(RlhfError::file(
+            out,
+            "is not empty; choose a new folder or pass --overwrite",
+        ));
+    }
+    if out.exists() && overwrite {
+        std::fs::remove_dir_all(out).map_err(io(out))?;
+    }
+    std::fs::create_dir_all(out).map_err(io(out))?;
+    Ok(())
+}
+
 fn prompt_of(subject: &str) -> String {
     format!("Review of the {subject}:")
 }
@@ -304,16 +336,7 @@ pub fn run_experiment(
     quiet: bool,
 ) -> Result<ExperimentReport> {
     cfg.validate()?;
-    if out.exists() && std::fs::read_dir(out).map_err(io(out))?.next().is_some() && !overwrite {
-        return Err(RlhfError::file(
-            out,
-            "is not empty; choose a new folder or pass --overwrite",
-        ));
-    }
-    if out.exists() && overwrite {
-        std::fs::remove_dir_all(out).map_err(io(out))?;
-    }
-    std::fs::create_dir_all(out).map_err(io(out))?;
+    prepare_out(out, overwrite)?;
     let t0 = std::time::Instant::now();
     let say = |m: String| {
         if !quiet {
@@ -558,7 +581,7 @@ pub fn run_experiment(
     kiln_core::files::write_atomic(&prompts_file, ptext.as_bytes()).map_err(io(&prompts_file))?;
     train_rwft(
         &RwftConfig {
-            prompts: prompts_file,
+            prompts: prompts_file.clone(),
             model: lm_dir.clone(),
             reward_model: out.join("reward"),
             n: cfg.rwft_n,
@@ -586,6 +609,68 @@ pub fn run_experiment(
         m.kl
     ));
     methods.push(m);
+
+    // 3d. Online RL from the same start, the reward model as the reward.
+    if cfg.online_iterations > 0 {
+        let common = OnlineArgs {
+            prompts: prompts_file.clone(),
+            model: lm_dir.clone(),
+            reward_model: Some(out.join("reward")),
+            prompts_per_iteration: cfg.online_prompts,
+            iterations: cfg.online_iterations,
+            generation: GenerationConfig {
+                seed: cfg.seed,
+                ..gen.clone()
+            },
+            lr: cfg.online_lr,
+            seed: cfg.seed,
+            ..Default::default()
+        };
+        let none = Control::default();
+        for name in ["grpo", "rloo", "ppo"] {
+            let t = std::time::Instant::now();
+            let c = common.clone();
+            match name {
+                "grpo" => train_grpo(
+                    &GrpoConfig {
+                        common: c,
+                        ..Default::default()
+                    },
+                    device,
+                    &run(name),
+                    &none,
+                )?,
+                "rloo" => train_rloo(
+                    &RlooConfig {
+                        common: c,
+                        ..Default::default()
+                    },
+                    device,
+                    &run(name),
+                    &none,
+                )?,
+                _ => train_ppo(
+                    &PpoConfig {
+                        common: c,
+                        ..Default::default()
+                    },
+                    device,
+                    &run(name),
+                    &none,
+                )?,
+            };
+            let pol = load_policy(&out.join(name), device)?;
+            let m = ev.policy(name, &pol, cfg.eval_samples)?;
+            say(format!(
+                "{}: {:.1}% positive, KL {:.2} ({:.0}s)",
+                m.name,
+                100.0 * m.positive_rate,
+                m.kl,
+                t.elapsed().as_secs_f64()
+            ));
+            methods.push(m);
+        }
+    }
 
     let report = ExperimentReport {
         labelled_pairs: labelled,

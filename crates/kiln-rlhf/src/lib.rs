@@ -8,6 +8,12 @@
 //! offline experiment ([`experiment`]) with a simulated labeller
 //! ([`labeller`]) whose reward-against-KL frontier [`plot`] draws.
 //!
+//! Online RL on one rollout engine ([`rollout`]: batched KV-cached sampling
+//! with per-token log-probs at the sampling temperature): reward functions
+//! combined with weights ([`rewards`]), the policy-gradient pieces checked
+//! against TRL's code ([`pg`]), and GRPO ([`grpo`]), RLOO ([`rloo`]) and
+//! PPO ([`ppo`]) sharing [`online`]; [`arith`] is a verifiable-reward task.
+//!
 //! The reference chapter's RLHF is a toy (`loss = lm_loss * reward`); its
 //! three stages (pretrain an LM, fit a reward model on human preferences,
 //! optimise the LM against it with a pull towards a frozen reference) are
@@ -37,17 +43,25 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+pub mod arith;
 pub mod dpo;
 pub mod error;
 pub mod experiment;
+pub mod grpo;
 pub mod labeller;
 pub mod logps;
 pub mod loss;
 pub mod models;
+pub mod online;
+pub mod pg;
 pub mod plot;
+pub mod ppo;
 pub mod prefs;
 pub mod reward;
 pub mod reward_train;
+pub mod rewards;
+pub mod rloo;
+pub mod rollout;
 pub mod sample;
 pub mod train;
 

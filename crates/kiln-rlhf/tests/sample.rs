@@ -250,13 +250,24 @@ fn experiment_pipeline_runs_end_to_end() -> Result<()> {
         rwft_n: 2,
         rwft_iterations: 2,
         rwft_prompts: 2,
+        online_iterations: 2,
+        online_prompts: 2,
         ..d
     };
     let rep = run_experiment(&cfg, &Device::Cpu, &out, false, true)?;
     let names: Vec<&str> = rep.methods.iter().map(|m| m.name.as_str()).collect();
     assert_eq!(
         names,
-        vec!["base", "dpo β=0.1", "dpo β=0.5", "best-of-2", "rwft τ=0.5"]
+        vec![
+            "base",
+            "dpo β=0.1",
+            "dpo β=0.5",
+            "best-of-2",
+            "rwft τ=0.5",
+            "grpo",
+            "rloo",
+            "ppo"
+        ]
     );
     // The base model against itself: generation's KV-cached log-probs and the
     // full forward agree.

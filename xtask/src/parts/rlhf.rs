@@ -25,6 +25,9 @@ use kiln_rlhf::reward_train::{train_reward_with, RewardConfig};
 use kiln_rlhf::sample::{best_of_n, read_prompts, sample_completions, train_rwft, RwftConfig};
 use kiln_rlhf::RewardModel;
 
+#[path = "rlhf_online.rs"]
+mod online;
+
 use super::{
     exit_if_interrupted, parse, parse_given, resume_config, Bench, Component, DemoPart, Given,
     RunArgs,
@@ -32,7 +35,7 @@ use super::{
 
 /// Registers kiln-rlhf's command, demo part and benchmarks.
 pub fn component() -> Component {
-    Component {
+    let mut c = Component {
         demos: vec![DemoPart {
             name: "rlhf",
             about: "RLHF on a tiny review LM: lexicon-labelled pairs, reward model, DPO, best-of-n, reward-weighted fine-tuning",
@@ -50,11 +53,14 @@ pub fn component() -> Component {
         ],
         commands: vec![(
             "rlhf",
-            "<reward|dpo|sample|best-of-n|rwft|experiment|label|serve|agreement|export> [args]: preference training, sampling and labelling (TRL formats)",
+            "<reward|dpo|sample|best-of-n|rwft|grpo|rloo|ppo|experiment|arithmetic|label|serve|agreement|export> [args]: preference training, online RL, sampling and labelling (TRL formats)",
             rlhf_cmd,
         )],
         ..Default::default()
-    }
+    };
+    c.demos.extend(online::demos());
+    c.benches.extend(online::benches());
+    c
 }
 
 const RLHF_USAGE: &str = "usage: cargo xtask rlhf <command> [args]
@@ -66,20 +72,28 @@ commands:
   best-of-n --model DIR --reward-model DIR --prompts FILE --n N
   rwft --model DIR --reward-model DIR --prompts FILE   reward-weighted fine-tuning
   experiment [--quick] [--out DIR]       the offline experiment: table and reward-vs-KL frontier
+{ONLINE}
 {FEEDBACK}
 
 Each takes --help.";
 
-fn rlhf_cmd(args: &[String]) -> Result<()> {
-    let usage = RLHF_USAGE.replace(
+fn usage() -> String {
+    RLHF_USAGE.replace("{ONLINE}", online::USAGE).replace(
         "{FEEDBACK}",
         super::feedback::USAGE.trim_start_matches('\n'),
-    );
+    )
+}
+
+fn rlhf_cmd(args: &[String]) -> Result<()> {
+    let usage = usage();
     let Some(sub) = args.first() else {
         println!("{usage}");
         return Ok(());
     };
     let rest = &args[1..];
+    if let Some(r) = online::dispatch(sub, rest) {
+        return r;
+    }
     match sub.as_str() {
         "reward" => reward_cmd(rest),
         "dpo" => dpo_cmd(rest),
