@@ -36,8 +36,19 @@ impl Gpt2Tokenizer {
         if !path.is_file() {
             return Err(LmError::file(path, "tokenizer file not found"));
         }
-        let inner = Tokenizer::from_file(path)
-            .map_err(|e| LmError::file(path, format!("not a valid tokenizer.json: {e}")))?;
+        // tokenizers 0.23 panics on some malformed files instead of returning
+        // an error (its decoder deserializer `expect`s a helper parse, e.g. on
+        // a non-string key); a bad file must be an error naming it.
+        let parsed = std::panic::catch_unwind(|| Tokenizer::from_file(path)).map_err(|p| {
+            let why = p
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .or_else(|| p.downcast_ref::<&str>().copied())
+                .unwrap_or("the parser panicked");
+            LmError::file(path, format!("not a valid tokenizer.json: {why}"))
+        })?;
+        let inner =
+            parsed.map_err(|e| LmError::file(path, format!("not a valid tokenizer.json: {e}")))?;
         Ok(Self::new(inner))
     }
 
@@ -208,6 +219,26 @@ mod tests {
             out.push_str(&p);
         }
         assert_eq!(out, "a☕b");
+    }
+
+    #[test]
+    fn a_file_tokenizers_panics_on_is_an_error() {
+        // A non-string key inside "decoder": tokenizers 0.23 `expect`s its
+        // decoder helper to parse and panics (found by prop_lm).
+        let fixture = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/tiny-gpt2/tokenizer.json");
+        let text = std::fs::read_to_string(fixture).unwrap();
+        let at = text.find("\"decoder\"").unwrap();
+        let brace = at + text[at..].find('{').unwrap() + 1;
+        let bad = format!("{}7: 1, {}", &text[..brace], &text[brace..]);
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("tokenizer.json");
+        std::fs::write(&p, bad).unwrap();
+        let e = Gpt2Tokenizer::from_file(&p).unwrap_err().to_string();
+        assert!(
+            e.contains("tokenizer.json") && e.contains("not a valid tokenizer.json"),
+            "{e}"
+        );
     }
 
     #[test]
