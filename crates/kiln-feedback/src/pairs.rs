@@ -9,6 +9,17 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{FeedbackError, Result};
 
+/// One of a pair's two completions (defined with the pairs; the answer
+/// store re-exports it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Side {
+    /// `completion_a`.
+    A,
+    /// `completion_b`.
+    B,
+}
+
 /// One pair to label.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Item {
@@ -43,10 +54,10 @@ impl Item {
     }
 
     /// Completion `a` or `b`.
-    pub fn completion(&self, side: crate::store::Side) -> &str {
+    pub fn completion(&self, side: Side) -> &str {
         match side {
-            crate::store::Side::A => &self.completion_a,
-            crate::store::Side::B => &self.completion_b,
+            Side::A => &self.completion_a,
+            Side::B => &self.completion_b,
         }
     }
 }

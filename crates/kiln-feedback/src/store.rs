@@ -19,22 +19,13 @@ use std::sync::Mutex;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{FeedbackError, Result};
+pub use crate::pairs::Side;
 use crate::pairs::{read_items, Item};
 
 /// The answers file in a labelling folder.
 pub const ANSWERS: &str = "answers.jsonl";
 /// The copy of the pairs file in a labelling folder.
 pub const PAIRS: &str = "pairs.jsonl";
-
-/// One of a pair's two completions.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Side {
-    /// `completion_a`.
-    A,
-    /// `completion_b`.
-    B,
-}
 
 /// Which completion was shown on the left: `ab` (a left, b right) or `ba`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
