@@ -186,11 +186,11 @@ pub fn simd_level() -> &'static str {
 }
 
 /// The SIMD level of the matrix-multiply kernels candle's `gemm` picks here:
-/// `avx512` only with the `gemm-avx512` feature on an AVX-512 CPU, since gemm
-/// compiles those kernels in only with its `x86-v4` feature.
+/// `avx512` on an AVX-512 CPU unless built with `RUSTFLAGS="--cfg kiln_no_avx512"`,
+/// which leaves gemm's `x86-v4` kernels out (see kiln-core's Cargo.toml).
 pub fn gemm_simd_level() -> &'static str {
     match simd_level() {
-        "avx512" if cfg!(feature = "gemm-avx512") => "avx512",
+        "avx512" if cfg!(not(kiln_no_avx512)) => "avx512",
         "avx512" | "avx2" => "avx2",
         other => other,
     }
@@ -289,14 +289,14 @@ mod tests {
             "{simd}"
         );
         let gemm = gemm_simd_level();
-        // gemm never goes past the CPU, and reaches AVX-512 only with the feature.
+        // gemm never goes past the CPU, and reaches AVX-512 unless built without it.
         assert!(
             gemm == simd || (simd == "avx512" && gemm == "avx2"),
             "{simd} {gemm}"
         );
         assert_eq!(
             gemm == "avx512",
-            simd == "avx512" && cfg!(feature = "gemm-avx512")
+            simd == "avx512" && cfg!(not(kiln_no_avx512))
         );
         let model = cpu_model();
         assert!(!model.is_empty() && !model.contains('\n'), "{model:?}");

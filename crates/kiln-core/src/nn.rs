@@ -27,6 +27,46 @@ fn uniform(bound: f64) -> Init {
 
 pub use crate::ops::composite::{log_softmax, softmax};
 
+thread_local! {
+    static FROZEN: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Restores the previous [`frozen`] state, also when `f` panics.
+struct FrozenGuard(bool);
+
+impl Drop for FrozenGuard {
+    fn drop(&mut self) {
+        FROZEN.with(|c| c.set(self.0));
+    }
+}
+
+/// Runs `f` with every parameter of the layers in this module detached
+/// (through [`param`]): gradients still reach the layers' inputs, but no
+/// weight gradient is formed. PyTorch users get this with
+/// `requires_grad_(False)` on the discriminator during a GAN's generator
+/// step; without it, that step pays for weight gradients nobody reads (a
+/// transposed convolution's worth per layer). Per thread, nestable.
+pub fn frozen<R>(f: impl FnOnce() -> R) -> R {
+    let _restore = FrozenGuard(FROZEN.with(|c| c.replace(true)));
+    f()
+}
+
+/// Whether this thread is inside [`frozen`].
+pub fn is_frozen() -> bool {
+    FROZEN.with(|c| c.get())
+}
+
+/// A parameter as a layer should use it: itself, or detached inside [`frozen`].
+/// Model code that uses a weight directly (e.g. a spectral norm) goes through
+/// this too.
+pub fn param(t: &Tensor) -> Tensor {
+    if is_frozen() {
+        t.detach()
+    } else {
+        t.clone()
+    }
+}
+
 /// A fully connected layer: `y = x W^T + b`, `W: [out, in]`.
 #[derive(Debug, Clone)]
 pub struct Linear {
@@ -77,17 +117,18 @@ impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         // gemm reads the transposed view directly; materialising W^T would cost a
         // strided copy per call.
+        let w = param(&self.weight);
         let y = match x.dims() {
-            [b1, b2, _, _] => x.broadcast_matmul(&self.weight.t()?.broadcast_left((*b1, *b2))?)?,
-            [b, _, _] => x.broadcast_matmul(&self.weight.t()?.broadcast_left(*b)?)?,
+            [b1, b2, _, _] => x.broadcast_matmul(&w.t()?.broadcast_left((*b1, *b2))?)?,
+            [b, _, _] => x.broadcast_matmul(&w.t()?.broadcast_left(*b)?)?,
             // y = (W x^T)^T: the same product, but autograd then forms the weight
             // gradient as grad^T x, already in W's [out, in] layout. With x W^T it
             // arrives transposed and every optimizer step pays a strided copy of
             // each weight-sized gradient (~6 ms for 512x3072 here).
-            _ => self.weight.matmul(&x.t()?)?.t()?,
+            _ => w.matmul(&x.t()?)?.t()?,
         };
         match &self.bias {
-            Some(b) => crate::ops::add_bias_last(&y, b),
+            Some(b) => crate::ops::add_bias_last(&y, &param(b)),
             None => Ok(y),
         }
     }
@@ -195,13 +236,20 @@ impl Conv2d {
 impl Conv2d {
     fn conv(&self, x: &Tensor) -> Result<Tensor> {
         let c = &self.cfg;
-        crate::ops::conv2d(x, &self.weight, c.stride, c.padding, c.dilation, c.groups)
+        crate::ops::conv2d(
+            x,
+            &param(&self.weight),
+            c.stride,
+            c.padding,
+            c.dilation,
+            c.groups,
+        )
     }
 
     /// `relu(self.forward(x))` with the bias and ReLU fused into one pass each
     /// way (same values and gradients, fewer passes and tensors).
     pub fn forward_relu(&self, x: &Tensor) -> Result<Tensor> {
-        bias_relu(&self.conv(x)?, self.bias.as_ref())
+        bias_relu(&self.conv(x)?, self.bias.as_ref().map(param).as_ref())
     }
 }
 
@@ -217,7 +265,7 @@ impl Module for Conv2d {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = self.conv(x)?;
         match &self.bias {
-            Some(b) => crate::ops::add_channel_bias(&y, b),
+            Some(b) => crate::ops::add_channel_bias(&y, &param(b)),
             None => Ok(y),
         }
     }
@@ -265,7 +313,7 @@ impl ConvTranspose2d {
         let c = &self.cfg;
         crate::ops::conv_transpose2d(
             x,
-            &self.weight,
+            &param(&self.weight),
             c.stride,
             c.padding,
             c.output_padding,
@@ -275,7 +323,7 @@ impl ConvTranspose2d {
 
     /// `relu(self.forward(x))` with the bias and ReLU fused into one pass each way.
     pub fn forward_relu(&self, x: &Tensor) -> Result<Tensor> {
-        bias_relu(&self.conv(x)?, self.bias.as_ref())
+        bias_relu(&self.conv(x)?, self.bias.as_ref().map(param).as_ref())
     }
 }
 
@@ -283,7 +331,7 @@ impl Module for ConvTranspose2d {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = self.conv(x)?;
         match &self.bias {
-            Some(b) => crate::ops::add_channel_bias(&y, b),
+            Some(b) => crate::ops::add_channel_bias(&y, &param(b)),
             None => Ok(y),
         }
     }
@@ -365,7 +413,7 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Resul
 
 impl Module for LayerNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        layer_norm(x, &self.weight, &self.bias, self.eps)
+        layer_norm(x, &param(&self.weight), &param(&self.bias), self.eps)
     }
 }
 
@@ -400,7 +448,9 @@ impl Module for Embedding {
         let mut out_dims = ids.dims().to_vec();
         out_dims.push(self.weight.dim(1)?);
         let flat = ids.flatten_all()?;
-        self.weight.index_select(&flat, 0)?.reshape(out_dims)
+        param(&self.weight)
+            .index_select(&flat, 0)?
+            .reshape(out_dims)
     }
 }
 
@@ -492,6 +542,63 @@ impl ModuleT for BatchNorm {
                 self.running_var.as_tensor().clone(),
             )
         };
-        crate::ops::batch_norm(x, &mean, &var, &self.weight, &self.bias, self.eps, train)
+        let (w, b) = (param(&self.weight), param(&self.bias));
+        crate::ops::batch_norm(x, &mean, &var, &w, &b, self.eps, train)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::vars::VarStore;
+    use candle_core::{DType, Device, Var};
+
+    /// Inside `frozen` a layer's weights get no gradient while its input
+    /// still does (with the same values as outside); the state nests and is
+    /// restored, also after a panic.
+    #[test]
+    fn frozen_layers_pass_gradients_through_but_form_none_of_their_own() {
+        let dev = Device::Cpu;
+        let vs = VarStore::new(0);
+        let vb = vs.builder(DType::F32, &dev);
+        let conv = Conv2d::new(2, 3, 3, ConvConfig::default(), vb.pp("c")).unwrap();
+        let bn = BatchNorm::new(3, vb.pp("bn")).unwrap();
+        let x = Var::from_tensor(
+            &crate::rng::SeededRng::new(1)
+                .normal((2, 2, 5, 5), 0.0, 1.0, &dev)
+                .unwrap(),
+        )
+        .unwrap();
+        let run = || {
+            let y = bn
+                .forward_t(&conv.forward(x.as_tensor()).unwrap(), true)
+                .unwrap();
+            (y.sqr().unwrap().sum_all().unwrap()).backward().unwrap()
+        };
+        let plain = run();
+        let frozen_grads = frozen(|| {
+            assert!(frozen(is_frozen) && is_frozen());
+            run()
+        });
+        assert!(!is_frozen());
+        let gx = |g: &candle_core::backprop::GradStore| {
+            g.get(x.as_tensor())
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        };
+        assert_eq!(gx(&plain), gx(&frozen_grads));
+        for (name, v) in vs.vars() {
+            if name.contains("running") {
+                continue;
+            }
+            assert!(plain.get(v.as_tensor()).is_some(), "{name}");
+            assert!(frozen_grads.get(v.as_tensor()).is_none(), "{name}");
+        }
+        let caught = std::panic::catch_unwind(|| frozen(|| panic!("inside")));
+        assert!(caught.is_err() && !is_frozen());
     }
 }

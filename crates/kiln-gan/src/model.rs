@@ -270,7 +270,8 @@ impl DNorm {
             DNorm::Layer { weight, bias } => {
                 let dims = h.dims().to_vec();
                 let flat = h.reshape((dims[0], ()))?;
-                kiln_core::nn::layer_norm(&flat, weight, bias, 1e-5)?.reshape(dims)
+                let (w, b) = (kiln_core::nn::param(weight), kiln_core::nn::param(bias));
+                kiln_core::nn::layer_norm(&flat, &w, &b, 1e-5)?.reshape(dims)
             }
         }
     }
@@ -312,7 +313,7 @@ impl DConv {
         match &self.sn {
             None => self.conv.forward(x),
             Some(sn) => {
-                let w = sn.normalized(self.conv.weight())?;
+                let w = sn.normalized(&kiln_core::nn::param(self.conv.weight()))?;
                 kiln_core::ops::conv2d(x, &w, self.stride, self.padding, 1, 1)
             }
         }
@@ -511,6 +512,62 @@ mod tests {
         };
         assert_eq!(trainable(&gv), 1_068_928);
         assert_eq!(trainable(&dv), 663_296);
+    }
+
+    /// The generator step through a frozen discriminator (`nn::frozen`): the
+    /// generator's gradients are bit for bit those of the unfrozen pass, and
+    /// the discriminator's weights get none, for every discriminator kind
+    /// (batch norm, layer norm + spectral norm, conditional projection).
+    #[test]
+    fn frozen_discriminator_gives_the_same_generator_gradients_and_none_of_its_own() {
+        let dev = Device::Cpu;
+        let kinds = [
+            small(8),
+            ModelConfig {
+                d_norm: Norm::Layer,
+                spectral_norm: true,
+                ..small(8)
+            },
+            ModelConfig {
+                num_classes: Some(3),
+                ..small(8)
+            },
+        ];
+        for cfg in kinds {
+            let (gv, dv) = (VarStore::new(0), VarStore::new(1));
+            let g = Generator::new(&cfg, gv.builder(DType::F32, &dev)).unwrap();
+            let d = Discriminator::new(&cfg, dv.builder(DType::F32, &dev)).unwrap();
+            let mut rng = SeededRng::new(2);
+            let z = g.noise(4, &mut rng).unwrap();
+            let y = cfg
+                .num_classes
+                .map(|_| Tensor::new(&[0u32, 1, 2, 1], &dev).unwrap());
+            let grads = |frozen: bool| {
+                let x = g.forward_t(&z, y.as_ref(), true).unwrap();
+                let run = || d.forward_t(&x, y.as_ref(), true).unwrap();
+                let logit = if frozen {
+                    kiln_core::nn::frozen(run)
+                } else {
+                    run()
+                };
+                assert!(!kiln_core::nn::is_frozen());
+                logit.sum_all().unwrap().backward().unwrap()
+            };
+            let (plain, frozen) = (grads(false), grads(true));
+            for (name, v) in gv.vars_where(is_trainable) {
+                let a = plain.get(v.as_tensor()).unwrap().flatten_all().unwrap();
+                let b = frozen.get(v.as_tensor()).unwrap().flatten_all().unwrap();
+                assert_eq!(
+                    a.to_vec1::<f32>().unwrap(),
+                    b.to_vec1::<f32>().unwrap(),
+                    "{name}"
+                );
+            }
+            for (name, v) in dv.vars_where(is_trainable) {
+                assert!(plain.get(v.as_tensor()).is_some(), "{name} unfrozen");
+                assert!(frozen.get(v.as_tensor()).is_none(), "{name} frozen");
+            }
+        }
     }
 
     /// Radford's init: conv weights N(0, 0.02), batch-norm weights N(1, 0.02),

@@ -478,7 +478,10 @@ impl StepCtx<'_> {
         };
         let real_after = mean_prob(&d.forward_t(&sl.real_in, sl.real_labels.as_ref(), true)?)?;
         let fake_in = self.augment(&sl.fake, &mut s.rng)?;
-        let lf = d.forward_t(&fake_in, sl.fake_labels.as_ref(), true)?;
+        // The discriminator's weights are frozen for the generator step: its
+        // loss needs gradients through D to G, not D's own (PyTorch's
+        // `requires_grad_(False)`), which saves a weight-gradient pass per layer.
+        let lf = kiln_core::nn::frozen(|| d.forward_t(&fake_in, sl.fake_labels.as_ref(), true))?;
         let fake_after = mean_prob(&lf)?;
         let gl = s.train_step("g", &g_loss(tc.loss, &lf)?)?;
         if let Some((_, ema)) = &self.gan.ema {

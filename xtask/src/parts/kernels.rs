@@ -82,7 +82,10 @@ fn bench_dcgan(ctx: &super::BenchCtx) -> Result<serde_json::Value> {
             &d.forward_t(&fake.detach(), None, true)?,
         )?;
         od.backward_step(&ld)?;
-        let lg = non_saturating_g(&d.forward_t(&fake, None, true)?)?;
+        // As kiln-gan's trainer: D's weights frozen for the generator step
+        // (same G gradients; D's weight gradients, which the reference forms
+        // and throws away, are skipped).
+        let lg = non_saturating_g(&kiln_core::nn::frozen(|| d.forward_t(&fake, None, true))?)?;
         og.backward_step(&lg)?;
         Ok(())
     })

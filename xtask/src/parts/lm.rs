@@ -427,17 +427,60 @@ fn decode_line(ctx: &super::BenchCtx, bf16: bool) -> Result<serde_json::Value> {
     let out = generate_batch(&model, &[prompt], &gen, None, None)?;
     let dt = t.elapsed().as_secs_f64();
     let n = out[0].ids.len();
+    let tok_s = n as f64 / dt;
+    // Decode is bound by reading the weights once per token: set the weight
+    // traffic against what this machine can stream with the same threads.
+    let gb_per_token = decode_weight_bytes(&cfg, if bf16 { 2 } else { 4 }) as f64 / 1e9;
+    let machine = read_bandwidth_gb_s(ctx.threads);
     let mut line = serde_json::json!({
         "bench": if bf16 { "gpt2_small_greedy_decode_bf16" } else { "gpt2_small_greedy_decode" },
         "threads": ctx.threads,
         "prompt": 32,
         "new_tokens": n,
-        "tokens_per_s": (n as f64 / dt * 100.0).round() / 100.0,
+        "tokens_per_s": (tok_s * 100.0).round() / 100.0,
+        "weight_gb_per_token": (gb_per_token * 1000.0).round() / 1000.0,
+        "weight_read_gb_per_s": (gb_per_token * tok_s * 100.0).round() / 100.0,
+        "machine_read_gb_per_s": (machine * 100.0).round() / 100.0,
+        "share_of_read_bandwidth": (gb_per_token * tok_s / machine * 1000.0).round() / 1000.0,
     });
     if let Some(d) = deviation {
         line["max_abs_logit_deviation"] = serde_json::json!(d);
     }
     Ok(line)
+}
+
+/// Bytes of the matmul weights one decode step reads: per block the fused
+/// q/k/v, the attention output and the two MLP matrices, then the tied
+/// embedding as the LM head (`bytes` per weight: 4 for f32, 2 for bf16).
+fn decode_weight_bytes(cfg: &Gpt2Config, bytes: usize) -> usize {
+    let d = cfg.n_embd;
+    let block = d * 3 * d + d * d + 2 * d * cfg.inner();
+    (cfg.n_layer * block + cfg.vocab_size * d) * bytes
+}
+
+/// This machine's read bandwidth with `threads` threads, in GB/s: the best of
+/// five passes summing a 512 MiB buffer (far past any cache), each thread
+/// reading its own contiguous share, as a gemv reads its weight rows.
+fn read_bandwidth_gb_s(threads: usize) -> f64 {
+    let buf: Vec<u64> = (0..(512usize << 20) / 8).map(|i| i as u64).collect();
+    let share = buf.len().div_ceil(threads.max(1));
+    let mut best = f64::INFINITY;
+    let mut check = 0u64;
+    for _ in 0..5 {
+        let t = Instant::now();
+        let sums: Vec<u64> = std::thread::scope(|s| {
+            let hs: Vec<_> = buf
+                .chunks(share)
+                .map(|c| s.spawn(move || c.iter().fold(0u64, |a, &x| a.wrapping_add(x))))
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap_or(0)).collect()
+        });
+        best = best.min(t.elapsed().as_secs_f64());
+        check = check.wrapping_add(sums.iter().fold(0, |a, &x| a.wrapping_add(x)));
+    }
+    // The sums must be used, or the reads could be optimised away.
+    std::hint::black_box(check);
+    (buf.len() * 8) as f64 / best / 1e9
 }
 
 /// GPT-2 small train step, batch 8 x 128, dropout on, AdamW: torch_reference.py's

@@ -15,7 +15,7 @@ pub type Tool = (&'static str, &'static str, fn(&[String]) -> Result<()>);
 pub const ALL: &[Tool] = &[
     (
         "ci",
-        "fmt check, clippy -D warnings, tests",
+        "[--threads N] [--no-avx512] [--tests-only]  fmt check, clippy -D warnings, tests",
         ci::run,
     ),
     (

@@ -878,8 +878,14 @@ impl CustomOp2 for Conv2dOp {
         } else {
             None
         };
-        let dw = x.apply_op2(&dy, Conv2dGradWeight { p: self.0, kh, kw })?;
-        Ok((dx, Some(dw)))
+        // A frozen weight (detached, as in a GAN's generator step through
+        // `nn::frozen`) skips the weight-gradient pass, the costliest of the two.
+        let dw = if w.track_op() {
+            Some(x.apply_op2(&dy, Conv2dGradWeight { p: self.0, kh, kw })?)
+        } else {
+            None
+        };
+        Ok((dx, dw))
     }
 }
 
@@ -942,9 +948,17 @@ impl CustomOp2 for Conv2dGradInput {
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let g = g.contiguous()?;
         let (_, _, kh, kw) = w.dims4()?;
-        let d_dy = g.apply_op2(w, Conv2dOp(self.p))?;
-        let d_w = g.apply_op2(dy, Conv2dGradWeight { p: self.p, kh, kw })?;
-        Ok((Some(d_dy), Some(d_w)))
+        // Only the gradients someone needs: the noise fed to a generator's first
+        // transposed convolution, or a frozen weight, needs none.
+        let d_dy = match dy.track_op() {
+            true => Some(g.apply_op2(w, Conv2dOp(self.p))?),
+            false => None,
+        };
+        let d_w = match w.track_op() {
+            true => Some(g.apply_op2(dy, Conv2dGradWeight { p: self.p, kh, kw })?),
+            false => None,
+        };
+        Ok((d_dy, d_w))
     }
 }
 
@@ -1006,15 +1020,21 @@ impl CustomOp2 for Conv2dGradWeight {
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let g = g.contiguous()?;
         let (_, _, h, wd) = x.dims4()?;
-        let d_x = dy.apply_op2(
-            &g,
-            Conv2dGradInput {
-                p: self.p,
-                h,
-                w: wd,
-            },
-        )?;
-        let d_dy = x.apply_op2(&g, Conv2dOp(self.p))?;
-        Ok((Some(d_x), Some(d_dy)))
+        let d_x = match x.track_op() {
+            true => Some(dy.apply_op2(
+                &g,
+                Conv2dGradInput {
+                    p: self.p,
+                    h,
+                    w: wd,
+                },
+            )?),
+            false => None,
+        };
+        let d_dy = match dy.track_op() {
+            true => Some(x.apply_op2(&g, Conv2dOp(self.p))?),
+            false => None,
+        };
+        Ok((d_x, d_dy))
     }
 }
