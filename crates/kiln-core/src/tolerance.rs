@@ -48,6 +48,24 @@ pub fn f32_abs_tol(n: usize, magnitude: f64) -> f64 {
     2.0 * f32_reduction_rel(n) * magnitude.abs()
 }
 
+/// The worst-case relative error of an f32 reduction of `n` terms in any
+/// order, relative to the sum of the terms' magnitudes:
+/// `γ_{n-1} = (n-1) u / (1 - (n-1) u)` (Higham, "Accuracy and Stability of
+/// Numerical Algorithms", 2nd ed., §4.2), at least one rounding, `u`. It holds
+/// with certainty, and below `n = λ²` (100 terms) it is tighter than the
+/// probabilistic [`f32_reduction_rel`].
+pub fn f32_worst_case_rel(n: usize) -> f64 {
+    let k = n.saturating_sub(1) as f64 * F32_UNIT_ROUNDOFF;
+    (k / (1.0 - k)).max(F32_UNIT_ROUNDOFF)
+}
+
+/// [`f32_abs_tol`] with the tighter of the probabilistic and the worst-case
+/// bound: for short chains (a norm over 4 features, a softmax over 3 logits),
+/// where `λ √n` exceeds `n`.
+pub fn f32_abs_tol_tight(n: usize, magnitude: f64) -> f64 {
+    2.0 * f32_reduction_rel(n).min(f32_worst_case_rel(n)) * magnitude.abs()
+}
+
 /// The tolerance to use when a specification also states one: the derived
 /// tolerance, but never looser than the stated one (the stated tolerance is
 /// the loosest allowed).
@@ -83,6 +101,23 @@ mod tests {
         assert_eq!(capped(1.0, 0.5), 0.5);
         assert!(!within(f64::NAN, 1.0, 1.0));
         assert_eq!(chain_length(&[3072, 512, 8]), 3592);
+    }
+
+    #[test]
+    fn the_tight_bound_is_the_worst_case_below_lambda_squared() {
+        let u = F32_UNIT_ROUNDOFF;
+        // 4 terms: 3 roundings at worst, 3u / (1 - 3u), each side.
+        let t = f32_abs_tol_tight(4, 2.0);
+        assert!(
+            (t - 2.0 * 2.0 * 3.0 * u / (1.0 - 3.0 * u)).abs() < 1e-20,
+            "{t}"
+        );
+        assert!(t < f32_abs_tol(4, 2.0));
+        assert_eq!(f32_worst_case_rel(1), u);
+        assert_eq!(f32_worst_case_rel(0), u);
+        // From about λ² terms on, the probabilistic bound is the tighter.
+        assert_eq!(f32_abs_tol_tight(4096, 1.0), f32_abs_tol(4096, 1.0));
+        assert!(f32_worst_case_rel(4096) > f32_reduction_rel(4096));
     }
 
     /// The bound holds for real f32 sums in shuffled orders: the largest

@@ -7,6 +7,7 @@ use kiln_core::nn::{
     Linear, MaxPool2d,
 };
 use kiln_core::optim::{OptimKind, Optimizer};
+use kiln_core::tolerance::{chain_length, f32_abs_tol_tight, F32_UNIT_ROUNDOFF};
 use kiln_core::vars::VarStore;
 use kiln_core::{DType, Device, Module, ModuleT, Tensor, Var};
 
@@ -18,6 +19,17 @@ fn close(got: &[f32], want: &[f32], tol: f32) {
             "got {got:?}\nwant {want:?}"
         );
     }
+}
+
+/// The tolerance, relative to `1 + |want|`, for a value behind a chain of
+/// `n` f32 roundings (the reductions, of at most 16 terms here, and the
+/// elementwise steps after them; their errors add) whose relative errors the
+/// layer amplifies by `amp` (a normalisation divides by σ, a weight
+/// multiplies): [`kiln_core::tolerance`], whose worst case holds for any
+/// summation order. Plus half a unit in the last decimal PyTorch's value was
+/// printed with.
+fn tol(chain: &[usize], amp: f64, decimals: i32) -> f32 {
+    (f32_abs_tol_tight(chain_length(chain), amp) + 0.5 * 10f64.powi(-decimals)) as f32
 }
 
 fn flat(t: &Tensor) -> Vec<f32> {
@@ -46,7 +58,9 @@ fn layer_norm_forward_and_backward_match_torch() {
             0.4158376, 0.9369544, -0.2403723, 1.3335365, 0.1000000, 0.0038989, -3.2376168,
             1.1766064,
         ],
-        1e-5,
+        // Mean and variance over 4, then 4 elementwise steps; |w| <= 2 times
+        // (|x| + |mean|) / σ <= 2.1 in both rows.
+        tol(&[4, 4, 4], 4.2, 7),
     );
     let g = (y * c).unwrap().sum_all().unwrap().backward().unwrap();
     close(
@@ -55,17 +69,21 @@ fn layer_norm_forward_and_backward_match_torch() {
             -0.5047869, -0.5372867, 1.4784033, -0.4363296, 8.5794210, -1.7155075, -3.1881495,
             -3.6757641,
         ],
-        1e-4,
+        // The statistics, means over 4 of g = c w and g xhat, 4 elementwise
+        // steps; (|g| + |mean g| + |xhat| |mean g xhat|) / σ <= (4 + 4 + 6.4) / 0.255.
+        tol(&[4, 4, 4, 4, 4], 56.0, 7),
     );
     close(
         &flat(g.get(w.as_tensor()).unwrap()),
         &[0.0631675, 1.8661109, 2.9972448, 0.9609199],
-        1e-5,
+        // xhat (chain 12), then a sum over the batch of 2: sum |c xhat| <= 6.4.
+        tol(&[4, 4, 4, 2], 6.4, 7),
     );
     close(
         &flat(g.get(b.as_tensor()).unwrap()),
         &[1.3, 0.0, 0.0, 0.75],
-        1e-6,
+        // Sums of 2 values of c (one rounding, any order), sum |c| <= 3.
+        tol(&[2], 3.0, 8),
     );
 }
 
@@ -84,7 +102,9 @@ fn log_softmax_and_softmax_carry_gradients() {
         &[
             -0.5045969, -3.5045969, -1.0045969, -1.0208277, -0.9208276, -1.4208276,
         ],
-        1e-6,
+        // A sum of 3 exponentials, then exp, log and two subtractions; the
+        // roundings scale with |x| + |max| + |log sum| <= 4.5, over 1 + |want| >= 1.5.
+        tol(&[3, 4], 3.0, 7),
     );
     let c = Tensor::new(&[[1.0f32, 2., 3.], [0.5, -1., 0.]], &dev).unwrap();
     let g = (s * c).unwrap().sum_all().unwrap().backward().unwrap();
@@ -93,7 +113,9 @@ fn log_softmax_and_softmax_carry_gradients() {
         &[
             -2.6224935, 1.8196467, 0.8028467, 0.6801483, -0.8009053, 0.1207570,
         ],
-        1e-5,
+        // c - softmax * sum(c): sums of 3 (exponentials, c) and 4 elementwise
+        // steps; |c| + p sum |c| <= 3 + 6.
+        tol(&[3, 3, 4], 9.0, 7),
     );
     let p = nn::softmax(x.as_tensor(), 1).unwrap();
     let g = p
@@ -139,27 +161,34 @@ fn batch_norm_matches_torch_in_train_and_eval() {
             -1.120540, -1.049820, -0.920513, -0.753067, -1.230435, -1.063308, -0.878512, -0.677597,
             0.479674, 0.788904, 1.115828, 1.459535, 0.533624, 0.812293, 1.101897, 1.402038,
         ],
-        1e-5,
+        // Mean and variance over the 8 values of a channel, 4 elementwise
+        // steps; (|x| + |mean|) / σ <= 4.7 (channel 1).
+        tol(&[8, 8, 4], 4.7, 6),
     );
+    // 0.1 * the mean over 8 (plus 0.9 * 0): magnitude 0.1 * mean |x| <= 0.33.
     close(
         &flat(vs.get("bn.running_mean").unwrap().as_tensor()),
         &[0.1584470570087433, 0.31414610147476196],
-        1e-6,
+        tol(&[8, 2], 0.33, 9),
     );
+    // 0.9 + 0.1 * the unbiased variance over 8 (sum of (x - mean)², 16 or
+    // less, / 7): magnitude <= 1.13, over 1 + |want| >= 2.1.
     close(
         &flat(vs.get("bn.running_var").unwrap().as_tensor()),
         &[1.1285089254379272, 1.3138540983200073],
-        1e-6,
+        tol(&[8, 8, 3], 0.6, 9),
     );
     // Eval mode uses the running statistics.
     let ye = bn.forward_t(&x, false).unwrap();
     let rm = flat(vs.get("bn.running_mean").unwrap().as_tensor());
     let rv = flat(vs.get("bn.running_var").unwrap().as_tensor());
     let xv = flat(&x);
+    // The same formula in f32 on both sides, elementwise (a subtraction, an
+    // add, a square root, a division or product): 8 u, on any CPU.
     close(
         &flat(&ye)[..1],
         &[(xv[0] - rm[0]) / (rv[0] + 1e-5).sqrt()],
-        1e-6,
+        (8.0 * F32_UNIT_ROUNDOFF) as f32,
     );
 }
 
@@ -203,7 +232,8 @@ fn batch_norm_gradients_match_torch_in_train_mode() {
             -1.43081, -1.32473, -1.13077, -0.879601, 2.615217, 2.531654, 2.439256, 2.338798,
             0.969512, 1.433357, 1.923742, 2.439302, 1.733188, 1.593853, 1.449051, 1.298981,
         ],
-        1e-5,
+        // As in train mode above, times |w| <= 1.5; printed to 5 decimals.
+        tol(&[8, 8, 4], 1.5 * 4.7, 5),
     );
     let g = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
     close(
@@ -212,17 +242,24 @@ fn batch_norm_gradients_match_torch_in_train_mode() {
             0.955389, 0.489098, -0.486454, -1.044622, 0.276337, 0.026883, -0.154381, -0.104003,
             0.22351, -0.495284, -0.320111, 0.678473, -0.150661, -0.172667, 0.024331, 0.254162,
         ],
-        2e-5,
+        // The statistics, means over 8 of r and r xhat (r = cos: a libm
+        // rounding or two each), 4 elementwise steps;
+        // |w| (|r| + |mean r| + |xhat| |mean r xhat|) / σ <= 1.5 (1 + 1 + 1.7) / 1.41.
+        tol(&[8, 8, 8, 8, 4], 4.0, 5),
     );
+    // sum over 8 of r xhat after xhat's chain: sum |r xhat| <= 13.6, over
+    // 1 + |want| >= 1.57.
     close(
         &flat(g.get(w.as_tensor()).unwrap()),
         &[-2.277547836303711, -0.5787449479103088],
-        1e-5,
+        tol(&[8, 8, 4, 8], 9.0, 9),
     );
+    // sum over 8 of r (with cos's own rounding, 8 more): sum |r| <= 8, over
+    // 1 + |want| >= 2.7.
     close(
         &flat(g.get(b.as_tensor()).unwrap()),
         &[-1.7571132183074951, 2.4724411964416504],
-        1e-5,
+        tol(&[8, 8], 3.0, 9),
     );
 }
 
@@ -238,7 +275,7 @@ fn dropout_is_seeded_scaled_and_off_in_eval() {
     assert!((700..800).contains(&kept), "{kept}");
     assert!(a
         .iter()
-        .all(|v| *v == 0.0 || (*v - 1.0 / 0.75).abs() < 1e-6));
+        .all(|v| *v == 0.0 || (*v - 1.0 / 0.75).abs() <= 4.0 * F32_UNIT_ROUNDOFF as f32 / 0.75));
     assert_eq!(flat(&d1.forward_t(&x, false).unwrap()), vec![1.0; 1000]);
     assert!(Dropout::new(1.0, kiln_core::vars::SharedRng::new(0)).is_err());
 }
