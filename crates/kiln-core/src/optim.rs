@@ -122,7 +122,7 @@ enum Buf {
     Host(Vec<f32>),
     Dev(Tensor),
     #[cfg(feature = "cuda")]
-    Cuda(Arc<crate::ops::cuda::Moment>),
+    Cuda(Arc<cuda::Moment>),
 }
 
 /// Where a parameter's update runs.
@@ -160,7 +160,7 @@ impl Buf {
         match path {
             Path::Host => Ok(Buf::Host(vec![0.0; p.elem_count()])),
             #[cfg(feature = "cuda")]
-            Path::Cuda => Ok(Buf::Cuda(Arc::new(crate::ops::cuda::Moment::zeros(
+            Path::Cuda => Ok(Buf::Cuda(Arc::new(cuda::Moment::zeros(
                 p.device(),
                 p.elem_count(),
             )?))),
@@ -177,7 +177,7 @@ impl Buf {
             #[cfg(feature = "cuda")]
             Path::Cuda => {
                 let t = t.to_dtype(DType::F32)?.to_device(p.device())?;
-                Ok(Buf::Cuda(Arc::new(crate::ops::cuda::Moment::copy_of(&t)?)))
+                Ok(Buf::Cuda(Arc::new(cuda::Moment::copy_of(&t)?)))
             }
             _ => Ok(Buf::Dev(t.to_dtype(p.dtype())?.to_device(p.device())?)),
         }
@@ -584,13 +584,191 @@ fn cuda_step(hp: &Hyper, p: &Tensor, g: &Tensor, bufs: &mut [Buf]) -> Result<boo
     let (Some(m), Some(v)) = (Arc::get_mut(m), Arc::get_mut(v)) else {
         candle_core::bail!("fused Adam update (cuda): moment buffers are shared");
     };
-    crate::ops::cuda::adam_step(&AdamScalars::new(hp, betas, eps), p, g, m, v)?;
+    cuda::adam_step(&AdamScalars::new(hp, betas, eps), p, g, m, v)?;
     Ok(true)
 }
 
 #[cfg(not(feature = "cuda"))]
 fn cuda_step(_: &Hyper, _: &Tensor, _: &Tensor, _: &mut [Buf]) -> Result<bool> {
     Ok(false)
+}
+
+/// The optimizer's fused CUDA step (`cuda` feature, `kernels/optim.cu`): the
+/// moment buffers it owns on the GPU and the one-kernel Adam/AdamW update.
+#[cfg(feature = "cuda")]
+mod cuda {
+    use std::cell::RefCell;
+
+    use candle_core::backend::BackendStorage;
+    use candle_core::cuda_backend::cudarc::driver::{CudaSlice, PushKernelArg};
+    use candle_core::cuda_backend::WrapErr;
+    use candle_core::op::BackpropOp;
+    use candle_core::{
+        bail, CpuStorage, CudaStorage, DType, Device, InplaceOp2, Layout, Result, Shape, Storage,
+        Tensor,
+    };
+
+    use super::AdamScalars;
+    use crate::ops::cuda::{cuda_func, elem_cfg, f32_input, Module};
+
+    const OPTIM: Module = Module {
+        key: "kiln-optim",
+        ptx: include_str!(concat!(env!("OUT_DIR"), "/optim.ptx")),
+    };
+
+    /// One Adam/AdamW moment buffer of a CUDA f32 parameter, owned by the
+    /// optimizer (`optim.rs`): no tensor shares its memory (state is copied out
+    /// and loaded state copied in), so the fused step may write it in place.
+    pub(super) struct Moment(CudaSlice<f32>);
+
+    impl std::fmt::Debug for Moment {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "Moment({} f32 on CUDA)", self.0.len())
+        }
+    }
+
+    impl Moment {
+        /// `n` zeros on `dev` (a CUDA device).
+        pub(super) fn zeros(dev: &Device, n: usize) -> Result<Self> {
+            Ok(Self(dev.as_cuda_device()?.alloc_zeros::<f32>(n)?))
+        }
+
+        /// A copy of the contents of `t` (f32, on a CUDA device).
+        pub(super) fn copy_of(t: &Tensor) -> Result<Self> {
+            const W: &str = "optimizer state (cuda)";
+            let t = t.contiguous()?;
+            let (st, l) = t.storage_and_layout();
+            let Storage::Cuda(cs) = &*st else {
+                bail!("{W}: expected a CUDA tensor")
+            };
+            let src = f32_input(cs, l, W)?;
+            let dev = cs.device();
+            // SAFETY: every element is written by the copy below.
+            let mut dst = unsafe { dev.alloc::<f32>(src.len()) }?;
+            dev.memcpy_dtod(&src, &mut dst)?;
+            Ok(Self(dst))
+        }
+
+        /// A second buffer with the same contents (copy-on-write for optimizer clones).
+        pub(super) fn try_clone(&self) -> Result<Self> {
+            let dev = self.0.stream();
+            Ok(Self(dev.clone_dtod(&self.0).w()?))
+        }
+
+        /// A new tensor of `shape` on `dev` holding a copy of the contents.
+        pub(super) fn to_tensor(&self, shape: &Shape, dev: &Device) -> Result<Tensor> {
+            if shape.elem_count() != self.0.len() {
+                bail!(
+                    "optimizer state (cuda): {} values for {shape:?}",
+                    self.0.len()
+                )
+            }
+            let copy = self.try_clone()?.0;
+            let st = CudaStorage::wrap_cuda_slice(copy, dev.as_cuda_device()?.clone());
+            Ok(Tensor::from_storage(
+                Storage::Cuda(st),
+                shape.clone(),
+                BackpropOp::none(),
+                false,
+            ))
+        }
+    }
+
+    /// One fused Adam/AdamW step of the f32 CUDA parameter `p` with gradient `g`,
+    /// in place on `p` and the moments `m` and `v` (one kernel, on candle's stream).
+    pub(super) fn adam_step(
+        a: &AdamScalars,
+        p: &Tensor,
+        g: &Tensor,
+        m: &mut Moment,
+        v: &mut Moment,
+    ) -> Result<()> {
+        let op = AdamOp {
+            a: *a,
+            mv: RefCell::new((&mut m.0, &mut v.0)),
+        };
+        p.inplace_op2(&g.to_dtype(DType::F32)?.contiguous()?, &op)
+    }
+
+    /// The in-place op behind [`adam_step`]: the parameter's storage is the
+    /// destination, the gradient the source, the moments borrowed for the call.
+    struct AdamOp<'a> {
+        a: AdamScalars,
+        mv: RefCell<(&'a mut CudaSlice<f32>, &'a mut CudaSlice<f32>)>,
+    }
+
+    impl InplaceOp2 for AdamOp<'_> {
+        fn name(&self) -> &'static str {
+            "kiln-fused-adam-cuda"
+        }
+
+        fn cpu_fwd(
+            &self,
+            _: &mut CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+        ) -> Result<()> {
+            bail!("fused Adam update (cuda): the parameter is not on a CUDA device")
+        }
+
+        fn cuda_fwd(
+            &self,
+            p: &mut CudaStorage,
+            lp: &Layout,
+            g: &CudaStorage,
+            lg: &Layout,
+        ) -> Result<()> {
+            let mut mv = self.mv.borrow_mut();
+            let (m, v) = &mut *mv;
+            adam_update(&self.a, (p, lp), (g, lg), m, v)
+        }
+    }
+
+    /// One fused Adam/AdamW step in place: parameter `p` (contiguous f32),
+    /// gradient `g`, moment buffers `m` and `v` of the same length.
+    pub(super) fn adam_update(
+        a: &AdamScalars,
+        (p, lp): (&mut CudaStorage, &Layout),
+        (g, lg): (&CudaStorage, &Layout),
+        m: &mut CudaSlice<f32>,
+        v: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        const W: &str = "fused Adam update (cuda)";
+        let n = lp.shape().elem_count();
+        if lg.shape().elem_count() != n || m.len() != n || v.len() != n {
+            bail!(
+                "{W}: gradient of {} and moments of {} and {} elements for a parameter of {n}",
+                lg.shape().elem_count(),
+                m.len(),
+                v.len()
+            )
+        }
+        let Some((p0, p1)) = lp.contiguous_offsets() else {
+            bail!("{W}: the parameter must be contiguous")
+        };
+        let dev = p.device().clone();
+        let gs = f32_input(g, lg, W)?;
+        let mut ps = p.as_cuda_slice_mut::<f32>()?.slice_mut(p0..p1);
+        let f = cuda_func!(&dev, OPTIM, "adam_update_f32")?;
+        let nn = n as u64;
+        let dec = i32::from(a.decoupled);
+        let mut b = f.builder();
+        b.arg(&mut ps).arg(&gs).arg(m).arg(v).arg(&nn);
+        b.arg(&a.step_size)
+            .arg(&a.bc2_sqrt)
+            .arg(&a.eps)
+            .arg(&a.wd)
+            .arg(&a.decay)
+            .arg(&a.w1)
+            .arg(&a.b2)
+            .arg(&a.w2)
+            .arg(&dec);
+        // SAFETY: argument types match the kernel's signature; the moments are
+        // borrowed mutably, so nothing else reads or writes them meanwhile.
+        unsafe { b.launch(elem_cfg(n)) }.w()?;
+        Ok(())
+    }
 }
 
 /// The fused in-place update: parameter storage is the destination, the

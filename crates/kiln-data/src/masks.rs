@@ -17,22 +17,11 @@
 //! assert_eq!(masked.dims(), &[4, 3, 32, 32]);
 //! ```
 
+use kiln_core::ops::shape::dims4;
 use kiln_core::rng::SeededRng;
 use kiln_core::{Device, Tensor};
 
 use crate::error::{DataError, Result};
-
-fn dims4(images: &Tensor) -> Result<(usize, usize, usize, usize)> {
-    images.dims4().map_err(|_| {
-        DataError::config(
-            "images",
-            format!(
-                "expected a [B, C, H, W] tensor, found shape {:?}",
-                images.dims()
-            ),
-        )
-    })
-}
 
 fn apply_mask(images: &Tensor, mask: &Tensor) -> Result<Tensor> {
     let mask = mask.to_dtype(images.dtype())?;
@@ -112,7 +101,8 @@ impl SquareMask {
 
     /// Masks `images` `[B, C, H, W]`: returns `(masked images, keep-mask [B, 1, H, W])`.
     pub fn apply(&self, images: &Tensor, rng: &mut SeededRng) -> Result<(Tensor, Tensor)> {
-        let (b, _, h, w) = dims4(images)?;
+        let (b, _, h, w) =
+            dims4(images.dims(), "mask").map_err(|e| DataError::config("images", e.to_string()))?;
         let mask = self.sample(b, h, w, rng, images.device())?;
         Ok((apply_mask(images, &mask)?, mask))
     }
@@ -201,7 +191,8 @@ impl PatchMask {
 
     /// Masks `images` `[B, C, H, W]`: returns `(masked images, keep-mask [B, 1, H, W])`.
     pub fn apply(&self, images: &Tensor, rng: &mut SeededRng) -> Result<(Tensor, Tensor)> {
-        let (b, _, h, w) = dims4(images)?;
+        let (b, _, h, w) =
+            dims4(images.dims(), "mask").map_err(|e| DataError::config("images", e.to_string()))?;
         let mask = self.sample(b, h, w, rng, images.device())?;
         Ok((apply_mask(images, &mask)?, mask))
     }

@@ -3,8 +3,9 @@
 //! - `cuda-check [--install] [--compute-cap N] [--ccbin CXX] [--workspace]`
 //!   builds kiln-core with its `cuda` feature (candle's kernels and kiln's
 //!   `kernels/*.cu` compiled to PTX by nvcc) on a machine without a GPU and
-//!   says how long each step took. `--install` first installs Debian
-//!   bookworm's `nvidia-cuda-toolkit` (CUDA 11.8) from `contrib` + `non-free`.
+//!   says how long each step took. `--install` first installs CUDA 13.0 from
+//!   PyPI under `target/cuda-13.0` ([`super::toolkit`]), or with
+//!   `--toolkit debian` Debian bookworm's CUDA 11.8 with apt.
 //!   The PTX files are copied to `--ptx-out` (default `scripts/gpu-check/ptx`).
 //! - `export-gpu-refs DIR` writes, for every kernel, its inputs and the kiln CPU
 //!   ops' outputs as `.npy` files and a `manifest.json` saying how to launch it;
@@ -22,101 +23,48 @@ use kiln_core::rng::SeededRng;
 use kiln_core::{ops, DType, Device, Tensor, Var};
 use serde_json::{json, Value};
 
+use super::toolkit::{self, sh};
+
 #[derive(Parser, Debug)]
 #[command(about = "Build kiln-core with --features cuda on a machine without a GPU")]
 struct CheckArgs {
-    /// Install Debian's nvidia-cuda-toolkit first (root; adds contrib/non-free to apt).
+    /// Install the toolkit first: CUDA 13.0 from PyPI into --prefix, or with
+    /// `--toolkit debian` Debian's CUDA 11.8 with apt (root).
     #[arg(long)]
     install: bool,
-    /// CUDA_COMPUTE_CAP for candle's and kiln's kernels. 80 by default: candle's
-    /// build (cudaforge) turns 90 into compute_90a, which CUDA 11.8's nvcc rejects.
-    #[arg(long, default_value = "80")]
-    compute_cap: String,
+    /// Which toolkit: `pypi` (CUDA 13.0 under --prefix; used when installed
+    /// there, else nvcc on PATH) or `debian` (CUDA 11.8, nvcc on PATH).
+    #[arg(long, value_enum, default_value = "pypi")]
+    toolkit: toolkit::Source,
+    /// Where the PyPI toolkit lives (default: target/cuda-13.0 in the workspace).
+    #[arg(long)]
+    prefix: Option<PathBuf>,
+    /// CUDA_COMPUTE_CAP for candle's and kiln's kernels: 90 with the PyPI
+    /// toolkit, 80 with Debian's (CUDA 11.8's nvcc rejects compute_90a, what
+    /// candle's build turns 90 into).
+    #[arg(long)]
+    compute_cap: Option<String>,
     /// Host C++ compiler for nvcc (NVCC_CCBIN); found automatically if unset.
     #[arg(long)]
     ccbin: Option<String>,
     /// Also `cargo check --workspace --all-targets --features kiln-core/cuda`.
     #[arg(long)]
     workspace: bool,
+    /// Only print the toolkit's environment as `export` lines (for
+    /// `eval "$(cargo xtask cuda-check --print-env)"`) and build nothing.
+    #[arg(long)]
+    print_env: bool,
     /// Where to copy the PTX files (for scripts/gpu-check.sh).
     #[arg(long, default_value = "scripts/gpu-check/ptx")]
     ptx_out: PathBuf,
 }
 
-fn sh(cmd: &mut Command, what: &str) -> Result<()> {
-    eprintln!("==> {what}");
-    let st = cmd.status().with_context(|| format!("running {what}"))?;
-    if !st.success() {
-        bail!("{what} failed ({st})");
-    }
-    Ok(())
-}
-
-const SOURCES_FILE: &str = "/etc/apt/sources.list.d/kiln-non-free.sources";
-
-/// An apt sources entry for bookworm's contrib + non-free, on the mirror of the
-/// machine's own Debian entry.
-fn non_free_sources() -> Result<String> {
-    let mut uri = None;
-    let mut signed = None;
-    for e in std::fs::read_dir("/etc/apt/sources.list.d")? {
-        let p = e?.path();
-        if p.extension().is_none_or(|x| x != "sources") || p == Path::new(SOURCES_FILE) {
-            continue;
-        }
-        let text = std::fs::read_to_string(&p)?;
-        for stanza in text.split("\n\n") {
-            let field = |k: &str| {
-                stanza
-                    .lines()
-                    .find_map(|l| l.strip_prefix(k).map(|v| v.trim().to_string()))
-            };
-            let (Some(u), Some(s)) = (field("URIs:"), field("Suites:")) else {
-                continue;
-            };
-            if s.split_whitespace().any(|x| x == "bookworm") && uri.is_none() {
-                uri = Some(u);
-                signed = field("Signed-By:");
-            }
-        }
-    }
-    let Some(uri) = uri else {
-        bail!("no bookworm entry in /etc/apt/sources.list.d/*.sources to take the mirror from")
-    };
-    let mut s = format!(
-        "Types: deb\nURIs: {uri}\nSuites: bookworm bookworm-updates\nComponents: contrib non-free\n"
-    );
-    if let Some(k) = signed {
-        s.push_str(&format!("Signed-By: {k}\n"));
-    }
-    Ok(s)
-}
-
-fn install_toolkit() -> Result<()> {
-    let entry = non_free_sources()?;
-    if std::fs::read_to_string(SOURCES_FILE).ok().as_deref() != Some(entry.as_str()) {
-        std::fs::write(SOURCES_FILE, &entry)
-            .with_context(|| format!("writing {SOURCES_FILE} (run as root to --install)"))?;
-        eprintln!("wrote {SOURCES_FILE}:\n{entry}");
-    }
-    sh(Command::new("apt-get").arg("update"), "apt-get update")?;
-    // Without recommends: the driver's kernel module (dkms) is not wanted here;
-    // libcuda1 comes in as a dependency (needs contrib's nvidia-support).
-    sh(
-        Command::new("apt-get")
-            .args([
-                "install",
-                "-y",
-                "--no-install-recommends",
-                "nvidia-cuda-toolkit",
-            ])
-            .env("DEBIAN_FRONTEND", "noninteractive"),
-        "apt-get install nvidia-cuda-toolkit",
-    )
-}
-
 /// Compiles a one-line kernel; on a host-compiler complaint tries g++-11.
-fn probe_nvcc(ccbin: Option<&str>, install: bool) -> Result<Option<String>> {
+fn probe_nvcc(
+    ccbin: Option<&str>,
+    install: bool,
+    tk: Option<&toolkit::Toolkit>,
+) -> Result<Option<String>> {
     let dir = std::env::temp_dir().join("kiln-nvcc-probe");
     std::fs::create_dir_all(&dir)?;
     let src = dir.join("probe.cu");
@@ -126,13 +74,16 @@ fn probe_nvcc(ccbin: Option<&str>, install: bool) -> Result<Option<String>> {
     )?;
     let try_with = |cc: Option<&str>| -> Result<(bool, String)> {
         let mut c = Command::new("nvcc");
+        if let Some(tk) = tk {
+            tk.apply(&mut c);
+        }
         c.args(["--ptx", "-o"]).arg(dir.join("probe.ptx")).arg(&src);
         if let Some(cc) = cc {
             c.args(["-ccbin", cc]);
         }
-        let out = c
-            .output()
-            .context("nvcc not found: install the CUDA toolkit or pass --install")?;
+        let out = c.output().context(
+            "nvcc not found: pass --install (CUDA 13.0 from PyPI) or put a CUDA toolkit on PATH",
+        )?;
         Ok((
             out.status.success(),
             String::from_utf8_lossy(&out.stderr).into_owned(),
@@ -165,14 +116,58 @@ pub fn cuda_check(args: &[String]) -> Result<()> {
     let a: CheckArgs = crate::parts::parse("cuda-check", args)?;
     let total = Instant::now();
     let mut times: Vec<(String, f64)> = Vec::new();
+    let prefix = a.prefix.clone().unwrap_or_else(toolkit::default_prefix);
     if a.install {
         let t = Instant::now();
-        install_toolkit()?;
-        times.push(("install toolkit".into(), t.elapsed().as_secs_f64()));
+        match a.toolkit {
+            toolkit::Source::Pypi => {
+                toolkit::install_pypi(&prefix)?;
+            }
+            toolkit::Source::Debian => toolkit::install_debian()?,
+        }
+        times.push((
+            format!("install toolkit ({:?})", a.toolkit).to_lowercase(),
+            t.elapsed().as_secs_f64(),
+        ));
     }
+    let tk = match a.toolkit {
+        toolkit::Source::Pypi => toolkit::Toolkit::find(&prefix),
+        toolkit::Source::Debian => None,
+    };
+    if a.print_env {
+        let Some(tk) = &tk else {
+            bail!(
+                "no PyPI toolkit under {}: run `cargo xtask cuda-check --install` first",
+                prefix.display()
+            );
+        };
+        print!("{}", tk.exports());
+        return Ok(());
+    }
+    match &tk {
+        Some(tk) => eprintln!(
+            "toolkit: CUDA {} from PyPI in {}; environment:\n{}",
+            toolkit::PYPI_CUDA,
+            tk.root.display(),
+            tk.exports()
+        ),
+        None if a.toolkit == toolkit::Source::Pypi => eprintln!(
+            "no PyPI toolkit under {} (`--install` puts one there): using nvcc on PATH",
+            prefix.display()
+        ),
+        None => eprintln!("toolkit: nvcc on PATH"),
+    }
+    let compute_cap = a
+        .compute_cap
+        .clone()
+        .unwrap_or_else(|| a.toolkit.default_compute_cap().to_string());
     let ccbin = a.ccbin.clone().or_else(|| std::env::var("NVCC_CCBIN").ok());
-    let ccbin = probe_nvcc(ccbin.as_deref(), a.install)?;
-    let version = Command::new("nvcc")
+    let ccbin = probe_nvcc(ccbin.as_deref(), a.install, tk.as_ref())?;
+    let mut nvcc = Command::new("nvcc");
+    if let Some(tk) = &tk {
+        tk.apply(&mut nvcc);
+    }
+    let version = nvcc
         .arg("--version")
         .output()
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
@@ -196,8 +191,11 @@ pub fn cuda_check(args: &[String]) -> Result<()> {
     for step in steps {
         let t = Instant::now();
         let mut c = Command::new(&cargo);
+        if let Some(tk) = &tk {
+            tk.apply(&mut c);
+        }
         c.args(&step)
-            .env("CUDA_COMPUTE_CAP", &a.compute_cap)
+            .env("CUDA_COMPUTE_CAP", &compute_cap)
             .env("KILN_PTX_DIR", &ptx_out);
         if let Some(cc) = &ccbin {
             c.env("NVCC_CCBIN", cc);
@@ -212,11 +210,17 @@ pub fn cuda_check(args: &[String]) -> Result<()> {
     }
     print_times(&times, total.elapsed().as_secs_f64());
     println!(
-        "cuda-check: ok (CUDA_COMPUTE_CAP={}, NVCC_CCBIN={}); PTX in {}",
-        a.compute_cap,
+        "cuda-check: ok (CUDA_COMPUTE_CAP={compute_cap}, NVCC_CCBIN={}); PTX in {}",
         ccbin.as_deref().unwrap_or("(nvcc default)"),
         ptx_out.display()
     );
+    if let Some(tk) = &tk {
+        println!(
+            "to build with this toolkit yourself: eval \"$(cargo xtask cuda-check --print-env)\" \
+             && export CUDA_COMPUTE_CAP={compute_cap}\n{}",
+            tk.exports()
+        );
+    }
     Ok(())
 }
 
@@ -595,7 +599,7 @@ pub fn export(dir: &Path) -> Result<usize> {
 
     // pool.cu, f32 and f64: overlapping 3x3 windows every 2 on 9x11 planes.
     let (b, ch, h, wd, k, st) = (2usize, 3usize, 9usize, 11usize, 3usize, 2usize);
-    let (ho, wo) = ((h - k) / st + 1, (wd - k) / st + 1);
+    let (ho, wo) = ops::shape::pool_out(h, wd, k, st, "pool refs")?;
     let planes = b * ch;
     let geo = |a: Vec<Value>| -> Vec<Value> {
         let mut a = a;
@@ -942,8 +946,16 @@ struct ConvGeo {
 }
 
 impl ConvGeo {
+    /// `(ho, wo)` by kiln's own rule ([`ops::shape::conv_out`]); the
+    /// geometries below all fit, so a miss is 0.
     fn out(&self) -> (usize, usize) {
-        let side = |i: usize, k: usize| (i + 2 * self.p - self.d * (k - 1) - 1) / self.s + 1;
+        let p = ops::shape::ConvParams {
+            stride: self.s,
+            padding: self.p,
+            dilation: self.d,
+            groups: 1,
+        };
+        let side = |i: usize, k: usize| ops::shape::conv_out(i, k, &p).unwrap_or(0);
         (side(self.h, self.kh), side(self.w, self.kw))
     }
     /// `(x index, column-matrix index)` of every tap that reads an input pixel

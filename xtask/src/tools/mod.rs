@@ -4,9 +4,11 @@
 
 use anyhow::Result;
 
+pub mod bundle;
 pub mod ci;
 pub mod fuzz;
 pub mod gpu;
+pub mod toolkit;
 
 /// A tool: its command name, a one-line usage for `cargo xtask --help`, and its handler.
 pub type Tool = (&'static str, &'static str, fn(&[String]) -> Result<()>);
@@ -25,8 +27,13 @@ pub const ALL: &[Tool] = &[
     ),
     (
         "cuda-check",
-        "[--install] [--compute-cap N] [--workspace]  build kiln-core's CUDA kernels without a GPU (opt-in)",
+        "[--install] [--toolkit pypi|debian] [--compute-cap N] [--print-env]  build kiln-core's CUDA kernels without a GPU (opt-in)",
         gpu::cuda_check,
+    ),
+    (
+        "gpu-bundle",
+        "OUT [--compute-cap 90]  CUDA test binaries, xtask and scripts for a GPU machine without Rust (opt-in)",
+        bundle::gpu_bundle,
     ),
     (
         "export-gpu-refs",

@@ -67,7 +67,7 @@ impl CustomOp1 for Relu {
         s: &candle_core::CudaStorage,
         l: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        super::cuda::relu_fwd(self.slope, s, l)
+        super::act_cuda::relu_fwd(self.slope, s, l)
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
@@ -104,7 +104,7 @@ impl CustomOp2 for ReluGrad {
         s2: &candle_core::CudaStorage,
         l2: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        super::cuda::relu_bwd(self.slope, s1, l1, s2, l2)
+        super::act_cuda::relu_bwd(self.slope, s1, l1, s2, l2)
     }
 
     fn cpu_fwd(
@@ -158,7 +158,7 @@ impl CustomOp2 for ChannelBiasRelu {
         s2: &candle_core::CudaStorage,
         l2: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        super::cuda::channel_bias_relu(s1, l1, s2, l2)
+        super::act_cuda::channel_bias_relu(s1, l1, s2, l2)
     }
 
     fn cpu_fwd(

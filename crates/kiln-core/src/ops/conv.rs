@@ -12,97 +12,8 @@ use candle_core::{bail, CpuStorage, CustomOp2, Layout, Result, Shape, Tensor, Wi
 use gemm::Parallelism;
 use rayon::prelude::*;
 
+use super::shape::{ConvGeom as Geom, ConvParams};
 use super::slice;
-
-/// Stride, padding, dilation and groups of a 2-D convolution (square).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct ConvParams {
-    pub stride: usize,
-    pub padding: usize,
-    pub dilation: usize,
-    pub groups: usize,
-}
-
-/// Every size of one convolution, in conv2d terms: `x [b, c_in, h, w]`,
-/// `w [c_out, c_in/groups, kh, kw]`, `y [b, c_out, ho, wo]`.
-#[derive(Debug, Clone, Copy)]
-struct Geom {
-    b: usize,
-    c_in: usize,
-    h: usize,
-    w: usize,
-    c_out: usize,
-    kh: usize,
-    kw: usize,
-    ho: usize,
-    wo: usize,
-    p: ConvParams,
-}
-
-impl Geom {
-    fn cin_g(&self) -> usize {
-        self.c_in / self.p.groups
-    }
-    fn cout_g(&self) -> usize {
-        self.c_out / self.p.groups
-    }
-    /// Rows of one group's column matrix.
-    fn k(&self) -> usize {
-        self.cin_g() * self.kh * self.kw
-    }
-    /// Columns of the column matrix (output pixels).
-    fn n(&self) -> usize {
-        self.ho * self.wo
-    }
-    fn x_item(&self) -> usize {
-        self.c_in * self.h * self.w
-    }
-    fn y_item(&self) -> usize {
-        self.c_out * self.n()
-    }
-    /// A 1x1, stride-1, unpadded convolution: the input already is the column matrix.
-    fn pointwise(&self) -> bool {
-        self.kh == 1 && self.kw == 1 && self.p.stride == 1 && self.p.padding == 0
-    }
-}
-
-/// Output side of a convolution, or `None` when the window does not fit.
-pub(crate) fn out_size(input: usize, k: usize, p: &ConvParams) -> Option<usize> {
-    let span = p.dilation * (k - 1) + 1;
-    let padded = input + 2 * p.padding;
-    if k == 0 || padded < span || p.stride == 0 {
-        return None;
-    }
-    Some((padded - span) / p.stride + 1)
-}
-
-fn geom(x: &[usize], w: &[usize], p: ConvParams, what: &str) -> Result<Geom> {
-    let (&[b, c_in, h, wd], &[c_out, cin_g, kh, kw]) = (x, w) else {
-        bail!("{what}: expected x [B, C, H, W] and w [O, C/groups, kh, kw], got {x:?} and {w:?}")
-    };
-    if p.groups == 0 || c_in % p.groups != 0 || c_out % p.groups != 0 || cin_g * p.groups != c_in {
-        bail!(
-            "{what}: x {x:?} and weight {w:?} do not fit groups {}",
-            p.groups
-        )
-    }
-    let (Some(ho), Some(wo)) = (out_size(h, kh, &p), out_size(wd, kw, &p)) else {
-        bail!("{what}: kernel {kh}x{kw} (stride {}, padding {}, dilation {}) does not fit input {h}x{wd}",
-            p.stride, p.padding, p.dilation)
-    };
-    Ok(Geom {
-        b,
-        c_in,
-        h,
-        w: wd,
-        c_out,
-        kh,
-        kw,
-        ho,
-        wo,
-        p,
-    })
-}
 
 /// `dst[m, n] (+)= lhs[m, k] @ rhs[k, n]`, `dst` row-major with row stride `dst_rs`;
 /// `lhs`/`rhs` given by (row stride, column stride) so transposes cost nothing.
@@ -835,7 +746,7 @@ impl CustomOp2 for Conv2dOp {
         s2: &candle_core::CudaStorage,
         l2: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        super::cuda::conv::conv2d_fwd(self.0, s1, l1, s2, l2)
+        super::conv_cuda::conv2d_fwd(self.0, s1, l1, s2, l2)
     }
 
     fn cpu_fwd(
@@ -845,7 +756,7 @@ impl CustomOp2 for Conv2dOp {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let g = geom(l1.dims(), l2.dims(), self.0, "conv2d")?;
+        let g = Geom::new(l1.dims(), l2.dims(), self.0, "conv2d")?;
         let out = dispatch(
             s1,
             || Ok(conv_fwd(slice::<f32>(s1, l1)?, slice(s2, l2)?, &g)),
@@ -902,7 +813,7 @@ impl CustomOp2 for Conv2dGradInput {
         s2: &candle_core::CudaStorage,
         l2: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        super::cuda::conv::conv2d_grad_input(self.p, (self.h, self.w), s1, l1, s2, l2)
+        super::conv_cuda::conv2d_grad_input(self.p, (self.h, self.w), s1, l1, s2, l2)
     }
 
     fn cpu_fwd(
@@ -926,7 +837,7 @@ impl CustomOp2 for Conv2dGradInput {
             )
         }
         let xd = [b, cin_g * self.p.groups, self.h, self.w];
-        let g = geom(&xd, l2.dims(), self.p, "conv transpose")?;
+        let g = Geom::new(&xd, l2.dims(), self.p, "conv transpose")?;
         if (g.ho, g.wo) != (ho, wo) {
             bail!("conv transpose: output {}x{} does not match input {ho}x{wo} for the given stride/padding", self.h, self.w)
         }
@@ -975,7 +886,7 @@ impl CustomOp2 for Conv2dGradWeight {
         s2: &candle_core::CudaStorage,
         l2: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        super::cuda::conv::conv2d_grad_weight(self.p, (self.kh, self.kw), s1, l1, s2, l2)
+        super::conv_cuda::conv2d_grad_weight(self.p, (self.kh, self.kw), s1, l1, s2, l2)
     }
 
     fn cpu_fwd(
@@ -994,7 +905,7 @@ impl CustomOp2 for Conv2dGradWeight {
         };
         let groups = self.p.groups.max(1);
         let wd = [c_out, c_in / groups, self.kh, self.kw];
-        let g = geom(l1.dims(), &wd, self.p, "conv weight grad")?;
+        let g = Geom::new(l1.dims(), &wd, self.p, "conv weight grad")?;
         if b != b2 || (g.ho, g.wo) != (ho, wo) {
             bail!(
                 "conv weight grad: dy {:?} does not match x {:?}",

@@ -7,6 +7,8 @@
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape};
 use rayon::prelude::*;
 
+use super::shape;
+
 /// Elements per parallel task: small enough to spread, large enough to amortise.
 const CHUNK: usize = 1 << 14;
 
@@ -46,7 +48,7 @@ impl CustomOp1 for GeluTanh {
         s: &candle_core::CudaStorage,
         l: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        super::cuda::gelu_tanh_fwd(s, l)
+        super::fused_cuda::gelu_tanh_fwd(s, l)
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
@@ -90,7 +92,7 @@ impl CustomOp2 for GeluTanhGrad {
         s2: &candle_core::CudaStorage,
         l2: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        super::cuda::gelu_tanh_bwd(s1, l1, s2, l2)
+        super::fused_cuda::gelu_tanh_bwd(s1, l1, s2, l2)
     }
 
     fn cpu_fwd(
@@ -114,14 +116,6 @@ impl CustomOp2 for GeluTanhGrad {
             });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
-}
-
-fn rows(l: &Layout) -> Result<(usize, usize)> {
-    let d = l.dims();
-    let Some(&c) = d.last() else {
-        bail!("row op on a scalar")
-    };
-    Ok((l.shape().elem_count() / c.max(1), c))
 }
 
 /// Rows per parallel task for rows of `c` elements.
@@ -160,12 +154,12 @@ impl CustomOp1 for SoftmaxLast {
         s: &candle_core::CudaStorage,
         l: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        super::cuda::softmax_fwd(s, l)
+        super::fused_cuda::softmax_fwd(s, l)
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = f32_slice(s, l, "softmax")?;
-        let (_, c) = rows(l)?;
+        let (_, c) = shape::last_rows(l.dims(), "softmax")?;
         let mut y = vec![0f32; x.len()];
         map_rows(&mut y, [x], c, |y, [x]| {
             let m = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
@@ -208,7 +202,7 @@ impl CustomOp2 for SoftmaxLastGrad {
         s2: &candle_core::CudaStorage,
         l2: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        super::cuda::softmax_bwd(s1, l1, s2, l2)
+        super::fused_cuda::softmax_bwd(s1, l1, s2, l2)
     }
 
     fn cpu_fwd(
@@ -220,7 +214,7 @@ impl CustomOp2 for SoftmaxLastGrad {
     ) -> Result<(CpuStorage, Shape)> {
         let y = f32_slice(s1, l1, "softmax grad")?;
         let g = f32_slice(s2, l2, "softmax grad")?;
-        let (_, c) = rows(l1)?;
+        let (_, c) = shape::last_rows(l1.dims(), "softmax grad")?;
         let mut out = vec![0f32; y.len()];
         map_rows(&mut out, [y, g], c, |o, [y, g]| {
             let dot: f32 = y.iter().zip(g).map(|(a, b)| a * b).sum();
@@ -261,7 +255,7 @@ impl CustomOp3 for LayerNorm {
         s3: &candle_core::CudaStorage,
         l3: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        super::cuda::layer_norm_fwd(self.eps, (s1, l1), (s2, l2), (s3, l3))
+        super::fused_cuda::layer_norm_fwd(self.eps, (s1, l1), (s2, l2), (s3, l3))
     }
 
     fn cpu_fwd(
@@ -276,7 +270,7 @@ impl CustomOp3 for LayerNorm {
         let x = f32_slice(s1, l1, "layer_norm")?;
         let w = f32_slice(s2, l2, "layer_norm weight")?;
         let b = f32_slice(s3, l3, "layer_norm bias")?;
-        let (_, c) = rows(l1)?;
+        let (_, c) = shape::last_rows(l1.dims(), "layer_norm")?;
         if w.len() != c || b.len() != c {
             bail!(
                 "layer_norm: weight/bias of {} and {} for rows of {c}",
@@ -335,7 +329,7 @@ impl CustomOp3 for LayerNormGradX {
         s3: &candle_core::CudaStorage,
         l3: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        super::cuda::layer_norm_bwd_x(self.eps, (s1, l1), (s2, l2), (s3, l3))
+        super::fused_cuda::layer_norm_bwd_x(self.eps, (s1, l1), (s2, l2), (s3, l3))
     }
 
     fn cpu_fwd(
@@ -350,7 +344,7 @@ impl CustomOp3 for LayerNormGradX {
         let x = f32_slice(s1, l1, "layer_norm grad")?;
         let w = f32_slice(s2, l2, "layer_norm grad")?;
         let g = f32_slice(s3, l3, "layer_norm grad")?;
-        let (_, c) = rows(l1)?;
+        let (_, c) = shape::last_rows(l1.dims(), "layer_norm grad")?;
         let eps = self.eps;
         let mut out = vec![0f32; x.len()];
         map_rows(&mut out, [x, g], c, |o, [x, g]| {
@@ -390,7 +384,7 @@ impl CustomOp2 for LayerNormGradWB {
         s2: &candle_core::CudaStorage,
         l2: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        super::cuda::layer_norm_bwd_wb(self.eps, s1, l1, s2, l2)
+        super::fused_cuda::layer_norm_bwd_wb(self.eps, s1, l1, s2, l2)
     }
 
     fn cpu_fwd(
@@ -402,7 +396,7 @@ impl CustomOp2 for LayerNormGradWB {
     ) -> Result<(CpuStorage, Shape)> {
         let x = f32_slice(s1, l1, "layer_norm grad")?;
         let g = f32_slice(s2, l2, "layer_norm grad")?;
-        let (_, c) = rows(l1)?;
+        let (_, c) = shape::last_rows(l1.dims(), "layer_norm grad")?;
         let eps = self.eps;
         let rb = row_block(c) * c;
         // Per-task partial sums of g * xh and g, reduced at the end.
@@ -452,7 +446,7 @@ impl CustomOp2 for AddBiasLast {
         s2: &candle_core::CudaStorage,
         l2: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        super::cuda::add_bias_last(s1, l1, s2, l2)
+        super::fused_cuda::add_bias_last(s1, l1, s2, l2)
     }
 
     fn cpu_fwd(
@@ -464,7 +458,7 @@ impl CustomOp2 for AddBiasLast {
     ) -> Result<(CpuStorage, Shape)> {
         let x = f32_slice(s1, l1, "add_bias")?;
         let b = f32_slice(s2, l2, "add_bias")?;
-        let (_, c) = rows(l1)?;
+        let (_, c) = shape::last_rows(l1.dims(), "add_bias_last")?;
         if b.len() != c {
             bail!("add_bias: bias of {} for rows of {c}", b.len());
         }
@@ -504,12 +498,12 @@ impl CustomOp1 for SumRows {
         s: &candle_core::CudaStorage,
         l: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        super::cuda::sum_rows(s, l)
+        super::fused_cuda::sum_rows(s, l)
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let g = f32_slice(s, l, "sum_rows")?;
-        let (_, c) = rows(l)?;
+        let (_, c) = shape::last_rows(l.dims(), "sum_rows")?;
         let rb = row_block(c) * c;
         let out = g
             .par_chunks(rb)

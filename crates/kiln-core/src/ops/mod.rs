@@ -9,8 +9,9 @@
 //! Each function takes the kiln kernel for f32/f64 tensors on the CPU and falls
 //! back to candle's own op elsewhere (half types, and CUDA in the default
 //! build), so callers need no device checks of their own. With the `cuda`
-//! feature, CUDA tensors go to kiln's CUDA kernels (`kernels/*.cu`, glue in
-//! `cuda.rs`): token log-probs/entropy, pooling, channel bias, ReLU / leaky
+//! feature, CUDA tensors go to kiln's CUDA kernels (`kernels/*.cu`, each
+//! family's launchers in `<op>_cuda.rs` beside its CPU op, shared plumbing in
+//! `cuda.rs`, shape rules in [`shape`]): token log-probs/entropy, pooling, channel bias, ReLU / leaky
 //! ReLU, bias + ReLU, batch norm and convolutions (f32/f64; convolutions as
 //! im2col/col2im kernels around candle's cuBLAS matmul, no cuDNN), GELU,
 //! softmax, layer norm and the row bias add (f32).
@@ -52,18 +53,35 @@ macro_rules! by_float {
 }
 
 mod act;
+#[cfg(feature = "cuda")]
+mod act_cuda;
 pub(crate) mod composite;
 mod conv;
 #[cfg(feature = "cuda")]
+mod conv_cuda;
+#[cfg(feature = "cuda")]
 pub(crate) mod cuda;
+#[cfg(test)]
+#[cfg(feature = "cuda")]
+mod cuda_tests;
 mod fused;
+#[cfg(feature = "cuda")]
+mod fused_cuda;
 mod norm;
+#[cfg(feature = "cuda")]
+mod norm_cuda;
 mod pool;
+#[cfg(feature = "cuda")]
+mod pool_cuda;
+pub mod shape;
 mod token;
+#[cfg(feature = "cuda")]
+mod token_cuda;
 
 use candle_core::{DType, Result, Tensor};
 
-use conv::{Conv2dGradInput, Conv2dOp, ConvParams};
+use conv::{Conv2dGradInput, Conv2dOp};
+use shape::ConvParams;
 
 /// The contiguous slice behind a storage and layout (ops make inputs contiguous first).
 fn slice<'a, T: candle_core::WithDType>(

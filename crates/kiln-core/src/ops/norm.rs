@@ -14,15 +14,7 @@ use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Res
 use candle_core::{Tensor, WithDType};
 use rayon::prelude::*;
 
-use super::slice;
-
-/// `(batch, channels, spatial size)` of `[B, C, S..]`.
-pub(super) fn bcs(l: &Layout, what: &str) -> Result<(usize, usize, usize)> {
-    match l.dims() {
-        [b, c, rest @ ..] => Ok((*b, *c, rest.iter().product())),
-        d => bail!("{what}: expected [B, C, ..], got {d:?}"),
-    }
-}
+use super::{shape, slice};
 
 /// `f(channel)` for every channel, in parallel.
 fn per_channel<R: Send>(c: usize, f: impl Fn(usize) -> R + Sync + Send) -> Vec<R> {
@@ -66,11 +58,11 @@ impl CustomOp1 for BnStats {
         s: &candle_core::CudaStorage,
         l: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        super::cuda::bn_stats(s, l)
+        super::norm_cuda::bn_stats(s, l)
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let dims = bcs(l, "batch_norm stats")?;
+        let dims = shape::batch_channels(l.dims(), "batch_norm stats")?;
         let out = by_float!(s, "batch_norm stats", |T| {
             let st = stats::<T>(slice(s, l)?, dims);
             let mut out: Vec<T> = st.iter().map(|p| T::from_f64(p.0)).collect();
@@ -98,13 +90,6 @@ fn params<T: WithDType>(p: &[T], c: usize, eps: f64) -> Vec<[f64; 4]> {
         .collect()
 }
 
-pub(super) fn check_p(l: &Layout, c: usize, what: &str) -> Result<()> {
-    if l.dims() != [4, c] {
-        bail!("{what}: parameters {:?}, expected [4, {c}]", l.dims())
-    }
-    Ok(())
-}
-
 impl CustomOp2 for BatchNorm {
     fn name(&self) -> &'static str {
         "kiln-batch-norm"
@@ -118,7 +103,7 @@ impl CustomOp2 for BatchNorm {
         s2: &candle_core::CudaStorage,
         l2: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        super::cuda::batch_norm_fwd(self.eps, s1, l1, s2, l2)
+        super::norm_cuda::batch_norm_fwd(self.eps, s1, l1, s2, l2)
     }
 
     fn cpu_fwd(
@@ -128,8 +113,8 @@ impl CustomOp2 for BatchNorm {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (_, c, s) = bcs(l1, "batch_norm")?;
-        check_p(l2, c, "batch_norm")?;
+        let (_, c, s) = shape::batch_channels(l1.dims(), "batch_norm")?;
+        shape::check_bn_params(l2.dims(), c, "batch_norm")?;
         let out = by_float!(s1, "batch_norm", |T| {
             let x = slice::<T>(s1, l1)?;
             let p = params(slice::<T>(s2, l2)?, c, self.eps);
@@ -196,7 +181,7 @@ impl CustomOp3 for BnSums {
         s3: &candle_core::CudaStorage,
         l3: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        super::cuda::bn_sums(self.eps, (s1, l1), (s2, l2), (s3, l3))
+        super::norm_cuda::bn_sums(self.eps, (s1, l1), (s2, l2), (s3, l3))
     }
 
     fn cpu_fwd(
@@ -208,8 +193,8 @@ impl CustomOp3 for BnSums {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (b, c, s) = bcs(l1, "batch_norm grad")?;
-        check_p(l3, c, "batch_norm grad")?;
+        let (b, c, s) = shape::batch_channels(l1.dims(), "batch_norm grad")?;
+        shape::check_bn_params(l3.dims(), c, "batch_norm grad")?;
         if l2.dims() != l1.dims() {
             bail!("batch_norm grad: dy {:?} for x {:?}", l2.dims(), l1.dims())
         }
@@ -260,7 +245,7 @@ impl CustomOp3 for BnGradX {
         s3: &candle_core::CudaStorage,
         l3: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        super::cuda::bn_grad_x(self.eps, self.train, (s1, l1), (s2, l2), (s3, l3))
+        super::norm_cuda::bn_grad_x(self.eps, self.train, (s1, l1), (s2, l2), (s3, l3))
     }
 
     fn cpu_fwd(
@@ -272,7 +257,7 @@ impl CustomOp3 for BnGradX {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (b, c, s) = bcs(l1, "batch_norm grad")?;
+        let (b, c, s) = shape::batch_channels(l1.dims(), "batch_norm grad")?;
         if l3.dims() != [6, c] || l2.dims() != l1.dims() {
             bail!(
                 "batch_norm grad: bad shapes {:?} {:?}",

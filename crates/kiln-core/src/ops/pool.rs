@@ -7,7 +7,7 @@ use candle_core::{
 };
 use rayon::prelude::*;
 
-use super::slice;
+use super::{shape, slice};
 
 /// Window and stride of a square pooling, and the input plane it was applied to.
 #[derive(Debug, Clone, Copy)]
@@ -22,24 +22,15 @@ struct Pool {
 
 impl Pool {
     fn new(h: usize, w: usize, kernel: usize, stride: usize, what: &str) -> Result<Self> {
-        if kernel == 0 || stride == 0 || kernel > h || kernel > w {
-            bail!("{what}: kernel {kernel} stride {stride} does not fit input {h}x{w}")
-        }
+        let (ho, wo) = shape::pool_out(h, w, kernel, stride, what)?;
         Ok(Self {
             kernel,
             stride,
             h,
             w,
-            ho: (h - kernel) / stride + 1,
-            wo: (w - kernel) / stride + 1,
+            ho,
+            wo,
         })
-    }
-}
-
-fn dims4(l: &Layout, what: &str) -> Result<(usize, usize, usize, usize)> {
-    match *l.dims() {
-        [b, c, h, w] => Ok((b, c, h, w)),
-        ref d => bail!("{what}: expected [B, C, H, W], got {d:?}"),
     }
 }
 
@@ -336,11 +327,11 @@ impl CustomOp1 for MaxPool {
         s: &candle_core::CudaStorage,
         l: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        super::cuda::pool_fwd(true, self.kernel, self.stride, s, l)
+        super::pool_cuda::pool_fwd(true, self.kernel, self.stride, s, l)
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (b, c, h, w) = dims4(l, "max_pool2d")?;
+        let (b, c, h, w) = shape::dims4(l.dims(), "max_pool2d")?;
         let p = Pool::new(h, w, self.kernel, self.stride, "max_pool2d")?;
         let out = by_float!(s, "max_pool2d", |T| max_fwd::<T>(slice(s, l)?, &p, b * c));
         Ok((out, Shape::from((b, c, p.ho, p.wo))))
@@ -368,7 +359,7 @@ impl CustomOp2 for MaxPoolGrad {
         s2: &candle_core::CudaStorage,
         l2: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        super::cuda::max_pool_bwd(self.kernel, self.stride, s1, l1, s2, l2)
+        super::pool_cuda::max_pool_bwd(self.kernel, self.stride, s1, l1, s2, l2)
     }
 
     fn cpu_fwd(
@@ -378,7 +369,7 @@ impl CustomOp2 for MaxPoolGrad {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (b, c, h, w) = dims4(l1, "max_pool2d grad")?;
+        let (b, c, h, w) = shape::dims4(l1.dims(), "max_pool2d grad")?;
         let p = Pool::new(h, w, self.kernel, self.stride, "max_pool2d grad")?;
         if l2.dims() != [b, c, p.ho, p.wo] {
             bail!(
@@ -408,11 +399,11 @@ impl CustomOp1 for AvgPool {
         s: &candle_core::CudaStorage,
         l: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        super::cuda::pool_fwd(false, self.kernel, self.stride, s, l)
+        super::pool_cuda::pool_fwd(false, self.kernel, self.stride, s, l)
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (b, c, h, w) = dims4(l, "avg_pool2d")?;
+        let (b, c, h, w) = shape::dims4(l.dims(), "avg_pool2d")?;
         let p = Pool::new(h, w, self.kernel, self.stride, "avg_pool2d")?;
         let out = by_float!(s, "avg_pool2d", |T| avg_fwd::<T>(slice(s, l)?, &p, b * c));
         Ok((out, Shape::from((b, c, p.ho, p.wo))))
@@ -441,11 +432,11 @@ impl CustomOp1 for AvgPoolGrad {
         s: &candle_core::CudaStorage,
         l: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        super::cuda::avg_pool_bwd(self.kernel, self.stride, (self.h, self.w), s, l)
+        super::pool_cuda::avg_pool_bwd(self.kernel, self.stride, (self.h, self.w), s, l)
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (b, c, ho, wo) = dims4(l, "avg_pool2d grad")?;
+        let (b, c, ho, wo) = shape::dims4(l.dims(), "avg_pool2d grad")?;
         let p = Pool::new(self.h, self.w, self.kernel, self.stride, "avg_pool2d grad")?;
         if (p.ho, p.wo) != (ho, wo) {
             bail!(
@@ -517,7 +508,7 @@ impl CustomOp2 for ChannelBias {
         s2: &candle_core::CudaStorage,
         l2: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        super::cuda::channel_bias(s1, l1, s2, l2)
+        super::pool_cuda::channel_bias(s1, l1, s2, l2)
     }
 
     fn cpu_fwd(
@@ -527,7 +518,7 @@ impl CustomOp2 for ChannelBias {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (b, c, h, w) = dims4(l1, "channel bias")?;
+        let (b, c, h, w) = shape::dims4(l1.dims(), "channel bias")?;
         if l2.dims() != [c] {
             bail!("channel bias: bias {:?} for {c} channels", l2.dims())
         }
@@ -572,11 +563,11 @@ impl CustomOp1 for ChannelSum {
         s: &candle_core::CudaStorage,
         l: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        super::cuda::channel_sum(s, l)
+        super::pool_cuda::channel_sum(s, l)
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (_, c, h, w) = dims4(l, "channel sum")?;
+        let (_, c, h, w) = shape::dims4(l.dims(), "channel sum")?;
         let hw = h * w;
         let out = by_float!(s, "channel sum", |T| {
             let x = slice::<T>(s, l)?;

@@ -7,7 +7,7 @@ use candle_core::{
 };
 use rayon::prelude::*;
 
-use super::slice;
+use super::{shape, slice};
 
 /// The float types the row kernels run on.
 pub(crate) trait Real: candle_core::WithDType + std::ops::Neg<Output = Self> {
@@ -58,17 +58,6 @@ fn stats<T: Real>(row: &[T]) -> (T, T, T) {
 fn shift<T: Real>(row: &[T]) -> (T, T) {
     let (m, s0, _) = stats(row);
     (m, s0.ln())
-}
-
-fn rows(l: &Layout, what: &str) -> Result<(Vec<usize>, usize)> {
-    let d = l.dims();
-    let Some((&v, lead)) = d.split_last() else {
-        bail!("{what}: logits need a vocabulary dimension")
-    };
-    if v == 0 {
-        bail!("{what}: empty vocabulary")
-    }
-    Ok((lead.to_vec(), v))
 }
 
 fn targets(s: &CpuStorage, l: &Layout, n: usize, v: usize, what: &str) -> Result<Vec<usize>> {
@@ -166,7 +155,7 @@ impl CustomOp2 for TokenLogprobs {
         s2: &candle_core::CudaStorage,
         l2: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        super::cuda::token_logprobs_fwd(s1, l1, s2, l2)
+        super::token_cuda::token_logprobs_fwd(s1, l1, s2, l2)
     }
 
     fn cpu_fwd(
@@ -176,7 +165,7 @@ impl CustomOp2 for TokenLogprobs {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (lead, v) = rows(l1, "token_logprobs")?;
+        let (lead, v) = shape::vocab_rows(l1.dims(), "token_logprobs")?;
         let n = lead.iter().product();
         let t = targets(s2, l2, n, v, "token_logprobs")?;
         let out = by_float!(s1, "token_logprobs", |T| logprobs_fwd::<T>(
@@ -214,7 +203,7 @@ impl CustomOp3 for TokenLogprobsGrad {
         s3: &candle_core::CudaStorage,
         l3: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        super::cuda::token_logprobs_bwd(s1, l1, s2, l2, s3, l3)
+        super::token_cuda::token_logprobs_bwd(s1, l1, s2, l2, s3, l3)
     }
 
     fn cpu_fwd(
@@ -226,7 +215,7 @@ impl CustomOp3 for TokenLogprobsGrad {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (lead, v) = rows(l1, "token_logprobs grad")?;
+        let (lead, v) = shape::vocab_rows(l1.dims(), "token_logprobs grad")?;
         let n = lead.iter().product();
         let t = targets(s2, l2, n, v, "token_logprobs grad")?;
         if l3.shape().elem_count() != n {
@@ -253,11 +242,11 @@ impl CustomOp1 for TokenEntropy {
         s: &candle_core::CudaStorage,
         l: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        super::cuda::token_entropy_fwd(s, l)
+        super::token_cuda::token_entropy_fwd(s, l)
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (lead, v) = rows(l, "token_entropy")?;
+        let (lead, v) = shape::vocab_rows(l.dims(), "token_entropy")?;
         let out = by_float!(s, "token_entropy", |T| entropy_fwd::<T>(slice(s, l)?, v));
         Ok((out, Shape::from(lead)))
     }
@@ -282,7 +271,7 @@ impl CustomOp2 for TokenEntropyGrad {
         s2: &candle_core::CudaStorage,
         l2: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        super::cuda::token_entropy_bwd(s1, l1, s2, l2)
+        super::token_cuda::token_entropy_bwd(s1, l1, s2, l2)
     }
 
     fn cpu_fwd(
@@ -292,7 +281,7 @@ impl CustomOp2 for TokenEntropyGrad {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (lead, v) = rows(l1, "token_entropy grad")?;
+        let (lead, v) = shape::vocab_rows(l1.dims(), "token_entropy grad")?;
         let n: usize = lead.iter().product();
         if l2.shape().elem_count() != n {
             bail!("token_entropy grad: gradient {:?} for {n} rows", l2.dims())

@@ -18,16 +18,17 @@
 //! Slices hold as many images as keep the largest scratch matrix under
 //! [`SCRATCH_BYTES`]; with one image the permutes are skipped (its `dy` already
 //! is `[c_out, n]`), and so is im2col for a 1x1, stride-1, unpadded kernel.
-//! A child module of `cuda.rs`, whose private helpers it shares.
+//! The shapes are checked by [`ConvGeom::new`](super::shape::ConvGeom), as the
+//! CPU op checks them; [`cuda_geom`] adds what the kernels need on top.
 
 use std::ops::Range;
 
-use super::{elem_cfg, i32_arg, input, wrap, Float, Module};
-use crate::ops::conv::{out_size, ConvParams};
+use super::cuda::{cuda_float, cuda_func, elem_cfg, i32_arg, input, wrap, Float, Module};
+use super::shape::{ConvGeom as Geom, ConvParams};
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{CudaView, CudaViewMut, PushKernelArg};
 use candle_core::cuda_backend::WrapErr;
-use candle_core::{bail, CudaDevice, CudaStorage, DType, Layout, Result, Shape};
+use candle_core::{bail, CudaDevice, CudaStorage, Layout, Result, Shape};
 
 const CONV: Module = Module {
     key: "kiln-conv",
@@ -37,102 +38,30 @@ const CONV: Module = Module {
 /// Upper bound on one slice's column matrix (or permuted gradient) in bytes.
 const SCRATCH_BYTES: usize = 256 << 20;
 
-/// Every size of one convolution in conv2d terms: `x [b, c_in, h, w]`,
-/// `w [c_out, c_in/groups, kh, kw]`, `y [b, c_out, ho, wo]`.
-#[derive(Debug, Clone, Copy)]
-struct Geom {
-    b: usize,
-    c_in: usize,
-    h: usize,
-    w: usize,
-    c_out: usize,
-    kh: usize,
-    kw: usize,
-    ho: usize,
-    wo: usize,
-    p: ConvParams,
+/// The geometry of a CUDA convolution: [`Geom::new`]'s checks (the CPU op's),
+/// and what the launches also need: non-empty tensors (`ops::mod` sends
+/// empty ones to candle's op) and sizes that fit the kernels' `int`s.
+fn cuda_geom(x: &[usize], w: &[usize], p: ConvParams, what: &str) -> Result<Geom> {
+    if x.contains(&0) || w.contains(&0) {
+        bail!("{what}: empty tensors (x {x:?}, weight {w:?}) have no CUDA kernel")
+    }
+    let g = Geom::new(x, w, p, what)?;
+    // The kernels index planes and rows with i32.
+    for v in [
+        g.c_in * g.kh * g.kw,
+        g.c_out,
+        g.h * g.w,
+        g.ho * g.wo,
+        p.stride,
+        p.padding,
+        p.dilation,
+    ] {
+        i32_arg(v, what)?;
+    }
+    Ok(g)
 }
 
 impl Geom {
-    /// Checks the shapes as `conv.rs`'s `geom` does; CUDA launches also need
-    /// non-empty tensors (`ops::mod` sends empty ones to candle's op).
-    fn new(x: &[usize], w: &[usize], p: ConvParams, what: &str) -> Result<Self> {
-        let (&[b, c_in, h, wd], &[c_out, cin_g, kh, kw]) = (x, w) else {
-            bail!(
-                "{what}: expected x [B, C, H, W] and w [O, C/groups, kh, kw], got {x:?} and {w:?}"
-            )
-        };
-        if p.groups == 0
-            || c_in % p.groups != 0
-            || c_out % p.groups != 0
-            || cin_g * p.groups != c_in
-        {
-            bail!(
-                "{what}: x {x:?} and weight {w:?} do not fit groups {}",
-                p.groups
-            )
-        }
-        if x.contains(&0) || w.contains(&0) {
-            bail!("{what}: empty tensors (x {x:?}, weight {w:?}) have no CUDA kernel")
-        }
-        let (Some(ho), Some(wo)) = (out_size(h, kh, &p), out_size(wd, kw, &p)) else {
-            bail!(
-                "{what}: kernel {kh}x{kw} (stride {}, padding {}, dilation {}) does not fit input {h}x{wd}",
-                p.stride,
-                p.padding,
-                p.dilation
-            )
-        };
-        let g = Self {
-            b,
-            c_in,
-            h,
-            w: wd,
-            c_out,
-            kh,
-            kw,
-            ho,
-            wo,
-            p,
-        };
-        // The kernels index planes and rows with i32.
-        for v in [
-            c_in * kh * kw,
-            c_out,
-            h * wd,
-            ho * wo,
-            p.stride,
-            p.padding,
-            p.dilation,
-        ] {
-            i32_arg(v, what)?;
-        }
-        Ok(g)
-    }
-    fn groups(&self) -> usize {
-        self.p.groups
-    }
-    fn cout_g(&self) -> usize {
-        self.c_out / self.p.groups
-    }
-    /// Rows of one group's column matrix.
-    fn k(&self) -> usize {
-        self.c_in / self.p.groups * self.kh * self.kw
-    }
-    /// Output pixels per image.
-    fn n(&self) -> usize {
-        self.ho * self.wo
-    }
-    fn x_item(&self) -> usize {
-        self.c_in * self.h * self.w
-    }
-    fn y_item(&self) -> usize {
-        self.c_out * self.n()
-    }
-    /// A 1x1, stride-1, unpadded convolution: an image already is its column matrix.
-    fn pointwise(&self) -> bool {
-        self.kh == 1 && self.kw == 1 && self.p.stride == 1 && self.p.padding == 0
-    }
     /// Image ranges of the slices, each small enough for [`SCRATCH_BYTES`].
     fn slices(&self, elem: usize) -> Vec<Range<usize>> {
         let per_image = (self.groups() * self.k()).max(self.c_out) * self.n() * elem;
@@ -179,7 +108,7 @@ fn launch<T: Float>(
     out: &mut CudaViewMut<'_, T>,
     ints: &[i32],
 ) -> Result<()> {
-    let f = func!(dev, CONV, &format!("{name}_{}", T::SUFFIX))?;
+    let f = cuda_func!(dev, CONV, &format!("{name}_{}", T::SUFFIX))?;
     let n = out.len() as u64;
     let mut b = f.builder();
     for v in ins {
@@ -378,8 +307,8 @@ pub(crate) fn conv2d_fwd(
 ) -> Result<(CudaStorage, Shape)> {
     const W: &str = "conv2d (cuda)";
     same_dtype(s1, s2, W)?;
-    let g = Geom::new(l1.dims(), l2.dims(), p, W)?;
-    let y = by_float!(s1, W, |T| conv_fwd::<T>(&g, (s1, l1), (s2, l2), W)?);
+    let g = cuda_geom(l1.dims(), l2.dims(), p, W)?;
+    let y = cuda_float!(s1, W, |T| conv_fwd::<T>(&g, (s1, l1), (s2, l2), W)?);
     Ok((y, Shape::from((g.b, g.c_out, g.ho, g.wo))))
 }
 
@@ -409,11 +338,11 @@ pub(crate) fn conv2d_grad_input(
         )
     }
     let xd = [b, cin_g * p.groups, h, w];
-    let g = Geom::new(&xd, l2.dims(), p, W)?;
+    let g = cuda_geom(&xd, l2.dims(), p, W)?;
     if (g.ho, g.wo) != (ho, wo) {
         bail!("{W}: output {h}x{w} does not match input {ho}x{wo} for the given stride/padding")
     }
-    let dx = by_float!(s1, W, |T| conv_grad_input::<T>(&g, (s1, l1), (s2, l2), W)?);
+    let dx = cuda_float!(s1, W, |T| conv_grad_input::<T>(&g, (s1, l1), (s2, l2), W)?);
     Ok((dx, Shape::from(xd.to_vec())))
 }
 
@@ -436,11 +365,11 @@ pub(crate) fn conv2d_grad_weight(
         )
     };
     let wd = [c_out, c_in / p.groups.max(1), kh, kw];
-    let g = Geom::new(l1.dims(), &wd, p, W)?;
+    let g = cuda_geom(l1.dims(), &wd, p, W)?;
     if b != b2 || (g.ho, g.wo) != (ho, wo) {
         bail!("{W}: dy {:?} does not match x {:?}", l2.dims(), l1.dims())
     }
-    let dw = by_float!(s1, W, |T| conv_grad_weight::<T>(&g, (s1, l1), (s2, l2), W)?);
+    let dw = cuda_float!(s1, W, |T| conv_grad_weight::<T>(&g, (s1, l1), (s2, l2), W)?);
     Ok((dw, Shape::from(wd.to_vec())))
 }
 
@@ -586,10 +515,10 @@ mod tests {
         let gpu = Device::new_cuda(0).expect("a CUDA device");
         let x = rand(&[300, 64, 32, 32], 1, DType::F32);
         let w = rand(&[16, 64, 3, 3], 2, DType::F32);
-        let g = super::Geom::new(
+        let g = super::cuda_geom(
             x.dims(),
             w.dims(),
-            crate::ops::conv::ConvParams {
+            crate::ops::shape::ConvParams {
                 stride: 1,
                 padding: 1,
                 dilation: 1,

@@ -1,0 +1,452 @@
+//! `cargo xtask gpu-bundle OUT`: everything a GPU machine with no Rust needs to
+//! check kiln on CUDA, built here with the PyPI toolkit and no GPU.
+//!
+//! `OUT/kiln-gpu/` holds
+//! - `tests/`: kiln-core's unit-test binary (every CUDA op against the CPU op,
+//!   forward and gradients; the fused Adam against the tensor path), built
+//!   with `--release --features cuda`, stripped;
+//! - `bin/xtask`: xtask with `kiln-core/cuda`, stripped (`demo --device cuda`,
+//!   `generate --device cuda`);
+//! - `scripts/`: `gpu-check.sh` with the PTX and the exported references,
+//!   the PyPI reference scripts (`torch_gpu.py`, `torch_reference.py`) and
+//!   `gpt2_greedy.py` (transformers' greedy tokens on the fixture);
+//! - `fixtures/tiny-gpt2`: kiln-lm's transformers-written GPT-2 fixture;
+//! - `stub/libcuda.so.1`: the link-only driver stub, used by `run.sh
+//!   --dry-run` alone, so the binaries start (and list their tests) where no
+//!   driver is;
+//! - `run.sh` and `MANIFEST.txt` (files, sizes, the libraries each binary loads).
+//!
+//! and `OUT/kiln-gpu.tar.xz`, which must stay under [`MAX_BYTES`].
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+use serde_json::Value;
+
+use super::toolkit::{self, sh, Toolkit};
+
+/// The compressed bundle's size limit (issue 20): 50 MB.
+pub const MAX_BYTES: u64 = 50_000_000;
+
+#[derive(Parser, Debug)]
+#[command(about = "Build the CUDA test binaries, xtask and scripts for a GPU machine without Rust")]
+struct BundleArgs {
+    /// Output folder: OUT/kiln-gpu/ and OUT/kiln-gpu.tar.xz (kiln-gpu/ is replaced).
+    out: PathBuf,
+    /// The PyPI toolkit's prefix (`cargo xtask cuda-check --install` puts it in target/cuda-13.0).
+    #[arg(long)]
+    prefix: Option<PathBuf>,
+    /// CUDA_COMPUTE_CAP of the PTX: 90 for Hopper (H100/H200), 80 for Ampere.
+    #[arg(long, default_value = "90")]
+    compute_cap: String,
+    /// The PyTorch GPU reference script (imports torch_reference.py from its own folder).
+    #[arg(long)]
+    torch_gpu: Option<PathBuf>,
+}
+
+/// `cargo xtask gpu-bundle`.
+pub fn gpu_bundle(args: &[String]) -> Result<()> {
+    let a: BundleArgs = crate::parts::parse("gpu-bundle", args)?;
+    let total = Instant::now();
+    let root = toolkit::workspace_root();
+    let prefix = a.prefix.clone().unwrap_or_else(toolkit::default_prefix);
+    let Some(tk) = Toolkit::find(&prefix) else {
+        bail!(
+            "no CUDA toolkit under {}: run `cargo xtask cuda-check --install` first",
+            prefix.display()
+        )
+    };
+    let torch_gpu = a
+        .torch_gpu
+        .clone()
+        .unwrap_or_else(|| root.join("../shared/bench/torch_gpu.py"));
+    let torch_ref = torch_gpu.with_file_name("torch_reference.py");
+    for f in [&torch_gpu, &torch_ref] {
+        if !f.is_file() {
+            bail!(
+                "{} not found: pass --torch-gpu PATH/torch_gpu.py (torch_reference.py beside it)",
+                f.display()
+            );
+        }
+    }
+    let out = std::path::absolute(&a.out)?;
+    let dir = out.join("kiln-gpu");
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
+    }
+    for sub in ["bin", "tests", "scripts/gpu-check/ptx", "fixtures", "stub"] {
+        std::fs::create_dir_all(dir.join(sub))?;
+    }
+    let mut times: Vec<(String, f64)> = Vec::new();
+
+    // The test binaries and the PTX (from kiln-core's build-script OUT_DIR).
+    let t = Instant::now();
+    let msgs = cargo_json(
+        &tk,
+        &a.compute_cap,
+        &[
+            "test",
+            "--release",
+            "-p",
+            "kiln-core",
+            "--features",
+            "cuda",
+            "--no-run",
+        ],
+    )?;
+    times.push((
+        "cargo test --release -p kiln-core --features cuda --no-run".into(),
+        t.elapsed().as_secs_f64(),
+    ));
+    let mut tests = Vec::new();
+    for m in &msgs {
+        if m["reason"] == "compiler-artifact" && m["profile"]["test"] == true {
+            if let Some(exe) = m["executable"].as_str() {
+                let name = m["target"]["name"].as_str().unwrap_or("test");
+                let kind = m["target"]["kind"][0].as_str().unwrap_or("test");
+                tests.push((format!("kiln_core-{kind}-{name}"), PathBuf::from(exe)));
+            }
+        }
+    }
+    // Only the library's unit tests hold the CUDA tests; the integration
+    // tests run on the CPU and stay out of the bundle.
+    tests.retain(|(n, _)| n.starts_with("kiln_core-lib-"));
+    if tests.is_empty() {
+        bail!("cargo built no kiln-core library test binary");
+    }
+    let ptx_dir = msgs
+        .iter()
+        .filter(|m| m["reason"] == "build-script-executed")
+        .filter(|m| {
+            m["package_id"]
+                .as_str()
+                .is_some_and(|p| p.contains("kiln-core"))
+        })
+        .find_map(|m| m["out_dir"].as_str().map(PathBuf::from))
+        .context("cargo reported no build-script output folder for kiln-core")?;
+    let mut n_ptx = 0;
+    for e in std::fs::read_dir(&ptx_dir)? {
+        let p = e?.path();
+        if p.extension().is_some_and(|x| x == "ptx") {
+            let name = p.file_name().context("ptx name")?;
+            std::fs::copy(&p, dir.join("scripts/gpu-check/ptx").join(name))?;
+            n_ptx += 1;
+        }
+    }
+    if n_ptx == 0 {
+        bail!("no PTX files in {}", ptx_dir.display());
+    }
+
+    // xtask with CUDA.
+    let t = Instant::now();
+    let msgs = cargo_json(
+        &tk,
+        &a.compute_cap,
+        &[
+            "build",
+            "--release",
+            "-p",
+            "xtask",
+            "--features",
+            "kiln-core/cuda",
+        ],
+    )?;
+    times.push((
+        "cargo build --release -p xtask --features kiln-core/cuda".into(),
+        t.elapsed().as_secs_f64(),
+    ));
+    let xtask = msgs
+        .iter()
+        .filter(|m| m["reason"] == "compiler-artifact" && m["target"]["name"] == "xtask")
+        .find_map(|m| m["executable"].as_str().map(PathBuf::from))
+        .context("cargo built no xtask executable")?;
+
+    let t = Instant::now();
+    let mut bins = vec![("bin/xtask".to_string(), xtask)];
+    bins.extend(tests.iter().map(|(n, p)| (format!("tests/{n}"), p.clone())));
+    for (rel, src) in &bins {
+        let dst = dir.join(rel);
+        std::fs::copy(src, &dst).with_context(|| format!("copying {}", src.display()))?;
+        sh(Command::new("strip").arg(&dst), &format!("strip {rel}"))?;
+    }
+
+    // Scripts, references, fixtures, the stub.
+    let refs = dir.join("scripts/gpu-check/refs");
+    let n_refs = super::gpu::export(&refs)?;
+    copy(
+        &root.join("scripts/gpu-check.sh"),
+        &dir.join("scripts/gpu-check.sh"),
+    )?;
+    copy(
+        &root.join("scripts/gpu-check/check.py"),
+        &dir.join("scripts/gpu-check/check.py"),
+    )?;
+    copy(&torch_gpu, &dir.join("scripts/torch_gpu.py"))?;
+    copy(&torch_ref, &dir.join("scripts/torch_reference.py"))?;
+    write(&dir.join("scripts/gpt2_greedy.py"), GPT2_GREEDY_PY, false)?;
+    let fixture = root.join("crates/kiln-lm/tests/fixtures/tiny-gpt2");
+    let fx_dst = dir.join("fixtures/tiny-gpt2");
+    std::fs::create_dir_all(&fx_dst)?;
+    for e in
+        std::fs::read_dir(&fixture).with_context(|| format!("reading {}", fixture.display()))?
+    {
+        let p = e?.path();
+        if p.is_file() {
+            copy(&p, &fx_dst.join(p.file_name().context("fixture name")?))?;
+        }
+    }
+    copy(
+        &tk.stubs().join("libcuda.so"),
+        &dir.join("stub/libcuda.so.1"),
+    )?;
+    write(&dir.join("run.sh"), RUN_SH, true)?;
+    let manifest = manifest(&dir, &bins)?;
+    write(&dir.join("MANIFEST.txt"), &manifest, false)?;
+    times.push((
+        "strip, scripts, references".into(),
+        t.elapsed().as_secs_f64(),
+    ));
+
+    let t = Instant::now();
+    let tar = out.join("kiln-gpu.tar.xz");
+    sh(
+        Command::new("tar")
+            .arg("-cJf")
+            .arg(&tar)
+            .arg("-C")
+            .arg(&out)
+            .arg("kiln-gpu")
+            .env("XZ_OPT", "-6 -T0"),
+        &format!("tar -cJf {}", tar.display()),
+    )?;
+    times.push(("xz".into(), t.elapsed().as_secs_f64()));
+    let size = std::fs::metadata(&tar)?.len();
+    for (what, s) in &times {
+        println!("{s:>8.1}s  {what}");
+    }
+    println!("{:>8.1}s  total", total.elapsed().as_secs_f64());
+    print!("{manifest}");
+    println!(
+        "gpu-bundle: {} ({:.1} MB; {} PTX files, {n_refs} reference cases); on the GPU machine: tar xf kiln-gpu.tar.xz && kiln-gpu/run.sh",
+        tar.display(),
+        size as f64 / 1e6,
+        n_ptx
+    );
+    if size > MAX_BYTES {
+        bail!(
+            "{} is {:.1} MB, over the {} MB limit",
+            tar.display(),
+            size as f64 / 1e6,
+            MAX_BYTES / 1_000_000
+        );
+    }
+    Ok(())
+}
+
+/// Runs cargo with the toolkit's environment and returns its JSON messages.
+fn cargo_json(tk: &Toolkit, cap: &str, args: &[&str]) -> Result<Vec<Value>> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let what = format!("cargo {}", args.join(" "));
+    eprintln!("==> {what} (CUDA_COMPUTE_CAP={cap})");
+    let mut c = Command::new(&cargo);
+    tk.apply(&mut c);
+    let out = c
+        .current_dir(toolkit::workspace_root())
+        .args(args)
+        .arg("--message-format=json-render-diagnostics")
+        .env("CUDA_COMPUTE_CAP", cap)
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .with_context(|| format!("running {what}"))?;
+    if !out.status.success() {
+        bail!("{what} failed ({})", out.status);
+    }
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect())
+}
+
+fn copy(from: &Path, to: &Path) -> Result<()> {
+    std::fs::copy(from, to)
+        .with_context(|| format!("copying {} to {}", from.display(), to.display()))?;
+    Ok(())
+}
+
+fn write(path: &Path, text: &str, exec: bool) -> Result<()> {
+    std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
+    if exec {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755))?;
+    }
+    Ok(())
+}
+
+/// The bundle's files with sizes, and each binary's `NEEDED` libraries (readelf -d).
+fn manifest(dir: &Path, bins: &[(String, PathBuf)]) -> Result<String> {
+    let mut s = String::from(
+        "kiln-gpu bundle\n\nbinaries and the shared libraries they load (ELF NEEDED):\n",
+    );
+    for (rel, _) in bins {
+        let p = dir.join(rel);
+        let out = Command::new("readelf")
+            .arg("-d")
+            .arg(&p)
+            .output()
+            .context("running readelf -d")?;
+        let needed: Vec<String> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| l.contains("(NEEDED)"))
+            .filter_map(|l| {
+                l.split('[')
+                    .nth(1)
+                    .map(|x| x.trim_end_matches(']').to_string())
+            })
+            .collect();
+        s.push_str(&format!(
+            "  {rel} ({:.1} MB): {}\n",
+            std::fs::metadata(&p)?.len() as f64 / 1e6,
+            needed.join(" ")
+        ));
+    }
+    s.push_str(&format!(
+        "\nbuilt with CUDA {} from PyPI: needs an NVIDIA driver for CUDA {} or newer (580+) and\n\
+         libcublas.so.13, libcublasLt.so.13, libcurand.so.10, libnvrtc.so.13 (any CUDA 13.x:\n\
+         /usr/local/cuda/lib64 is searched, or set LD_LIBRARY_PATH)\n",
+        toolkit::PYPI_CUDA,
+        toolkit::PYPI_CUDA
+    ));
+    Ok(s)
+}
+
+/// transformers' greedy continuation of a prompt on a model folder, as ids.
+const GPT2_GREEDY_PY: &str = r#"""transformers' greedy token ids for kiln's GPT-2 parity check.
+usage: python3 gpt2_greedy.py MODEL_DIR PROMPT N  (prints N new token ids, space-separated)"""
+import sys
+import torch
+from transformers import AutoTokenizer, GPT2LMHeadModel
+
+model_dir, prompt, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+tok = AutoTokenizer.from_pretrained(model_dir)
+model = GPT2LMHeadModel.from_pretrained(model_dir).eval()
+ids = tok(prompt, return_tensors="pt").input_ids
+with torch.no_grad():
+    out = model.generate(ids, do_sample=False, max_new_tokens=n, min_new_tokens=n,
+                         pad_token_id=tok.eos_token_id or 0)
+print(" ".join(str(int(i)) for i in out[0, ids.shape[1]:]))
+"#;
+
+/// The bundle's driver script.
+const RUN_SH: &str = r#"#!/usr/bin/env bash
+# kiln on a GPU machine without Rust: the CUDA tests, the demo on CUDA, GPT-2
+# greedy parity against transformers, and scripts/gpu-check.sh; then one table.
+# usage: ./run.sh            (needs an NVIDIA GPU and driver 580+, CUDA 13 libraries)
+#        ./run.sh --dry-run  (any machine: checks the files and libraries, lists
+#                             the tests, and runs nothing that needs a GPU)
+# Exit status: 0 all passed, 1 a failure, 2 no CUDA device (nothing was run).
+set -uo pipefail
+cd "$(dirname "$0")"
+DRY=0
+[ "${1:-}" = "--dry-run" ] && DRY=1
+export LD_LIBRARY_PATH="${CUDA_HOME:-/usr/local/cuda}/lib64:${LD_LIBRARY_PATH:-}"
+ROWS=()
+FAILED=0
+row() { ROWS+=("$(printf '%-30s %-8s %7s  %s' "$1" "$2" "$3" "$4")"); [ "$2" = FAIL ] && FAILED=1; return 0; }
+secs() { echo $(( $(date +%s) - $1 ))s; }
+
+GPU=""
+if command -v nvidia-smi >/dev/null 2>&1; then
+  GPU="$(nvidia-smi --query-gpu=name,driver_version,compute_cap --format=csv,noheader 2>/dev/null | head -1)"
+fi
+if [ -z "$GPU" ]; then
+  if [ $DRY = 0 ]; then
+    echo "run.sh: no CUDA device (nvidia-smi finds no GPU); nothing was run." >&2
+    echo "        ./run.sh --dry-run checks the bundle on a machine without one." >&2
+    exit 2
+  fi
+  echo "no CUDA device: dry run (files, libraries, test lists)"
+else
+  echo "GPU: $GPU"
+fi
+
+# Files.
+missing=0
+for f in bin/xtask tests/* scripts/gpu-check.sh scripts/gpu-check/check.py \
+         scripts/gpu-check/refs/manifest.json scripts/torch_gpu.py scripts/torch_reference.py \
+         scripts/gpt2_greedy.py fixtures/tiny-gpt2/model.safetensors; do
+  [ -e "$f" ] || { echo "missing: $f"; missing=1; }
+done
+n_ptx=$(ls scripts/gpu-check/ptx/*.ptx 2>/dev/null | wc -l)
+[ "$n_ptx" -gt 0 ] || missing=1
+if [ $missing = 0 ]; then row "bundle files" ok - "$n_ptx PTX files"; else row "bundle files" FAIL - "see above"; fi
+
+# Libraries: the driver's libcuda.so.1 comes from the stub in a dry run only.
+LIBS="$LD_LIBRARY_PATH"
+[ $DRY = 1 ] && [ -z "$GPU" ] && LIBS="$PWD/stub:$LD_LIBRARY_PATH"
+nf=$(for b in bin/xtask tests/*; do LD_LIBRARY_PATH="$LIBS" ldd "$b" | grep 'not found'; done | sort -u)
+if [ -z "$nf" ]; then row "shared libraries" ok - "all found"; else
+  row "shared libraries" FAIL - "not found: $(echo "$nf" | awk '{print $1}' | tr '\n' ' ')"; fi
+
+if [ $DRY = 1 ] && [ -z "$GPU" ]; then
+  for t in tests/*; do
+    if n=$(LD_LIBRARY_PATH="$LIBS" "$t" --list 2>/dev/null | grep -c ': test$'); then
+      c=$(LD_LIBRARY_PATH="$LIBS" "$t" --list 2>/dev/null | grep ': test$' | grep -c cuda)
+      row "list $(basename "$t")" ok - "$n tests, $c CUDA"
+    else row "list $(basename "$t")" FAIL - "could not start"; fi
+  done
+  if LD_LIBRARY_PATH="$LIBS" bin/xtask --help >/dev/null 2>&1; then row "xtask starts" ok - ""; else row "xtask starts" FAIL - ""; fi
+  out=$(LD_LIBRARY_PATH="$LIBS" bin/xtask demo --device cuda --quiet 2>&1 | tail -1)
+  row "demo --device cuda" skip - "refused: ${out:0:60}"
+  row "gpt2 greedy parity" skip - "no CUDA device"
+  if bash scripts/gpu-check.sh --dry-run >/tmp/kiln-gpu-check.log 2>&1; then row "gpu-check.sh --dry-run" ok - "$(tail -1 /tmp/kiln-gpu-check.log | cut -c1-60)";
+  else row "gpu-check.sh --dry-run" FAIL - "$(tail -1 /tmp/kiln-gpu-check.log | cut -c1-60)"; fi
+else
+  for t in tests/*; do
+    s=$(date +%s)
+    if timeout 240 "$t" --test-threads 4 >"/tmp/kiln-$(basename "$t").log" 2>&1; then st=ok; else st=FAIL; fi
+    row "$(basename "$t")" $st "$(secs $s)" "$(grep 'test result' "/tmp/kiln-$(basename "$t").log" | tail -1 | cut -c1-60)"
+  done
+  s=$(date +%s)
+  if timeout 300 bin/xtask demo --device cuda --out /tmp/kiln-gpu-demo --quiet >/tmp/kiln-demo.log 2>&1; then st=ok; else st=FAIL; fi
+  row "demo --device cuda" $st "$(secs $s)" "$(tail -1 /tmp/kiln-demo.log | cut -c1-60)"
+  s=$(date +%s)
+  P="The kiln fires the clay"
+  k=$(timeout 120 bin/xtask generate --model fixtures/tiny-gpt2 --prompt "$P" --temperature 0 --ids \
+        --ignore-eos --max-new-tokens 24 --device cuda --offline 2>/tmp/kiln-gen.log | tr -s ' \n' ' ' | sed 's/ $//')
+  if r=$(timeout 120 python3 scripts/gpt2_greedy.py fixtures/tiny-gpt2 "$P" 24 2>/tmp/kiln-gen-ref.log); then
+    if [ -n "$k" ] && [ "$k" = "$r" ]; then row "gpt2 greedy parity (cuda)" ok "$(secs $s)" "24 tokens equal transformers'";
+    else row "gpt2 greedy parity (cuda)" FAIL "$(secs $s)" "kiln [$k] transformers [$r]"; fi
+  else row "gpt2 greedy parity (cuda)" skip "$(secs $s)" "transformers did not run (/tmp/kiln-gen-ref.log)"; fi
+  s=$(date +%s)
+  if bash scripts/gpu-check.sh >/tmp/kiln-gpu-check.log 2>&1; then st=ok; else st=FAIL; fi
+  row "gpu-check.sh" $st "$(secs $s)" "$(tail -1 /tmp/kiln-gpu-check.log | cut -c1-60)"
+fi
+
+echo
+printf '%-30s %-8s %7s  %s\n' check status time detail
+for r in "${ROWS[@]}"; do echo "$r"; done
+exit $FAILED
+"#;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn run_sh_refuses_without_a_gpu_and_names_every_check() {
+        assert!(RUN_SH.starts_with("#!/usr/bin/env bash"));
+        assert!(RUN_SH.contains("no CUDA device"));
+        for check in [
+            "demo --device cuda",
+            "gpt2 greedy parity",
+            "gpu-check.sh",
+            "shared libraries",
+        ] {
+            assert!(RUN_SH.contains(check), "{check}");
+        }
+        assert!(GPT2_GREEDY_PY.contains("do_sample=False"));
+    }
+}
