@@ -234,11 +234,11 @@ fn generator(model: Option<&Path>, slip_rate: f64) -> Result<Gen> {
         let files = kiln_lm::ModelFiles::from_dir(&dir)?;
         let model = kiln_lm::Gpt2::from_files(&files, &kiln_core::Device::Cpu)
             .with_context(|| format!("--model {}", m.display()))?;
-        return Ok(Gen::Lm(kiln_lm::LmGenerator::new(
+        return Ok(Gen::Lm(Box::new(kiln_lm::LmGenerator::new(
             model,
             files.load_tokenizer()?,
             m.display().to_string(),
-        )));
+        ))));
     }
     Ok(Gen::Rule(RuleGenerator::new(slip_rate)))
 }
@@ -246,7 +246,7 @@ fn generator(model: Option<&Path>, slip_rate: f64) -> Result<Gen> {
 /// The generator `prompt eval` runs: a kiln-lm model (whose answers cut by
 /// its context are reported) or the built-in rule generator.
 enum Gen {
-    Lm(kiln_lm::LmGenerator),
+    Lm(Box<kiln_lm::LmGenerator>),
     Rule(RuleGenerator),
 }
 
