@@ -412,6 +412,36 @@ mod tests {
     }
 
     #[test]
+    fn range_errors_name_the_flag_and_its_range() {
+        let max = device::max_threads();
+        for (bad, want) in [
+            (
+                &["--threads", "0"][..],
+                format!("--threads expects a whole number in 1..={max}"),
+            ),
+            (
+                &["--threads", "100000"],
+                format!("--threads expects a whole number in 1..={max}"),
+            ),
+            (
+                &["--steps", "-1"],
+                "--steps expects a whole number in 1..=1000000".into(),
+            ),
+            (
+                &["--steps", "x"],
+                "--steps expects a whole number in 1..=1000000".into(),
+            ),
+            (
+                &["--compare", "--rounds", "101"],
+                "--rounds expects a whole number in 1..=100".into(),
+            ),
+        ] {
+            let e = parse_args(&args(bad)).unwrap_err().to_string();
+            assert!(e.contains(&want), "{bad:?}: {e}");
+        }
+    }
+
+    #[test]
     fn medians_and_metrics() {
         assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
         assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), 2.5);

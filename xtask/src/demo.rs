@@ -5,7 +5,7 @@ use clap::Parser;
 use std::path::PathBuf;
 use std::time::Instant;
 
-use crate::parts::{Component, DemoCtx};
+use crate::parts::{int_in, threads_flag, Component, DemoCtx};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -20,10 +20,10 @@ struct Args {
     #[arg(long)]
     out: Option<PathBuf>,
     /// Random seed.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, value_parser = int_in(0u64, u64::MAX))]
     seed: u64,
-    /// CPU threads (default: all cores).
-    #[arg(long)]
+    /// CPU threads (default: all cores; at most 4 per logical core).
+    #[arg(long, value_parser = threads_flag())]
     threads: Option<usize>,
     /// Device: cpu, cuda, cuda:N or auto.
     #[arg(long, default_value = "cpu")]
@@ -35,7 +35,7 @@ struct Args {
 
 /// Runs the selected demo parts in order.
 pub fn run(args: &[String], components: &[Component]) -> Result<()> {
-    let a = Args::try_parse_from(std::iter::once("demo".to_string()).chain(args.iter().cloned()))?;
+    let a: Args = crate::parts::parse("cargo xtask demo", args)?;
     if let Some(t) = a.threads {
         kiln_core::device::set_threads(t)?;
     }
@@ -70,4 +70,31 @@ pub fn run(args: &[String], components: &[Component]) -> Result<()> {
     eprintln!("demo finished in {:.1}s", t0.elapsed().as_secs_f64());
     println!("{}", out.display());
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::parts::assert_numeric_flags_checked;
+
+    #[test]
+    fn every_numeric_flag_is_range_checked() {
+        assert_numeric_flags_checked::<Args>("cargo xtask demo", None, &[]);
+        let parse = |a: &[&str]| {
+            let a: Vec<String> = a.iter().map(|s| s.to_string()).collect();
+            crate::parts::parse::<Args>("cargo xtask demo", &a)
+        };
+        let e = parse(&["--threads", "100000"]).unwrap_err().to_string();
+        assert!(
+            e.contains("--threads") && e.contains("expected an integer in 1..="),
+            "{e}"
+        );
+        for bad in [&["--threads", "0"][..], &["--seed", "-1"], &["--seed", "x"]] {
+            let e = parse(bad).unwrap_err().to_string();
+            assert!(e.contains(bad[0]) && e.contains("expected"), "{bad:?}: {e}");
+        }
+        let a = parse(&["--threads", "2", "--seed", "7"]).unwrap();
+        assert_eq!((a.threads, a.seed), (Some(2), 7));
+    }
 }

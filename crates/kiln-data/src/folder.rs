@@ -127,8 +127,10 @@ impl ImageFolder {
                     "class folder",
                     "at least one .jpg/.jpeg/.png file (one sub-folder per class)",
                     format!(
-                        "none; add images of class {name:?} or remove the folder (removing it \
-                         renumbers the classes after it, so do the same in every split)"
+                        "none; add images of class {name:?}, keep it as a class without \
+                         images (FolderOptions::allow_empty; `--allow-empty-classes` in \
+                         cargo xtask), or remove the folder (removing it renumbers the \
+                         classes after it, so do the same in every split)"
                     ),
                 ));
             }

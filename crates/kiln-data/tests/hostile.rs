@@ -192,7 +192,9 @@ fn folder_classes_come_from_folder_names_and_splits_agree() {
     assert!(!e.is_missing_split());
     let e = e.to_string();
     assert!(
-        e.contains(&format!("test{}b", std::path::MAIN_SEPARATOR)) && e.contains("add images"),
+        e.contains(&format!("test{}b", std::path::MAIN_SEPARATOR))
+            && e.contains("add images")
+            && e.contains("--allow-empty-classes"),
         "{e}"
     );
     // told to allow it, the class keeps its label

@@ -3,7 +3,8 @@
 //! blocks (`FIDInceptionA`, `C`, `E_1`, `E_2`: average pooling without the
 //! padding in the count, max pooling in the last block), 2048-d features
 //! after the final average pooling, inputs in `[0, 1]` resized to 299x299
-//! (bilinear, `align_corners=False`) and scaled to `2x - 1`.
+//! (bilinear, `align_corners=False`; or clean-fid's PIL bicubic, [`Resize`])
+//! and scaled to `2x - 1`.
 //!
 //! Weights come from a safetensors file with pytorch-fid's state-dict names
 //! (`Conv2d_1a_3x3.conv.weight`, `Mixed_5b.branch1x1.bn.running_var`, ...,
@@ -302,11 +303,65 @@ impl Mixed {
 }
 
 /// How images reach 299x299.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Resize {
     /// pytorch-fid's `F.interpolate(mode="bilinear", align_corners=False)`
-    /// (no antialiasing).
+    /// (no antialiasing): the default.
+    #[default]
     Bilinear,
+    /// clean-fid's `mode="clean"` resize: each channel of the image in
+    /// `[0, 255]` as a PIL float image (`mode="F"`) resized with
+    /// `Image.BICUBIC` (antialiased when shrinking), clipped to `[0, 255]`
+    /// and divided by 255 ([`resize_clean`]). clean-fid pairs it with the
+    /// TensorFlow Inception graph; here it feeds pytorch-fid's network.
+    Clean,
+}
+
+impl Resize {
+    /// The name used in reports and on the command line: `pytorch-fid` or `clean`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Resize::Bilinear => "pytorch-fid",
+            Resize::Clean => "clean",
+        }
+    }
+
+    /// What the resize does, for reports.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Resize::Bilinear => "pytorch-fid resize: bilinear, align_corners=False",
+            Resize::Clean => "clean-fid resize: PIL bicubic on float channels",
+        }
+    }
+
+    /// `x` `[B, C, H, W]` in `[0, 1]` resized to `h x w` this way.
+    pub fn apply(self, x: &Tensor, h: usize, w: usize) -> R {
+        match self {
+            Resize::Bilinear => resize_bilinear(x, h, w),
+            Resize::Clean => resize_clean(x, h, w),
+        }
+    }
+}
+
+impl std::str::FromStr for Resize {
+    type Err = GanError;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "pytorch-fid" | "bilinear" => Ok(Resize::Bilinear),
+            "clean" | "clean-fid" => Ok(Resize::Clean),
+            other => Err(GanError::Metric(format!(
+                "resize `{other}`: expected `pytorch-fid` (bilinear, align_corners=False) \
+                 or `clean` (clean-fid's PIL bicubic)"
+            ))),
+        }
+    }
+}
+
+impl std::fmt::Display for Resize {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
 }
 
 /// The names of the network's parts, in order, for [`InceptionV3::forward_part`].
@@ -325,6 +380,7 @@ pub struct InceptionV3 {
     fc: Tensor,
     hash: String,
     device: Device,
+    resize: Resize,
 }
 
 impl InceptionV3 {
@@ -365,6 +421,7 @@ impl InceptionV3 {
             fc: fc.t()?.contiguous()?,
             hash: String::new(),
             device: device.clone(),
+            resize: Resize::Bilinear,
         };
         net.hash = net.weights_hash()?;
         Ok(net)
@@ -483,10 +540,25 @@ impl InceptionV3 {
         }
     }
 
-    /// pytorch-fid's input transform: bilinear resize to 299x299
-    /// (`align_corners=False`) of `[B, 3, H, W]` in `[0, 1]`, then `2x - 1`.
+    /// The network resizing its inputs with `resize` (default
+    /// [`Resize::Bilinear`], pytorch-fid's). The resize is part of the
+    /// extractor's name and hash, so cached reference features made with
+    /// one resize are never read for the other.
+    pub fn with_resize(mut self, resize: Resize) -> Self {
+        self.resize = resize;
+        self
+    }
+
+    /// The resize in use.
+    pub fn resize(&self) -> Resize {
+        self.resize
+    }
+
+    /// pytorch-fid's input transform: resize to 299x299 of `[B, 3, H, W]` in
+    /// `[0, 1]` (bilinear with `align_corners=False` by default, see
+    /// [`InceptionV3::with_resize`]), then `2x - 1`.
     pub fn preprocess(&self, images: &Tensor) -> R {
-        let x = resize_bilinear(images, 299, 299)?;
+        let x = self.resize.apply(images, 299, 299)?;
         (x * 2.0)? - 1.0
     }
 
@@ -504,11 +576,24 @@ impl InceptionV3 {
 
 impl FeatureExtractor for InceptionV3 {
     fn name(&self) -> String {
-        "pytorch-fid InceptionV3 (pool3, 2048-d, bilinear resize to 299)".into()
+        format!(
+            "pytorch-fid InceptionV3 (pool3, 2048-d; {} to 299)",
+            self.resize.describe()
+        )
     }
 
     fn hash(&self) -> String {
-        self.hash.clone()
+        match self.resize {
+            // The pytorch-fid resize keeps the hash of the weights alone, as
+            // before the option existed, so existing caches stay valid.
+            Resize::Bilinear => self.hash.clone(),
+            Resize::Clean => {
+                let mut h = crate::eval::Fnv::default();
+                h.bytes(self.hash.as_bytes());
+                h.bytes(b"resize=clean");
+                h.hex()
+            }
+        }
     }
 
     fn dim(&self) -> usize {
@@ -564,6 +649,127 @@ pub fn resize_bilinear(x: &Tensor, h: usize, w: usize) -> R {
         .contiguous()?
         .matmul(&y)?;
     y.reshape((b, c, h, w))
+}
+
+/// PIL's bicubic filter (`a = -0.5`, support 2), as in Pillow's `Resample.c`.
+fn pil_bicubic(x: f64) -> f64 {
+    const A: f64 = -0.5;
+    let x = x.abs();
+    if x < 1.0 {
+        ((A + 2.0) * x - (A + 3.0)) * x * x + 1.0
+    } else if x < 2.0 {
+        (((x - 5.0) * x + 8.0) * x - 4.0) * A
+    } else {
+        0.0
+    }
+}
+
+/// One axis of Pillow's resampling (`precompute_coeffs` in `Resample.c`):
+/// for each output index, the first input index and the normalised f64
+/// weights. The filter's support is widened by the scale when shrinking
+/// (antialiasing); the window is rounded as Pillow rounds it (`(int)(v + 0.5)`,
+/// truncating) and clamped to the image.
+fn pil_coeffs(inp: usize, out: usize) -> Vec<(usize, Vec<f64>)> {
+    const SUPPORT: f64 = 2.0;
+    let scale = inp as f64 / out as f64;
+    let filterscale = scale.max(1.0);
+    let support = SUPPORT * filterscale;
+    let ss = 1.0 / filterscale;
+    (0..out)
+        .map(|xx| {
+            let center = (xx as f64 + 0.5) * scale;
+            // C's (int) truncates toward zero; negatives clamp to 0 anyway.
+            let xmin = ((center - support + 0.5) as i64).max(0) as usize;
+            let xmax = ((center + support + 0.5) as i64).clamp(0, inp as i64) as usize;
+            let mut k: Vec<f64> = (xmin..xmax.max(xmin))
+                .map(|x| pil_bicubic((x as f64 - center + 0.5) * ss))
+                .collect();
+            let ww: f64 = k.iter().sum();
+            if ww != 0.0 {
+                k.iter_mut().for_each(|v| *v /= ww);
+            }
+            (xmin, k)
+        })
+        .collect()
+}
+
+/// Pillow's `Image.resize((w, h), Image.BICUBIC)` of one float (`mode="F"`)
+/// plane of `ih x iw` values, row-major: the horizontal pass, then the
+/// vertical one, each summing in f64 and storing f32 (Pillow's 32-bit float
+/// path). A plane already of the target size is returned unchanged, as Pillow
+/// does.
+pub fn pil_bicubic_plane(src: &[f32], ih: usize, iw: usize, h: usize, w: usize) -> Vec<f32> {
+    if (ih, iw) == (h, w) {
+        return src.to_vec();
+    }
+    // Resamples each of `rows` contiguous lines of `inp` values to `out`.
+    let pass = |src: &[f32], rows: usize, inp: usize, out: usize| {
+        let k = pil_coeffs(inp, out);
+        let mut dst = vec![0f32; rows * out];
+        for r in 0..rows {
+            let line = &src[r * inp..(r + 1) * inp];
+            for (o, (start, ws)) in dst[r * out..(r + 1) * out].iter_mut().zip(&k) {
+                let mut s = 0f64;
+                for (v, wk) in line[*start..].iter().zip(ws) {
+                    s += f64::from(*v) * wk;
+                }
+                *o = s as f32;
+            }
+        }
+        dst
+    };
+    // Horizontal (skipped when the width already matches, as Pillow skips it).
+    let hz = if iw != w {
+        pass(src, ih, iw, w)
+    } else {
+        src.to_vec()
+    };
+    if ih == h {
+        return hz;
+    }
+    // Vertical: transpose, resample rows, transpose back.
+    let mut t = vec![0f32; ih * w];
+    for y in 0..ih {
+        for x in 0..w {
+            t[x * ih + y] = hz[y * w + x];
+        }
+    }
+    let vt = pass(&t, w, ih, h);
+    let mut out = vec![0f32; h * w];
+    for x in 0..w {
+        for y in 0..h {
+            out[y * w + x] = vt[x * h + y];
+        }
+    }
+    out
+}
+
+/// clean-fid's `mode="clean"` resize of `[B, C, H, W]` in `[0, 1]` to
+/// `[B, C, h, w]` in `[0, 1]`: each plane times 255 goes through
+/// [`pil_bicubic_plane`] (clean-fid's `Image.fromarray(ch, mode="F")
+/// .resize((w, h), Image.BICUBIC)`), is clipped to `[0, 255]` and divided by
+/// 255 (clean-fid's `model(x / 255)`). The planes are resized on the CPU.
+pub fn resize_clean(x: &Tensor, h: usize, w: usize) -> R {
+    let (b, c, hi, wi) = x.dims4()?;
+    let data = x
+        .to_device(&Device::Cpu)?
+        .to_dtype(DType::F32)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    let plane = hi * wi;
+    let mut out = Vec::with_capacity(b * c * h * w);
+    for p in 0..b * c {
+        let src: Vec<f32> = data[p * plane..(p + 1) * plane]
+            .iter()
+            .map(|v| v * 255.0)
+            .collect();
+        out.extend(
+            pil_bicubic_plane(&src, hi, wi, h, w)
+                .into_iter()
+                .map(|v| v.clamp(0.0, 255.0) / 255.0),
+        );
+    }
+    Tensor::from_vec(out, (b, c, h, w), x.device())
 }
 
 /// Random weights from a seed (He-uniform convolutions, batch norm near the

@@ -7,10 +7,17 @@
 //! Features are rows of an `n x d` matrix ([`Features`]). Means and
 //! covariances come from streaming sums ([`GaussianStats`]), so a reference set
 //! is read once and can be cached.
+//!
+//! KID's subsets and the nearest-neighbour distances of PRDC and the
+//! memorisation check run on rayon's threads (the current pool: xtask's
+//! `--threads`). The subsets are drawn on one thread in a seeded order before
+//! the work is shared out, and every partial result is combined in a fixed
+//! order, so results are bit-for-bit those of one thread.
 
 use faer::{Mat, MatRef, Side};
 use kiln_core::rng::SeededRng;
 use kiln_core::Tensor;
+use rayon::prelude::*;
 
 use crate::error::{GanError, Result};
 
@@ -426,18 +433,27 @@ pub fn kid_mmd(x: &Features, y: &Features) -> Result<f64> {
 
 /// KID over `opts.subsets` random subsets of `min(subset_size, len)` rows of
 /// each set, drawn without replacement (torchmetrics' `randperm[:m]`).
+///
+/// The subsets are drawn in order from `opts.seed` first; their MMDs are then
+/// computed on rayon's threads and kept in subset order, so the result does
+/// not depend on the number of threads.
 pub fn kid(real: &Features, fake: &Features, opts: KidOptions) -> Result<Kid> {
     let m = opts.subset_size.min(real.len()).min(fake.len());
     if opts.subsets == 0 {
         return Err(metric_err("KID: subsets must be at least 1"));
     }
     let mut rng = SeededRng::new(opts.seed);
-    let mut scores = Vec::with_capacity(opts.subsets);
-    for _ in 0..opts.subsets {
-        let ir: Vec<usize> = rng.permutation(real.len())[..m].to_vec();
-        let jf: Vec<usize> = rng.permutation(fake.len())[..m].to_vec();
-        scores.push(kid_mmd(&real.select(&ir), &fake.select(&jf))?);
-    }
+    let draws: Vec<(Vec<usize>, Vec<usize>)> = (0..opts.subsets)
+        .map(|_| {
+            let ir = rng.permutation(real.len())[..m].to_vec();
+            let jf = rng.permutation(fake.len())[..m].to_vec();
+            (ir, jf)
+        })
+        .collect();
+    let scores = draws
+        .par_iter()
+        .map(|(ir, jf)| kid_mmd(&real.select(ir), &fake.select(jf)))
+        .collect::<Result<Vec<f64>>>()?;
     let (mean, var) = mean_var(&scores, 0);
     Ok(Kid {
         mean,
@@ -472,27 +488,41 @@ fn dot(x: &[f64], y: &[f64]) -> f64 {
     x.iter().zip(y).map(|(a, b)| a * b).sum()
 }
 
-/// Calls `f(first_row, distances)` for chunks of at most 512 rows of `a`
-/// against all of `b`, bounding memory to `512 x b.len()`.
-fn distance_chunks(a: &Features, b: &Features, mut f: impl FnMut(usize, &Mat<f64>)) {
-    for start in (0..a.len()).step_by(512) {
-        let idx: Vec<usize> = (start..(start + 512).min(a.len())).collect();
-        f(start, &distances(&a.select(&idx), b));
-    }
+/// Rows of `a` per distance chunk.
+const CHUNK: usize = 512;
+
+/// `f(first_row, distances)` for chunks of at most [`CHUNK`] rows of `a`
+/// against all of `b`, on rayon's threads, the results in chunk order.
+/// Memory is bounded by `CHUNK x b.len()` per thread; each chunk's distances
+/// are the same whichever thread computes them.
+fn distance_chunks<T: Send>(
+    a: &Features,
+    b: &Features,
+    f: impl Fn(usize, &Mat<f64>) -> T + Sync,
+) -> Vec<T> {
+    let starts: Vec<usize> = (0..a.len()).step_by(CHUNK).collect();
+    starts
+        .into_par_iter()
+        .map(|start| {
+            let idx: Vec<usize> = (start..(start + CHUNK).min(a.len())).collect();
+            f(start, &distances(&a.select(&idx), b))
+        })
+        .collect()
 }
 
 /// Distance from each row to its `k`-th nearest other row (`prdc`'s
 /// `compute_nearest_neighbour_distances`: the (k+1)-th smallest with itself).
 fn kth_neighbour(f: &Features, k: usize) -> Vec<f64> {
-    let mut out = Vec::with_capacity(f.len());
     distance_chunks(f, f, |_, d| {
-        for i in 0..d.nrows() {
-            let mut row: Vec<f64> = (0..d.ncols()).map(|j| d[(i, j)]).collect();
-            let (_, v, _) = row.select_nth_unstable_by(k, f64::total_cmp);
-            out.push(*v);
-        }
-    });
-    out
+        (0..d.nrows())
+            .map(|i| {
+                let mut row: Vec<f64> = (0..d.ncols()).map(|j| d[(i, j)]).collect();
+                let (_, v, _) = row.select_nth_unstable_by(k, f64::total_cmp);
+                *v
+            })
+            .collect::<Vec<f64>>()
+    })
+    .concat()
 }
 
 /// Precision, recall, density and coverage (Naeem et al. 2020).
@@ -525,10 +555,11 @@ pub fn prdc(real: &Features, fake: &Features, k: usize) -> Result<Prdc> {
     let rr = kth_neighbour(real, k);
     let ff = kth_neighbour(fake, k);
     let (nr, nf) = (real.len(), fake.len());
-    let mut fake_inside = vec![false; nf];
-    let mut balls_holding = 0usize;
-    let (mut recall, mut coverage) = (0usize, 0usize);
-    distance_chunks(real, fake, |start, d| {
+    // Each chunk of real rows: which generated images fell in its balls, and
+    // its counts; combined below (an OR and integer sums: order-free).
+    let parts = distance_chunks(real, fake, |start, d| {
+        let mut fake_inside = vec![false; nf];
+        let (mut balls_holding, mut recall, mut coverage) = (0usize, 0usize, 0usize);
         for r in 0..d.nrows() {
             let i = start + r;
             let (mut recalled, mut nearest) = (false, f64::INFINITY);
@@ -544,7 +575,19 @@ pub fn prdc(real: &Features, fake: &Features, k: usize) -> Result<Prdc> {
             recall += usize::from(recalled);
             coverage += usize::from(nearest < rr[i]);
         }
+        (fake_inside, balls_holding, recall, coverage)
     });
+    let mut fake_inside = vec![false; nf];
+    let (mut balls_holding, mut recall, mut coverage) = (0usize, 0usize, 0usize);
+    for (inside, b, r, c) in parts {
+        fake_inside
+            .iter_mut()
+            .zip(inside)
+            .for_each(|(x, y)| *x |= y);
+        balls_holding += b;
+        recall += r;
+        coverage += c;
+    }
     let precision = fake_inside.iter().filter(|&&b| b).count();
     Ok(Prdc {
         precision: precision as f64 / nf as f64,
@@ -627,17 +670,16 @@ pub fn nearest_distances(queries: &Features, refs: &Features) -> Result<Vec<f64>
             refs.dim()
         )));
     }
-    let mut out = Vec::with_capacity(queries.len());
-    distance_chunks(queries, refs, |_, d| {
-        for i in 0..d.nrows() {
-            out.push(
+    Ok(distance_chunks(queries, refs, |_, d| {
+        (0..d.nrows())
+            .map(|i| {
                 (0..d.ncols())
                     .map(|j| d[(i, j)])
-                    .fold(f64::INFINITY, f64::min),
-            );
-        }
-    });
-    Ok(out)
+                    .fold(f64::INFINITY, f64::min)
+            })
+            .collect::<Vec<f64>>()
+    })
+    .concat())
 }
 
 /// The nearest-training-image check: generated images should be no closer to

@@ -20,7 +20,7 @@ use kiln_core::checkpoint::{load_part, read_tensors, save_parts, PartRef, TrainS
 use kiln_core::image::{plot_metrics, save_image_grid, GridOptions};
 use kiln_core::optim::{OptimKind, Optimizer};
 use kiln_core::rng::SeededRng;
-use kiln_core::run::{read_metrics, RunDir, RunOptions};
+use kiln_core::run::{read_metrics, MetricRecord, RunDir, RunOptions};
 use kiln_core::session::{Record, Session, SessionError};
 use kiln_core::vars::VarStore;
 use kiln_core::{DType, Device, Tensor, Var};
@@ -270,16 +270,23 @@ pub fn train_with_eval(
         _ => None,
     };
     let best_path = dir.join("checkpoints").join(BEST_FID_CHECKPOINT);
-    // The best so far survives a resume through the checkpoint's metadata.
-    let mut best: Option<(f64, u64)> = match s.resumed() && best_path.is_file() {
-        true => {
+    // The best FID and the streak above it survive a resume: both are
+    // replayed from the `eval` lines of metrics.jsonl, which the session has
+    // cut back to the checkpoint resumed from, so they are what they were
+    // when it was written (an evaluation redone after a kill counts once).
+    let mut stop = FidStop::default();
+    if s.resumed() && metrics.exists() {
+        if let Some(ev) = eval {
+            stop.replay(&read_metrics(&metrics)?, ev.rise);
+        }
+        // A run folder from before the FIDs were replayed: the best from the
+        // checkpoint's metadata.
+        if stop.best.is_none() && best_path.is_file() {
             let (_, meta) = read_tensors(&best_path, &Device::Cpu)?;
             let num = |k: &str| meta.get(k).and_then(|v| v.parse::<f64>().ok());
-            num("extra.fid").zip(num("train.step").map(|v| v as u64))
+            stop.best = num("extra.fid").zip(num("train.step").map(|v| v as u64));
         }
-        false => None,
-    };
-    let mut above = 0u32;
+    }
     let step_ctx = StepCtx {
         tc,
         gan: &gan,
@@ -316,27 +323,22 @@ pub fn train_with_eval(
                     let fid = frechet_distance(rs, &GaussianStats::of(&x.features)?)?.value;
                     s.record("eval", &[("fid", fid)])?;
                     let step = s.global_step();
-                    match best {
-                        Some((b, _)) if fid >= b => {
-                            above = if fid > ev.rise * b { above + 1 } else { 0 };
-                            if ev.patience > 0 && above >= ev.patience {
-                                return Err(GanError::Collapsed(Box::new(Failure {
-                                    run: dir.path().to_path_buf(),
-                                    step,
-                                    reason: format!(
-                                        "FID {fid:.3} stayed above {} x the best FID {b:.3} for \
-                                         {above} evaluations in a row",
-                                        ev.rise
-                                    ),
-                                    checkpoint: best.map(|_| best_path.clone()),
-                                    checkpoint_step: best.map(|(_, st)| st),
-                                })));
-                            }
-                        }
-                        _ => {
-                            save_generator(&gan, &best_path, step, e, Some(fid))?;
-                            best = Some((fid, step));
-                            above = 0;
+                    if stop.observe(fid, step, ev.rise) {
+                        save_generator(&gan, &best_path, step, e, Some(fid))?;
+                    } else if let Some((b, best_step)) = stop.best {
+                        let above = stop.above;
+                        if ev.patience > 0 && above >= ev.patience {
+                            return Err(GanError::Collapsed(Box::new(Failure {
+                                run: dir.path().to_path_buf(),
+                                step,
+                                reason: format!(
+                                    "FID {fid:.3} stayed above {} x the best FID {b:.3} for \
+                                     {above} evaluations in a row",
+                                    ev.rise
+                                ),
+                                checkpoint: Some(best_path.clone()),
+                                checkpoint_step: Some(best_step),
+                            })));
                         }
                     }
                 }
@@ -367,7 +369,7 @@ pub fn train_with_eval(
         epochs: s.epoch(),
         images_per_s: s.observer.throughput(),
         interrupted,
-        best_fid: best.map(|(b, _)| b),
+        best_fid: stop.best.map(|(b, _)| b),
     };
     if !interrupted {
         fixed.save_grids(&gan, &dir, "samples")?;
@@ -380,6 +382,40 @@ pub fn train_with_eval(
         s.finish(json)?;
     }
     Ok(report)
+}
+
+/// The FID stop's state: the best FID with its step, and how many
+/// evaluations in a row stayed above `rise` times it.
+#[derive(Debug, Default, Clone, PartialEq)]
+struct FidStop {
+    best: Option<(f64, u64)>,
+    above: u32,
+}
+
+impl FidStop {
+    /// Counts one evaluation; true when it is a new best (to be saved).
+    fn observe(&mut self, fid: f64, step: u64, rise: f64) -> bool {
+        match self.best {
+            Some((b, _)) if fid >= b => {
+                self.above = if fid > rise * b { self.above + 1 } else { 0 };
+                false
+            }
+            _ => {
+                self.best = Some((fid, step));
+                self.above = 0;
+                true
+            }
+        }
+    }
+
+    /// Replays the `fid` values of the `eval` records, in order.
+    fn replay(&mut self, records: &[MetricRecord], rise: f64) {
+        for r in records.iter().filter(|r| r.split == "eval") {
+            if let Some((_, fid)) = r.values.iter().find(|(k, _)| k == "fid") {
+                self.observe(*fid, r.step, rise);
+            }
+        }
+    }
 }
 
 /// Everything one batch's steps need.

@@ -265,3 +265,91 @@ fn a_fid_that_stays_above_the_best_stops_training_naming_the_best_checkpoint() {
         f.reason
     );
 }
+
+/// The FID stop's run with the blind extractor (every FID equal, rise 0:
+/// every evaluation after the first counts), stopped at `stops` in turn and
+/// resumed after each: the collapse it ends with.
+fn fid_stop_run(stops: &[u64]) -> (kiln_gan::Failure, Vec<f64>) {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    let model = ModelConfig {
+        image_size: 16,
+        nz: 16,
+        ngf: 8,
+        ndf: 8,
+        ..ModelConfig::dcgan32()
+    };
+    let tc = TrainConfig {
+        epochs: 6,
+        batch_size: 4,
+        eval_every: 1,
+        ..TrainConfig::default()
+    };
+    let reference = Features::new(2, (0..40).map(|i| (i % 5) as f64).collect()).unwrap();
+    let ev = FidEval {
+        batch: 8,
+        patience: 3,
+        rise: 0.0,
+        ..FidEval::new(&Blind, &reference, 8)
+    };
+    let train = flowers(Split::Train, 8);
+    for (i, &stop) in stops.iter().enumerate() {
+        let r = train_with_eval(
+            &model,
+            &tc,
+            train.clone(),
+            &DEV,
+            &opts(&run, i > 0),
+            Some(stop),
+            Some(&ev),
+        )
+        .unwrap();
+        assert!(r.interrupted, "stopped at step {stop}");
+    }
+    let e = train_with_eval(
+        &model,
+        &tc,
+        train,
+        &DEV,
+        &opts(&run, !stops.is_empty()),
+        None,
+        Some(&ev),
+    )
+    .unwrap_err();
+    let kiln_gan::GanError::Collapsed(f) = e else {
+        panic!("expected a collapse, got {e}")
+    };
+    let fids = read_metrics(&run.join("metrics.jsonl"))
+        .unwrap()
+        .iter()
+        .filter(|m| m.split == "eval")
+        .map(|m| m.values.iter().find(|(k, _)| k == "fid").unwrap().1)
+        .collect();
+    (*f, fids)
+}
+
+#[test]
+fn the_fid_stop_streak_survives_a_resume() {
+    // Uninterrupted: two steps an epoch; evaluations 2, 3 and 4 stay above
+    // the best, so training stops after the fourth epoch (step 8).
+    let (whole, fids) = fid_stop_run(&[]);
+    assert_eq!((whole.step, whole.checkpoint_step), (8, Some(2)));
+    assert_eq!(fids.len(), 4);
+    assert!(
+        whole.reason.contains("for 3 evaluations in a row"),
+        "{}",
+        whole.reason
+    );
+    // Interrupted inside epochs 2, 3 and 4 (streak 0, 1 and 2 so far), and
+    // at an epoch's last batch, before its evaluation: the same stop, with
+    // each evaluation in metrics.jsonl once.
+    for stops in [vec![3], vec![5], vec![7], vec![4], vec![3, 5, 7]] {
+        let (f, fids) = fid_stop_run(&stops);
+        assert_eq!(
+            (f.step, f.checkpoint_step, &f.reason),
+            (whole.step, whole.checkpoint_step, &whole.reason),
+            "interrupted at {stops:?}"
+        );
+        assert_eq!(fids.len(), 4, "interrupted at {stops:?}");
+    }
+}

@@ -52,8 +52,8 @@
 #![allow(clippy::unwrap_used, missing_docs)]
 
 use kiln_gan::metrics::{
-    frechet_distance, inception_score, kid, kid_mmd, memorisation, prdc, Features, GaussianStats,
-    KidOptions,
+    frechet_distance, inception_score, kid, kid_mmd, memorisation, nearest_distances, prdc,
+    Features, GaussianStats, KidOptions,
 };
 
 fn feat(n: usize, d: usize, seed: u64, shift: f64) -> Features {
@@ -200,4 +200,53 @@ fn bad_features_are_refused_with_their_position() {
     let e = Features::new(3, vec![0.0, 1.0, f64::NAN, 0.0, 0.0, 0.0]).unwrap_err();
     assert!(e.to_string().contains("row 0 column 2"), "{e}");
     assert!(Features::new(4, vec![0.0; 6]).is_err());
+}
+
+/// Runs `f` on a rayon pool of `threads` threads.
+fn on_threads<T: Send>(threads: usize, f: impl FnOnce() -> T + Send) -> T {
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .unwrap()
+        .install(f)
+}
+
+#[test]
+fn kid_prdc_and_nearest_distances_do_not_depend_on_the_threads() {
+    // More than one 512-row distance chunk, and KID subsets enough to share.
+    let (real, fake) = (feat(1100, 12, 7, 0.0), feat(1300, 12, 8, 0.05));
+    let opts = KidOptions {
+        subsets: 12,
+        subset_size: 200,
+        seed: 3,
+    };
+    let all = |threads| {
+        on_threads(threads, || {
+            (
+                kid(&real, &fake, opts).unwrap(),
+                prdc(&real, &fake, 5).unwrap(),
+                nearest_distances(&fake, &real).unwrap(),
+            )
+        })
+    };
+    let one = all(1);
+    for threads in [2, 3, 4] {
+        let many = all(threads);
+        // Bit for bit: f64's == on every field.
+        assert_eq!(one.0, many.0, "KID on {threads} threads");
+        assert_eq!(one.1, many.1, "PRDC on {threads} threads");
+        assert_eq!(one.2, many.2, "nearest distances on {threads} threads");
+    }
+    // The parallel KID is the mean of the same subsets drawn in the same
+    // order as one after another: subset i's MMD alone, from the seed.
+    let mut rng = kiln_core::rng::SeededRng::new(opts.seed);
+    let scores: Vec<f64> = (0..opts.subsets)
+        .map(|_| {
+            let ir = rng.permutation(real.len())[..200].to_vec();
+            let jf = rng.permutation(fake.len())[..200].to_vec();
+            kid_mmd(&real.select(&ir), &fake.select(&jf)).unwrap()
+        })
+        .collect();
+    let mean = scores.iter().sum::<f64>() / scores.len() as f64;
+    assert_eq!(one.0.mean, mean);
 }

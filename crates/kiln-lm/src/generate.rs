@@ -413,6 +413,11 @@ pub fn generate_text(
 
 /// A GPT-2 with its tokenizer, usable wherever kiln-prompt wants a
 /// [`kiln_prompt::TextGenerator`].
+///
+/// A prompt that leaves fewer than `max_new_tokens` positions of the model's
+/// context gets a shorter answer: [`LmGenerator::context_cuts`] counts those
+/// answers so that callers can say so ([`ContextCuts::warning`]); a prompt
+/// that fills the whole context is an error.
 #[derive(Debug, Clone)]
 pub struct LmGenerator {
     /// The model.
@@ -423,6 +428,58 @@ pub struct LmGenerator {
     pub name: String,
     /// Settings kiln-prompt's parameters do not cover (top-k, repetition penalty).
     pub base: GenerationConfig,
+    /// Answers cut short by the model's context so far.
+    pub cuts: ContextCuts,
+}
+
+/// Answers an [`LmGenerator`] cut short because prompt plus answer reached
+/// the model's context length.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct ContextCuts {
+    /// Generations run.
+    pub generations: usize,
+    /// Of those, answers that stopped at the end of the context before
+    /// `max_new_tokens`.
+    pub answers: usize,
+    /// New tokens those answers fell short of `max_new_tokens` by, in all.
+    pub tokens: usize,
+    /// The longest prompt among them, in tokens.
+    pub longest_prompt: usize,
+    /// The model's context length (`n_positions`).
+    pub context: usize,
+}
+
+impl ContextCuts {
+    /// A warning naming the cut answers, the tokens lost and the context
+    /// length; `None` when nothing was cut.
+    pub fn warning(&self) -> Option<String> {
+        (self.answers > 0).then(|| {
+            format!(
+                "{} of {} answers were cut at the model's context of {} tokens, {} tokens \
+                 short of --max-new-tokens in all (prompts of up to {} tokens leave less room \
+                 than asked for; shorten the prompts or lower --max-new-tokens)",
+                self.answers, self.generations, self.context, self.tokens, self.longest_prompt
+            )
+        })
+    }
+}
+
+impl LmGenerator {
+    /// A generator with transformers' default sampling settings.
+    pub fn new(model: Gpt2, tokenizer: Gpt2Tokenizer, name: impl Into<String>) -> Self {
+        Self {
+            model,
+            tokenizer,
+            name: name.into(),
+            base: GenerationConfig::default(),
+            cuts: ContextCuts::default(),
+        }
+    }
+
+    /// Answers cut short by the context so far.
+    pub fn context_cuts(&self) -> &ContextCuts {
+        &self.cuts
+    }
 }
 
 impl kiln_prompt::TextGenerator for LmGenerator {
@@ -443,7 +500,25 @@ impl kiln_prompt::TextGenerator for LmGenerator {
             stop: params.stop.clone(),
             ..self.base.clone()
         };
-        Ok(generate_text(&self.model, &self.tokenizer, prompt, &cfg, None)?.text)
+        let context = self.model.config().n_positions;
+        let prompt_len = self.tokenizer.encode(prompt)?.len().max(1);
+        if prompt_len >= context {
+            return Err(LmError::Input(format!(
+                "a prompt of {prompt_len} tokens fills the model's context of {context} tokens \
+                 and leaves no room for an answer; shorten the prompt"
+            ))
+            .into());
+        }
+        let out = generate_text(&self.model, &self.tokenizer, prompt, &cfg, None)?;
+        self.cuts.generations += 1;
+        self.cuts.context = context;
+        // Length before max_new_tokens: the context ran out.
+        if out.finish == FinishReason::Length && out.ids.len() < cfg.max_new_tokens {
+            self.cuts.answers += 1;
+            self.cuts.tokens += cfg.max_new_tokens - out.ids.len();
+            self.cuts.longest_prompt = self.cuts.longest_prompt.max(prompt_len);
+        }
+        Ok(out.text)
     }
 }
 

@@ -31,7 +31,8 @@ pub mod train;
 pub use config::Gpt2Config;
 pub use error::{LmError, Result};
 pub use generate::{
-    generate_batch, generate_text, FinishReason, Generation, GenerationConfig, LmGenerator,
+    generate_batch, generate_text, ContextCuts, FinishReason, Generation, GenerationConfig,
+    LmGenerator,
 };
 pub use model::{Gpt2, KvCache};
 pub use pretrained::{HubOptions, ModelFiles};

@@ -405,18 +405,56 @@ fn lm_generator_serves_kiln_prompt_with_its_parameters() {
         None,
     )
     .unwrap();
-    let mut g = kiln_lm::LmGenerator {
-        model,
-        tokenizer,
-        name: "tiny".into(),
-        base: GenerationConfig::default(),
-    };
+    let mut g = kiln_lm::LmGenerator::new(model, tokenizer, "tiny");
     let params = kiln_prompt::GenParams {
         max_new_tokens: 10,
         ..Default::default()
     };
     assert_eq!(g.generate("I loved it!", &params).unwrap(), direct.text);
     assert_eq!(g.name(), "tiny");
+    assert_eq!(g.context_cuts().answers, 0);
+    assert_eq!(g.context_cuts().warning(), None);
+}
+
+#[test]
+fn answers_cut_by_the_context_are_counted_and_named() {
+    use kiln_prompt::TextGenerator;
+    let files = ModelFiles::from_dir(&fixture_dir()).unwrap();
+    let model = Gpt2::from_files(&files, &Device::Cpu).unwrap();
+    let tokenizer = files.load_tokenizer().unwrap();
+    let context = model.config().n_positions;
+    let prompt = "I loved it! ".repeat(4);
+    let prompt_len = tokenizer.encode(&prompt).unwrap().len();
+    assert!(prompt_len < context);
+    let mut g = kiln_lm::LmGenerator::new(model, tokenizer, "tiny");
+    g.base.ignore_eos = true;
+    let params = kiln_prompt::GenParams {
+        max_new_tokens: 2 * context,
+        ..Default::default()
+    };
+    // The answer stops at the context's end, and is counted: never silent.
+    g.generate(&prompt, &params).unwrap();
+    // A short answer is not.
+    let short = kiln_prompt::GenParams {
+        max_new_tokens: 3,
+        ..Default::default()
+    };
+    g.generate(&prompt, &short).unwrap();
+    let c = g.context_cuts().clone();
+    assert_eq!((c.generations, c.answers, c.context), (2, 1, context));
+    assert_eq!(c.longest_prompt, prompt_len);
+    assert!(c.tokens > context, "{c:?}");
+    let w = c.warning().unwrap();
+    assert!(
+        w.contains("1 of 2 answers")
+            && w.contains(&format!("context of {context} tokens"))
+            && w.contains(&format!("{} tokens short", c.tokens)),
+        "{w}"
+    );
+    // A prompt that fills the context is an error naming both lengths.
+    let long = "I loved it! ".repeat(context);
+    let e = g.generate(&long, &short).unwrap_err().to_string();
+    assert!(e.contains(&format!("context of {context} tokens")), "{e}");
 }
 
 #[test]

@@ -17,7 +17,7 @@ use kiln_data::{Cached, Dataset, Split};
 use kiln_gan::eval::{
     collapsed_features, dataset_features, evaluate, generated_features, EvalOptions, Fnv,
 };
-use kiln_gan::inception::{resize_bilinear, InceptionV3, RandomWeights};
+use kiln_gan::inception::{InceptionV3, RandomWeights, Resize};
 use kiln_gan::metrics::{Extracted, FeatureExtractor, Features, KidOptions};
 use kiln_gan::train::grid_options;
 use kiln_gan::{
@@ -61,6 +61,11 @@ struct TrainArgs {
     /// Folder holding downloaded datasets.
     #[arg(long, default_value = "data")]
     data_root: PathBuf,
+    /// `folder:PATH` datasets: keep class folders without pictures (the
+    /// class keeps its label, so every split numbers the classes alike)
+    /// instead of refusing them, as torchvision's `ImageFolder(allow_empty=True)`.
+    #[arg(long)]
+    allow_empty_classes: bool,
     /// Architecture preset: dcgan32 (torch_reference.py's DCGAN) or dcgan64.
     #[arg(long, default_value = "dcgan32")]
     preset: String,
@@ -152,6 +157,10 @@ struct TrainArgs {
     /// A SimCLR run whose encoder --eval-every uses when no Inception weights are at hand.
     #[arg(long)]
     ssl_run: Option<PathBuf>,
+    /// How images reach the extractor's input size: `pytorch-fid` (bilinear,
+    /// align_corners=False) or `clean` (clean-fid's PIL bicubic on float channels).
+    #[arg(long, default_value = "pytorch-fid", value_parser = resize_flag)]
+    resize: Resize,
     /// Generated images per evaluation (and test images compared with).
     #[arg(long, default_value_t = 1000, value_parser = int_in(2usize, 1_000_000))]
     eval_n: usize,
@@ -308,7 +317,13 @@ fn train_cmd(args: &[String]) -> Result<()> {
         Some(b) if !given.has("preset") => b.model.image_size,
         _ => ModelConfig::preset(&a.preset)?.image_size,
     };
-    let train_set = open_split(&tc.dataset, &a.data_root, Split::Train, preset_size)?;
+    let train_set = open_split(
+        &tc.dataset,
+        &a.data_root,
+        Split::Train,
+        preset_size,
+        a.allow_empty_classes,
+    )?;
     let model = model_config(
         &a,
         &given,
@@ -332,8 +347,19 @@ fn train_cmd(args: &[String]) -> Result<()> {
     let (ex, reference) = match tc.eval_every {
         0 => (None, None),
         _ => {
-            let ex = extractor(a.inception.as_deref(), a.ssl_run.as_deref(), &device)?;
-            let test = open_split(&tc.dataset, &a.data_root, Split::Test, model.image_size)?;
+            let ex = extractor(
+                a.inception.as_deref(),
+                a.ssl_run.as_deref(),
+                a.resize,
+                &device,
+            )?;
+            let test = open_split(
+                &tc.dataset,
+                &a.data_root,
+                Split::Test,
+                model.image_size,
+                a.allow_empty_classes,
+            )?;
             let f = dataset_features(
                 ex.as_ref(),
                 test.as_ref(),
@@ -462,7 +488,13 @@ fn sample_cmd(args: &[String]) -> Result<()> {
 /// SyntheticFlowers at 32x32, batch 32, 768 iterations, with an EMA copy:
 /// flower-like images of several colours in about half a minute on 2 cores.
 fn demo(ctx: &super::DemoCtx) -> Result<()> {
-    let flowers = open_split("synthetic-flowers", Path::new("data"), Split::Train, 32)?;
+    let flowers = open_split(
+        "synthetic-flowers",
+        Path::new("data"),
+        Split::Train,
+        32,
+        false,
+    )?;
     // Drawn once, not every epoch.
     let train_set: Arc<dyn Dataset> = Arc::new(Cached::new(flowers.as_ref())?);
     let model = ModelConfig {
@@ -504,10 +536,11 @@ struct SslExtractor {
     hash: String,
     dim: usize,
     size: usize,
+    resize: Resize,
 }
 
 impl SslExtractor {
-    fn open(run: &Path, device: &kiln_core::Device) -> Result<Self> {
+    fn open(run: &Path, resize: Resize, device: &kiln_core::Device) -> Result<Self> {
         let (m, cfg) = kiln_ssl::simclr::simclr_from_run(run, device)?;
         let ckpt = RunDir::open(run)?.last_checkpoint();
         let bytes =
@@ -515,18 +548,25 @@ impl SslExtractor {
         let mut h = Fnv::default();
         h.bytes(&bytes);
         h.bytes(format!("{:?}", cfg.widths).as_bytes());
+        if resize != Resize::Bilinear {
+            // (the pytorch-fid resize keeps the hash it had before the option)
+            h.bytes(format!("resize={resize}").as_bytes());
+        }
         let dim = m.encoder.dim();
         Ok(Self {
             name: format!(
-                "kiln-ssl SimCLR encoder of run {} (widths {:?}, {dim}-d, trained on {}; \
-                 not Inception: these FIDs compare only with each other)",
+                "kiln-ssl SimCLR encoder of run {} (widths {:?}, {dim}-d, trained on {}; {} \
+                 to {}; not Inception: these FIDs compare only with each other)",
                 run.display(),
                 cfg.widths,
-                cfg.dataset
+                cfg.dataset,
+                resize.describe(),
+                cfg.image_size
             ),
             hash: h.hex(),
             dim,
             size: cfg.image_size,
+            resize,
             encoder: m.encoder,
         })
     }
@@ -548,7 +588,7 @@ impl FeatureExtractor for SslExtractor {
     fn extract(&self, images: &Tensor) -> kiln_gan::Result<Extracted> {
         use kiln_core::ModuleT;
         // The encoder saw images of its own size in [0, 1].
-        let x = resize_bilinear(images, self.size, self.size)?;
+        let x = self.resize.apply(images, self.size, self.size)?;
         let f = self.encoder.forward_t(&x, false)?;
         Ok(Extracted {
             features: Features::from_tensor(&f)?,
@@ -557,16 +597,23 @@ impl FeatureExtractor for SslExtractor {
     }
 }
 
+/// The `--resize` flag's parser.
+fn resize_flag(s: &str) -> std::result::Result<Resize, String> {
+    s.parse().map_err(|e: kiln_gan::GanError| e.to_string())
+}
+
 /// The extractor a command asked for: pytorch-fid's InceptionV3 from
-/// `--inception FILE`, else the SimCLR encoder of `--ssl-run RUN`.
+/// `--inception FILE`, else the SimCLR encoder of `--ssl-run RUN`, each
+/// resizing its inputs with `resize` (named in its name and hash).
 fn extractor(
     inception: Option<&Path>,
     ssl_run: Option<&Path>,
+    resize: Resize,
     device: &kiln_core::Device,
 ) -> Result<Box<dyn FeatureExtractor>> {
     match (inception, ssl_run) {
-        (Some(f), None) => Ok(Box::new(InceptionV3::load(f, device)?)),
-        (None, Some(r)) => Ok(Box::new(SslExtractor::open(r, device)?)),
+        (Some(f), None) => Ok(Box::new(InceptionV3::load(f, device)?.with_resize(resize))),
+        (None, Some(r)) => Ok(Box::new(SslExtractor::open(r, resize, device)?)),
         (Some(_), Some(_)) => bail!("give one of --inception and --ssl-run, not both"),
         (None, None) => bail!(
             "no feature extractor: pass --inception FILE (pytorch-fid's InceptionV3 weights \
@@ -603,6 +650,10 @@ struct EvalArgs {
     /// A SimCLR run whose encoder is the extractor when no Inception weights are at hand.
     #[arg(long)]
     ssl_run: Option<PathBuf>,
+    /// How images reach the extractor's input size: `pytorch-fid` (bilinear,
+    /// align_corners=False) or `clean` (clean-fid's PIL bicubic on float channels).
+    #[arg(long, default_value = "pytorch-fid", value_parser = resize_flag)]
+    resize: Resize,
     /// Training images searched by the memorisation check (0: skip it).
     #[arg(long, default_value_t = 10_000, value_parser = int_in(0usize, 1_000_000))]
     n_train: usize,
@@ -615,6 +666,11 @@ struct EvalArgs {
     /// Folder holding downloaded datasets.
     #[arg(long)]
     data_root: Option<PathBuf>,
+    /// `folder:PATH` datasets: keep class folders without pictures (the
+    /// class keeps its label, so every split numbers the classes alike)
+    /// instead of refusing them, as torchvision's `ImageFolder(allow_empty=True)`.
+    #[arg(long)]
+    allow_empty_classes: bool,
     /// Feature cache (default DATA_ROOT/feature-cache).
     #[arg(long)]
     cache: Option<PathBuf>,
@@ -636,7 +692,12 @@ fn eval_cmd(args: &[String]) -> Result<()> {
     let split: Split = a.split.parse().context("--split")?;
     let which = if a.ema { Which::Ema } else { Which::Generator };
     let (g, rc) = load_generator(&a.run, which, a.checkpoint.as_deref(), &device)?;
-    let ex = extractor(a.inception.as_deref(), a.ssl_run.as_deref(), &device)?;
+    let ex = extractor(
+        a.inception.as_deref(),
+        a.ssl_run.as_deref(),
+        a.resize,
+        &device,
+    )?;
     let data_root = a.data_root.clone().unwrap_or_else(|| PathBuf::from("data"));
     let cache = a
         .cache
@@ -655,7 +716,13 @@ fn eval_cmd(args: &[String]) -> Result<()> {
     };
     eprintln!("eval gan: extractor {} (hash {})", ex.name(), ex.hash());
     let size = rc.model.image_size;
-    let reference = open_split(&rc.train.dataset, &data_root, split, size)?;
+    let reference = open_split(
+        &rc.train.dataset,
+        &data_root,
+        split,
+        size,
+        a.allow_empty_classes,
+    )?;
     let rf = dataset_features(
         ex.as_ref(),
         reference.as_ref(),
@@ -667,7 +734,13 @@ fn eval_cmd(args: &[String]) -> Result<()> {
     let tf = match a.n_train {
         0 => None,
         k => {
-            let train_set = open_split(&rc.train.dataset, &data_root, Split::Train, size)?;
+            let train_set = open_split(
+                &rc.train.dataset,
+                &data_root,
+                Split::Train,
+                size,
+                a.allow_empty_classes,
+            )?;
             Some(dataset_features(
                 ex.as_ref(),
                 train_set.as_ref(),
@@ -735,4 +808,39 @@ fn bench_fid(ctx: &super::BenchCtx) -> Result<serde_json::Value> {
         net.features(&x)?;
         Ok(())
     })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn args(a: &[&str]) -> Vec<String> {
+        a.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn resize_and_allow_empty_classes_flags() {
+        let a: EvalArgs = parse("e", &args(&["--run", "r"])).unwrap();
+        assert_eq!(a.resize, Resize::Bilinear);
+        assert!(!a.allow_empty_classes);
+        let a: EvalArgs = parse(
+            "e",
+            &args(&["--run", "r", "--resize", "clean", "--allow-empty-classes"]),
+        )
+        .unwrap();
+        assert_eq!(a.resize, Resize::Clean);
+        assert!(a.allow_empty_classes);
+        let (a, _): (TrainArgs, Given) =
+            parse_given("t", &args(&["--resize", "clean", "--allow-empty-classes"])).unwrap();
+        assert_eq!(a.resize, Resize::Clean);
+        assert!(a.allow_empty_classes);
+        let e = parse::<EvalArgs>("e", &args(&["--run", "r", "--resize", "bicubic"]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("--resize") && e.contains("pytorch-fid") && e.contains("clean"),
+            "{e}"
+        );
+    }
 }

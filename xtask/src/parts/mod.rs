@@ -372,17 +372,22 @@ pub fn exit_if_interrupted(interrupted: bool) {
     }
 }
 
-/// Opens a split of a dataset for a model of `image_size` (channels as the data has them).
+/// Opens a split of a dataset for a model of `image_size` (channels as the
+/// data has them). `allow_empty_classes` (`--allow-empty-classes`) keeps a
+/// `folder:PATH` dataset's class folders without pictures instead of
+/// refusing them.
 pub fn open_split(
     dataset: &str,
     data_root: &Path,
     split: Split,
     image_size: usize,
+    allow_empty_classes: bool,
 ) -> Result<Arc<dyn Dataset>> {
     let spec: DatasetSpec = dataset.parse().context("--dataset")?;
     let opts = OpenOptions {
         split,
         image_size: Some(image_size),
+        allow_empty_classes,
         ..Default::default()
     };
     let ds = open_with(&spec, data_root, &opts).with_context(|| match spec.download_name() {
@@ -405,8 +410,9 @@ pub fn open_optional_split(
     data_root: &Path,
     split: Split,
     image_size: usize,
+    allow_empty_classes: bool,
 ) -> Result<Option<Arc<dyn Dataset>>> {
-    match open_split(dataset, data_root, split, image_size) {
+    match open_split(dataset, data_root, split, image_size, allow_empty_classes) {
         Ok(ds) => Ok(Some(ds)),
         Err(e) => match e.downcast_ref::<kiln_data::DataError>() {
             Some(d) if d.is_missing_split() => {

@@ -130,7 +130,10 @@ fn command(args: &[String]) -> Result<()> {
                 },
                 chat_template: chat.as_deref().map(chat_template).transpose()?,
             };
-            let report = evaluate(&suite, generator.as_mut(), counter.as_ref(), &opts)?;
+            let report = evaluate(&suite, generator.as_dyn(), counter.as_ref(), &opts)?;
+            if let Some(w) = generator.context_warning() {
+                eprintln!("warning: {w}");
+            }
             let json_text = serde_json::to_string_pretty(&report)?;
             if let Some(p) = out {
                 std::fs::write(&p, &json_text)
@@ -220,7 +223,7 @@ fn counter(tokenizer: Option<&Path>) -> Result<Box<dyn TokenCounter>> {
     }
 }
 
-fn generator(model: Option<&Path>, slip_rate: f64) -> Result<Box<dyn TextGenerator>> {
+fn generator(model: Option<&Path>, slip_rate: f64) -> Result<Gen> {
     if let Some(m) = model {
         // A kiln-lm model: a Hugging Face GPT-2 folder or a `train lm` run.
         let dir = if m.join("config.toml").is_file() {
@@ -231,14 +234,37 @@ fn generator(model: Option<&Path>, slip_rate: f64) -> Result<Box<dyn TextGenerat
         let files = kiln_lm::ModelFiles::from_dir(&dir)?;
         let model = kiln_lm::Gpt2::from_files(&files, &kiln_core::Device::Cpu)
             .with_context(|| format!("--model {}", m.display()))?;
-        return Ok(Box::new(kiln_lm::LmGenerator {
+        return Ok(Gen::Lm(Box::new(kiln_lm::LmGenerator::new(
             model,
-            tokenizer: files.load_tokenizer()?,
-            name: m.display().to_string(),
-            base: kiln_lm::GenerationConfig::default(),
-        }));
+            files.load_tokenizer()?,
+            m.display().to_string(),
+        ))));
     }
-    Ok(Box::new(RuleGenerator::new(slip_rate)))
+    Ok(Gen::Rule(RuleGenerator::new(slip_rate)))
+}
+
+/// The generator `prompt eval` runs: a kiln-lm model (whose answers cut by
+/// its context are reported) or the built-in rule generator.
+enum Gen {
+    Lm(Box<kiln_lm::LmGenerator>),
+    Rule(RuleGenerator),
+}
+
+impl Gen {
+    fn as_dyn(&mut self) -> &mut dyn TextGenerator {
+        match self {
+            Gen::Lm(g) => g,
+            Gen::Rule(g) => g,
+        }
+    }
+
+    /// The warning about answers cut by the model's context, if any.
+    fn context_warning(&self) -> Option<String> {
+        match self {
+            Gen::Lm(g) => g.context_cuts().warning(),
+            Gen::Rule(_) => None,
+        }
+    }
 }
 
 const DEMO_FILES: [(&str, &str); 4] = [

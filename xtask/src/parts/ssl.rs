@@ -48,6 +48,11 @@ struct Common {
     /// Folder holding downloaded datasets.
     #[arg(long, default_value = "data")]
     data_root: PathBuf,
+    /// `folder:PATH` datasets: keep class folders without pictures (the
+    /// class keeps its label, so every split numbers the classes alike)
+    /// instead of refusing them, as torchvision's `ImageFolder(allow_empty=True)`.
+    #[arg(long)]
+    allow_empty_classes: bool,
     /// Seed.
     #[arg(long, default_value_t = 0, value_parser = int_in(0u64, u64::MAX))]
     seed: u64,
@@ -149,12 +154,14 @@ fn train_inpaint_cmd(args: &[String]) -> Result<()> {
         &a.common.data_root,
         Split::Train,
         cfg.image_size,
+        a.common.allow_empty_classes,
     )?;
     let te = open_optional_split(
         &cfg.dataset,
         &a.common.data_root,
         Split::Test,
         cfg.image_size,
+        a.common.allow_empty_classes,
     )?;
     let cfg = InpaintConfig {
         channels: tr.get(0)?.image.channels,
@@ -252,12 +259,14 @@ fn train_simclr_cmd(args: &[String]) -> Result<()> {
         &a.common.data_root,
         Split::Train,
         cfg.image_size,
+        a.common.allow_empty_classes,
     )?;
     let te = open_optional_split(
         &cfg.dataset,
         &a.common.data_root,
         Split::Test,
         cfg.image_size,
+        a.common.allow_empty_classes,
     )?;
     let cfg = SimclrConfig {
         channels: tr.get(0)?.image.channels,
@@ -301,6 +310,11 @@ struct EvalArgs {
     /// Folder holding downloaded datasets.
     #[arg(long, default_value = "data")]
     data_root: PathBuf,
+    /// `folder:PATH` datasets: keep class folders without pictures (the
+    /// class keeps its label, so every split numbers the classes alike)
+    /// instead of refusing them, as torchvision's `ImageFolder(allow_empty=True)`.
+    #[arg(long)]
+    allow_empty_classes: bool,
     /// Labelled dataset to probe on (default: the run's).
     #[arg(long)]
     dataset: Option<String>,
@@ -314,8 +328,20 @@ fn eval_cmd(args: &[String]) -> Result<()> {
     let device = kiln_core::device::device(&a.device)?;
     let (model, cfg) = simclr_from_run(&a.run, &device)?;
     let ds = a.dataset.clone().unwrap_or(cfg.dataset.clone());
-    let tr = open_split(&ds, &a.data_root, Split::Train, cfg.image_size)?;
-    let te = open_split(&ds, &a.data_root, Split::Test, cfg.image_size)?;
+    let tr = open_split(
+        &ds,
+        &a.data_root,
+        Split::Train,
+        cfg.image_size,
+        a.allow_empty_classes,
+    )?;
+    let te = open_split(
+        &ds,
+        &a.data_root,
+        Split::Test,
+        cfg.image_size,
+        a.allow_empty_classes,
+    )?;
     let p = probe_encoder(&model.encoder, tr.clone(), te.clone(), &device, cfg.seed)?;
     let vs = kiln_core::vars::VarStore::new(cfg.seed.wrapping_add(1));
     let random = Simclr::new(&cfg, vs.builder(kiln_core::DType::F32, &device))?;
@@ -326,8 +352,20 @@ fn eval_cmd(args: &[String]) -> Result<()> {
 }
 
 fn demo_inpaint(ctx: &super::DemoCtx) -> Result<()> {
-    let tr = open_split("synthetic-flowers", Path::new("data"), Split::Train, 32)?;
-    let te = open_split("synthetic-flowers", Path::new("data"), Split::Test, 32)?;
+    let tr = open_split(
+        "synthetic-flowers",
+        Path::new("data"),
+        Split::Train,
+        32,
+        false,
+    )?;
+    let te = open_split(
+        "synthetic-flowers",
+        Path::new("data"),
+        Split::Test,
+        32,
+        false,
+    )?;
     // The chapter's model, mask and optimiser, trained with the hole's error
     // weighted 16x (about half the loss at 32x32 with an 8x8 hole, instead of
     // 1/16), one mask per image and Adam 3e-3, so 6 epochs beat the border-mean
@@ -360,8 +398,20 @@ const DEMO_SIMCLR_EPOCHS: u64 = 8;
 
 fn demo_simclr(ctx: &super::DemoCtx) -> Result<()> {
     // Shapes whose colours are random: random-init features cannot lean on colour.
-    let tr = open_split("synthetic-shapes", Path::new("data"), Split::Train, 16)?;
-    let te = open_split("synthetic-shapes", Path::new("data"), Split::Test, 16)?;
+    let tr = open_split(
+        "synthetic-shapes",
+        Path::new("data"),
+        Split::Train,
+        16,
+        false,
+    )?;
+    let te = open_split(
+        "synthetic-shapes",
+        Path::new("data"),
+        Split::Test,
+        16,
+        false,
+    )?;
     let cfg = SimclrConfig {
         widths: vec![16, 32, 64],
         epochs: DEMO_SIMCLR_EPOCHS,
@@ -398,5 +448,20 @@ mod tests {
     fn every_numeric_flag_is_range_checked() {
         assert_numeric_flags_checked::<InpaintArgs>("cargo xtask train inpaint", None, &[]);
         assert_numeric_flags_checked::<SimclrArgs>("cargo xtask train simclr", None, &[]);
+    }
+
+    #[test]
+    fn allow_empty_classes_is_on_every_command_that_opens_a_dataset() {
+        let on = vec!["--allow-empty-classes".to_string()];
+        let (a, _): (InpaintArgs, _) = parse_given("i", &on).unwrap();
+        assert!(a.common.allow_empty_classes);
+        let (a, _): (SimclrArgs, _) = parse_given("s", &on).unwrap();
+        assert!(a.common.allow_empty_classes);
+        let with_run = ["--run", "r", "--allow-empty-classes"].map(String::from);
+        assert!(
+            parse::<EvalArgs>("e", &with_run)
+                .unwrap()
+                .allow_empty_classes
+        );
     }
 }

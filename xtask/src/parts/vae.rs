@@ -54,6 +54,11 @@ struct TrainArgs {
     /// Folder holding downloaded datasets.
     #[arg(long, default_value = "data")]
     data_root: PathBuf,
+    /// `folder:PATH` datasets: keep class folders without pictures (the
+    /// class keeps its label, so every split numbers the classes alike)
+    /// instead of refusing them, as torchvision's `ImageFolder(allow_empty=True)`.
+    #[arg(long)]
+    allow_empty_classes: bool,
     /// Epochs (the chapter trains 400).
     #[arg(long, value_parser = int_in(1u64, u64::MAX))]
     epochs: Option<u64>,
@@ -174,7 +179,13 @@ fn train_cmd(args: &[String]) -> Result<()> {
         Some(b) if !given.has("image_size") => b.image_size,
         _ => a.image_size,
     };
-    let train_set = open_split(&tc.dataset, &a.data_root, Split::Train, image_size)?;
+    let train_set = open_split(
+        &tc.dataset,
+        &a.data_root,
+        Split::Train,
+        image_size,
+        a.allow_empty_classes,
+    )?;
     let first = train_set.get(0)?;
     let model_cfg = model_config(
         &a,
@@ -183,8 +194,13 @@ fn train_cmd(args: &[String]) -> Result<()> {
         first.image.channels,
         train_set.num_classes(),
     )?;
-    let test_set =
-        open_optional_split(&tc.dataset, &a.data_root, Split::Test, model_cfg.image_size)?;
+    let test_set = open_optional_split(
+        &tc.dataset,
+        &a.data_root,
+        Split::Test,
+        model_cfg.image_size,
+        a.allow_empty_classes,
+    )?;
     eprintln!(
         "train vae: {} on {} ({} train images{}), {} epochs, batch {}, Adam lr {}",
         describe(&model_cfg),
@@ -251,6 +267,11 @@ struct EvalArgs {
     /// Folder holding downloaded datasets.
     #[arg(long, default_value = "data")]
     data_root: PathBuf,
+    /// `folder:PATH` datasets: keep class folders without pictures (the
+    /// class keeps its label, so every split numbers the classes alike)
+    /// instead of refusing them, as torchvision's `ImageFolder(allow_empty=True)`.
+    #[arg(long)]
+    allow_empty_classes: bool,
     /// Split to evaluate: test, val or train.
     #[arg(long, default_value = "test")]
     split: String,
@@ -282,7 +303,13 @@ fn eval_cmd(args: &[String]) -> Result<()> {
             a.k
         );
     }
-    let ds = open_split(&rc.train.dataset, &a.data_root, split, rc.model.image_size)?;
+    let ds = open_split(
+        &rc.train.dataset,
+        &a.data_root,
+        split,
+        rc.model.image_size,
+        a.allow_empty_classes,
+    )?;
     let r = evaluate(&model, ds, &device, batch, a.k, a.seed)?;
     eprintln!(
         "{} on {} ({} images):",
@@ -430,8 +457,20 @@ fn sample_cmd(args: &[String]) -> Result<()> {
 }
 
 fn demo(ctx: &super::DemoCtx) -> Result<()> {
-    let train_set = open_split("synthetic-flowers", Path::new("data"), Split::Train, 32)?;
-    let test_set = open_split("synthetic-flowers", Path::new("data"), Split::Test, 32)?;
+    let train_set = open_split(
+        "synthetic-flowers",
+        Path::new("data"),
+        Split::Train,
+        32,
+        false,
+    )?;
+    let test_set = open_split(
+        "synthetic-flowers",
+        Path::new("data"),
+        Split::Test,
+        32,
+        false,
+    )?;
     let cfg = VaeConfig::mlp_chapter();
     let tc = TrainConfig {
         epochs: 8,
@@ -584,8 +623,61 @@ mod tests {
             .save_png(&imgs.join("0.png"))
             .unwrap();
         let spec = format!("folder:{}", dir.path().join("imgs").display());
-        let te = open_optional_split(&spec, dir.path(), Split::Test, 8).unwrap();
+        let te = open_optional_split(&spec, dir.path(), Split::Test, 8, false).unwrap();
         assert!(te.is_none());
-        assert!(open_optional_split("cifar10", dir.path(), Split::Test, 32).is_err());
+        assert!(open_optional_split("cifar10", dir.path(), Split::Test, 32, false).is_err());
+    }
+
+    #[test]
+    fn allow_empty_classes_keeps_an_empty_class_folder_and_its_label() {
+        let tmp = std::env::temp_dir().join(format!("kiln-xtask-vae-empty-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&tmp);
+        struct Dir(PathBuf);
+        impl Drop for Dir {
+            fn drop(&mut self) {
+                let _ = std::fs::remove_dir_all(&self.0);
+            }
+        }
+        let dir = Dir(tmp);
+        // train/{a,b,c} with two pictures each; test/b is empty
+        for (split, class, n) in [
+            ("train", "a", 2),
+            ("train", "b", 2),
+            ("train", "c", 2),
+            ("test", "a", 1),
+            ("test", "b", 0),
+            ("test", "c", 1),
+        ] {
+            let d = dir.0.join("imgs").join(split).join(class);
+            std::fs::create_dir_all(&d).unwrap();
+            for i in 0..n {
+                kiln_data::Image::zeros(3, 4, 4)
+                    .save_png(&d.join(format!("{i}.png")))
+                    .unwrap();
+            }
+        }
+        let spec = format!("folder:{}", dir.0.join("imgs").display());
+        // refused by default, naming the folder and the flag
+        let e = open_split(&spec, &dir.0, Split::Test, 8, false)
+            .err()
+            .unwrap();
+        let e = format!("{e:#}");
+        assert!(
+            e.contains("--allow-empty-classes") && e.contains("b"),
+            "{e}"
+        );
+        // allowed: train and test agree on the classes, and c keeps label 2
+        let tr = open_split(&spec, &dir.0, Split::Train, 8, true).unwrap();
+        let te = open_split(&spec, &dir.0, Split::Test, 8, true).unwrap();
+        assert_eq!((tr.num_classes(), te.num_classes()), (3, 3));
+        assert_eq!(te.labels().unwrap(), vec![0, 2]);
+        let te = open_optional_split(&spec, &dir.0, Split::Test, 8, true).unwrap();
+        assert_eq!(te.unwrap().labels().unwrap(), vec![0, 2]);
+        // the flag is on every command that opens a dataset of the user's
+        let a = args(&["--allow-empty-classes"]);
+        assert!(parse::<TrainArgs>("t", &a).unwrap().allow_empty_classes);
+        assert!(!parse::<TrainArgs>("t", &[]).unwrap().allow_empty_classes);
+        let a = args(&["--run", "r", "--allow-empty-classes"]);
+        assert!(parse::<EvalArgs>("e", &a).unwrap().allow_empty_classes);
     }
 }
