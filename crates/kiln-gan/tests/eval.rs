@@ -133,17 +133,27 @@ fn opts(run: &Path, resume: bool) -> RunOptions {
     .quiet(true)
 }
 
-#[test]
-fn training_keeps_the_best_fid_checkpoint_across_a_resume() {
-    let dir = tempfile::tempdir().unwrap();
-    let run = dir.path().join("run");
-    let model = ModelConfig {
+/// The small DCGAN every training test here uses (16x16 images).
+fn tiny_model() -> ModelConfig {
+    ModelConfig {
         image_size: 16,
         nz: 16,
         ngf: 8,
         ndf: 8,
         ..ModelConfig::dcgan32()
-    };
+    }
+}
+
+/// Reference features for the blind extractor's FID stop runs.
+fn blind_reference() -> Features {
+    Features::new(2, (0..40).map(|i| (i % 5) as f64).collect()).unwrap()
+}
+
+#[test]
+fn training_keeps_the_best_fid_checkpoint_across_a_resume() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    let model = tiny_model();
     let tc = TrainConfig {
         epochs: 3,
         batch_size: 4,
@@ -217,20 +227,14 @@ impl FeatureExtractor for Blind {
 fn a_fid_that_stays_above_the_best_stops_training_naming_the_best_checkpoint() {
     let dir = tempfile::tempdir().unwrap();
     let run = dir.path().join("run");
-    let model = ModelConfig {
-        image_size: 16,
-        nz: 16,
-        ngf: 8,
-        ndf: 8,
-        ..ModelConfig::dcgan32()
-    };
+    let model = tiny_model();
     let tc = TrainConfig {
         epochs: 4,
         batch_size: 4,
         eval_every: 1,
         ..TrainConfig::default()
     };
-    let reference = Features::new(2, (0..40).map(|i| (i % 5) as f64).collect()).unwrap();
+    let reference = blind_reference();
     // The blind extractor gives the same FID every time; with rise 0 every
     // FID not below the best counts, so the second and third evaluations stop
     // training.
@@ -272,20 +276,14 @@ fn a_fid_that_stays_above_the_best_stops_training_naming_the_best_checkpoint() {
 fn fid_stop_run(stops: &[u64]) -> (kiln_gan::Failure, Vec<f64>) {
     let dir = tempfile::tempdir().unwrap();
     let run = dir.path().join("run");
-    let model = ModelConfig {
-        image_size: 16,
-        nz: 16,
-        ngf: 8,
-        ndf: 8,
-        ..ModelConfig::dcgan32()
-    };
+    let model = tiny_model();
     let tc = TrainConfig {
         epochs: 6,
         batch_size: 4,
         eval_every: 1,
         ..TrainConfig::default()
     };
-    let reference = Features::new(2, (0..40).map(|i| (i % 5) as f64).collect()).unwrap();
+    let reference = blind_reference();
     let ev = FidEval {
         batch: 8,
         patience: 3,
