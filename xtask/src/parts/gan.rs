@@ -395,10 +395,16 @@ fn train_cmd(args: &[String]) -> Result<()> {
     if let Some(b) = rep.best_fid {
         eprintln!("best FID {b:.4} (checkpoints/{BEST_FID_CHECKPOINT})");
     }
-    eprintln!(
-        "last epoch: D loss {:.4}, G loss {:.4}, D(x) {:.3}, D(G(z)) {:.3}; {:.0} images/s",
-        rep.d_loss, rep.g_loss, rep.d_real, rep.d_fake, rep.images_per_s
-    );
+    // Interrupted inside the first epoch there is no epoch summary yet: say
+    // so rather than print its NaN placeholders.
+    if rep.d_loss.is_nan() && rep.interrupted {
+        eprintln!("no epoch finished yet: its losses are in metrics.jsonl once one does");
+    } else {
+        eprintln!(
+            "last epoch: D loss {:.4}, G loss {:.4}, D(x) {:.3}, D(G(z)) {:.3}; {:.0} images/s",
+            rep.d_loss, rep.g_loss, rep.d_real, rep.d_fake, rep.images_per_s
+        );
+    }
     if let Some(p) = opts.resume.as_ref().or(opts.out.as_ref()) {
         println!("{}", p.display());
     }
