@@ -11,7 +11,7 @@ use serde_json::{json, Map, Value};
 
 use crate::parts::{BenchCtx, Component};
 
-const USAGE: &str = "usage: cargo xtask bench [NAME...] [--threads N] [--steps N]
+const USAGE: &str = "usage: cargo xtask bench [NAME...] [--threads N] [--steps N] [--device cpu|cuda[:N]] [--batch N]
        cargo xtask bench --compare [NAME...] [--rounds N] [--threads N] [--python PY] [--torch SCRIPT]";
 
 /// The command line of `bench`.
@@ -20,6 +20,10 @@ struct Args {
     names: Vec<String>,
     threads: usize,
     steps: Option<usize>,
+    /// `--device`: cpu (default) or cuda[:N].
+    device: kiln_core::device::DeviceSpec,
+    /// `--batch`: one batch for every chosen benchmark instead of their own.
+    batch: Option<usize>,
     compare: bool,
     rounds: usize,
     python: String,
@@ -32,6 +36,8 @@ fn parse_args(args: &[String]) -> Result<Args> {
         names: Vec::new(),
         threads: 2,
         steps: None,
+        device: kiln_core::device::DeviceSpec::Cpu,
+        batch: None,
         compare: false,
         rounds: 3,
         python: "python3".into(),
@@ -56,6 +62,13 @@ fn parse_args(args: &[String]) -> Result<Args> {
             "--threads" => out.threads = count("--threads", device::max_threads())?,
             "--steps" => out.steps = Some(count("--steps", 1_000_000)?),
             "--rounds" => out.rounds = count("--rounds", 100)?,
+            "--batch" => out.batch = Some(count("--batch", 65_536)?),
+            "--device" => {
+                let v = value("--device")?;
+                out.device = v.parse().map_err(|e| {
+                    anyhow::anyhow!("--device expects cpu, cuda or cuda:N, found {v:?}: {e}")
+                })?;
+            }
             "--compare" => out.compare = true,
             "--python" => out.python = value("--python")?,
             "--torch" => out.torch = Some(PathBuf::from(value("--torch")?)),
@@ -66,6 +79,9 @@ fn parse_args(args: &[String]) -> Result<Args> {
     }
     if !out.compare && (out.torch.is_some() || args.iter().any(|a| a == "--rounds")) {
         bail!("--rounds and --torch go with --compare\n{USAGE}");
+    }
+    if out.compare && (out.batch.is_some() || out.device != kiln_core::device::DeviceSpec::Cpu) {
+        bail!("--compare runs on the CPU at the reference batches; --device and --batch go without it\n{USAGE}");
     }
     Ok(out)
 }
@@ -92,13 +108,45 @@ pub fn run(args: &[String], components: &[Component]) -> Result<()> {
         return compare(&a);
     }
     device::set_threads(a.threads)?;
+    let dev = a.device.open()?;
     let ctx = BenchCtx {
         threads: a.threads,
         steps: a.steps.unwrap_or(200),
         warm: 20,
+        device: dev.clone(),
+        batch: a.batch,
+        gpu_base: None,
     };
     for b in benches {
-        if a.names.is_empty() || a.names.iter().any(|n| n == b.name) {
+        let named = a.names.iter().any(|n| n == b.name);
+        if !(a.names.is_empty() || named) {
+            continue;
+        }
+        // The benchmarks with GPU batches are the ones whose batch can change.
+        if a.batch.is_some() && b.gpu_batches.is_empty() {
+            if named {
+                bail!("{} has a fixed batch; drop --batch", b.name);
+            }
+            continue;
+        }
+        let runs: Vec<Option<usize>> = if dev.is_cpu() {
+            vec![a.batch]
+        } else if b.gpu_batches.is_empty() {
+            if named {
+                bail!("{} runs on the CPU only; drop --device", b.name);
+            }
+            continue;
+        } else if a.batch.is_some() {
+            vec![a.batch]
+        } else {
+            b.gpu_batches.iter().map(|&n| Some(n)).collect()
+        };
+        for batch in runs {
+            let ctx = BenchCtx {
+                batch,
+                gpu_base: device::gpu_memory(&dev).map(|(used, _)| used),
+                ..ctx.clone()
+            };
             let mut line = (b.run)(&ctx)?;
             if let Value::Object(o) = &mut line {
                 o.extend(machine());
@@ -391,6 +439,60 @@ mod tests {
 
     fn args(s: &[&str]) -> Vec<String> {
         s.iter().map(|a| a.to_string()).collect()
+    }
+
+    #[test]
+    fn device_and_batch_flags() {
+        let a = parse_args(&args(&["--device", "cuda:1", "--batch", "512"])).unwrap();
+        assert_eq!(a.device, kiln_core::device::DeviceSpec::Cuda(1));
+        assert_eq!(a.batch, Some(512));
+        for (bad, want) in [
+            (
+                &["--device", "tpu"][..],
+                "--device expects cpu, cuda or cuda:N",
+            ),
+            (
+                &["--batch", "0"],
+                "--batch expects a whole number in 1..=65536",
+            ),
+            (&["--batch", "x"], "--batch expects a whole number"),
+            (
+                &["--compare", "--batch", "8"],
+                "--device and --batch go without it",
+            ),
+            (
+                &["--compare", "--device", "cuda"],
+                "--device and --batch go without it",
+            ),
+        ] {
+            let e = parse_args(&args(bad)).unwrap_err().to_string();
+            assert!(e.contains(want), "{bad:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn gpu_benchmarks_are_the_compared_ones_and_cpu_lines_name_the_device() {
+        let comps = crate::parts::all();
+        let benches: Vec<_> = comps.iter().flat_map(|c| c.benches.iter()).collect();
+        for b in &benches {
+            let compared = PAIRS.iter().any(|p| p.kiln == b.name);
+            // bf16-weight decode feeds the CPU's gemv; every other compared
+            // benchmark runs on a GPU too, as torch_gpu.py's do.
+            let want = compared && b.name != "gpt2_small_greedy_decode_bf16";
+            assert_eq!(!b.gpu_batches.is_empty(), want, "{}", b.name);
+        }
+        let ctx = BenchCtx {
+            threads: 1,
+            steps: 1,
+            warm: 0,
+            device: kiln_core::Device::Cpu,
+            batch: Some(2),
+            gpu_base: None,
+        };
+        let line = ctx.train_line("x", ctx.batch_or(32), || Ok(())).unwrap();
+        assert_eq!(line["device"], "cpu");
+        assert_eq!(line["batch"], 2);
+        assert!(line.get("peak_gpu_mem_mb").is_none());
     }
 
     #[test]

@@ -131,6 +131,36 @@ pub fn device(spec: &str) -> Result<Device, DeviceError> {
     spec.parse::<DeviceSpec>()?.open()
 }
 
+/// A CUDA device's memory in use across the whole device (every process) and
+/// its total, in bytes, from the driver (`cuMemGetInfo`). `None` on the CPU
+/// or in a build without CUDA. Safe to call from any thread.
+pub fn gpu_memory(dev: &Device) -> Option<(usize, usize)> {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(d) = dev {
+        let (free, total) = d.cuda_stream().context().mem_get_info().ok()?;
+        return Some((total.saturating_sub(free), total));
+    }
+    let _ = dev;
+    None
+}
+
+/// What a device is, for reports: `cpu`, or the GPU's name and ordinal
+/// (`cuda:0 NVIDIA H200`).
+pub fn device_name(dev: &Device) -> String {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(d) = dev {
+        let stream = d.cuda_stream();
+        let ctx = stream.context();
+        let name = ctx.name().unwrap_or_else(|_| "unknown GPU".into());
+        return format!("cuda:{} {name}", ctx.ordinal());
+    }
+    match dev {
+        Device::Cpu => "cpu".into(),
+        Device::Cuda(_) => "cuda".into(),
+        Device::Metal(_) => "metal".into(),
+    }
+}
+
 /// The most threads [`set_threads`] accepts per logical core.
 pub const MAX_THREADS_PER_CORE: usize = 4;
 
@@ -280,6 +310,12 @@ pub fn threads() -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_cpu_has_no_gpu_memory_and_a_plain_name() {
+        assert_eq!(gpu_memory(&Device::Cpu), None);
+        assert_eq!(device_name(&Device::Cpu), "cpu");
+    }
 
     #[test]
     fn cpu_facts_are_named_and_consistent() {

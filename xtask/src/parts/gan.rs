@@ -44,6 +44,7 @@ pub fn component() -> Component {
         benches: vec![super::Bench {
             name: "fid_inception_features",
             run: bench_fid,
+            gpu_batches: &[],
         }],
         ..Default::default()
     }
@@ -805,11 +806,7 @@ fn bench_fid(ctx: &super::BenchCtx) -> Result<serde_json::Value> {
     let dev = kiln_core::Device::Cpu;
     let net = InceptionV3::from_source(&mut RandomWeights::new(0, &dev), &dev)?;
     let x = SeededRng::new(1).uniform(&[50, 3, 32, 32], 0.0, 1.0, &dev)?;
-    let ctx = super::BenchCtx {
-        threads: ctx.threads,
-        steps: 3,
-        warm: 1,
-    };
+    let ctx = ctx.with_steps(3, 1);
     ctx.train_line("fid_inception_features", 50, || {
         net.features(&x)?;
         Ok(())

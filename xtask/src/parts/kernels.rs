@@ -8,7 +8,7 @@ use kiln_core::loss::{mse, Reduction};
 use kiln_core::optim::{OptimKind, Optimizer};
 use kiln_core::rng::SeededRng;
 use kiln_core::vars::VarStore;
-use kiln_core::{DType, Device, Module};
+use kiln_core::{DType, Module};
 use kiln_data::masks::SquareMask;
 use kiln_gan::loss::{minimax_d, non_saturating_g};
 use kiln_gan::{is_trainable, Discriminator, Generator, ModelConfig};
@@ -23,10 +23,12 @@ pub fn component() -> Component {
             Bench {
                 name: "inpaint_convae_train_step",
                 run: bench_convae,
+                gpu_batches: &[32, 512],
             },
             Bench {
                 name: "dcgan32_train_iter",
                 run: bench_dcgan,
+                gpu_batches: &[64, 512],
             },
         ],
         ..Default::default()
@@ -34,16 +36,17 @@ pub fn component() -> Component {
 }
 
 fn bench_convae(ctx: &super::BenchCtx) -> Result<serde_json::Value> {
-    let dev = Device::Cpu;
+    let dev = ctx.device.clone();
     let vs = VarStore::new(0);
     // kiln-ssl's model is torch_reference.py's `ConvAE` (same layers and shapes).
     let model = InpaintAe::new(3, vs.builder(DType::F32, &dev))?;
     let mut opt = Optimizer::single(OptimKind::adam(), vs.vars(), 1e-3, 0.0)?;
     let mut rng = SeededRng::new(0);
-    let x = rng.uniform(&[32, 3, 32, 32], 0.0, 1.0, &dev)?;
+    let b = ctx.batch_or(32);
+    let x = rng.uniform(&[b, 3, 32, 32], 0.0, 1.0, &dev)?;
     // The chapter's 8x8 hole, drawn once: torch_reference.py fixes one too.
     let mask = SquareMask::chapter().sample(1, 32, 32, &mut rng, &dev)?;
-    ctx.train_line("inpaint_convae_train_step", 32, || {
+    ctx.train_line("inpaint_convae_train_step", b, || {
         let pred = model.forward(&x.broadcast_mul(&mask)?)?;
         let loss = mse(&pred, &x, Reduction::Mean)?;
         opt.backward_step(&loss)?;
@@ -53,9 +56,10 @@ fn bench_convae(ctx: &super::BenchCtx) -> Result<serde_json::Value> {
 
 /// One DCGAN iteration as torch_reference.py's `dcgan`: a discriminator step on
 /// real and (detached) fake images, then a non-saturating generator step; Adam
-/// (2e-4, betas 0.5/0.999), batch 64, 30 timed steps after 3 warm-up steps.
+/// (2e-4, betas 0.5/0.999), batch 64, 30 timed steps after 3 warm-up steps
+/// (on a GPU 100 after 10, as torch_gpu.py).
 fn bench_dcgan(ctx: &super::BenchCtx) -> Result<serde_json::Value> {
-    let dev = Device::Cpu;
+    let dev = ctx.device.clone();
     let cfg = ModelConfig::dcgan32();
     let (vg, vd) = (VarStore::new(0), VarStore::new(1));
     let g = Generator::new(&cfg, vg.builder(DType::F32, &dev))?;
@@ -67,12 +71,12 @@ fn bench_dcgan(ctx: &super::BenchCtx) -> Result<serde_json::Value> {
     let mut og = Optimizer::single(adam, vg.vars_where(is_trainable), 2e-4, 0.0)?;
     let mut od = Optimizer::single(adam, vd.vars_where(is_trainable), 2e-4, 0.0)?;
     let mut rng = SeededRng::new(0);
-    let b = 64;
+    let b = ctx.batch_or(64);
     let real = rng.uniform(&[b, 3, 32, 32], -1.0, 1.0, &dev)?;
-    let ctx = super::BenchCtx {
-        threads: ctx.threads,
-        steps: 30,
-        warm: 3,
+    let ctx = if dev.is_cpu() {
+        ctx.with_steps(30, 3)
+    } else {
+        ctx.with_steps(100, 10)
     };
     ctx.train_line("dcgan32_train_iter", b, || {
         let fake = g.forward_t(&g.noise(b, &mut rng)?, None, true)?;

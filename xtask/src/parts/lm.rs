@@ -12,7 +12,7 @@ use kiln_core::optim::{OptimKind, Optimizer};
 use kiln_core::rng::SeededRng;
 use kiln_core::run::{RunDir, RunOptions};
 use kiln_core::vars::VarStore;
-use kiln_core::{DType, Device, Tensor};
+use kiln_core::{DType, Tensor};
 use kiln_lm::train::{causal_lm_loss, train, RunConfig, TrainConfig, RUN_KIND};
 use kiln_lm::{
     generate_batch, generate_text, GenerationConfig, Gpt2, Gpt2Config, HubOptions, ModelFiles,
@@ -35,14 +35,17 @@ pub fn component() -> Component {
             Bench {
                 name: "gpt2_small_greedy_decode",
                 run: bench_decode,
+                gpu_batches: &[1, 16],
             },
             Bench {
                 name: "gpt2_small_greedy_decode_bf16",
                 run: bench_decode_bf16,
+                gpu_batches: &[],
             },
             Bench {
                 name: "gpt2_small_train_step",
                 run: bench_train,
+                gpu_batches: &[8],
             },
         ],
         train: vec![("lm", train_cmd)],
@@ -396,12 +399,19 @@ fn bench_decode_bf16(ctx: &super::BenchCtx) -> Result<serde_json::Value> {
 }
 
 fn decode_line(ctx: &super::BenchCtx, bf16: bool) -> Result<serde_json::Value> {
-    let dev = Device::Cpu;
+    let dev = ctx.device.clone();
+    if bf16 && !dev.is_cpu() {
+        anyhow::bail!("gpt2_small_greedy_decode_bf16 runs on the CPU only (its bf16 weight copies feed the CPU's gemv kernel)");
+    }
     let cfg = Gpt2Config::gpt2_small();
     let vs = VarStore::new(0);
     let mut model = Gpt2::new(&cfg, vs.builder(DType::F32, &dev), vs.rng().clone())?;
     let mut rng = SeededRng::new(1);
-    let prompt: Vec<u32> = (0..32).map(|_| rng.below(cfg.vocab_size) as u32).collect();
+    // One 32-token prompt per sequence (`--batch`; 1 by default).
+    let prompts: Vec<Vec<u32>> = (0..ctx.batch_or(1))
+        .map(|_| (0..32).map(|_| rng.below(cfg.vocab_size) as u32).collect())
+        .collect();
+    let prompt = &prompts[0];
     let mut deviation = None;
     if bf16 {
         let step = |m: &Gpt2| -> Result<Tensor> {
@@ -421,31 +431,40 @@ fn decode_line(ctx: &super::BenchCtx, bf16: bool) -> Result<serde_json::Value> {
         ignore_eos: true,
         ..Default::default()
     };
-    generate_batch(&model, std::slice::from_ref(&prompt), &gen, None, None)?;
+    generate_batch(&model, &prompts, &gen, None, None)?;
     gen.max_new_tokens = 64;
+    dev.synchronize()?;
+    let watch = super::GpuMemoryWatch::start(&dev, ctx.gpu_base);
     let t = Instant::now();
-    let out = generate_batch(&model, &[prompt], &gen, None, None)?;
+    let out = generate_batch(&model, &prompts, &gen, None, None)?;
+    dev.synchronize()?;
     let dt = t.elapsed().as_secs_f64();
-    let n = out[0].ids.len();
+    let n: usize = out.iter().map(|g| g.ids.len()).sum();
     let tok_s = n as f64 / dt;
-    // Decode is bound by reading the weights once per token: set the weight
-    // traffic against what this machine can stream with the same threads.
-    let gb_per_token = decode_weight_bytes(&cfg, if bf16 { 2 } else { 4 }) as f64 / 1e9;
-    let machine = read_bandwidth_gb_s(ctx.threads);
     let mut line = serde_json::json!({
         "bench": if bf16 { "gpt2_small_greedy_decode_bf16" } else { "gpt2_small_greedy_decode" },
         "threads": ctx.threads,
+        "batch": prompts.len(),
         "prompt": 32,
-        "new_tokens": n,
+        "new_tokens": n / prompts.len(),
         "tokens_per_s": (tok_s * 100.0).round() / 100.0,
-        "weight_gb_per_token": (gb_per_token * 1000.0).round() / 1000.0,
-        "weight_read_gb_per_s": (gb_per_token * tok_s * 100.0).round() / 100.0,
-        "machine_read_gb_per_s": (machine * 100.0).round() / 100.0,
-        "share_of_read_bandwidth": (gb_per_token * tok_s / machine * 1000.0).round() / 1000.0,
     });
+    if dev.is_cpu() {
+        // Decode is bound by reading the weights once per step: set the weight
+        // traffic against what this machine can stream with the same threads.
+        let gb_per_token =
+            decode_weight_bytes(&cfg, if bf16 { 2 } else { 4 }) as f64 / 1e9 / prompts.len() as f64;
+        let machine = read_bandwidth_gb_s(ctx.threads);
+        line["weight_gb_per_token"] = ((gb_per_token * 1000.0).round() / 1000.0).into();
+        line["weight_read_gb_per_s"] = ((gb_per_token * tok_s * 100.0).round() / 100.0).into();
+        line["machine_read_gb_per_s"] = ((machine * 100.0).round() / 100.0).into();
+        line["share_of_read_bandwidth"] =
+            ((gb_per_token * tok_s / machine * 1000.0).round() / 1000.0).into();
+    }
     if let Some(d) = deviation {
         line["max_abs_logit_deviation"] = serde_json::json!(d);
     }
+    ctx.annotate(&mut line, watch);
     Ok(line)
 }
 
@@ -484,14 +503,15 @@ fn read_bandwidth_gb_s(threads: usize) -> f64 {
 }
 
 /// GPT-2 small train step, batch 8 x 128, dropout on, AdamW: torch_reference.py's
-/// `gpt2train` benchmark (1 warm-up step, 5 timed).
+/// `gpt2train` benchmark (1 warm-up step, 5 timed; on a GPU 5 and 30, as
+/// torch_gpu.py).
 fn bench_train(ctx: &super::BenchCtx) -> Result<serde_json::Value> {
-    let dev = Device::Cpu;
+    let dev = ctx.device.clone();
     let cfg = Gpt2Config::gpt2_small();
     let vs = VarStore::new(0);
     let model = Gpt2::new(&cfg, vs.builder(DType::F32, &dev), vs.rng().clone())?;
     let mut opt = Optimizer::single(OptimKind::adamw(), vs.vars(), 1e-5, 0.01)?;
-    let (b, t) = (8, 128);
+    let (b, t) = (ctx.batch_or(8), 128);
     let mut rng = SeededRng::new(1);
     let ids: Vec<u32> = (0..b * t)
         .map(|_| rng.below(cfg.vocab_size) as u32)
@@ -502,20 +522,28 @@ fn bench_train(ctx: &super::BenchCtx) -> Result<serde_json::Value> {
         opt.backward_step(&loss)?;
         Ok(())
     };
-    step()?;
-    let steps = 5;
+    let (warm, steps) = if dev.is_cpu() { (1, 5) } else { (5, 30) };
+    for _ in 0..warm {
+        step()?;
+    }
+    dev.synchronize()?;
+    let watch = super::GpuMemoryWatch::start(&dev, ctx.gpu_base);
     let t0 = Instant::now();
     for _ in 0..steps {
         step()?;
     }
+    dev.synchronize()?;
     let dt = t0.elapsed().as_secs_f64();
-    Ok(serde_json::json!({
+    let mut line = serde_json::json!({
         "bench": "gpt2_small_train_step",
         "threads": ctx.threads,
         "batch": b,
         "seq": t,
+        "steps": steps,
         "tokens_per_s": ((b * t * steps) as f64 / dt * 10.0).round() / 10.0,
-    }))
+    });
+    ctx.annotate(&mut line, watch);
+    Ok(line)
 }
 
 #[cfg(test)]

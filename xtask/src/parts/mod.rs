@@ -45,6 +45,7 @@ pub struct DemoCtx {
 }
 
 /// What each benchmark receives.
+#[derive(Clone)]
 pub struct BenchCtx {
     /// CPU threads in use.
     pub threads: usize,
@@ -52,6 +53,14 @@ pub struct BenchCtx {
     pub steps: usize,
     /// Warm-up steps (torch_reference.py uses 20).
     pub warm: usize,
+    /// Where the benchmark runs (`bench --device`).
+    pub device: kiln_core::Device,
+    /// The batch to run instead of the benchmark's own (`bench --batch`, and
+    /// the larger-batch variants on a GPU); images, sequences or rows.
+    pub batch: Option<usize>,
+    /// GPU memory in use before the benchmark built anything: peaks are
+    /// reported above it, so they include the model and optimizer state.
+    pub gpu_base: Option<usize>,
 }
 
 impl BenchCtx {
@@ -66,21 +75,98 @@ impl BenchCtx {
         for _ in 0..self.warm {
             step()?;
         }
+        // A GPU runs ahead of the host: time from an idle device to an idle
+        // device, as torch_gpu.py does with torch.cuda.synchronize().
+        self.device.synchronize()?;
+        let watch = GpuMemoryWatch::start(&self.device, self.gpu_base);
         let t = std::time::Instant::now();
         for _ in 0..self.steps {
             step()?;
         }
+        self.device.synchronize()?;
         let dt = t.elapsed().as_secs_f64();
         let round1 = |x: f64| (x * 10.0).round() / 10.0;
         let round3 = |x: f64| (x * 1000.0).round() / 1000.0;
-        Ok(serde_json::json!({
+        let mut line = serde_json::json!({
             "bench": name,
             "threads": self.threads,
             "batch": batch,
             "steps": self.steps,
             "images_per_s": round1(batch as f64 * self.steps as f64 / dt),
             "ms_per_step": round3(1000.0 * dt / self.steps as f64),
-        }))
+        });
+        self.annotate(&mut line, watch);
+        Ok(line)
+    }
+
+    /// The benchmark's batch: `--batch` when given, else its own.
+    pub fn batch_or(&self, own: usize) -> usize {
+        self.batch.unwrap_or(own)
+    }
+
+    /// The same context with other step counts (benchmarks whose reference
+    /// times fewer, longer steps).
+    pub fn with_steps(&self, steps: usize, warm: usize) -> Self {
+        Self {
+            steps,
+            warm,
+            ..self.clone()
+        }
+    }
+
+    /// Adds the device, and on a GPU the peak memory the watch saw, to a line.
+    pub fn annotate(&self, line: &mut serde_json::Value, watch: Option<GpuMemoryWatch>) {
+        line["device"] = kiln_core::device::device_name(&self.device).into();
+        if let Some(w) = watch {
+            let (peak, total) = w.stop();
+            line["peak_gpu_mem_mb"] = ((peak as f64 / 1048576.0).round()).into();
+            line["gpu_mem_total_mb"] = ((total as f64 / 1048576.0).round()).into();
+        }
+    }
+}
+
+/// Samples a GPU's memory in use every millisecond on a thread of its own
+/// during a benchmark's timed steps: the peak above the memory in use before
+/// the benchmark began is its peak (sampled, so a spike shorter than a
+/// millisecond can be missed; device-wide, as `nvidia-smi` counts it).
+pub struct GpuMemoryWatch {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    handle: std::thread::JoinHandle<usize>,
+    base: usize,
+    total: usize,
+}
+
+impl GpuMemoryWatch {
+    /// Starts watching, peaks counted above `base` (the memory in use now when
+    /// `None`); `None` on the CPU.
+    pub fn start(dev: &kiln_core::Device, base: Option<usize>) -> Option<Self> {
+        let (now, total) = kiln_core::device::gpu_memory(dev)?;
+        let base = base.unwrap_or(now).min(now);
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (dev, flag) = (dev.clone(), stop.clone());
+        let handle = std::thread::spawn(move || {
+            let mut peak = now;
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                if let Some((used, _)) = kiln_core::device::gpu_memory(&dev) {
+                    peak = peak.max(used);
+                }
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+            peak
+        });
+        Some(Self {
+            stop,
+            handle,
+            base,
+            total,
+        })
+    }
+
+    /// Stops watching: the peak in use above the start, and the device's total, in bytes.
+    pub fn stop(self) -> (usize, usize) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let peak = self.handle.join().unwrap_or(self.base);
+        (peak.saturating_sub(self.base), self.total)
     }
 }
 
@@ -100,6 +186,9 @@ pub struct Bench {
     pub name: &'static str,
     /// Runs the benchmark and returns its JSON line.
     pub run: fn(&BenchCtx) -> Result<serde_json::Value>,
+    /// The batches it runs on a GPU (`bench --device cuda`), as torch_gpu.py's
+    /// (the reference batch, then a larger one); empty for a CPU-only benchmark.
+    pub gpu_batches: &'static [usize],
 }
 
 /// What one component adds to xtask.

@@ -45,10 +45,12 @@ pub fn component() -> Component {
             Bench {
                 name: "dpo_train_step",
                 run: bench_dpo,
+                gpu_batches: &[],
             },
             Bench {
                 name: "dpo_step_memory",
                 run: bench_memory,
+                gpu_batches: &[],
             },
         ],
         commands: vec![(

@@ -54,10 +54,12 @@ pub fn benches() -> Vec<Bench> {
         Bench {
             name: "grpo_iter",
             run: bench_grpo_iter,
+            gpu_batches: &[],
         },
         Bench {
             name: "rollout_decode",
             run: bench_rollout_decode,
+            gpu_batches: &[],
         },
     ]
 }

@@ -10,7 +10,7 @@ use kiln_core::optim::{OptimKind, Optimizer};
 use kiln_core::rng::SeededRng;
 use kiln_core::run::{RunDir, RunOptions};
 use kiln_core::vars::VarStore;
-use kiln_core::{DType, Device, Tensor};
+use kiln_core::{DType, Tensor};
 use kiln_data::{Dataset, Split};
 use kiln_vae::{
     elbo_loss, evaluate, from_run, train, Likelihood, RunConfig, TrainConfig, Vae, VaeConfig,
@@ -34,6 +34,7 @@ pub fn component() -> Component {
         benches: vec![Bench {
             name: "vae_mlp_train_step",
             run: bench_train_step,
+            gpu_batches: &[32, 512],
         }],
         train: vec![("vae", train_cmd)],
         eval: vec![("vae", eval_cmd)],
@@ -501,14 +502,15 @@ fn demo(ctx: &super::DemoCtx) -> Result<()> {
 /// The chapter VAE's train step at batch 32 on random images, as in
 /// torch_reference.py's `vae` benchmark.
 fn bench_train_step(ctx: &super::BenchCtx) -> Result<serde_json::Value> {
-    let dev = Device::Cpu;
+    let dev = ctx.device.clone();
     let cfg = VaeConfig::mlp_chapter();
     let vs = VarStore::new(0);
     let model = Vae::new(&cfg, vs.builder(DType::F32, &dev))?;
     let mut opt = Optimizer::single(OptimKind::adam(), vs.vars(), 2e-3, 0.0)?;
     let mut rng = SeededRng::new(0);
-    let x = rng.uniform(&[32, 3, 32, 32], 0.0, 1.0, &dev)?;
-    ctx.train_line("vae_mlp_train_step", 32, || {
+    let b = ctx.batch_or(32);
+    let x = rng.uniform(&[b, 3, 32, 32], 0.0, 1.0, &dev)?;
+    ctx.train_line("vae_mlp_train_step", b, || {
         let out = model.forward(&x, None, &mut rng)?;
         let t = elbo_loss(&out, &x, cfg.likelihood, None, 1.0)?;
         opt.backward_step(&t.loss)?;

@@ -8,8 +8,9 @@
 //! - `bin/xtask`: xtask with `kiln-core/cuda`, stripped (`demo --device cuda`,
 //!   `generate --device cuda`);
 //! - `scripts/`: `gpu-check.sh` with the PTX and the exported references,
-//!   the PyPI reference scripts (`torch_gpu.py`, `torch_reference.py`) and
-//!   `gpt2_greedy.py` (transformers' greedy tokens on the fixture);
+//!   the PyTorch reference scripts (`torch_gpu.py`, `torch_reference.py`),
+//!   `gpu_compare.py` (kiln's GPU benchmark lines beside PyTorch's, one table)
+//!   and `gpt2_greedy.py` (transformers' greedy tokens on the fixture);
 //! - `fixtures/tiny-gpt2`: kiln-lm's transformers-written GPT-2 fixture;
 //! - `stub/libcuda.so.1`: the link-only driver stub, used by `run.sh
 //!   --dry-run` alone, so the binaries start (and list their tests) where no
@@ -185,6 +186,10 @@ pub fn gpu_bundle(args: &[String]) -> Result<()> {
         &dir.join("scripts/gpu-check/check.py"),
     )?;
     copy(&torch_gpu, &dir.join("scripts/torch_gpu.py"))?;
+    copy(
+        &root.join("scripts/bench/gpu_compare.py"),
+        &dir.join("scripts/gpu_compare.py"),
+    )?;
     copy(&torch_ref, &dir.join("scripts/torch_reference.py"))?;
     write(&dir.join("scripts/gpt2_greedy.py"), GPT2_GREEDY_PY, false)?;
     let fixture = root.join("crates/kiln-lm/tests/fixtures/tiny-gpt2");
@@ -342,7 +347,8 @@ print(" ".join(str(int(i)) for i in out[0, ids.shape[1]:]))
 /// The bundle's driver script.
 const RUN_SH: &str = r#"#!/usr/bin/env bash
 # kiln on a GPU machine without Rust: the CUDA tests, the demo on CUDA, GPT-2
-# greedy parity against transformers, and scripts/gpu-check.sh; then one table.
+# greedy parity against transformers, scripts/gpu-check.sh, and the GPU
+# benchmarks beside PyTorch's (KILN_NO_BENCH=1 skips them); then the tables.
 # usage: ./run.sh            (needs an NVIDIA GPU and driver 580+, CUDA 13 libraries)
 #        ./run.sh --dry-run  (any machine: checks the files and libraries, lists
 #                             the tests, and runs nothing that needs a GPU)
@@ -354,6 +360,7 @@ DRY=0
 export LD_LIBRARY_PATH="${CUDA_HOME:-/usr/local/cuda}/lib64:${LD_LIBRARY_PATH:-}"
 ROWS=()
 FAILED=0
+rm -f /tmp/kiln-gpu-compare.txt
 row() { ROWS+=("$(printf '%-30s %-8s %7s  %s' "$1" "$2" "$3" "$4")"); [ "$2" = FAIL ] && FAILED=1; return 0; }
 secs() { echo $(( $(date +%s) - $1 ))s; }
 
@@ -376,6 +383,7 @@ fi
 missing=0
 for f in bin/xtask tests/* scripts/gpu-check.sh scripts/gpu-check/check.py \
          scripts/gpu-check/refs/manifest.json scripts/torch_gpu.py scripts/torch_reference.py \
+         scripts/gpu_compare.py \
          scripts/gpt2_greedy.py fixtures/tiny-gpt2/model.safetensors; do
   [ -e "$f" ] || { echo "missing: $f"; missing=1; }
 done
@@ -403,6 +411,9 @@ if [ $DRY = 1 ] && [ -z "$GPU" ]; then
   row "gpt2 greedy parity" skip - "no CUDA device"
   if bash scripts/gpu-check.sh --dry-run >/tmp/kiln-gpu-check.log 2>&1; then row "gpu-check.sh --dry-run" ok - "$(tail -1 /tmp/kiln-gpu-check.log | cut -c1-60)";
   else row "gpu-check.sh --dry-run" FAIL - "$(tail -1 /tmp/kiln-gpu-check.log | cut -c1-60)"; fi
+  if LD_LIBRARY_PATH="$LIBS" bin/xtask bench --help 2>/dev/null | grep -q -- '--device'; then
+    row "bench --device cuda" skip - "no CUDA device (bench --help lists --device)"
+  else row "bench --device cuda" FAIL - "bench --help has no --device"; fi
 else
   for t in tests/*; do
     s=$(date +%s)
@@ -423,11 +434,21 @@ else
   s=$(date +%s)
   if bash scripts/gpu-check.sh >/tmp/kiln-gpu-check.log 2>&1; then st=ok; else st=FAIL; fi
   row "gpu-check.sh" $st "$(secs $s)" "$(tail -1 /tmp/kiln-gpu-check.log | cut -c1-60)"
+  if [ "${KILN_NO_BENCH:-0}" != 1 ]; then
+    s=$(date +%s)
+    if timeout 420 bin/xtask bench --device cuda >/tmp/kiln-bench.jsonl 2>/tmp/kiln-bench.log; then st=ok; else st=FAIL; fi
+    row "bench --device cuda" $st "$(secs $s)" "$(grep -c '"bench"' /tmp/kiln-bench.jsonl) lines; /tmp/kiln-bench.jsonl"
+    s=$(date +%s)
+    if timeout 420 python3 scripts/torch_gpu.py >/tmp/torch-bench.jsonl 2>/tmp/torch-bench.log; then st=ok; else st=skip; fi
+    row "torch_gpu.py" $st "$(secs $s)" "$(grep -c '"bench"' /tmp/torch-bench.jsonl) lines; /tmp/torch-bench.jsonl"
+    python3 scripts/gpu_compare.py /tmp/kiln-bench.jsonl /tmp/torch-bench.jsonl >/tmp/kiln-gpu-compare.txt 2>&1
+  fi
 fi
 
 echo
 printf '%-30s %-8s %7s  %s\n' check status time detail
 for r in "${ROWS[@]}"; do echo "$r"; done
+if [ -s /tmp/kiln-gpu-compare.txt ] && [ $DRY = 0 ]; then echo; cat /tmp/kiln-gpu-compare.txt; fi
 exit $FAILED
 "#;
 
@@ -444,9 +465,56 @@ mod tests {
             "gpt2 greedy parity",
             "gpu-check.sh",
             "shared libraries",
+            "bench --device cuda",
+            "gpu_compare.py",
         ] {
             assert!(RUN_SH.contains(check), "{check}");
         }
         assert!(GPT2_GREEDY_PY.contains("do_sample=False"));
+    }
+
+    #[test]
+    fn gpu_compare_pairs_kiln_and_pytorch_lines() {
+        let dir = std::env::temp_dir().join(format!("kiln-gpu-compare-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (k, t) = (dir.join("k.jsonl"), dir.join("t.jsonl"));
+        std::fs::write(
+            &k,
+            "progress\n\
+             {\"bench\":\"vae_mlp_train_step\",\"batch\":32,\"images_per_s\":12000.0,\"peak_gpu_mem_mb\":310}\n\
+             {\"bench\":\"vae_mlp_train_step\",\"batch\":512,\"images_per_s\":150000.0}\n\
+             {\"bench\":\"gpt2_small_train_step\",\"batch\":8,\"seq\":128,\"tokens_per_s\":30000.0}\n",
+        )
+        .unwrap();
+        std::fs::write(
+            &t,
+            "{\"bench\": \"vae_mlp_train_step\", \"batch\": 32, \"images_per_s\": 9600.0}\n\
+             {\"bench\": \"gpt2_small_train_step\", \"batch\": 1024, \"tokens_per_s\": 40000.0}\n",
+        )
+        .unwrap();
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/bench/gpu_compare.py");
+        let out = std::process::Command::new("python3")
+            .arg(&script)
+            .args([&k, &t])
+            .output()
+            .expect("python3 runs");
+        let table = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{table}");
+        let row = |name: &str, batch: &str| {
+            table
+                .lines()
+                .find(|l| l.starts_with(name) && l.split_whitespace().nth(1) == Some(batch))
+                .unwrap_or_else(|| panic!("no {name} {batch} row in\n{table}"))
+                .to_string()
+        };
+        assert!(row("vae_mlp_train_step", "32").contains("1.25x"), "{table}");
+        assert!(row("vae_mlp_train_step", "32").ends_with("310"), "{table}");
+        assert!(row("vae_mlp_train_step", "512").contains(" - "), "{table}");
+        // kiln's 8 rows of 128 tokens are PyTorch's 1024-token batch.
+        assert!(
+            row("gpt2_small_train_step", "8").contains("0.75x"),
+            "{table}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
