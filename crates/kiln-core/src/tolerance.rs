@@ -86,6 +86,63 @@ pub fn chain_length(widths: &[usize]) -> usize {
     widths.iter().sum::<usize>().max(1)
 }
 
+/// The absolute tolerance for an output of a stack of layers (dense or
+/// convolutional) whose longest path reduces over `chain` terms, layer by
+/// layer (a convolution's `c_in k_h k_w`), with outputs up to `max_abs` in
+/// magnitude: [`f32_abs_tol`] over [`chain_length`], with the magnitude of
+/// the widest reduction, whose terms of random signs add up in absolute value
+/// to about the square root of their number times the output.
+///
+/// ```
+/// use kiln_core::tolerance::layers_abs_tol;
+/// // 2 · 10 · √(27 + 288) · 2⁻²⁴ · √288 · 1
+/// let tol = layers_abs_tol(&[27, 288], 1.0);
+/// assert!(tol > 3.5e-4 && tol < 3.6e-4);
+/// ```
+pub fn layers_abs_tol(chain: &[usize], max_abs: f64) -> f64 {
+    let widest = chain.iter().copied().max().unwrap_or(1).max(1);
+    f32_abs_tol(chain_length(chain), (widest as f64).sqrt() * max_abs)
+}
+
+/// The length of the longest chain of reductions behind an output of a
+/// GPT-2-style (pre-norm) transformer with `n_layer` blocks of width `d` and
+/// `n_head` heads over `t` positions: per block, two layer norms (a mean and
+/// a variance over `d` each), the q/k/v projection (`d`), the attention
+/// scores (`d / n_head`), the softmax and the weighted sum of the values
+/// (`t` each), the output projection (`d`) and the MLP (`d`, then `4 d`);
+/// then the final layer norm (`2 d`) and the head (`d`). Errors of
+/// successive reductions add (the residual stream carries them forward).
+///
+/// ```
+/// use kiln_core::tolerance::transformer_chain;
+/// // 2 blocks of width 32 with 4 heads over 6 tokens: 2 * 372 + 64 + 32
+/// assert_eq!(transformer_chain(2, 32, 4, 6), 840);
+/// ```
+pub fn transformer_chain(n_layer: usize, d: usize, n_head: usize, t: usize) -> usize {
+    let block = 2 * (2 * d) + d + d / n_head.max(1) + 2 * t + d + d + 4 * d;
+    chain_length(&[n_layer * block, 2 * d, d])
+}
+
+/// The absolute tolerance for an output of such a transformer (a logit, a
+/// score) whose values reach `max_abs` in magnitude: [`f32_abs_tol`] over
+/// [`transformer_chain`], with the magnitude of the head's sum of `d` terms,
+/// which with random signs add up in absolute value to about `√d` times the
+/// output (layer norms keep the activations of order 1 on the way). A wrong
+/// sign, a transposed weight or a missing bias moves outputs by far more.
+///
+/// ```
+/// use kiln_core::tolerance::transformer_abs_tol;
+/// // 2 · 10 · √840 · 2⁻²⁴ · √32 · 4
+/// let tol = transformer_abs_tol(2, 32, 4, 6, 4.0);
+/// assert!(tol > 7.8e-4 && tol < 7.9e-4);
+/// ```
+pub fn transformer_abs_tol(n_layer: usize, d: usize, n_head: usize, t: usize, max_abs: f64) -> f64 {
+    f32_abs_tol(
+        transformer_chain(n_layer, d, n_head, t),
+        (d as f64).sqrt() * max_abs,
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -101,6 +158,13 @@ mod tests {
         assert_eq!(capped(1.0, 0.5), 0.5);
         assert!(!within(f64::NAN, 1.0, 1.0));
         assert_eq!(chain_length(&[3072, 512, 8]), 3592);
+        assert_eq!(layers_abs_tol(&[9, 16], 2.0), f32_abs_tol(25, 8.0));
+        // 2 norms of 2 · 8, q/k/v 8, scores 4, softmax and values 2 · 3,
+        // projection 8, MLP 8 and 32; the final norm 16 and the head 8.
+        assert_eq!(
+            transformer_chain(1, 8, 2, 3),
+            32 + 8 + 4 + 6 + 8 + 8 + 32 + 16 + 8
+        );
     }
 
     #[test]

@@ -8,6 +8,7 @@
 use std::collections::HashMap;
 use std::sync::OnceLock;
 
+use kiln_core::tolerance::layers_abs_tol;
 use kiln_core::{DType, Device, Tensor};
 use kiln_gan::inception::{resize_bilinear, InceptionV3};
 use kiln_gan::metrics::FeatureExtractor;
@@ -100,13 +101,61 @@ fn max_diff(got: &Tensor, want: &Tensor) -> f32 {
         .unwrap()
 }
 
+/// The reductions on a part's longest path (a convolution's `c_in k_h k_w`,
+/// batch norm folded into it; a pool's window), from pytorch-fid's
+/// architecture: block0 3·9, 32·9, 32·9; block1 64, 80·9; InceptionA's
+/// double 3x3 branch c_in, 64·9, 96·9; InceptionB's 3x3 288·9; InceptionC's
+/// double 7x7 branch c_in + 4 c7·7; InceptionD's 7x7x3 branch 768, 192·7
+/// twice, 192·9; InceptionE's double 3x3 branch c_in, 448·9, 384·3; the pool
+/// averages `pool` positions.
+fn chain(part: &str, pool: usize) -> Vec<usize> {
+    match part {
+        "block0" => vec![27, 288, 288, 9],
+        "block1" => vec![64, 720, 9],
+        "Mixed_5b" => vec![192, 576, 864],
+        "Mixed_5c" => vec![256, 576, 864],
+        "Mixed_5d" => vec![288, 576, 864],
+        "Mixed_6a" => vec![2592],
+        "Mixed_6b" => vec![768, 896, 896, 896, 896],
+        "Mixed_6c" | "Mixed_6d" => vec![768, 1120, 1120, 1120, 1120],
+        "Mixed_6e" => vec![768, 1344, 1344, 1344, 1344],
+        "Mixed_7a" => vec![768, 1344, 1344, 1728],
+        "Mixed_7b" => vec![1280, 4032, 1152],
+        "Mixed_7c" => vec![2048, 4032, 1152],
+        "pool" => vec![pool],
+        _ => panic!("no part {part}"),
+    }
+}
+
+/// The largest |value| of a tensor.
+fn max_abs(t: &Tensor) -> f64 {
+    let m: f32 = t
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar()
+        .unwrap();
+    m.into()
+}
+
+/// pytorch-fid's output of a part within f32's bound for the part's chain
+/// ([`layers_abs_tol`]): a transposed kernel, a wrong padding or a missing
+/// bias moves outputs by a good part of their magnitude, far more.
 fn check_part(part: &str, shape: &[usize]) {
     let y = net()
         .forward_part(part, &hashed_input(&format!("input.{part}"), shape))
         .unwrap();
-    let d = max_diff(&y, &fixture()[part]);
-    eprintln!("{part}: max |kiln - pytorch-fid| = {d:e}");
-    assert!(d <= 1e-4, "{part}: max |kiln - pytorch-fid| = {d:e}");
+    let want = &fixture()[part];
+    let d = f64::from(max_diff(&y, want));
+    let tol = layers_abs_tol(&chain(part, 1), max_abs(want));
+    eprintln!("{part}: max |kiln - pytorch-fid| = {d:e} (tolerance {tol:e})");
+    assert!(
+        d <= tol,
+        "{part}: max |kiln - pytorch-fid| = {d:e} > {tol:e}"
+    );
 }
 
 #[test]
@@ -139,9 +188,16 @@ fn the_whole_network_matches_pytorch_fid_at_75x75() {
     for p in kiln_gan::inception::PARTS {
         x = net().forward_part(p, &x).unwrap();
     }
-    let d = max_diff(&x, &fixture()["whole"]);
-    eprintln!("whole network: max |kiln - pytorch-fid| = {d:e}");
-    assert!(d <= 1e-4, "whole network: max diff {d:e}");
+    let want = &fixture()["whole"];
+    let d = f64::from(max_diff(&x, want));
+    // Every part's chain in turn; at 75x75 the pool averages 1 position.
+    let all: Vec<usize> = kiln_gan::inception::PARTS
+        .iter()
+        .flat_map(|p| chain(p, 1))
+        .collect();
+    let tol = layers_abs_tol(&all, max_abs(want));
+    eprintln!("whole network: max |kiln - pytorch-fid| = {d:e} (tolerance {tol:e})");
+    assert!(d <= tol, "whole network: max diff {d:e} > {tol:e}");
 }
 
 #[test]

@@ -8,6 +8,7 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
 use anyhow::Result;
+use kiln_core::tolerance::{f32_abs_tol, transformer_abs_tol};
 use kiln_core::{DType, Device, Tensor};
 use kiln_lm::{Gpt2Tokenizer, ModelFiles};
 use kiln_prompt::ChatTemplate;
@@ -37,6 +38,18 @@ fn ids(v: &Value) -> Vec<u32> {
                 .collect()
         })
         .unwrap_or_default()
+}
+
+/// The fixture models: 2 blocks of width 32 with 4 heads, a vocabulary of 360.
+const N_LAYER: usize = 2;
+const D: usize = 32;
+const N_HEAD: usize = 4;
+const VOCAB: usize = 360;
+
+/// The tolerance for an output of the fixture models (a logit, a score) of
+/// magnitude up to `max_abs` after `t` positions ([`transformer_abs_tol`]).
+fn out_tol(t: usize, max_abs: f64) -> f64 {
+    transformer_abs_tol(N_LAYER, D, N_HEAD, t, max_abs)
 }
 
 fn floats(v: &Value) -> Vec<f64> {
@@ -152,14 +165,17 @@ fn reward_scores_match_transformers_with_right_and_left_padding() -> Result<()> 
         .map(|a| a.iter().map(ids).collect())
         .unwrap_or_default();
     let s = &e["scores"];
+    let (b, t) = (seqs.len(), seqs.iter().map(Vec::len).max().unwrap_or(0));
     let check = |got: Vec<f32>, want: &Value, what: &str| {
         let want = floats(want);
         assert_eq!(got.len(), want.len(), "{what}");
+        // A score is the head's output after t + 1 positions at most.
+        let tol = out_tol(t + 1, want.iter().fold(0.0, |m, w| w.abs().max(m)));
         for (g, w) in got.iter().zip(&want) {
-            assert!((*g as f64 - w).abs() < 1e-4, "{what}: {got:?} vs {want:?}");
+            let d = (*g as f64 - w).abs();
+            assert!(d <= tol, "{what}: {got:?} vs {want:?} ({d:e} > {tol:e})");
         }
     };
-    let (b, t) = (seqs.len(), seqs.iter().map(Vec::len).max().unwrap_or(0));
     for left in [false, true] {
         let mut flat = vec![eos; b * t];
         let mut mask = vec![0u32; b * t];
@@ -264,27 +280,91 @@ fn pair_logps_and_dpo_loss_match_trl() -> Result<()> {
     let reference = frozen_from(&cfg, w, &dev)?;
     let p = pair_logps(&policy, &pairs, 0, false)?;
     let r = pair_logps(&reference, &pairs, 0, false)?;
-    let close = |got: &Tensor, want: &Value, what: &str| -> Result<()> {
+    // The logits' scale and the longest sequence, for the tolerances.
+    let seqs: Vec<Vec<u32>> = pairs
+        .iter()
+        .flat_map(|q| {
+            [
+                [&q.prompt[..], &q.chosen[..]].concat(),
+                [&q.prompt[..], &q.rejected[..]].concat(),
+            ]
+        })
+        .collect();
+    let t = seqs.iter().map(Vec::len).max().unwrap_or(0);
+    let mut max_logit = 0f64;
+    for s in &seqs {
+        let x = Tensor::from_vec(s.clone(), (1, s.len()), &dev)?;
+        for m in [&policy, &reference] {
+            let l = m
+                .forward_t(&x, false)?
+                .abs()?
+                .max_all()?
+                .to_scalar::<f32>()?;
+            max_logit = max_logit.max(f64::from(l));
+        }
+    }
+    let logit_tol = out_tol(t, max_logit);
+    // A token's log-prob, z_y - logsumexp(z), errs by at most twice the
+    // logits' error; a completion's sum of n of them adds n such errors and
+    // the rounding of the sum, whose magnitude is |sum|.
+    let seq_tol = |n: f64, sum: f64| 2.0 * n * logit_tol + f32_abs_tol(n as usize, sum);
+    let close = |got: &Tensor, want: &Value, tokens: &Value, what: &str| -> Result<()> {
         let got = got.to_dtype(DType::F64)?.to_vec1::<f64>()?;
         let want = floats(want);
         assert_eq!(got.len(), want.len());
-        for (g, w) in got.iter().zip(&want) {
+        for ((g, w), n) in got.iter().zip(&want).zip(floats(tokens)) {
+            let tol = seq_tol(n, *w);
             assert!(
-                (g - w).abs() < 1e-4 + 1e-6 * w.abs(),
-                "{what}: {got:?} vs {want:?}"
+                (g - w).abs() <= tol,
+                "{what}: {got:?} vs {want:?} (tolerance {tol:e})"
             );
         }
         Ok(())
     };
-    close(&p.logps.chosen, &lp["policy_chosen"], "policy chosen")?;
-    close(&p.logps.rejected, &lp["policy_rejected"], "policy rejected")?;
-    close(&r.logps.chosen, &lp["ref_chosen"], "ref chosen")?;
-    close(&r.logps.rejected, &lp["ref_rejected"], "ref rejected")?;
-    close(&p.logps.chosen_tokens, &lp["tokens_chosen"], "tokens")?;
-    close(&p.logps.rejected_tokens, &lp["tokens_rejected"], "tokens")?;
+    let (tc, tr) = (&lp["tokens_chosen"], &lp["tokens_rejected"]);
+    close(&p.logps.chosen, &lp["policy_chosen"], tc, "policy chosen")?;
+    close(
+        &p.logps.rejected,
+        &lp["policy_rejected"],
+        tr,
+        "policy rejected",
+    )?;
+    close(&r.logps.chosen, &lp["ref_chosen"], tc, "ref chosen")?;
+    close(&r.logps.rejected, &lp["ref_rejected"], tr, "ref rejected")?;
+    let counts = |x: &Tensor| -> Result<Vec<f64>> { Ok(x.to_dtype(DType::F64)?.to_vec1::<f64>()?) };
+    assert_eq!(counts(&p.logps.chosen_tokens)?, floats(tc), "tokens");
+    assert_eq!(counts(&p.logps.rejected_tokens)?, floats(tr), "tokens");
+    // Σ over the pairs of the mean logit over a completion's n positions
+    // (n · VOCAB logits, each within the logits' tolerance).
     let sums = |k: &str| floats(&lp[k]).iter().sum::<f64>();
-    assert!((p.chosen_logit_sum - sums("logit_sums_chosen")).abs() < 1e-4);
-    assert!((p.rejected_logit_sum - sums("logit_sums_rejected")).abs() < 1e-4);
+    let sums_tol = |tokens: &Value| -> f64 {
+        floats(tokens)
+            .iter()
+            .map(|&n| logit_tol + f32_abs_tol(n as usize * VOCAB, max_logit))
+            .sum()
+    };
+    for (got, k, tokens) in [
+        (p.chosen_logit_sum, "logit_sums_chosen", tc),
+        (p.rejected_logit_sum, "logit_sums_rejected", tr),
+    ] {
+        let tol = sums_tol(tokens);
+        assert!(
+            (got - sums(k)).abs() <= tol,
+            "{k}: {got} vs {} (tolerance {tol:e})",
+            sums(k)
+        );
+    }
+    // The losses' inputs: 4 log-prob sums per pair, each within seq_tol.
+    let pair_tol: Vec<f64> = (0..pairs.len())
+        .map(|i| {
+            let at = |k: &str, tk: &Value| seq_tol(floats(tk)[i], floats(&lp[k])[i]);
+            at("policy_chosen", tc)
+                + at("policy_rejected", tr)
+                + at("ref_chosen", tc)
+                + at("ref_rejected", tr)
+        })
+        .collect();
+    let max_pair_tol = pair_tol.iter().fold(0.0, |m: f64, &x| m.max(x));
     for (ty, key) in [
         (DpoLossType::Sigmoid, "sigmoid_loss"),
         (DpoLossType::Ipo, "ipo_loss"),
@@ -297,9 +377,19 @@ fn pair_logps_and_dpo_loss_match_trl() -> Result<()> {
         let out = dpo_loss(&cfg, &p.logps, &r.logps.chosen, &r.logps.rejected, &scale)?;
         let got = out.loss.to_scalar::<f32>()? as f64;
         let want = lp[key].as_f64().unwrap_or(f64::NAN);
+        let beta = lp["beta"].as_f64().unwrap_or(0.1);
+        // A mean over the pairs of a function of h = Δ(policy) - Δ(reference)
+        // (h errs by at most the pair's 4 log-prob errors): -log σ(β h) has
+        // slope at most β; IPO's (h - 1/(2β))² has slope 2 |h - 1/(2β)|, at
+        // most 2 √(pairs · loss). Plus f32's rounding of the loss itself.
+        let slope = match ty {
+            DpoLossType::Ipo => 2.0 * (pairs.len() as f64 * want).sqrt(),
+            _ => beta,
+        };
+        let tol = slope * max_pair_tol + f32_abs_tol(pairs.len() + 4, want);
         assert!(
-            (got - want).abs() < 1e-4 * want.abs().max(1.0),
-            "{ty}: {got} vs {want}"
+            (got - want).abs() <= tol,
+            "{ty}: {got} vs {want} (tolerance {tol:e})"
         );
     }
     Ok(())

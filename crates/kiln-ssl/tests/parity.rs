@@ -6,6 +6,7 @@
 
 use std::collections::HashMap;
 
+use kiln_core::tolerance::{chain_length, f32_abs_tol, f32_abs_tol_tight, layers_abs_tol};
 use kiln_core::vars::VarStore;
 use kiln_core::{DType, Device, Module, Tensor, Var};
 use kiln_ssl::loss::nt_xent;
@@ -24,6 +25,7 @@ fn fixture() -> Value {
     serde_json::from_str(include_str!("fixtures/ssl_parity.json")).unwrap()
 }
 
+/// Every element of `got` within `tol` (absolute) of `want`.
 fn close_all(got: &[f32], want: &Value, tol: f64, what: &str) {
     let want: Vec<f64> = want
         .as_array()
@@ -33,8 +35,11 @@ fn close_all(got: &[f32], want: &Value, tol: f64, what: &str) {
         .collect();
     assert_eq!(got.len(), want.len(), "{what}");
     for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-        let err = (*g as f64 - w).abs() / w.abs().max(1.0);
-        assert!(err <= tol, "{what}[{i}]: kiln {g} vs torch {w}");
+        let err = (*g as f64 - w).abs();
+        assert!(
+            err <= tol,
+            "{what}[{i}]: kiln {g} vs torch {w} ({err:e} > {tol:e})"
+        );
     }
 }
 
@@ -48,9 +53,17 @@ fn nt_xent_loss_and_gradients_match_pytorch() {
         let l = nt_xent(z1.as_tensor(), z2.as_tensor(), tau).unwrap();
         let got = l.to_scalar::<f32>().unwrap() as f64;
         let want = case["loss"].as_f64().unwrap();
+        // 12 rows of 5: a norm and a dot product over 5, a logsumexp over
+        // the 11 others, a mean over 12; each row's terms, logsumexp - s/τ,
+        // are at most |loss| + 2/τ in magnitude (cosines are in [-1, 1]).
+        // The gradients run the chain back (twice as long), their terms
+        // softmax weights times z / τ over 2N rows: at most 2 / (12 τ).
+        let chain = chain_length(&[5, 5, 11, 12]);
+        let tol = f32_abs_tol_tight(chain, want + 2.0 / tau);
+        let gtol = f32_abs_tol_tight(2 * chain, 2.0 / (12.0 * tau));
         assert!(
-            (got - want).abs() < 1e-5 * want,
-            "tau {tau}: {got} vs {want}"
+            (got - want).abs() <= tol,
+            "tau {tau}: {got} vs {want} (tolerance {tol:e})"
         );
         let g = l.backward().unwrap();
         close_all(
@@ -61,7 +74,7 @@ fn nt_xent_loss_and_gradients_match_pytorch() {
                 .to_vec1()
                 .unwrap(),
             &case["g1"],
-            1e-5,
+            gtol,
             "dz1",
         );
         close_all(
@@ -72,7 +85,7 @@ fn nt_xent_loss_and_gradients_match_pytorch() {
                 .to_vec1()
                 .unwrap(),
             &case["g2"],
-            1e-5,
+            gtol,
             "dz2",
         );
     }
@@ -109,6 +122,11 @@ fn chapter_autoencoder_forward_and_backward_match_pytorch() {
     }
     let mask = Tensor::from_vec(m, (2, 1, 8, 8), &Device::Cpu).unwrap();
     let y = model.forward(&x.broadcast_mul(&mask).unwrap()).unwrap();
+    // The forward chain: conv 3·9, conv 8·9, transposed convs over 32 and 8
+    // channels (one tap each), values of order 1 (a sigmoid's output, whose
+    // slope is at most 1/4, so the logit's error bounds the output's).
+    let forward = [27, 72, 32, 8];
+    let ytol = layers_abs_tol(&forward, 1.0);
     close_all(
         &y.flatten_all()
             .unwrap()
@@ -117,15 +135,22 @@ fn chapter_autoencoder_forward_and_backward_match_pytorch() {
             .to_vec1()
             .unwrap(),
         &case["y_first"],
-        1e-5,
+        ytol,
         "output",
     );
     let loss = kiln_core::loss::mse(&y, &x, kiln_core::loss::Reduction::Mean).unwrap();
     let want = case["loss"].as_f64().unwrap();
+    // The mean of 384 squares (y - x)², |y - x| < 1: each errs by at most
+    // 2 ytol, then the mean's own rounding.
+    let ltol = 2.0 * ytol + f32_abs_tol(384, want);
+    let got = loss.to_scalar::<f32>().unwrap() as f64;
     assert!(
-        (loss.to_scalar::<f32>().unwrap() as f64 - want).abs() < 1e-6,
-        "loss"
+        (got - want).abs() <= ltol,
+        "loss {got} vs {want} (tolerance {ltol:e})"
     );
+    // The gradients: the forward chain, the mean over 384, the chain back,
+    // and a weight's sum over the batch's 2·8·8 positions.
+    let back = chain_length(&[27, 72, 32, 8, 384, 8, 32, 72, 27, 128]);
     let g = loss.backward().unwrap();
     for (name, v) in vs.vars() {
         let got: Vec<f32> = g
@@ -143,10 +168,13 @@ fn chapter_autoencoder_forward_and_backward_match_pytorch() {
             .iter()
             .map(|v| v.as_f64().unwrap())
             .collect();
+        // On the scale of the tensor's norm, with the widest reduction's
+        // √72 for the terms' magnitude (random signs).
+        let tol = f32_abs_tol(back, 72f64.sqrt() * norm);
         for (i, (a, b)) in got.iter().zip(&want).enumerate() {
             assert!(
-                (*a as f64 - b).abs() <= 1e-4 * norm.max(1e-3),
-                "{name}[{i}]: kiln {a} vs torch {b} (norm {norm})"
+                (*a as f64 - b).abs() <= tol,
+                "{name}[{i}]: kiln {a} vs torch {b} (norm {norm}, tolerance {tol:e})"
             );
         }
     }

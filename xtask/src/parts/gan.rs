@@ -26,8 +26,8 @@ use kiln_gan::{
 };
 
 use super::{
-    exit_if_interrupted, int_in, open_split, parse, parse_given, resume_config, threads_flag,
-    Component, DemoPart, Given, RunArgs,
+    exit_if_interrupted, float_in, int_in, open_split, parse, parse_given, resume_config,
+    threads_flag, Component, DemoPart, Given, RunArgs, MAX_BATCH, MAX_EPOCHS,
 };
 
 /// Registers the GAN's tasks and demo part.
@@ -71,43 +71,43 @@ struct TrainArgs {
     #[arg(long, default_value = "dcgan32")]
     preset: String,
     /// Epochs.
-    #[arg(long)]
+    #[arg(long, value_parser = int_in(1u64, MAX_EPOCHS))]
     epochs: Option<u64>,
     /// Images per discriminator step.
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 64, value_parser = int_in(2usize, MAX_BATCH))]
     batch_size: usize,
     /// Adam learning rate of both networks (--lr-g / --lr-d override it).
-    #[arg(long, default_value_t = 2e-4)]
+    #[arg(long, default_value_t = 2e-4, value_parser = float_in::<f64>("> 0", |x| x > 0.0))]
     lr: f64,
     /// Generator learning rate.
-    #[arg(long)]
+    #[arg(long, value_parser = float_in::<f64>("> 0", |x| x > 0.0))]
     lr_g: Option<f64>,
     /// Discriminator learning rate.
-    #[arg(long)]
+    #[arg(long, value_parser = float_in::<f64>("> 0", |x| x > 0.0))]
     lr_d: Option<f64>,
     /// Adam beta1.
-    #[arg(long, default_value_t = 0.5)]
+    #[arg(long, default_value_t = 0.5, value_parser = float_in::<f64>("in [0, 1)", |x| (0.0..1.0).contains(&x)))]
     beta1: f64,
     /// Adam beta2.
-    #[arg(long, default_value_t = 0.999)]
+    #[arg(long, default_value_t = 0.999, value_parser = float_in::<f64>("in [0, 1)", |x| (0.0..1.0).contains(&x)))]
     beta2: f64,
     /// Loss: minimax, non-saturating, least-squares, hinge or wasserstein.
     #[arg(long, default_value = "non-saturating")]
     loss: String,
     /// Weight clipping bound of the Wasserstein critic (0: none; default 0.01, or 0 with a penalty).
-    #[arg(long)]
+    #[arg(long, value_parser = float_in::<f64>(">= 0", |x| x >= 0.0))]
     clip: Option<f64>,
     /// Discriminator steps per generator step.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = int_in(1usize, 100))]
     n_critic: usize,
     /// Gradient penalty: none, r1 or wgan-gp.
     #[arg(long, default_value = "none")]
     penalty: String,
     /// Penalty weight (R1's gamma, WGAN-GP's lambda).
-    #[arg(long, default_value_t = 10.0)]
+    #[arg(long, default_value_t = 10.0, value_parser = float_in::<f64>("> 0", |x| x > 0.0))]
     penalty_weight: f64,
     /// Finite-difference step of the penalty's Hessian-vector product (input-space length).
-    #[arg(long, default_value_t = 1e-2)]
+    #[arg(long, default_value_t = 1e-2, value_parser = float_in::<f64>("in (0, 1]", |x| x > 0.0 && x <= 1.0))]
     fd_step: f64,
     /// Spectral normalisation of the discriminator's convolutions.
     #[arg(long)]
@@ -119,10 +119,10 @@ struct TrainArgs {
     #[arg(long, default_value = "batch")]
     g_norm: String,
     /// Keep an EMA copy of the generator with this decay (e.g. 0.999).
-    #[arg(long)]
+    #[arg(long, value_parser = float_in::<f64>("in (0, 1)", |x| x > 0.0 && x < 1.0))]
     ema_decay: Option<f64>,
     /// Generator steps before the EMA starts averaging (default 1000).
-    #[arg(long)]
+    #[arg(long, value_parser = int_in(0u64, u64::MAX))]
     ema_start: Option<u64>,
     /// DiffAugment policy, e.g. color,translation,cutout (none: off).
     #[arg(long, default_value = "none")]
@@ -134,19 +134,19 @@ struct TrainArgs {
     #[arg(long, default_value = "radford")]
     init: String,
     /// Latent dimension.
-    #[arg(long)]
+    #[arg(long, value_parser = int_in(1usize, 4096))]
     nz: Option<usize>,
     /// Generator width.
-    #[arg(long)]
+    #[arg(long, value_parser = int_in(1usize, 4096))]
     ngf: Option<usize>,
     /// Discriminator width.
-    #[arg(long)]
+    #[arg(long, value_parser = int_in(1usize, 4096))]
     ndf: Option<usize>,
     /// Steps in a row of D(x) > 0.99 and D(G(z)) < 0.01 that stop training (0: never).
-    #[arg(long, default_value_t = 200)]
+    #[arg(long, default_value_t = 200, value_parser = int_in(0u64, u64::MAX))]
     collapse_window: u64,
     /// Seed of weights, data order, noise and augmentation.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, value_parser = int_in(0u64, u64::MAX))]
     seed: u64,
     /// Evaluate FID every N epochs and keep checkpoints/best-fid.safetensors
     /// (needs --inception or --ssl-run; 0: never).
@@ -438,7 +438,7 @@ struct SampleArgs {
     #[arg(long)]
     run: PathBuf,
     /// Number of images.
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 64, value_parser = int_in(1usize, 4096))]
     n: usize,
     /// Sample from the EMA copy of the generator.
     #[arg(long)]
@@ -450,10 +450,10 @@ struct SampleArgs {
     #[arg(long)]
     out: Option<PathBuf>,
     /// Seed of the latents.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = int_in(0u64, u64::MAX))]
     seed: u64,
     /// Class for a conditional GAN (default: cycle through the classes).
-    #[arg(long)]
+    #[arg(long, value_parser = int_in(0u32, u32::MAX))]
     class: Option<u32>,
     /// Device.
     #[arg(long, default_value = "cpu")]
@@ -668,7 +668,7 @@ struct EvalArgs {
     #[arg(long, default_value_t = 50, value_parser = int_in(1usize, 4096))]
     batch: usize,
     /// Seed of the latents and of KID's subsets.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, value_parser = int_in(0u64, u64::MAX))]
     seed: u64,
     /// Folder holding downloaded datasets.
     #[arg(long)]
@@ -820,6 +820,31 @@ mod tests {
 
     fn args(a: &[&str]) -> Vec<String> {
         a.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn every_numeric_flag_is_range_checked() {
+        use crate::parts::assert_numeric_flags_checked;
+        assert_numeric_flags_checked::<TrainArgs>("cargo xtask train gan", None, &[]);
+        assert_numeric_flags_checked::<SampleArgs>("cargo xtask sample gan", None, &["--run", "r"]);
+        assert_numeric_flags_checked::<EvalArgs>("cargo xtask eval gan", None, &["--run", "r"]);
+        for (flag, bad, range) in [
+            ("--epochs", "-1", "expected an integer in 1..=1000000"),
+            ("--batch-size", "1", "expected an integer in 2..=65536"),
+            ("--lr", "0", "expected a number > 0"),
+            ("--lr-d", "inf", "expected a number > 0"),
+            ("--beta1", "1", "expected a number in [0, 1)"),
+            ("--beta2", "-0.5", "expected a number in [0, 1)"),
+            ("--n-critic", "101", "expected an integer in 1..=100"),
+            ("--ema-decay", "1", "expected a number in (0, 1)"),
+            ("--fd-step", "NaN", "expected a number in (0, 1]"),
+        ] {
+            let e = crate::parts::parse::<TrainArgs>("t", &args(&[flag, bad]))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(flag) && e.contains(range), "{flag} {bad}: {e}");
+        }
+        assert!(parse_given::<TrainArgs>("t", &args(&["--beta1", "0", "--beta2", "0.99"])).is_ok());
     }
 
     #[test]

@@ -20,7 +20,7 @@ use kiln_lm::{
 
 use super::{
     exit_if_interrupted, float_in, int_in, parse, parse_given, resume_config, threads_flag, Bench,
-    Component, DemoPart, Given, RunArgs,
+    Component, DemoPart, Given, RunArgs, MAX_EPOCHS,
 };
 
 /// Registers kiln-lm's command, task, demo part and benchmarks.
@@ -255,7 +255,7 @@ struct TrainArgs {
     #[arg(long, default_value = "synthetic-reviews")]
     corpus: String,
     /// Epochs (overrides the run's on --resume).
-    #[arg(long, value_parser = int_in(1u64, u64::MAX))]
+    #[arg(long, value_parser = int_in(1u64, MAX_EPOCHS))]
     epochs: Option<u64>,
     /// Blocks per batch.
     #[arg(long, default_value_t = 16, value_parser = int_in(1usize, super::MAX_BATCH))]

@@ -26,6 +26,9 @@ pub mod vae;
 /// The largest `--batch-size` a command accepts.
 pub const MAX_BATCH: usize = 65536;
 
+/// The largest `--epochs` (or `--iterations`, `--lm-epochs`) a command accepts.
+pub const MAX_EPOCHS: u64 = 1_000_000;
+
 /// The largest `--image-size` a command accepts.
 pub const MAX_IMAGE_SIZE: usize = 1024;
 

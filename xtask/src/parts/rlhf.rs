@@ -29,8 +29,8 @@ use kiln_rlhf::RewardModel;
 mod online;
 
 use super::{
-    exit_if_interrupted, parse, parse_given, resume_config, Bench, Component, DemoPart, Given,
-    RunArgs,
+    exit_if_interrupted, float_in, int_in, parse, parse_given, resume_config, threads_flag, Bench,
+    Component, DemoPart, Given, RunArgs, MAX_BATCH, MAX_EPOCHS,
 };
 
 /// Registers kiln-rlhf's command, demo part and benchmarks.
@@ -116,31 +116,31 @@ fn rlhf_cmd(args: &[String]) -> Result<()> {
 #[derive(Debug, Clone, clap::Args)]
 struct TrainFlags {
     /// Passes over the training pairs (may be raised on --resume).
-    #[arg(long)]
+    #[arg(long, value_parser = int_in(1u64, MAX_EPOCHS))]
     epochs: Option<u64>,
     /// Pairs per micro-batch (per_device_train_batch_size).
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 8, value_parser = int_in(1usize, MAX_BATCH))]
     batch_size: usize,
     /// Micro-batches per optimizer step (gradient_accumulation_steps).
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = int_in(1usize, MAX_BATCH))]
     grad_accum: usize,
     /// Peak learning rate (AdamW, linear decay). Default: TRL's (DPO 1e-6, reward 1e-4).
-    #[arg(long)]
+    #[arg(long, value_parser = float_in::<f64>("> 0", |x| x > 0.0))]
     lr: Option<f64>,
     /// Weight decay (not on biases and layer norms).
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, value_parser = float_in::<f64>(">= 0", |x| x >= 0.0))]
     weight_decay: f64,
     /// Linear warm-up steps.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, value_parser = int_in(0u64, u64::MAX))]
     warmup_steps: u64,
     /// Gradient clipping norm (0 = off).
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, value_parser = float_in::<f64>(">= 0", |x| x >= 0.0))]
     max_grad_norm: f64,
     /// Share of the pairs held out for evaluation.
-    #[arg(long, default_value_t = 0.1)]
+    #[arg(long, default_value_t = 0.1, value_parser = float_in::<f64>("in [0, 0.9)", |x| (0.0..0.9).contains(&x)))]
     eval_fraction: f64,
     /// Seed of the split, order, fresh head and dropout.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, value_parser = int_in(0u64, u64::MAX))]
     seed: u64,
 }
 
@@ -190,10 +190,10 @@ struct RewardArgs {
     #[arg(long)]
     chat_template: Option<String>,
     /// Longest sequence in tokens; longer pairs are dropped and counted.
-    #[arg(long, default_value_t = 1024)]
+    #[arg(long, default_value_t = 1024, value_parser = int_in(2usize, 1_000_000))]
     max_length: usize,
     /// Add center_rewards_coefficient * mean((r_c + r_r)^2) to the loss.
-    #[arg(long)]
+    #[arg(long, value_parser = float_in::<f64>(">= 0", |x| x >= 0.0))]
     center_rewards_coefficient: Option<f64>,
     /// Keep the model's dropout on while training.
     #[arg(long)]
@@ -287,19 +287,19 @@ struct DpoArgs {
     #[arg(long)]
     chat_template: Option<String>,
     /// Longest prompt + completion in tokens; longer pairs are dropped and counted.
-    #[arg(long, default_value_t = 1024)]
+    #[arg(long, default_value_t = 1024, value_parser = int_in(2usize, 1_000_000))]
     max_length: usize,
     /// Loss types, comma-separated (sigmoid, hinge, ipo, robust, sft, apo_zero).
     #[arg(long, value_delimiter = ',', default_value = "sigmoid")]
     loss_type: Vec<String>,
     /// One weight per loss type (default: all 1).
-    #[arg(long, value_delimiter = ',')]
+    #[arg(long, value_delimiter = ',', value_parser = float_in::<f64>(">= 0", |x| x >= 0.0))]
     loss_weights: Vec<f64>,
     /// beta: the pull towards the reference (IPO's tau).
-    #[arg(long, default_value_t = 0.1)]
+    #[arg(long, default_value_t = 0.1, value_parser = float_in::<f64>("> 0", |x| x > 0.0))]
     beta: f64,
     /// Robust DPO's label-flip probability, in [0, 0.5).
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, value_parser = float_in::<f64>("in [0, 0.5)", |x| (0.0..0.5).contains(&x)))]
     label_smoothing: f64,
     /// Compute the reference log-probs once before training (kept in the run folder).
     #[arg(long)]
@@ -388,22 +388,22 @@ fn dpo_cmd(args: &[String]) -> Result<()> {
 #[derive(Debug, Clone, clap::Args)]
 struct GenFlags {
     /// Most new tokens per completion.
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 64, value_parser = int_in(1usize, 1_000_000))]
     max_new_tokens: usize,
     /// Sampling temperature (transformers' sampling defaults: 1, top-k 50).
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, value_parser = float_in::<f64>(">= 0", |x| x >= 0.0))]
     temperature: f64,
     /// Keep the k most likely tokens (0 = off).
-    #[arg(long, default_value_t = 50)]
+    #[arg(long, default_value_t = 50, value_parser = int_in(0usize, usize::MAX))]
     top_k: usize,
     /// Nucleus mass (1 = off).
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, value_parser = float_in::<f64>("in (0, 1]", |x| x > 0.0 && x <= 1.0))]
     top_p: f64,
     /// Sampling seed.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, value_parser = int_in(0u64, u64::MAX))]
     seed: u64,
     /// Prompts per batched generation call.
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 8, value_parser = int_in(1usize, MAX_BATCH))]
     batch: usize,
     /// Chat template for conversational prompts.
     #[arg(long)]
@@ -412,7 +412,7 @@ struct GenFlags {
     #[arg(long, default_value = "cpu")]
     device: String,
     /// CPU threads (default: all cores).
-    #[arg(long)]
+    #[arg(long, value_parser = threads_flag())]
     threads: Option<usize>,
 }
 
@@ -464,7 +464,7 @@ struct SampleArgs {
     #[arg(long)]
     prompts: PathBuf,
     /// Completions per prompt.
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = 2, value_parser = int_in(1usize, 4096))]
     n: usize,
     /// Write pairs to label (needs --n 2).
     #[arg(long)]
@@ -538,7 +538,7 @@ struct BonArgs {
     #[arg(long)]
     prompts: PathBuf,
     /// Samples per prompt.
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = 4, value_parser = int_in(1usize, 4096))]
     n: usize,
     /// Output JSONL.
     #[arg(long, default_value = "best-of-n.jsonl")]
@@ -617,31 +617,31 @@ struct RwftArgs {
     #[arg(long)]
     prompts: Option<PathBuf>,
     /// Samples per prompt.
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = 4, value_parser = int_in(2usize, 4096))]
     n: usize,
     /// Softmax temperature of the weights.
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, value_parser = float_in::<f64>("> 0", |x| x > 0.0))]
     tau: f64,
     /// Iterations (may be raised on --resume).
-    #[arg(long)]
+    #[arg(long, value_parser = int_in(1u64, MAX_EPOCHS))]
     iterations: Option<u64>,
     /// Prompts per iteration.
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 8, value_parser = int_in(1usize, MAX_BATCH))]
     prompts_per_iteration: usize,
     /// Learning rate (AdamW).
-    #[arg(long, default_value_t = 1e-5)]
+    #[arg(long, default_value_t = 1e-5, value_parser = float_in::<f64>("> 0", |x| x > 0.0))]
     lr: f64,
     /// Most new tokens per sample.
-    #[arg(long, default_value_t = 48)]
+    #[arg(long, default_value_t = 48, value_parser = int_in(1usize, 1_000_000))]
     max_new_tokens: usize,
     /// Sampling temperature.
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, value_parser = float_in::<f64>("> 0", |x| x > 0.0))]
     temperature: f64,
     /// Chat template for conversational prompts.
     #[arg(long)]
     chat_template: Option<String>,
     /// Seed.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, value_parser = int_in(0u64, u64::MAX))]
     seed: u64,
     #[command(flatten)]
     run: RunArgs,
@@ -725,16 +725,16 @@ struct ExperimentArgs {
     #[arg(long)]
     quick: bool,
     /// DPO beta values, comma-separated.
-    #[arg(long, value_delimiter = ',')]
+    #[arg(long, value_delimiter = ',', value_parser = float_in::<f64>("> 0", |x| x > 0.0))]
     betas: Vec<f64>,
     /// Label-flip probability of the simulated labeller.
-    #[arg(long)]
+    #[arg(long, value_parser = float_in::<f64>("in [0, 0.5)", |x| (0.0..0.5).contains(&x)))]
     label_noise: Option<f64>,
     /// Seed.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, value_parser = int_in(0u64, u64::MAX))]
     seed: u64,
     /// CPU threads (default: all cores).
-    #[arg(long)]
+    #[arg(long, value_parser = threads_flag())]
     threads: Option<usize>,
     /// Device: cpu, cuda, cuda:N or auto.
     #[arg(long, default_value = "cpu")]
@@ -965,4 +965,37 @@ fn bench_memory(ctx: &super::BenchCtx) -> Result<serde_json::Value> {
         "kiln_step_s": (kiln_s * 100.0).round() / 100.0,
         "naive_step_s": (naive_s * 100.0).round() / 100.0,
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::parts::assert_numeric_flags_checked;
+
+    #[test]
+    fn every_numeric_flag_is_range_checked() {
+        let m = ["--model", "m", "--prompts", "p"];
+        assert_numeric_flags_checked::<RewardArgs>("cargo xtask rlhf reward", None, &[]);
+        assert_numeric_flags_checked::<DpoArgs>("cargo xtask rlhf dpo", None, &[]);
+        assert_numeric_flags_checked::<SampleArgs>("cargo xtask rlhf sample", None, &m);
+        let bon = ["--model", "m", "--reward-model", "r", "--prompts", "p"];
+        assert_numeric_flags_checked::<BonArgs>("cargo xtask rlhf best-of-n", None, &bon);
+        assert_numeric_flags_checked::<RwftArgs>("cargo xtask rlhf rwft", None, &[]);
+        assert_numeric_flags_checked::<ExperimentArgs>("cargo xtask rlhf experiment", None, &[]);
+        let args = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        for (flag, bad, range) in [
+            ("--epochs", "-1", "expected an integer in 1..=1000000"),
+            ("--lr", "0", "expected a number > 0"),
+            ("--eval-fraction", "0.9", "expected a number in [0, 0.9)"),
+            ("--label-smoothing", "0.5", "expected a number in [0, 0.5)"),
+            ("--beta", "0", "expected a number > 0"),
+            ("--loss-weights", "1,-1", "expected a number >= 0"),
+        ] {
+            let e = crate::parts::parse::<DpoArgs>("d", &args(&[flag, bad]))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(flag) && e.contains(range), "{flag} {bad}: {e}");
+        }
+    }
 }

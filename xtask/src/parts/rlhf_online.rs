@@ -19,7 +19,8 @@ use kiln_rlhf::ppo::{train_ppo, PpoConfig, ValueModelKind};
 use kiln_rlhf::rloo::{train_rloo, RlooConfig};
 
 use crate::parts::{
-    exit_if_interrupted, parse_given, resume_config, Bench, DemoPart, Given, RunArgs,
+    exit_if_interrupted, float_in, int_in, parse_given, resume_config, threads_flag, Bench,
+    DemoPart, Given, RunArgs, MAX_BATCH, MAX_EPOCHS,
 };
 
 /// The online commands' usage lines (for `rlhf --help`).
@@ -84,31 +85,31 @@ struct OnlineFlags {
     #[arg(long)]
     chat_template: Option<String>,
     /// Rollouts in all (may be raised on --resume).
-    #[arg(long)]
+    #[arg(long, value_parser = int_in(1u64, MAX_EPOCHS))]
     iterations: Option<u64>,
     /// Prompts per rollout.
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 8, value_parser = int_in(1usize, MAX_BATCH))]
     prompts_per_iteration: usize,
     /// Most new tokens per completion (max_completion_length).
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = 32, value_parser = int_in(1usize, 1_000_000))]
     max_new_tokens: usize,
     /// Sampling temperature (log-probs use logits / temperature).
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, value_parser = float_in::<f64>("> 0", |x| x > 0.0))]
     temperature: f64,
     /// Top-k truncation of the draw (0 = off).
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, value_parser = int_in(0usize, usize::MAX))]
     top_k: usize,
     /// Subtract this from the score of completions without EOS.
-    #[arg(long)]
+    #[arg(long, value_parser = float_in::<f64>(">= 0", |x| x >= 0.0))]
     missing_eos_penalty: Option<f64>,
     /// Learning rate (AdamW, constant).
-    #[arg(long, default_value_t = 1e-6)]
+    #[arg(long, default_value_t = 1e-6, value_parser = float_in::<f64>("> 0", |x| x > 0.0))]
     lr: f64,
     /// Gradient clipping norm (0 = off).
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, value_parser = float_in::<f64>(">= 0", |x| x >= 0.0))]
     max_grad_norm: f64,
     /// Seed.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, value_parser = int_in(0u64, u64::MAX))]
     seed: u64,
 }
 
@@ -220,25 +221,25 @@ struct GrpoArgs {
     #[command(flatten)]
     online: OnlineFlags,
     /// Completions per prompt.
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 8, value_parser = int_in(2usize, 4096))]
     num_generations: usize,
     /// grpo, dapo or dr_grpo.
     #[arg(long, default_value = "dapo")]
     loss_type: String,
     /// Clipping epsilon.
-    #[arg(long, default_value_t = 0.2)]
+    #[arg(long, default_value_t = 0.2, value_parser = float_in::<f64>("in (0, 1)", |x| x > 0.0 && x < 1.0))]
     epsilon: f64,
     /// Separate upper clipping bound (DAPO: 0.28).
-    #[arg(long)]
+    #[arg(long, value_parser = float_in::<f64>("> 0", |x| x > 0.0))]
     epsilon_high: Option<f64>,
     /// KL coefficient (0: no reference model).
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, value_parser = float_in::<f64>(">= 0", |x| x >= 0.0))]
     beta: f64,
     /// group, batch or none.
     #[arg(long, default_value = "group")]
     scale_rewards: String,
     /// Updates per rollout.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = int_in(1usize, 1024))]
     num_iterations: usize,
     #[command(flatten)]
     run: RunArgs,
@@ -291,16 +292,16 @@ struct RlooArgs {
     #[command(flatten)]
     online: OnlineFlags,
     /// Completions per prompt.
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = 2, value_parser = int_in(2usize, 4096))]
     num_generations: usize,
     /// KL coefficient of the reward penalty.
-    #[arg(long, default_value_t = 0.05)]
+    #[arg(long, default_value_t = 0.05, value_parser = float_in::<f64>(">= 0", |x| x >= 0.0))]
     beta: f64,
     /// Clipping epsilon.
-    #[arg(long, default_value_t = 0.2)]
+    #[arg(long, default_value_t = 0.2, value_parser = float_in::<f64>("in (0, 1)", |x| x > 0.0 && x < 1.0))]
     epsilon: f64,
     /// Updates per rollout.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = int_in(1usize, 1024))]
     num_iterations: usize,
     /// Whiten the advantages over the batch.
     #[arg(long)]
@@ -350,31 +351,31 @@ struct PpoArgs {
     #[arg(long, default_value = "separate")]
     value_model: String,
     /// Discount.
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, value_parser = float_in::<f64>("in [0, 1]", |x| (0.0..=1.0).contains(&x)))]
     gamma: f64,
     /// GAE lambda.
-    #[arg(long, default_value_t = 0.95)]
+    #[arg(long, default_value_t = 0.95, value_parser = float_in::<f64>("in [0, 1]", |x| (0.0..=1.0).contains(&x)))]
     lam: f64,
     /// Policy ratio clipping.
-    #[arg(long, default_value_t = 0.2)]
+    #[arg(long, default_value_t = 0.2, value_parser = float_in::<f64>(">= 0", |x| x >= 0.0))]
     cliprange: f64,
     /// Value clipping.
-    #[arg(long, default_value_t = 0.2)]
+    #[arg(long, default_value_t = 0.2, value_parser = float_in::<f64>(">= 0", |x| x >= 0.0))]
     cliprange_value: f64,
     /// Value loss weight.
-    #[arg(long, default_value_t = 0.1)]
+    #[arg(long, default_value_t = 0.1, value_parser = float_in::<f64>(">= 0", |x| x >= 0.0))]
     vf_coef: f64,
     /// KL penalty coefficient.
-    #[arg(long, default_value_t = 0.05)]
+    #[arg(long, default_value_t = 0.05, value_parser = float_in::<f64>(">= 0", |x| x >= 0.0))]
     kl_coef: f64,
     /// k1 or k3.
     #[arg(long, default_value = "k1")]
     kl_estimator: String,
     /// Passes over each rollout.
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = 4, value_parser = int_in(1usize, 1024))]
     num_ppo_epochs: usize,
     /// Minibatches per pass.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = int_in(1usize, MAX_BATCH))]
     num_mini_batches: usize,
     #[command(flatten)]
     run: RunArgs,
@@ -434,22 +435,22 @@ struct ArithArgs {
     #[arg(long)]
     quick: bool,
     /// Pretraining epochs of the base LM.
-    #[arg(long)]
+    #[arg(long, value_parser = int_in(1u64, MAX_EPOCHS))]
     lm_epochs: Option<u64>,
     /// GRPO iterations.
-    #[arg(long)]
+    #[arg(long, value_parser = int_in(1u64, MAX_EPOCHS))]
     iterations: Option<u64>,
     /// GRPO learning rate.
-    #[arg(long)]
+    #[arg(long, value_parser = float_in::<f64>("> 0", |x| x > 0.0))]
     lr: Option<f64>,
     /// GRPO completions per prompt.
-    #[arg(long)]
+    #[arg(long, value_parser = int_in(2usize, 4096))]
     num_generations: Option<usize>,
     /// Seed.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, value_parser = int_in(0u64, u64::MAX))]
     seed: u64,
     /// CPU threads (default: all cores).
-    #[arg(long)]
+    #[arg(long, value_parser = threads_flag())]
     threads: Option<usize>,
     /// Device: cpu, cuda, cuda:N or auto.
     #[arg(long, default_value = "cpu")]
@@ -677,4 +678,36 @@ fn tempfile_dir() -> Result<PathBuf> {
     ));
     std::fs::create_dir_all(&d).with_context(|| format!("creating {}", d.display()))?;
     Ok(d)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::parts::assert_numeric_flags_checked;
+
+    #[test]
+    fn every_numeric_flag_is_range_checked() {
+        assert_numeric_flags_checked::<GrpoArgs>("cargo xtask rlhf grpo", None, &[]);
+        assert_numeric_flags_checked::<RlooArgs>("cargo xtask rlhf rloo", None, &[]);
+        assert_numeric_flags_checked::<PpoArgs>("cargo xtask rlhf ppo", None, &[]);
+        assert_numeric_flags_checked::<ArithArgs>("cargo xtask rlhf arithmetic", None, &[]);
+        let args = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        for (flag, bad, range) in [
+            ("--iterations", "0", "expected an integer in 1..=1000000"),
+            ("--temperature", "0", "expected a number > 0"),
+            ("--num-generations", "1", "expected an integer in 2..=4096"),
+            ("--epsilon", "1", "expected a number in (0, 1)"),
+            ("--missing-eos-penalty", "inf", "expected a number >= 0"),
+        ] {
+            let e = crate::parts::parse::<GrpoArgs>("g", &args(&[flag, bad]))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(flag) && e.contains(range), "{flag} {bad}: {e}");
+        }
+        let e = crate::parts::parse::<PpoArgs>("p", &args(&["--gamma", "1.5"]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--gamma") && e.contains("in [0, 1]"), "{e}");
+    }
 }

@@ -11,7 +11,7 @@ use kiln_ssl::{train_inpaint, train_simclr, InpaintConfig, ProbeReport, Simclr, 
 
 use super::{
     exit_if_interrupted, float_in, int_in, open_optional_split, open_split, parse, parse_given,
-    resume_config, Component, DemoPart, Given, RunArgs, MAX_BATCH, MAX_IMAGE_SIZE,
+    resume_config, Component, DemoPart, Given, RunArgs, MAX_BATCH, MAX_EPOCHS, MAX_IMAGE_SIZE,
 };
 
 /// Registers the SSL tasks and demo parts.
@@ -104,7 +104,7 @@ struct InpaintArgs {
     #[command(flatten)]
     common: Common,
     /// Epochs (the chapter trains 200).
-    #[arg(long, default_value_t = 200, value_parser = int_in(1u64, u64::MAX))]
+    #[arg(long, default_value_t = 200, value_parser = int_in(1u64, MAX_EPOCHS))]
     epochs: u64,
     /// Batch size.
     #[arg(long, default_value_t = 32, value_parser = int_in(1usize, MAX_BATCH))]
@@ -195,7 +195,7 @@ struct SimclrArgs {
     #[command(flatten)]
     common: Common,
     /// Epochs.
-    #[arg(long, default_value_t = 20, value_parser = int_in(1u64, u64::MAX))]
+    #[arg(long, default_value_t = 20, value_parser = int_in(1u64, MAX_EPOCHS))]
     epochs: u64,
     /// Images per batch (at least 2: each image's other view is its positive).
     #[arg(long, default_value_t = 128, value_parser = int_in(2usize, MAX_BATCH))]

@@ -18,7 +18,7 @@ use kiln_vae::{
 
 use super::{
     exit_if_interrupted, float_in, int_in, open_optional_split, open_split, parse, parse_given,
-    resume_config, threads_flag, Bench, Component, DemoPart, Given, RunArgs, MAX_BATCH,
+    resume_config, threads_flag, Bench, Component, DemoPart, Given, RunArgs, MAX_BATCH, MAX_EPOCHS,
     MAX_IMAGE_SIZE,
 };
 
@@ -61,7 +61,7 @@ struct TrainArgs {
     #[arg(long)]
     allow_empty_classes: bool,
     /// Epochs (the chapter trains 400).
-    #[arg(long, value_parser = int_in(1u64, u64::MAX))]
+    #[arg(long, value_parser = int_in(1u64, MAX_EPOCHS))]
     epochs: Option<u64>,
     /// Batch size.
     #[arg(long, default_value_t = 32, value_parser = int_in(1usize, MAX_BATCH))]
@@ -539,7 +539,7 @@ mod tests {
                 .unwrap_err()
                 .to_string();
             assert!(
-                e.contains("--epochs") && e.contains("expected an integer >= 1"),
+                e.contains("--epochs") && e.contains("expected an integer in 1..=1000000"),
                 "{e}"
             );
         }
