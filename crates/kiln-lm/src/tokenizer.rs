@@ -36,10 +36,20 @@ impl Gpt2Tokenizer {
         if !path.is_file() {
             return Err(LmError::file(path, "tokenizer file not found"));
         }
-        // tokenizers 0.23 panics on some malformed files instead of returning
-        // an error (its decoder deserializer `expect`s a helper parse, e.g. on
-        // a non-string key); a bad file must be an error naming it.
-        let parsed = std::panic::catch_unwind(|| Tokenizer::from_file(path)).map_err(|p| {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| LmError::file(path, format!("cannot read it as UTF-8 text: {e}")))?;
+        // tokenizers 0.23 panics instead of returning an error when a part it
+        // buffers (the decoder) is not valid JSON: its decoder deserializer
+        // `expect`s that parse (found by the `tokenizer` fuzz target). Checking
+        // the whole file's syntax first makes such a file a plain error that
+        // says where; the parse stays behind `catch_unwind` for other panics.
+        serde_json::from_str::<serde::de::IgnoredAny>(&text).map_err(|e| {
+            LmError::file(
+                path,
+                format!("not a valid tokenizer.json: expected JSON, {e}"),
+            )
+        })?;
+        let parsed = std::panic::catch_unwind(|| text.parse::<Tokenizer>()).map_err(|p| {
             let why = p
                 .downcast_ref::<String>()
                 .map(String::as_str)
