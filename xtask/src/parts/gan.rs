@@ -495,13 +495,7 @@ fn sample_cmd(args: &[String]) -> Result<()> {
 /// SyntheticFlowers at 32x32, batch 32, 768 iterations, with an EMA copy:
 /// flower-like images of several colours in about half a minute on 2 cores.
 fn demo(ctx: &super::DemoCtx) -> Result<()> {
-    let flowers = open_split(
-        "synthetic-flowers",
-        Path::new("data"),
-        Split::Train,
-        32,
-        false,
-    )?;
+    let flowers = super::demo_flowers(Split::Train)?;
     // Drawn once, not every epoch.
     let train_set: Arc<dyn Dataset> = Arc::new(Cached::new(flowers.as_ref())?);
     let model = ModelConfig {

@@ -493,6 +493,11 @@ pub fn open_split(
     Ok(Arc::from(ds))
 }
 
+/// A split of the demos' embedded data: SyntheticFlowers at 32x32 (no download).
+pub fn demo_flowers(split: Split) -> Result<Arc<dyn Dataset>> {
+    open_split("synthetic-flowers", Path::new("data"), split, 32, false)
+}
+
 /// Opens a split a command can do without (the test split a training run
 /// evaluates on): `None`, said on stderr, when the dataset has no such split
 /// (a `folder:PATH` without `test/`); a split that is there but cannot be

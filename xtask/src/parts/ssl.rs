@@ -352,20 +352,8 @@ fn eval_cmd(args: &[String]) -> Result<()> {
 }
 
 fn demo_inpaint(ctx: &super::DemoCtx) -> Result<()> {
-    let tr = open_split(
-        "synthetic-flowers",
-        Path::new("data"),
-        Split::Train,
-        32,
-        false,
-    )?;
-    let te = open_split(
-        "synthetic-flowers",
-        Path::new("data"),
-        Split::Test,
-        32,
-        false,
-    )?;
+    let tr = super::demo_flowers(Split::Train)?;
+    let te = super::demo_flowers(Split::Test)?;
     // The chapter's model, mask and optimiser, trained with the hole's error
     // weighted 16x (about half the loss at 32x32 with an 8x8 hole, instead of
     // 1/16), one mask per image and Adam 3e-3, so 6 epochs beat the border-mean

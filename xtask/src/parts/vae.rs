@@ -1,7 +1,7 @@
 //! kiln-vae in xtask: `train vae`, `eval vae`, `sample vae`, the `vae` demo
 //! part and the `vae_mlp_train_step` benchmark.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::{bail, Result};
 use clap::Parser;
@@ -458,20 +458,8 @@ fn sample_cmd(args: &[String]) -> Result<()> {
 }
 
 fn demo(ctx: &super::DemoCtx) -> Result<()> {
-    let train_set = open_split(
-        "synthetic-flowers",
-        Path::new("data"),
-        Split::Train,
-        32,
-        false,
-    )?;
-    let test_set = open_split(
-        "synthetic-flowers",
-        Path::new("data"),
-        Split::Test,
-        32,
-        false,
-    )?;
+    let train_set = super::demo_flowers(Split::Train)?;
+    let test_set = super::demo_flowers(Split::Test)?;
     let cfg = VaeConfig::mlp_chapter();
     let tc = TrainConfig {
         epochs: 8,
@@ -523,6 +511,7 @@ fn bench_train_step(ctx: &super::BenchCtx) -> Result<serde_json::Value> {
 mod tests {
     use super::*;
     use crate::parts::assert_numeric_flags_checked;
+    use std::path::Path;
 
     fn args(a: &[&str]) -> Vec<String> {
         a.iter().map(|s| s.to_string()).collect()
