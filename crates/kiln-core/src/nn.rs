@@ -476,14 +476,10 @@ impl ModuleT for Dropout {
         if !train || self.p == 0.0 {
             return Ok(x.clone());
         }
-        let keep = 1.0 - self.p;
-        // The 1/keep scale is built into the mask: one multiply per element.
-        let mask = self
-            .rng
-            .lock()
-            .bernoulli_mask_scaled(x.shape().clone(), keep, (1.0 / keep) as f32, x.device())?
-            .to_dtype(x.dtype())?;
-        x * mask
+        // One draw per call seeds a counter-based mask (see `ops::dropout`):
+        // generated in parallel, regenerated for the backward pass.
+        let seed = rand::RngCore::next_u64(&mut *self.rng.lock());
+        crate::ops::dropout(x, 1.0 - self.p, seed)
     }
 }
 

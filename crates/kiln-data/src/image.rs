@@ -135,7 +135,17 @@ impl Image {
         if bytes.starts_with(&[0xff, 0xd8]) {
             check_jpeg_complete(bytes).map_err(err)?;
         }
-        let img = image::load_from_memory(bytes).map_err(|e| err(e.to_string()))?;
+        // Decoders are third-party code fed untrusted bytes: a panic inside
+        // one (zune-jpeg 0.5.15 overflows on some corrupt JPEGs when built with
+        // overflow checks, zune-image issue 382) becomes this file's error.
+        let img = std::panic::catch_unwind(|| image::load_from_memory(bytes))
+            .map_err(|p| {
+                err(format!(
+                    "the decoder failed on corrupt data ({})",
+                    panic_text(&p)
+                ))
+            })?
+            .map_err(|e| err(e.to_string()))?;
         Ok(Self::from_dynamic(&img, mode))
     }
 
@@ -382,4 +392,12 @@ pub fn grid(images: &[Image], cols: usize, pad: usize) -> Result<Image> {
         }
     }
     Ok(out)
+}
+
+/// A caught panic's message, for error text.
+fn panic_text(p: &(dyn std::any::Any + Send)) -> String {
+    p.downcast_ref::<&str>()
+        .map(|s| (*s).to_string())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic".into())
 }

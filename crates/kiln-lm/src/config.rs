@@ -111,6 +111,10 @@ impl Default for Gpt2Config {
     }
 }
 
+/// The most parameters a config may describe (2^40, ~1.1e12: far past any
+/// GPT-2, well inside `usize` on 64-bit machines).
+pub const MAX_PARAMS: u128 = 1 << 40;
+
 impl Gpt2Config {
     /// GPT-2 small (124M): 12 layers, 12 heads, width 768.
     pub fn gpt2_small() -> Self {
@@ -174,7 +178,7 @@ impl Gpt2Config {
 
     /// MLP width.
     pub fn inner(&self) -> usize {
-        self.n_inner.unwrap_or(4 * self.n_embd)
+        self.n_inner.unwrap_or(self.n_embd.saturating_mul(4))
     }
 
     /// Per-head width.
@@ -182,7 +186,8 @@ impl Gpt2Config {
         self.n_embd / self.n_head.max(1)
     }
 
-    /// Checks the sizes fit together.
+    /// Checks the sizes fit together (and the model's parameter count stays
+    /// within [`MAX_PARAMS`]).
     pub fn validate(&self) -> Result<()> {
         let bad = |f: &str, m: String| Err(LmError::config("GPT-2 config", f, m));
         for (f, v) in [
@@ -195,6 +200,16 @@ impl Gpt2Config {
             if v == 0 {
                 return bad(f, "must be at least 1".into());
             }
+        }
+        let params = self.params_u128();
+        if params > MAX_PARAMS {
+            return bad(
+                "vocab_size, n_positions, n_embd, n_layer, n_inner",
+                format!(
+                    "these sizes make a model of {params} parameters; kiln builds at most \
+                     2^40 (about 1.1e12)"
+                ),
+            );
         }
         if !self.n_embd.is_multiple_of(self.n_head) {
             return bad(
@@ -231,16 +246,42 @@ impl Gpt2Config {
         Ok(())
     }
 
-    /// The parameter count (tied head counted once).
+    /// The parameter count (tied head counted once); `usize::MAX` when it
+    /// does not fit, which [`Self::validate`] refuses.
     pub fn num_params(&self) -> usize {
-        let (c, i) = (self.n_embd, self.inner());
-        let block = 2 * 2 * c + (c * 3 * c + 3 * c) + (c * c + c) + (c * i + i) + (i * c + c);
-        let head = if self.tie_word_embeddings {
-            0
-        } else {
-            self.vocab_size * c
-        };
-        self.vocab_size * c + self.n_positions * c + self.n_layer * block + 2 * c + head
+        usize::try_from(self.params_u128()).unwrap_or(usize::MAX)
+    }
+
+    /// The parameter count without overflow: sizes come from files, and a
+    /// product of them must never wrap to a small, plausible number.
+    fn params_u128(&self) -> u128 {
+        let u = |v: usize| v as u128;
+        let (c, i) = (u(self.n_embd), u(self.inner()));
+        let mul = |a: u128, b: u128| a.saturating_mul(b);
+        let block = [
+            mul(4, c),
+            mul(mul(c, 3), c),
+            mul(3, c),
+            mul(c, c),
+            c,
+            mul(c, i),
+            i,
+            mul(i, c),
+            c,
+        ]
+        .into_iter()
+        .fold(0u128, u128::saturating_add);
+        let embed = mul(u(self.vocab_size), c);
+        let head = if self.tie_word_embeddings { 0 } else { embed };
+        [
+            embed,
+            mul(u(self.n_positions), c),
+            mul(u(self.n_layer), block),
+            mul(2, c),
+            head,
+        ]
+        .into_iter()
+        .fold(0u128, u128::saturating_add)
     }
 
     /// Writes `config.json` in the form transformers reads.

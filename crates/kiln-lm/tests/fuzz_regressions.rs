@@ -37,3 +37,43 @@ fn tokenizer_json_with_a_broken_decoder_is_an_error_not_a_panic() {
     let _ = std::panic::take_hook();
     assert!(!PANICKED.load(Ordering::SeqCst), "the parser panicked");
 }
+
+/// `fuzz/` target `lm_config`: `vocab_size` 11111111111111111114 made the
+/// parameter count overflow (a panic with overflow checks, a wrapped, small
+/// count without). Now `validate` refuses the sizes and the count saturates.
+#[test]
+fn config_whose_parameter_count_overflows_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, text) in [
+        (
+            "crash.json",
+            r#"{"model_type":"gpt2","vocab_size":11111111111111111114,"n_layer":1,"n_head":1}"#,
+        ),
+        (
+            "wide.json",
+            r#"{"model_type":"gpt2","n_embd":18446744073709551615,"n_head":1}"#,
+        ),
+        (
+            "big.json",
+            r#"{"model_type":"gpt2","vocab_size":4000000000}"#,
+        ),
+    ] {
+        let p = dir.path().join(name);
+        std::fs::write(&p, text).unwrap();
+        let e = kiln_lm::Gpt2Config::from_file(&p).unwrap_err().to_string();
+        assert!(e.contains(name), "{name}: {e}");
+        assert!(e.contains("parameters"), "{name}: {e}");
+        assert!(e.contains("2^40"), "{name}: {e}");
+        // Sized without validation, the count saturates instead of wrapping.
+        let cfg: kiln_lm::Gpt2Config = serde_json::from_str(text).unwrap();
+        assert!(cfg.validate().is_err());
+        assert!(cfg.num_params() > 1 << 40, "{name}: {}", cfg.num_params());
+    }
+    // GPT-2 XL-sized configs stay valid.
+    let xl = r#"{"model_type":"gpt2","n_embd":1600,"n_layer":48,"n_head":25}"#;
+    let p = dir.path().join("xl.json");
+    std::fs::write(&p, xl).unwrap();
+    let cfg = kiln_lm::Gpt2Config::from_file(&p).unwrap();
+    cfg.validate().unwrap();
+    assert_eq!(cfg.num_params(), 1_557_611_200);
+}

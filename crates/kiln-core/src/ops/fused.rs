@@ -667,3 +667,96 @@ mod tests {
         }
     }
 }
+
+/// splitmix64's output function: a bijective mix of a 64-bit counter, so
+/// `mix(seed + i * GOLDEN)` is element `i` of splitmix64's stream from `seed`.
+#[inline]
+fn splitmix(z: u64) -> u64 {
+    let z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    let z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+const GOLDEN: u64 = 0x9e37_79b9_7f4a_7c15;
+
+/// Inverted dropout's mask as a pure function of `(seed, element index)`:
+/// element `i` is kept when the 32-bit half `i % 2` of draw `i / 2` is below
+/// `threshold` (`keep * 2^32`). Every element's fate depends on its index
+/// alone, so the mask is generated in parallel, identical for any thread
+/// count, and the backward pass regenerates it instead of storing it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct DropoutMask {
+    pub(crate) seed: u64,
+    pub(crate) threshold: u64,
+    pub(crate) scale: f32,
+}
+
+impl DropoutMask {
+    pub(crate) fn new(seed: u64, keep: f64) -> Self {
+        Self {
+            seed,
+            threshold: (keep.clamp(0.0, 1.0) * 4_294_967_296.0).round() as u64,
+            scale: (1.0 / keep) as f32,
+        }
+    }
+
+    /// `out[j] = x[j] * mask(start + j)` for a run starting at an even index.
+    fn apply_run<T: Copy>(&self, start: usize, x: &[T], out: &mut [T], mul: impl Fn(T, f32) -> T) {
+        debug_assert!(start.is_multiple_of(2));
+        for (p, (o, x)) in out.chunks_mut(2).zip(x.chunks(2)).enumerate() {
+            let draw = (start / 2 + p) as u64;
+            let z = splitmix(
+                self.seed
+                    .wrapping_add(draw.wrapping_add(1).wrapping_mul(GOLDEN)),
+            );
+            let halves = [z & 0xffff_ffff, z >> 32];
+            for ((o, &x), h) in o.iter_mut().zip(x).zip(halves) {
+                *o = mul(x, if h < self.threshold { self.scale } else { 0.0 });
+            }
+        }
+    }
+
+    /// The mask itself (`scale` or 0 per element), for devices without the fused op.
+    pub(crate) fn values(&self, n: usize) -> Vec<f32> {
+        let mut out = vec![0f32; n];
+        let ones = vec![1f32; n];
+        out.par_chunks_mut(CHUNK)
+            .zip(ones.par_chunks(CHUNK))
+            .enumerate()
+            .for_each(|(i, (o, x))| self.apply_run(i * CHUNK, x, o, |x, m| x * m));
+        out
+    }
+}
+
+/// `x * mask`, the mask drawn in the same pass (see [`DropoutMask`]); its
+/// gradient is the same op on the incoming gradient.
+pub(crate) struct Dropout(pub(crate) DropoutMask);
+
+impl CustomOp1 for Dropout {
+    fn name(&self) -> &'static str {
+        "kiln-dropout"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let m = &self.0;
+        let out = by_float!(s, "dropout", |T| {
+            let x: &[T] = super::slice(s, l)?;
+            let mut y = vec![0 as T; x.len()];
+            y.par_chunks_mut(CHUNK)
+                .zip(x.par_chunks(CHUNK))
+                .enumerate()
+                .for_each(|(i, (y, x))| m.apply_run(i * CHUNK, x, y, |x, k| x * k as T));
+            y
+        });
+        Ok((out, l.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _arg: &candle_core::Tensor,
+        _res: &candle_core::Tensor,
+        grad: &candle_core::Tensor,
+    ) -> Result<Option<candle_core::Tensor>> {
+        Ok(Some(grad.contiguous()?.apply_op1(Dropout(self.0))?))
+    }
+}

@@ -253,6 +253,31 @@ pub fn gelu_tanh(x: &Tensor) -> Result<Tensor> {
     x.contiguous()?.apply_op1(fused::GeluTanh)
 }
 
+/// Inverted dropout: each element of `x` kept with probability `keep` and
+/// scaled by `1/keep`, else zeroed, by a mask that is a pure function of
+/// `seed` and the element's index (splitmix64 on a counter). On the CPU (f32
+/// and f64) the mask is drawn inside one parallel pass and regenerated in the
+/// backward pass, never stored; elsewhere the same mask is built on the CPU
+/// and multiplied, so every device drops the same elements for one seed.
+pub fn dropout(x: &Tensor, keep: f64, seed: u64) -> Result<Tensor> {
+    if !(keep > 0.0 && keep <= 1.0) {
+        candle_core::bail!("dropout: keep must be in (0, 1], got {keep}");
+    }
+    let mask = fused::DropoutMask::new(seed, keep);
+    let cpu_float = x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64);
+    if cpu_float {
+        return x.contiguous()?.apply_op1(fused::Dropout(mask));
+    }
+    let m = Tensor::from_vec(
+        mask.values(x.elem_count()),
+        x.shape(),
+        &candle_core::Device::Cpu,
+    )?
+    .to_device(x.device())?
+    .to_dtype(x.dtype())?;
+    x * m
+}
+
 /// Softmax over the last dimension, one pass forward and one backward
 /// (`y * (g - sum(g * y))`) on the CPU; the max-subtracted composite elsewhere.
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
