@@ -241,6 +241,9 @@ struct Step {
     /// `[B, T]` position ids, or `None` for `past..past+T` in every row.
     positions: Option<Tensor>,
     past: usize,
+    /// `bias` is exactly the causal mask (no padding): the fused causal
+    /// softmax can stand in for it.
+    causal: bool,
 }
 
 impl Block {
@@ -291,16 +294,21 @@ impl Block {
         if let Some(slot) = cache {
             (k, v) = LayerKv::append(slot, k, v)?;
         }
-        // Scale whichever of q and the scores is smaller (same product).
-        let mut scores = if d < k.dim(2)? {
-            (q * self.scale)?.matmul(&k.t()?)?
+        let mut p = if step.causal && q.device().is_cpu() {
+            // Scale, causal mask and softmax in one pass each way.
+            kiln_core::ops::softmax_causal(&q.matmul(&k.t()?)?, self.scale)?
         } else {
-            (q.matmul(&k.t()?)? * self.scale)?
+            // Scale whichever of q and the scores is smaller (same product).
+            let mut scores = if d < k.dim(2)? {
+                (q * self.scale)?.matmul(&k.t()?)?
+            } else {
+                (q.matmul(&k.t()?)? * self.scale)?
+            };
+            if let Some(bias) = &step.bias {
+                scores = scores.broadcast_add(bias)?;
+            }
+            softmax(&scores, D::Minus1)?
         };
-        if let Some(bias) = &step.bias {
-            scores = scores.broadcast_add(bias)?;
-        }
-        let mut p = softmax(&scores, D::Minus1)?;
         if let Some(dr) = drop {
             p = dr.forward_t(&p, true)?;
         }
@@ -429,6 +437,7 @@ impl Gpt2 {
                 .transpose()?,
             positions: None,
             past: 0,
+            causal: t > 1,
         };
         self.run(ids, &step, None, train)
     }
@@ -517,6 +526,7 @@ impl Gpt2 {
                     .transpose()?,
                 positions: None,
                 past,
+                causal: t > 1,
             }
         };
         let h = self.run(ids, &step, Some(cache), false)?;
@@ -599,6 +609,7 @@ fn padded_step(left_pad: &[usize], past: usize, t: usize, dev: &Device) -> Resul
         bias: Some(Tensor::from_vec(m, (b, 1, t, s), dev)?),
         positions: Some(Tensor::from_vec(pos, (b, t), dev)?),
         past,
+        causal: false,
     })
 }
 

@@ -140,6 +140,30 @@ fn map_rows<const N: usize>(
     });
 }
 
+/// `y = softmax(scale * x)` of one row, max-subtracted. With `scale` 1 the
+/// product is exact, so the plain softmax shares this code.
+#[inline]
+fn softmax_row(y: &mut [f32], x: &[f32], scale: f32) {
+    let m = x.iter().fold(f32::NEG_INFINITY, |a, &v| a.max(v * scale));
+    let mut z = 0f32;
+    for (y, &v) in y.iter_mut().zip(x) {
+        let e = (v * scale - m).exp();
+        *y = e;
+        z += e;
+    }
+    let inv = 1.0 / z;
+    y.iter_mut().for_each(|v| *v *= inv);
+}
+
+/// The gradient of [`softmax_row`]: `scale * y * (g - sum(g * y))`.
+#[inline]
+fn softmax_grad_row(o: &mut [f32], y: &[f32], g: &[f32], scale: f32) {
+    let dot: f32 = y.iter().zip(g).map(|(a, b)| a * b).sum();
+    for ((o, &yv), &gv) in o.iter_mut().zip(y).zip(g) {
+        *o = scale * yv * (gv - dot);
+    }
+}
+
 /// Softmax over the last dimension.
 pub(crate) struct SoftmaxLast;
 
@@ -161,17 +185,7 @@ impl CustomOp1 for SoftmaxLast {
         let x = f32_slice(s, l, "softmax")?;
         let (_, c) = shape::last_rows(l.dims(), "softmax")?;
         let mut y = vec![0f32; x.len()];
-        map_rows(&mut y, [x], c, |y, [x]| {
-            let m = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let mut z = 0f32;
-            for (y, &v) in y.iter_mut().zip(x) {
-                let e = (v - m).exp();
-                *y = e;
-                z += e;
-            }
-            let inv = 1.0 / z;
-            y.iter_mut().for_each(|v| *v *= inv);
-        });
+        map_rows(&mut y, [x], c, |y, [x]| softmax_row(y, x, 1.0));
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
 
@@ -217,10 +231,7 @@ impl CustomOp2 for SoftmaxLastGrad {
         let (_, c) = shape::last_rows(l1.dims(), "softmax grad")?;
         let mut out = vec![0f32; y.len()];
         map_rows(&mut out, [y, g], c, |o, [y, g]| {
-            let dot: f32 = y.iter().zip(g).map(|(a, b)| a * b).sum();
-            for ((o, &yv), &gv) in o.iter_mut().zip(y).zip(g) {
-                *o = yv * (gv - dot);
-            }
+            softmax_grad_row(o, y, g, 1.0)
         });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
@@ -758,5 +769,97 @@ impl CustomOp1 for Dropout {
         grad: &candle_core::Tensor,
     ) -> Result<Option<candle_core::Tensor>> {
         Ok(Some(grad.contiguous()?.apply_op1(Dropout(self.0))?))
+    }
+}
+
+/// `softmax(scale * x + causal mask)` over the last dimension of
+/// `[.., T, S]` scores (`S >= T`: query `i` sees keys `0..=i + S - T`);
+/// masked entries are exactly 0. One pass each way, replacing a scale, a
+/// broadcast bias add and a softmax (and their backward passes).
+pub(crate) struct SoftmaxCausal {
+    pub(crate) scale: f32,
+}
+
+/// Row geometry of causal scores: `(t, s)` from the last two dimensions.
+fn causal_dims(dims: &[usize], what: &str) -> Result<(usize, usize)> {
+    match dims {
+        [.., t, s] if s >= t && *t > 0 => Ok((*t, *s)),
+        _ => bail!("{what}: expected [.., T, S] scores with S >= T >= 1, got {dims:?}"),
+    }
+}
+
+/// Calls `f(row_index, visible_len, out_row, [input rows])` for every row of
+/// causal scores, in parallel blocks of rows.
+fn map_causal_rows<const N: usize>(
+    out: &mut [f32],
+    ins: [&[f32]; N],
+    (t, s): (usize, usize),
+    f: impl Fn(usize, &mut [f32], [&[f32]; N]) + Sync,
+) {
+    let rb = row_block(s) * s;
+    out.par_chunks_mut(rb).enumerate().for_each(|(bi, o)| {
+        for (ri, row) in o.chunks_mut(s).enumerate() {
+            let at = bi * rb + ri * s;
+            let i = (at / s) % t;
+            f(i + s - t + 1, row, ins.map(|x| &x[at..at + s]));
+        }
+    });
+}
+
+impl CustomOp1 for SoftmaxCausal {
+    fn name(&self) -> &'static str {
+        "kiln-softmax-causal"
+    }
+
+    fn cpu_fwd(&self, st: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = f32_slice(st, l, "causal softmax")?;
+        let geom = causal_dims(l.dims(), "causal softmax")?;
+        let scale = self.scale;
+        let mut y = vec![0f32; x.len()];
+        map_causal_rows(&mut y, [x], geom, |n, y, [x]| {
+            softmax_row(&mut y[..n], &x[..n], scale)
+        });
+        Ok((CpuStorage::F32(y), l.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _arg: &candle_core::Tensor,
+        res: &candle_core::Tensor,
+        grad: &candle_core::Tensor,
+    ) -> Result<Option<candle_core::Tensor>> {
+        Ok(Some(res.apply_op2_no_bwd(
+            &grad.contiguous()?,
+            &SoftmaxCausalGrad { scale: self.scale },
+        )?))
+    }
+}
+
+/// `scale * y * (g - sum(g * y))` over each row's visible keys; 0 elsewhere.
+struct SoftmaxCausalGrad {
+    scale: f32,
+}
+
+impl CustomOp2 for SoftmaxCausalGrad {
+    fn name(&self) -> &'static str {
+        "kiln-softmax-causal-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let y = f32_slice(s1, l1, "causal softmax grad")?;
+        let g = f32_slice(s2, l2, "causal softmax grad")?;
+        let geom = causal_dims(l1.dims(), "causal softmax grad")?;
+        let scale = self.scale;
+        let mut out = vec![0f32; y.len()];
+        map_causal_rows(&mut out, [y, g], geom, |n, o, [y, g]| {
+            softmax_grad_row(&mut o[..n], &y[..n], &g[..n], scale)
+        });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 }

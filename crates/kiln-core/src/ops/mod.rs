@@ -287,6 +287,36 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     x.contiguous()?.apply_op1(fused::SoftmaxLast)
 }
 
+/// Causal attention weights from raw scores `x [.., T, S]` (`S >= T`, the
+/// last `T` of `S` positions are the queries): `softmax(scale * x)` over the
+/// keys each query may see (`j <= i + S - T`), exactly 0 elsewhere. On f32 CPU
+/// tensors one fused pass each way (replacing a scale, a broadcast mask add
+/// and a softmax, and their backward passes); elsewhere the composite with a
+/// large negative bias, as transformers' GPT-2 does.
+pub fn softmax_causal(x: &Tensor, scale: f64) -> Result<Tensor> {
+    let dims = x.dims();
+    let (t, s) = match dims {
+        [.., t, s] if s >= t && *t > 0 => (*t, *s),
+        _ => candle_core::bail!(
+            "softmax_causal: expected [.., T, S] scores with S >= T >= 1, got {dims:?}"
+        ),
+    };
+    if x.device().is_cpu() && x.dtype() == DType::F32 {
+        return x.contiguous()?.apply_op1(fused::SoftmaxCausal {
+            scale: scale as f32,
+        });
+    }
+    let past = s - t;
+    let mut m = vec![0f32; t * s];
+    for i in 0..t {
+        for v in &mut m[i * s + past + i + 1..(i + 1) * s] {
+            *v = f32::MIN;
+        }
+    }
+    let bias = Tensor::from_vec(m, (t, s), x.device())?.to_dtype(x.dtype())?;
+    softmax_last_dim(&(x * scale)?.broadcast_add(&bias)?)
+}
+
 /// Layer norm over the last dimension, `(x - mean) / sqrt(var + eps) * w + b`,
 /// with gradients to `x`, `w` and `b` in two passes on the CPU.
 pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
