@@ -40,10 +40,12 @@ impl Gpt2Tokenizer {
             .map_err(|e| LmError::file(path, format!("cannot read it as UTF-8 text: {e}")))?;
         // tokenizers 0.23 panics instead of returning an error when a part it
         // buffers (the decoder) is not valid JSON: its decoder deserializer
-        // `expect`s that parse (found by the `tokenizer` fuzz target). Checking
-        // the whole file's syntax first makes such a file a plain error that
-        // says where; the parse stays behind `catch_unwind` for other panics.
-        serde_json::from_str::<serde::de::IgnoredAny>(&text).map_err(|e| {
+        // `expect`s that parse (found by the `tokenizer` fuzz target: a syntax
+        // error, then a number beyond f64's range). Parsing the whole file
+        // into a `Value` first (which, unlike `IgnoredAny`, range-checks
+        // numbers) makes such a file a plain error that says where; the parse
+        // stays behind `catch_unwind` for other panics.
+        serde_json::from_str::<serde_json::Value>(&text).map_err(|e| {
             LmError::file(
                 path,
                 format!("not a valid tokenizer.json: expected JSON, {e}"),

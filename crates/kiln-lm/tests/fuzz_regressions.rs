@@ -22,16 +22,33 @@ fn tokenizer_json_with_a_broken_decoder_is_an_error_not_a_panic() {
     assert_ne!(broken_fixture, fixture, "the fixture has a decoder");
     let dir = tempfile::tempdir().unwrap();
     std::panic::set_hook(Box::new(|_| PANICKED.store(true, Ordering::SeqCst)));
-    for (name, text) in [
-        ("small.json", "{\"decoder\": {~\"type\": \"ByteLevel\"}}"),
-        ("fixture.json", broken_fixture.as_str()),
+    // Second crash of the campaign: a number beyond f64's range among the
+    // merges, which a syntax-only check let through to the same `expect`.
+    let huge_number = fixture.replacen(
+        "\"merges\": [",
+        "\"merges\": [\n6666666666666660006e+2326,",
+        1,
+    );
+    assert_ne!(huge_number, fixture, "the fixture has merges");
+    for (name, text, why) in [
+        (
+            "small.json",
+            "{\"decoder\": {~\"type\": \"ByteLevel\"}}",
+            "key must be a string",
+        ),
+        (
+            "fixture.json",
+            broken_fixture.as_str(),
+            "key must be a string",
+        ),
+        ("huge.json", huge_number.as_str(), "number out of range"),
     ] {
         let p = dir.path().join(name);
         std::fs::write(&p, text).unwrap();
         let e = Gpt2Tokenizer::from_file(&p).unwrap_err().to_string();
         assert!(e.contains(name), "{e}");
         assert!(e.contains("expected JSON"), "{e}");
-        assert!(e.contains("key must be a string"), "{e}");
+        assert!(e.contains(why), "{e}");
         assert!(e.contains("line "), "{e}");
     }
     let _ = std::panic::take_hook();
