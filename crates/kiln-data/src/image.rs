@@ -135,6 +135,23 @@ impl Image {
         if bytes.starts_with(&[0xff, 0xd8]) {
             check_jpeg_complete(bytes).map_err(err)?;
         }
+        // A few hundred bytes can declare a picture of hundreds of megapixels
+        // (found by the `image` fuzz target: 374 bytes of JPEG, 288.7 MP), so
+        // the header's size is checked before anything is decoded.
+        let dims = image::ImageReader::new(std::io::Cursor::new(bytes))
+            .with_guessed_format()
+            .ok()
+            .and_then(|r| r.into_dimensions().ok());
+        if let Some((w, h)) = dims {
+            let pixels = u64::from(w) * u64::from(h);
+            if pixels > MAX_PIXELS {
+                return Err(err(format!(
+                    "the image is {w} x {h} = {pixels} pixels, over the limit of {MAX_PIXELS} \
+                     (Pillow's MAX_IMAGE_PIXELS): a decompression bomb, or a picture too large \
+                     to train on; resize it"
+                )));
+            }
+        }
         // Decoders are third-party code fed untrusted bytes: a panic inside
         // one (zune-jpeg 0.5.15 overflows on some corrupt JPEGs when built with
         // overflow checks, zune-image issue 382) becomes this file's error.
@@ -393,6 +410,12 @@ pub fn grid(images: &[Image], cols: usize, pad: usize) -> Result<Image> {
     }
     Ok(out)
 }
+
+/// The most pixels (width x height) a decoded image may have: Pillow's
+/// `Image.MAX_IMAGE_PIXELS` (89,478,485, about 9459 x 9459). Pillow warns
+/// above it and refuses twice as many; kiln refuses anything above it, since
+/// no dataset it trains on needs more.
+pub const MAX_PIXELS: u64 = 89_478_485;
 
 /// A caught panic's message, for error text.
 fn panic_text(p: &(dyn std::any::Any + Send)) -> String {

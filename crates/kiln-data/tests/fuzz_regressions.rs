@@ -30,3 +30,23 @@ fn jpeg_whose_dc_prediction_overflows_is_an_error_not_a_panic() {
         }
     }
 }
+
+/// `fuzz/` target `image`: 374 bytes of JPEG whose header declares 288.7
+/// million pixels (Pillow: "DecompressionBombError: Image size (288695296
+/// pixels) exceeds limit of 178956970 pixels"). Decoding and converting it
+/// took over 30 s; now the header's size is refused before any decoding.
+#[test]
+fn jpeg_declaring_hundreds_of_megapixels_is_refused_before_decoding() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/jpeg-288-megapixels.jpg");
+    let bytes = std::fs::read(&path).unwrap();
+    let t = std::time::Instant::now();
+    let e = Image::decode(&bytes, ColorMode::Rgb, &path)
+        .unwrap_err()
+        .to_string();
+    assert!(t.elapsed().as_secs_f64() < 1.0, "took {:?}", t.elapsed());
+    assert!(e.contains("jpeg-288-megapixels.jpg"), "{e}");
+    assert!(e.contains("288695296 pixels"), "{e}");
+    assert!(e.contains("89478485"), "{e}");
+    assert!(e.contains("decompression bomb"), "{e}");
+    assert_eq!(kiln_data::image::MAX_PIXELS, 89_478_485);
+}
