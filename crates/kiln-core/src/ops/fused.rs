@@ -711,18 +711,22 @@ impl DropoutMask {
         }
     }
 
+    /// The factors (`scale` or 0) of elements `2d` and `2d + 1`: draw `d`'s two halves.
+    #[inline]
+    fn pair(&self, d: usize) -> [f32; 2] {
+        let z = splitmix(
+            self.seed
+                .wrapping_add((d as u64).wrapping_add(1).wrapping_mul(GOLDEN)),
+        );
+        [z & 0xffff_ffff, z >> 32].map(|h| if h < self.threshold { self.scale } else { 0.0 })
+    }
+
     /// `out[j] = x[j] * mask(start + j)` for a run starting at an even index.
     fn apply_run<T: Copy>(&self, start: usize, x: &[T], out: &mut [T], mul: impl Fn(T, f32) -> T) {
         debug_assert!(start.is_multiple_of(2));
         for (p, (o, x)) in out.chunks_mut(2).zip(x.chunks(2)).enumerate() {
-            let draw = (start / 2 + p) as u64;
-            let z = splitmix(
-                self.seed
-                    .wrapping_add(draw.wrapping_add(1).wrapping_mul(GOLDEN)),
-            );
-            let halves = [z & 0xffff_ffff, z >> 32];
-            for ((o, &x), h) in o.iter_mut().zip(x).zip(halves) {
-                *o = mul(x, if h < self.threshold { self.scale } else { 0.0 });
+            for ((o, &x), m) in o.iter_mut().zip(x).zip(self.pair(start / 2 + p)) {
+                *o = mul(x, m);
             }
         }
     }
@@ -730,11 +734,11 @@ impl DropoutMask {
     /// The mask itself (`scale` or 0 per element), for devices without the fused op.
     pub(crate) fn values(&self, n: usize) -> Vec<f32> {
         let mut out = vec![0f32; n];
-        let ones = vec![1f32; n];
-        out.par_chunks_mut(CHUNK)
-            .zip(ones.par_chunks(CHUNK))
-            .enumerate()
-            .for_each(|(i, (o, x))| self.apply_run(i * CHUNK, x, o, |x, m| x * m));
+        out.par_chunks_mut(CHUNK).enumerate().for_each(|(i, o)| {
+            for (p, o) in o.chunks_mut(2).enumerate() {
+                o.copy_from_slice(&self.pair(i * CHUNK / 2 + p)[..o.len()]);
+            }
+        });
         out
     }
 }
