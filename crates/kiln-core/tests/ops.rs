@@ -195,6 +195,10 @@ fn conv_chunked_batches_match_candle() {
         [7, 6, 10, 8, 4, 2, 1],
         [9, 4, 5, 6, 3, 1, 1],
         [5, 3, 4, 7, 1, 1, 0],
+        // 16+ input channels: channels-last column matrices, in chunks of
+        // images (8x8 maps) and one image at a time (20x20).
+        [5, 32, 24, 8, 4, 2, 1],
+        [3, 16, 8, 20, 3, 1, 1],
     ];
     for threads in [1, 2, 3] {
         let pool = rayon::ThreadPoolBuilder::new()
@@ -245,10 +249,12 @@ fn conv_weight_gradient_is_bitwise_repeatable() {
         .unwrap();
     pool.install(|| {
         let mut rng = SeededRng::new(50);
-        // A small map (chunked path) and a large one (a gemm per image).
+        // A small map (chunked path), a large one (a gemm per image) and
+        // 16 input channels (channels-last column matrices).
         for (xs, ws) in [
             ([13, 8, 8, 8], [12, 8, 4, 4]),
             ([7, 3, 20, 20], [5, 3, 3, 3]),
+            ([11, 16, 8, 8], [12, 16, 4, 4]),
         ] {
             let x = randn(&mut rng, &xs);
             let w = Var::from_tensor(&randn(&mut rng, &ws)).unwrap();

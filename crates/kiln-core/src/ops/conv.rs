@@ -18,7 +18,7 @@ use super::slice;
 /// `dst[m, n] (+)= lhs[m, k] @ rhs[k, n]`, `dst` row-major with row stride `dst_rs`;
 /// `lhs`/`rhs` given by (row stride, column stride) so transposes cost nothing.
 #[allow(clippy::too_many_arguments)]
-fn mm<T: WithDType>(
+pub(super) fn mm<T: WithDType>(
     (m, n, k): (usize, usize, usize),
     dst: &mut [T],
     dst_rs: usize,
@@ -87,7 +87,7 @@ fn valid_range(off: isize, s: usize, w: usize, wo: usize) -> (usize, usize) {
 }
 
 /// Marks a tap that falls in the padding.
-const PAD: u32 = u32::MAX;
+pub(super) const PAD: u32 = u32::MAX;
 
 /// For each kernel offset `(ki, kj)` and output pixel, the input pixel it reads
 /// within a channel plane (or [`PAD`]): `[kh*kw, ho*wo]`. Small or strided maps
@@ -101,6 +101,11 @@ fn taps(g: &Geom) -> Option<Taps> {
     if g.p.stride == 1 && g.wo >= 16 {
         return None;
     }
+    Some(tap_table(g))
+}
+
+/// The tap table `[kh*kw, ho*wo]` whatever the geometry.
+pub(super) fn tap_table(g: &Geom) -> Taps {
     let (s, d, p) = (g.p.stride, g.p.dilation, g.p.padding as isize);
     let mut t = Vec::with_capacity(g.kh * g.kw * g.n());
     for ki in 0..g.kh {
@@ -119,7 +124,7 @@ fn taps(g: &Geom) -> Option<Taps> {
             }
         }
     }
-    Some(t)
+    t
 }
 
 /// Column matrix `[cin_g*kh*kw, ho*wo]` of one batch item's group (`x` = its
@@ -302,7 +307,13 @@ fn chunk_images(g: &Geom) -> usize {
 
 /// `dst[c, i*n..(i+1)*n] = src[i][c*n..(c+1)*n]` for the images of a chunk:
 /// `[images, c, n]` to `[c, images*n]` with row stride `ld`.
-fn gather_channels<T: WithDType>(src: &[T], c: usize, n: usize, dst: &mut [T], ld: usize) {
+pub(super) fn gather_channels<T: WithDType>(
+    src: &[T],
+    c: usize,
+    n: usize,
+    dst: &mut [T],
+    ld: usize,
+) {
     for (i, img) in src.chunks(c * n).enumerate() {
         for (ch, row) in img.chunks(n).enumerate() {
             dst[ch * ld + i * n..ch * ld + (i + 1) * n].copy_from_slice(row);
@@ -322,7 +333,7 @@ fn scatter_channels<T: WithDType>(src: &[T], c: usize, n: usize, dst: &mut [T], 
 /// Chunks of `c` images per parallel task: one task per thread, so each
 /// allocates its scratch once (rayon's `for_each_init` may call its init
 /// once per split, and zeroing megabytes of column buffer showed up as 2%).
-fn chunks_per_task(b: usize, c: usize) -> usize {
+pub(super) fn chunks_per_task(b: usize, c: usize) -> usize {
     let chunks = b.div_ceil(c);
     chunks.div_ceil(rayon::current_num_threads().max(1)).max(1)
 }
@@ -455,7 +466,7 @@ fn conv_grad_weight_chunked<T: WithDType>(x: &[T], dy: &[T], g: &Geom, c: usize)
 
 /// The per-task partial sums added in task order, so a weight gradient is the
 /// same bits on every run with the same thread count.
-fn sum_in_order<T: WithDType>(parts: Vec<Vec<T>>, len: usize) -> Vec<T> {
+pub(super) fn sum_in_order<T: WithDType>(parts: Vec<Vec<T>>, len: usize) -> Vec<T> {
     parts
         .into_iter()
         .reduce(add_into)
@@ -471,6 +482,9 @@ fn add_into<T: WithDType>(mut a: Vec<T>, b: Vec<T>) -> Vec<T> {
 }
 
 fn conv_fwd<T: WithDType>(x: &[T], w: &[T], g: &Geom) -> Vec<T> {
+    if super::conv_cl::suits(g) {
+        return super::conv_cl::fwd(x, w, g);
+    }
     let tab = taps(g);
     let tab = tab.as_deref();
     let mut y = vec![T::from_f64(0.0); g.b * g.y_item()];
@@ -537,6 +551,9 @@ fn conv_fwd<T: WithDType>(x: &[T], w: &[T], g: &Geom) -> Vec<T> {
 }
 
 fn conv_grad_input<T: WithDType>(dy: &[T], w: &[T], g: &Geom) -> Vec<T> {
+    if super::conv_cl::suits(g) {
+        return super::conv_cl::grad_input(dy, w, g);
+    }
     let tab = taps(g);
     let tab = tab.as_deref();
     let mut dx = vec![T::from_f64(0.0); g.b * g.x_item()];
@@ -648,6 +665,9 @@ fn conv_grad_weight<T: WithDType>(x: &[T], dy: &[T], g: &Geom) -> Vec<T> {
             gemm_par(),
         );
         return dw;
+    }
+    if super::conv_cl::suits(g) {
+        return super::conv_cl::grad_weight(x, dy, g);
     }
     let c = chunk_images(g);
     if c > 1 {

@@ -57,6 +57,7 @@ mod act;
 mod act_cuda;
 pub(crate) mod composite;
 mod conv;
+mod conv_cl;
 #[cfg(feature = "cuda")]
 mod conv_cuda;
 #[cfg(feature = "cuda")]
@@ -77,6 +78,7 @@ pub mod shape;
 mod token;
 #[cfg(feature = "cuda")]
 mod token_cuda;
+mod transpose;
 
 use candle_core::{DType, Result, Tensor};
 
