@@ -31,22 +31,59 @@ fn relu_map<T: WithDType>(
         .for_each(|(t, (y, x))| {
             for (i, (y, x)) in y.chunks_mut(plane).zip(x.chunks(plane)).enumerate() {
                 let b = bias(t * per_task + i);
-                // Separate loops per case so that each vectorises (a slope test
-                // inside the loop left it scalar and branchy).
                 if slope == 0.0 {
-                    for (o, &v) in y.iter_mut().zip(x) {
-                        let s = v + b;
-                        *o = if s > zero { s } else { zero };
-                    }
+                    relu_add(y, x, b);
                 } else {
-                    for (o, &v) in y.iter_mut().zip(x) {
-                        let s = v + b;
-                        *o = if s > zero { s } else { s * k };
-                    }
+                    leaky_add(y, x, b, k);
                 }
             }
         });
     y
+}
+
+// The loops below are free functions taking their scalars by value. Written
+// inline in the parallel closures, the slope and the zero were captured by
+// reference and re-loaded through a pointer every element (the output might
+// alias them, as far as LLVM could tell), so the loops stayed scalar and
+// branchy: 2.7 GB/s, and ~11% of a DCGAN training step. One loop per case
+// (a slope test inside the loop also kept it scalar).
+
+/// `o = max(x + b, 0)`.
+#[inline(always)]
+fn relu_add<T: WithDType>(o: &mut [T], x: &[T], b: T) {
+    let zero = T::from_f64(0.0);
+    for (o, &v) in o.iter_mut().zip(x) {
+        let s = v + b;
+        *o = if s > zero { s } else { zero };
+    }
+}
+
+/// `o = x + b` where positive, else `k (x + b)`.
+#[inline(always)]
+fn leaky_add<T: WithDType>(o: &mut [T], x: &[T], b: T, k: T) {
+    let zero = T::from_f64(0.0);
+    for (o, &v) in o.iter_mut().zip(x) {
+        let s = v + b;
+        *o = if s > zero { s } else { s * k };
+    }
+}
+
+/// `o = g` where `y > 0`, else `0`.
+#[inline(always)]
+fn relu_grad<T: WithDType>(o: &mut [T], y: &[T], g: &[T]) {
+    let zero = T::from_f64(0.0);
+    for ((o, &y), &g) in o.iter_mut().zip(y).zip(g) {
+        *o = if y > zero { g } else { zero };
+    }
+}
+
+/// `o = g` where `y > 0`, else `k g`.
+#[inline(always)]
+fn leaky_grad<T: WithDType>(o: &mut [T], y: &[T], g: &[T], k: T) {
+    let zero = T::from_f64(0.0);
+    for ((o, &y), &g) in o.iter_mut().zip(y).zip(g) {
+        *o = if y > zero { g } else { g * k };
+    }
 }
 
 /// `x` where positive, else `slope * x` (ReLU at slope 0, leaky ReLU otherwise;
@@ -126,13 +163,9 @@ impl CustomOp2 for ReluGrad {
                 .zip(y.par_chunks(CHUNK).zip(dy.par_chunks(CHUNK)))
                 .for_each(|(o, (y, g))| {
                     if slope == 0.0 {
-                        for ((o, &y), &g) in o.iter_mut().zip(y).zip(g) {
-                            *o = if y > zero { g } else { zero };
-                        }
+                        relu_grad(o, y, g);
                     } else {
-                        for ((o, &y), &g) in o.iter_mut().zip(y).zip(g) {
-                            *o = if y > zero { g } else { g * k };
-                        }
+                        leaky_grad(o, y, g, k);
                     }
                 });
             dx
