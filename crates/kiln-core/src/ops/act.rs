@@ -5,7 +5,6 @@
 
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 use candle_core::{WithDType, D};
-use rayon::prelude::*;
 
 use super::slice;
 
@@ -20,25 +19,21 @@ fn relu_map<T: WithDType>(
     slope: f64,
     bias: impl Fn(usize) -> T + Sync,
 ) -> Vec<T> {
-    let zero = T::from_f64(0.0);
     let k = T::from_f64(slope);
     let plane = plane.max(1);
     let per_task = (CHUNK / plane).max(1);
-    let mut y = vec![zero; x.len()];
-    y.par_chunks_mut(per_task * plane)
-        .zip(x.par_chunks(per_task * plane))
-        .enumerate()
-        .for_each(|(t, (y, x))| {
-            for (i, (y, x)) in y.chunks_mut(plane).zip(x.chunks(plane)).enumerate() {
-                let b = bias(t * per_task + i);
-                if slope == 0.0 {
-                    relu_add(y, x, b);
-                } else {
-                    leaky_add(y, x, b, k);
-                }
+    let run = per_task * plane;
+    super::par_fill(x.len(), run, |t, y| {
+        let x = &x[t * run..t * run + y.len()];
+        for (i, (y, x)) in y.chunks_mut(plane).zip(x.chunks(plane)).enumerate() {
+            let b = bias(t * per_task + i);
+            if slope == 0.0 {
+                relu_add(y, x, b);
+            } else {
+                leaky_add(y, x, b, k);
             }
-        });
-    y
+        }
+    })
 }
 
 // The loops below are free functions taking their scalars by value. Written
@@ -156,19 +151,15 @@ impl CustomOp2 for ReluGrad {
         }
         let out = by_float!(s1, "relu grad", |T| {
             let (y, dy) = (slice::<T>(s1, l1)?, slice::<T>(s2, l2)?);
-            let zero = T::from_f64(0.0);
             let (slope, k) = (self.slope, T::from_f64(self.slope));
-            let mut dx = vec![zero; y.len()];
-            dx.par_chunks_mut(CHUNK)
-                .zip(y.par_chunks(CHUNK).zip(dy.par_chunks(CHUNK)))
-                .for_each(|(o, (y, g))| {
-                    if slope == 0.0 {
-                        relu_grad(o, y, g);
-                    } else {
-                        leaky_grad(o, y, g, k);
-                    }
-                });
-            dx
+            super::par_fill(y.len(), CHUNK, |t, o| {
+                let at = t * CHUNK..t * CHUNK + o.len();
+                if slope == 0.0 {
+                    relu_grad(o, &y[at.clone()], &dy[at]);
+                } else {
+                    leaky_grad(o, &y[at.clone()], &dy[at], k);
+                }
+            })
         });
         Ok((out, l1.shape().clone()))
     }

@@ -130,36 +130,18 @@ impl<T: WithDType> Scratch<T> {
 
 /// A vector of `b * item` elements (`item` per image) built by
 /// `f(b0, nb, out_chunk, scratch)` for each chunk of `c` images, one task per
-/// thread. Each task zeroes its own part first: a zeroed allocation made
-/// up front is one serial memset on the calling thread while the pool waits
-/// (4 MB for DCGAN's 16x16 input gradients).
+/// thread, each with its scratch (see [`super::par_fill`]).
 fn per_chunk<T: WithDType, F>(b: usize, item: usize, g: &Geom, c: usize, f: F) -> Vec<T>
 where
-    F: Fn(usize, usize, &mut [T], &mut Scratch<T>) + Sync,
+    F: Fn(usize, usize, &mut [T], &mut Scratch<T>) + Sync + Send,
 {
-    let len = b * item;
     let per_task = chunks_per_task(b, c);
-    let zero = T::from_f64(0.0);
-    let mut out: Vec<T> = Vec::with_capacity(len);
-    out.spare_capacity_mut()[..len]
-        .par_chunks_mut((per_task * c * item).max(1))
-        .enumerate()
-        .for_each(|(t, ot)| {
-            for v in ot.iter_mut() {
-                v.write(zero);
-            }
-            // SAFETY: every element of `ot` was initialised just above, and
-            // `MaybeUninit<T>` has `T`'s layout.
-            let ot =
-                unsafe { std::slice::from_raw_parts_mut(ot.as_mut_ptr().cast::<T>(), ot.len()) };
-            let mut s = Scratch::new(g, c);
-            for (j, os) in ot.chunks_mut(c * item).enumerate() {
-                f((t * per_task + j) * c, os.len() / item, os, &mut s);
-            }
-        });
-    // SAFETY: the chunks above cover `0..len` and each initialised its part.
-    unsafe { out.set_len(len) };
-    out
+    super::par_fill(b * item, per_task * c * item, |t, ot| {
+        let mut s = Scratch::new(g, c);
+        for (j, os) in ot.chunks_mut(c * item).enumerate() {
+            f((t * per_task + j) * c, os.len() / item, os, &mut s);
+        }
+    })
 }
 
 /// Forward: `y [b, cout, n]` (every element written).

@@ -118,19 +118,12 @@ impl CustomOp2 for BatchNorm {
         let out = by_float!(s1, "batch_norm", |T| {
             let x = slice::<T>(s1, l1)?;
             let p = params(slice::<T>(s2, l2)?, c, self.eps);
-            let mut y = vec![T::from_f64(0.0); x.len()];
             let s = s.max(1);
-            y.par_chunks_mut(s)
-                .zip(x.par_chunks(s))
-                .enumerate()
-                .for_each(|(i, (yp, xp))| {
-                    let [m, r, w, bb] = p[i % c];
-                    let (m, k, o) = (T::from_f64(m), T::from_f64(r * w), T::from_f64(bb));
-                    for (y, &v) in yp.iter_mut().zip(xp) {
-                        *y = (v - m) * k + o;
-                    }
-                });
-            y
+            super::par_fill(x.len(), s, |i, yp| {
+                let [m, r, w, bb] = p[i % c];
+                let (m, k, o) = (T::from_f64(m), T::from_f64(r * w), T::from_f64(bb));
+                affine(yp, &x[i * s..i * s + yp.len()], m, k, o);
+            })
         });
         Ok((out, l1.shape().clone()))
     }
@@ -286,19 +279,28 @@ impl CustomOp3 for BnGradX {
                     [m, r, w * r, m1, m2].map(T::from_f64)
                 })
                 .collect();
-            let mut dx = vec![T::from_f64(0.0); x.len()];
             let s = s.max(1);
-            dx.par_chunks_mut(s)
-                .zip(x.par_chunks(s).zip(dy.par_chunks(s)))
-                .enumerate()
-                .for_each(|(i, (d, (xp, gp)))| {
-                    let [m, r, k, m1, m2] = coef[i % c];
-                    for ((d, &v), &g) in d.iter_mut().zip(xp).zip(gp) {
-                        *d = k * (g - m1 - (v - m) * r * m2);
-                    }
-                });
-            dx
+            super::par_fill(x.len(), s, |i, d| {
+                let at = i * s..i * s + d.len();
+                bn_grad_x(d, &x[at.clone()], &dy[at], coef[i % c]);
+            })
         });
         Ok((out, l1.shape().clone()))
+    }
+}
+
+/// `y = (x - m) * k + o`; scalars by value so the loop vectorises.
+#[inline(always)]
+fn affine<T: WithDType>(y: &mut [T], x: &[T], m: T, k: T, o: T) {
+    for (y, &v) in y.iter_mut().zip(x) {
+        *y = (v - m) * k + o;
+    }
+}
+
+/// `d = k (g - m1 - (x - m) r m2)` for coefficients `[m, r, k, m1, m2]`.
+#[inline(always)]
+fn bn_grad_x<T: WithDType>(d: &mut [T], x: &[T], g: &[T], [m, r, k, m1, m2]: [T; 5]) {
+    for ((d, &v), &g) in d.iter_mut().zip(x).zip(g) {
+        *d = k * (g - m1 - (v - m) * r * m2);
     }
 }
