@@ -53,15 +53,12 @@ impl CustomOp1 for GeluTanh {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = f32_slice(s, l, "gelu")?;
-        let mut y = vec![0f32; x.len()];
-        y.par_chunks_mut(CHUNK)
-            .zip(x.par_chunks(CHUNK))
-            .for_each(|(y, x)| {
-                for (y, &v) in y.iter_mut().zip(x) {
-                    let t = tanh_fast(SQRT_2_OVER_PI * (v + GELU_C * v * v * v));
-                    *y = 0.5 * v * (1.0 + t);
-                }
-            });
+        let y = super::par_fill(x.len(), CHUNK, |i, y| {
+            for (y, &v) in y.iter_mut().zip(&x[i * CHUNK..]) {
+                let t = tanh_fast(SQRT_2_OVER_PI * (v + GELU_C * v * v * v));
+                *y = 0.5 * v * (1.0 + t);
+            }
+        });
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
 
@@ -104,16 +101,14 @@ impl CustomOp2 for GeluTanhGrad {
     ) -> Result<(CpuStorage, Shape)> {
         let x = f32_slice(s1, l1, "gelu grad")?;
         let g = f32_slice(s2, l2, "gelu grad")?;
-        let mut out = vec![0f32; x.len()];
-        out.par_chunks_mut(CHUNK)
-            .zip(x.par_chunks(CHUNK).zip(g.par_chunks(CHUNK)))
-            .for_each(|(o, (x, g))| {
-                for ((o, &v), &gv) in o.iter_mut().zip(x).zip(g) {
-                    let t = tanh_fast(SQRT_2_OVER_PI * (v + GELU_C * v * v * v));
-                    let du = SQRT_2_OVER_PI * (1.0 + 3.0 * GELU_C * v * v);
-                    *o = gv * (0.5 * (1.0 + t) + 0.5 * v * (1.0 - t * t) * du);
-                }
-            });
+        let out = super::par_fill(x.len(), CHUNK, |i, o| {
+            let at = i * CHUNK..i * CHUNK + o.len();
+            for ((o, &v), &gv) in o.iter_mut().zip(&x[at.clone()]).zip(&g[at]) {
+                let t = tanh_fast(SQRT_2_OVER_PI * (v + GELU_C * v * v * v));
+                let du = SQRT_2_OVER_PI * (1.0 + 3.0 * GELU_C * v * v);
+                *o = gv * (0.5 * (1.0 + t) + 0.5 * v * (1.0 - t * t) * du);
+            }
+        });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 }
@@ -123,21 +118,21 @@ fn row_block(c: usize) -> usize {
     (CHUNK / c.max(1)).max(1)
 }
 
-/// Calls `f(out_row, [input rows])` for every row of `c` elements, in parallel
-/// blocks of rows; every input has `out`'s layout.
+/// A vector of `len` elements whose every row of `c` is `f(out_row, [input
+/// rows])`, built in parallel blocks of rows; every input has the output's layout.
 fn map_rows<const N: usize>(
-    out: &mut [f32],
+    len: usize,
     ins: [&[f32]; N],
     c: usize,
-    f: impl Fn(&mut [f32], [&[f32]; N]) + Sync,
-) {
+    f: impl Fn(&mut [f32], [&[f32]; N]) + Sync + Send,
+) -> Vec<f32> {
     let rb = row_block(c) * c;
-    out.par_chunks_mut(rb).enumerate().for_each(|(bi, o)| {
+    super::par_fill(len, rb, |bi, o| {
         for (ri, row) in o.chunks_mut(c).enumerate() {
             let at = bi * rb + ri * c;
             f(row, ins.map(|x| &x[at..at + c]));
         }
-    });
+    })
 }
 
 /// `y = softmax(scale * x)` of one row, max-subtracted. With `scale` 1 the
@@ -184,8 +179,7 @@ impl CustomOp1 for SoftmaxLast {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = f32_slice(s, l, "softmax")?;
         let (_, c) = shape::last_rows(l.dims(), "softmax")?;
-        let mut y = vec![0f32; x.len()];
-        map_rows(&mut y, [x], c, |y, [x]| softmax_row(y, x, 1.0));
+        let y = map_rows(x.len(), [x], c, |y, [x]| softmax_row(y, x, 1.0));
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
 
@@ -229,8 +223,7 @@ impl CustomOp2 for SoftmaxLastGrad {
         let y = f32_slice(s1, l1, "softmax grad")?;
         let g = f32_slice(s2, l2, "softmax grad")?;
         let (_, c) = shape::last_rows(l1.dims(), "softmax grad")?;
-        let mut out = vec![0f32; y.len()];
-        map_rows(&mut out, [y, g], c, |o, [y, g]| {
+        let out = map_rows(y.len(), [y, g], c, |o, [y, g]| {
             softmax_grad_row(o, y, g, 1.0)
         });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
@@ -290,8 +283,7 @@ impl CustomOp3 for LayerNorm {
             );
         }
         let eps = self.eps;
-        let mut y = vec![0f32; x.len()];
-        map_rows(&mut y, [x], c, |y, [x]| {
+        let y = map_rows(x.len(), [x], c, |y, [x]| {
             let (mean, rstd) = moments(x, eps);
             for (((y, &v), &wv), &bv) in y.iter_mut().zip(x).zip(w).zip(b) {
                 *y = (v - mean) * rstd * wv + bv;
@@ -357,8 +349,7 @@ impl CustomOp3 for LayerNormGradX {
         let g = f32_slice(s3, l3, "layer_norm grad")?;
         let (_, c) = shape::last_rows(l1.dims(), "layer_norm grad")?;
         let eps = self.eps;
-        let mut out = vec![0f32; x.len()];
-        map_rows(&mut out, [x, g], c, |o, [x, g]| {
+        let out = map_rows(x.len(), [x, g], c, |o, [x, g]| {
             let (mean, rstd) = moments(x, eps);
             // gx = rstd * (gh - mean(gh) - xh * mean(gh * xh)), gh = g * w.
             let (mut s_gh, mut s_ghxh) = (0f32, 0f32);
@@ -473,8 +464,7 @@ impl CustomOp2 for AddBiasLast {
         if b.len() != c {
             bail!("add_bias: bias of {} for rows of {c}", b.len());
         }
-        let mut y = vec![0f32; x.len()];
-        map_rows(&mut y, [x], c, |y, [x]| {
+        let y = map_rows(x.len(), [x], c, |y, [x]| {
             for ((y, &v), &bv) in y.iter_mut().zip(x).zip(b) {
                 *y = v + bv;
             }
@@ -756,12 +746,11 @@ impl CustomOp1 for Dropout {
         let m = &self.0;
         let out = by_float!(s, "dropout", |T| {
             let x: &[T] = super::slice(s, l)?;
-            let mut y = vec![0 as T; x.len()];
-            y.par_chunks_mut(CHUNK)
-                .zip(x.par_chunks(CHUNK))
-                .enumerate()
-                .for_each(|(i, (y, x))| m.apply_run(i * CHUNK, x, y, |x, k| x * k as T));
-            y
+            super::par_fill(x.len(), CHUNK, |i, y| {
+                m.apply_run(i * CHUNK, &x[i * CHUNK..i * CHUNK + y.len()], y, |x, k| {
+                    x * k as T
+                })
+            })
         });
         Ok((out, l.shape().clone()))
     }
@@ -792,22 +781,23 @@ fn causal_dims(dims: &[usize], what: &str) -> Result<(usize, usize)> {
     }
 }
 
-/// Calls `f(row_index, visible_len, out_row, [input rows])` for every row of
-/// causal scores, in parallel blocks of rows.
+/// A vector of `len` causal scores whose every row is `f(visible_len,
+/// out_row, [input rows])` (the row starts zeroed: the masked keys stay 0),
+/// built in parallel blocks of rows.
 fn map_causal_rows<const N: usize>(
-    out: &mut [f32],
+    len: usize,
     ins: [&[f32]; N],
     (t, s): (usize, usize),
-    f: impl Fn(usize, &mut [f32], [&[f32]; N]) + Sync,
-) {
+    f: impl Fn(usize, &mut [f32], [&[f32]; N]) + Sync + Send,
+) -> Vec<f32> {
     let rb = row_block(s) * s;
-    out.par_chunks_mut(rb).enumerate().for_each(|(bi, o)| {
+    super::par_fill(len, rb, |bi, o| {
         for (ri, row) in o.chunks_mut(s).enumerate() {
             let at = bi * rb + ri * s;
             let i = (at / s) % t;
             f(i + s - t + 1, row, ins.map(|x| &x[at..at + s]));
         }
-    });
+    })
 }
 
 impl CustomOp1 for SoftmaxCausal {
@@ -819,8 +809,7 @@ impl CustomOp1 for SoftmaxCausal {
         let x = f32_slice(st, l, "causal softmax")?;
         let geom = causal_dims(l.dims(), "causal softmax")?;
         let scale = self.scale;
-        let mut y = vec![0f32; x.len()];
-        map_causal_rows(&mut y, [x], geom, |n, y, [x]| {
+        let y = map_causal_rows(x.len(), [x], geom, |n, y, [x]| {
             softmax_row(&mut y[..n], &x[..n], scale)
         });
         Ok((CpuStorage::F32(y), l.shape().clone()))
@@ -860,8 +849,7 @@ impl CustomOp2 for SoftmaxCausalGrad {
         let g = f32_slice(s2, l2, "causal softmax grad")?;
         let geom = causal_dims(l1.dims(), "causal softmax grad")?;
         let scale = self.scale;
-        let mut out = vec![0f32; y.len()];
-        map_causal_rows(&mut out, [y, g], geom, |n, o, [y, g]| {
+        let out = map_causal_rows(y.len(), [y, g], geom, |n, o, [y, g]| {
             softmax_grad_row(&mut o[..n], &y[..n], &g[..n], scale)
         });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
