@@ -21,22 +21,64 @@ fn per_channel<R: Send>(c: usize, f: impl Fn(usize) -> R + Sync + Send) -> Vec<R
     (0..c).into_par_iter().map(f).collect()
 }
 
+/// Lanes of the f64 sums below: independent accumulators, so that the adds
+/// overlap instead of waiting on each other (one chain left the batch-norm
+/// sums at one element per add latency, ~2% of a DCGAN training step).
+const LANES: usize = 4;
+
+/// `[sum f(x)[0], sum f(x)[1]]` in f64 over `xs`, in [`LANES`] interleaved partial sums.
+#[inline(always)]
+fn lane_sums<T: WithDType>(xs: &[T], f: impl Fn(f64) -> [f64; 2]) -> [f64; 2] {
+    let mut acc = [[0f64; LANES]; 2];
+    let mut chunks = xs.chunks_exact(LANES);
+    for ch in &mut chunks {
+        for (l, &v) in ch.iter().enumerate() {
+            let [a, b] = f(v.to_f64());
+            acc[0][l] += a;
+            acc[1][l] += b;
+        }
+    }
+    let mut out = [acc[0].iter().sum::<f64>(), acc[1].iter().sum::<f64>()];
+    for &v in chunks.remainder() {
+        let [a, b] = f(v.to_f64());
+        out[0] += a;
+        out[1] += b;
+    }
+    out
+}
+
+/// As [`lane_sums`], over pairs `(x, g)` of two equally long slices.
+#[inline(always)]
+fn lane_sums2<T: WithDType>(xs: &[T], gs: &[T], f: impl Fn(f64, f64) -> [f64; 2]) -> [f64; 2] {
+    let mut acc = [[0f64; LANES]; 2];
+    let (mut cx, mut cg) = (xs.chunks_exact(LANES), gs.chunks_exact(LANES));
+    for (x, g) in (&mut cx).zip(&mut cg) {
+        for l in 0..LANES {
+            let [a, b] = f(x[l].to_f64(), g[l].to_f64());
+            acc[0][l] += a;
+            acc[1][l] += b;
+        }
+    }
+    let mut out = [acc[0].iter().sum::<f64>(), acc[1].iter().sum::<f64>()];
+    for (&x, &g) in cx.remainder().iter().zip(cg.remainder()) {
+        let [a, b] = f(x.to_f64(), g.to_f64());
+        out[0] += a;
+        out[1] += b;
+    }
+    out
+}
+
 /// Mean and biased variance per channel, in f64, two passes (no cancellation).
 fn stats<T: WithDType>(x: &[T], (b, c, s): (usize, usize, usize)) -> Vec<(f64, f64)> {
     let n = (b * s).max(1) as f64;
     per_channel(c, |ch| {
         let plane = |i: usize| &x[(i * c + ch) * s..(i * c + ch + 1) * s];
         let mean = (0..b)
-            .map(|i| plane(i).iter().map(|v| v.to_f64()).sum::<f64>())
+            .map(|i| lane_sums(plane(i), |v| [v, 0.0])[0])
             .sum::<f64>()
             / n;
         let var = (0..b)
-            .map(|i| {
-                plane(i)
-                    .iter()
-                    .map(|v| (v.to_f64() - mean).powi(2))
-                    .sum::<f64>()
-            })
+            .map(|i| lane_sums(plane(i), |v| [(v - mean) * (v - mean), 0.0])[0])
             .sum::<f64>()
             / n;
         (mean, var)
@@ -199,11 +241,10 @@ impl CustomOp3 for BnSums {
                 let (mut sg, mut sgx) = (0f64, 0f64);
                 for i in 0..b {
                     let at = (i * c + ch) * s;
-                    for (&v, &g) in x[at..at + s].iter().zip(&dy[at..at + s]) {
-                        let g = g.to_f64();
-                        sg += g;
-                        sgx += g * (v.to_f64() - m) * r;
-                    }
+                    let [ga, gb] =
+                        lane_sums2(&x[at..at + s], &dy[at..at + s], |v, g| [g, g * (v - m) * r]);
+                    sg += ga;
+                    sgx += gb;
                 }
                 (sg, sgx)
             });
