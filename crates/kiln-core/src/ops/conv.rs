@@ -301,6 +301,12 @@ fn chunk_images(g: &Geom) -> usize {
     if g.p.groups != 1 || one_pixel(g) {
         return 1;
     }
+    images_per_chunk(g)
+}
+
+/// Images per chunk: enough for [`CHUNK_COLS`] output pixels, but every
+/// thread a chunk (shared with the channels-last path).
+pub(super) fn images_per_chunk(g: &Geom) -> usize {
     let per_thread = g.b.div_ceil(rayon::current_num_threads().max(1));
     CHUNK_COLS.div_ceil(g.n().max(1)).min(per_thread).max(1)
 }

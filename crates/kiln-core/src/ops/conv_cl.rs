@@ -21,7 +21,9 @@ use candle_core::WithDType;
 use gemm::Parallelism;
 use rayon::prelude::*;
 
-use super::conv::{chunks_per_task, gather_channels, mm, sum_in_order, tap_table, PAD};
+use super::conv::{
+    chunks_per_task, gather_channels, images_per_chunk, mm, sum_in_order, tap_table, PAD,
+};
 use super::shape::ConvGeom as Geom;
 use super::transpose::transpose;
 
@@ -29,20 +31,11 @@ use super::transpose::transpose;
 /// 16 f32 is one cache line.
 const MIN_CHANNELS: usize = 16;
 
-/// Output pixels per gemm a chunk of images aims for (as the channel-major path).
-const CHUNK_COLS: usize = 256;
-
 /// Whether the channels-last path serves `g`: one group, many input channels,
 /// a real window (pointwise convolutions need no column matrix at all) and
 /// more than one output pixel (one-pixel outputs batch the images instead).
 pub(super) fn suits(g: &Geom) -> bool {
     g.p.groups == 1 && g.c_in >= MIN_CHANNELS && !g.pointwise() && g.n() > 1
-}
-
-/// Images per chunk: enough for [`CHUNK_COLS`] gemm rows, but every thread a chunk.
-fn chunk_images(g: &Geom) -> usize {
-    let per_thread = g.b.div_ceil(rayon::current_num_threads().max(1));
-    CHUNK_COLS.div_ceil(g.n().max(1)).min(per_thread).max(1)
 }
 
 /// `Wr [cout, kk*cin]` (taps before channels) from `w [cout, cin, kk]`.
@@ -151,7 +144,7 @@ pub(super) fn fwd<T: WithDType>(x: &[T], w: &[T], g: &Geom) -> Vec<T> {
     let wr = taps_first(w, g);
     let mut wt = vec![T::from_f64(0.0); wr.len()];
     transpose(&wr, co, k, &mut wt);
-    let c = chunk_images(g);
+    let c = images_per_chunk(g);
     per_chunk(g.b, g.y_item(), g, c, |b0, nb, ys, s| {
         s.im2col(x, g, &tab, (b0, nb));
         let rows = nb * n;
@@ -177,7 +170,7 @@ pub(super) fn grad_input<T: WithDType>(dy: &[T], w: &[T], g: &Geom) -> Vec<T> {
     let (k, n, co, hw) = (g.k(), g.n(), g.c_out, g.h * g.w);
     let tab = tap_table(g);
     let wr = taps_first(w, g);
-    let c = chunk_images(g);
+    let c = images_per_chunk(g);
     let zero = T::from_f64(0.0);
     per_chunk(g.b, g.x_item(), g, c, |b0, nb, dxs, s| {
         for i in 0..nb {
@@ -208,7 +201,7 @@ pub(super) fn grad_input<T: WithDType>(dy: &[T], w: &[T], g: &Geom) -> Vec<T> {
 pub(super) fn grad_weight<T: WithDType>(x: &[T], dy: &[T], g: &Geom) -> Vec<T> {
     let (k, n, co) = (g.k(), g.n(), g.c_out);
     let tab = tap_table(g);
-    let c = chunk_images(g);
+    let c = images_per_chunk(g);
     let ld = c * n;
     let per_task = chunks_per_task(g.b, c);
     let chunks = g.b.div_ceil(c);

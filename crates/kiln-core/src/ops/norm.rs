@@ -26,28 +26,8 @@ fn per_channel<R: Send>(c: usize, f: impl Fn(usize) -> R + Sync + Send) -> Vec<R
 /// sums at one element per add latency, ~2% of a DCGAN training step).
 const LANES: usize = 4;
 
-/// `[sum f(x)[0], sum f(x)[1]]` in f64 over `xs`, in [`LANES`] interleaved partial sums.
-#[inline(always)]
-fn lane_sums<T: WithDType>(xs: &[T], f: impl Fn(f64) -> [f64; 2]) -> [f64; 2] {
-    let mut acc = [[0f64; LANES]; 2];
-    let mut chunks = xs.chunks_exact(LANES);
-    for ch in &mut chunks {
-        for (l, &v) in ch.iter().enumerate() {
-            let [a, b] = f(v.to_f64());
-            acc[0][l] += a;
-            acc[1][l] += b;
-        }
-    }
-    let mut out = [acc[0].iter().sum::<f64>(), acc[1].iter().sum::<f64>()];
-    for &v in chunks.remainder() {
-        let [a, b] = f(v.to_f64());
-        out[0] += a;
-        out[1] += b;
-    }
-    out
-}
-
-/// As [`lane_sums`], over pairs `(x, g)` of two equally long slices.
+/// `[sum f(x, g)[0], sum f(x, g)[1]]` in f64 over pairs of two equally long
+/// slices, in [`LANES`] interleaved partial sums.
 #[inline(always)]
 fn lane_sums2<T: WithDType>(xs: &[T], gs: &[T], f: impl Fn(f64, f64) -> [f64; 2]) -> [f64; 2] {
     let mut acc = [[0f64; LANES]; 2];
@@ -74,11 +54,11 @@ fn stats<T: WithDType>(x: &[T], (b, c, s): (usize, usize, usize)) -> Vec<(f64, f
     per_channel(c, |ch| {
         let plane = |i: usize| &x[(i * c + ch) * s..(i * c + ch + 1) * s];
         let mean = (0..b)
-            .map(|i| lane_sums(plane(i), |v| [v, 0.0])[0])
+            .map(|i| lane_sums2(plane(i), plane(i), |v, _| [v, 0.0])[0])
             .sum::<f64>()
             / n;
         let var = (0..b)
-            .map(|i| lane_sums(plane(i), |v| [(v - mean) * (v - mean), 0.0])[0])
+            .map(|i| lane_sums2(plane(i), plane(i), |v, _| [(v - mean) * (v - mean), 0.0])[0])
             .sum::<f64>()
             / n;
         (mean, var)
