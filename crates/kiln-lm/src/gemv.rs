@@ -39,7 +39,7 @@ struct Gemv {
 }
 
 /// A weight element the kernels read as f32.
-trait Weight: Copy + Send + Sync {
+pub(crate) trait Weight: Copy + Send + Sync {
     fn f(self) -> f32;
 }
 
@@ -60,7 +60,7 @@ impl Weight for half::bf16 {
 
 /// Dot product with 16 independent accumulators so the compiler vectorises it.
 #[inline]
-fn dot<W: Weight>(a: &[f32], b: &[W]) -> f32 {
+pub(crate) fn dot<W: Weight>(a: &[f32], b: &[W]) -> f32 {
     let mut acc = [0f32; 16];
     let ca = a.chunks_exact(16);
     let cb = b.chunks_exact(16);
@@ -78,7 +78,7 @@ fn dot<W: Weight>(a: &[f32], b: &[W]) -> f32 {
 }
 
 #[inline]
-fn axpy<W: Weight>(alpha: f32, x: &[W], y: &mut [f32]) {
+pub(crate) fn axpy<W: Weight>(alpha: f32, x: &[W], y: &mut [f32]) {
     for (yi, xi) in y.iter_mut().zip(x) {
         *yi += alpha * xi.f();
     }

@@ -19,6 +19,7 @@
 //! # Ok(()) }
 //! ```
 
+mod attend;
 pub mod config;
 pub mod error;
 mod gemv;

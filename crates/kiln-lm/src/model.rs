@@ -244,6 +244,9 @@ struct Step {
     /// `bias` is exactly the causal mask (no padding): the fused causal
     /// softmax can stand in for it.
     causal: bool,
+    /// One query per row that sees keys `starts[b]..` (empty: all keys): the
+    /// one-query attention kernel can stand in for the tensor path.
+    one_query: Option<Vec<usize>>,
 }
 
 impl Block {
@@ -273,6 +276,24 @@ impl Block {
         })
     }
 
+    /// Decoding's attention: one new token per row against the cache, in one
+    /// kernel call (see [`crate::attend`]).
+    fn attend_one(
+        &self,
+        qkv: &Tensor,
+        starts: &[usize],
+        slot: &mut Option<LayerKv>,
+    ) -> candle_core::Result<Tensor> {
+        let (b, _, c3) = qkv.dims3()?;
+        let c = c3 / 3;
+        let (h, d) = (self.n_head, c / self.n_head);
+        let part = |i: usize| qkv.narrow(2, i * c, c)?.reshape((b, h, 1, d));
+        let (k, v) = LayerKv::append(slot, part(1)?, part(2)?)?;
+        let y =
+            crate::attend::one_query(&qkv.reshape((b, c3))?, &k, &v, starts, self.scale as f32)?;
+        self.attn_proj.forward(&y.reshape((b, 1, c))?)
+    }
+
     fn attention(
         &self,
         x: &Tensor,
@@ -284,6 +305,18 @@ impl Block {
         let h = self.n_head;
         let d = c / h;
         let qkv = self.c_attn.forward(x)?;
+        let one = match (&step.one_query, drop) {
+            (Some(starts), None)
+                if t == 1 && qkv.device().is_cpu() && qkv.dtype() == DType::F32 =>
+            {
+                Some(starts)
+            }
+            _ => None,
+        };
+        let cache = match (one, cache) {
+            (Some(starts), Some(slot)) => return self.attend_one(&qkv, starts, slot),
+            (_, cache) => cache,
+        };
         let heads = |i: usize| -> candle_core::Result<Tensor> {
             qkv.narrow(2, i * c, c)?
                 .reshape((b, t, h, d))?
@@ -438,6 +471,7 @@ impl Gpt2 {
             positions: None,
             past: 0,
             causal: t > 1,
+            one_query: (t == 1).then(Vec::new),
         };
         self.run(ids, &step, None, train)
     }
@@ -500,6 +534,19 @@ impl Gpt2 {
         cache: &mut KvCache,
         all_positions: bool,
     ) -> Result<Tensor> {
+        // On a pool thread, each kernel's parallel loop is a cheap local job;
+        // called from outside the pool, every one of the ~200 kernel calls of
+        // a decode step would hand its work over to the pool and sleep until
+        // it came back.
+        rayon::scope(|_| self.forward_cached_inner(ids, cache, all_positions))
+    }
+
+    fn forward_cached_inner(
+        &self,
+        ids: &Tensor,
+        cache: &mut KvCache,
+        all_positions: bool,
+    ) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
         let past = cache.len;
         self.check_len(past + t)?;
@@ -527,6 +574,7 @@ impl Gpt2 {
                 positions: None,
                 past,
                 causal: t > 1,
+                one_query: (t == 1).then(Vec::new),
             }
         };
         let h = self.run(ids, &step, Some(cache), false)?;
@@ -610,6 +658,9 @@ fn padded_step(left_pad: &[usize], past: usize, t: usize, dev: &Device) -> Resul
         positions: Some(Tensor::from_vec(pos, (b, t), dev)?),
         past,
         causal: false,
+        // A query on padding (before its row's first token) sees no key; the
+        // tensor path's uniform weights cover that case.
+        one_query: (t == 1 && left_pad.iter().all(|&p| p <= past)).then(|| left_pad.to_vec()),
     })
 }
 
