@@ -454,18 +454,122 @@ fn decode_line(ctx: &super::BenchCtx, bf16: bool) -> Result<serde_json::Value> {
         // traffic against what this machine can stream with the same threads.
         let gb_per_token =
             decode_weight_bytes(&cfg, if bf16 { 2 } else { 4 }) as f64 / 1e9 / prompts.len() as f64;
-        let machine = read_bandwidth_gb_s(ctx.threads);
-        line["weight_gb_per_token"] = ((gb_per_token * 1000.0).round() / 1000.0).into();
-        line["weight_read_gb_per_s"] = ((gb_per_token * tok_s * 100.0).round() / 100.0).into();
-        line["machine_read_gb_per_s"] = ((machine * 100.0).round() / 100.0).into();
-        line["share_of_read_bandwidth"] =
-            ((gb_per_token * tok_s / machine * 1000.0).round() / 1000.0).into();
+        let t = decode_steps(&model, &prompts, gen.max_new_tokens, ctx.threads)?;
+        let round = |x: f64, k: f64| (x * k).round() / k;
+        // Decode steps and passes of the bandwidth probe alternate, and both
+        // figures are medians: the machine's bandwidth moves with its
+        // neighbours' load, and a best pass set against a median step would
+        // compare two different moments.
+        let machine = t.machine_median;
+        line["weight_gb_per_token"] = round(gb_per_token, 1000.0).into();
+        line["weight_read_gb_per_s"] = round(gb_per_token * tok_s, 100.0).into();
+        line["machine_read_gb_per_s"] = round(machine, 100.0).into();
+        line["machine_read_gb_per_s_best"] = round(t.machine_best, 100.0).into();
+        // With the prefill, as tokens_per_s (and transformers' figure) counts it.
+        line["share_of_read_bandwidth"] = round(gb_per_token * tok_s / machine, 1000.0).into();
+        // The decode steps alone: the part that streams the weights once per
+        // token (the prefill is a compute-bound matmul over the prompt).
+        line["prefill_ms"] = round(t.prefill_s * 1e3, 10.0).into();
+        line["decode_step_ms"] = round(t.step_s * 1e3, 100.0).into();
+        line["decode_step_share_of_read_bandwidth"] = round(
+            gb_per_token * prompts.len() as f64 / t.step_s / machine,
+            1000.0,
+        )
+        .into();
     }
     if let Some(d) = deviation {
         line["max_abs_logit_deviation"] = serde_json::json!(d);
     }
     ctx.annotate(&mut line, watch);
     Ok(line)
+}
+
+/// Timings of decoding without sampling or logits processing (the model
+/// alone), with this machine's read bandwidth measured between the steps.
+struct DecodeTimes {
+    /// The prompt's forward pass, seconds.
+    prefill_s: f64,
+    /// The median greedy decode step, seconds.
+    step_s: f64,
+    /// The median and the best pass of the bandwidth probe, GB/s.
+    machine_median: f64,
+    machine_best: f64,
+}
+
+/// Runs the prompts' prefill, then `new_tokens - 1` greedy steps, each timed;
+/// a pass of the bandwidth probe runs before every eighth step.
+fn decode_steps(
+    model: &Gpt2,
+    prompts: &[Vec<u32>],
+    new_tokens: usize,
+    threads: usize,
+) -> Result<DecodeTimes> {
+    let cfg = model.config();
+    let dev = model.device();
+    let b = prompts.len();
+    let len = prompts.first().map_or(0, Vec::len);
+    let input = Tensor::from_vec(prompts.concat(), (b, len), dev)?;
+    let probe = ReadProbe::new();
+    let mut cache = kiln_lm::KvCache::new(cfg.n_layer);
+    let t = Instant::now();
+    let mut logits = model.forward_cached(&input, &mut cache, false)?;
+    dev.synchronize()?;
+    let prefill_s = t.elapsed().as_secs_f64();
+    let (mut steps, mut passes) = (Vec::new(), Vec::new());
+    for i in 0..new_tokens.max(2) - 1 {
+        if i % 8 == 0 {
+            passes.push(probe.pass(threads));
+        }
+        let next = logits.argmax(1)?.to_dtype(DType::U32)?.reshape((b, 1))?;
+        let t = Instant::now();
+        logits = model.forward_cached(&next, &mut cache, false)?;
+        dev.synchronize()?;
+        steps.push(t.elapsed().as_secs_f64());
+    }
+    passes.push(probe.pass(threads));
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    Ok(DecodeTimes {
+        prefill_s,
+        step_s: median(&mut steps),
+        machine_median: median(&mut passes),
+        machine_best: passes.iter().copied().fold(0.0, f64::max),
+    })
+}
+
+/// A 512 MiB buffer (far past any cache) to measure this machine's read
+/// bandwidth on.
+struct ReadProbe {
+    buf: Vec<u64>,
+}
+
+impl ReadProbe {
+    fn new() -> Self {
+        Self {
+            buf: (0..(512usize << 20) / 8).map(|i| i as u64).collect(),
+        }
+    }
+
+    /// One pass summing the buffer with `threads` threads, each reading its
+    /// own contiguous share, as a gemv reads its weight rows: GB/s.
+    fn pass(&self, threads: usize) -> f64 {
+        let share = self.buf.len().div_ceil(threads.max(1));
+        let t = Instant::now();
+        let sums: Vec<u64> = std::thread::scope(|s| {
+            let hs: Vec<_> = self
+                .buf
+                .chunks(share)
+                .map(|c| s.spawn(move || c.iter().fold(0u64, |a, &x| a.wrapping_add(x))))
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap_or(0)).collect()
+        });
+        let dt = t.elapsed().as_secs_f64();
+        // The sums must be used, or the reads could be optimised away.
+        std::hint::black_box(sums);
+        (self.buf.len() * 8) as f64 / dt / 1e9
+    }
 }
 
 /// Bytes of the matmul weights one decode step reads: per block the fused
@@ -475,31 +579,6 @@ fn decode_weight_bytes(cfg: &Gpt2Config, bytes: usize) -> usize {
     let d = cfg.n_embd;
     let block = d * 3 * d + d * d + 2 * d * cfg.inner();
     (cfg.n_layer * block + cfg.vocab_size * d) * bytes
-}
-
-/// This machine's read bandwidth with `threads` threads, in GB/s: the best of
-/// five passes summing a 512 MiB buffer (far past any cache), each thread
-/// reading its own contiguous share, as a gemv reads its weight rows.
-fn read_bandwidth_gb_s(threads: usize) -> f64 {
-    let buf: Vec<u64> = (0..(512usize << 20) / 8).map(|i| i as u64).collect();
-    let share = buf.len().div_ceil(threads.max(1));
-    let mut best = f64::INFINITY;
-    let mut check = 0u64;
-    for _ in 0..5 {
-        let t = Instant::now();
-        let sums: Vec<u64> = std::thread::scope(|s| {
-            let hs: Vec<_> = buf
-                .chunks(share)
-                .map(|c| s.spawn(move || c.iter().fold(0u64, |a, &x| a.wrapping_add(x))))
-                .collect();
-            hs.into_iter().map(|h| h.join().unwrap_or(0)).collect()
-        });
-        best = best.min(t.elapsed().as_secs_f64());
-        check = check.wrapping_add(sums.iter().fold(0, |a, &x| a.wrapping_add(x)));
-    }
-    // The sums must be used, or the reads could be optimised away.
-    std::hint::black_box(check);
-    (buf.len() * 8) as f64 / best / 1e9
 }
 
 /// GPT-2 small train step, batch 8 x 128, dropout on, AdamW: torch_reference.py's
