@@ -622,12 +622,13 @@ impl Session {
     pub fn run_epochs<B, E, I>(
         &mut self,
         mut batches: impl FnMut(u64, usize) -> I,
-        mut body: impl FnMut(&mut Session, B) -> Result<Record, E>,
+        mut body: impl FnMut(&mut Session, B) -> Result<Record, E> + Send,
         mut after_epoch: impl FnMut(&mut Session) -> Result<(), E>,
     ) -> Result<LoopEnd, E>
     where
         I: IntoIterator<Item = Result<B, E>>,
-        E: From<SessionError>,
+        B: Send,
+        E: From<SessionError> + Send,
     {
         let Plan::Epochs { epochs, .. } = self.plan else {
             return Err(SessionError::Setup(
@@ -638,7 +639,10 @@ impl Session {
         while self.epoch < epochs {
             let start = usize::try_from(self.batch_in_epoch).unwrap_or(usize::MAX);
             for batch in batches(self.epoch, start) {
-                let rec = body(self, batch?)?;
+                let batch = batch?;
+                // The batch is fetched outside the pool (a prefetching loader
+                // feeds it from another thread); the step runs inside it.
+                let rec = crate::ops::on_pool(|| body(self, batch))?;
                 self.end_batch(&rec)?;
                 self.periodic_checkpoint()?;
                 if self.should_stop() {

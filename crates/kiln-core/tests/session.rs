@@ -68,6 +68,8 @@ fn two_part(run: &Path, resume: bool, stop_at: Option<u64>) -> (LoopEnd, Vec<f32
                 (start..BATCHES as usize).map(move |i| Ok::<_, SessionError>((epoch, i)))
             },
             |s, (epoch, i)| {
+                // Steps run on the kernels' pool (no hand-off per op).
+                assert!(rayon::current_thread_index().is_some());
                 let x = real(epoch, i);
                 let mut rec = Record::new(8);
                 for k in 0..2 {

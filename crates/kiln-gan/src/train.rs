@@ -11,10 +11,10 @@
 //! the first step's forward) and after them (D(x) from one more forward of
 //! the last real slice, D(G(z)) from the generator step's forward).
 
-use std::cell::RefCell;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use kiln_core::checkpoint::{load_part, read_tensors, save_parts, PartRef, TrainState};
 use kiln_core::image::{plot_metrics, save_image_grid, GridOptions};
@@ -255,14 +255,15 @@ pub fn train_with_eval(
     } else {
         0
     };
-    let monitor = RefCell::new(CollapseMonitor::new(
+    // A mutex, not a RefCell: the step closure runs on kiln's thread pool.
+    let monitor = Mutex::new(CollapseMonitor::new(
         window,
         tc.collapse_real,
         tc.collapse_fake,
     ));
     let metrics = dir.join("metrics.jsonl");
     if s.resumed() && metrics.exists() {
-        monitor.borrow_mut().replay(&read_metrics(&metrics)?);
+        lock(&monitor).replay(&read_metrics(&metrics)?);
     }
     let fixed = FixedNoise::new(&gan.g, tc.seed, device)?;
     let ref_stats = match eval {
@@ -305,7 +306,7 @@ pub fn train_with_eval(
         |s| {
             let e = s.epoch();
             fixed.save_grids(&gan, &dir, &format!("epoch-{e:03}"))?;
-            if monitor.borrow().streak_start().is_none() {
+            if lock(&monitor).streak_start().is_none() {
                 save_healthy(&gan, &dir, s.global_step(), e)?;
             }
             if let (Some(ev), Some(rs)) = (eval, &ref_stats) {
@@ -419,12 +420,17 @@ impl FidStop {
 }
 
 /// Everything one batch's steps need.
+/// The collapse monitor, also after a panic elsewhere (its state stays usable).
+fn lock(m: &Mutex<CollapseMonitor>) -> MutexGuard<'_, CollapseMonitor> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
 struct StepCtx<'a> {
     tc: &'a TrainConfig,
     gan: &'a Gan,
     d_train: &'a [(String, Var)],
     device: &'a Device,
-    monitor: &'a RefCell<CollapseMonitor>,
+    monitor: &'a Mutex<CollapseMonitor>,
     dir: &'a RunDir,
 }
 
@@ -523,10 +529,7 @@ impl StepCtx<'_> {
         if let Some((_, ema)) = &self.gan.ema {
             ema.update(&self.gan.g_vars, step)?;
         }
-        let verdict = self
-            .monitor
-            .borrow_mut()
-            .observe(step, real_after, fake_after);
+        let verdict = lock(self.monitor).observe(step, real_after, fake_after);
         match verdict {
             Verdict::Healthy => {}
             Verdict::Collapsed { reason, .. } => {

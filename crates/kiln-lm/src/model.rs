@@ -538,7 +538,7 @@ impl Gpt2 {
         // called from outside the pool, every one of the ~200 kernel calls of
         // a decode step would hand its work over to the pool and sleep until
         // it came back.
-        rayon::scope(|_| self.forward_cached_inner(ids, cache, all_positions))
+        kiln_core::ops::on_pool(|| self.forward_cached_inner(ids, cache, all_positions))
     }
 
     fn forward_cached_inner(

@@ -73,8 +73,10 @@ impl BenchCtx {
         &self,
         name: &str,
         batch: usize,
-        mut step: impl FnMut() -> Result<()>,
+        mut step: impl FnMut() -> Result<()> + Send,
     ) -> Result<serde_json::Value> {
+        // On the kernels' pool, as the trainers' loop runs its steps.
+        let mut step = || kiln_core::ops::on_pool(&mut step);
         for _ in 0..self.warm {
             step()?;
         }

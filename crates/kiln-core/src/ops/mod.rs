@@ -85,6 +85,33 @@ use candle_core::{DType, Result, Tensor};
 use conv::{Conv2dGradInput, Conv2dOp};
 use shape::ConvParams;
 
+/// Runs `f` on a thread of the CPU kernels' rayon pool and returns its result.
+///
+/// Every CPU kernel splits its work with rayon. Called from a thread outside
+/// the pool (a program's main thread), each kernel call hands its whole loop
+/// over to the pool and sleeps until it comes back: two thread wake-ups per
+/// op, a few microseconds each, which small ops (a decode step's ~200, a small
+/// model's training step) pay over and over. Inside `on_pool`, a kernel's loop
+/// starts on the current thread and the pool's other threads steal from it.
+/// Wrap compute only (a forward pass, a training step): code that blocks on
+/// another thread's rayon work (a data loader's channel) must stay outside,
+/// or a one-thread pool would wait on itself.
+///
+/// ```
+/// // The result comes back; inside, rayon sees one of its own threads, and
+/// // a nested call runs in place.
+/// let (inside, nested) = kiln_core::ops::on_pool(|| {
+///     let here = rayon::current_thread_index();
+///     (here, kiln_core::ops::on_pool(rayon::current_thread_index))
+/// });
+/// assert!(inside.is_some());
+/// assert_eq!(inside, nested);
+/// assert!(rayon::current_thread_index().is_none());
+/// ```
+pub fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    rayon::scope(|_| f())
+}
+
 /// The contiguous slice behind a storage and layout (ops make inputs contiguous first).
 fn slice<'a, T: candle_core::WithDType>(
     s: &'a candle_core::CpuStorage,
