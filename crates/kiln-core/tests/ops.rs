@@ -283,6 +283,43 @@ fn conv_weight_gradient_is_bitwise_repeatable() {
     });
 }
 
+/// Layer norm's weight and bias gradients and the last-dimension bias's
+/// gradient sum per-block partials in block order. They used rayon's `reduce`,
+/// whose tree follows the work stealing: GRPO runs with 2 threads drifted apart
+/// after ~14 iterations (1 run in 4), and ran identically with 1 thread.
+#[test]
+fn row_sum_gradients_are_bitwise_repeatable() {
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(3)
+        .build()
+        .unwrap();
+    pool.install(|| {
+        let mut rng = SeededRng::new(51);
+        // 4096 rows of 64: 16 blocks of rows, so the partials have an order.
+        let x = randn(&mut rng, &[4096, 64]);
+        let w = Var::from_tensor(&randn(&mut rng, &[64])).unwrap();
+        let b = Var::from_tensor(&randn(&mut rng, &[64])).unwrap();
+        let grads = || {
+            let y = ops::layer_norm(&x, w.as_tensor(), b.as_tensor(), 1e-5).unwrap();
+            let y = ops::add_bias_last(&y, b.as_tensor()).unwrap();
+            let g = (y.sqr().unwrap().sum_all().unwrap()).backward().unwrap();
+            [&w, &b].map(|v| {
+                g.get(v.as_tensor())
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap()
+                    .iter()
+                    .map(|f| f.to_bits())
+                    .collect::<Vec<_>>()
+            })
+        };
+        let first = grads();
+        for _ in 0..20 {
+            assert_eq!(grads(), first, "a row-sum gradient changed between runs");
+        }
+    });
+}
+
 #[test]
 fn conv2d_gradients_match_finite_differences() {
     let mut rng = SeededRng::new(11);

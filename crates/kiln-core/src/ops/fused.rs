@@ -401,8 +401,10 @@ impl CustomOp2 for LayerNormGradWB {
         let (_, c) = shape::last_rows(l1.dims(), "layer_norm grad")?;
         let eps = self.eps;
         let rb = row_block(c) * c;
-        // Per-task partial sums of g * xh and g, reduced at the end.
-        let (gw, gb) = x
+        // Per-block partial sums of g * xh and g (both in one vector), added
+        // in block order: rayon's `reduce` combines partials in a tree that
+        // follows the work stealing, so two runs could round differently.
+        let parts: Vec<Vec<f32>> = x
             .par_chunks(rb)
             .zip(g.par_chunks(rb))
             .map(|(x, g)| {
@@ -415,18 +417,11 @@ impl CustomOp2 for LayerNormGradWB {
                         *b += gv;
                     }
                 }
-                (gw, gb)
+                gw.extend_from_slice(&gb);
+                gw
             })
-            .reduce(
-                || (vec![0f32; c], vec![0f32; c]),
-                |(mut a, mut b), (c2, d)| {
-                    a.iter_mut().zip(&c2).for_each(|(x, y)| *x += y);
-                    b.iter_mut().zip(&d).for_each(|(x, y)| *x += y);
-                    (a, b)
-                },
-            );
-        let mut out = gw;
-        out.extend_from_slice(&gb);
+            .collect();
+        let out = super::conv::sum_in_order(parts, 2 * c);
         Ok((CpuStorage::F32(out), Shape::from((2, c))))
     }
 }
@@ -506,7 +501,7 @@ impl CustomOp1 for SumRows {
         let g = f32_slice(s, l, "sum_rows")?;
         let (_, c) = shape::last_rows(l.dims(), "sum_rows")?;
         let rb = row_block(c) * c;
-        let out = g
+        let out: Vec<Vec<f32>> = g
             .par_chunks(rb)
             .map(|g| {
                 let mut acc = vec![0f32; c];
@@ -515,13 +510,9 @@ impl CustomOp1 for SumRows {
                 }
                 acc
             })
-            .reduce(
-                || vec![0f32; c],
-                |mut a, b| {
-                    a.iter_mut().zip(&b).for_each(|(x, y)| *x += y);
-                    a
-                },
-            );
+            .collect();
+        // In block order, for the same bits on every run (see LayerNormGradWB).
+        let out = super::conv::sum_in_order(out, c);
         Ok((CpuStorage::F32(out), Shape::from(c)))
     }
 }
