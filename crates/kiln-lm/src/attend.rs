@@ -132,7 +132,7 @@ impl CustomOp3 for OneQuery {
                 z += *x;
             }
             let inv = 1.0 / z;
-            out.fill(0.0);
+            // `out` is a fresh zeroed row of `y`.
             for (j, &p) in (j0..s).zip(scores.iter()) {
                 let at = vv.at(bi, hi, j);
                 crate::gemv::axpy(p * inv, &vs[at..at + d], out);

@@ -467,24 +467,7 @@ fn conv_grad_weight_chunked<T: WithDType>(x: &[T], dy: &[T], g: &Geom, c: usize)
             dw
         })
         .collect();
-    sum_in_order(parts, co * k)
-}
-
-/// The per-task partial sums added in task order, so a weight gradient is the
-/// same bits on every run with the same thread count.
-pub(super) fn sum_in_order<T: WithDType>(parts: Vec<Vec<T>>, len: usize) -> Vec<T> {
-    parts
-        .into_iter()
-        .reduce(add_into)
-        .unwrap_or_else(|| vec![T::from_f64(0.0); len])
-}
-
-/// `a += b` elementwise, returning `a`.
-fn add_into<T: WithDType>(mut a: Vec<T>, b: Vec<T>) -> Vec<T> {
-    for (x, y) in a.iter_mut().zip(b) {
-        *x += y;
-    }
-    a
+    super::sum_in_order(parts, co * k)
 }
 
 fn conv_fwd<T: WithDType>(x: &[T], w: &[T], g: &Geom) -> Vec<T> {
@@ -717,7 +700,7 @@ fn conv_grad_weight<T: WithDType>(x: &[T], dy: &[T], g: &Geom) -> Vec<T> {
             .into_par_iter()
             .map(|t| (t * per..((t + 1) * per).min(g.b)).fold(init(), item).0)
             .collect();
-        sum_in_order(parts, wsize)
+        super::sum_in_order(parts, wsize)
     } else {
         (0..g.b).fold(init(), item).0
     }

@@ -21,9 +21,7 @@ use candle_core::WithDType;
 use gemm::Parallelism;
 use rayon::prelude::*;
 
-use super::conv::{
-    chunks_per_task, gather_channels, images_per_chunk, mm, sum_in_order, tap_table, PAD,
-};
+use super::conv::{chunks_per_task, gather_channels, images_per_chunk, mm, tap_table, PAD};
 use super::shape::ConvGeom as Geom;
 use super::transpose::transpose;
 
@@ -231,5 +229,5 @@ pub(super) fn grad_weight<T: WithDType>(x: &[T], dy: &[T], g: &Geom) -> Vec<T> {
             dwr
         })
         .collect();
-    channels_first(&sum_in_order(parts, co * k), g)
+    channels_first(&super::sum_in_order(parts, co * k), g)
 }

@@ -402,8 +402,7 @@ impl CustomOp2 for LayerNormGradWB {
         let eps = self.eps;
         let rb = row_block(c) * c;
         // Per-block partial sums of g * xh and g (both in one vector), added
-        // in block order: rayon's `reduce` combines partials in a tree that
-        // follows the work stealing, so two runs could round differently.
+        // in block order (`sum_in_order`): the same bits on every run.
         let parts: Vec<Vec<f32>> = x
             .par_chunks(rb)
             .zip(g.par_chunks(rb))
@@ -421,7 +420,7 @@ impl CustomOp2 for LayerNormGradWB {
                 gw
             })
             .collect();
-        let out = super::conv::sum_in_order(parts, 2 * c);
+        let out = super::sum_in_order(parts, 2 * c);
         Ok((CpuStorage::F32(out), Shape::from((2, c))))
     }
 }
@@ -511,8 +510,7 @@ impl CustomOp1 for SumRows {
                 acc
             })
             .collect();
-        // In block order, for the same bits on every run (see LayerNormGradWB).
-        let out = super::conv::sum_in_order(out, c);
+        let out = super::sum_in_order(out, c);
         Ok((CpuStorage::F32(out), Shape::from(c)))
     }
 }

@@ -112,6 +112,22 @@ pub fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     rayon::scope(|_| f())
 }
 
+/// Per-task partial sums added in task order, so the result is the same bits
+/// on every run with the same thread count (rayon's `reduce` combines partials
+/// in a tree that follows the work stealing). Conv weight gradients, layer
+/// norm's weight and bias gradients and the bias-add gradient use it.
+pub(super) fn sum_in_order<T: candle_core::WithDType>(parts: Vec<Vec<T>>, len: usize) -> Vec<T> {
+    parts
+        .into_iter()
+        .reduce(|mut a, b| {
+            for (x, y) in a.iter_mut().zip(b) {
+                *x += y;
+            }
+            a
+        })
+        .unwrap_or_else(|| vec![T::from_f64(0.0); len])
+}
+
 /// The contiguous slice behind a storage and layout (ops make inputs contiguous first).
 fn slice<'a, T: candle_core::WithDType>(
     s: &'a candle_core::CpuStorage,
