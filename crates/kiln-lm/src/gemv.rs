@@ -1,6 +1,7 @@
 //! Matrix products for decoding: a multithreaded matrix-vector kernel for the
 //! few-row products of token-by-token generation, where a general gemm spends
-//! its time packing a weight it reads only once. Larger products go to candle.
+//! its time packing a weight it reads only once, and [`crate::fewrows`] up to
+//! 64 rows. Larger products go to candle.
 
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
@@ -8,10 +9,12 @@ use rayon::prelude::*;
 /// Rows up to which the gemv kernel runs (one row per sequence being decoded).
 pub(crate) const MAX_ROWS: usize = 8;
 
-/// `x [M, K] @ w [K, N]`, or `x @ w^T` for `w [N, K]` when `transposed`.
+/// `x [M, K] @ w [K, N]`, or `x @ w^T` for `w [N, K]` when `transposed`:
+/// the gemv kernel up to [`MAX_ROWS`] rows, the few-row kernels up to
+/// [`crate::fewrows::MAX_ROWS`] (f32 on the CPU), candle's gemm beyond.
 pub(crate) fn matmul(x: &Tensor, w: &Tensor, transposed: bool) -> candle_core::Result<Tensor> {
     let m = x.dim(0)?;
-    let fast = m <= MAX_ROWS
+    let fast = m <= crate::fewrows::MAX_ROWS
         && x.device().is_cpu()
         && x.dtype() == DType::F32
         && w.dtype() == DType::F32
@@ -166,6 +169,15 @@ impl CustomOp2 for Gemv {
             );
         }
         let y = match s2 {
+            CpuStorage::F32(w) if m > MAX_ROWS => crate::fewrows::matmul(
+                x,
+                m,
+                k,
+                &w[wa..wb],
+                n,
+                self.transposed,
+                crate::fewrows::Level::detect(),
+            ),
             CpuStorage::F32(w) => gemv(x, m, k, &w[wa..wb], n, self.transposed),
             CpuStorage::BF16(w) => gemv(x, m, k, &w[wa..wb], n, self.transposed),
             _ => candle_core::bail!("kiln-gemv: f32 or bf16 weights only"),
@@ -200,8 +212,51 @@ mod tests {
     }
 
     #[test]
+    fn few_row_products_pass_gradients_like_matmul() {
+        // 20 rows take the few-row kernel; its backward is candle's matmul.
+        let x = candle_core::Var::from_tensor(&rand((20, 12), 4)).unwrap();
+        let w = candle_core::Var::from_tensor(&rand((12, 7), 5)).unwrap();
+        let loss = matmul(x.as_tensor(), w.as_tensor(), false)
+            .unwrap()
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap();
+        let g = loss.backward().unwrap();
+        let want = x.as_tensor().matmul(w.as_tensor()).unwrap();
+        let want_gx = (want.clone() * 2.0)
+            .unwrap()
+            .matmul(&w.as_tensor().t().unwrap())
+            .unwrap();
+        let want_gw = x
+            .as_tensor()
+            .t()
+            .unwrap()
+            .matmul(&(want * 2.0).unwrap())
+            .unwrap();
+        for (got, want) in [
+            (g.get(x.as_tensor()).unwrap(), want_gx),
+            (g.get(w.as_tensor()).unwrap(), want_gw),
+        ] {
+            let d = (got - want).unwrap().abs().unwrap().max_all().unwrap();
+            assert!(d.to_scalar::<f32>().unwrap() < 1e-3);
+        }
+    }
+
+    #[test]
     fn gemv_equals_matmul_both_layouts_odd_sizes() {
-        for &(m, k, n) in &[(1, 7, 5), (3, 33, 1030), (8, 64, 513), (1, 768, 50)] {
+        // Up to 8 rows: the gemv; 9 to 64: the few-row kernels; 65: candle.
+        let shapes = [
+            (1, 7, 5),
+            (3, 33, 1030),
+            (8, 64, 513),
+            (1, 768, 50),
+            (9, 40, 97),
+            (32, 96, 200),
+            (64, 33, 61),
+            (65, 20, 30),
+        ];
+        for &(m, k, n) in &shapes {
             let x = rand((m, k), 1);
             let w = rand((k, n), 2);
             let want = x.matmul(&w).unwrap();
@@ -222,6 +277,9 @@ mod tests {
                 } else {
                     x.matmul(&wr).unwrap()
                 };
+                if m > MAX_ROWS {
+                    continue; // bf16 copies serve the gemv only
+                }
                 let got = matmul_bf16(&x, &wb, tr).unwrap();
                 let d = (want - &got).unwrap().abs().unwrap().max_all().unwrap();
                 assert!(d.to_scalar::<f32>().unwrap() < 1e-3, "bf16 {m}x{k}x{n}");

@@ -22,6 +22,7 @@
 mod attend;
 pub mod config;
 pub mod error;
+mod fewrows;
 mod gemv;
 pub mod generate;
 pub mod model;

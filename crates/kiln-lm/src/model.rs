@@ -27,8 +27,9 @@ impl Activation {
 }
 
 /// `x [.., K]` times a weight (`[K, N]`, or `[N, K]` when `transposed`), giving
-/// `[.., N]`: the gemv kernel for few rows (with the bf16 copy when there is
-/// one), candle's gemm otherwise.
+/// `[.., N]`: the gemv kernel up to 8 rows (with the bf16 copy when there is
+/// one), the few-row kernels up to 64 (a prompt, a batch of rollouts),
+/// candle's gemm beyond.
 fn project(
     x: &Tensor,
     w: &Tensor,
