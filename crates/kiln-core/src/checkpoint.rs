@@ -77,8 +77,70 @@ pub fn serialize_tensors(
     }
     let mut meta = metadata.unwrap_or_default();
     meta.insert("kiln.crc32".into(), format!("{:08x}", crc.finalize()));
-    safetensors::serialize(owned.iter().map(|(n, t)| (n.as_str(), t)), Some(meta))
-        .map_err(candle_core::Error::wrap)
+    let bytes = safetensors::serialize(owned.iter().map(|(n, t)| (n.as_str(), t)), Some(meta))
+        .map_err(candle_core::Error::wrap)?;
+    sort_metadata(bytes)
+}
+
+/// Rewrites the header with its `__metadata__` entries in key order.
+/// safetensors writes them from a `HashMap`, whose order changes from run to
+/// run, so two saves of the same tensors and metadata differed in bytes (and
+/// checksums). The tensor entries and the data keep their places: data
+/// offsets count from the end of the header, whatever its length.
+fn sort_metadata(bytes: Vec<u8>) -> Result<Vec<u8>> {
+    let bad = |why: &str| candle_core::Error::Msg(format!("safetensors header: {why}"));
+    let len = bytes
+        .get(..8)
+        .and_then(|b| b.try_into().ok())
+        .map(u64::from_le_bytes)
+        .ok_or_else(|| bad("shorter than 8 bytes"))?;
+    let end = usize::try_from(len)
+        .ok()
+        .and_then(|n| n.checked_add(8))
+        .filter(|&e| e <= bytes.len())
+        .ok_or_else(|| bad("length past the end"))?;
+    let header: serde_json::Value =
+        serde_json::from_slice(&bytes[8..end]).map_err(candle_core::Error::wrap)?;
+    let serde_json::Value::Object(entries) = header else {
+        return Err(bad("not a JSON object"));
+    };
+    // Written by hand: serde_json's map keeps insertion order in some builds
+    // (its `preserve_order` feature) and sorts in others.
+    let mut text = String::from("{");
+    for (i, (key, value)) in entries.iter().enumerate() {
+        if i > 0 {
+            text.push(',');
+        }
+        text.push_str(&serde_json::to_string(key).map_err(candle_core::Error::wrap)?);
+        text.push(':');
+        match value {
+            serde_json::Value::Object(meta) if key == "__metadata__" => {
+                let mut pairs: Vec<_> = meta.iter().collect();
+                pairs.sort_by(|a, b| a.0.cmp(b.0));
+                text.push('{');
+                for (j, (k, v)) in pairs.into_iter().enumerate() {
+                    if j > 0 {
+                        text.push(',');
+                    }
+                    text.push_str(&serde_json::to_string(k).map_err(candle_core::Error::wrap)?);
+                    text.push(':');
+                    text.push_str(&serde_json::to_string(v).map_err(candle_core::Error::wrap)?);
+                }
+                text.push('}');
+            }
+            _ => text.push_str(&serde_json::to_string(value).map_err(candle_core::Error::wrap)?),
+        }
+    }
+    text.push('}');
+    // safetensors pads the header with spaces to a multiple of 8 bytes.
+    while text.len() % 8 != 0 {
+        text.push(' ');
+    }
+    let mut out = Vec::with_capacity(8 + text.len() + bytes.len() - end);
+    out.extend_from_slice(&(text.len() as u64).to_le_bytes());
+    out.extend_from_slice(text.as_bytes());
+    out.extend_from_slice(&bytes[end..]);
+    Ok(out)
 }
 
 fn tensor_bytes(t: &Tensor) -> Result<Vec<u8>> {
@@ -557,4 +619,69 @@ pub fn restore_rng(state: &TrainState, seed: u64) -> SeededRng {
         .as_ref()
         .map(SeededRng::from_state)
         .unwrap_or_else(|| SeededRng::new(seed))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tensors() -> Vec<(String, Tensor)> {
+        let dev = Device::Cpu;
+        vec![
+            ("b".into(), Tensor::new(&[1f32, 2.0, 3.0], &dev).unwrap()),
+            (
+                "a".into(),
+                Tensor::new(&[[7u32, 8], [9, 10]], &dev).unwrap(),
+            ),
+        ]
+    }
+
+    fn metadata(order: impl Iterator<Item = usize>) -> Metadata {
+        let mut m = Metadata::new();
+        for i in order {
+            m.insert(format!("key.{i:02}"), format!("value \"{i}\""));
+        }
+        m
+    }
+
+    #[test]
+    fn equal_tensors_and_metadata_give_equal_bytes() {
+        // Each HashMap has its own random iteration order: before the header
+        // was rewritten, two saves of these differed in the metadata's order.
+        let first = serialize_tensors(&tensors(), Some(metadata(0..40))).unwrap();
+        for _ in 0..5 {
+            let again = serialize_tensors(&tensors(), Some(metadata((0..40).rev()))).unwrap();
+            assert_eq!(first, again);
+        }
+        // A valid safetensors file whose metadata and tensors survive.
+        let st = safetensors::SafeTensors::deserialize(&first).unwrap();
+        assert_eq!(st.names().len(), 2);
+        let (_, meta) = safetensors::SafeTensors::read_metadata(&first).unwrap();
+        let meta = meta.metadata().clone().unwrap();
+        assert_eq!(meta["key.07"], "value \"7\"");
+        assert_eq!(meta.len(), 41); // and kiln.crc32
+        let dev = Device::Cpu;
+        let b = st.tensor("b").unwrap();
+        let b = candle_core::safetensors::Load::load(&b, &dev).unwrap();
+        assert_eq!(b.to_vec1::<f32>().unwrap(), vec![1.0, 2.0, 3.0]);
+        // The metadata keys are in order in the header text.
+        let len = u64::from_le_bytes(first[..8].try_into().unwrap()) as usize;
+        assert_eq!(len % 8, 0);
+        let text = std::str::from_utf8(&first[8..8 + len]).unwrap();
+        let pos: Vec<usize> = (0..40)
+            .map(|i| text.find(&format!("\"key.{i:02}\"")).unwrap())
+            .collect();
+        assert!(pos.windows(2).all(|w| w[0] < w[1]), "{text}");
+    }
+
+    #[test]
+    fn a_header_that_is_not_safetensors_is_an_error() {
+        assert!(sort_metadata(vec![1, 2]).is_err());
+        let mut b = 100u64.to_le_bytes().to_vec();
+        b.extend_from_slice(b"{}");
+        assert!(sort_metadata(b).is_err());
+        let mut b = 2u64.to_le_bytes().to_vec();
+        b.extend_from_slice(b"[]");
+        assert!(sort_metadata(b).is_err());
+    }
 }
