@@ -1,4 +1,4 @@
-//! Matrix products of a few rows (9 to 64: a short prompt, or a batch of
+//! Matrix products of a few rows (4 to 64: a short prompt, or a batch of
 //! sequences decoding together) against a weight that is read once from
 //! memory per product.
 //!
@@ -6,7 +6,10 @@
 //! packing is most of the work, and it reads the weight with strides the
 //! hardware prefetcher does not follow. Measured on a 2-core Zen 4, 48 products
 //! `[32, 768] @ [768, 2304]` over distinct weights (GPT-2 small's prompt): candle
-//! 57-65 ms, these kernels 41-49 ms; at 16 rows 52 against 33 ms.
+//! 57-65 ms, these kernels 41-49 ms; at 16 rows 52 against 33 ms. At 4 and 8
+//! rows they also beat the matrix-vector kernel of `gemv` (19-20 against 28
+//! ms, 23 against 49 ms), whose per-row passes over the weight cost more than
+//! the padding of a 4-row tile; at 1 to 3 rows the gemv stays ahead.
 //!
 //! The kernels keep a tile of the output in registers and stream the weight
 //! through it, with AVX-512 or AVX2+FMA code chosen at run time and a plain
@@ -14,6 +17,9 @@
 //! not depend on the thread count.
 
 use rayon::prelude::*;
+
+/// Rows from which these kernels beat the gemv (f32 weights).
+pub(crate) const MIN_ROWS: usize = 4;
 
 /// Rows up to which these kernels beat candle's gemm on a weight read from
 /// memory (at 64 rows: 74 against 93 ms in the probe above).
@@ -524,6 +530,8 @@ mod tests {
     #[test]
     fn every_level_matches_the_f64_product_on_odd_shapes() {
         let shapes = [
+            (4, 50, 33),
+            (5, 17, 8),
             (9, 1, 1),
             (13, 7, 97),
             (16, 300, 200),

@@ -27,8 +27,8 @@ impl Activation {
 }
 
 /// `x [.., K]` times a weight (`[K, N]`, or `[N, K]` when `transposed`), giving
-/// `[.., N]`: the gemv kernel up to 8 rows (with the bf16 copy when there is
-/// one), the few-row kernels up to 64 (a prompt, a batch of rollouts),
+/// `[.., N]`: the gemv kernel for 1 to 3 rows (with the bf16 copy when there
+/// is one), the f32 few-row kernels up to 64 (a prompt, a batch of rollouts),
 /// candle's gemm beyond.
 fn project(
     x: &Tensor,
@@ -41,7 +41,7 @@ fn project(
     let rows = x.elem_count() / k.max(1);
     let x2 = x.reshape((rows, k))?;
     let y = match bf16 {
-        Some(wb) if rows <= crate::gemv::MAX_ROWS && x.device().is_cpu() => {
+        Some(wb) if rows < crate::fewrows::MIN_ROWS && x.device().is_cpu() => {
             crate::gemv::matmul_bf16(&x2, wb, transposed)?
         }
         _ => crate::gemv::matmul(&x2, w, transposed)?,
@@ -482,10 +482,11 @@ impl Gpt2 {
         project(hidden, self.head(), self.head_bf16.as_ref(), true)
     }
 
-    /// Keeps bf16 copies of the projection and head weights for decoding (at most
-    /// 8 rows per product, CPU): about half the memory traffic per generated
-    /// token, for logits that deviate from f32 by ~1e-2. Prompts, training and
-    /// scoring still use the f32 weights. `false` drops the copies.
+    /// Keeps bf16 copies of the projection and head weights for decoding (1 to
+    /// 3 rows per product, CPU): about half the memory traffic per generated
+    /// token, for logits that deviate from f32 by ~1e-2. Prompts, batches of 4
+    /// or more sequences (where the f32 few-row kernels are faster), training
+    /// and scoring still use the f32 weights. `false` drops the copies.
     pub fn set_bf16_decode(&mut self, on: bool) -> Result<()> {
         let copy = |w: &Tensor| -> Result<Option<Tensor>> {
             Ok(if on {
