@@ -82,13 +82,20 @@ pub fn serialize_tensors(
     sort_metadata(bytes)
 }
 
-/// Rewrites the header with its `__metadata__` entries in key order.
-/// safetensors writes them from a `HashMap`, whose order changes from run to
-/// run, so two saves of the same tensors and metadata differed in bytes (and
-/// checksums). The tensor entries and the data keep their places: data
-/// offsets count from the end of the header, whatever its length.
+/// Rewrites the header in one canonical form: `__metadata__` first with its
+/// keys in order, then the tensors in data order, each as `dtype`, `shape`,
+/// `data_offsets`. safetensors writes the metadata from a `HashMap`, whose
+/// order changes from run to run, so two saves of equal tensors differed in
+/// bytes (and checksums); and serde_json's maps keep insertion order in some
+/// builds (its `preserve_order` feature) and sort in others, so the header is
+/// written by hand. The data keeps its place: its offsets count from the end
+/// of the header, whatever the header's length.
 fn sort_metadata(bytes: Vec<u8>) -> Result<Vec<u8>> {
+    use serde_json::Value;
     let bad = |why: &str| candle_core::Error::Msg(format!("safetensors header: {why}"));
+    fn json<T: serde::Serialize + ?Sized>(v: &T) -> Result<String> {
+        serde_json::to_string(v).map_err(candle_core::Error::wrap)
+    }
     let len = bytes
         .get(..8)
         .and_then(|b| b.try_into().ok())
@@ -99,39 +106,43 @@ fn sort_metadata(bytes: Vec<u8>) -> Result<Vec<u8>> {
         .and_then(|n| n.checked_add(8))
         .filter(|&e| e <= bytes.len())
         .ok_or_else(|| bad("length past the end"))?;
-    let header: serde_json::Value =
-        serde_json::from_slice(&bytes[8..end]).map_err(candle_core::Error::wrap)?;
-    let serde_json::Value::Object(entries) = header else {
+    let header: Value = serde_json::from_slice(&bytes[8..end]).map_err(candle_core::Error::wrap)?;
+    let Value::Object(entries) = header else {
         return Err(bad("not a JSON object"));
     };
-    // Written by hand: serde_json's map keeps insertion order in some builds
-    // (its `preserve_order` feature) and sorts in others.
-    let mut text = String::from("{");
-    for (i, (key, value)) in entries.iter().enumerate() {
-        if i > 0 {
-            text.push(',');
+    let mut parts = Vec::with_capacity(entries.len());
+    if let Some(meta) = entries.get("__metadata__") {
+        let Value::Object(meta) = meta else {
+            return Err(bad("__metadata__ is not an object"));
+        };
+        let mut pairs: Vec<_> = meta.iter().collect();
+        pairs.sort_by(|a, b| a.0.cmp(b.0));
+        let mut fields = Vec::with_capacity(pairs.len());
+        for (k, v) in pairs {
+            fields.push(format!("{}:{}", json(k)?, json(v)?));
         }
-        text.push_str(&serde_json::to_string(key).map_err(candle_core::Error::wrap)?);
-        text.push(':');
-        match value {
-            serde_json::Value::Object(meta) if key == "__metadata__" => {
-                let mut pairs: Vec<_> = meta.iter().collect();
-                pairs.sort_by(|a, b| a.0.cmp(b.0));
-                text.push('{');
-                for (j, (k, v)) in pairs.into_iter().enumerate() {
-                    if j > 0 {
-                        text.push(',');
-                    }
-                    text.push_str(&serde_json::to_string(k).map_err(candle_core::Error::wrap)?);
-                    text.push(':');
-                    text.push_str(&serde_json::to_string(v).map_err(candle_core::Error::wrap)?);
-                }
-                text.push('}');
-            }
-            _ => text.push_str(&serde_json::to_string(value).map_err(candle_core::Error::wrap)?),
-        }
+        parts.push(format!("\"__metadata__\":{{{}}}", fields.join(",")));
     }
-    text.push('}');
+    let mut tensors = Vec::with_capacity(entries.len());
+    for (name, info) in entries.iter().filter(|(k, _)| *k != "__metadata__") {
+        let field = |f: &str| {
+            info.get(f)
+                .ok_or_else(|| bad(&format!("tensor {name:?} has no {f}")))
+        };
+        let (dtype, shape, offsets) = (field("dtype")?, field("shape")?, field("data_offsets")?);
+        let start = offsets.get(0).and_then(Value::as_u64).unwrap_or(0);
+        let text = format!(
+            "{}:{{\"dtype\":{},\"shape\":{},\"data_offsets\":{}}}",
+            json(name)?,
+            json(dtype)?,
+            json(shape)?,
+            json(offsets)?
+        );
+        tensors.push((start, name.clone(), text));
+    }
+    tensors.sort();
+    parts.extend(tensors.into_iter().map(|(_, _, t)| t));
+    let mut text = format!("{{{}}}", parts.join(","));
     // safetensors pads the header with spaces to a multiple of 8 bytes.
     while text.len() % 8 != 0 {
         text.push(' ');
@@ -672,6 +683,18 @@ mod tests {
             .map(|i| text.find(&format!("\"key.{i:02}\"")).unwrap())
             .collect();
         assert!(pos.windows(2).all(|w| w[0] < w[1]), "{text}");
+        // One form whatever serde_json's map order (its `preserve_order`
+        // feature differs between builds): metadata first, then each tensor's
+        // fields in safetensors' own order.
+        assert!(text.starts_with("{\"__metadata__\":{\"key.00\":"), "{text}");
+        assert!(
+            text.contains("\"b\":{\"dtype\":\"F32\",\"shape\":[3],\"data_offsets\":["),
+            "{text}"
+        );
+        assert!(
+            text.contains("\"a\":{\"dtype\":\"U32\",\"shape\":[2,2],\"data_offsets\":["),
+            "{text}"
+        );
     }
 
     #[test]
@@ -682,6 +705,11 @@ mod tests {
         assert!(sort_metadata(b).is_err());
         let mut b = 2u64.to_le_bytes().to_vec();
         b.extend_from_slice(b"[]");
+        assert!(sort_metadata(b).is_err());
+        // A tensor entry without its shape and offsets.
+        let entry = br#"{"t":{"dtype":1}}"#;
+        let mut b = (entry.len() as u64).to_le_bytes().to_vec();
+        b.extend_from_slice(entry);
         assert!(sort_metadata(b).is_err());
     }
 }

@@ -58,15 +58,21 @@ struct DotJob<'a> {
     rows: usize,
 }
 
-/// Which code the CPU runs.
+/// Which code the CPU runs. Only [`Level::detect`] (and the tests'
+/// `available`) make one, from run-time feature detection: the kernels it
+/// selects are compiled for those features, so a level the CPU lacks would be
+/// undefined behaviour.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Level {
+pub(crate) struct Level(Kind);
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
     /// Plain Rust, no FMA.
     Plain,
     /// AVX2 with FMA.
     #[cfg(target_arch = "x86_64")]
     Avx2,
-    /// AVX-512F.
+    /// AVX-512F (with FMA).
     #[cfg(target_arch = "x86_64")]
     Avx512,
 }
@@ -79,33 +85,33 @@ impl Level {
             if std::arch::is_x86_feature_detected!("avx512f")
                 && std::arch::is_x86_feature_detected!("fma")
             {
-                return Self::Avx512;
+                return Self(Kind::Avx512);
             }
             if std::arch::is_x86_feature_detected!("avx2")
                 && std::arch::is_x86_feature_detected!("fma")
             {
-                return Self::Avx2;
+                return Self(Kind::Avx2);
             }
         }
-        Self::Plain
+        Self(Kind::Plain)
     }
 
     /// Every level this CPU runs (for tests).
     #[cfg(test)]
     pub(crate) fn available() -> Vec<Self> {
         #[allow(unused_mut)]
-        let mut v = vec![Self::Plain];
+        let mut v = vec![Self(Kind::Plain)];
         #[cfg(target_arch = "x86_64")]
         {
             if std::arch::is_x86_feature_detected!("avx2")
                 && std::arch::is_x86_feature_detected!("fma")
             {
-                v.push(Self::Avx2);
+                v.push(Self(Kind::Avx2));
             }
             if std::arch::is_x86_feature_detected!("avx512f")
                 && std::arch::is_x86_feature_detected!("fma")
             {
-                v.push(Self::Avx512);
+                v.push(Self(Kind::Avx512));
             }
         }
         v
@@ -126,8 +132,9 @@ pub(crate) fn matmul(
     transposed: bool,
     level: Level,
 ) -> Vec<f32> {
+    let fits = |len: usize, a: usize, b: usize| a.checked_mul(b).is_some_and(|need| len >= need);
     assert!(
-        x.len() >= m * k && w.len() >= k * n,
+        fits(x.len(), m, k) && fits(w.len(), k, n),
         "kiln few-row matmul: [{m}, {k}] x {} weights over slices of {} and {}",
         if transposed { "[n, k]" } else { "[k, n]" },
         x.len(),
@@ -211,16 +218,17 @@ fn panel(level: Level, job: &PanelJob<'_>, out: &mut [f32]) {
         c0,
         cw,
     } = *job;
+    // Sizes come from `matmul`, whose products were checked for overflow.
     assert!(xp.len() >= mp * k && w.len() >= k * n && c0 + cw <= n && cw <= NB);
     assert!(out.len() >= mp * NB && mp.is_multiple_of(MR));
-    match level {
+    match level.0 {
         // SAFETY (all arms): the slices hold the shapes asserted above, and
         // `level` came from run-time detection of these CPU features.
         #[cfg(target_arch = "x86_64")]
-        Level::Avx512 => unsafe { x86::panel_avx512(job, out) },
+        Kind::Avx512 => unsafe { x86::panel_avx512(job, out) },
         #[cfg(target_arch = "x86_64")]
-        Level::Avx2 => unsafe { x86::panel_avx2(job, out) },
-        Level::Plain => unsafe { panel_tiles::<8, false, 0>(job, out) },
+        Kind::Avx2 => unsafe { x86::panel_avx2(job, out) },
+        Kind::Plain => unsafe { panel_tiles::<8, false, 0>(job, out) },
     }
 }
 
@@ -229,13 +237,13 @@ fn dots(level: Level, job: &DotJob<'_>, out: &mut [f32]) {
     let DotJob { xp, mp, k, w, rows } = *job;
     assert!(xp.len() >= mp * k && w.len() >= rows * k && out.len() >= rows * mp);
     assert!(mp.is_multiple_of(MR));
-    match level {
+    match level.0 {
         // SAFETY (all arms): as in `panel`.
         #[cfg(target_arch = "x86_64")]
-        Level::Avx512 => unsafe { x86::dots_avx512(job, out) },
+        Kind::Avx512 => unsafe { x86::dots_avx512(job, out) },
         #[cfg(target_arch = "x86_64")]
-        Level::Avx2 => unsafe { x86::dots_avx2(job, out) },
-        Level::Plain => unsafe { dot_tiles::<4, 2, false, 2>(job, out) },
+        Kind::Avx2 => unsafe { x86::dots_avx2(job, out) },
+        Kind::Plain => unsafe { dot_tiles::<4, 2, false, 2>(job, out) },
     }
 }
 
@@ -586,7 +594,7 @@ mod tests {
 
     #[test]
     fn empty_shapes_give_empty_or_zero_products() {
-        assert!(matmul(&[], 0, 3, &[0.0; 6], 2, false, Level::Plain).is_empty());
+        assert!(matmul(&[], 0, 3, &[0.0; 6], 2, false, Level(Kind::Plain)).is_empty());
         assert_eq!(
             matmul(&[1.0; 30], 10, 3, &[], 0, true, Level::detect()).len(),
             0
