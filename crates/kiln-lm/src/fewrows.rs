@@ -82,7 +82,10 @@ impl Level {
     pub(crate) fn detect() -> Self {
         #[cfg(target_arch = "x86_64")]
         {
-            if std::arch::is_x86_feature_detected!("avx512f")
+            // `--cfg kiln_no_avx512` (the AVX-512-off data point) leaves these
+            // kernels out as it does gemm's.
+            if cfg!(not(kiln_no_avx512))
+                && std::arch::is_x86_feature_detected!("avx512f")
                 && std::arch::is_x86_feature_detected!("fma")
             {
                 return Self(Kind::Avx512);
@@ -108,7 +111,8 @@ impl Level {
             {
                 v.push(Self(Kind::Avx2));
             }
-            if std::arch::is_x86_feature_detected!("avx512f")
+            if cfg!(not(kiln_no_avx512))
+                && std::arch::is_x86_feature_detected!("avx512f")
                 && std::arch::is_x86_feature_detected!("fma")
             {
                 v.push(Self(Kind::Avx512));
