@@ -151,61 +151,58 @@ pub(crate) fn matmul(
     let mp = m.div_ceil(MR) * MR;
     let mut xp = vec![0f32; mp * k];
     xp[..m * k].copy_from_slice(&x[..m * k]);
-    let mut y = vec![0f32; m * n];
     if transposed {
-        let blocks: Vec<Vec<f32>> = (0..n.div_ceil(RB))
-            .into_par_iter()
-            .map(|b| {
-                let j0 = b * RB;
-                let rows = RB.min(n - j0);
-                // out [rows, mp]: one weight row's outputs for every x row.
-                let mut out = vec![0f32; rows * mp];
-                let job = DotJob {
-                    xp: &xp,
-                    mp,
-                    k,
-                    w: &w[j0 * k..(j0 + rows) * k],
-                    rows,
-                };
-                dots(level, &job, &mut out);
-                out
-            })
-            .collect();
-        for (b, out) in blocks.iter().enumerate() {
-            let j0 = b * RB;
-            for (jj, o) in out.chunks_exact(mp).enumerate() {
-                for (i, v) in o[..m].iter().enumerate() {
-                    y[i * n + j0 + jj] = *v;
-                }
-            }
-        }
+        column_blocks(m, mp, n, RB, |j0, rows, out| {
+            let job = DotJob {
+                xp: &xp,
+                mp,
+                k,
+                w: &w[j0 * k..(j0 + rows) * k],
+                rows,
+            };
+            dots(level, &job, out);
+        })
     } else {
-        let panels: Vec<Vec<f32>> = (0..n.div_ceil(NB))
-            .into_par_iter()
-            .map(|p| {
-                let c0 = p * NB;
-                let cw = NB.min(n - c0);
-                // out [mp, NB]: this panel's columns for every x row.
-                let mut out = vec![0f32; mp * NB];
-                let job = PanelJob {
-                    xp: &xp,
-                    mp,
-                    k,
-                    w,
-                    n,
-                    c0,
-                    cw,
-                };
-                panel(level, &job, &mut out);
-                out
-            })
-            .collect();
-        for (p, out) in panels.iter().enumerate() {
-            let c0 = p * NB;
-            let cw = NB.min(n - c0);
-            for i in 0..m {
-                y[i * n + c0..i * n + c0 + cw].copy_from_slice(&out[i * NB..i * NB + cw]);
-            }
+        column_blocks(m, mp, n, NB, |c0, cw, out| {
+            let job = PanelJob {
+                xp: &xp,
+                mp,
+                k,
+                w,
+                n,
+                c0,
+                cw,
+            };
+            panel(level, &job, out);
+        })
+    }
+}
+
+/// Output columns `0..n` in blocks of `width`, one task each: `block(c0, cw,
+/// out)` fills `out [mp, width]` with columns `c0..c0 + cw` for every padded
+/// row; the first `m` rows are gathered into the row-major `[m, n]` result.
+fn column_blocks(
+    m: usize,
+    mp: usize,
+    n: usize,
+    width: usize,
+    block: impl Fn(usize, usize, &mut [f32]) + Sync,
+) -> Vec<f32> {
+    let blocks: Vec<Vec<f32>> = (0..n.div_ceil(width))
+        .into_par_iter()
+        .map(|b| {
+            let c0 = b * width;
+            let mut out = vec![0f32; mp * width];
+            block(c0, width.min(n - c0), &mut out);
+            out
+        })
+        .collect();
+    let mut y = vec![0f32; m * n];
+    for (b, out) in blocks.iter().enumerate() {
+        let c0 = b * width;
+        let cw = width.min(n - c0);
+        for i in 0..m {
+            y[i * n + c0..i * n + c0 + cw].copy_from_slice(&out[i * width..i * width + cw]);
         }
     }
     y
@@ -236,10 +233,10 @@ fn panel(level: Level, job: &PanelJob<'_>, out: &mut [f32]) {
     }
 }
 
-/// An `[N, K]` block into `out [rows, mp]`.
+/// An `[N, K]` block into `out [mp, RB]` (weight row `j` in column `j`).
 fn dots(level: Level, job: &DotJob<'_>, out: &mut [f32]) {
     let DotJob { xp, mp, k, w, rows } = *job;
-    assert!(xp.len() >= mp * k && w.len() >= rows * k && out.len() >= rows * mp);
+    assert!(xp.len() >= mp * k && w.len() >= rows * k && out.len() >= mp * RB && rows <= RB);
     assert!(mp.is_multiple_of(MR));
     match level.0 {
         // SAFETY (all arms): as in `panel`.
@@ -387,7 +384,7 @@ unsafe fn tile<const NR: usize, const FMA: bool, const PF: usize>(
 /// a `V`-lane dot product summed across lanes at the end.
 ///
 /// # Safety
-/// `xp` holds `mp * k`, `w` `rows * k`, `out` `rows * mp` elements, `mp` is a
+/// `xp` holds `mp * k`, `w` `rows * k`, `out` `mp * RB` elements, `rows <= RB`, `mp` is a
 /// multiple of `MR`; and the caller's target features hold.
 #[inline(always)]
 unsafe fn dot_tiles<const V: usize, const NW: usize, const FMA: bool, const PFT: usize>(
@@ -402,7 +399,7 @@ unsafe fn dot_tiles<const V: usize, const NW: usize, const FMA: bool, const PFT:
         for r0 in (0..mp).step_by(MR) {
             let mut acc = [[[0f32; V]; NW]; MR];
             // SAFETY: x rows r0..r0+MR <= mp and weight rows j0..j0+NW <=
-            // rows, columns below k; outputs (j, i) inside [rows, mp].
+            // rows, columns below k; outputs (i, j) inside [mp, RB].
             unsafe {
                 for kk in (0..kv).step_by(V) {
                     let mut xv = [[0f32; V]; MR];
@@ -439,7 +436,7 @@ unsafe fn dot_tiles<const V: usize, const NW: usize, const FMA: bool, const PFT:
                                 s,
                             );
                         }
-                        *op.add((j0 + j) * mp + r0 + i) = s;
+                        *op.add((r0 + i) * RB + j0 + j) = s;
                     }
                 }
             }
@@ -454,7 +451,7 @@ unsafe fn dot_tiles<const V: usize, const NW: usize, const FMA: bool, const PFT:
                 for kk in 0..k {
                     s = madd::<FMA>(*xp.add(i * k + kk), *wp.add(j * k + kk), s);
                 }
-                *op.add(j * mp + i) = s;
+                *op.add(i * RB + j) = s;
             }
         }
     }
