@@ -147,6 +147,14 @@ mod tests {
             "R already finished (1 of 1 epochs); nothing was changed. To train further, resume \
              it with a larger --epochs"
         );
+        // Online RL counts iterations: the hint names their flag.
+        let f = kiln_core::session::SessionError::Finished {
+            path: "R".into(),
+            done: "40 of 40 iterations".into(),
+        };
+        assert!(f
+            .to_string()
+            .ends_with("resume it with a larger --iterations"));
     }
 
     #[test]

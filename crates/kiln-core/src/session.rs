@@ -97,12 +97,14 @@ pub enum SessionError {
     /// The resumed run had already finished: nothing was changed.
     #[error(
         "{path} already finished ({done}); nothing was changed. To train further, resume it \
-         with a larger --epochs"
+         with a larger --{}",
+        .done.rsplit(' ').next().filter(|u| *u == "iterations").unwrap_or("epochs")
     )]
     Finished {
         /// The run folder.
         path: PathBuf,
-        /// What was done, e.g. "3 of 3 epochs".
+        /// What was done, e.g. "3 of 3 epochs" or "40 of 40 iterations" (its
+        /// last word names the flag to raise).
         done: String,
     },
 }
