@@ -469,17 +469,27 @@ impl Dropout {
         }
         Ok(Self { p, rng })
     }
+
+    /// The keep probability and mask seed of one training-mode call, drawn
+    /// as [`ModuleT::forward_t`] draws them (`None` in eval mode or with
+    /// `p = 0`, which draw nothing): for fused ops that apply the mask
+    /// themselves, such as [`crate::ops::causal_attention`].
+    pub fn draw(&self, train: bool) -> Option<(f64, u64)> {
+        if !train || self.p == 0.0 {
+            return None;
+        }
+        // One draw per call seeds a counter-based mask (see `ops::dropout`):
+        // generated in parallel, regenerated for the backward pass.
+        Some((1.0 - self.p, rand::RngCore::next_u64(&mut *self.rng.lock())))
+    }
 }
 
 impl ModuleT for Dropout {
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        if !train || self.p == 0.0 {
-            return Ok(x.clone());
+        match self.draw(train) {
+            Some((keep, seed)) => crate::ops::dropout(x, keep, seed),
+            None => Ok(x.clone()),
         }
-        // One draw per call seeds a counter-based mask (see `ops::dropout`):
-        // generated in parallel, regenerated for the backward pass.
-        let seed = rand::RngCore::next_u64(&mut *self.rng.lock());
-        crate::ops::dropout(x, 1.0 - self.p, seed)
     }
 }
 

@@ -318,6 +318,14 @@ impl Block {
             (Some(starts), Some(slot)) => return self.attend_one(&qkv, starts, slot),
             (_, cache) => cache,
         };
+        if step.causal && step.past == 0 && cache.is_none() {
+            // A whole sequence without a cache (training, scoring): one op
+            // instead of ~20 graph nodes; the dropout seed is drawn as the
+            // tensor path below draws it.
+            let drop = drop.and_then(|d| d.draw(true));
+            let y = kiln_core::ops::causal_attention(&qkv, h, self.scale, drop)?;
+            return self.attn_proj.forward(&y);
+        }
         let heads = |i: usize| -> candle_core::Result<Tensor> {
             qkv.narrow(2, i * c, c)?
                 .reshape((b, t, h, d))?

@@ -12,7 +12,7 @@ use super::shape;
 /// Elements per parallel task: small enough to spread, large enough to amortise.
 const CHUNK: usize = 1 << 14;
 
-fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
+pub(super) fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
     if !matches!(s, CpuStorage::F32(_)) {
         bail!("{what}: f32 only")
     }
@@ -138,7 +138,7 @@ fn map_rows<const N: usize>(
 /// `y = softmax(scale * x)` of one row, max-subtracted. With `scale` 1 the
 /// product is exact, so the plain softmax shares this code.
 #[inline]
-fn softmax_row(y: &mut [f32], x: &[f32], scale: f32) {
+pub(super) fn softmax_row(y: &mut [f32], x: &[f32], scale: f32) {
     let m = x.iter().fold(f32::NEG_INFINITY, |a, &v| a.max(v * scale));
     let mut z = 0f32;
     for (y, &v) in y.iter_mut().zip(x) {
@@ -152,7 +152,7 @@ fn softmax_row(y: &mut [f32], x: &[f32], scale: f32) {
 
 /// The gradient of [`softmax_row`]: `scale * y * (g - sum(g * y))`.
 #[inline]
-fn softmax_grad_row(o: &mut [f32], y: &[f32], g: &[f32], scale: f32) {
+pub(super) fn softmax_grad_row(o: &mut [f32], y: &[f32], g: &[f32], scale: f32) {
     let dot: f32 = y.iter().zip(g).map(|(a, b)| a * b).sum();
     for ((o, &yv), &gv) in o.iter_mut().zip(y).zip(g) {
         *o = scale * yv * (gv - dot);
@@ -707,6 +707,24 @@ impl DropoutMask {
             for ((o, &x), m) in o.iter_mut().zip(x).zip(self.pair(start / 2 + p)) {
                 *o = mul(x, m);
             }
+        }
+    }
+
+    /// `x[j] *= mask(start + j)`, for a run starting at any index.
+    pub(crate) fn scale_run(&self, start: usize, x: &mut [f32]) {
+        let (mut e, mut i) = (start, 0);
+        if e % 2 == 1 && !x.is_empty() {
+            x[0] *= self.pair(e / 2)[1];
+            (e, i) = (e + 1, 1);
+        }
+        while i + 1 < x.len() {
+            let [a, b] = self.pair(e / 2);
+            x[i] *= a;
+            x[i + 1] *= b;
+            (e, i) = (e + 2, i + 2);
+        }
+        if i < x.len() {
+            x[i] *= self.pair(e / 2)[0];
         }
     }
 

@@ -55,6 +55,7 @@ macro_rules! by_float {
 mod act;
 #[cfg(feature = "cuda")]
 mod act_cuda;
+mod attention;
 pub(crate) mod composite;
 mod conv;
 mod conv_cl;
@@ -393,6 +394,70 @@ pub fn softmax_causal(x: &Tensor, scale: f64) -> Result<Tensor> {
     }
     let bias = Tensor::from_vec(m, (t, s), x.device())?.to_dtype(x.dtype())?;
     softmax_last_dim(&(x * scale)?.broadcast_add(&bias)?)
+}
+
+/// Causal self-attention from fused projections: `qkv [B, T, 3C]` (queries,
+/// keys, values side by side, as GPT-2's `c_attn` gives them) split into
+/// `heads` heads, `softmax(scale * q k^T)` over the keys at or before each
+/// query, `dropout = Some((keep, seed))` applied to those weights as
+/// [`dropout`] would, times `v`, heads merged: `[B, T, C]`.
+///
+/// On f32 CPU tensors one op each way (the tensor path's head splits, two
+/// batched matmuls, softmax, dropout and head merge are about twenty graph
+/// nodes, each with a gradient buffer of its own); elsewhere that tensor
+/// path, with the same dropout mask for the same seed.
+pub fn causal_attention(
+    qkv: &Tensor,
+    heads: usize,
+    scale: f64,
+    dropout: Option<(f64, u64)>,
+) -> Result<Tensor> {
+    if let Some((keep, _)) = dropout {
+        if !(keep > 0.0 && keep <= 1.0) {
+            candle_core::bail!("causal attention: dropout keep must be in (0, 1], got {keep}");
+        }
+    }
+    let dims = qkv.dims();
+    match dims {
+        [_, t, c3] if *t > 0 && *c3 > 0 && heads > 0 && c3 % (3 * heads) == 0 => {}
+        _ => candle_core::bail!(
+            "causal attention: expected q/k/v [B, T, 3C] with T >= 1 and C > 0 a multiple of \
+             {heads} heads, got {dims:?}"
+        ),
+    }
+    if qkv.device().is_cpu() && qkv.dtype() == DType::F32 {
+        let mask = dropout.map(|(keep, seed)| fused::DropoutMask::new(seed, keep));
+        return qkv.contiguous()?.apply_op1(attention::CausalAttention::new(
+            heads,
+            scale as f32,
+            mask,
+        ));
+    }
+    causal_attention_composite(qkv, heads, scale, dropout)
+}
+
+/// [`causal_attention`] as tensor ops (other devices and dtypes; the tests'
+/// reference).
+pub(crate) fn causal_attention_composite(
+    qkv: &Tensor,
+    heads: usize,
+    scale: f64,
+    drop: Option<(f64, u64)>,
+) -> Result<Tensor> {
+    let (b, t, c3) = qkv.dims3()?;
+    let (c, d) = (c3 / 3, c3 / 3 / heads);
+    let part = |i: usize| -> Result<Tensor> {
+        qkv.narrow(2, i * c, c)?
+            .reshape((b, t, heads, d))?
+            .transpose(1, 2)?
+            .contiguous()
+    };
+    let (q, k, v) = (part(0)?, part(1)?, part(2)?);
+    let mut p = softmax_causal(&q.matmul(&k.t()?)?, scale)?;
+    if let Some((keep, seed)) = drop {
+        p = dropout(&p, keep, seed)?;
+    }
+    p.matmul(&v)?.transpose(1, 2)?.reshape((b, t, c))
 }
 
 /// Layer norm over the last dimension, `(x - mean) / sqrt(var + eps) * w + b`,
