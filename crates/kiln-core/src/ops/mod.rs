@@ -80,6 +80,7 @@ mod token;
 #[cfg(feature = "cuda")]
 mod token_cuda;
 mod transpose;
+mod vexp;
 
 use candle_core::{DType, Result, Tensor};
 

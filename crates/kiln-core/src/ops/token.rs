@@ -14,10 +14,30 @@ pub(crate) trait Real: candle_core::WithDType + std::ops::Neg<Output = Self> {
     fn f(v: f64) -> Self;
     fn exp(self) -> Self;
     fn ln(self) -> Self;
+
+    /// `(sum e^z, sum e^z z)`, `z = x - m`, over a row whose maximum is `m`;
+    /// sums in f64 (50k-term f32 sums drift by ~1e-5 relative).
+    fn exp_sums(row: &[Self], m: Self) -> (f64, f64) {
+        let (mut s0, mut s1) = (0f64, 0f64);
+        for &v in row {
+            let z = v - m;
+            let e = z.exp();
+            s0 += e.to_f64();
+            s1 += (e * z).to_f64();
+        }
+        (s0, s1)
+    }
+
+    /// `out[j] = g * e^((row[j] - m) - ls)`.
+    fn scaled_exp(out: &mut [Self], row: &[Self], m: Self, ls: Self, g: Self) {
+        for (o, &x) in out.iter_mut().zip(row) {
+            *o = g * ((x - m) - ls).exp();
+        }
+    }
 }
 
 macro_rules! real {
-    ($t:ty) => {
+    ($t:ty $(, $fast:item)*) => {
         impl Real for $t {
             fn f(v: f64) -> Self {
                 v as $t
@@ -28,10 +48,20 @@ macro_rules! real {
             fn ln(self) -> Self {
                 <$t>::ln(self)
             }
+            $($fast)*
         }
     };
 }
-real!(f32);
+// f32 rows take the SIMD exp (see `vexp`): GPT-2's 50257-logit rows.
+real!(
+    f32,
+    fn exp_sums(row: &[f32], m: f32) -> (f64, f64) {
+        super::vexp::exp_sums(row, m)
+    },
+    fn scaled_exp(out: &mut [f32], row: &[f32], m: f32, ls: f32, g: f32) {
+        super::vexp::scaled_exp(out, row, m, ls, g)
+    }
+);
 real!(f64);
 
 /// Row statistics: max, `sum exp(x - max)`, `sum exp(x - max) * (x - max)`.
@@ -42,14 +72,7 @@ fn stats<T: Real>(row: &[T]) -> (T, T, T) {
             m = v;
         }
     }
-    // Sums in f64: 50k-term f32 sums drift by ~1e-5 relative.
-    let (mut s0, mut s1) = (0f64, 0f64);
-    for &v in row {
-        let z = v - m;
-        let e = z.exp();
-        s0 += e.to_f64();
-        s1 += (e * z).to_f64();
-    }
+    let (s0, s1) = T::exp_sums(row, m);
     (m, T::from_f64(s0), T::from_f64(s1))
 }
 
@@ -109,9 +132,7 @@ fn logprobs_bwd<T: Real>(x: &[T], t: &[usize], g: &[T], v: usize) -> Vec<T> {
         .zip(t.par_iter().zip(g.par_iter()))
         .for_each(|((dr, row), (&i, &gi))| {
             let (m, ls) = shift(row);
-            for (o, &xv) in dr.iter_mut().zip(row) {
-                *o = -(gi * ((xv - m) - ls).exp());
-            }
+            T::scaled_exp(dr, row, m, ls, -gi);
             dr[i] += gi;
         });
     d
