@@ -406,7 +406,9 @@ pub fn softmax_causal(x: &Tensor, scale: f64) -> Result<Tensor> {
 /// On f32 CPU tensors one op each way (the tensor path's head splits, two
 /// batched matmuls, softmax, dropout and head merge are about twenty graph
 /// nodes, each with a gradient buffer of its own); elsewhere that tensor
-/// path, with the same dropout mask for the same seed.
+/// path, with the same dropout mask for the same seed. As with the fused
+/// softmax, the CPU op's gradient is first order (its own backward is not
+/// differentiated again).
 pub fn causal_attention(
     qkv: &Tensor,
     heads: usize,
