@@ -202,16 +202,13 @@ impl CustomOp1 for CausalAttention {
                 let mut scores = causal_products(q, c3, k, c3, (t, d));
                 for i in 0..t {
                     let row = i * t..i * t + i + 1;
-                    softmax_row(&mut probs[row.clone()], &scores[row.clone()], self.scale);
-                    // `scores` becomes the weights that multiply v: the
-                    // probabilities after dropout, 0 past the diagonal.
-                    if self.mask.is_some() {
-                        scores[row.clone()].copy_from_slice(&probs[row]);
-                        scores[i * t + i + 1..(i + 1) * t].fill(0.0);
-                    }
+                    softmax_row(&mut probs[row.clone()], &scores[row], self.scale);
                 }
+                // With dropout, `scores` becomes the weights that multiply v
+                // (`probs` is 0 past the diagonal, and so are they).
                 let used: &[f32] = match self.mask {
                     Some(ref m) => {
+                        scores.copy_from_slice(probs);
                         apply_mask(&mut scores, t, task, m);
                         &scores
                     }
