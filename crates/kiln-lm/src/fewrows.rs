@@ -13,7 +13,9 @@
 //!
 //! The kernels keep a tile of the output in registers and stream the weight
 //! through it, with AVX-512 or AVX2+FMA code chosen at run time and a plain
-//! path elsewhere. Every output is one task's sum in `k` order, so results do
+//! path elsewhere. The AVX2 build does pack, but only one task's 96-column
+//! panel, a block at a time, just before its tiles read it (see
+//! `panel_tiles`). Every output is one task's sum in `k` order, so results do
 //! not depend on the thread count.
 
 use rayon::prelude::*;
@@ -90,9 +92,7 @@ impl Level {
             {
                 return Self(Kind::Avx512);
             }
-            if std::arch::is_x86_feature_detected!("avx2")
-                && std::arch::is_x86_feature_detected!("fma")
-            {
+            if avx2_fma() {
                 return Self(Kind::Avx2);
             }
         }
@@ -106,9 +106,7 @@ impl Level {
         let mut v = vec![Self(Kind::Plain)];
         #[cfg(target_arch = "x86_64")]
         {
-            if std::arch::is_x86_feature_detected!("avx2")
-                && std::arch::is_x86_feature_detected!("fma")
-            {
+            if avx2_fma() {
                 v.push(Self(Kind::Avx2));
             }
             if cfg!(not(kiln_no_avx512))
@@ -119,6 +117,19 @@ impl Level {
             }
         }
         v
+    }
+}
+
+/// Whether this CPU runs AVX2 with FMA (cached by std's feature detection);
+/// false off x86-64. Also `gemv`'s test for its AVX2 builds.
+pub(crate) fn avx2_fma() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
     }
 }
 
@@ -229,7 +240,7 @@ fn panel(level: Level, job: &PanelJob<'_>, out: &mut [f32]) {
         Kind::Avx512 => unsafe { x86::panel_avx512(job, out) },
         #[cfg(target_arch = "x86_64")]
         Kind::Avx2 => unsafe { x86::panel_avx2(job, out) },
-        Kind::Plain => unsafe { panel_tiles::<8, false, 0>(job, out) },
+        Kind::Plain => unsafe { panel_tiles::<8, false, 0, false>(job, out) },
     }
 }
 
@@ -259,16 +270,28 @@ fn madd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
     }
 }
 
+/// Rows of `k` per block when the panel is packed: 128 rows of the 96-column
+/// panel are 48 KiB, which stay in L2 while every row tile passes over them.
+const KC_PACKED: usize = 128;
+
 /// The `[K, N]` panel: `NR`-column register tiles over `MR` rows, `k` in
 /// blocks of `KC`; the first row tile prefetches the weight `PF` rows ahead
 /// (0: none), since each weight row of a panel lies in another page.
+///
+/// With `PACK`, each block of the panel is first copied into `NR`-wide strips,
+/// so the tiles read contiguous memory instead of one short piece of each
+/// weight row (a new page per row), and the next block's rows are prefetched
+/// while this one computes. Measured on a 2-core Zen 3 (AVX2), GPT-2 small's
+/// 48 block weights at 32 rows: 143 ms unpacked 4 x 24, 95 packed 4 x 16, 84
+/// with the prefetch. Every output is still one sum in `k` order, so packing
+/// and the block size leave the bits unchanged.
 ///
 /// # Safety
 /// `xp` holds `mp * k` and `w` `k * n` elements, `c0 + cw <= n`, `cw <= NB`,
 /// `out` holds `mp * NB`, `mp` is a multiple of `MR`; and the caller's target
 /// features hold.
 #[inline(always)]
-unsafe fn panel_tiles<const NR: usize, const FMA: bool, const PF: usize>(
+unsafe fn panel_tiles<const NR: usize, const FMA: bool, const PF: usize, const PACK: bool>(
     job: &PanelJob<'_>,
     out: &mut [f32],
 ) {
@@ -282,19 +305,56 @@ unsafe fn panel_tiles<const NR: usize, const FMA: bool, const PF: usize>(
         cw,
     } = *job;
     let full = cw / NR * NR;
-    let (xp, wp, op) = (xp.as_ptr(), w.as_ptr(), out.as_mut_ptr());
-    for k0 in (0..k).step_by(KC) {
-        let k1 = (k0 + KC).min(k);
+    let kc = if PACK { KC_PACKED } else { KC };
+    let mut pack = if PACK {
+        vec![0f32; KC_PACKED * full]
+    } else {
+        Vec::new()
+    };
+    let (xp, wp, op, pp) = (xp.as_ptr(), w.as_ptr(), out.as_mut_ptr(), pack.as_mut_ptr());
+    for k0 in (0..k).step_by(kc) {
+        let k1 = (k0 + kc).min(k);
+        if PACK {
+            for kk in k0..k1 {
+                for s in (0..full).step_by(NR) {
+                    // SAFETY: row kk < k, columns c0+s..c0+s+NR <= c0+cw <= n;
+                    // strip s/NR row kk-k0 lies inside `pack` (KC_PACKED * full).
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(
+                            wp.add(kk * n + c0 + s),
+                            pp.add(s * KC_PACKED + (kk - k0) * NR),
+                            NR,
+                        );
+                    }
+                }
+            }
+        }
+        // The next block's weight lines, spread over this block's tiles.
+        let next = (k - k1).min(kc) * full.div_ceil(16);
+        let tiles = (mp / MR) * (full / NR);
+        let per_tile = next.div_ceil(tiles.max(1));
+        let mut asked = 0;
         for r0 in (0..mp).step_by(MR) {
             for j in (0..full).step_by(NR) {
                 // SAFETY: rows r0..r0+MR < mp, columns c0+j..c0+j+NR <= c0+cw
-                // <= n, and output columns j..j+NR <= cw <= NB.
+                // <= n, and output columns j..j+NR <= cw <= NB; packed strip
+                // j/NR holds rows k0..k1 at stride NR.
                 unsafe {
-                    let (x, w, o) = (xp.add(r0 * k), wp.add(c0 + j), op.add(r0 * NB + j));
-                    if r0 == 0 {
-                        tile::<NR, FMA, PF>(x, k, k0, k1, w, n, o);
+                    let (x, o) = (xp.add(r0 * k), op.add(r0 * NB + j));
+                    if PACK {
+                        if mp >= 4 * MR {
+                            for _ in 0..per_tile.min(next - asked) {
+                                let (row, line) =
+                                    (asked / full.div_ceil(16), asked % full.div_ceil(16));
+                                prefetch::<16>(wp.wrapping_add((k1 + row) * n + c0 + line * 16));
+                                asked += 1;
+                            }
+                        }
+                        tile::<NR, FMA, 0>(x, k, k0, k1, pp.add(j * KC_PACKED), NR, o);
+                    } else if r0 == 0 {
+                        tile::<NR, FMA, PF>(x, k, k0, k1, wp.add(k0 * n + c0 + j), n, o);
                     } else {
-                        tile::<NR, FMA, 0>(x, k, k0, k1, w, n, o);
+                        tile::<NR, FMA, 0>(x, k, k0, k1, wp.add(k0 * n + c0 + j), n, o);
                     }
                 }
             }
@@ -332,12 +392,13 @@ fn prefetch<const NR: usize>(p: *const f32) {
     let _ = p;
 }
 
-/// `o[i][..NR] += sum over kk in k0..k1 of x[i][kk] * w[kk][..NR]` for `MR`
-/// rows, the `MR x NR` sums held in registers.
+/// `o[i][..NR] += sum over kk in k0..k1 of x[i][kk] * w[kk - k0][..NR]` for
+/// `MR` rows, the `MR x NR` sums held in registers (`w` starts at block row
+/// `k0`, rows `n` apart).
 ///
 /// # Safety
-/// `x` rows `0..MR` (stride `k`) reach column `k1`, `w` rows `k0..k1` (stride
-/// `n`) hold `NR` columns, `o` rows `0..MR` (stride `NB`) hold `NR`.
+/// `x` rows `0..MR` (stride `k`) reach column `k1`, `w` rows `0..k1 - k0`
+/// (stride `n`) hold `NR` columns, `o` rows `0..MR` (stride `NB`) hold `NR`.
 #[inline(always)]
 unsafe fn tile<const NR: usize, const FMA: bool, const PF: usize>(
     x: *const f32,
@@ -357,7 +418,7 @@ unsafe fn tile<const NR: usize, const FMA: bool, const PF: usize>(
             }
         }
         for kk in k0..k1 {
-            let wr = w.add(kk * n);
+            let wr = w.add((kk - k0) * n);
             if PF > 0 {
                 prefetch::<NR>(wr.wrapping_add(PF * n));
             }
@@ -495,11 +556,13 @@ mod x86 {
 
     compiled_for!(
         /// 4 x 96: 24 zmm sums, 6 weight loads and 4 broadcasts per 24 FMAs.
-        panel_avx512, "avx512f,fma", PanelJob, panel_tiles::<96, true, 8>
+        panel_avx512, "avx512f,fma", PanelJob, panel_tiles::<96, true, 8, false>
     );
     compiled_for!(
-        /// 4 x 24: 12 ymm sums.
-        panel_avx2, "avx2,fma", PanelJob, panel_tiles::<24, true, 8>
+        /// 4 x 16 on packed strips: 8 ymm sums, 2 weight loads and 4
+        /// broadcasts per 8 FMAs (4 x 24 needed a 17th register and spilled
+        /// a sum every step).
+        panel_avx2, "avx2,fma", PanelJob, panel_tiles::<16, true, 0, true>
     );
     compiled_for!(
         /// 4 x rows by 6 weight rows: 24 zmm sums.
@@ -566,6 +629,45 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    #[test]
+    fn packing_the_panel_leaves_the_bits_unchanged() {
+        // 37 rows of x (padded to 40), k over three packed blocks, a panel with
+        // a column tail: the packed and the direct reads must give the same sums.
+        let (m, k, n): (usize, usize, usize) = (37, 2 * KC_PACKED + 45, 200);
+        let mp = m.div_ceil(MR) * MR;
+        let mut xp = data(mp * k, 5);
+        xp[m * k..].fill(0.0);
+        let w = data(k * n, 6);
+        for (c0, cw) in [(0, NB), (96, 93), (189, 11), (195, 5)] {
+            let job = PanelJob {
+                xp: &xp,
+                mp,
+                k,
+                w: &w,
+                n,
+                c0,
+                cw,
+            };
+            let mut direct = vec![0f32; mp * NB];
+            let mut packed = vec![0f32; mp * NB];
+            // SAFETY: the shapes above satisfy `panel_tiles`' contract, and
+            // the plain build needs no CPU features.
+            unsafe {
+                panel_tiles::<8, false, 0, false>(&job, &mut direct);
+                panel_tiles::<8, false, 0, true>(&job, &mut packed);
+            }
+            assert!(
+                direct
+                    .iter()
+                    .zip(&packed)
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "columns {c0}..{}",
+                c0 + cw
+            );
+            assert!(direct.iter().any(|v| *v != 0.0));
         }
     }
 

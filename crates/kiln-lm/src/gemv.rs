@@ -119,14 +119,7 @@ pub(crate) fn axpy<W: Weight>(alpha: f32, x: &[W], y: &mut [f32]) {
 /// not contract `a * b + c`); the wider loads keep more of the weight stream in
 /// flight.
 fn avx2() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+    crate::fewrows::avx2_fma()
 }
 
 /// Weight rows per band of a `[K, N]` product. A fixed size, not a share per
