@@ -535,7 +535,8 @@ fn sum_lanes<const V: usize>(lanes: &[f32; V]) -> f32 {
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     //! The kernels compiled for AVX-512 and AVX2+FMA: the same generic code,
-    //! with tile shapes that fill the register file (32 zmm, 16 ymm).
+    //! with tile shapes sized to the register file (32 zmm, 16 ymm; the AVX2
+    //! panel tile leaves room so that no sum spills).
 
     use super::{dot_tiles, panel_tiles, DotJob, PanelJob};
 
