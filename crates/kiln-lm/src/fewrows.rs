@@ -274,6 +274,9 @@ fn madd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
 /// panel are 48 KiB, which stay in L2 while every row tile passes over them.
 const KC_PACKED: usize = 128;
 
+/// f32 values per 64-byte cache line.
+const LINE: usize = 16;
+
 /// The `[K, N]` panel: `NR`-column register tiles over `MR` rows, `k` in
 /// blocks of `KC`; the first row tile prefetches the weight `PF` rows ahead
 /// (0: none), since each weight row of a panel lies in another page.
@@ -306,6 +309,8 @@ unsafe fn panel_tiles<const NR: usize, const FMA: bool, const PF: usize, const P
     } = *job;
     let full = cw / NR * NR;
     let kc = if PACK { KC_PACKED } else { KC };
+    // Cache lines per panel row.
+    let lines = full.div_ceil(LINE);
     let mut pack = if PACK {
         vec![0f32; KC_PACKED * full]
     } else {
@@ -329,10 +334,14 @@ unsafe fn panel_tiles<const NR: usize, const FMA: bool, const PF: usize, const P
                 }
             }
         }
-        // The next block's weight lines, spread over this block's tiles.
-        let next = (k - k1).min(kc) * full.div_ceil(16);
-        let tiles = (mp / MR) * (full / NR);
-        let per_tile = next.div_ceil(tiles.max(1));
+        // The next block's weight lines, spread over this block's tiles (when
+        // there are enough tiles to hide them: 16 padded rows or more).
+        let next = if PACK && mp >= 4 * MR {
+            (k - k1).min(kc) * lines
+        } else {
+            0
+        };
+        let per_tile = next.div_ceil(((mp / MR) * (full / NR)).max(1));
         let mut asked = 0;
         for r0 in (0..mp).step_by(MR) {
             for j in (0..full).step_by(NR) {
@@ -342,13 +351,11 @@ unsafe fn panel_tiles<const NR: usize, const FMA: bool, const PF: usize, const P
                 unsafe {
                     let (x, o) = (xp.add(r0 * k), op.add(r0 * NB + j));
                     if PACK {
-                        if mp >= 4 * MR {
-                            for _ in 0..per_tile.min(next - asked) {
-                                let (row, line) =
-                                    (asked / full.div_ceil(16), asked % full.div_ceil(16));
-                                prefetch::<16>(wp.wrapping_add((k1 + row) * n + c0 + line * 16));
-                                asked += 1;
-                            }
+                        for _ in 0..per_tile.min(next - asked) {
+                            let (row, line) = (asked / lines, asked % lines);
+                            let p = (k1 + row) * n + c0 + line * LINE;
+                            prefetch::<LINE>(wp.wrapping_add(p));
+                            asked += 1;
                         }
                         tile::<NR, FMA, 0>(x, k, k0, k1, pp.add(j * KC_PACKED), NR, o);
                     } else if r0 == 0 {
