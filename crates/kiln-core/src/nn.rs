@@ -125,7 +125,7 @@ impl Module for Linear {
             // gradient as grad^T x, already in W's [out, in] layout. With x W^T it
             // arrives transposed and every optimizer step pays a strided copy of
             // each weight-sized gradient (~6 ms for 512x3072 here).
-            _ => w.matmul(&x.t()?)?.t()?,
+            _ => crate::ops::matmul(&w, &x.t()?)?.t()?,
         };
         match &self.bias {
             Some(b) => crate::ops::add_bias_last(&y, &param(b)),

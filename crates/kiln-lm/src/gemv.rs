@@ -23,9 +23,9 @@ pub(crate) fn matmul(x: &Tensor, w: &Tensor, transposed: bool) -> candle_core::R
         return x.contiguous()?.apply_op2(w, Gemv { transposed });
     }
     if transposed {
-        x.matmul(&w.t()?)
+        kiln_core::ops::matmul(x, &w.t()?)
     } else {
-        x.matmul(w)
+        kiln_core::ops::matmul(x, w)
     }
 }
 
@@ -390,10 +390,11 @@ impl CustomOp2 for Gemv {
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         // Same gradients as the matmul it replaces.
+        use kiln_core::ops::matmul;
         if self.transposed {
-            Ok((Some(grad.matmul(w)?), Some(grad.t()?.matmul(x)?)))
+            Ok((Some(matmul(grad, w)?), Some(matmul(&grad.t()?, x)?)))
         } else {
-            Ok((Some(grad.matmul(&w.t()?)?), Some(x.t()?.matmul(grad)?)))
+            Ok((Some(matmul(grad, &w.t()?)?), Some(matmul(&x.t()?, grad)?)))
         }
     }
 }

@@ -46,6 +46,30 @@ pub(super) fn mm<T: WithDType>(
         }
         return;
     }
+    if T::DTYPE == candle_core::DType::F32 && super::sgemm::available() {
+        let threads = match par {
+            Parallelism::Rayon(t) => t,
+            _ => 1,
+        };
+        // SAFETY: `T` is f32 (checked above), so the slices are f32 slices.
+        let f = |s: &[T]| unsafe { std::slice::from_raw_parts(s.as_ptr().cast::<f32>(), s.len()) };
+        // SAFETY: as above.
+        let d =
+            unsafe { std::slice::from_raw_parts_mut(dst.as_mut_ptr().cast::<f32>(), dst.len()) };
+        let ls = (lrs, lcs);
+        super::sgemm::sgemm(
+            (m, n, k),
+            d,
+            dst_rs,
+            acc,
+            f(lhs),
+            ls,
+            f(rhs),
+            (rrs, rcs),
+            threads,
+        );
+        return;
+    }
     // SAFETY: the assert above bounds every element gemm reads or writes in the
     // three slices; `dst` is borrowed mutably, so nothing else aliases it.
     unsafe {

@@ -60,8 +60,44 @@ fn edges<T: Copy>(
 }
 
 #[cfg(target_arch = "x86_64")]
-mod avx {
+pub(super) mod avx {
     use std::arch::x86_64::*;
+
+    /// The 8x8 transpose of eight rows: element `j` of row `i` becomes
+    /// element `i` of row `j`.
+    ///
+    /// # Safety
+    /// The CPU must have AVX.
+    #[inline]
+    #[target_feature(enable = "avx")]
+    pub(in crate::ops) unsafe fn tr8x8(a: [__m256; 8]) -> [__m256; 8] {
+        let t0 = _mm256_unpacklo_ps(a[0], a[1]);
+        let t1 = _mm256_unpackhi_ps(a[0], a[1]);
+        let t2 = _mm256_unpacklo_ps(a[2], a[3]);
+        let t3 = _mm256_unpackhi_ps(a[2], a[3]);
+        let t4 = _mm256_unpacklo_ps(a[4], a[5]);
+        let t5 = _mm256_unpackhi_ps(a[4], a[5]);
+        let t6 = _mm256_unpacklo_ps(a[6], a[7]);
+        let t7 = _mm256_unpackhi_ps(a[6], a[7]);
+        let u0 = _mm256_shuffle_ps::<0x44>(t0, t2);
+        let u1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
+        let u2 = _mm256_shuffle_ps::<0x44>(t1, t3);
+        let u3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
+        let u4 = _mm256_shuffle_ps::<0x44>(t4, t6);
+        let u5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
+        let u6 = _mm256_shuffle_ps::<0x44>(t5, t7);
+        let u7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
+        [
+            _mm256_permute2f128_ps::<0x20>(u0, u4),
+            _mm256_permute2f128_ps::<0x20>(u1, u5),
+            _mm256_permute2f128_ps::<0x20>(u2, u6),
+            _mm256_permute2f128_ps::<0x20>(u3, u7),
+            _mm256_permute2f128_ps::<0x31>(u0, u4),
+            _mm256_permute2f128_ps::<0x31>(u1, u5),
+            _mm256_permute2f128_ps::<0x31>(u2, u6),
+            _mm256_permute2f128_ps::<0x31>(u3, u7),
+        ]
+    }
 
     /// Transposes the whole 8x8 tiles with AVX shuffles and the rest
     /// (the last `rows % 8` rows and `cols % 8` columns) element by element.
@@ -80,32 +116,10 @@ mod avx {
                     let ld = |i: usize| _mm256_loadu_ps(src.add((r0 + i) * cols + c0));
                     let (a0, a1, a2, a3) = (ld(0), ld(1), ld(2), ld(3));
                     let (a4, a5, a6, a7) = (ld(4), ld(5), ld(6), ld(7));
-                    let t0 = _mm256_unpacklo_ps(a0, a1);
-                    let t1 = _mm256_unpackhi_ps(a0, a1);
-                    let t2 = _mm256_unpacklo_ps(a2, a3);
-                    let t3 = _mm256_unpackhi_ps(a2, a3);
-                    let t4 = _mm256_unpacklo_ps(a4, a5);
-                    let t5 = _mm256_unpackhi_ps(a4, a5);
-                    let t6 = _mm256_unpacklo_ps(a6, a7);
-                    let t7 = _mm256_unpackhi_ps(a6, a7);
-                    let u0 = _mm256_shuffle_ps::<0x44>(t0, t2);
-                    let u1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
-                    let u2 = _mm256_shuffle_ps::<0x44>(t1, t3);
-                    let u3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
-                    let u4 = _mm256_shuffle_ps::<0x44>(t4, t6);
-                    let u5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
-                    let u6 = _mm256_shuffle_ps::<0x44>(t5, t7);
-                    let u7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
-                    let st =
-                        |j: usize, v: __m256| _mm256_storeu_ps(dst.add((c0 + j) * rows + r0), v);
-                    st(0, _mm256_permute2f128_ps::<0x20>(u0, u4));
-                    st(1, _mm256_permute2f128_ps::<0x20>(u1, u5));
-                    st(2, _mm256_permute2f128_ps::<0x20>(u2, u6));
-                    st(3, _mm256_permute2f128_ps::<0x20>(u3, u7));
-                    st(4, _mm256_permute2f128_ps::<0x31>(u0, u4));
-                    st(5, _mm256_permute2f128_ps::<0x31>(u1, u5));
-                    st(6, _mm256_permute2f128_ps::<0x31>(u2, u6));
-                    st(7, _mm256_permute2f128_ps::<0x31>(u3, u7));
+                    let t = tr8x8([a0, a1, a2, a3, a4, a5, a6, a7]);
+                    for (j, v) in t.into_iter().enumerate() {
+                        _mm256_storeu_ps(dst.add((c0 + j) * rows + r0), v);
+                    }
                 }
             }
         }

@@ -1,0 +1,675 @@
+//! f32 matrix multiply for AVX2+FMA CPUs whose `gemm` runs its AVX2 kernels
+//! (no AVX-512, or a `kiln_no_avx512` build): packed panels around a 6 x 16
+//! register tile, the loop unrolled four `k` steps deep.
+//!
+//! Why not `gemm`'s own AVX2 kernel: on the DCGAN convolutions' shapes it ran
+//! 52-55 GFLOP/s a core on a Zen 3 whose FMA peak is 89; the same 6 x 16 tile
+//! without unrolling ran ~70 on data in L1, unrolled 87-92 (the loop's own
+//! pointer and counter work kept the FMA ports from filling).
+//!
+//! Blocking follows BLIS: `NC` columns of `B` are packed `KC` rows at a time
+//! into 16-column strips (k-major, zero padded), `MC` rows of `A` into 6-row
+//! strips; each tile sums its `KC` products in `k` order and then adds them to
+//! `C`. Every element's sum therefore runs in the same order however the work
+//! is split, so the bits do not depend on the thread count.
+
+#[cfg(target_arch = "x86_64")]
+use std::arch::x86_64::*;
+use std::cell::RefCell;
+
+use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+/// `a [M, K] @ b [K, N]` for f32 CPU tensors as a candle op (with its
+/// gradients), read through their strides (transposed views cost nothing).
+pub(super) struct MatMul;
+
+impl CustomOp2 for MatMul {
+    fn name(&self) -> &'static str {
+        "kiln-matmul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (CpuStorage::F32(a), CpuStorage::F32(b)) = (s1, s2) else {
+            candle_core::bail!("kiln-matmul: f32 inputs only");
+        };
+        let ((m, k), (k2, n)) = (l1.shape().dims2()?, l2.shape().dims2()?);
+        if k != k2 {
+            candle_core::bail!("kiln-matmul: shapes [{m}, {k}] and [{k2}, {n}] do not multiply");
+        }
+        let (sa, sb) = (l1.stride(), l2.stride());
+        let mut out = vec![0f32; m * n];
+        if m * n > 0 && k > 0 {
+            sgemm(
+                (m, n, k),
+                &mut out,
+                n,
+                false,
+                &a[l1.start_offset()..],
+                (sa[0], sa[1]),
+                &b[l2.start_offset()..],
+                (sb[0], sb[1]),
+                rayon::current_num_threads(),
+            );
+        }
+        Ok((CpuStorage::F32(out), Shape::from((m, n))))
+    }
+
+    fn bwd(
+        &self,
+        a: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        Ok((
+            Some(super::matmul(grad, &b.t()?)?),
+            Some(super::matmul(&a.t()?, grad)?),
+        ))
+    }
+}
+
+/// Rows of the register tile.
+const MR: usize = 6;
+/// Columns of the register tile (two ymm vectors).
+const NR: usize = 16;
+/// `k` depth of a packed block: an `A` strip (6 KiB) and a `B` strip (16 KiB)
+/// stay in L1 while a tile is computed.
+const KC: usize = 256;
+/// Rows of `A` packed at a time (96 KiB, in L2).
+const MC: usize = 96;
+/// Columns of `B` packed at a time (2 MiB at most, in L3).
+const NC: usize = 2048;
+
+/// Whether [`sgemm`] runs here: x86-64 with AVX2 and FMA, where `gemm` would
+/// run its AVX2 kernels.
+pub(super) fn available() -> bool {
+    use std::sync::OnceLock;
+    static ON: OnceLock<bool> = OnceLock::new();
+    *ON.get_or_init(|| kernel_runs() && crate::device::gemm_simd_level() == "avx2")
+}
+
+/// Whether this CPU can run the AVX2+FMA kernel at all.
+pub(super) fn kernel_runs() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+thread_local! {
+    /// Packed `A` and `B` blocks, kept per thread: a fresh 2 MiB buffer per
+    /// call would page-fault on every product.
+    static BUFS: RefCell<(Vec<f32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
+}
+
+/// The three operands' pointers, shared by rayon tasks: each task writes its
+/// own rows or columns of `C` and only reads `A` and `B`.
+#[derive(Clone, Copy)]
+struct Shared(*mut f32, *const f32, *const f32);
+impl Shared {
+    /// The pointers; a method, so that closures capture the whole struct (a
+    /// field pattern would capture the bare, non-`Send` pointers).
+    fn get(self) -> (*mut f32, *const f32, *const f32) {
+        (self.0, self.1, self.2)
+    }
+}
+
+// SAFETY: tasks write disjoint parts of the matrix behind the pointer.
+unsafe impl Send for Shared {}
+// SAFETY: as above.
+unsafe impl Sync for Shared {}
+
+/// `dst[m, n] (+)= lhs[m, k] @ rhs[k, n]` in f32, `dst` row-major with row
+/// stride `dst_rs`, `lhs`/`rhs` given by (row stride, column stride), on
+/// `threads` rayon tasks. The caller checks that [`kernel_runs`] and that
+/// every element touched lies inside the slices (as `conv::mm` does).
+#[allow(clippy::too_many_arguments)]
+pub(super) fn sgemm(
+    (m, n, k): (usize, usize, usize),
+    dst: &mut [f32],
+    dst_rs: usize,
+    acc: bool,
+    lhs: &[f32],
+    ls: (usize, usize),
+    rhs: &[f32],
+    rs: (usize, usize),
+    threads: usize,
+) {
+    assert!(kernel_runs(), "kiln sgemm: this CPU lacks AVX2 and FMA");
+    if m == 0 || n == 0 || k == 0 {
+        if !acc && k == 0 {
+            for r in 0..m {
+                dst[r * dst_rs..r * dst_rs + n].fill(0.0);
+            }
+        }
+        return;
+    }
+    let last = |rows: usize, cols: usize, r: usize, c: usize| (rows - 1) * r + (cols - 1) * c;
+    assert!(
+        last(m, n, dst_rs, 1) < dst.len()
+            && last(m, k, ls.0, ls.1) < lhs.len()
+            && last(k, n, rs.0, rs.1) < rhs.len(),
+        "kiln sgemm: operands out of bounds"
+    );
+    let ptrs = Shared(dst.as_mut_ptr(), lhs.as_ptr(), rhs.as_ptr());
+    // Split the larger side into whole tiles; the `k` order of each element's
+    // sum is the same in every split.
+    let (split_cols, unit, len) = if n >= m {
+        (true, NR, n)
+    } else {
+        (false, MR, m)
+    };
+    let tasks = threads.clamp(1, len.div_ceil(unit));
+    let per = len.div_ceil(unit).div_ceil(tasks) * unit;
+    let run = |t: usize| {
+        let lo = t * per;
+        let hi = len.min(lo + per);
+        if lo >= hi {
+            return;
+        }
+        let (c, a, b) = ptrs.get();
+        BUFS.with(|bufs| {
+            let (pa, pb) = &mut *bufs.borrow_mut();
+            // SAFETY: the assert above bounds every element of the full
+            // product; a task's rows or columns are a part of it, and no two
+            // tasks write the same element of `C`.
+            unsafe {
+                if split_cols {
+                    block(
+                        (m, hi - lo, k),
+                        c.add(lo),
+                        dst_rs,
+                        acc,
+                        a,
+                        ls,
+                        b.add(lo * rs.1),
+                        rs,
+                        pa,
+                        pb,
+                    );
+                } else {
+                    block(
+                        (hi - lo, n, k),
+                        c.add(lo * dst_rs),
+                        dst_rs,
+                        acc,
+                        a.add(lo * ls.0),
+                        ls,
+                        b,
+                        rs,
+                        pa,
+                        pb,
+                    );
+                }
+            }
+        });
+    };
+    if tasks == 1 {
+        run(0);
+    } else {
+        (0..tasks).into_par_iter().for_each(run);
+    }
+}
+
+/// One thread's product: the BLIS loops over `NC`, `KC` and `MC` blocks.
+///
+/// # Safety
+/// Every element of the `m x n` block of `c` (row stride `ldc`), the `m x k`
+/// block of `a` and the `k x n` block of `b` must be valid; AVX2 and FMA must
+/// be present.
+#[allow(clippy::too_many_arguments)]
+unsafe fn block(
+    (m, n, k): (usize, usize, usize),
+    c: *mut f32,
+    ldc: usize,
+    acc: bool,
+    a: *const f32,
+    (ars, acs): (usize, usize),
+    b: *const f32,
+    (brs, bcs): (usize, usize),
+    pa: &mut Vec<f32>,
+    pb: &mut Vec<f32>,
+) {
+    let mut jc = 0;
+    while jc < n {
+        let nc = NC.min(n - jc);
+        let strips = nc.div_ceil(NR);
+        let mut pc = 0;
+        while pc < k {
+            let kc = KC.min(k - pc);
+            // The first block overwrites `C` unless the caller accumulates.
+            let add = acc || pc > 0;
+            pb.resize(strips * kc * NR, 0.0);
+            // SAFETY: rows `pc..pc + kc` and columns `jc..jc + nc` of `b` lie
+            // in the caller's block.
+            unsafe { pack_b(b.add(pc * brs + jc * bcs), (brs, bcs), kc, nc, pb) };
+            let mut ic = 0;
+            while ic < m {
+                let mc = MC.min(m - ic);
+                pa.resize(mc.div_ceil(MR) * kc * MR, 0.0);
+                // SAFETY: rows `ic..ic + mc` and columns `pc..pc + kc` of `a`
+                // lie in the caller's block.
+                unsafe { pack_a(a.add(ic * ars + pc * acs), (ars, acs), mc, kc, pa) };
+                for js in 0..strips {
+                    let w = NR.min(nc - js * NR);
+                    for is in 0..mc.div_ceil(MR) {
+                        let h = MR.min(mc - is * MR);
+                        // SAFETY: the tile's `h x w` elements of `c` lie in the
+                        // caller's block; both strips hold `kc` packed steps.
+                        unsafe {
+                            tile(
+                                kc,
+                                pa.as_ptr().add(is * kc * MR),
+                                pb.as_ptr().add(js * kc * NR),
+                                c.add((ic + is * MR) * ldc + jc + js * NR),
+                                ldc,
+                                add,
+                                (h, w),
+                            )
+                        };
+                    }
+                }
+                ic += mc;
+            }
+            pc += kc;
+        }
+        jc += nc;
+    }
+}
+
+/// Packs `b[0..kc, 0..nc]` into `NR`-column strips, each `kc x NR` row-major,
+/// the last strip zero padded.
+///
+/// # Safety
+/// Every element of the block must be valid.
+unsafe fn pack_b(b: *const f32, (rs, cs): (usize, usize), kc: usize, nc: usize, out: &mut [f32]) {
+    let strips = nc.div_ceil(NR);
+    if cs == 1 {
+        // Row by row: each row of `b` is read front to back. Strip by strip,
+        // every row started a new page, and the copy ran at ~2 GB/s.
+        let full = nc / NR;
+        for p in 0..kc {
+            // SAFETY: row `p`, columns `0..nc` are in the block.
+            let row = unsafe { std::slice::from_raw_parts(b.add(p * rs), nc) };
+            for (s, src) in row.chunks_exact(NR).enumerate() {
+                out[s * kc * NR + p * NR..][..NR].copy_from_slice(src);
+            }
+            if full < strips {
+                let tail = &row[full * NR..];
+                let dst = &mut out[full * kc * NR + p * NR..][..NR];
+                dst[..tail.len()].copy_from_slice(tail);
+                dst[tail.len()..].fill(0.0);
+            }
+        }
+        return;
+    }
+    // Column by column: a transposed `b` (`rs == 1`) reads contiguously.
+    for (s, strip) in out.chunks_exact_mut(kc * NR).take(strips).enumerate() {
+        let j0 = s * NR;
+        let w = NR.min(nc - j0);
+        for j in 0..NR {
+            for p in 0..kc {
+                strip[p * NR + j] = if j < w {
+                    // SAFETY: row `p`, column `j0 + j < nc` is in the block.
+                    unsafe { *b.add(p * rs + (j0 + j) * cs) }
+                } else {
+                    0.0
+                };
+            }
+        }
+    }
+}
+
+/// Packs `a[0..mc, 0..kc]` into `MR`-row strips, each `kc x MR` (k-major), the
+/// last strip zero padded.
+///
+/// # Safety
+/// Every element of the block must be valid; AVX2 and FMA are present.
+#[cfg_attr(target_arch = "x86_64", target_feature(enable = "avx2,fma"))]
+unsafe fn pack_a(a: *const f32, (rs, cs): (usize, usize), mc: usize, kc: usize, out: &mut [f32]) {
+    for (s, strip) in out
+        .chunks_exact_mut(kc * MR)
+        .take(mc.div_ceil(MR))
+        .enumerate()
+    {
+        let i0 = s * MR;
+        let h = MR.min(mc - i0);
+        let mut p0 = 0;
+        #[cfg(target_arch = "x86_64")]
+        if cs == 1 && h == MR {
+            // Eight columns at a time through an 8x8 transpose (two rows
+            // unused): element by element, the gather of six rows cost
+            // about a sixth of a convolution's product.
+            while p0 + 8 <= kc {
+                // SAFETY: rows `i0..i0 + 6` and columns `p0..p0 + 8` are in
+                // the block; each column's six values fit in the strip.
+                unsafe {
+                    let ld = |i: usize| _mm256_loadu_ps(a.add((i0 + i) * rs + p0));
+                    let z = _mm256_setzero_ps();
+                    let t = super::transpose::avx::tr8x8([
+                        ld(0),
+                        ld(1),
+                        ld(2),
+                        ld(3),
+                        ld(4),
+                        ld(5),
+                        z,
+                        z,
+                    ]);
+                    for (j, v) in t.into_iter().enumerate() {
+                        let d = strip.as_mut_ptr().add((p0 + j) * MR);
+                        _mm_storeu_ps(d, _mm256_castps256_ps128(v));
+                        _mm_store_sd(
+                            d.add(4).cast::<f64>(),
+                            _mm_castps_pd(_mm256_extractf128_ps::<1>(v)),
+                        );
+                    }
+                }
+                p0 += 8;
+            }
+        }
+        for p in p0..kc {
+            for i in 0..MR {
+                strip[p * MR + i] = if i < h {
+                    // SAFETY: row `i0 + i < mc`, column `p < kc` is in the block.
+                    unsafe { *a.add((i0 + i) * rs + p * cs) }
+                } else {
+                    0.0
+                };
+            }
+        }
+    }
+}
+
+/// One `MR x NR` tile: `c[0..h, 0..w] (+)= a_strip @ b_strip` over `kc` steps.
+///
+/// # Safety
+/// `a` holds `kc * MR` and `b` `kc * NR` floats; `c[i * ldc + j]` is valid for
+/// `i < h`, `j < w`; AVX2 and FMA are present.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn tile(
+    kc: usize,
+    a: *const f32,
+    b: *const f32,
+    c: *mut f32,
+    ldc: usize,
+    add: bool,
+    (h, w): (usize, usize),
+) {
+    let mut s = [_mm256_setzero_ps(); 2 * MR];
+    if add {
+        // The tile's rows lie a row stride apart, beyond the prefetchers'
+        // reach; fetch them while the products run.
+        for r in 0..h {
+            // SAFETY: prefetches do not fault; row `r < h` is valid anyway.
+            unsafe {
+                _mm_prefetch(c.add(r * ldc).cast::<i8>(), _MM_HINT_T0);
+                _mm_prefetch(c.add(r * ldc + w - 1).cast::<i8>(), _MM_HINT_T0);
+            }
+        }
+    }
+    let mut ap = a;
+    let mut bp = b;
+    // One `k` step: two vectors of `B`, six broadcasts of `A`, twelve FMAs.
+    macro_rules! step {
+        ($o:expr) => {
+            // SAFETY: step `$o` of the current four lies inside both strips.
+            unsafe {
+                let b0 = _mm256_loadu_ps(bp.add($o * NR));
+                let b1 = _mm256_loadu_ps(bp.add($o * NR + 8));
+                for r in 0..MR {
+                    let x = _mm256_broadcast_ss(&*ap.add($o * MR + r));
+                    s[2 * r] = _mm256_fmadd_ps(x, b0, s[2 * r]);
+                    s[2 * r + 1] = _mm256_fmadd_ps(x, b1, s[2 * r + 1]);
+                }
+            }
+        };
+    }
+    for _ in 0..kc / 4 {
+        step!(0);
+        step!(1);
+        step!(2);
+        step!(3);
+        // SAFETY: four steps were read; the strips hold `kc` of them.
+        unsafe {
+            ap = ap.add(4 * MR);
+            bp = bp.add(4 * NR);
+        }
+    }
+    for _ in 0..kc % 4 {
+        step!(0);
+        // SAFETY: as above, one step.
+        unsafe {
+            ap = ap.add(MR);
+            bp = bp.add(NR);
+        }
+    }
+    if h == MR && w == NR {
+        for (r, pair) in s.chunks_exact(2).enumerate() {
+            // SAFETY: a full tile: row `r`, columns `0..16` are valid.
+            unsafe {
+                let p = c.add(r * ldc);
+                let (mut v0, mut v1) = (pair[0], pair[1]);
+                if add {
+                    v0 = _mm256_add_ps(_mm256_loadu_ps(p), v0);
+                    v1 = _mm256_add_ps(_mm256_loadu_ps(p.add(8)), v1);
+                }
+                _mm256_storeu_ps(p, v0);
+                _mm256_storeu_ps(p.add(8), v1);
+            }
+        }
+    } else {
+        let mut t = [0f32; MR * NR];
+        for (r, pair) in s.chunks_exact(2).enumerate() {
+            // SAFETY: `t` holds MR rows of NR floats.
+            unsafe {
+                _mm256_storeu_ps(t.as_mut_ptr().add(r * NR), pair[0]);
+                _mm256_storeu_ps(t.as_mut_ptr().add(r * NR + 8), pair[1]);
+            }
+        }
+        for r in 0..h {
+            for j in 0..w {
+                // SAFETY: `r < h`, `j < w`.
+                unsafe {
+                    let p = c.add(r * ldc + j);
+                    *p = if add {
+                        *p + t[r * NR + j]
+                    } else {
+                        t[r * NR + j]
+                    };
+                }
+            }
+        }
+    }
+}
+
+/// Never called: [`kernel_runs`] is false off x86-64.
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn tile(
+    _: usize,
+    _: *const f32,
+    _: *const f32,
+    _: *mut f32,
+    _: usize,
+    _: bool,
+    _: (usize, usize),
+) {
+    unreachable!("kiln sgemm runs on x86-64 only")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Deterministic values in [-1, 1).
+    fn values(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (0..n)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    /// Checks one product against an f64 sum: each element within
+    /// `k * 2^-23 * sum |a||b|` (f32's worst case for a `k`-term sum is
+    /// `(k - 1) u` with `u = 2^-24`; the extra factor covers the final add into
+    /// an accumulated `C`), and padding around the block untouched.
+    fn check(m: usize, n: usize, k: usize, a_t: bool, b_t: bool, acc: bool, threads: usize) {
+        let pad = 3;
+        let ldc = n + pad;
+        let a = values(m * k, 1 + m as u64);
+        let b = values(k * n, 2 + n as u64);
+        let la = if a_t { (1, m) } else { (k, 1) };
+        let lb = if b_t { (1, k) } else { (n, 1) };
+        let c0 = values(m * ldc, 3);
+        let mut c = c0.clone();
+        sgemm((m, n, k), &mut c, ldc, acc, &a, la, &b, lb, threads);
+        for i in 0..m {
+            for j in 0..ldc {
+                let got = c[i * ldc + j];
+                if j >= n {
+                    assert_eq!(
+                        got.to_bits(),
+                        c0[i * ldc + j].to_bits(),
+                        "padding at ({i}, {j}) changed"
+                    );
+                    continue;
+                }
+                let (mut want, mut mag) = (0f64, 0f64);
+                for p in 0..k {
+                    let x = a[i * la.0 + p * la.1] as f64 * b[p * lb.0 + j * lb.1] as f64;
+                    want += x;
+                    mag += x.abs();
+                }
+                if acc {
+                    want += c0[i * ldc + j] as f64;
+                    mag += (c0[i * ldc + j] as f64).abs();
+                }
+                let tol = (k as f64 + 1.0) * f64::from(f32::EPSILON) * mag + 1e-30;
+                assert!(
+                    (got as f64 - want).abs() <= tol,
+                    "{m}x{n}x{k} a_t={a_t} b_t={b_t} acc={acc} t={threads}: ({i}, {j}) = {got}, f64 sum {want}, tolerance {tol:e}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn products_match_f64_sums_across_tile_and_block_edges() {
+        if !kernel_runs() {
+            eprintln!("skipped: this CPU lacks AVX2 and FMA, so sgemm never runs here");
+            return;
+        }
+        // Sizes around the tile (6 x 16), the unrolling (4), and the blocks
+        // (MC = 96, KC = 256, NC = 2048).
+        for &(m, n, k) in &[
+            (1, 1, 1),
+            (5, 15, 3),
+            (6, 16, 4),
+            (7, 17, 5),
+            (13, 33, 257),
+            (97, 31, 70),
+            (100, 40, 513),
+            (2, 2049, 9),
+        ] {
+            for (a_t, b_t) in [(false, false), (true, false), (false, true), (true, true)] {
+                for acc in [false, true] {
+                    check(m, n, k, a_t, b_t, acc, 1);
+                }
+            }
+        }
+        check(200, 30, 300, false, false, true, 3);
+        check(30, 200, 300, true, true, false, 2);
+    }
+
+    #[test]
+    fn bits_do_not_depend_on_the_thread_count() {
+        if !kernel_runs() {
+            eprintln!("skipped: this CPU lacks AVX2 and FMA, so sgemm never runs here");
+            return;
+        }
+        for &(m, n, k) in &[(50, 300, 600), (300, 50, 600), (7, 2100, 33)] {
+            let a = values(m * k, 5);
+            let b = values(k * n, 6);
+            let run = |threads| {
+                let mut c = values(m * n, 7);
+                sgemm((m, n, k), &mut c, n, true, &a, (k, 1), &b, (n, 1), threads);
+                c.iter().map(|x| x.to_bits()).collect::<Vec<_>>()
+            };
+            let one = run(1);
+            assert_eq!(one, run(2), "{m}x{n}x{k}: 1 vs 2 threads");
+            assert_eq!(one, run(3), "{m}x{n}x{k}: 1 vs 3 threads");
+        }
+    }
+
+    #[test]
+    fn the_op_and_its_gradients_match_f64_products() -> Result<()> {
+        use candle_core::{DType, Device, Var};
+        if !kernel_runs() {
+            eprintln!("skipped: this CPU lacks AVX2 and FMA, so sgemm never runs here");
+            return Ok(());
+        }
+        let dev = Device::Cpu;
+        let a = Var::from_vec(values(5 * 70, 11), (5, 70), &dev)?;
+        // `b` enters as a transposed view, as a linear layer's weight does.
+        let b = Var::from_vec(values(9 * 70, 12), (9, 70), &dev)?;
+        let g = Tensor::from_vec(values(5 * 9, 13), (5, 9), &dev)?;
+        let y = a.as_tensor().apply_op2(&b.as_tensor().t()?, MatMul)?;
+        let grads = (&y * &g)?.sum_all()?.backward()?;
+        let f64s = |t: &Tensor| t.to_dtype(DType::F64);
+        let (a64, b64, g64) = (f64s(a.as_tensor())?, f64s(b.as_tensor())?, f64s(&g)?);
+        // y = a b^T, dL/da = g b, dL/db = g^T a; each a sum of 70 or 5 terms
+        // of magnitude below 1, so 70 * 2^-23 * 70 bounds f32's error.
+        let checks = [
+            (y.clone(), a64.matmul(&b64.t()?)?),
+            (
+                grads.get(a.as_tensor()).expect("a has a gradient").clone(),
+                g64.matmul(&b64)?,
+            ),
+            (
+                grads.get(b.as_tensor()).expect("b has a gradient").clone(),
+                g64.t()?.matmul(&a64)?,
+            ),
+        ];
+        for (i, (got, want)) in checks.iter().enumerate() {
+            assert_eq!(got.dims(), want.dims(), "check {i}");
+            let err = (f64s(got)? - want)?.abs()?.max_all()?.to_scalar::<f64>()?;
+            assert!(
+                err <= 70.0 * 70.0 * f64::from(f32::EPSILON),
+                "check {i}: error {err:e}"
+            );
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn nothing_to_sum_zeroes_or_keeps_the_output() {
+        if !kernel_runs() {
+            eprintln!("skipped: this CPU lacks AVX2 and FMA, so sgemm never runs here");
+            return;
+        }
+        let mut c = vec![5f32; 6];
+        sgemm((2, 3, 0), &mut c, 3, true, &[], (0, 1), &[], (3, 1), 1);
+        assert_eq!(c, [5.0; 6]);
+        sgemm((2, 3, 0), &mut c, 3, false, &[], (0, 1), &[], (3, 1), 1);
+        assert_eq!(c, [0.0; 6]);
+    }
+}
