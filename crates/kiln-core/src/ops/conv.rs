@@ -46,7 +46,10 @@ pub(super) fn mm<T: WithDType>(
         }
         return;
     }
-    if T::DTYPE == candle_core::DType::F32 && super::sgemm::available() {
+    if T::DTYPE == candle_core::DType::F32
+        && super::sgemm::available()
+        && super::sgemm::suits(m, n, k)
+    {
         let threads = match par {
             Parallelism::Rayon(t) => t,
             _ => 1,

@@ -478,8 +478,9 @@ pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor
 }
 
 /// `a [M, K] @ b [K, N]`: kiln's own f32 product on CPUs where candle's `gemm`
-/// would run its AVX2 kernels (see the `sgemm` module; 10-15% faster on
-/// DCGAN's and GPT-2's shapes), reading transposed views in place, with the
+/// would run its AVX2 kernels, for products of 64+ rows and columns and 48+
+/// `k` steps (see the `sgemm` module; 9-27% faster on GPT-2's training
+/// shapes), reading transposed views in place, with the
 /// same gradients as candle's `matmul`; candle's `matmul` everywhere else.
 ///
 /// ```
@@ -497,7 +498,8 @@ pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
         && b.dtype() == DType::F32
         && a.device().is_cpu()
         && b.device().is_cpu()
-        && sgemm::available();
+        && sgemm::available()
+        && sgemm::suits(a.dim(0)?, b.dim(1)?, a.dim(1)?);
     if !ours {
         return a.matmul(b);
     }
