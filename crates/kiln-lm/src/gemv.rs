@@ -4,14 +4,14 @@
 //! per sequence being decoded). It is bound by memory bandwidth, so it reads
 //! each weight as several streams at once, which keeps more reads in flight
 //! than one sequential pass. f32 products of 4 to 64 rows go to
-//! [`crate::fewrows`], larger ones to candle.
+//! [`crate::fewrows`], larger ones to `kiln_core::ops::matmul`.
 
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 /// `x [M, K] @ w [K, N]`, or `x @ w^T` for `w [N, K]` when `transposed`:
 /// the gemv kernel for 1 to 3 rows, the few-row kernels up to
-/// [`crate::fewrows::MAX_ROWS`] (f32 on the CPU), candle's gemm beyond.
+/// [`crate::fewrows::MAX_ROWS`] (f32 on the CPU), `kiln_core::ops::matmul` beyond.
 pub(crate) fn matmul(x: &Tensor, w: &Tensor, transposed: bool) -> candle_core::Result<Tensor> {
     let m = x.dim(0)?;
     let fast = m <= crate::fewrows::MAX_ROWS
