@@ -523,19 +523,9 @@ unsafe fn tile(
 mod tests {
     use super::*;
 
-    /// Deterministic values in [-1, 1).
+    /// Seeded values in [-1, 1).
     fn values(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        (0..n)
-            .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-            })
-            .collect()
+        crate::rng::SeededRng::new(seed).uniform_vec(n, -1.0, 1.0)
     }
 
     /// Checks one product against an f64 sum: each element within
@@ -666,6 +656,25 @@ mod tests {
                 err <= 70.0 * 70.0 * f64::from(f32::EPSILON),
                 "check {i}: error {err:e}"
             );
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn mismatched_shapes_are_an_error_naming_both() -> Result<()> {
+        let dev = candle_core::Device::Cpu;
+        let a = Tensor::zeros((64, 70), candle_core::DType::F32, &dev)?;
+        let b = Tensor::zeros((71, 64), candle_core::DType::F32, &dev)?;
+        let err = super::super::matmul(&a, &b).expect_err("70 and 71 do not multiply");
+        assert!(
+            err.to_string().contains("70") && err.to_string().contains("71"),
+            "{err}"
+        );
+        if kernel_runs() {
+            let err = a
+                .apply_op2(&b, MatMul)
+                .expect_err("70 and 71 do not multiply");
+            assert!(err.to_string().contains("[64, 70] and [71, 64]"), "{err}");
         }
         Ok(())
     }
