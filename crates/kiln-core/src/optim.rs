@@ -21,6 +21,8 @@ use candle_core::{CpuStorage, DType, Device, InplaceOp2, Layout, Result, Tensor,
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
+mod cpu;
+
 /// An optimizer's state: named buffers and metadata.
 pub type StateParts = (Vec<(String, Tensor)>, HashMap<String, String>);
 
@@ -817,40 +819,12 @@ impl InplaceOp2 for FusedUpdate<'_> {
                 let (Some(m), Some(v)) = (b0.as_deref_mut(), b1.as_deref_mut()) else {
                     candle_core::bail!("fused Adam update: moment buffers missing");
                 };
-                let AdamScalars {
-                    step_size,
-                    bc2_sqrt,
-                    eps,
-                    wd,
-                    decay,
-                    w1,
-                    b2: b2f,
-                    w2,
-                    decoupled,
-                } = AdamScalars::new(&hp, betas, eps);
+                let a = AdamScalars::new(&hp, betas, eps);
                 p.par_chunks_mut(CHUNK)
                     .zip(g.par_chunks(CHUNK))
                     .zip(m.par_chunks_mut(CHUNK))
                     .zip(v.par_chunks_mut(CHUNK))
-                    .for_each(|(((p, g), m), v)| {
-                        for i in 0..p.len() {
-                            let mut gi = g[i];
-                            let mut pi = p[i];
-                            if decoupled {
-                                pi *= decay;
-                            } else if wd != 0.0 {
-                                gi += wd * pi;
-                            }
-                            // torch: exp_avg.lerp_(grad, 1 - beta1)
-                            let mi = m[i] + w1 * (gi - m[i]);
-                            // torch: exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-                            let vi = v[i] * b2f + w2 * gi * gi;
-                            m[i] = mi;
-                            v[i] = vi;
-                            let denom = vi.sqrt() / bc2_sqrt + eps;
-                            p[i] = pi - step_size * (mi / denom);
-                        }
-                    });
+                    .for_each(|(((p, g), m), v)| cpu::adam_chunk(p, g, m, v, &a));
             }
             OptimKind::Sgd {
                 momentum,

@@ -499,7 +499,12 @@ pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
         && a.device().is_cpu()
         && b.device().is_cpu()
         && sgemm::available()
-        && sgemm::suits(a.dim(0)?, b.dim(1)?, a.dim(1)?);
+        && sgemm::suits(
+            a.dim(0)?,
+            b.dim(1)?,
+            a.dim(1)?,
+            rayon::current_num_threads(),
+        );
     if !ours {
         return a.matmul(b);
     }
