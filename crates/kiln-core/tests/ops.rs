@@ -624,6 +624,28 @@ fn max_pool2d_propagates_nan_as_pytorch() {
         assert_eq!(dx[at], 1.0, "window {k} gradient at {at}: {dx:?}");
     }
     assert_eq!(dx.iter().filter(|v| **v != 0.0).count(), 10, "{dx:?}");
+    // Non-finite output gradients on the vector path (window 3) and in the
+    // row's tail (window 9) reach only their window's maximum, and a NaN in
+    // the tail takes its window: each row falls back to the exact path whole.
+    let x: Vec<f32> = (0..40).map(|i| i as f32).collect();
+    for (k, g) in [(3, f32::INFINITY), (3, nan), (9, f32::NEG_INFINITY)] {
+        let mut gs = [1.0; 10];
+        gs[k] = g;
+        let (_, dx) = pool_plane(&x, (2, 20), 2, 2, &gs);
+        let mut want = [0.0; 40];
+        for (j, &gj) in gs.iter().enumerate() {
+            want[21 + 2 * j] = gj;
+        }
+        assert!(same(&dx, &want), "gradient {g} at {k}: {dx:?}");
+    }
+    let mut x: Vec<f32> = (0..40).map(|i| i as f32).collect();
+    x[37] = nan;
+    let (_, dx) = pool_plane(&x, (2, 20), 2, 2, &[1.0; 10]);
+    let mut want = [0.0; 40];
+    for j in 0..10 {
+        want[if j == 8 { 37 } else { 21 + 2 * j }] = 1.0;
+    }
+    assert!(same(&dx, &want), "NaN in the tail: {dx:?}");
 }
 
 #[test]
@@ -960,7 +982,14 @@ fn max_pool2d_2x2_picks_the_first_of_tied_maxima() {
     // Values from {0, 1, 2}: most windows hold ties, where PyTorch (and the
     // nested-loop reference) send the gradient to the first in row-major order.
     let mut rng = SeededRng::new(75);
-    for dims in [[4usize, 3, 8, 8], [1, 2, 7, 9], [600, 1, 2, 2]] {
+    // Rows of 8+ windows (width 16+) take the vector path, with a tail.
+    for dims in [
+        [4usize, 3, 8, 8],
+        [1, 2, 7, 9],
+        [600, 1, 2, 2],
+        [2, 3, 6, 36],
+        [1, 2, 5, 33],
+    ] {
         let x = randn(&mut rng, &dims)
             .affine(1.0, 1.0)
             .unwrap()

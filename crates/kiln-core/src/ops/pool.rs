@@ -95,11 +95,113 @@ fn max_fwd_2x2<T: WithDType>(yp: &mut [T], xp: &[T], p: &Pool) {
 trait Route2x2: Copy {
     /// `[a0, a1, b0, b1]` (row-major) to their gradients.
     fn route(w: [Self; 4], g: Self) -> [Self; 4];
+
+    /// A whole row pair's windows at once where the CPU has a vector path:
+    /// `d0`/`d1` (zeroed; rows `r0`/`r1`, `2 * g.len()` long) get the
+    /// gradients `g`. `false`, with `d0`/`d1` still zero, when there is no
+    /// such path or the row is not clean (see [`clean_rows`]).
+    fn route_row(
+        _g: &[Self],
+        _r0: &[Self],
+        _r1: &[Self],
+        _d0: &mut [Self],
+        _d1: &mut [Self],
+    ) -> bool {
+        false
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod route_avx2 {
+    use std::arch::x86_64::*;
+
+    /// Eight windows per step: the even and odd columns of both rows are
+    /// split out with `shuffle_ps`, which leaves the windows in the order
+    /// `0 1 4 5 | 2 3 6 7`; `g` is permuted to match, and `unpacklo/hi`
+    /// interleave the results back in column order. Rows with a NaN input or
+    /// a non-finite gradient are reported and left to the exact path.
+    ///
+    /// # Safety
+    /// AVX2 is present; `r0`, `r1`, `d0` and `d1` hold `2 * g.len()` values.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn row(
+        g: &[f32],
+        r0: &[f32],
+        r1: &[f32],
+        d0: &mut [f32],
+        d1: &mut [f32],
+    ) -> bool {
+        let n = g.len();
+        assert!(r0.len() >= 2 * n && r1.len() >= 2 * n && d0.len() >= 2 * n && d1.len() >= 2 * n);
+        let mut dirty = _mm256_setzero_ps();
+        let ones = _mm256_castsi256_ps(_mm256_set1_epi32(-1));
+        let blocks = n / 8;
+        for b in 0..blocks {
+            // SAFETY: windows `8b..8b + 8` read columns `16b..16b + 16` of
+            // both rows and write the same columns of `d0`/`d1` (asserted).
+            unsafe {
+                let (i, c) = (8 * b, 16 * b);
+                let ld = |r: &[f32], o: usize| _mm256_loadu_ps(r.as_ptr().add(c + o));
+                let (a0, a1, b0, b1) = (ld(r0, 0), ld(r0, 8), ld(r1, 0), ld(r1, 8));
+                let x00 = _mm256_shuffle_ps::<0x88>(a0, a1);
+                let x01 = _mm256_shuffle_ps::<0xDD>(a0, a1);
+                let x10 = _mm256_shuffle_ps::<0x88>(b0, b1);
+                let x11 = _mm256_shuffle_ps::<0xDD>(b0, b1);
+                let gv = _mm256_loadu_ps(g.as_ptr().add(i));
+                let gv = _mm256_castpd_ps(_mm256_permute4x64_pd::<0xD8>(_mm256_castps_pd(gv)));
+                // NaN inputs, and `g - g` is NaN for an infinite or NaN `g`.
+                let nan = |v| _mm256_cmp_ps::<_CMP_UNORD_Q>(v, v);
+                dirty = _mm256_or_ps(dirty, _mm256_or_ps(nan(x00), nan(x01)));
+                dirty = _mm256_or_ps(dirty, _mm256_or_ps(nan(x10), nan(x11)));
+                dirty = _mm256_or_ps(dirty, nan(_mm256_sub_ps(gv, gv)));
+                let m = _mm256_max_ps(_mm256_max_ps(x00, x01), _mm256_max_ps(x10, x11));
+                // The first of the maxima in row-major order, as PyTorch.
+                let eq = |v| _mm256_cmp_ps::<_CMP_EQ_OQ>(v, m);
+                let e0 = eq(x00);
+                let e1 = _mm256_andnot_ps(e0, eq(x01));
+                let e01 = _mm256_or_ps(e0, e1);
+                let e2 = _mm256_andnot_ps(e01, eq(x10));
+                let e3 = _mm256_andnot_ps(_mm256_or_ps(e01, e2), ones);
+                let (o0, o1) = (_mm256_and_ps(e0, gv), _mm256_and_ps(e1, gv));
+                let (o2, o3) = (_mm256_and_ps(e2, gv), _mm256_and_ps(e3, gv));
+                let st =
+                    |d: &mut [f32], o: usize, v| _mm256_storeu_ps(d.as_mut_ptr().add(c + o), v);
+                st(d0, 0, _mm256_unpacklo_ps(o0, o1));
+                st(d0, 8, _mm256_unpackhi_ps(o0, o1));
+                st(d1, 0, _mm256_unpacklo_ps(o2, o3));
+                st(d1, 8, _mm256_unpackhi_ps(o2, o3));
+            }
+        }
+        // The last windows one at a time, as the scalar path does.
+        let rest = blocks * 8;
+        if _mm256_movemask_ps(dirty) != 0
+            || !super::clean_rows(&g[rest..], &r0[2 * rest..2 * n], &r1[2 * rest..2 * n])
+        {
+            // Undo: the exact path writes only each window's argmax.
+            d0[..2 * n].fill(0.0);
+            d1[..2 * n].fill(0.0);
+            return false;
+        }
+        for k in rest..n {
+            let o = <f32 as super::Route2x2>::route(
+                [r0[2 * k], r0[2 * k + 1], r1[2 * k], r1[2 * k + 1]],
+                g[k],
+            );
+            (d0[2 * k], d0[2 * k + 1], d1[2 * k], d1[2 * k + 1]) = (o[0], o[1], o[2], o[3]);
+        }
+        true
+    }
 }
 
 macro_rules! route2x2 {
-    ($t:ty) => {
+    ($t:ty $(, $row:path)?) => {
         impl Route2x2 for $t {
+            $(
+                fn route_row(g: &[Self], r0: &[Self], r1: &[Self], d0: &mut [Self], d1: &mut [Self]) -> bool {
+                    $row(g, r0, r1, d0, d1)
+                }
+            )?
+
             #[inline(always)]
             fn route([a0, a1, b0, b1]: [Self; 4], g: Self) -> [Self; 4] {
                 let m = a0.max(a1).max(b0.max(b1));
@@ -113,7 +215,18 @@ macro_rules! route2x2 {
         }
     };
 }
-route2x2!(f32);
+/// [`Route2x2::route_row`] for f32: AVX2 where the CPU has it.
+fn route_row_f32(g: &[f32], r0: &[f32], r1: &[f32], d0: &mut [f32], d1: &mut [f32]) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: AVX2 is present; `row` asserts the lengths it relies on.
+        return unsafe { route_avx2::row(g, r0, r1, d0, d1) };
+    }
+    let _ = (g, r0, r1, d0, d1);
+    false
+}
+
+route2x2!(f32, route_row_f32);
 route2x2!(f64);
 
 /// 2x2 / stride-2 max pooling's gradient for one plane (`dxp` starts zeroed).
@@ -124,6 +237,9 @@ fn max_bwd_2x2<T: WithDType + Route2x2>(dxp: &mut [T], xp: &[T], dyp: &[T], p: &
         let r1 = &xp[(2 * oy + 1) * p.w..][..n];
         let (d0, d1) = dxp[2 * oy * p.w..].split_at_mut(p.w);
         let (d0, d1) = (&mut d0[..n], &mut d1[..n]);
+        if T::route_row(dyr, r0, r1, d0, d1) {
+            continue;
+        }
         if !clean_rows(dyr, r0, r1) {
             for (k, &g) in dyr.iter().enumerate() {
                 let (i, _) = argmax4([r0[2 * k], r0[2 * k + 1], r1[2 * k], r1[2 * k + 1]]);
