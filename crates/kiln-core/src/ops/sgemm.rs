@@ -379,17 +379,9 @@ unsafe fn pack_b(b: *const f32, (rs, cs): (usize, usize), kc: usize, nc: usize, 
                     // SAFETY: columns `c0..c0 + 8` and rows `p0..p0 + 8` are
                     // in the block; each row's eight values fit in the strip.
                     unsafe {
-                        let ld = |j: usize| _mm256_loadu_ps(b.add((c0 + j) * cs + p0));
-                        let t = super::transpose::avx::tr8x8([
-                            ld(0),
-                            ld(1),
-                            ld(2),
-                            ld(3),
-                            ld(4),
-                            ld(5),
-                            ld(6),
-                            ld(7),
-                        ]);
+                        let t = super::transpose::avx::tr8x8(std::array::from_fn(|j| {
+                            _mm256_loadu_ps(b.add((c0 + j) * cs + p0))
+                        }));
                         for (p, v) in t.into_iter().enumerate() {
                             _mm256_storeu_ps(strip.as_mut_ptr().add((p0 + p) * NR + half * 8), v);
                         }
@@ -457,18 +449,13 @@ unsafe fn pack_a(a: *const f32, (rs, cs): (usize, usize), mc: usize, kc: usize, 
                 // SAFETY: rows `i0..i0 + 6` and columns `p0..p0 + 8` are in
                 // the block; each column's six values fit in the strip.
                 unsafe {
-                    let ld = |i: usize| _mm256_loadu_ps(a.add((i0 + i) * rs + p0));
-                    let z = _mm256_setzero_ps();
-                    let t = super::transpose::avx::tr8x8([
-                        ld(0),
-                        ld(1),
-                        ld(2),
-                        ld(3),
-                        ld(4),
-                        ld(5),
-                        z,
-                        z,
-                    ]);
+                    let t = super::transpose::avx::tr8x8(std::array::from_fn(|i| {
+                        if i < MR {
+                            _mm256_loadu_ps(a.add((i0 + i) * rs + p0))
+                        } else {
+                            _mm256_setzero_ps()
+                        }
+                    }));
                     for (j, v) in t.into_iter().enumerate() {
                         let d = strip.as_mut_ptr().add((p0 + j) * MR);
                         _mm_storeu_ps(d, _mm256_castps256_ps128(v));
