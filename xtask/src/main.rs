@@ -64,6 +64,9 @@ fn error_message(e: &anyhow::Error) -> String {
 fn run() -> Result<()> {
     // Reuse freed tensor buffers instead of mmap/munmap per op (see tune_allocator).
     kiln_core::device::tune_allocator();
+    // The binary also runs without cargo (gpu-bundle, target/release/xtask),
+    // where .cargo/config.toml's CANDLE_NUM_THREADS does not reach it.
+    kiln_core::device::inline_elementwise();
     let args: Vec<String> = std::env::args().skip(1).collect();
     let Some(cmd) = args.first().map(String::as_str) else {
         println!("{USAGE}{}", extra_usage());

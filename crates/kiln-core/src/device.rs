@@ -257,12 +257,7 @@ pub fn set_threads(threads: usize) -> Result<(), DeviceError> {
     // candle's CPU kernels size their parallelism from RAYON_NUM_THREADS via
     // `get_num_threads`; the global pool covers kiln's own kernels.
     std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
-    // candle's element-wise ops otherwise run on a barrier pool whose waits spin
-    // without bound; with more runnable threads than cores (parallel tests, other
-    // jobs) a step got ~4x slower. Inline element-wise ops, unless the user chose.
-    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
-        std::env::set_var("CANDLE_NUM_THREADS", "1");
-    }
+    inline_elementwise();
     match rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
         .build_global()
@@ -277,6 +272,28 @@ pub fn set_threads(threads: usize) -> Result<(), DeviceError> {
             reason: e.to_string(),
         }),
     }
+}
+
+/// Runs candle's element-wise CPU ops on the calling thread, unless the
+/// user set `CANDLE_NUM_THREADS`. Returns whether kiln chose it (false when
+/// the user's value stands).
+///
+/// candle 0.11 otherwise runs element-wise ops of 64K elements or more on
+/// its own pool, beside rayon's, whose idle workers spin 25,000 times before
+/// they sleep. Those spins take the cores from the rayon threads that run the
+/// matrix products: with more runnable threads than cores (parallel tests,
+/// other jobs) a step got ~4x slower, and the RLHF demo part ran 37.8-38.6 s
+/// inline against 43.3-45.4 s with the pool (Zen 3, two cores).
+///
+/// candle reads the variable once, when its pool first starts, so call this
+/// before the first tensor operation; [`set_threads`] calls it, and kiln's
+/// binaries call it at start.
+pub fn inline_elementwise() -> bool {
+    if std::env::var_os("CANDLE_NUM_THREADS").is_some() {
+        return false;
+    }
+    std::env::set_var("CANDLE_NUM_THREADS", "1");
+    true
 }
 
 /// Makes glibc's allocator keep freed tensor buffers for reuse: every block
@@ -354,6 +371,17 @@ mod tests {
         if cfg!(target_os = "linux") && cfg!(target_arch = "x86_64") {
             assert_ne!(model, "unknown");
         }
+    }
+
+    #[test]
+    fn elementwise_ops_go_inline_unless_the_user_chose() {
+        let before = std::env::var_os("CANDLE_NUM_THREADS");
+        let chose = inline_elementwise();
+        assert_eq!(chose, before.is_none());
+        let after = std::env::var_os("CANDLE_NUM_THREADS");
+        // the user's value stands; otherwise kiln's is one thread
+        assert_eq!(after, before.or_else(|| Some("1".into())));
+        assert!(!inline_elementwise(), "a second call keeps the value");
     }
 
     #[test]
