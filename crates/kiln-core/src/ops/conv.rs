@@ -389,34 +389,35 @@ fn im2col_images<T: WithDType>(
     }
 }
 
-/// Runs `f(b0, nb, out_chunk, col, ch)` for each chunk of `c` images of `out`
-/// (`item` elements per image): one task per thread, each with its scratch
-/// column matrix `col [k, c*n]` and channel-major buffer `ch [c_out, c*n]`.
-fn per_chunk<T: WithDType, F>(out: &mut [T], item: usize, g: &Geom, c: usize, f: F)
+/// A vector of `b * item` elements (`item` per image, zeroed by the task that
+/// fills it, see [`super::par_fill`]) built by `f(b0, nb, out_chunk, col, ch)`
+/// for each chunk of `c` images: one task per thread, each with its scratch
+/// column matrix `col [k, c*n]` and channel-major buffer `ch [c_out, c*n]`
+/// (left over from earlier calls: `f` writes what it reads).
+fn per_chunk<T: WithDType, F>(item: usize, g: &Geom, c: usize, f: F) -> Vec<T>
 where
-    F: Fn(usize, usize, &mut [T], &mut [T], &mut [T]) + Sync,
+    F: Fn(usize, usize, &mut [T], &mut [T], &mut [T]) + Sync + Send,
 {
     let ld = c * g.n();
-    let zero = T::from_f64(0.0);
     let per_task = chunks_per_task(g.b, c);
-    out.par_chunks_mut(per_task * c * item)
-        .enumerate()
-        .for_each(|(t, ot)| {
-            let (mut col, mut ch) = (vec![zero; g.k() * ld], vec![zero; g.c_out * ld]);
+    super::par_fill(g.b * item, per_task * c * item, |t, ot| {
+        super::with_scratch((g.k() + g.c_out) * ld, |s| {
+            let (col, ch) = s.split_at_mut(g.k() * ld);
             for (j, os) in ot.chunks_mut(c * item).enumerate() {
                 let nb = os.len() / item;
-                f((t * per_task + j) * c, nb, os, &mut col, &mut ch);
+                f((t * per_task + j) * c, nb, os, col, ch);
             }
-        });
+        })
+    })
 }
 
 /// Forward over chunks of `c` images: `y_chunk [c_out, c*n] = W @ cols [k, c*n]`,
 /// tasks in parallel (one group; see [`chunk_images`]).
-fn conv_fwd_chunked<T: WithDType>(x: &[T], w: &[T], g: &Geom, c: usize, y: &mut [T]) {
+fn conv_fwd_chunked<T: WithDType>(x: &[T], w: &[T], g: &Geom, c: usize) -> Vec<T> {
     let tab = taps(g);
     let tab = tab.as_deref();
     let (k, n, co, ld) = (g.k(), g.n(), g.c_out, c * g.n());
-    per_chunk(y, g.y_item(), g, c, |b0, nb, ys, col, ych| {
+    per_chunk(g.y_item(), g, c, |b0, nb, ys, col, ych| {
         im2col_images(x, g, (b0, nb), col, ld, tab);
         mm(
             (co, nb * n, k),
@@ -430,15 +431,15 @@ fn conv_fwd_chunked<T: WithDType>(x: &[T], w: &[T], g: &Geom, c: usize, y: &mut 
             Parallelism::None,
         );
         scatter_channels(ych, co, n, ys, ld);
-    });
+    })
 }
 
 /// Input gradient over chunks of `c` images: `dcols = W^T @ dy_chunk`, then col2im.
-fn conv_grad_input_chunked<T: WithDType>(dy: &[T], w: &[T], g: &Geom, c: usize, dx: &mut [T]) {
+fn conv_grad_input_chunked<T: WithDType>(dy: &[T], w: &[T], g: &Geom, c: usize) -> Vec<T> {
     let tab = taps(g);
     let tab = tab.as_deref();
     let (k, n, co, ld) = (g.k(), g.n(), g.c_out, c * g.n());
-    per_chunk(dx, g.x_item(), g, c, |b0, nb, dxs, col, dych| {
+    per_chunk(g.x_item(), g, c, |b0, nb, dxs, col, dych| {
         let dyc = &dy[b0 * g.y_item()..(b0 + nb) * g.y_item()];
         gather_channels(dyc, co, n, dych, ld);
         mm(
@@ -455,7 +456,7 @@ fn conv_grad_input_chunked<T: WithDType>(dy: &[T], w: &[T], g: &Geom, c: usize, 
         for (i, dxb) in dxs.chunks_mut(g.x_item()).enumerate() {
             col2im(&col[i * n..], g, dxb, ld, tab);
         }
-    });
+    })
 }
 
 /// Weight gradient over chunks of `c` images: `dW += dy_chunk [c_out, c*n] @ cols^T`,
@@ -472,25 +473,27 @@ fn conv_grad_weight_chunked<T: WithDType>(x: &[T], dy: &[T], g: &Geom, c: usize)
         .into_par_iter()
         .map(|t| {
             let mut dw = vec![zero; co * k];
-            let (mut col, mut dych) = (vec![zero; k * ld], vec![zero; co * ld]);
-            for ci in t * per_task..((t + 1) * per_task).min(chunks) {
-                let b0 = ci * c;
-                let nb = c.min(g.b - b0);
-                im2col_images(x, g, (b0, nb), &mut col, ld, tab);
-                let dyc = &dy[b0 * g.y_item()..(b0 + nb) * g.y_item()];
-                gather_channels(dyc, co, n, &mut dych, ld);
-                mm(
-                    (co, k, nb * n),
-                    &mut dw,
-                    k,
-                    true,
-                    &dych,
-                    (ld, 1),
-                    &col,
-                    (1, ld),
-                    Parallelism::None,
-                );
-            }
+            super::with_scratch((k + co) * ld, |s| {
+                let (col, dych) = s.split_at_mut(k * ld);
+                for ci in t * per_task..((t + 1) * per_task).min(chunks) {
+                    let b0 = ci * c;
+                    let nb = c.min(g.b - b0);
+                    im2col_images(x, g, (b0, nb), col, ld, tab);
+                    let dyc = &dy[b0 * g.y_item()..(b0 + nb) * g.y_item()];
+                    gather_channels(dyc, co, n, dych, ld);
+                    mm(
+                        (co, k, nb * n),
+                        &mut dw,
+                        k,
+                        true,
+                        dych,
+                        (ld, 1),
+                        col,
+                        (1, ld),
+                        Parallelism::None,
+                    );
+                }
+            });
             dw
         })
         .collect();
@@ -503,8 +506,8 @@ fn conv_fwd<T: WithDType>(x: &[T], w: &[T], g: &Geom) -> Vec<T> {
     }
     let tab = taps(g);
     let tab = tab.as_deref();
-    let mut y = vec![T::from_f64(0.0); g.b * g.y_item()];
     if one_pixel(g) {
+        let mut y = vec![T::from_f64(0.0); g.b * g.y_item()];
         // y [b, c_out] = patches [b, k] @ W^T [k, c_out]
         let (k, co) = (g.k(), g.c_out);
         let mut buf = Vec::new();
@@ -524,12 +527,11 @@ fn conv_fwd<T: WithDType>(x: &[T], w: &[T], g: &Geom) -> Vec<T> {
     }
     let c = chunk_images(g);
     if c > 1 {
-        conv_fwd_chunked(x, w, g, c, &mut y);
-        return y;
+        return conv_fwd_chunked(x, w, g, c);
     }
     let (k, n, cog, cig) = (g.k(), g.n(), g.cout_g(), g.cin_g());
     let (batch_par, gpar) = split(g.b);
-    let item = |col: &mut Vec<T>, (bi, yb): (usize, &mut [T])| {
+    let item = |col: &mut [T], (bi, yb): (usize, &mut [T])| {
         let xb = &x[bi * g.x_item()..(bi + 1) * g.x_item()];
         for gi in 0..g.p.groups {
             let xg = &xb[gi * cig * g.h * g.w..(gi + 1) * cig * g.h * g.w];
@@ -554,15 +556,17 @@ fn conv_fwd<T: WithDType>(x: &[T], w: &[T], g: &Geom) -> Vec<T> {
     };
     let colsize = if g.pointwise() { 0 } else { k * n };
     if batch_par {
-        y.par_chunks_mut(g.y_item())
-            .enumerate()
-            .for_each_init(|| vec![T::from_f64(0.0); colsize], item);
-    } else {
-        let mut col = vec![T::from_f64(0.0); colsize];
+        // Each image's task zeroes and fills its output: no serial memset first.
+        return super::par_fill(g.b * g.y_item(), g.y_item(), |bi, yb| {
+            super::with_scratch(colsize, |col| item(col, (bi, yb)))
+        });
+    }
+    let mut y = vec![T::from_f64(0.0); g.b * g.y_item()];
+    super::with_scratch(colsize, |col| {
         y.chunks_mut(g.y_item())
             .enumerate()
-            .for_each(|a| item(&mut col, a));
-    }
+            .for_each(|a| item(col, a))
+    });
     y
 }
 
@@ -572,8 +576,8 @@ fn conv_grad_input<T: WithDType>(dy: &[T], w: &[T], g: &Geom) -> Vec<T> {
     }
     let tab = taps(g);
     let tab = tab.as_deref();
-    let mut dx = vec![T::from_f64(0.0); g.b * g.x_item()];
     if one_pixel(g) {
+        let mut dx = vec![T::from_f64(0.0); g.b * g.x_item()];
         // dpatches [b, k] = dy [b, c_out] @ W [c_out, k], then each row back to its image.
         let (k, co) = (g.k(), g.c_out);
         if g.pointwise() {
@@ -609,13 +613,12 @@ fn conv_grad_input<T: WithDType>(dy: &[T], w: &[T], g: &Geom) -> Vec<T> {
     }
     let c = chunk_images(g);
     if c > 1 {
-        conv_grad_input_chunked(dy, w, g, c, &mut dx);
-        return dx;
+        return conv_grad_input_chunked(dy, w, g, c);
     }
     let (k, n, cog, cig) = (g.k(), g.n(), g.cout_g(), g.cin_g());
     let (batch_par, gpar) = split(g.b);
     let pw = g.pointwise();
-    let item = |col: &mut Vec<T>, (bi, dxb): (usize, &mut [T])| {
+    let item = |col: &mut [T], (bi, dxb): (usize, &mut [T])| {
         let dyb = &dy[bi * g.y_item()..(bi + 1) * g.y_item()];
         for gi in 0..g.p.groups {
             let dxg = &mut dxb[gi * cig * g.h * g.w..(gi + 1) * cig * g.h * g.w];
@@ -645,15 +648,17 @@ fn conv_grad_input<T: WithDType>(dy: &[T], w: &[T], g: &Geom) -> Vec<T> {
     };
     let colsize = if pw { 0 } else { k * n };
     if batch_par {
-        dx.par_chunks_mut(g.x_item())
-            .enumerate()
-            .for_each_init(|| vec![T::from_f64(0.0); colsize], item);
-    } else {
-        let mut col = vec![T::from_f64(0.0); colsize];
+        // Zeroed per image inside its task (col2im adds into it).
+        return super::par_fill(g.b * g.x_item(), g.x_item(), |bi, dxb| {
+            super::with_scratch(colsize, |col| item(col, (bi, dxb)))
+        });
+    }
+    let mut dx = vec![T::from_f64(0.0); g.b * g.x_item()];
+    super::with_scratch(colsize, |col| {
         dx.chunks_mut(g.x_item())
             .enumerate()
-            .for_each(|a| item(&mut col, a));
-    }
+            .for_each(|a| item(col, a))
+    });
     dx
 }
 
@@ -692,7 +697,7 @@ fn conv_grad_weight<T: WithDType>(x: &[T], dy: &[T], g: &Geom) -> Vec<T> {
     let (batch_par, gpar) = split(g.b);
     let pw = g.pointwise();
     // dW_g += dy_g [cog, n] @ col^T [n, k], summed over the batch.
-    let item = |(mut dw, mut col): (Vec<T>, Vec<T>), bi: usize| {
+    let item = |dw: &mut [T], col: &mut [T], bi: usize| {
         let xb = &x[bi * g.x_item()..(bi + 1) * g.x_item()];
         let dyb = &dy[bi * g.y_item()..(bi + 1) * g.y_item()];
         for gi in 0..g.p.groups {
@@ -700,8 +705,8 @@ fn conv_grad_weight<T: WithDType>(x: &[T], dy: &[T], g: &Geom) -> Vec<T> {
             let c: &[T] = if pw {
                 xg
             } else {
-                im2col(xg, g, &mut col, n, tab);
-                &col
+                im2col(xg, g, col, n, tab);
+                col
             };
             mm(
                 (cog, k, n),
@@ -715,21 +720,25 @@ fn conv_grad_weight<T: WithDType>(x: &[T], dy: &[T], g: &Geom) -> Vec<T> {
                 gpar,
             );
         }
-        (dw, col)
     };
     let colsize = if pw { 0 } else { k * n };
-    let init = || (vec![zero; wsize], vec![zero; colsize]);
+    // The images `range` summed into one fresh accumulator.
+    let sum = |range: std::ops::Range<usize>| {
+        let mut dw = vec![zero; wsize];
+        super::with_scratch(colsize, |col| range.for_each(|bi| item(&mut dw, col, bi)));
+        dw
+    };
     if batch_par {
         // Fixed contiguous ranges, summed in order: the same sum every run
         // (rayon's fold/reduce tree follows work stealing).
         let per = g.b.div_ceil(rayon::current_num_threads().max(1));
         let parts: Vec<Vec<T>> = (0..g.b.div_ceil(per))
             .into_par_iter()
-            .map(|t| (t * per..((t + 1) * per).min(g.b)).fold(init(), item).0)
+            .map(|t| sum(t * per..((t + 1) * per).min(g.b)))
             .collect();
         super::sum_in_order(parts, wsize)
     } else {
-        (0..g.b).fold(init(), item).0
+        sum(0..g.b)
     }
 }
 

@@ -88,24 +88,27 @@ fn col2im<T: WithDType>(col: &[T], ci: usize, tab: &[u32], n: usize, xt: &mut [T
     }
 }
 
-/// Scratch buffers of one parallel task.
-struct Scratch<T> {
+/// Scratch buffers of one parallel task, from the thread's kept scratch
+/// ([`super::with_scratch`]: left over from earlier calls, so every use writes
+/// what it reads).
+struct Scratch<'a, T> {
     /// Column matrix `[c*n, kk*cin]`.
-    col: Vec<T>,
+    col: &'a mut [T],
     /// One image, channels last: `[h*w, cin]`.
-    xt: Vec<T>,
+    xt: &'a mut [T],
     /// Gemm rows by output channel: `[c*n, cout]` (or `[cout, c*n]`).
-    out: Vec<T>,
+    out: &'a mut [T],
 }
 
-impl<T: WithDType> Scratch<T> {
-    fn new(g: &Geom, c: usize) -> Self {
-        let zero = T::from_f64(0.0);
-        Self {
-            col: vec![zero; c * g.n() * g.k()],
-            xt: vec![zero; g.h * g.w * g.c_in],
-            out: vec![zero; c * g.n() * g.c_out],
-        }
+impl<'a, T: WithDType> Scratch<'a, T> {
+    /// Runs `f` with this thread's scratch for chunks of `c` images.
+    fn with<R>(g: &Geom, c: usize, f: impl FnOnce(&mut Scratch<'_, T>) -> R) -> R {
+        let (cols, xts) = (c * g.n() * g.k(), g.h * g.w * g.c_in);
+        super::with_scratch(cols + xts + c * g.n() * g.c_out, |s| {
+            let (col, rest) = s.split_at_mut(cols);
+            let (xt, out) = rest.split_at_mut(xts);
+            f(&mut Scratch { col, xt, out })
+        })
     }
 
     /// Fills `col` with the column matrices of images `b0..b0+nb` of `x`.
@@ -113,8 +116,8 @@ impl<T: WithDType> Scratch<T> {
         let (n, k, hw) = (g.n(), g.k(), g.h * g.w);
         for i in 0..nb {
             let xb = &x[(b0 + i) * g.x_item()..(b0 + i + 1) * g.x_item()];
-            transpose(xb, g.c_in, hw, &mut self.xt);
-            im2col(&self.xt, g.c_in, tab, n, &mut self.col[i * n * k..]);
+            transpose(xb, g.c_in, hw, self.xt);
+            im2col(self.xt, g.c_in, tab, n, &mut self.col[i * n * k..]);
         }
     }
 }
@@ -124,14 +127,15 @@ impl<T: WithDType> Scratch<T> {
 /// thread, each with its scratch (see [`super::par_fill`]).
 fn per_chunk<T: WithDType, F>(b: usize, item: usize, g: &Geom, c: usize, f: F) -> Vec<T>
 where
-    F: Fn(usize, usize, &mut [T], &mut Scratch<T>) + Sync + Send,
+    F: Fn(usize, usize, &mut [T], &mut Scratch<'_, T>) + Sync + Send,
 {
     let per_task = chunks_per_task(b, c);
     super::par_fill(b * item, per_task * c * item, |t, ot| {
-        let mut s = Scratch::new(g, c);
-        for (j, os) in ot.chunks_mut(c * item).enumerate() {
-            f((t * per_task + j) * c, os.len() / item, os, &mut s);
-        }
+        Scratch::with(g, c, |s| {
+            for (j, os) in ot.chunks_mut(c * item).enumerate() {
+                f((t * per_task + j) * c, os.len() / item, os, s);
+            }
+        })
     })
 }
 
@@ -148,10 +152,10 @@ pub(super) fn fwd<T: WithDType>(x: &[T], w: &[T], g: &Geom) -> Vec<T> {
         let rows = nb * n;
         mm(
             (rows, co, k),
-            &mut s.out,
+            s.out,
             co,
             false,
-            &s.col,
+            s.col,
             (k, 1),
             &wt,
             (co, 1),
@@ -177,10 +181,10 @@ pub(super) fn grad_input<T: WithDType>(dy: &[T], w: &[T], g: &Geom) -> Vec<T> {
         }
         mm(
             (nb * n, k, co),
-            &mut s.col,
+            s.col,
             k,
             false,
-            &s.out,
+            s.out,
             (co, 1),
             &wr,
             (k, 1),
@@ -188,8 +192,8 @@ pub(super) fn grad_input<T: WithDType>(dy: &[T], w: &[T], g: &Geom) -> Vec<T> {
         );
         for (i, dxb) in dxs.chunks_exact_mut(g.x_item()).enumerate() {
             s.xt.fill(zero);
-            col2im(&s.col[i * n * k..], g.c_in, &tab, n, &mut s.xt);
-            transpose(&s.xt, hw, g.c_in, dxb);
+            col2im(&s.col[i * n * k..], g.c_in, &tab, n, s.xt);
+            transpose(s.xt, hw, g.c_in, dxb);
         }
     })
 }
@@ -207,25 +211,26 @@ pub(super) fn grad_weight<T: WithDType>(x: &[T], dy: &[T], g: &Geom) -> Vec<T> {
         .into_par_iter()
         .map(|t| {
             let mut dwr = vec![T::from_f64(0.0); co * k];
-            let mut s = Scratch::new(g, c);
-            for ci in t * per_task..((t + 1) * per_task).min(chunks) {
-                let b0 = ci * c;
-                let nb = c.min(g.b - b0);
-                s.im2col(x, g, &tab, (b0, nb));
-                let dyc = &dy[b0 * g.y_item()..(b0 + nb) * g.y_item()];
-                gather_channels(dyc, co, n, &mut s.out, ld);
-                mm(
-                    (co, k, nb * n),
-                    &mut dwr,
-                    k,
-                    true,
-                    &s.out,
-                    (ld, 1),
-                    &s.col,
-                    (k, 1),
-                    Parallelism::None,
-                );
-            }
+            Scratch::with(g, c, |s| {
+                for ci in t * per_task..((t + 1) * per_task).min(chunks) {
+                    let b0 = ci * c;
+                    let nb = c.min(g.b - b0);
+                    s.im2col(x, g, &tab, (b0, nb));
+                    let dyc = &dy[b0 * g.y_item()..(b0 + nb) * g.y_item()];
+                    gather_channels(dyc, co, n, s.out, ld);
+                    mm(
+                        (co, k, nb * n),
+                        &mut dwr,
+                        k,
+                        true,
+                        s.out,
+                        (ld, 1),
+                        s.col,
+                        (k, 1),
+                        Parallelism::None,
+                    );
+                }
+            });
             dwr
         })
         .collect();
