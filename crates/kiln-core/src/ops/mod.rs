@@ -147,9 +147,11 @@ thread_local! {
     static SCRATCH: std::cell::RefCell<Vec<f64>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// Scratch kept per thread up to this many bytes; larger requests get a
-/// fresh buffer each time, so one huge convolution does not pin its buffer.
-const SCRATCH_KEEP: usize = 256 << 20;
+/// Scratch kept per thread up to this many bytes (a 64-channel 3x3
+/// convolution over a 128x128 map needs 37 MiB); larger requests get a fresh
+/// buffer each time, so one huge convolution does not stay pinned on every
+/// thread of a many-core machine.
+const SCRATCH_KEEP: usize = 64 << 20;
 
 /// Runs `f` on `len` elements of scratch that this thread keeps between calls
 /// (the convolutions' column matrices and channel-major copies), so neither an
