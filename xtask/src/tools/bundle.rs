@@ -358,6 +358,10 @@ cd "$(dirname "$0")"
 DRY=0
 [ "${1:-}" = "--dry-run" ] && DRY=1
 export LD_LIBRARY_PATH="${CUDA_HOME:-/usr/local/cuda}/lib64:${LD_LIBRARY_PATH:-}"
+# What .cargo/config.toml gives `cargo test`: candle's element-wise CPU ops run
+# inline, not on its spinning pool beside rayon's (the CUDA tests' CPU
+# reference ops). A value the caller set stands.
+export CANDLE_NUM_THREADS="${CANDLE_NUM_THREADS:-1}"
 ROWS=()
 FAILED=0
 rm -f /tmp/kiln-gpu-compare.txt
@@ -471,6 +475,12 @@ mod tests {
             assert!(RUN_SH.contains(check), "{check}");
         }
         assert!(GPT2_GREEDY_PY.contains("do_sample=False"));
+        // the test binaries run without cargo, so the script sets what
+        // .cargo/config.toml would, before any binary runs
+        let env = RUN_SH
+            .find(r#"export CANDLE_NUM_THREADS="${CANDLE_NUM_THREADS:-1}""#)
+            .expect("run.sh sets CANDLE_NUM_THREADS");
+        assert!(env < RUN_SH.find("bin/xtask").unwrap());
     }
 
     #[test]
