@@ -155,6 +155,38 @@ pub(crate) fn matmul(
         x.len(),
         w.len()
     );
+    matmul_by(
+        Kernels {
+            panel: &|job, out| panel(level, job, out),
+            dots: &|job, out| dots(level, job, out),
+        },
+        x,
+        m,
+        k,
+        w,
+        n,
+        transposed,
+    )
+}
+
+/// The two kernels a product runs: the `[K, N]` panel and the `[N, K]` dots.
+#[derive(Clone, Copy)]
+struct Kernels<'k> {
+    panel: &'k (dyn Fn(&PanelJob<'_>, &mut [f32]) + Sync),
+    dots: &'k (dyn Fn(&DotJob<'_>, &mut [f32]) + Sync),
+}
+
+/// [`matmul`] with the kernels given (the tests run every build's tile
+/// shapes through it on any CPU), shapes already checked.
+fn matmul_by(
+    kernels: Kernels<'_>,
+    x: &[f32],
+    m: usize,
+    k: usize,
+    w: &[f32],
+    n: usize,
+    transposed: bool,
+) -> Vec<f32> {
     if m == 0 || n == 0 {
         return vec![0.0; m * n];
     }
@@ -171,7 +203,8 @@ pub(crate) fn matmul(
                 w: &w[j0 * k..(j0 + rows) * k],
                 rows,
             };
-            dots(level, &job, out);
+            check_dots(&job, out);
+            (kernels.dots)(&job, out);
         })
     } else {
         column_blocks(m, mp, n, NB, |c0, cw, out| {
@@ -184,9 +217,33 @@ pub(crate) fn matmul(
                 c0,
                 cw,
             };
-            panel(level, &job, out);
+            check_panel(&job, out);
+            (kernels.panel)(&job, out);
         })
     }
+}
+
+/// `panel_tiles`' contract on the slices' sizes, asserted before any kernel
+/// runs (sizes come from `matmul`, whose products were checked for overflow).
+fn check_panel(job: &PanelJob<'_>, out: &[f32]) {
+    let PanelJob {
+        xp,
+        mp,
+        k,
+        w,
+        n,
+        c0,
+        cw,
+    } = *job;
+    assert!(xp.len() >= mp * k && w.len() >= k * n && c0 + cw <= n && cw <= NB);
+    assert!(out.len() >= mp * NB && mp.is_multiple_of(MR));
+}
+
+/// `dot_tiles`' contract on the slices' sizes, as [`check_panel`].
+fn check_dots(job: &DotJob<'_>, out: &[f32]) {
+    let DotJob { xp, mp, k, w, rows } = *job;
+    assert!(xp.len() >= mp * k && w.len() >= rows * k && out.len() >= mp * RB && rows <= RB);
+    assert!(mp.is_multiple_of(MR));
 }
 
 /// Output columns `0..n` in blocks of `width`, one task each: `block(c0, cw,
@@ -219,20 +276,9 @@ fn column_blocks(
     y
 }
 
-/// A `[K, N]` panel into `out [mp, NB]`.
+/// A `[K, N]` panel into `out [mp, NB]`, with the kernel of `level`.
 fn panel(level: Level, job: &PanelJob<'_>, out: &mut [f32]) {
-    let PanelJob {
-        xp,
-        mp,
-        k,
-        w,
-        n,
-        c0,
-        cw,
-    } = *job;
-    // Sizes come from `matmul`, whose products were checked for overflow.
-    assert!(xp.len() >= mp * k && w.len() >= k * n && c0 + cw <= n && cw <= NB);
-    assert!(out.len() >= mp * NB && mp.is_multiple_of(MR));
+    check_panel(job, out);
     match level.0 {
         // SAFETY (all arms): the slices hold the shapes asserted above, and
         // `level` came from run-time detection of these CPU features.
@@ -246,9 +292,7 @@ fn panel(level: Level, job: &PanelJob<'_>, out: &mut [f32]) {
 
 /// An `[N, K]` block into `out [mp, RB]` (weight row `j` in column `j`).
 fn dots(level: Level, job: &DotJob<'_>, out: &mut [f32]) {
-    let DotJob { xp, mp, k, w, rows } = *job;
-    assert!(xp.len() >= mp * k && w.len() >= rows * k && out.len() >= mp * RB && rows <= RB);
-    assert!(mp.is_multiple_of(MR));
+    check_dots(job, out);
     match level.0 {
         // SAFETY (all arms): as in `panel`.
         #[cfg(target_arch = "x86_64")]
@@ -547,9 +591,13 @@ mod x86 {
 
     use super::{dot_tiles, panel_tiles, DotJob, PanelJob};
 
-    /// A kernel compiled with `$features`: `$inner::<$consts>` on `$job`.
+    /// A kernel compiled with `$features`: `$inner::<$consts>` on `$job`;
+    /// and, for the tests, `$twin`: the same code without those features, so
+    /// that every build's tile shapes and prefetch distances are checked on
+    /// any CPU (an AVX-512 kernel's logic included, on a machine without it).
+    /// `mul_add` stays fused in software, so a twin gives the same bits.
     macro_rules! compiled_for {
-        ($(#[$doc:meta])* $name:ident, $features:literal, $job:ident, $inner:ident::<$($c:tt),+>) => {
+        ($(#[$doc:meta])* $name:ident / $twin:ident, $features:literal, $job:ident, $inner:ident::<$($c:tt),+>) => {
             $(#[$doc])*
             ///
             /// # Safety
@@ -559,26 +607,36 @@ mod x86 {
                 // SAFETY: the caller's contract.
                 unsafe { $inner::<$($c),+>(job, out) }
             }
+
+            #[cfg(test)]
+            #[doc = concat!("`", stringify!($name), "` without its target features.")]
+            ///
+            /// # Safety
+            #[doc = concat!("As `", stringify!($inner), "`, on any CPU.")]
+            pub(super) unsafe fn $twin(job: &$job<'_>, out: &mut [f32]) {
+                // SAFETY: the caller's contract.
+                unsafe { $inner::<$($c),+>(job, out) }
+            }
         };
     }
 
     compiled_for!(
         /// 4 x 96: 24 zmm sums, 6 weight loads and 4 broadcasts per 24 FMAs.
-        panel_avx512, "avx512f,fma", PanelJob, panel_tiles::<96, true, 8, false>
+        panel_avx512 / panel_avx512_twin, "avx512f,fma", PanelJob, panel_tiles::<96, true, 8, false>
     );
     compiled_for!(
         /// 4 x 16 on packed strips: 8 ymm sums, 2 weight loads and 4
         /// broadcasts per 8 FMAs (4 x 24 needed a 17th register and spilled
         /// a sum every step).
-        panel_avx2, "avx2,fma", PanelJob, panel_tiles::<16, true, 0, true>
+        panel_avx2 / panel_avx2_twin, "avx2,fma", PanelJob, panel_tiles::<16, true, 0, true>
     );
     compiled_for!(
         /// 4 x rows by 6 weight rows: 24 zmm sums.
-        dots_avx512, "avx512f,fma", DotJob, dot_tiles::<16, 6, true, 2>
+        dots_avx512 / dots_avx512_twin, "avx512f,fma", DotJob, dot_tiles::<16, 6, true, 2>
     );
     compiled_for!(
         /// 4 x rows by 3 weight rows: 12 ymm sums.
-        dots_avx2, "avx2,fma", DotJob, dot_tiles::<8, 3, true, 2>
+        dots_avx2 / dots_avx2_twin, "avx2,fma", DotJob, dot_tiles::<8, 3, true, 2>
     );
 }
 
@@ -626,13 +684,78 @@ mod tests {
                     let w = data(k * n, 2);
                     let want = reference(&x, m, k, &w, n, tr);
                     let got = matmul(&x, m, k, &w, n, tr, level);
-                    assert_eq!(got.len(), m * n);
-                    // f32 sums of k products of unit normals: error ~ sqrt(k) ulps.
-                    let tol = 1e-5 * (k as f64).sqrt() * 8.0;
-                    for (idx, (g, r)) in got.iter().zip(&want).enumerate() {
+                    let what = format!("{level:?} m={m} k={k} n={n} transposed={tr}");
+                    assert_close(&got, &want, k, &what);
+                }
+            }
+        }
+    }
+
+    /// Checks `got` against the f64 product.
+    fn assert_close(got: &[f32], want: &[f64], k: usize, what: &str) {
+        assert_eq!(got.len(), want.len(), "{what}");
+        // f32 sums of k products of unit normals: error ~ sqrt(k) ulps.
+        let tol = 1e-5 * (k as f64).sqrt() * 8.0;
+        for (idx, (g, r)) in got.iter().zip(want).enumerate() {
+            assert!(
+                (f64::from(*g) - r).abs() <= tol * (1.0 + r.abs()),
+                "{what} at {idx}: {g} vs {r}"
+            );
+        }
+    }
+
+    /// Every x86 build's kernels, run as plain code: the AVX-512 tiles (4 x
+    /// 96 unpacked with an 8-row prefetch, 4 x 6 dot rows) are checked here
+    /// even where the CPU lacks AVX-512, and must give the bits of the build
+    /// this CPU runs where both exist.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn every_builds_tiles_match_the_f64_product_on_any_cpu() {
+        // SAFETY (each closure): `matmul_by` asserts the kernels' contract
+        // on the slices first, and the twins need no CPU features.
+        let builds: [(Kind, Kernels<'_>); 2] = [
+            (
+                Kind::Avx512,
+                Kernels {
+                    panel: &|j, o| unsafe { x86::panel_avx512_twin(j, o) },
+                    dots: &|j, o| unsafe { x86::dots_avx512_twin(j, o) },
+                },
+            ),
+            (
+                Kind::Avx2,
+                Kernels {
+                    panel: &|j, o| unsafe { x86::panel_avx2_twin(j, o) },
+                    dots: &|j, o| unsafe { x86::dots_avx2_twin(j, o) },
+                },
+            ),
+        ];
+        // Odd sizes, several cache blocks of k (KC, KC_PACKED), panels with a
+        // column tail, weight rows past the last whole dot tile.
+        let shapes = [
+            (4, 50, 33),
+            (5, 17, 8),
+            (9, 1, 1),
+            (13, 7, 97),
+            (6, 2 * KC + 9, 200),
+            (33, 769, 96),
+            (10, 40, 193),
+        ];
+        for (kind, kernels) in builds {
+            for &(m, k, n) in &shapes {
+                for tr in [false, true] {
+                    let x = data(m * k, 1);
+                    let w = data(k * n, 2);
+                    let got = matmul_by(kernels, &x, m, k, &w, n, tr);
+                    let what = format!("{kind:?} tiles, m={m} k={k} n={n} transposed={tr}");
+                    assert_close(&got, &reference(&x, m, k, &w, n, tr), k, &what);
+                    if Level::detect() == Level(kind) {
+                        let native = matmul(&x, m, k, &w, n, tr, Level(kind));
                         assert!(
-                            (f64::from(*g) - r).abs() <= tol * (1.0 + r.abs()),
-                            "{level:?} m={m} k={k} n={n} transposed={tr} at {idx}: {g} vs {r}"
+                            native
+                                .iter()
+                                .zip(&got)
+                                .all(|(a, b)| a.to_bits() == b.to_bits()),
+                            "{what}: the native build's bits differ"
                         );
                     }
                 }
