@@ -225,18 +225,10 @@ fn matmul_by(
 
 /// `panel_tiles`' contract on the slices' sizes, asserted before any kernel
 /// runs (sizes come from `matmul`, whose products were checked for overflow).
-fn check_panel(job: &PanelJob<'_>, out: &[f32]) {
-    let PanelJob {
-        xp,
-        mp,
-        k,
-        w,
-        n,
-        c0,
-        cw,
-    } = *job;
-    assert!(xp.len() >= mp * k && w.len() >= k * n && c0 + cw <= n && cw <= NB);
-    assert!(out.len() >= mp * NB && mp.is_multiple_of(MR));
+fn check_panel(j: &PanelJob<'_>, out: &[f32]) {
+    assert!(j.xp.len() >= j.mp * j.k && j.w.len() >= j.k * j.n);
+    assert!(j.c0 + j.cw <= j.n && j.cw <= NB);
+    assert!(out.len() >= j.mp * NB && j.mp.is_multiple_of(MR));
 }
 
 /// `dot_tiles`' contract on the slices' sizes, as [`check_panel`].
