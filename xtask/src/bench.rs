@@ -11,8 +11,10 @@ use serde_json::{json, Map, Value};
 
 use crate::parts::{BenchCtx, Component};
 
-const USAGE: &str = "usage: cargo xtask bench [NAME...] [--threads N] [--steps N] [--device cpu|cuda[:N]] [--batch N]
-       cargo xtask bench --compare [NAME...] [--rounds N] [--threads N] [--python PY] [--torch SCRIPT]";
+const USAGE: &str = "usage: cargo xtask bench [NAME...] [--threads N] [--steps N] [--device cpu|cuda[:N]] [--batch N] [--no-avx512]
+       cargo xtask bench --compare [NAME...] [--rounds N] [--threads N] [--python PY] [--torch SCRIPT] [--no-avx512]
+--no-avx512 runs the same from an xtask built with RUSTFLAGS=\"--cfg kiln_no_avx512\" (in target/no-avx512):
+gemm's and kiln's AVX-512 kernels left out, the second data point on an AVX-512 CPU.";
 
 /// The command line of `bench`.
 #[derive(Debug, Clone, PartialEq)]
@@ -28,6 +30,8 @@ struct Args {
     rounds: usize,
     python: String,
     torch: Option<PathBuf>,
+    /// `--no-avx512`: run from a `kiln_no_avx512` build of xtask.
+    no_avx512: bool,
     help: bool,
 }
 
@@ -42,6 +46,7 @@ fn parse_args(args: &[String]) -> Result<Args> {
         rounds: 3,
         python: "python3".into(),
         torch: None,
+        no_avx512: false,
         help: false,
     };
     let mut it = args.iter();
@@ -70,6 +75,7 @@ fn parse_args(args: &[String]) -> Result<Args> {
                 })?;
             }
             "--compare" => out.compare = true,
+            "--no-avx512" => out.no_avx512 = true,
             "--python" => out.python = value("--python")?,
             "--torch" => out.torch = Some(PathBuf::from(value("--torch")?)),
             "-h" | "--help" => out.help = true,
@@ -103,6 +109,9 @@ pub fn run(args: &[String], components: &[Component]) -> Result<()> {
             let all: Vec<_> = benches.iter().map(|b| b.name).collect();
             bail!("unknown benchmark {n:?}; benchmarks: {}", all.join(", "));
         }
+    }
+    if a.no_avx512 && !cfg!(kiln_no_avx512) {
+        return rerun_without_avx512(args);
     }
     if a.compare {
         return compare(&a);
@@ -153,6 +162,56 @@ pub fn run(args: &[String], components: &[Component]) -> Result<()> {
             }
             println!("{line}");
         }
+    }
+    Ok(())
+}
+
+/// `--no-avx512` from a build with the AVX-512 kernels: builds xtask with
+/// `--cfg kiln_no_avx512` into `target/no-avx512` (the folder `cargo xtask ci
+/// --no-avx512` uses, so each keeps its own cache) and runs this command there.
+/// Its lines then say `"gemm_simd": "avx2"` on an AVX-512 CPU.
+fn rerun_without_avx512(args: &[String]) -> Result<()> {
+    let root = crate::tools::toolkit::workspace_root();
+    let target = root.join("target/no-avx512");
+    let flags = std::env::var("RUSTFLAGS").unwrap_or_default();
+    let flags = format!("{flags} --cfg kiln_no_avx512").trim().to_string();
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let profile = if cfg!(debug_assertions) {
+        "debug"
+    } else {
+        "release"
+    };
+    let mut build = Command::new(&cargo);
+    build.args(["build", "-p", "xtask"]);
+    if profile == "release" {
+        build.arg("--release");
+    }
+    eprintln!(
+        "bench --no-avx512: RUSTFLAGS={flags:?} CARGO_TARGET_DIR={} cargo build -p xtask ({profile})",
+        target.display()
+    );
+    let status = build
+        .env("RUSTFLAGS", &flags)
+        .env("CARGO_TARGET_DIR", &target)
+        .current_dir(&root)
+        .status()
+        .with_context(|| {
+            format!(
+                "--no-avx512 rebuilds xtask with cargo ({cargo:?} did not start); in a GPU \
+                 bundle, run bin/xtask-no-avx512 instead"
+            )
+        })?;
+    if !status.success() {
+        bail!("bench --no-avx512: building xtask with --cfg kiln_no_avx512 failed ({status})");
+    }
+    let exe = target.join(profile).join("xtask");
+    let status = Command::new(&exe)
+        .arg("bench")
+        .args(args)
+        .status()
+        .with_context(|| format!("running {}", exe.display()))?;
+    if !status.success() {
+        bail!("{} bench failed ({status})", exe.display());
     }
     Ok(())
 }
@@ -498,8 +557,10 @@ mod tests {
     #[test]
     fn flags_are_range_checked() {
         let a = parse_args(&args(&["--compare", "vae_mlp_train_step", "--rounds", "5"])).unwrap();
-        assert!(a.compare);
+        assert!(a.compare && !a.no_avx512);
         assert_eq!((a.rounds, a.names.len(), a.threads), (5, 1, 2));
+        let a = parse_args(&args(&["--compare", "--no-avx512", "--rounds", "1"])).unwrap();
+        assert!(a.compare && a.no_avx512 && a.rounds == 1);
         for bad in [
             &["--threads", "0"][..],
             &["--steps", "-1"],

@@ -7,8 +7,14 @@
 //!   with `--release --features cuda`, stripped;
 //! - `bin/xtask`: xtask with `kiln-core/cuda`, stripped (`demo --device cuda`,
 //!   `generate --device cuda`);
+//! - `bin/xtask-no-avx512`: xtask for the CPU built with `--cfg
+//!   kiln_no_avx512` (gemm's and kiln's AVX-512 kernels left out), stripped:
+//!   `run.sh --cpu` compares kiln with PyTorch on the GPU machine's CPU with
+//!   and without them, the performance issue's two data points on an AVX-512
+//!   CPU;
 //! - `scripts/`: `gpu-check.sh` with the PTX and the exported references,
-//!   the PyTorch reference scripts (`torch_gpu.py`, `torch_reference.py`),
+//!   the PyTorch reference scripts (`torch_gpu.py`, `torch_reference.py`, and
+//!   kiln's copy of the CPU one with the machine keys, `bench/torch_reference.py`),
 //!   `gpu_compare.py` (kiln's GPU benchmark lines beside PyTorch's, one table)
 //!   and `gpt2_greedy.py` (transformers' greedy tokens on the fixture);
 //! - `fixtures/tiny-gpt2`: kiln-lm's transformers-written GPT-2 fixture;
@@ -78,7 +84,14 @@ pub fn gpu_bundle(args: &[String]) -> Result<()> {
     if dir.exists() {
         std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
     }
-    for sub in ["bin", "tests", "scripts/gpu-check/ptx", "fixtures", "stub"] {
+    for sub in [
+        "bin",
+        "tests",
+        "scripts/gpu-check/ptx",
+        "scripts/bench",
+        "fixtures",
+        "stub",
+    ] {
         std::fs::create_dir_all(dir.join(sub))?;
     }
     let mut times: Vec<(String, f64)> = Vec::new();
@@ -165,8 +178,20 @@ pub fn gpu_bundle(args: &[String]) -> Result<()> {
         .find_map(|m| m["executable"].as_str().map(PathBuf::from))
         .context("cargo built no xtask executable")?;
 
+    // xtask for the CPU without the AVX-512 kernels, in the folder `bench
+    // --no-avx512` and `ci --no-avx512` build into (their cache is reused).
     let t = Instant::now();
-    let mut bins = vec![("bin/xtask".to_string(), xtask)];
+    let cpu_xtask = no_avx512_xtask()?;
+    times.push((
+        "cargo build --release -p xtask (--cfg kiln_no_avx512)".into(),
+        t.elapsed().as_secs_f64(),
+    ));
+
+    let t = Instant::now();
+    let mut bins = vec![
+        ("bin/xtask".to_string(), xtask),
+        ("bin/xtask-no-avx512".to_string(), cpu_xtask),
+    ];
     bins.extend(tests.iter().map(|(n, p)| (format!("tests/{n}"), p.clone())));
     for (rel, src) in &bins {
         let dst = dir.join(rel);
@@ -191,6 +216,10 @@ pub fn gpu_bundle(args: &[String]) -> Result<()> {
         &dir.join("scripts/gpu_compare.py"),
     )?;
     copy(&torch_ref, &dir.join("scripts/torch_reference.py"))?;
+    copy(
+        &root.join("scripts/bench/torch_reference.py"),
+        &dir.join("scripts/bench/torch_reference.py"),
+    )?;
     write(&dir.join("scripts/gpt2_greedy.py"), GPT2_GREEDY_PY, false)?;
     let fixture = root.join("crates/kiln-lm/tests/fixtures/tiny-gpt2");
     let fx_dst = dir.join("fixtures/tiny-gpt2");
@@ -275,6 +304,35 @@ fn cargo_json(tk: &Toolkit, cap: &str, args: &[&str]) -> Result<Vec<Value>> {
         .collect())
 }
 
+/// Builds xtask (CPU only) with `--cfg kiln_no_avx512` into
+/// `target/no-avx512` and returns the executable.
+fn no_avx512_xtask() -> Result<PathBuf> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let flags = std::env::var("RUSTFLAGS").unwrap_or_default();
+    let flags = format!("{flags} --cfg kiln_no_avx512").trim().to_string();
+    let root = toolkit::workspace_root();
+    let what = "cargo build --release -p xtask";
+    eprintln!("==> RUSTFLAGS={flags:?} CARGO_TARGET_DIR=target/no-avx512 {what}");
+    let out = Command::new(&cargo)
+        .current_dir(&root)
+        .args(["build", "--release", "-p", "xtask"])
+        .arg("--message-format=json-render-diagnostics")
+        .env("RUSTFLAGS", &flags)
+        .env("CARGO_TARGET_DIR", root.join("target/no-avx512"))
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .with_context(|| format!("running {what}"))?;
+    if !out.status.success() {
+        bail!("{what} (--cfg kiln_no_avx512) failed ({})", out.status);
+    }
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|m| m["reason"] == "compiler-artifact" && m["target"]["name"] == "xtask")
+        .find_map(|m| m["executable"].as_str().map(PathBuf::from))
+        .context("cargo built no xtask executable (--cfg kiln_no_avx512)")
+}
+
 fn copy(from: &Path, to: &Path) -> Result<()> {
     std::fs::copy(from, to)
         .with_context(|| format!("copying {} to {}", from.display(), to.display()))?;
@@ -352,6 +410,12 @@ const RUN_SH: &str = r#"#!/usr/bin/env bash
 # usage: ./run.sh            (needs an NVIDIA GPU and driver 580+, CUDA 13 libraries)
 #        ./run.sh --dry-run  (any machine: checks the files and libraries, lists
 #                             the tests, and runs nothing that needs a GPU)
+#        ./run.sh --cpu [NAME...]  (any machine with python3 and torch; no GPU
+#             needed): kiln against PyTorch on this CPU, `bench --compare` with
+#             the AVX-512 kernels (bin/xtask) and, on an AVX-512 CPU, without
+#             them (bin/xtask-no-avx512). KILN_CPU_THREADS (2), KILN_CPU_ROUNDS
+#             (1), PYTHON (python3); KILN_CPU_NO_AVX512=1 runs the second pass
+#             on any CPU. Tables in /tmp/kiln-cpu-compare*.txt.
 # Exit status: 0 all passed, 1 a failure, 2 no CUDA device (nothing was run).
 set -uo pipefail
 cd "$(dirname "$0")"
@@ -362,6 +426,30 @@ export LD_LIBRARY_PATH="${CUDA_HOME:-/usr/local/cuda}/lib64:${LD_LIBRARY_PATH:-}
 # inline, not on its spinning pool beside rayon's (the CUDA tests' CPU
 # reference ops). A value the caller set stands.
 export CANDLE_NUM_THREADS="${CANDLE_NUM_THREADS:-1}"
+
+if [ "${1:-}" = "--cpu" ]; then
+  shift
+  T="${KILN_CPU_THREADS:-2}"; R="${KILN_CPU_ROUNDS:-1}"
+  # bin/xtask links the CUDA driver; where there is none, the stub lets it
+  # start (the CPU benchmarks never call it).
+  if ldd bin/xtask | grep -q 'libcuda.so.1 => not found'; then
+    export LD_LIBRARY_PATH="$PWD/stub:$LD_LIBRARY_PATH"
+  fi
+  AVX512=no
+  grep -qw avx512f /proc/cpuinfo && AVX512=yes
+  echo "CPU: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//'); $(nproc) logical CPUs; avx512f: $AVX512; $T threads, $R round(s)"
+  ARGS=(bench --compare "$@" --rounds "$R" --threads "$T" --python "${PYTHON:-python3}" --torch scripts/bench/torch_reference.py)
+  STATUS=0
+  echo "== with the AVX-512 kernels where the CPU has them (bin/xtask)"
+  bin/xtask "${ARGS[@]}" 2>&1 | tee /tmp/kiln-cpu-compare.txt || STATUS=1
+  if [ $AVX512 = yes ] || [ "${KILN_CPU_NO_AVX512:-0}" = 1 ]; then
+    echo "== without them (bin/xtask-no-avx512, built with --cfg kiln_no_avx512)"
+    bin/xtask-no-avx512 "${ARGS[@]}" 2>&1 | tee /tmp/kiln-cpu-compare-no-avx512.txt || STATUS=1
+  else
+    echo "== no AVX-512 on this CPU: a run without the AVX-512 kernels would repeat the one above"
+  fi
+  exit $STATUS
+fi
 ROWS=()
 FAILED=0
 rm -f /tmp/kiln-gpu-compare.txt
@@ -385,8 +473,9 @@ fi
 
 # Files.
 missing=0
-for f in bin/xtask tests/* scripts/gpu-check.sh scripts/gpu-check/check.py \
+for f in bin/xtask bin/xtask-no-avx512 tests/* scripts/gpu-check.sh scripts/gpu-check/check.py \
          scripts/gpu-check/refs/manifest.json scripts/torch_gpu.py scripts/torch_reference.py \
+         scripts/bench/torch_reference.py \
          scripts/gpu_compare.py \
          scripts/gpt2_greedy.py fixtures/tiny-gpt2/model.safetensors; do
   [ -e "$f" ] || { echo "missing: $f"; missing=1; }
@@ -398,7 +487,7 @@ if [ $missing = 0 ]; then row "bundle files" ok - "$n_ptx PTX files"; else row "
 # Libraries: the driver's libcuda.so.1 comes from the stub in a dry run only.
 LIBS="$LD_LIBRARY_PATH"
 [ $DRY = 1 ] && [ -z "$GPU" ] && LIBS="$PWD/stub:$LD_LIBRARY_PATH"
-nf=$(for b in bin/xtask tests/*; do LD_LIBRARY_PATH="$LIBS" ldd "$b" | grep 'not found'; done | sort -u)
+nf=$(for b in bin/* tests/*; do LD_LIBRARY_PATH="$LIBS" ldd "$b" | grep 'not found'; done | sort -u)
 if [ -z "$nf" ]; then row "shared libraries" ok - "all found"; else
   row "shared libraries" FAIL - "not found: $(echo "$nf" | awk '{print $1}' | tr '\n' ' ')"; fi
 
@@ -410,6 +499,10 @@ if [ $DRY = 1 ] && [ -z "$GPU" ]; then
     else row "list $(basename "$t")" FAIL - "could not start"; fi
   done
   if LD_LIBRARY_PATH="$LIBS" bin/xtask --help >/dev/null 2>&1; then row "xtask starts" ok - ""; else row "xtask starts" FAIL - ""; fi
+  if g=$(bin/xtask-no-avx512 bench vae_mlp_train_step --steps 1 2>/dev/null | grep -o '"gemm_simd":"[a-z0-9.]*"'); then
+    if [ "$g" = '"gemm_simd":"avx512"' ]; then row "xtask-no-avx512" FAIL - "its gemm runs AVX-512 kernels";
+    else row "xtask-no-avx512" ok - "one VAE step on the CPU, $g"; fi
+  else row "xtask-no-avx512" FAIL - "could not run a CPU benchmark"; fi
   out=$(LD_LIBRARY_PATH="$LIBS" bin/xtask demo --device cuda --quiet 2>&1 | tail -1)
   row "demo --device cuda" skip - "refused: ${out:0:60}"
   row "gpt2 greedy parity" skip - "no CUDA device"
@@ -480,7 +573,27 @@ mod tests {
         let env = RUN_SH
             .find(r#"export CANDLE_NUM_THREADS="${CANDLE_NUM_THREADS:-1}""#)
             .expect("run.sh sets CANDLE_NUM_THREADS");
-        assert!(env < RUN_SH.find("bin/xtask").unwrap());
+        let first_run = RUN_SH
+            .lines()
+            .filter(|l| !l.trim_start().starts_with('#'))
+            .find(|l| l.contains("bin/xtask"))
+            .and_then(|l| RUN_SH.find(l))
+            .expect("run.sh runs bin/xtask");
+        assert!(env < first_run);
+        // --cpu: the comparison with and without the AVX-512 kernels, on
+        // kiln's copy of the reference script (the machine keys)
+        let cpu = &RUN_SH[RUN_SH.find(r#"if [ "${1:-}" = "--cpu" ]"#).unwrap()..];
+        let cpu = &cpu[..cpu.find("\nfi\n").unwrap()];
+        for part in [
+            "bench --compare",
+            "--torch scripts/bench/torch_reference.py",
+            "bin/xtask \"${ARGS[@]}\"",
+            "bin/xtask-no-avx512 \"${ARGS[@]}\"",
+            "grep -qw avx512f /proc/cpuinfo",
+            "exit $STATUS",
+        ] {
+            assert!(cpu.contains(part), "--cpu lacks {part}");
+        }
     }
 
     #[test]

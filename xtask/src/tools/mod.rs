@@ -32,7 +32,7 @@ pub const ALL: &[Tool] = &[
     ),
     (
         "gpu-bundle",
-        "OUT [--compute-cap 90]  CUDA test binaries, xtask and scripts for a GPU machine without Rust (opt-in)",
+        "OUT [--compute-cap 90]  CUDA test binaries, xtask (and a CPU one without AVX-512) and scripts for a GPU machine without Rust (opt-in)",
         bundle::gpu_bundle,
     ),
     (
