@@ -86,6 +86,9 @@ fn parse_args(args: &[String]) -> Result<Args> {
     if !out.compare && (out.torch.is_some() || args.iter().any(|a| a == "--rounds")) {
         bail!("--rounds and --torch go with --compare\n{USAGE}");
     }
+    if out.no_avx512 && out.device != kiln_core::device::DeviceSpec::Cpu {
+        bail!("--no-avx512 leaves out CPU kernels; it goes without --device\n{USAGE}");
+    }
     if out.compare && (out.batch.is_some() || out.device != kiln_core::device::DeviceSpec::Cpu) {
         bail!("--compare runs on the CPU at the reference batches; --device and --batch go without it\n{USAGE}");
     }
@@ -172,9 +175,8 @@ pub fn run(args: &[String], components: &[Component]) -> Result<()> {
 /// Its lines then say `"gemm_simd": "avx2"` on an AVX-512 CPU.
 fn rerun_without_avx512(args: &[String]) -> Result<()> {
     let root = crate::tools::toolkit::workspace_root();
-    let target = root.join("target/no-avx512");
-    let flags = std::env::var("RUSTFLAGS").unwrap_or_default();
-    let flags = format!("{flags} --cfg kiln_no_avx512").trim().to_string();
+    let env = crate::tools::toolkit::no_avx512_env();
+    let target = PathBuf::from(&env[1].1);
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let profile = if cfg!(debug_assertions) {
         "debug"
@@ -186,13 +188,9 @@ fn rerun_without_avx512(args: &[String]) -> Result<()> {
     if profile == "release" {
         build.arg("--release");
     }
-    eprintln!(
-        "bench --no-avx512: RUSTFLAGS={flags:?} CARGO_TARGET_DIR={} cargo build -p xtask ({profile})",
-        target.display()
-    );
+    eprintln!("bench --no-avx512: {env:?} cargo build -p xtask ({profile})");
     let status = build
-        .env("RUSTFLAGS", &flags)
-        .env("CARGO_TARGET_DIR", &target)
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .current_dir(&root)
         .status()
         .with_context(|| {
@@ -569,6 +567,7 @@ mod tests {
             &["--torch", "x.py"],
             &["--frob"],
             &["--threads"],
+            &["--no-avx512", "--device", "cuda"],
         ] {
             assert!(parse_args(&args(bad)).is_err(), "{bad:?}");
         }

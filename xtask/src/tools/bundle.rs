@@ -308,17 +308,14 @@ fn cargo_json(tk: &Toolkit, cap: &str, args: &[&str]) -> Result<Vec<Value>> {
 /// `target/no-avx512` and returns the executable.
 fn no_avx512_xtask() -> Result<PathBuf> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let flags = std::env::var("RUSTFLAGS").unwrap_or_default();
-    let flags = format!("{flags} --cfg kiln_no_avx512").trim().to_string();
-    let root = toolkit::workspace_root();
+    let env = toolkit::no_avx512_env();
     let what = "cargo build --release -p xtask";
-    eprintln!("==> RUSTFLAGS={flags:?} CARGO_TARGET_DIR=target/no-avx512 {what}");
+    eprintln!("==> {env:?} {what}");
     let out = Command::new(&cargo)
-        .current_dir(&root)
+        .current_dir(toolkit::workspace_root())
         .args(["build", "--release", "-p", "xtask"])
         .arg("--message-format=json-render-diagnostics")
-        .env("RUSTFLAGS", &flags)
-        .env("CARGO_TARGET_DIR", root.join("target/no-avx512"))
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .stderr(std::process::Stdio::inherit())
         .output()
         .with_context(|| format!("running {what}"))?;

@@ -50,12 +50,7 @@ pub fn run(args: &[String]) -> Result<()> {
             env.push(("RAYON_NUM_THREADS".to_string(), t.to_string()));
         }
         if a.no_avx512 {
-            let flags = std::env::var("RUSTFLAGS").unwrap_or_default();
-            env.push((
-                "RUSTFLAGS".to_string(),
-                format!("{flags} --cfg kiln_no_avx512").trim().to_string(),
-            ));
-            env.push(("CARGO_TARGET_DIR".to_string(), "target/no-avx512".into()));
+            env.extend(super::toolkit::no_avx512_env().map(|(k, v)| (k.to_string(), v)));
         }
         let shown: Vec<String> = env.iter().map(|(k, v)| format!("{k}={v:?} ")).collect();
         eprintln!("==> {}cargo {}", shown.concat(), step.join(" "));

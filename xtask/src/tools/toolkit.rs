@@ -70,6 +70,27 @@ pub fn workspace_root() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("."))
 }
 
+/// The environment of a build without the AVX-512 kernels (gemm's and
+/// kiln's): `RUSTFLAGS` with `--cfg kiln_no_avx512` added to the caller's, and
+/// its own `CARGO_TARGET_DIR`, `target/no-avx512`, so neither build evicts the
+/// other's cache (`ci --no-avx512`, `bench --no-avx512`, `gpu-bundle`).
+pub fn no_avx512_env() -> [(&'static str, String); 2] {
+    let flags = std::env::var("RUSTFLAGS").unwrap_or_default();
+    [
+        (
+            "RUSTFLAGS",
+            format!("{flags} --cfg kiln_no_avx512").trim().to_string(),
+        ),
+        (
+            "CARGO_TARGET_DIR",
+            workspace_root()
+                .join("target/no-avx512")
+                .display()
+                .to_string(),
+        ),
+    ]
+}
+
 /// The default prefix of the PyPI toolkit: `target/cuda-13.0` in the workspace.
 pub fn default_prefix() -> PathBuf {
     workspace_root()
