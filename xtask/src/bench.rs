@@ -303,7 +303,17 @@ struct Compared {
     metric: &'static str,
     kiln: Vec<f64>,
     torch: Vec<f64>,
+    /// kiln's decode lines on the CPU, per round: the weight reads' share of
+    /// the machine's read bandwidth with the prefill and per decode step
+    /// (the issue asks for both beside the ratio).
+    shares: Vec<[f64; 2]>,
 }
+
+/// The keys of [`Compared::shares`] in kiln's decode lines.
+const SHARE_KEYS: [&str; 2] = [
+    "share_of_read_bandwidth",
+    "decode_step_share_of_read_bandwidth",
+];
 
 impl Compared {
     /// The median over rounds of kiln / PyTorch, each round's pair measured
@@ -316,6 +326,11 @@ impl Compared {
             .map(|(k, t)| k / t)
             .collect();
         median(&r)
+    }
+
+    /// The medians of [`Compared::shares`] over the rounds.
+    fn share_medians(&self) -> [f64; 2] {
+        [0, 1].map(|j| median(&self.shares.iter().map(|s| s[j]).collect::<Vec<_>>()))
     }
 }
 
@@ -355,10 +370,14 @@ fn alternate(
                     metric: mk,
                     kiln: Vec::new(),
                     torch: Vec::new(),
+                    shares: Vec::new(),
                 });
             }
             out[i].kiln.push(vk);
             out[i].torch.push(vt);
+            if let [Some(w), Some(st)] = SHARE_KEYS.map(|key| k[key].as_f64()) {
+                out[i].shares.push([w, st]);
+            }
             progress(&format!(
                 "round {}/{rounds}: {} kiln {vk:.1} vs PyTorch {vt:.1} {mk} ({:.2}x)",
                 round + 1,
@@ -469,6 +488,14 @@ fn compare(a: &Args) -> Result<()> {
             r.metric
         );
     }
+    for r in results.iter().filter(|r| !r.shares.is_empty()) {
+        let [whole, step] = r.share_medians();
+        println!(
+            "  {}: kiln's weight reads were {whole:.3} of the machine's read bandwidth \
+             with the prefill, {step:.3} per decode step (medians)",
+            r.bench
+        );
+    }
     for r in &results {
         let mut line = json!({
             "compare": r.bench,
@@ -481,6 +508,11 @@ fn compare(a: &Args) -> Result<()> {
             "torch_median": median(&r.torch),
             "ratio": r.ratio(),
         });
+        if !r.shares.is_empty() {
+            let [whole, step] = r.share_medians();
+            line[SHARE_KEYS[0]] = whole.into();
+            line[SHARE_KEYS[1]] = step.into();
+        }
         if let Value::Object(o) = &mut line {
             o.extend(m.clone());
         }
@@ -638,6 +670,30 @@ mod tests {
         assert!((r[0].ratio() - 2.06).abs() < 1e-12);
         assert_eq!(order.len(), 6);
         assert_eq!(log.borrow().len(), 6);
+        assert!(r[0].shares.is_empty());
+        // Decode lines carry the bandwidth shares: their medians are kept.
+        let decode: Vec<&Pair> = PAIRS
+            .iter()
+            .filter(|p| p.kiln == "gpt2_small_greedy_decode")
+            .collect();
+        let round = std::cell::Cell::new(0.0);
+        let r = alternate(
+            &decode,
+            3,
+            |p| {
+                round.set(round.get() + 1.0);
+                let x = round.get();
+                Ok(json!({"bench": p.kiln, "tokens_per_s": 40.0,
+                    "share_of_read_bandwidth": 0.7 + x / 100.0,
+                    "decode_step_share_of_read_bandwidth": 0.9 - x / 100.0}))
+            },
+            |p| Ok(json!({"bench": p.torch_bench, "tokens_per_s": 20.0})),
+            |_| {},
+        )
+        .unwrap();
+        assert_eq!(r[0].shares.len(), 3);
+        let [whole, step] = r[0].share_medians();
+        assert!((whole - 0.72).abs() < 1e-12 && (step - 0.88).abs() < 1e-12);
         // A line without a throughput, or with another unit, is an error.
         let bad = alternate(
             &pairs,
