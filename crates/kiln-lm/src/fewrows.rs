@@ -147,14 +147,6 @@ pub(crate) fn matmul(
     transposed: bool,
     level: Level,
 ) -> Vec<f32> {
-    let fits = |len: usize, a: usize, b: usize| a.checked_mul(b).is_some_and(|need| len >= need);
-    assert!(
-        fits(x.len(), m, k) && fits(w.len(), k, n),
-        "kiln few-row matmul: [{m}, {k}] x {} weights over slices of {} and {}",
-        if transposed { "[n, k]" } else { "[k, n]" },
-        x.len(),
-        w.len()
-    );
     matmul_by(
         Kernels {
             panel: &|job, out| panel(level, job, out),
@@ -177,7 +169,7 @@ struct Kernels<'k> {
 }
 
 /// [`matmul`] with the kernels given (the tests run every build's tile
-/// shapes through it on any CPU), shapes already checked.
+/// shapes through it on any CPU).
 fn matmul_by(
     kernels: Kernels<'_>,
     x: &[f32],
@@ -187,6 +179,14 @@ fn matmul_by(
     n: usize,
     transposed: bool,
 ) -> Vec<f32> {
+    let fits = |len: usize, a: usize, b: usize| a.checked_mul(b).is_some_and(|need| len >= need);
+    assert!(
+        fits(x.len(), m, k) && fits(w.len(), k, n),
+        "kiln few-row matmul: [{m}, {k}] x {} weights over slices of {} and {}",
+        if transposed { "[n, k]" } else { "[k, n]" },
+        x.len(),
+        w.len()
+    );
     if m == 0 || n == 0 {
         return vec![0.0; m * n];
     }
