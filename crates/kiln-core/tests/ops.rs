@@ -792,6 +792,33 @@ fn naive_entropy(x: &Tensor) -> Tensor {
 }
 
 #[test]
+fn log_softmax_at_matches_the_f64_log_softmax_of_a_gpt2_row() {
+    let mut rng = SeededRng::new(52);
+    let v = 50257;
+    // Wide logits far from zero, with masked (-inf) entries.
+    let mut row: Vec<f32> = (0..v).map(|_| 8.0 * rng.normal_f32() + 1e3).collect();
+    for j in (0..v).step_by(97) {
+        row[j] = f32::NEG_INFINITY;
+    }
+    let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let z: f64 = row
+        .iter()
+        .map(|&x| (f64::from(x) - f64::from(m)).exp())
+        .sum();
+    for i in [1, 2, 500, v - 1] {
+        let want = f64::from(row[i]) - f64::from(m) - z.ln();
+        let got = ops::log_softmax_at(&row, i);
+        // f32 rounding of a value of magnitude ~30, and of the f64 sum's log.
+        assert!((f64::from(got) - want).abs() < 1e-5, "{i}: {got} vs {want}");
+    }
+    assert_eq!(ops::log_softmax_at(&row, 0), f32::NEG_INFINITY);
+    // A flat row: every entry's log-prob is -ln V.
+    let flat_row = vec![-3e4f32; v];
+    let want = -(v as f64).ln();
+    assert!((f64::from(ops::log_softmax_at(&flat_row, 7)) - want).abs() < 2e-6);
+}
+
+#[test]
 fn token_logprobs_and_entropy_match_log_softmax_at_gpt2_vocab() {
     let mut rng = SeededRng::new(50);
     let (b, t, v) = (2, 3, 50257);

@@ -165,12 +165,6 @@ fn softmax(scores: &[f32]) -> Vec<f32> {
     e.into_iter().map(|x| x / z).collect()
 }
 
-fn log_softmax_at(logits: &[f32], i: usize) -> f32 {
-    let m = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let z: f64 = logits.iter().map(|&s| ((s - m) as f64).exp()).sum();
-    ((logits[i] - m) as f64 - z.ln()) as f32
-}
-
 /// Picks the next token from processed scores: the first maximum when greedy,
 /// otherwise a draw from their softmax.
 pub fn pick(scores: &[f32], greedy: bool, rng: &mut SeededRng) -> u32 {
@@ -306,7 +300,8 @@ pub fn generate_batch(
             }
             let t = pick(&scores, greedy, &mut row.rng);
             row.ids.push(t);
-            row.logprobs.push(log_softmax_at(raw, t as usize));
+            row.logprobs
+                .push(kiln_core::ops::log_softmax_at(raw, t as usize));
             next.push(t);
             if Some(t) == eos {
                 row.finish = Some(FinishReason::Eos);

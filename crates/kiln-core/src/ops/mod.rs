@@ -343,6 +343,17 @@ pub fn avg_pool2d(x: &Tensor, kernel: usize, stride: usize) -> Result<Tensor> {
     x.contiguous()?.apply_op1(pool::AvgPool { kernel, stride })
 }
 
+/// `log_softmax(row)[i]` of one row of logits on the host: a sampler's
+/// log-prob of the token it picked. The vocabulary-wide `exp` sum runs in
+/// SIMD lanes with f64 accumulators, as in [`token_logprobs`]; a scalar f64
+/// `exp` per entry took ~1 ms of each GPT-2 decode step (50257 logits).
+///
+/// # Panics
+/// If `i` is outside the row.
+pub fn log_softmax_at(row: &[f32], i: usize) -> f32 {
+    token::log_softmax_at(row, i)
+}
+
 /// `log_softmax(logits, -1)` gathered at `targets`: `logits [.., V]` (f32/f64),
 /// `targets [..]` (any integer dtype) give `[..]`. Neither the forward nor the
 /// backward materialises `[.., V]` log-probabilities; the backward writes

@@ -83,6 +83,16 @@ fn shift<T: Real>(row: &[T]) -> (T, T) {
     (m, s0.ln())
 }
 
+/// `log_softmax(row)[i]` of one f32 row, computed as [`token_logprobs`]
+/// computes each row's (the `exp` sum in SIMD lanes, see `vexp`).
+///
+/// # Panics
+/// If `i` is outside the row.
+pub(super) fn log_softmax_at(row: &[f32], i: usize) -> f32 {
+    let (m, ls) = shift(row);
+    (row[i] - m) - ls
+}
+
 fn targets(s: &CpuStorage, l: &Layout, n: usize, v: usize, what: &str) -> Result<Vec<usize>> {
     let t = slice::<u32>(s, l)?;
     if t.len() != n {
