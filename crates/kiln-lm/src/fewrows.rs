@@ -148,9 +148,11 @@ pub(crate) fn matmul(
     level: Level,
 ) -> Vec<f32> {
     matmul_by(
+        // SAFETY (both): `matmul_by` checks each job's slices before it
+        // runs a kernel.
         Kernels {
-            panel: &|job, out| panel(level, job, out),
-            dots: &|job, out| dots(level, job, out),
+            panel: &|job, out| unsafe { panel(level, job, out) },
+            dots: &|job, out| unsafe { dots(level, job, out) },
         },
         x,
         m,
@@ -269,11 +271,13 @@ fn column_blocks(
 }
 
 /// A `[K, N]` panel into `out [mp, NB]`, with the kernel of `level`.
-fn panel(level: Level, job: &PanelJob<'_>, out: &mut [f32]) {
-    check_panel(job, out);
+///
+/// # Safety
+/// `job` and `out` pass [`check_panel`].
+unsafe fn panel(level: Level, job: &PanelJob<'_>, out: &mut [f32]) {
     match level.0 {
-        // SAFETY (all arms): the slices hold the shapes asserted above, and
-        // `level` came from run-time detection of these CPU features.
+        // SAFETY (all arms): the slices hold the shapes the caller checked,
+        // and `level` came from run-time detection of these CPU features.
         #[cfg(target_arch = "x86_64")]
         Kind::Avx512 => unsafe { x86::panel_avx512(job, out) },
         #[cfg(target_arch = "x86_64")]
@@ -283,8 +287,10 @@ fn panel(level: Level, job: &PanelJob<'_>, out: &mut [f32]) {
 }
 
 /// An `[N, K]` block into `out [mp, RB]` (weight row `j` in column `j`).
-fn dots(level: Level, job: &DotJob<'_>, out: &mut [f32]) {
-    check_dots(job, out);
+///
+/// # Safety
+/// `job` and `out` pass [`check_dots`].
+unsafe fn dots(level: Level, job: &DotJob<'_>, out: &mut [f32]) {
     match level.0 {
         // SAFETY (all arms): as in `panel`.
         #[cfg(target_arch = "x86_64")]
