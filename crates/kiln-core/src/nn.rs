@@ -115,22 +115,13 @@ impl Linear {
 
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        // gemm reads the transposed view directly; materialising W^T would cost a
-        // strided copy per call.
-        let w = param(&self.weight);
-        let y = match x.dims() {
-            [b1, b2, _, _] => x.broadcast_matmul(&w.t()?.broadcast_left((*b1, *b2))?)?,
-            [b, _, _] => x.broadcast_matmul(&w.t()?.broadcast_left(*b)?)?,
-            // y = (W x^T)^T: the same product, but autograd then forms the weight
-            // gradient as grad^T x, already in W's [out, in] layout. With x W^T it
-            // arrives transposed and every optimizer step pays a strided copy of
-            // each weight-sized gradient (~6 ms for 512x3072 here).
-            _ => crate::ops::matmul(&w, &x.t()?)?.t()?,
-        };
-        match &self.bias {
-            Some(b) => crate::ops::add_bias_last(&y, &param(b)),
-            None => Ok(y),
-        }
+        let b = self.bias.as_ref().map(param);
+        crate::ops::linear(
+            x,
+            &param(&self.weight),
+            b.as_ref(),
+            crate::ops::WeightLayout::OutIn,
+        )
     }
 }
 

@@ -1262,3 +1262,124 @@ fn batch_norm_fallback_for_other_dtypes_agrees_with_the_kernel() {
         assert_close(&format!("fallback train={train}"), &yh, &y, 1e-2);
     }
 }
+
+/// `ops::linear` against an f64 product plus bias, in both weight layouts:
+/// small products (gemm), ones big enough for kiln's sgemm, a transposed
+/// weight view, a 3-D input; all three gradients of `sum(y * r)`, which are
+/// `r @ W^T`, `x^T r` (in the weight's layout) and `r`'s column sums.
+#[test]
+fn linear_matches_the_f64_product_plus_bias_and_its_gradients() {
+    use kiln_core::ops::WeightLayout;
+    let mut rng = SeededRng::new(61);
+    for &(m, k, n) in &[(3, 5, 4), (96, 80, 72), (200, 130, 70)] {
+        for layout in [WeightLayout::InOut, WeightLayout::OutIn] {
+            for view in [false, true] {
+                let what = format!("{m}x{k}x{n} {layout:?} view {view}");
+                let x = Var::from_tensor(&randn(&mut rng, &[m, k])).unwrap();
+                let (wr, wc) = match layout {
+                    WeightLayout::InOut => (k, n),
+                    WeightLayout::OutIn => (n, k),
+                };
+                // A transposed view of a contiguous weight: read through strides.
+                let w = if view {
+                    Var::from_tensor(&randn(&mut rng, &[wc, wr]).t().unwrap()).unwrap()
+                } else {
+                    Var::from_tensor(&randn(&mut rng, &[wr, wc])).unwrap()
+                };
+                let b = Var::from_tensor(&randn(&mut rng, &[n])).unwrap();
+                let r = randn(&mut rng, &[m, n]);
+                let y =
+                    ops::linear(x.as_tensor(), w.as_tensor(), Some(b.as_tensor()), layout).unwrap();
+                // The reference in f64: x @ W_[K,N] + b.
+                let f = |t: &Tensor| t.to_dtype(DType::F64).unwrap();
+                let w_kn = match layout {
+                    WeightLayout::InOut => f(w.as_tensor()),
+                    WeightLayout::OutIn => f(w.as_tensor()).t().unwrap(),
+                };
+                let want = f(x.as_tensor())
+                    .matmul(&w_kn)
+                    .unwrap()
+                    .broadcast_add(&f(b.as_tensor()))
+                    .unwrap();
+                let tol = 1e-5 * (k as f64).sqrt();
+                assert_close(&format!("{what}: y"), &y, &want, tol);
+                let g = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+                let r64 = f(&r);
+                let want_dx = r64.matmul(&w_kn.t().unwrap()).unwrap();
+                let want_dw_kn = f(x.as_tensor()).t().unwrap().matmul(&r64).unwrap();
+                let want_dw = match layout {
+                    WeightLayout::InOut => want_dw_kn,
+                    WeightLayout::OutIn => want_dw_kn.t().unwrap(),
+                };
+                let want_db = r64.sum(0).unwrap();
+                assert_close(
+                    &format!("{what}: dx"),
+                    g.get(x.as_tensor()).unwrap(),
+                    &want_dx,
+                    tol,
+                );
+                assert_close(
+                    &format!("{what}: dw"),
+                    g.get(w.as_tensor()).unwrap(),
+                    &want_dw,
+                    tol,
+                );
+                assert_close(
+                    &format!("{what}: db"),
+                    g.get(b.as_tensor()).unwrap(),
+                    &want_db,
+                    tol,
+                );
+            }
+        }
+    }
+    // A 3-D input is a batch of rows; an input outside the graph gets no gradient.
+    let x = randn(&mut rng, &[2, 3, 5]);
+    let w = Var::from_tensor(&randn(&mut rng, &[5, 4])).unwrap();
+    let b = Var::from_tensor(&randn(&mut rng, &[4])).unwrap();
+    let y = ops::linear(&x, w.as_tensor(), Some(b.as_tensor()), WeightLayout::InOut).unwrap();
+    assert_eq!(y.dims(), &[2, 3, 4]);
+    let want = x
+        .reshape((6, 5))
+        .unwrap()
+        .matmul(w.as_tensor())
+        .unwrap()
+        .broadcast_add(b.as_tensor())
+        .unwrap()
+        .reshape((2, 3, 4))
+        .unwrap();
+    assert_close("3-D y", &y, &want, 1e-5);
+    let g = y.sum_all().unwrap().backward().unwrap();
+    assert!(
+        g.get(&x).is_none(),
+        "an input outside the graph got a gradient"
+    );
+    assert!(g.get(w.as_tensor()).is_some() && g.get(b.as_tensor()).is_some());
+    // No bias: the product alone.
+    let y = ops::linear(&x, w.as_tensor(), None, WeightLayout::InOut).unwrap();
+    assert_close(
+        "no bias",
+        &y,
+        &x.matmul(
+            &w.as_tensor()
+                .unsqueeze(0)
+                .unwrap()
+                .broadcast_as((2, 5, 4))
+                .unwrap(),
+        )
+        .unwrap(),
+        1e-5,
+    );
+}
+
+#[test]
+fn linear_names_the_shapes_that_do_not_fit() {
+    use kiln_core::ops::WeightLayout;
+    let x = Tensor::zeros((2, 5), DType::F32, &CPU).unwrap();
+    let w = Tensor::zeros((4, 5), DType::F32, &CPU).unwrap();
+    let b = Tensor::zeros(3, DType::F32, &CPU).unwrap();
+    let e = ops::linear(&x, &w, Some(&b), WeightLayout::InOut).unwrap_err();
+    assert!(e.to_string().contains("do not multiply"), "{e}");
+    let e = ops::linear(&x, &w, Some(&b), WeightLayout::OutIn).unwrap_err();
+    assert!(e.to_string().contains("bias [3] for 4 outputs"), "{e}");
+}

@@ -80,6 +80,16 @@ impl Conv1D {
     }
 
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let rows = x.elem_count() / x.dims().last().copied().unwrap_or(1).max(1);
+        if rows > crate::fewrows::MAX_ROWS {
+            // Training and long prompts: product and bias in one op.
+            return kiln_core::ops::linear(
+                x,
+                &self.weight,
+                Some(&self.bias),
+                kiln_core::ops::WeightLayout::InOut,
+            );
+        }
         let y = project(x, &self.weight, self.bf16.as_ref(), false)?;
         kiln_core::ops::add_bias_last(&y, &self.bias)
     }
