@@ -312,6 +312,14 @@ pub fn inline_elementwise() -> bool {
 /// step spent ~10% in those page faults and ran 1.35-1.5x faster with the
 /// padding (Zen 3, two threads).
 ///
+/// And it keeps every thread on the main heap (`M_ARENA_MAX` 1). A worker
+/// thread's own arena cannot hold a block larger than one of its 64 MiB heaps,
+/// and glibc maps such a block afresh whatever `M_MMAP_MAX` says: a GPT-2
+/// small train step run on the kernels' pool (as the trainers' loop runs it)
+/// mapped, faulted in and unmapped 2.15 GB of logits, log-probabilities and
+/// embedding gradients every step, and took 9.4-10.7 s instead of 8.0-8.6 s
+/// (Zen 3, two threads). Small blocks still come from each thread's cache.
+///
 /// The process keeps its peak heap instead of returning freed blocks to the
 /// system. Process-wide and
 /// irreversible, so kiln's binaries call it at start; a no-op off glibc.
@@ -326,6 +334,7 @@ pub fn tune_allocator() -> bool {
                 && libc::mallopt(libc::M_MMAP_MAX, 0) == 1
                 && libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX) == 1
                 && libc::mallopt(libc::M_TOP_PAD, 64 << 20) == 1
+                && libc::mallopt(libc::M_ARENA_MAX, 1) == 1
         }
     }
     #[cfg(not(all(target_os = "linux", target_env = "gnu")))]

@@ -646,10 +646,13 @@ fn bench_train(ctx: &super::BenchCtx) -> Result<serde_json::Value> {
         .map(|_| rng.below(cfg.vocab_size) as u32)
         .collect();
     let ids = Tensor::from_vec(ids, (b, t), &dev)?;
+    // On the kernels' pool, as the trainers' loop runs its steps.
     let mut step = || -> Result<()> {
-        let loss = causal_lm_loss(&model, &ids, None, true)?;
-        opt.backward_step(&loss)?;
-        Ok(())
+        kiln_core::ops::on_pool(|| {
+            let loss = causal_lm_loss(&model, &ids, None, true)?;
+            opt.backward_step(&loss)?;
+            Ok(())
+        })
     };
     let (warm, steps) = if dev.is_cpu() { (1, 5) } else { (5, 30) };
     for _ in 0..warm {
