@@ -50,10 +50,7 @@ pub(super) fn mm<T: WithDType>(
         Parallelism::Rayon(t) => t,
         _ => 1,
     };
-    if T::DTYPE == candle_core::DType::F32
-        && super::sgemm::available()
-        && super::sgemm::suits(m, n, k, threads)
-    {
+    if T::DTYPE == candle_core::DType::F32 && super::sgemm::picks(m, n, k, threads, rcs != 1) {
         // SAFETY: `T` is f32 (checked above), so the slices are f32 slices.
         let f = |s: &[T]| unsafe { std::slice::from_raw_parts(s.as_ptr().cast::<f32>(), s.len()) };
         // SAFETY: as above.

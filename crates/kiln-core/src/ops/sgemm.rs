@@ -101,15 +101,42 @@ const DIRECT_STRIPS: usize = 2;
 /// Multiply-adds below which a product is not split across threads.
 const MIN_TASK_MACS: usize = 1 << 20;
 
-/// Whether [`sgemm`] runs here: x86-64 with AVX2 and FMA, where `gemm` would
-/// run its AVX2 kernels.
-pub(super) fn available() -> bool {
-    use std::sync::OnceLock;
-    static ON: OnceLock<bool> = OnceLock::new();
-    *ON.get_or_init(|| kernel_runs() && crate::device::gemm_simd_level() == "avx2")
+/// Which products [`sgemm`] takes from `gemm` here, by the kernels `gemm`
+/// runs on this CPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Beside {
+    /// No AVX2 and FMA: `gemm` takes every product.
+    Nothing,
+    /// `gemm`'s AVX2 kernels: see [`suits`].
+    Avx2,
+    /// `gemm`'s AVX-512 kernels: see [`suits_beside_avx512`].
+    Avx512,
 }
 
-/// Whether [`sgemm`] beats `gemm` on a product run on `threads` threads.
+fn beside() -> Beside {
+    use std::sync::OnceLock;
+    static ON: OnceLock<Beside> = OnceLock::new();
+    *ON.get_or_init(|| match crate::device::gemm_simd_level() {
+        _ if !kernel_runs() => Beside::Nothing,
+        "avx2" => Beside::Avx2,
+        "avx512" => Beside::Avx512,
+        _ => Beside::Nothing,
+    })
+}
+
+/// Whether [`sgemm`] runs `[m, k] @ [k, n]` on `threads` threads here rather
+/// than `gemm`; `b_transposed`: `B` is read down its columns (column stride
+/// not 1), as a linear layer's `x @ w^T` reads its `[out, in]` weight.
+pub(super) fn picks(m: usize, n: usize, k: usize, threads: usize, b_transposed: bool) -> bool {
+    match beside() {
+        Beside::Nothing => false,
+        Beside::Avx2 => suits(m, n, k, threads),
+        Beside::Avx512 => b_transposed && suits_beside_avx512(m, n, k, threads),
+    }
+}
+
+/// Whether [`sgemm`] beats `gemm`'s AVX2 kernels on a product run on
+/// `threads` threads.
 ///
 /// - One thread (each convolution's per-image products): only from 64 rows
 ///   and columns and 48 `k` steps. Below that, `gemm`'s narrower edge kernels
@@ -122,12 +149,30 @@ pub(super) fn available() -> bool {
 ///   32x512x3072 1.6-1.8x, 3072x512x32 1.5x, 512x32x3072 1.16x, 3072x32x512
 ///   0.99-1.2x, 8x3072x512 1.4x, 32x32x128 1.1x; with 16 columns 1.0x, 8
 ///   columns 0.76x).
-pub(super) fn suits(m: usize, n: usize, k: usize, threads: usize) -> bool {
+fn suits(m: usize, n: usize, k: usize, threads: usize) -> bool {
     if threads > 1 {
         m >= 8 && n >= 32 && k >= 32
     } else {
         m >= 64 && n >= 64 && k >= 48
     }
+}
+
+/// Whether [`sgemm`] beats `gemm`'s AVX-512 kernels on a product whose `B` is
+/// read transposed: up to 256 rows (8 with more than one thread, 16 on one),
+/// 32 columns and 32 `k` steps.
+///
+/// `gemm`'s AVX-512 path is slow on such products with few rows: on a 2-core
+/// Zen 4 (AVX-512, `gemm` 0.19), kiln's AVX2 kernel against it, two threads:
+/// 8x512x3072 13.5x, 32x512x3072 7.9x, 32x3072x512 3.1x, 128x768x768 1.7x,
+/// 256x768x768 1.4x, 512x768x768 1.2x, 1024x768x768 0.96x; one thread:
+/// 16x512x512 5.1x, 32x72x256 1.7x, 256x512x512 1.3x, 512x512x512 1.15x, but
+/// 8x27x1024 0.28x. Rows are capped at 256 because a CPU with two 512-bit FMA
+/// units per core may double `gemm`'s rate and not this kernel's. With `B`
+/// read along its rows `gemm` kept up or led (32x512x3072 1.5x, the DCGAN
+/// convolutions' one-thread products 1.06-1.12x), so those stay with `gemm`.
+fn suits_beside_avx512(m: usize, n: usize, k: usize, threads: usize) -> bool {
+    let min_rows = if threads > 1 { 8 } else { 16 };
+    (min_rows..=256).contains(&m) && n >= 32 && k >= 32
 }
 
 /// Whether this CPU can run the AVX2+FMA kernel at all.
@@ -831,5 +876,35 @@ mod tests {
         assert_eq!(c, [5.0; 6]);
         sgemm((2, 3, 0), &mut c, 3, false, &[], (0, 1), &[], (3, 1), 1);
         assert_eq!(c, [0.0; 6]);
+    }
+
+    #[test]
+    fn products_go_to_the_kernel_that_led_on_their_shape() {
+        // Beside gemm's AVX-512 kernels: a linear layer's `x @ w^T` at small
+        // batches, not `B` read along its rows, large batches, or shapes
+        // too narrow for the 6 x 16 tile.
+        assert!(suits_beside_avx512(32, 512, 3072, 2));
+        assert!(suits_beside_avx512(8, 128, 512, 2));
+        assert!(suits_beside_avx512(256, 768, 768, 2));
+        assert!(suits_beside_avx512(16, 72, 256, 1));
+        assert!(!suits_beside_avx512(512, 768, 768, 2));
+        assert!(!suits_beside_avx512(8, 27, 1024, 1));
+        assert!(!suits_beside_avx512(8, 512, 512, 1));
+        assert!(!suits_beside_avx512(32, 16, 512, 2));
+        // Beside gemm's AVX2 kernels: from 8 rows on threads, 64 on one.
+        assert!(suits(8, 32, 32, 2) && !suits(8, 32, 32, 1));
+        assert!(suits(1024, 768, 768, 2) && suits(64, 64, 48, 1));
+        // And `picks` applies the rule of the kernels gemm runs here.
+        let (t, wide) = ((32, 512, 3072, 2, true), (32, 512, 3072, 2, false));
+        let got = (
+            picks(t.0, t.1, t.2, t.3, t.4),
+            picks(wide.0, wide.1, wide.2, wide.3, wide.4),
+        );
+        let want = match (kernel_runs(), crate::device::gemm_simd_level()) {
+            (true, "avx512") => (true, false),
+            (true, "avx2") => (true, true),
+            _ => (false, false),
+        };
+        assert_eq!(got, want, "gemm runs {}", crate::device::gemm_simd_level());
     }
 }
