@@ -27,16 +27,22 @@ torch.manual_seed(0)
 
 def machine():
     """The CPU model, logical cores and SIMD level, as kiln's bench lines say them."""
-    model, flags = "unknown", set()
+    fields = {}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name") and model == "unknown":
-                    model = line.split(":", 1)[1].strip() or "unknown"
-                elif line.startswith("flags") and not flags:
-                    flags = set(line.split(":", 1)[1].split())
+                if not line.strip():
+                    break  # the first processor's block says it all
+                key, _, value = line.partition(":")
+                fields.setdefault(key.strip(), value.strip())
     except OSError:
         pass
+    model = fields.get("model name") or "unknown"
+    # A virtual machine may name only the brand ("AMD EPYC"): the family and
+    # model numbers tell a Zen 3 from a Zen 4 (kiln's cpu_model says the same).
+    if fields.get("cpu family") and fields.get("model"):
+        model += f" (family {fields['cpu family']} model {fields['model']})"
+    flags = set(fields.get("flags", "").split())
     if "avx512f" in flags:
         simd = "avx512"
     elif "avx2" in flags and "fma" in flags:

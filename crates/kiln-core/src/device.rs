@@ -173,19 +173,32 @@ pub fn logical_cores() -> usize {
     std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
 }
 
-/// The CPU's model name (`/proc/cpuinfo`'s `model name`; `"unknown"` where
-/// it cannot be read), for benchmark reports: figures differ between CPUs.
+/// The CPU's model name (`/proc/cpuinfo`'s `model name`), with its family and
+/// model numbers where the CPU has them (x86: `"AMD EPYC (family 25 model
+/// 17)"`); `"unknown"` where it cannot be read. For benchmark reports, since
+/// figures differ between CPUs, and a virtual machine may name only the brand,
+/// which the numbers tell apart (family 25 is Zen 3 with model 1, Zen 4 with
+/// model 17).
 pub fn cpu_model() -> String {
-    std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|t| {
-            t.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split_once(':'))
-                .map(|(_, v)| v.trim().to_string())
-        })
-        .filter(|m| !m.is_empty())
-        .unwrap_or_else(|| "unknown".into())
+    describe_cpu(&std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default())
+}
+
+/// [`cpu_model`] from the text of `/proc/cpuinfo` (its first processor).
+fn describe_cpu(cpuinfo: &str) -> String {
+    let field = |key: &str| {
+        cpuinfo
+            .lines()
+            .take_while(|l| !l.trim().is_empty())
+            .filter_map(|l| l.split_once(':'))
+            .find(|(k, _)| k.trim() == key)
+            .map(|(_, v)| v.trim())
+            .filter(|v| !v.is_empty())
+    };
+    let name = field("model name").unwrap_or("unknown");
+    match (field("cpu family"), field("model")) {
+        (Some(family), Some(model)) => format!("{name} (family {family} model {model})"),
+        _ => name.to_string(),
+    }
 }
 
 /// The widest SIMD level this CPU offers, detected at run time:
@@ -378,8 +391,25 @@ mod tests {
         let model = cpu_model();
         assert!(!model.is_empty() && !model.contains('\n'), "{model:?}");
         if cfg!(target_os = "linux") && cfg!(target_arch = "x86_64") {
+            assert!(model.contains(" (family "), "{model:?}");
+        }
+        if cfg!(target_os = "linux") && cfg!(target_arch = "x86_64") {
             assert_ne!(model, "unknown");
         }
+    }
+
+    #[test]
+    fn the_cpu_is_described_by_name_family_and_model() {
+        let zen4 = "processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 17\n\
+                    model name\t: AMD EPYC\nflags\t\t: fpu avx2\n\n\
+                    processor\t: 1\ncpu family\t: 99\nmodel\t\t: 99\nmodel name\t: other\n";
+        assert_eq!(describe_cpu(zen4), "AMD EPYC (family 25 model 17)");
+        // aarch64 names neither; an unreadable file names nothing.
+        let arm = "processor\t: 0\nBogoMIPS\t: 50.00\nCPU part\t: 0xd0c\n";
+        assert_eq!(describe_cpu(arm), "unknown");
+        assert_eq!(describe_cpu(""), "unknown");
+        let named = "model name\t: Intel(R) Xeon(R) Platinum 8488C\ncpu family\t: 6\n";
+        assert_eq!(describe_cpu(named), "Intel(R) Xeon(R) Platinum 8488C");
     }
 
     #[test]
