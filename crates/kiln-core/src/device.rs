@@ -391,10 +391,9 @@ mod tests {
         let model = cpu_model();
         assert!(!model.is_empty() && !model.contains('\n'), "{model:?}");
         if cfg!(target_os = "linux") && cfg!(target_arch = "x86_64") {
+            // x86 Linux always names the model, its family and its number.
+            assert!(!model.starts_with("unknown"), "{model:?}");
             assert!(model.contains(" (family "), "{model:?}");
-        }
-        if cfg!(target_os = "linux") && cfg!(target_arch = "x86_64") {
-            assert_ne!(model, "unknown");
         }
     }
 
