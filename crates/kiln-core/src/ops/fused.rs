@@ -19,21 +19,6 @@ pub(super) fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result
     super::slice(s, l)
 }
 
-const SQRT_2_OVER_PI: f32 = 0.797_884_6;
-const GELU_C: f32 = 0.044_715;
-
-#[inline]
-fn tanh_fast(u: f32) -> f32 {
-    // tanh(u) = 1 - 2 / (exp(2u) + 1); exact to f32 rounding, one exp.
-    if u > 10.0 {
-        1.0
-    } else if u < -10.0 {
-        -1.0
-    } else {
-        1.0 - 2.0 / ((2.0 * u).exp() + 1.0)
-    }
-}
-
 /// GELU, tanh approximation (`gelu_new`, PyTorch's `approximate="tanh"`).
 pub(crate) struct GeluTanh;
 
@@ -54,10 +39,7 @@ impl CustomOp1 for GeluTanh {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = f32_slice(s, l, "gelu")?;
         let y = super::par_fill(x.len(), CHUNK, |i, y| {
-            for (y, &v) in y.iter_mut().zip(&x[i * CHUNK..]) {
-                let t = tanh_fast(SQRT_2_OVER_PI * (v + GELU_C * v * v * v));
-                *y = 0.5 * v * (1.0 + t);
-            }
+            super::vexp::gelu_tanh(y, &x[i * CHUNK..]);
         });
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
@@ -103,11 +85,7 @@ impl CustomOp2 for GeluTanhGrad {
         let g = f32_slice(s2, l2, "gelu grad")?;
         let out = super::par_fill(x.len(), CHUNK, |i, o| {
             let at = i * CHUNK..i * CHUNK + o.len();
-            for ((o, &v), &gv) in o.iter_mut().zip(&x[at.clone()]).zip(&g[at]) {
-                let t = tanh_fast(SQRT_2_OVER_PI * (v + GELU_C * v * v * v));
-                let du = SQRT_2_OVER_PI * (1.0 + 3.0 * GELU_C * v * v);
-                *o = gv * (0.5 * (1.0 + t) + 0.5 * v * (1.0 - t * t) * du);
-            }
+            super::vexp::gelu_tanh_grad(o, &x[at.clone()], &g[at]);
         });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
@@ -135,19 +113,12 @@ fn map_rows<const N: usize>(
     })
 }
 
-/// `y = softmax(scale * x)` of one row, max-subtracted. With `scale` 1 the
-/// product is exact, so the plain softmax shares this code.
+/// `y = softmax(scale * x)` of one row, max-subtracted (in SIMD lanes: see
+/// `vexp`). With `scale` 1 the product is exact, so the plain softmax shares
+/// this code.
 #[inline]
 pub(super) fn softmax_row(y: &mut [f32], x: &[f32], scale: f32) {
-    let m = x.iter().fold(f32::NEG_INFINITY, |a, &v| a.max(v * scale));
-    let mut z = 0f32;
-    for (y, &v) in y.iter_mut().zip(x) {
-        let e = (v * scale - m).exp();
-        *y = e;
-        z += e;
-    }
-    let inv = 1.0 / z;
-    y.iter_mut().for_each(|v| *v *= inv);
+    super::vexp::softmax(y, x, scale)
 }
 
 /// The gradient of [`softmax_row`]: `scale * y * (g - sum(g * y))`.
