@@ -319,13 +319,26 @@ impl Compared {
     /// The median over rounds of kiln / PyTorch, each round's pair measured
     /// back to back (so slow drifts of the machine cancel).
     fn ratio(&self) -> f64 {
-        let r: Vec<f64> = self
-            .kiln
+        median(&self.ratios())
+    }
+
+    /// kiln / PyTorch in each round, in round order.
+    fn ratios(&self) -> Vec<f64> {
+        self.kiln
             .iter()
             .zip(&self.torch)
             .map(|(k, t)| k / t)
-            .collect();
-        median(&r)
+            .collect()
+    }
+
+    /// The lowest and highest of [`Compared::ratios`]: how far one round can
+    /// stray on a noisy machine (a single run would land anywhere in it).
+    fn ratio_range(&self) -> [f64; 2] {
+        let r = self.ratios();
+        [
+            r.iter().copied().fold(f64::INFINITY, f64::min),
+            r.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+        ]
     }
 
     /// The medians of [`Compared::shares`] over the rounds.
@@ -469,25 +482,32 @@ fn compare(a: &Args) -> Result<()> {
     let results = alternate(&chosen, a.rounds, kiln, torch, |s| eprintln!("{s}"))?;
     let m = machine();
     println!(
-        "\n{:<32} {:>12} {:>12} {:>8}  (medians of {} rounds, {} threads; {})",
+        "\n{:<32} {:>12} {:>12} {:>8} {:>13}  (medians of {} rounds, {} threads; {})",
         "benchmark",
         "kiln",
         "PyTorch",
         "ratio",
+        "rounds' range",
         a.rounds,
         a.threads,
         m["cpu"].as_str().unwrap_or("unknown")
     );
     for r in &results {
+        let [lo, hi] = r.ratio_range();
         println!(
-            "{:<32} {:>12.1} {:>12.1} {:>7.2}x  {}",
+            "{:<32} {:>12.1} {:>12.1} {:>7.2}x {:>13}  {}",
             r.bench,
             median(&r.kiln),
             median(&r.torch),
             r.ratio(),
+            format!("{lo:.2}-{hi:.2}x"),
             r.metric
         );
     }
+    println!(
+        "  ratio: the median of the rounds' kiln / PyTorch, each round's pair run back to back \
+         (so it need not equal the two medians' quotient)"
+    );
     for r in results.iter().filter(|r| !r.shares.is_empty()) {
         let [whole, step] = r.share_medians();
         println!(
@@ -507,6 +527,7 @@ fn compare(a: &Args) -> Result<()> {
             "kiln_median": median(&r.kiln),
             "torch_median": median(&r.torch),
             "ratio": r.ratio(),
+            "round_ratios": r.ratios(),
         });
         if !r.shares.is_empty() {
             let [whole, step] = r.share_medians();
@@ -668,6 +689,21 @@ mod tests {
         assert_eq!(r[0].torch, vec![50.0; 3]);
         // kiln / torch per round: 2.02, 2.06, 2.10 -> median 2.06.
         assert!((r[0].ratio() - 2.06).abs() < 1e-12);
+        let [lo, hi] = r[0].ratio_range();
+        assert!((lo - 2.02).abs() < 1e-12 && (hi - 2.10).abs() < 1e-12);
+        // The median of the rounds' ratios, not the medians' quotient: with
+        // kiln 100, 300, 200 against PyTorch 100, 100, 400 the rounds give
+        // 1, 3, 0.5 (median 1), the medians 200 / 100 = 2.
+        let c = Compared {
+            bench: "x".into(),
+            metric: "images_per_s",
+            kiln: vec![100.0, 300.0, 200.0],
+            torch: vec![100.0, 100.0, 400.0],
+            shares: Vec::new(),
+        };
+        assert_eq!(c.ratio(), 1.0);
+        assert_eq!(c.ratio_range(), [0.5, 3.0]);
+        assert_eq!(median(&c.kiln) / median(&c.torch), 2.0);
         assert_eq!(order.len(), 6);
         assert_eq!(log.borrow().len(), 6);
         assert!(r[0].shares.is_empty());
