@@ -282,13 +282,12 @@ pub fn gpu_bundle(args: &[String]) -> Result<()> {
 
 /// Runs cargo with the toolkit's environment and returns its JSON messages.
 fn cargo_json(tk: &Toolkit, cap: &str, args: &[&str]) -> Result<Vec<Value>> {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let what = format!("cargo {}", args.join(" "));
-    eprintln!("==> {what} (CUDA_COMPUTE_CAP={cap})");
-    let mut c = Command::new(&cargo);
-    tk.apply(&mut c);
-    let out = c
-        .current_dir(toolkit::workspace_root())
+    eprintln!(
+        "==> {what} (CUDA_COMPUTE_CAP={cap}, into {})",
+        toolkit::cuda_target_dir().display()
+    );
+    let out = toolkit::cuda_cargo(Some(tk))
         .args(args)
         .arg("--message-format=json-render-diagnostics")
         .env("CUDA_COMPUTE_CAP", cap)

@@ -174,7 +174,6 @@ pub fn cuda_check(args: &[String]) -> Result<()> {
         .unwrap_or_default();
     eprintln!("{version}");
     let ptx_out = std::env::current_dir()?.join(&a.ptx_out);
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut steps: Vec<Vec<&str>> = vec![
         vec!["build", "-p", "kiln-core", "--features", "cuda"],
         vec!["check", "-p", "kiln-core", "--tests", "--features", "cuda"],
@@ -190,10 +189,7 @@ pub fn cuda_check(args: &[String]) -> Result<()> {
     }
     for step in steps {
         let t = Instant::now();
-        let mut c = Command::new(&cargo);
-        if let Some(tk) = &tk {
-            tk.apply(&mut c);
-        }
+        let mut c = toolkit::cuda_cargo(tk.as_ref());
         c.args(&step)
             .env("CUDA_COMPUTE_CAP", &compute_cap)
             .env("KILN_PTX_DIR", &ptx_out);

@@ -70,6 +70,28 @@ pub fn workspace_root() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("."))
 }
 
+/// The target folder of every CUDA build xtask runs (`cuda-check`,
+/// `gpu-bundle`): kept apart from `target/release` and `target/debug`. In the
+/// default folder the bundle's xtask, which needs the driver's
+/// `libcuda.so.1`, replaced `target/release/xtask`, so the binary no longer
+/// started on the machine that built it (`cargo xtask` relinks it, a binary
+/// run directly did not).
+pub fn cuda_target_dir() -> PathBuf {
+    workspace_root().join("target/cuda")
+}
+
+/// `cargo` (as `$CARGO` names it) run from the workspace root into
+/// [`cuda_target_dir`], with the toolkit's environment when there is one.
+pub fn cuda_cargo(tk: Option<&Toolkit>) -> Command {
+    let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    if let Some(tk) = tk {
+        tk.apply(&mut c);
+    }
+    c.current_dir(workspace_root())
+        .env("CARGO_TARGET_DIR", cuda_target_dir());
+    c
+}
+
 /// The environment of a build without the AVX-512 kernels (gemm's and
 /// kiln's): `RUSTFLAGS` with `--cfg kiln_no_avx512` added to the caller's, and
 /// its own `CARGO_TARGET_DIR`, `target/no-avx512`, so neither build evicts the
@@ -431,6 +453,19 @@ fn non_free_sources() -> Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cuda_builds_go_to_their_own_target_folder() {
+        let c = cuda_cargo(None);
+        let dir = c
+            .get_envs()
+            .find(|(k, _)| *k == "CARGO_TARGET_DIR")
+            .and_then(|(_, v)| v)
+            .map(PathBuf::from);
+        assert_eq!(dir, Some(workspace_root().join("target/cuda")));
+        assert_ne!(cuda_target_dir(), workspace_root().join("target"));
+        assert_eq!(c.get_current_dir(), Some(workspace_root().as_path()));
+    }
 
     #[test]
     fn driver_symbols_are_the_extern_declarations_once_each() {
