@@ -5,7 +5,6 @@
 //! not the arithmetic, were a tenth of a GPT-2 small decode step.
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
-use rayon::prelude::*;
 
 /// Multiply-adds below which one thread does the whole product.
 const SERIAL_MACS: usize = 1 << 16;
@@ -145,10 +144,9 @@ impl CustomOp3 for OneQuery {
                 task(bh, out, &mut scores);
             }
         } else {
-            y.par_chunks_mut(d).enumerate().for_each_init(
-                || Vec::with_capacity(s),
-                |scores, (bh, out)| task(bh, out, scores),
-            );
+            kiln_core::ops::team::chunks_mut(&mut y, d, |bh, out| {
+                task(bh, out, &mut Vec::with_capacity(s))
+            });
         }
         Ok((CpuStorage::F32(y), Shape::from((b, c))))
     }

@@ -18,8 +18,6 @@
 //! `panel_tiles`). Every output is one task's sum in `k` order, so results do
 //! not depend on the thread count.
 
-use rayon::prelude::*;
-
 /// Rows from which these kernels beat the gemv (f32 weights).
 pub(crate) const MIN_ROWS: usize = 4;
 
@@ -250,15 +248,12 @@ fn column_blocks(
     width: usize,
     block: impl Fn(usize, usize, &mut [f32]) + Sync,
 ) -> Vec<f32> {
-    let blocks: Vec<Vec<f32>> = (0..n.div_ceil(width))
-        .into_par_iter()
-        .map(|b| {
-            let c0 = b * width;
-            let mut out = vec![0f32; mp * width];
-            block(c0, width.min(n - c0), &mut out);
-            out
-        })
-        .collect();
+    let blocks: Vec<Vec<f32>> = kiln_core::ops::team::map(n.div_ceil(width), |b| {
+        let c0 = b * width;
+        let mut out = vec![0f32; mp * width];
+        block(c0, width.min(n - c0), &mut out);
+        out
+    });
     let mut y = vec![0f32; m * n];
     for (b, out) in blocks.iter().enumerate() {
         let c0 = b * width;

@@ -7,7 +7,6 @@
 //! [`crate::fewrows`], larger ones to `kiln_core::ops::matmul`.
 
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
-use rayon::prelude::*;
 
 /// `x [M, K] @ w [K, N]`, or `x @ w^T` for `w [N, K]` when `transposed`:
 /// the gemv kernel for 1 to 3 rows, the few-row kernels up to
@@ -285,29 +284,27 @@ fn gemv_with<W: Weight>(
         // row. A full block of BLOCK rows takes its rows four at a time,
         // SPREAD apart; the last, partial block one at a time.
         let mut yt = vec![0f32; n * m];
-        yt.par_chunks_mut(BLOCK * m)
-            .enumerate()
-            .for_each(|(bi, out)| {
-                let n0 = bi * BLOCK;
-                let row = |j: usize| &w[(n0 + j) * k..(n0 + j + 1) * k];
-                if out.len() == BLOCK * m {
-                    for j in 0..SPREAD {
-                        let rows: [&[W]; DOTS] = std::array::from_fn(|q| row(j + q * SPREAD));
-                        for r in 0..m {
-                            let v = dot4(fast, &x[r * k..(r + 1) * k], rows);
-                            for (q, v) in v.into_iter().enumerate() {
-                                out[(j + q * SPREAD) * m + r] = v;
-                            }
-                        }
-                    }
-                } else {
-                    for (j, o) in out.chunks_mut(m).enumerate() {
-                        for (r, v) in o.iter_mut().enumerate() {
-                            *v = dot(&x[r * k..(r + 1) * k], row(j));
+        kiln_core::ops::team::chunks_mut(&mut yt, BLOCK * m, |bi, out| {
+            let n0 = bi * BLOCK;
+            let row = |j: usize| &w[(n0 + j) * k..(n0 + j + 1) * k];
+            if out.len() == BLOCK * m {
+                for j in 0..SPREAD {
+                    let rows: [&[W]; DOTS] = std::array::from_fn(|q| row(j + q * SPREAD));
+                    for r in 0..m {
+                        let v = dot4(fast, &x[r * k..(r + 1) * k], rows);
+                        for (q, v) in v.into_iter().enumerate() {
+                            out[(j + q * SPREAD) * m + r] = v;
                         }
                     }
                 }
-            });
+            } else {
+                for (j, o) in out.chunks_mut(m).enumerate() {
+                    for (r, v) in o.iter_mut().enumerate() {
+                        *v = dot(&x[r * k..(r + 1) * k], row(j));
+                    }
+                }
+            }
+        });
         for r in 0..m {
             for j in 0..n {
                 y[r * n + j] = yt[j * m + r];
@@ -317,17 +314,14 @@ fn gemv_with<W: Weight>(
         // w [K, N]: bands of whole rows, each streamed once into its partial
         // sums (sequential memory), then the partial sums added in order.
         // Column blocks measured 23.5 tokens/s on GPT-2 small, K bands 39.
-        let parts: Vec<Vec<f32>> = (0..k.div_ceil(BAND))
-            .into_par_iter()
-            .map(|t| {
-                let (k0, k1) = (t * BAND, ((t + 1) * BAND).min(k));
-                let mut acc = vec![0f32; m * n];
-                for (r, a) in acc.chunks_exact_mut(n).enumerate() {
-                    band(fast, &x[r * k + k0..r * k + k1], &w[k0 * n..k1 * n], a);
-                }
-                acc
-            })
-            .collect();
+        let parts: Vec<Vec<f32>> = kiln_core::ops::team::map(k.div_ceil(BAND), |t| {
+            let (k0, k1) = (t * BAND, ((t + 1) * BAND).min(k));
+            let mut acc = vec![0f32; m * n];
+            for (r, a) in acc.chunks_exact_mut(n).enumerate() {
+                band(fast, &x[r * k + k0..r * k + k1], &w[k0 * n..k1 * n], a);
+            }
+            acc
+        });
         for p in &parts {
             y.iter_mut().zip(p).for_each(|(a, b)| *a += b);
         }

@@ -561,6 +561,9 @@ impl ReadProbe {
     fn pass(&self, threads: usize) -> f64 {
         let share = self.buf.len().div_ceil(threads.max(1));
         let fast = avx2();
+        // The decode kernels' helpers spin for a while after each step; the
+        // probe's threads get the cores to themselves.
+        kiln_core::ops::team::rest();
         let t = Instant::now();
         let sums: Vec<u64> = std::thread::scope(|s| {
             let hs: Vec<_> = self

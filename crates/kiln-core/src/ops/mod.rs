@@ -79,6 +79,7 @@ mod pool_cuda;
 mod sgemm;
 pub mod shape;
 pub use linear::WeightLayout;
+pub mod team;
 mod token;
 #[cfg(feature = "cuda")]
 mod token_cuda;
