@@ -159,10 +159,7 @@ pub fn process_logits(scores: &mut [f32], seen: &[u32], cfg: &GenerationConfig) 
 }
 
 fn softmax(scores: &[f32]) -> Vec<f32> {
-    let m = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let e: Vec<f32> = scores.iter().map(|s| (s - m).exp()).collect();
-    let z: f32 = e.iter().sum();
-    e.into_iter().map(|x| x / z).collect()
+    kiln_core::ops::softmax_row(scores)
 }
 
 /// Picks the next token from processed scores: the first maximum when greedy,
