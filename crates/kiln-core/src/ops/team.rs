@@ -13,7 +13,8 @@
 //! One caller at a time has the team; a call made while it is busy (another
 //! thread's loop, or a loop inside a loop) runs on rayon instead, so results
 //! never wait on each other. The team has as many threads as the caller's
-//! rayon pool (the caller plus `rayon::current_num_threads() - 1` helpers).
+//! rayon pool (the caller plus `rayon::current_num_threads() - 1` helpers),
+//! at most one per logical core.
 //! Tasks are taken in any order by any thread, so a task's result must not
 //! depend on which thread runs it, as with rayon.
 
@@ -88,6 +89,14 @@ fn team() -> &'static Team {
             helpers: Mutex::new(Vec::new()),
         }
     })
+}
+
+/// Logical cores: the team never has more threads, since a helper spinning
+/// beside another thread on one core only slows both (rayon's pool may be
+/// larger, up to `device::MAX_THREADS_PER_CORE` per core).
+fn cores() -> usize {
+    static CORES: OnceLock<usize> = OnceLock::new();
+    *CORES.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
 }
 
 /// Takes task indices until none are left; stops at the first panic.
@@ -178,7 +187,10 @@ fn helper(s: &'static Shared, index: usize) {
 /// team's helpers, and returns when all are done. A panic in a task is raised
 /// again here, after the other threads have stopped.
 pub fn run(tasks: usize, f: &(dyn Fn(usize) + Sync)) {
-    let threads = rayon::current_num_threads().min(tasks).min(MAX_HELPERS + 1);
+    let threads = rayon::current_num_threads()
+        .min(cores())
+        .min(tasks)
+        .min(MAX_HELPERS + 1);
     if threads <= 1 {
         (0..tasks).for_each(f);
         return;
@@ -347,7 +359,7 @@ mod tests {
     #[test]
     fn helpers_take_tasks_and_finish_them_before_run_returns() {
         let _one = one_at_a_time();
-        if rayon::current_num_threads() < 2 {
+        if rayon::current_num_threads().min(cores()) < 2 {
             return;
         }
         // Slow tasks, so a helper joins; on a loaded machine it may not, so
@@ -377,6 +389,35 @@ mod tests {
             }
         }
         assert!(shared, "no helper took a task in 50 loops");
+    }
+
+    #[test]
+    fn the_team_has_at_most_one_thread_per_core() {
+        let _one = one_at_a_time();
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(cores() + 2)
+            .build()
+            .expect("a pool larger than the machine");
+        let ids = Mutex::new(std::collections::HashSet::new());
+        pool.install(|| {
+            for _ in 0..20 {
+                run(16, &|_| {
+                    let t = Instant::now();
+                    while t.elapsed() < Duration::from_micros(200) {
+                        std::hint::spin_loop();
+                    }
+                    ids.lock()
+                        .expect("no panic")
+                        .insert(std::thread::current().id());
+                });
+            }
+        });
+        let n = ids.into_inner().expect("no panic").len();
+        assert!(
+            (1..=cores()).contains(&n),
+            "{n} threads ran tasks on {} cores",
+            cores()
+        );
     }
 
     #[test]
@@ -452,7 +493,7 @@ mod tests {
         rest();
         let t = team();
         let helpers = t.helpers.lock().expect("no panic").len();
-        assert!(helpers >= 1 || rayon::current_num_threads() == 1);
+        assert!(helpers >= 1 || rayon::current_num_threads().min(cores()) == 1);
         // rest() waits a few milliseconds at most; a loaded machine may run
         // a helper later than that.
         let start = Instant::now();
