@@ -134,8 +134,9 @@ pub fn run(args: &[String], components: &[Component]) -> Result<()> {
         if !(a.names.is_empty() || named) {
             continue;
         }
-        // The benchmarks with GPU batches are the ones whose batch can change.
-        if a.batch.is_some() && b.gpu_batches.is_empty() {
+        // The benchmarks with GPU batches, and the CPU ones that say so, are
+        // the ones whose batch can change.
+        if a.batch.is_some() && b.gpu_batches.is_empty() && !b.cpu_batch {
             if named {
                 bail!("{} has a fixed batch; drop --batch", b.name);
             }
@@ -591,6 +592,13 @@ mod tests {
             let want = compared && b.name != "gpt2_small_greedy_decode_bf16";
             assert_eq!(!b.gpu_batches.is_empty(), want, "{}", b.name);
         }
+        // Of the CPU-only benchmarks, the rollout alone takes `--batch` (its rows).
+        let cpu_batch: Vec<_> = benches
+            .iter()
+            .filter(|b| b.cpu_batch)
+            .map(|b| b.name)
+            .collect();
+        assert_eq!(cpu_batch, ["rollout_decode"]);
         let ctx = BenchCtx {
             threads: 1,
             steps: 1,

@@ -15,8 +15,9 @@
 //! through it, with AVX-512 or AVX2+FMA code chosen at run time and a plain
 //! path elsewhere. The AVX2 build does pack, but only one task's 96-column
 //! panel, a block at a time, just before its tiles read it (see
-//! `panel_tiles`). Every output is one task's sum in `k` order, so results do
-//! not depend on the thread count.
+//! `panel_tiles`). On that level `[N, K]` products of 24 rows or more go to
+//! kiln-core's AVX2 gemm instead (see [`AVX2_GEMM_ROWS`]). Every output is
+//! one task's sum in `k` order, so results do not depend on the thread count.
 
 /// Rows from which these kernels beat the gemv (f32 weights).
 pub(crate) const MIN_ROWS: usize = 4;
@@ -116,7 +117,36 @@ impl Level {
         }
         v
     }
+
+    /// Whether [`matmul`] hands an `m`-row product to kiln-core's AVX2 gemm
+    /// (`kiln_core::ops::matmul_f32_slices`) rather than these kernels: on
+    /// the AVX2 level, an `[N, K]` weight from [`AVX2_GEMM_ROWS`] rows.
+    fn hands_to_gemm(self, m: usize, transposed: bool) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            self.0 == Kind::Avx2 && transposed && m >= AVX2_GEMM_ROWS
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            let _ = (self, m, transposed);
+            false
+        }
+    }
 }
+
+/// Rows from which the AVX2 level's `[N, K]` products (the tied LM head of a
+/// batch of prompts or rollouts) go to kiln-core's gemm: its 6 x 16 tile over
+/// packed panels outruns the dot-product tiles here once it has rows to fill.
+/// Measured on a 2-core Zen 3 (AVX2, no AVX-512), two threads, 14 alternated
+/// runs, best (median), gemm against these kernels: GPT-2 small's 48 block
+/// weights as `[N, K]` at 16 rows 62 (70) against 48 (55) ms, 24 rows 58 (62)
+/// against 66 (68), 32 rows 72 (78) against 89 (91); the `[50257, 768]` head
+/// three times at 16 rows 68 (75) against 60 (62), 32 rows 108 (114) against
+/// 122 (127), 64 rows 138 (164) against 230 (240). `[K, N]` weights stay here:
+/// the packed panel kept up with the gemm (32 rows 56 (67) against 65 (73),
+/// 64 rows 106 (121) against 104 (111)). The AVX-512 level keeps its own
+/// kernels (unmeasured against the gemm).
+const AVX2_GEMM_ROWS: usize = 24;
 
 /// Whether this CPU runs AVX2 with FMA (cached by std's feature detection);
 /// false off x86-64. Also `gemv`'s test for its AVX2 builds.
@@ -145,6 +175,12 @@ pub(crate) fn matmul(
     transposed: bool,
     level: Level,
 ) -> Vec<f32> {
+    if level.hands_to_gemm(m, transposed) {
+        let threads = rayon::current_num_threads();
+        if let Some(y) = kiln_core::ops::matmul_f32_slices(x, m, k, w, n, transposed, threads) {
+            return y;
+        }
+    }
     matmul_by(
         // SAFETY (both): `matmul_by` checks each job's slices before it
         // runs a kernel.
@@ -741,7 +777,12 @@ mod tests {
                     let got = matmul_by(kernels, &x, m, k, &w, n, tr);
                     let what = format!("{kind:?} tiles, m={m} k={k} n={n} transposed={tr}");
                     assert_close(&got, &reference(&x, m, k, &w, n, tr), k, &what);
-                    if Level::detect() == Level(kind) {
+                    if Level::detect() == Level(kind) && Level(kind).hands_to_gemm(m, tr) {
+                        // Not these tiles: kiln-core's gemm, checked on its own.
+                        let native = matmul(&x, m, k, &w, n, tr, Level(kind));
+                        let what = format!("{what} (kiln-core's gemm)");
+                        assert_close(&native, &reference(&x, m, k, &w, n, tr), k, &what);
+                    } else if Level::detect() == Level(kind) {
                         let native = matmul(&x, m, k, &w, n, tr, Level(kind));
                         assert!(
                             native
@@ -797,10 +838,15 @@ mod tests {
 
     #[test]
     fn results_do_not_depend_on_the_thread_count() {
-        let (m, k, n) = (20, 500, 400);
-        let x = data(m * k, 3);
-        let w = data(k * n, 4);
-        for tr in [false, true] {
+        // 20 rows: these kernels; 40 transposed: kiln-core's gemm on an AVX2 CPU.
+        for (m, k, n, tr) in [
+            (20, 500, 400, false),
+            (20, 500, 400, true),
+            (40, 500, 400, false),
+            (40, 500, 400, true),
+        ] {
+            let x = data(m * k, 3);
+            let w = data(k * n, 4);
             let level = Level::detect();
             let one = rayon::ThreadPoolBuilder::new()
                 .num_threads(1)

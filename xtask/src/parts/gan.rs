@@ -45,6 +45,7 @@ pub fn component() -> Component {
             name: "fid_inception_features",
             run: bench_fid,
             gpu_batches: &[],
+            cpu_batch: false,
         }],
         ..Default::default()
     }

@@ -24,11 +24,13 @@ pub fn component() -> Component {
                 name: "inpaint_convae_train_step",
                 run: bench_convae,
                 gpu_batches: &[32, 512],
+                cpu_batch: false,
             },
             Bench {
                 name: "dcgan32_train_iter",
                 run: bench_dcgan,
                 gpu_batches: &[64, 512],
+                cpu_batch: false,
             },
         ],
         ..Default::default()

@@ -194,6 +194,9 @@ pub struct Bench {
     /// The batches it runs on a GPU (`bench --device cuda`), as torch_gpu.py's
     /// (the reference batch, then a larger one); empty for a CPU-only benchmark.
     pub gpu_batches: &'static [usize],
+    /// Whether a CPU-only benchmark takes `bench --batch` (one with GPU
+    /// batches always does).
+    pub cpu_batch: bool,
 }
 
 /// What one component adds to xtask.

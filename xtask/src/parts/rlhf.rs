@@ -46,11 +46,13 @@ pub fn component() -> Component {
                 name: "dpo_train_step",
                 run: bench_dpo,
                 gpu_batches: &[],
+                cpu_batch: false,
             },
             Bench {
                 name: "dpo_step_memory",
                 run: bench_memory,
                 gpu_batches: &[],
+                cpu_batch: false,
             },
         ],
         commands: vec![(

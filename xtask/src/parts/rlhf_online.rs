@@ -56,11 +56,13 @@ pub fn benches() -> Vec<Bench> {
             name: "grpo_iter",
             run: bench_grpo_iter,
             gpu_batches: &[],
+            cpu_batch: false,
         },
         Bench {
             name: "rollout_decode",
             run: bench_rollout_decode,
             gpu_batches: &[],
+            cpu_batch: true,
         },
     ]
 }
@@ -540,14 +542,15 @@ fn decode_flops(cfg: &Gpt2Config, rows: usize, prompt: usize, new: usize) -> f64
     f * rows as f64
 }
 
-/// GPT-2 small (random init), 16 sequences × 64 new tokens after an
-/// 8-token prompt, sampled with temperature 1 and EOS off: tokens/s of the
-/// rollout engine. `scripts/rlhf/rollout_bench.py` is transformers'
-/// batched `generate` on the same shapes.
+/// GPT-2 small (random init), 16 sequences (`bench --batch N`: N) × 64 new
+/// tokens after an 8-token prompt, sampled with temperature 1 and EOS off:
+/// tokens/s of the rollout engine. `scripts/rlhf/rollout_bench.py` is
+/// transformers' batched `generate` on the default shapes.
 fn bench_rollout_decode(ctx: &crate::parts::BenchCtx) -> Result<serde_json::Value> {
     let cfg = Gpt2Config::gpt2_small();
     let model = random_gpt2(&cfg)?;
-    let prompts: Vec<Vec<u32>> = (0..16)
+    let rows = ctx.batch_or(16);
+    let prompts: Vec<Vec<u32>> = (0..rows)
         .map(|r| {
             (0..8)
                 .map(|t| ((r * 131 + t * 17) % 50000) as u32)
@@ -577,11 +580,11 @@ fn bench_rollout_decode(ctx: &crate::parts::BenchCtx) -> Result<serde_json::Valu
         tokens += kiln_rlhf::rollout::rollout(&model, &prompts, &gen)?.tokens();
     }
     let dt = t.elapsed().as_secs_f64();
-    let flops = decode_flops(&cfg, 16, 8, 64) * reps as f64;
+    let flops = decode_flops(&cfg, rows, 8, 64) * reps as f64;
     Ok(serde_json::json!({
         "bench": "rollout_decode",
         "threads": ctx.threads,
-        "rows": 16,
+        "rows": rows,
         "new_tokens": 64,
         "reps": reps,
         "tokens_per_s": (tokens as f64 / dt * 10.0).round() / 10.0,

@@ -35,6 +35,7 @@ pub fn component() -> Component {
             name: "vae_mlp_train_step",
             run: bench_train_step,
             gpu_batches: &[32, 512],
+            cpu_batch: false,
         }],
         train: vec![("vae", train_cmd)],
         eval: vec![("vae", eval_cmd)],

@@ -67,6 +67,7 @@ pub(super) fn mm<T: WithDType>(
             f(rhs),
             (rrs, rcs),
             threads,
+            false,
         );
         return;
     }

@@ -56,6 +56,7 @@ impl CustomOp2 for MatMul {
                 &b[l2.start_offset()..],
                 (sb[0], sb[1]),
                 rayon::current_num_threads(),
+                false,
             );
         }
         Ok((CpuStorage::F32(out), Shape::from((m, n))))
@@ -212,8 +213,10 @@ unsafe impl Sync for Shared {}
 
 /// `dst[m, n] (+)= lhs[m, k] @ rhs[k, n]` in f32, `dst` row-major with row
 /// stride `dst_rs`, `lhs`/`rhs` given by (row stride, column stride), on
-/// `threads` rayon tasks. The caller checks that [`kernel_runs`] and that
-/// every element touched lies inside the slices (as `conv::mm` does).
+/// `threads` tasks: on [`super::team`] when `on_team` (decoding's products,
+/// between the team's other loops), else on rayon. The caller checks that
+/// [`kernel_runs`] and that every element touched lies inside the slices (as
+/// `conv::mm` does).
 #[allow(clippy::too_many_arguments)]
 pub(super) fn sgemm(
     (m, n, k): (usize, usize, usize),
@@ -225,6 +228,7 @@ pub(super) fn sgemm(
     rhs: &[f32],
     rs: (usize, usize),
     threads: usize,
+    on_team: bool,
 ) {
     assert!(kernel_runs(), "kiln sgemm: this CPU lacks AVX2 and FMA");
     if m == 0 || n == 0 || k == 0 {
@@ -300,6 +304,8 @@ pub(super) fn sgemm(
     };
     if tasks == 1 {
         run(0);
+    } else if on_team {
+        super::team::run(tasks, &run);
     } else {
         (0..tasks).into_par_iter().for_each(run);
     }
@@ -700,7 +706,7 @@ mod tests {
         let lb = if b_t { (1, k) } else { (n, 1) };
         let c0 = values(m * ldc, 3);
         let mut c = c0.clone();
-        sgemm((m, n, k), &mut c, ldc, acc, &a, la, &b, lb, threads);
+        sgemm((m, n, k), &mut c, ldc, acc, &a, la, &b, lb, threads, false);
         for i in 0..m {
             for j in 0..ldc {
                 let got = c[i * ldc + j];
@@ -769,14 +775,28 @@ mod tests {
         for &(m, n, k) in &[(50, 300, 600), (300, 50, 600), (7, 2100, 33)] {
             let a = values(m * k, 5);
             let b = values(k * n, 6);
-            let run = |threads| {
+            let run = |threads, team| {
                 let mut c = values(m * n, 7);
-                sgemm((m, n, k), &mut c, n, true, &a, (k, 1), &b, (n, 1), threads);
+                sgemm(
+                    (m, n, k),
+                    &mut c,
+                    n,
+                    true,
+                    &a,
+                    (k, 1),
+                    &b,
+                    (n, 1),
+                    threads,
+                    team,
+                );
                 c.iter().map(|x| x.to_bits()).collect::<Vec<_>>()
             };
-            let one = run(1);
-            assert_eq!(one, run(2), "{m}x{n}x{k}: 1 vs 2 threads");
-            assert_eq!(one, run(3), "{m}x{n}x{k}: 1 vs 3 threads");
+            let one = run(1, false);
+            assert_eq!(one, run(2, false), "{m}x{n}x{k}: 1 vs 2 threads");
+            assert_eq!(one, run(3, false), "{m}x{n}x{k}: 1 vs 3 threads");
+            // split on the team instead of rayon
+            assert_eq!(one, run(2, true), "{m}x{n}x{k}: 1 vs 2 on the team");
+            assert_eq!(one, run(3, true), "{m}x{n}x{k}: 1 vs 3 on the team");
         }
     }
 
@@ -872,9 +892,31 @@ mod tests {
             return;
         }
         let mut c = vec![5f32; 6];
-        sgemm((2, 3, 0), &mut c, 3, true, &[], (0, 1), &[], (3, 1), 1);
+        sgemm(
+            (2, 3, 0),
+            &mut c,
+            3,
+            true,
+            &[],
+            (0, 1),
+            &[],
+            (3, 1),
+            1,
+            false,
+        );
         assert_eq!(c, [5.0; 6]);
-        sgemm((2, 3, 0), &mut c, 3, false, &[], (0, 1), &[], (3, 1), 1);
+        sgemm(
+            (2, 3, 0),
+            &mut c,
+            3,
+            false,
+            &[],
+            (0, 1),
+            &[],
+            (3, 1),
+            1,
+            false,
+        );
         assert_eq!(c, [0.0; 6]);
     }
 
