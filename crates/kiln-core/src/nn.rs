@@ -518,27 +518,43 @@ impl BatchNorm {
     }
 }
 
-impl ModuleT for BatchNorm {
-    fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+impl BatchNorm {
+    /// The statistics to normalise with: the batch's own in training (and the
+    /// running ones updated from them), the running ones otherwise.
+    fn stats(&self, x: &Tensor, train: bool) -> Result<(Tensor, Tensor)> {
         if x.rank() < 2 {
             candle_core::bail!("BatchNorm: expected [B, C, ...], got {:?}", x.dims());
         }
-        let (mean, var) = if train {
-            let (mean, var) = crate::ops::batch_norm_stats(x)?;
-            let n = x.elem_count() / x.dim(1)?.max(1);
-            let unbiased = (&var * (n as f64 / (n.max(2) - 1) as f64))?;
-            let m = self.momentum;
-            let rm = ((self.running_mean.as_tensor() * (1.0 - m))? + (&mean * m)?)?;
-            let rv = ((self.running_var.as_tensor() * (1.0 - m))? + (unbiased * m)?)?;
-            self.running_mean.set(&rm)?;
-            self.running_var.set(&rv)?;
-            (mean, var)
-        } else {
-            (
+        if !train {
+            return Ok((
                 self.running_mean.as_tensor().clone(),
                 self.running_var.as_tensor().clone(),
-            )
-        };
+            ));
+        }
+        let (mean, var) = crate::ops::batch_norm_stats(x)?;
+        let n = x.elem_count() / x.dim(1)?.max(1);
+        let unbiased = (&var * (n as f64 / (n.max(2) - 1) as f64))?;
+        let m = self.momentum;
+        let rm = ((self.running_mean.as_tensor() * (1.0 - m))? + (&mean * m)?)?;
+        let rv = ((self.running_var.as_tensor() * (1.0 - m))? + (unbiased * m)?)?;
+        self.running_mean.set(&rm)?;
+        self.running_var.set(&rv)?;
+        Ok((mean, var))
+    }
+
+    /// `forward_t` followed by a leaky ReLU of `slope` (a ReLU at 0) in one
+    /// op ([`crate::ops::batch_norm_act`]): the same values as
+    /// `ops::leaky_relu(&bn.forward_t(x, train)?, slope)`, with fewer passes.
+    pub fn forward_act_t(&self, x: &Tensor, train: bool, slope: f64) -> Result<Tensor> {
+        let (mean, var) = self.stats(x, train)?;
+        let (w, b) = (param(&self.weight), param(&self.bias));
+        crate::ops::batch_norm_act(x, &mean, &var, &w, &b, self.eps, train, slope)
+    }
+}
+
+impl ModuleT for BatchNorm {
+    fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let (mean, var) = self.stats(x, train)?;
         let (w, b) = (param(&self.weight), param(&self.bias));
         crate::ops::batch_norm(x, &mean, &var, &w, &b, self.eps, train)
     }

@@ -1263,6 +1263,158 @@ fn batch_norm_fallback_for_other_dtypes_agrees_with_the_kernel() {
     }
 }
 
+/// `batch_norm_act` is `leaky_relu(batch_norm(..))` to the bit: output and
+/// the gradients to `x`, the weight and the bias, f32 and f64, training and
+/// evaluation, ReLU and leaky ReLU, with planes that are not a multiple of
+/// the sums' lanes and a channel whose pre-activations are exactly 0 (weight
+/// and bias 0), where the gradient is the slope's (PyTorch). In f64 the
+/// gradient to `x` also matches finite differences.
+#[test]
+fn batch_norm_act_is_batch_norm_then_the_activation_to_the_bit() {
+    let mut rng = SeededRng::new(96);
+    for dims in [&[4usize, 3, 5, 3][..], &[6, 5, 8, 8], &[3, 4, 7]] {
+        for dt in [DType::F32, DType::F64] {
+            let c = dims[1];
+            let x = randn(&mut rng, dims).to_dtype(dt).unwrap();
+            // Channel 0: weight and bias 0, so every pre-activation is 0.
+            let mut wv = flat(&randn(&mut rng, &[c]));
+            let mut bv = flat(&randn(&mut rng, &[c]));
+            (wv[0], bv[0]) = (0.0, 0.0);
+            let w = Tensor::new(wv, &CPU).unwrap().to_dtype(dt).unwrap();
+            let b = Tensor::new(bv, &CPU).unwrap().to_dtype(dt).unwrap();
+            // check_fd draws the same weights from this seed.
+            let r = randn(&mut SeededRng::new(97), dims).to_dtype(dt).unwrap();
+            let vars = [&x, &w, &b].map(|t| Var::from_tensor(t).unwrap());
+            for (train, slope) in [(true, 0.0), (true, 0.2), (false, 0.0), (false, 0.2)] {
+                let run = |fused: bool| {
+                    let [xv, wv, bv] = vars.each_ref().map(Var::as_tensor);
+                    let (m, v) = ops::batch_norm_stats(xv).unwrap();
+                    let (m, v) = if train {
+                        (m, v)
+                    } else {
+                        // Evaluation's statistics are not the batch's own.
+                        ((&m + 0.3).unwrap(), (&v * 1.7).unwrap())
+                    };
+                    let y = if fused {
+                        ops::batch_norm_act(xv, &m, &v, wv, bv, 1e-5, train, slope)
+                    } else {
+                        ops::batch_norm(xv, &m, &v, wv, bv, 1e-5, train)
+                            .and_then(|y| ops::leaky_relu(&y, slope))
+                    }
+                    .unwrap();
+                    let g = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+                    let mut out = vec![flat(&y)];
+                    out.extend([xv, wv, bv].map(|t| flat(g.get(t).unwrap())));
+                    out
+                };
+                let (fused, apart) = (run(true), run(false));
+                for (part, (a, e)) in ["y", "dx", "dw", "db"].iter().zip(fused.iter().zip(&apart)) {
+                    let what = format!("{dims:?} {dt:?} train={train} slope={slope} {part}");
+                    // Bits, but +0 and -0 are one value (a leaky ReLU of -0).
+                    if let Some(i) = (0..a.len()).find(|&i| a[i] != e[i]) {
+                        panic!("{what}: entry {i}: fused {} apart {}", a[i], e[i]);
+                    }
+                }
+                // Channel 0's pre-activations are all 0: y is 0 and dx is
+                // w * rstd * (...) = 0, but the bias gradient is the slope's
+                // share of sum(r) over the channel.
+                let plane: usize = dims[2..].iter().product();
+                let rs = flat(&r);
+                let sum_r0: f64 = (0..dims[0])
+                    .flat_map(|i| rs[i * c * plane..i * c * plane + plane].to_vec())
+                    .sum();
+                let db0 = fused[3][0];
+                let tol = if dt == DType::F32 { 1e-5 } else { 1e-12 };
+                assert!(
+                    (db0 - slope * sum_r0).abs() <= tol * (1.0 + sum_r0.abs()),
+                    "{dims:?} {dt:?} slope={slope}: db at zero pre-activations {db0}, want {}",
+                    slope * sum_r0
+                );
+                if dt == DType::F64 && train {
+                    let f = |t: &Tensor| {
+                        let (m, v) = ops::batch_norm_stats(t).unwrap();
+                        ops::batch_norm_act(t, &m, &v, &w, &b, 1e-5, true, slope).unwrap()
+                    };
+                    let dx = Tensor::from_vec(fused[1].clone(), dims, &CPU).unwrap();
+                    check_fd(
+                        &format!("batch_norm_act {dims:?} slope={slope}"),
+                        f,
+                        &x,
+                        &dx,
+                        97,
+                    );
+                }
+            }
+        }
+    }
+    // Where there is no fused kernel (f16, a negative slope) the two ops run
+    // apart and give the same values.
+    let x = randn(&mut rng, &[2, 3, 4, 4]);
+    let (w, b) = (randn(&mut rng, &[3]), randn(&mut rng, &[3]));
+    let (m, v) = ops::batch_norm_stats(&x).unwrap();
+    let h = |t: &Tensor| t.to_dtype(DType::F16).unwrap();
+    let y = ops::batch_norm_act(&h(&x), &h(&m), &h(&v), &h(&w), &h(&b), 1e-5, true, 0.2).unwrap();
+    assert_eq!(y.dtype(), DType::F16);
+    let y0 = ops::batch_norm_act(&x, &m, &v, &w, &b, 1e-5, true, 0.2).unwrap();
+    assert_close("batch_norm_act f16", &y, &y0, 1e-2);
+    let y = ops::batch_norm_act(&x, &m, &v, &w, &b, 1e-5, true, -0.5).unwrap();
+    let y0 = ops::leaky_relu(
+        &ops::batch_norm(&x, &m, &v, &w, &b, 1e-5, true).unwrap(),
+        -0.5,
+    )
+    .unwrap();
+    assert_close("batch_norm_act negative slope", &y, &y0, 0.0);
+}
+
+/// `ops::tanh` in f32 against f64's `tanh` (3e-7 relative) and its gradient
+/// against the closed form `r (1 - tanh^2)` in f64, on a transposed view and
+/// over a length that splits into parallel tasks; f64 takes candle's `tanh`.
+#[test]
+fn tanh_matches_f64_and_its_closed_form_gradient() {
+    let mut rng = SeededRng::new(98);
+    let x = (randn(&mut rng, &[70_001]) * 3.0).unwrap();
+    let r = randn(&mut rng, &[70_001]);
+    let xv = Var::from_tensor(&x).unwrap();
+    let y = ops::tanh(xv.as_tensor()).unwrap();
+    let g = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+    let dx = flat(g.get(xv.as_tensor()).unwrap());
+    let (xs, ys, rs) = (flat(&x), flat(&y), flat(&r));
+    for i in 0..xs.len() {
+        let t = xs[i].tanh();
+        assert!(
+            (ys[i] - t).abs() <= 3e-7 * t.abs(),
+            "tanh({}) = {}, f64 {t}",
+            xs[i],
+            ys[i]
+        );
+        // dy (1 - y^2) with y the f32 result: a few roundings of |r|.
+        let want = rs[i] * (1.0 - t * t);
+        assert!(
+            (dx[i] - want).abs() <= 4.0 * U * rs[i].abs() + 1e-6 * rs[i].abs() * t.abs(),
+            "tanh grad at {}: {} vs {want}",
+            xs[i],
+            dx[i]
+        );
+    }
+    // A transposed view reads through its strides.
+    let m = randn(&mut rng, &[5, 7]);
+    let got = ops::tanh(&m.t().unwrap()).unwrap();
+    assert_close(
+        "tanh of a view",
+        &got,
+        &m.t().unwrap().tanh().unwrap(),
+        3e-7,
+    );
+    // f64 is candle's.
+    let x64 = x.to_dtype(DType::F64).unwrap();
+    assert_close(
+        "tanh f64",
+        &ops::tanh(&x64).unwrap(),
+        &x64.tanh().unwrap(),
+        0.0,
+    );
+}
+
 /// `ops::linear` against an f64 product plus bias, in both weight layouts:
 /// small products (gemm), ones big enough for kiln's sgemm, a transposed
 /// weight view, a 3-D input; all three gradients of `sum(y * r)`, which are

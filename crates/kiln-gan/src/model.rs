@@ -159,11 +159,11 @@ impl Generator {
         let mut h = h.reshape((b, (), 1, 1))?;
         for (conv, bn) in &self.blocks {
             h = match bn {
-                Some(bn) => kiln_core::ops::relu(&bn.forward_t(&conv.forward(&h)?, train)?)?,
+                Some(bn) => bn.forward_act_t(&conv.forward(&h)?, train, 0.0)?,
                 None => conv.forward_relu(&h)?,
             };
         }
-        self.out.forward(&h)?.tanh()
+        kiln_core::ops::tanh(&self.out.forward(&h)?)
     }
 
     /// `n` latents `[n, nz]` from N(0, 1), drawn from `rng`.
@@ -263,6 +263,14 @@ enum DNorm {
 }
 
 impl DNorm {
+    /// The normalisation, then the leaky ReLU (fused with a batch norm).
+    fn forward_leaky(&self, h: &Tensor, train: bool) -> Result<Tensor> {
+        match self {
+            DNorm::Batch(bn) => bn.forward_act_t(h, train, LEAKY_SLOPE),
+            _ => kiln_core::ops::leaky_relu(&self.forward(h, train)?, LEAKY_SLOPE),
+        }
+    }
+
     fn forward(&self, h: &Tensor, train: bool) -> Result<Tensor> {
         match self {
             DNorm::None => Ok(h.clone()),
@@ -410,7 +418,7 @@ impl Discriminator {
     pub fn forward_t(&self, x: &Tensor, labels: Option<&Tensor>, train: bool) -> Result<Tensor> {
         let mut h = x.clone();
         for (conv, norm) in &self.layers {
-            h = kiln_core::ops::leaky_relu(&norm.forward(&conv.forward(&h)?, train)?, LEAKY_SLOPE)?;
+            h = norm.forward_leaky(&conv.forward(&h)?, train)?;
         }
         let logit = self.out.forward(&h)?.flatten_all()?;
         match &self.embed {

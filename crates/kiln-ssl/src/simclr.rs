@@ -217,7 +217,7 @@ impl ModuleT for ConvEncoder {
         let mut h = x.clone();
         let n = self.blocks.len();
         for (i, (conv, bn)) in self.blocks.iter().enumerate() {
-            h = kiln_core::ops::relu(&bn.forward_t(&conv.forward(&h)?, train)?)?;
+            h = bn.forward_act_t(&conv.forward(&h)?, train, 0.0)?;
             if i + 1 < n {
                 h = self.pool.forward(&h)?;
             }

@@ -9,6 +9,13 @@
 //! running ones (evaluation), passed detached; in training the backward
 //! accounts for their dependence on `x` in `dx` itself (the closed form), so
 //! their rows get a zero gradient and nothing is counted twice.
+//!
+//! The op can also apply a ReLU or leaky ReLU to its output (`slope`), as the
+//! DCGAN's every hidden layer does. The backward then recomputes each
+//! pre-activation from `x` (one multiply-add, the forward's exact bits) to
+//! mask `dy`, instead of an activation op of its own: that op's output, its
+//! forward and backward passes and candle's gradient sum for it (a zeroed
+//! buffer plus an add, on one thread) are each a pass over the activation.
 
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape};
 use candle_core::{Tensor, WithDType};
@@ -96,10 +103,42 @@ impl CustomOp1 for BnStats {
 }
 
 /// `(x - mean) / sqrt(var + eps) * w + b`; op2 on `(x, p [4, C])`. `train`: the
-/// mean and var rows are `x`'s own batch statistics.
+/// mean and var rows are `x`'s own batch statistics. `slope`: followed by
+/// `max(v, 0) + slope * min(v, 0)` (ReLU at 0, leaky ReLU above; `slope >= 0`,
+/// so the output is positive exactly where the pre-activation is).
 pub(crate) struct BatchNorm {
     pub eps: f64,
     pub train: bool,
+    pub slope: Option<f64>,
+}
+
+/// The forward's per-channel `(m, k, o)` of `pre = (x - m) * k + o`, in `T`
+/// as the forward rounds them, so that the backward's recomputed
+/// pre-activations are the forward's bits.
+#[inline(always)]
+fn pre_coef<T: WithDType>([m, r, w, b]: [f64; 4]) -> (T, T, T) {
+    (T::from_f64(m), T::from_f64(r * w), T::from_f64(b))
+}
+
+/// `dy` masked by the activation's derivative at `pre = (x - m) * k + o`:
+/// `dy` where `pre > 0`, else `slope * dy` (0 for ReLU; the gradient at
+/// exactly 0 is the slope's, PyTorch's convention).
+#[inline(always)]
+fn act_grad<T: WithDType>(o: &mut [T], x: &[T], dy: &[T], (m, k, o0): (T, T, T), slope: T) {
+    let zero = T::from_f64(0.0);
+    if slope == zero {
+        for ((o, &v), &g) in o.iter_mut().zip(x).zip(dy) {
+            *o = if (v - m) * k + o0 > zero { g } else { zero };
+        }
+    } else {
+        for ((o, &v), &g) in o.iter_mut().zip(x).zip(dy) {
+            *o = if (v - m) * k + o0 > zero {
+                g
+            } else {
+                g * slope
+            };
+        }
+    }
 }
 
 /// Rows of the `[4, C]` parameter tensor as f64: (mean, rstd, w, b) per channel.
@@ -125,6 +164,9 @@ impl CustomOp2 for BatchNorm {
         s2: &candle_core::CudaStorage,
         l2: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
+        if self.slope.is_some() {
+            bail!("batch_norm: the fused activation has no CUDA kernel (ops::batch_norm_act composes there)")
+        }
         super::norm_cuda::batch_norm_fwd(self.eps, s1, l1, s2, l2)
     }
 
@@ -141,10 +183,15 @@ impl CustomOp2 for BatchNorm {
             let x = slice::<T>(s1, l1)?;
             let p = params(slice::<T>(s2, l2)?, c, self.eps);
             let s = s.max(1);
+            let slope = self.slope.map(T::from_f64);
             super::par_fill(x.len(), s, |i, yp| {
-                let [m, r, w, bb] = p[i % c];
-                let (m, k, o) = (T::from_f64(m), T::from_f64(r * w), T::from_f64(bb));
-                affine(yp, &x[i * s..i * s + yp.len()], m, k, o);
+                let (m, k, o) = pre_coef::<T>(p[i % c]);
+                let x = &x[i * s..i * s + yp.len()];
+                match slope {
+                    None => affine(yp, x, m, k, o),
+                    Some(a) if a == T::from_f64(0.0) => affine_relu(yp, x, m, k, o),
+                    Some(a) => affine_leaky(yp, x, m, k, o, a),
+                }
             })
         });
         Ok((out, l1.shape().clone()))
@@ -159,13 +206,21 @@ impl CustomOp2 for BatchNorm {
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let dy = dy.contiguous()?;
         // [2, C]: sum(dy), sum(dy * xhat) per channel.
-        let sums = x.apply_op3_no_bwd(&dy, p, &BnSums { eps: self.eps })?;
+        let sums = x.apply_op3_no_bwd(
+            &dy,
+            p,
+            &BnSums {
+                eps: self.eps,
+                slope: self.slope,
+            },
+        )?;
         let dx = x.apply_op3_no_bwd(
             &dy,
             &Tensor::cat(&[p, &sums], 0)?,
             &BnGradX {
                 eps: self.eps,
                 train: self.train,
+                slope: self.slope,
             },
         )?;
         let c = p.dim(1)?;
@@ -177,8 +232,10 @@ impl CustomOp2 for BatchNorm {
 }
 
 /// Per channel `sum(dy)` and `sum(dy * xhat)`; op3 on `(x, dy, p [4, C])`.
+/// With `slope`, `dy` is first masked by the activation (see [`BatchNorm`]).
 struct BnSums {
     eps: f64,
+    slope: Option<f64>,
 }
 
 impl CustomOp3 for BnSums {
@@ -196,6 +253,9 @@ impl CustomOp3 for BnSums {
         s3: &candle_core::CudaStorage,
         l3: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
+        if self.slope.is_some() {
+            bail!("batch_norm grad: the fused activation has no CUDA kernel (ops::batch_norm_act composes there)")
+        }
         super::norm_cuda::bn_sums(self.eps, (s1, l1), (s2, l2), (s3, l3))
     }
 
@@ -216,13 +276,20 @@ impl CustomOp3 for BnSums {
         let out = by_float!(s1, "batch_norm grad", |T| {
             let (x, dy) = (slice::<T>(s1, l1)?, slice::<T>(s2, l2)?);
             let p = params(slice::<T>(s3, l3)?, c, self.eps);
+            let slope = self.slope.map(T::from_f64);
             let sums = per_channel(c, |ch| {
                 let [m, r, _, _] = p[ch];
                 let (mut sg, mut sgx) = (0f64, 0f64);
+                // The masked gradient of one plane at a time (with an activation).
+                let mut masked = vec![T::from_f64(0.0); if slope.is_some() { s } else { 0 }];
                 for i in 0..b {
                     let at = (i * c + ch) * s;
-                    let [ga, gb] =
-                        lane_sums2(&x[at..at + s], &dy[at..at + s], |v, g| [g, g * (v - m) * r]);
+                    let (xs, mut gs) = (&x[at..at + s], &dy[at..at + s]);
+                    if let Some(a) = slope {
+                        act_grad(&mut masked, xs, gs, pre_coef::<T>(p[ch]), a);
+                        gs = &masked;
+                    }
+                    let [ga, gb] = lane_sums2(xs, gs, |v, g| [g, g * (v - m) * r]);
                     sg += ga;
                     sgx += gb;
                 }
@@ -238,10 +305,12 @@ impl CustomOp3 for BnSums {
 
 /// `dx`; op3 on `(x, dy, q [6, C])` with rows (mean, var, w, b, sum dy,
 /// sum dy*xhat). Training: `w*rstd * (dy - mean(dy) - xhat * mean(dy*xhat))`;
-/// evaluation: `w*rstd * dy`.
+/// evaluation: `w*rstd * dy`. With `slope`, `dy` is first masked by the
+/// activation (see [`BatchNorm`]); the sums in `q` are the masked ones.
 struct BnGradX {
     eps: f64,
     train: bool,
+    slope: Option<f64>,
 }
 
 impl CustomOp3 for BnGradX {
@@ -259,6 +328,9 @@ impl CustomOp3 for BnGradX {
         s3: &candle_core::CudaStorage,
         l3: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
+        if self.slope.is_some() {
+            bail!("batch_norm grad: the fused activation has no CUDA kernel (ops::batch_norm_act composes there)")
+        }
         super::norm_cuda::bn_grad_x(self.eps, self.train, (s1, l1), (s2, l2), (s3, l3))
     }
 
@@ -301,9 +373,19 @@ impl CustomOp3 for BnGradX {
                 })
                 .collect();
             let s = s.max(1);
+            let slope = self.slope.map(T::from_f64);
             super::par_fill(x.len(), s, |i, d| {
                 let at = i * s..i * s + d.len();
-                bn_grad_x(d, &x[at.clone()], &dy[at], coef[i % c]);
+                let (xs, dys) = (&x[at.clone()], &dy[at]);
+                match slope {
+                    None => bn_grad_x(d, xs, dys, coef[i % c]),
+                    Some(a) => {
+                        // The masked dy goes to `d` first, then `d` is
+                        // rewritten in place from it.
+                        act_grad(d, xs, dys, pre_coef::<T>(p[i % c]), a);
+                        bn_grad_x_in_place(d, xs, coef[i % c]);
+                    }
+                }
             })
         });
         Ok((out, l1.shape().clone()))
@@ -315,6 +397,34 @@ impl CustomOp3 for BnGradX {
 fn affine<T: WithDType>(y: &mut [T], x: &[T], m: T, k: T, o: T) {
     for (y, &v) in y.iter_mut().zip(x) {
         *y = (v - m) * k + o;
+    }
+}
+
+/// `y = max((x - m) * k + o, 0)`.
+#[inline(always)]
+fn affine_relu<T: WithDType>(y: &mut [T], x: &[T], m: T, k: T, o: T) {
+    let zero = T::from_f64(0.0);
+    for (y, &v) in y.iter_mut().zip(x) {
+        let u = (v - m) * k + o;
+        *y = if u > zero { u } else { zero };
+    }
+}
+
+/// `y = u` where `u = (x - m) * k + o` is positive, else `a * u`.
+#[inline(always)]
+fn affine_leaky<T: WithDType>(y: &mut [T], x: &[T], m: T, k: T, o: T, a: T) {
+    let zero = T::from_f64(0.0);
+    for (y, &v) in y.iter_mut().zip(x) {
+        let u = (v - m) * k + o;
+        *y = if u > zero { u } else { u * a };
+    }
+}
+
+/// [`bn_grad_x`] with `g` read from `d` itself.
+#[inline(always)]
+fn bn_grad_x_in_place<T: WithDType>(d: &mut [T], x: &[T], [m, r, k, m1, m2]: [T; 5]) {
+    for (d, &v) in d.iter_mut().zip(x) {
+        *d = k * (*d - m1 - (v - m) * r * m2);
     }
 }
 
