@@ -545,6 +545,19 @@ impl BatchNorm {
     /// `forward_t` followed by a leaky ReLU of `slope` (a ReLU at 0) in one
     /// op ([`crate::ops::batch_norm_act`]): the same values as
     /// `ops::leaky_relu(&bn.forward_t(x, train)?, slope)`, with fewer passes.
+    ///
+    /// ```
+    /// use kiln_core::{nn::BatchNorm, rng::SeededRng, vars::VarStore, DType, Device, ModuleT};
+    ///
+    /// let vs = VarStore::new(0);
+    /// let bn = BatchNorm::new(3, vs.builder(DType::F32, &Device::Cpu).pp("bn"))?;
+    /// let x = SeededRng::new(1).normal(&[4, 3, 5, 5], 0.0, 1.0, &Device::Cpu)?;
+    /// let fused = bn.forward_act_t(&x, false, 0.2)?;
+    /// let apart = kiln_core::ops::leaky_relu(&bn.forward_t(&x, false)?, 0.2)?;
+    /// let bits = |t: &kiln_core::Tensor| t.flatten_all()?.to_vec1::<f32>();
+    /// assert_eq!(bits(&fused)?, bits(&apart)?);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn forward_act_t(&self, x: &Tensor, train: bool, slope: f64) -> Result<Tensor> {
         let (mean, var) = self.stats(x, train)?;
         let (w, b) = (param(&self.weight), param(&self.bias));
