@@ -516,9 +516,7 @@ impl BatchNorm {
             eps: 1e-5,
         })
     }
-}
 
-impl BatchNorm {
     /// The statistics to normalise with: the batch's own in training (and the
     /// running ones updated from them), the running ones otherwise.
     fn stats(&self, x: &Tensor, train: bool) -> Result<(Tensor, Tensor)> {

@@ -102,8 +102,9 @@ impl CustomOp2 for GeluTanhGrad {
 
 /// `tanh`, f32 on the CPU: vexp's (~2 ulp, SIMD) in parallel tasks, and a
 /// one-pass backward `dy (1 - y^2)` from the output. candle's runs glibc's
-/// scalar `tanhf` on one thread and its backward in four passes (~1.5% of a
-/// DCGAN training step, the generator's last layer, with the other core idle).
+/// scalar `tanhf` on one thread and its backward in four passes (~1.3% of the
+/// main thread's samples in a DCGAN step, the generator's last layer, with the
+/// other core idle).
 pub(crate) struct Tanh;
 
 impl CustomOp1 for Tanh {
