@@ -296,7 +296,11 @@ pub fn set_threads(threads: usize) -> Result<(), DeviceError> {
 /// they sleep. Those spins take the cores from the rayon threads that run the
 /// matrix products: with more runnable threads than cores (parallel tests,
 /// other jobs) a step got ~4x slower, and the RLHF demo part ran 37.8-38.6 s
-/// inline against 43.3-45.4 s with the pool (Zen 3, two cores).
+/// inline against 43.3-45.4 s with the pool (Zen 3, two cores). With the
+/// pool's spins cut (`CANDLE_BARRIER_POOL_SPIN_LIMIT=0`, its workers sleep
+/// at once) GPT-2 small's train step ran no faster on a quiet machine
+/// (183-188 tok/s either way, three alternated rounds), and the caller
+/// still spins until its worker gets a core.
 ///
 /// candle reads the variable once, when its pool first starts, so call this
 /// before the first tensor operation; [`set_threads`] calls it, and kiln's
