@@ -365,7 +365,7 @@ const LINE: usize = 16;
 /// Where the AVX2 build's time goes (perf, one thread, the same 48 weights):
 /// ~65% in the 4 x 16 loop, ~18% packing, ~10% issuing the prefetches; 53-57
 /// GFLOP/s against ~100 for FMAs alone, and the loop alone reaches ~95 in C.
-/// Tried without gain: 6 x 16 tiles (12 sums; 47.3 against 47.5 ms on two
+/// Tried without gain: 6 x 16 tiles (12 sums; 47-48 ms either way on two
 /// threads), strips outside the row tiles, a row-major pack read at a 96-float
 /// stride, prefetching into L2 only, and huge pages for the weights (~2%).
 /// Four weights read again and again (28 MB, about the L3) ran no faster, so
