@@ -46,3 +46,9 @@ pub use candle_core::{
 };
 pub use candle_nn;
 pub use candle_nn::VarBuilder;
+
+/// The README's examples, compiled (and run unless marked `no_run`) as doctests, so
+/// they cannot drift from the API.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

@@ -21,3 +21,9 @@ pub mod tui;
 pub use error::{FeedbackError, Result};
 pub use pairs::{read_items, Item};
 pub use store::{Answer, AnswerLog, Label, LabelDir, Ledger, Order, Record};
+
+/// The README's examples, compiled (and run unless marked `no_run`) as doctests, so
+/// they cannot drift from the API.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

@@ -39,3 +39,9 @@ pub use generate::{
 pub use model::{Gpt2, KvCache};
 pub use pretrained::{HubOptions, ModelFiles};
 pub use tokenizer::{Gpt2Tokenizer, TokenStream, END_OF_TEXT};
+
+/// The README's examples, compiled (and run unless marked `no_run`) as doctests, so
+/// they cannot drift from the API.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

@@ -75,3 +75,9 @@ pub enum SslError {
     #[error(transparent)]
     Figure(#[from] kiln_core::image::FigureError),
 }
+
+/// The README's examples, compiled (and run unless marked `no_run`) as doctests, so
+/// they cannot drift from the API.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

@@ -40,3 +40,9 @@ pub use model::{Posterior, Vae, VaeOutput};
 pub use train::{
     from_run, train, RunConfig, TrainConfig, TrainReport, MAY_CHANGE_ON_RESUME, RUN_KIND,
 };
+
+/// The README's examples, compiled (and run unless marked `no_run`) as doctests, so
+/// they cannot drift from the API.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
