@@ -74,6 +74,10 @@ pub enum TrainError {
 pub struct ObserverConfig {
     /// No progress bar and no periodic lines (epoch summaries still print).
     pub quiet: bool,
+    /// Nothing at all, epoch summaries and [`Observer::println`] included
+    /// (implies `quiet`): for a run inside a larger task that reports on it
+    /// itself. Metrics are still written.
+    pub silent: bool,
     /// When not on a terminal, print a line every this many steps (0 = never).
     pub log_every: u64,
 }
@@ -82,6 +86,7 @@ impl Default for ObserverConfig {
     fn default() -> Self {
         Self {
             quiet: false,
+            silent: false,
             log_every: 50,
         }
     }
@@ -93,6 +98,7 @@ impl RunOptions {
     pub fn observer(&self) -> ObserverConfig {
         ObserverConfig {
             quiet: self.quiet,
+            silent: self.silent,
             log_every: 50,
         }
     }
@@ -117,7 +123,7 @@ impl Observer {
         cfg: ObserverConfig,
         metrics: Option<MetricsLog>,
     ) -> Self {
-        let bar = (!cfg.quiet && std::io::stderr().is_terminal()).then(|| {
+        let bar = (!cfg.quiet && !cfg.silent && std::io::stderr().is_terminal()).then(|| {
             let b = ProgressBar::with_draw_target(Some(total_steps), ProgressDrawTarget::stderr());
             if let Ok(style) = ProgressStyle::with_template(
                 "{prefix} [{elapsed_precise}] {wide_bar} {pos}/{len} {msg} (eta {eta})",
@@ -171,6 +177,7 @@ impl Observer {
             }
             None => {
                 if !self.cfg.quiet
+                    && !self.cfg.silent
                     && self.cfg.log_every > 0
                     && step.is_multiple_of(self.cfg.log_every)
                 {
@@ -205,8 +212,11 @@ impl Observer {
         Ok(())
     }
 
-    /// Prints a line without breaking the progress bar.
+    /// Prints a line without breaking the progress bar (nothing when silent).
     pub fn println(&self, msg: &str) {
+        if self.cfg.silent {
+            return;
+        }
         match &self.bar {
             Some(b) => b.println(msg),
             None => eprintln!("{msg}"),
@@ -251,6 +261,7 @@ mod tests {
             10,
             ObserverConfig {
                 quiet: true,
+                silent: false,
                 log_every: 0,
             },
             None,
@@ -266,5 +277,56 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("loss is inf at step 3"), "{e}");
+    }
+
+    /// What each level prints, read from a child process's standard error
+    /// (this test re-run with `KILN_OBSERVER_LEVEL` set).
+    #[test]
+    fn silent_prints_nothing_and_quiet_keeps_the_epoch_summaries() {
+        const NAME: &str =
+            "observer::tests::silent_prints_nothing_and_quiet_keeps_the_epoch_summaries";
+        if let Ok(level) = std::env::var("KILN_OBSERVER_LEVEL") {
+            let cfg = ObserverConfig {
+                quiet: level != "normal",
+                silent: level == "silent",
+                log_every: 1,
+            };
+            let mut o = Observer::new("task", 4, cfg, None);
+            o.step(1, 0, 8, &[("loss", 2.0)]).unwrap();
+            o.record(1, 1, "val", &[("loss", 1.5)]).unwrap();
+            o.println("a line of the trainer's");
+            o.finish();
+            return;
+        }
+        let stderr = |level: &str| {
+            let out = std::process::Command::new(std::env::current_exe().unwrap())
+                .args(["--exact", NAME, "--nocapture", "--test-threads=1"])
+                .env("KILN_OBSERVER_LEVEL", level)
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "{level}: {out:?}");
+            String::from_utf8_lossy(&out.stderr).into_owned()
+        };
+        let (step, summary, line) = (
+            "task step 1 epoch 0: loss 2.0000",
+            "task epoch 1 [val] loss 1.5000",
+            "a line of the trainer's",
+        );
+        // Not a terminal: no bar, so a normal observer logs the step too.
+        let normal = stderr("normal");
+        assert!(
+            [step, summary, line].iter().all(|m| normal.contains(m)),
+            "{normal}"
+        );
+        let quiet = stderr("quiet");
+        assert!(
+            !quiet.contains(step) && quiet.contains(summary) && quiet.contains(line),
+            "{quiet}"
+        );
+        let silent = stderr("silent");
+        assert!(
+            [step, summary, line].iter().all(|m| !silent.contains(m)),
+            "{silent}"
+        );
     }
 }

@@ -414,6 +414,9 @@ pub struct RunOptions {
     pub threads: Option<usize>,
     /// No progress bar and no periodic lines.
     pub quiet: bool,
+    /// Not even epoch summaries (see [`crate::observer::ObserverConfig::silent`]):
+    /// for a run inside a larger task that reports on it itself.
+    pub silent: bool,
 }
 
 impl Default for RunOptions {
@@ -425,6 +428,7 @@ impl Default for RunOptions {
             device: "cpu".into(),
             threads: None,
             quiet: false,
+            silent: false,
         }
     }
 }
@@ -449,6 +453,13 @@ impl RunOptions {
     /// The same options, quiet or not.
     pub fn quiet(mut self, quiet: bool) -> Self {
         self.quiet = quiet;
+        self
+    }
+
+    /// The same options, silent or not (a silent run prints nothing, not
+    /// even epoch summaries; warnings still go to standard error).
+    pub fn silent(mut self, silent: bool) -> Self {
+        self.silent = silent;
         self
     }
 

@@ -273,6 +273,7 @@ impl SessionBuilder {
                 0,
                 ObserverConfig {
                     quiet: true,
+                    silent: false,
                     log_every: 0,
                 },
                 None,

@@ -16,6 +16,7 @@ use kiln_core::{DType, Device, Module, ModuleT, Tensor};
 
 const QUIET: ObserverConfig = ObserverConfig {
     quiet: true,
+    silent: true,
     log_every: 0,
 };
 

@@ -21,6 +21,7 @@ use kiln_core::{DType, Device, Module, Tensor};
 
 const QUIET: ObserverConfig = ObserverConfig {
     quiet: true,
+    silent: true,
     log_every: 0,
 };
 const DEV: Device = Device::Cpu;

@@ -343,7 +343,12 @@ pub fn run_experiment(
             eprintln!("rlhf experiment [{:.0}s]: {m}", t0.elapsed().as_secs_f64());
         }
     };
-    let run = |name: &str| RunOptions::new_run(Some(&out.join(name))).quiet(true);
+    // The sub-runs print nothing; `say` reports on each.
+    let run = |name: &str| {
+        RunOptions::new_run(Some(&out.join(name)))
+            .quiet(true)
+            .silent(true)
+    };
 
     // 1. Pretrain.
     let reviews = kiln_data::text::synthetic_reviews(cfg.reviews, cfg.seed);

@@ -457,6 +457,7 @@ fn arithmetic_task_pipeline() -> Result<()> {
             ..d.lm.clone()
         },
         rl_prompts: 20,
+        eval_samples: 3,
         ..d
     };
     cfg.grpo.common.iterations = 2;
@@ -464,15 +465,24 @@ fn arithmetic_task_pipeline() -> Result<()> {
     let rep = run_arithmetic(&cfg, &Device::Cpu, &out, false, true)?;
     assert_eq!(rep.iterations, 2);
     for a in [rep.before, rep.after] {
-        // 16 problems in the 0..=3 table: accuracies are multiples of 1/16.
-        for x in [a.sampled, a.greedy] {
-            assert!((0.0..=1.0).contains(&x) && (x * 16.0 - (x * 16.0).round()).abs() < 1e-9);
+        // 16 problems in the 0..=3 table: greedy accuracy is a multiple of
+        // 1/16, sampled (3 per problem) of 1/48.
+        for (x, n) in [(a.sampled, 48.0), (a.greedy, 16.0)] {
+            assert!((0.0..=1.0).contains(&x) && (x * n - (x * n).round()).abs() < 1e-9);
         }
     }
+    assert!(rep.summary().contains("3 per problem"), "{}", rep.summary());
     assert!(
         out.join("results.json").is_file() && out.join("grpo/model/model.safetensors").is_file()
     );
     assert!(rep.summary().contains("exact-answer accuracy"));
     assert!(run_arithmetic(&cfg, &Device::Cpu, &out, false, true).is_err());
+    let none = ArithConfig {
+        eval_samples: 0,
+        ..cfg
+    };
+    let err = run_arithmetic(&none, &Device::Cpu, &dir.path().join("none"), false, true)
+        .expect_err("eval_samples 0 is refused");
+    assert!(err.to_string().contains("eval_samples"), "{err}");
     Ok(())
 }

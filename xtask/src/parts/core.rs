@@ -80,6 +80,7 @@ fn demo(ctx: &super::DemoCtx) -> Result<()> {
         .epochs(epochs, (512 / batch) as u64)
         .observer(ObserverConfig {
             quiet: ctx.quiet,
+            silent: false,
             log_every: 0,
         })
         .start()?;

@@ -405,6 +405,7 @@ impl RunArgs {
             device: self.device.clone(),
             threads: self.threads,
             quiet: self.quiet,
+            silent: false,
         }
     }
 }

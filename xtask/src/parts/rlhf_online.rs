@@ -424,7 +424,7 @@ fn ppo_cmd(args: &[String]) -> Result<()> {
 #[command(
     name = "cargo xtask rlhf arithmetic",
     about = "GRPO's home ground, offline: pretrain a tiny GPT-2 on short additions (`a+b=c`), then \
-             GRPO with an exact-answer reward; prints held-out exact-answer accuracy before and after."
+             GRPO with an exact-answer reward; prints exact-answer accuracy on all 100 single-digit sums before and after."
 )]
 struct ArithArgs {
     /// Output folder (default: runs/rlhf-arithmetic-<timestamp>).
