@@ -305,14 +305,9 @@ pub fn run_arithmetic(
     };
     let (base, tok) = load(&lm_run)?;
     let max_new = cfg.grpo.common.generation.max_new_tokens;
-    let before = accuracy(
-        &base,
-        &tok,
-        &eval,
-        max_new,
-        cfg.eval_samples,
-        cfg.seed ^ 0xE7,
-    )?;
+    // The same sampling streams before and after, so the two differ by the model only.
+    let measure = |m: &Gpt2| accuracy(m, &tok, &eval, max_new, cfg.eval_samples, cfg.seed ^ 0xE7);
+    let before = measure(&base)?;
     say(format!(
         "base LM: accuracy sampled {:.1}%, greedy {:.1}%",
         100.0 * before.sampled,
@@ -345,14 +340,7 @@ pub fn run_arithmetic(
     )?;
     let grpo_seconds = t.elapsed().as_secs_f64();
     let (tuned, _) = load(&grpo_run)?;
-    let after = accuracy(
-        &tuned,
-        &tok,
-        &eval,
-        max_new,
-        cfg.eval_samples,
-        cfg.seed ^ 0xE7,
-    )?;
+    let after = measure(&tuned)?;
     let report = ArithReport {
         before,
         after,
