@@ -156,8 +156,70 @@ fn ensure_font() {
     });
 }
 
+/// Series of more points than this get a smoothed line over a faint raw one.
+const SMOOTH_FROM: usize = 50;
+/// Series of at most this many points get a marker on each (so that one
+/// evaluation at the end of a run shows as a dot, not as nothing).
+const MARK_UP_TO: usize = 40;
+
+/// TensorBoard's scalar smoothing: an exponential moving average with
+/// `weight` on the past, its start-up bias divided out (so the first values
+/// are not pulled towards 0, and a constant series stays constant).
+pub fn smooth_ema(ys: &[f64], weight: f64) -> Vec<f64> {
+    let mut last = 0.0;
+    let mut debias = 1.0;
+    ys.iter()
+        .map(|&y| {
+            last = last * weight + (1.0 - weight) * y;
+            debias *= weight;
+            last / (1.0 - debias)
+        })
+        .collect()
+}
+
+/// The smoothing weight for a series of `n` points: a window of about
+/// `n / 20` points (weight 0.6 at 50 points, 0.98 at 1000, at most 0.99).
+fn smoothing_weight(n: usize) -> f64 {
+    (1.0 - 20.0 / n.max(1) as f64).clamp(0.6, 0.99)
+}
+
+/// The corners a legend may take, in the order ties are broken.
+const CORNERS: [plotters::chart::SeriesLabelPosition; 4] = [
+    plotters::chart::SeriesLabelPosition::UpperRight,
+    plotters::chart::SeriesLabelPosition::UpperLeft,
+    plotters::chart::SeriesLabelPosition::LowerRight,
+    plotters::chart::SeriesLabelPosition::LowerLeft,
+];
+
+/// The corner of the plot where a legend covering `size` (fractions of the
+/// plot's width and height) hides the fewest of `points` (already scaled to
+/// the plot, 0..1 on each axis): matplotlib's `loc="best"`, over four corners.
+fn legend_corner(points: &[(f64, f64)], size: (f64, f64)) -> plotters::chart::SeriesLabelPosition {
+    let (w, h) = size;
+    let covered = |right: bool, upper: bool| {
+        points
+            .iter()
+            .filter(|&&(x, y)| {
+                (if right { x >= 1.0 - w } else { x <= w })
+                    && (if upper { y >= 1.0 - h } else { y <= h })
+            })
+            .count()
+    };
+    let counts = [
+        covered(true, true),
+        covered(false, true),
+        covered(true, false),
+        covered(false, false),
+    ];
+    let best = (0..4).min_by_key(|&i| counts[i]).unwrap_or(0);
+    CORNERS[best].clone()
+}
+
 /// Draws every `(split, field)` series of `metrics.jsonl` whose field is in
 /// `fields` (all numeric fields when empty) against the step, as a PNG.
+/// Series of more than 50 points (per-step losses) are drawn faint, under
+/// their [`smooth_ema`] line; series of up to 40 points (epoch summaries,
+/// evaluations) get a dot on each point.
 pub fn plot_metrics(
     metrics: &Path,
     out: &Path,
@@ -202,7 +264,54 @@ pub fn plot_metrics(
         y1 = y0 + 1.0;
     }
     let pad = (y1 - y0) * 0.05;
+    // Room on the right for the dot of an evaluation at the last step.
+    x1 += (x1 - x0) * 0.02;
     let (w, h) = (800u32, 480u32);
+    // What each series draws: its faint raw points (long series), its line
+    // (smoothed when long), its legend name, and whether it gets markers.
+    struct Drawn {
+        raw: Option<Vec<(f64, f64)>>,
+        line: Vec<(f64, f64)>,
+        label: String,
+        marks: bool,
+    }
+    let drawn: Vec<Drawn> = series
+        .iter()
+        .map(|(name, pts)| {
+            if pts.len() > SMOOTH_FROM {
+                let ys: Vec<f64> = pts.iter().map(|p| p.1).collect();
+                let smooth = smooth_ema(&ys, smoothing_weight(pts.len()));
+                Drawn {
+                    raw: Some(pts.clone()),
+                    line: pts.iter().zip(smooth).map(|(p, y)| (p.0, y)).collect(),
+                    label: format!("{name} (smoothed)"),
+                    marks: false,
+                }
+            } else {
+                Drawn {
+                    raw: None,
+                    line: pts.clone(),
+                    label: name.clone(),
+                    marks: pts.len() <= MARK_UP_TO,
+                }
+            }
+        })
+        .collect();
+    let (ylo, yhi) = (y0 - pad, y1 + pad);
+    let scaled: Vec<(f64, f64)> = drawn
+        .iter()
+        .flat_map(|d| d.raw.iter().flatten().chain(&d.line))
+        .map(|&(x, y)| ((x - x0) / (x1 - x0), (y - ylo) / (yhi - ylo)))
+        .collect();
+    // The legend's size in pixels (14 px text, ~7.5 px a character, a 20 px
+    // row per series), over the plot area's (the figure less its margins,
+    // caption and label areas).
+    let chars = drawn.iter().map(|d| d.label.len()).max().unwrap_or(0);
+    let legend = (
+        (40.0 + 7.5 * chars as f64) / f64::from(w - 100),
+        (12.0 + 20.0 * drawn.len() as f64) / f64::from(h - 100),
+    );
+    let corner = legend_corner(&scaled, legend);
     let mut buf = vec![0u8; (w * h * 3) as usize];
     let err = |e: String| FigureError::Write {
         path: out.to_path_buf(),
@@ -216,26 +325,38 @@ pub fn plot_metrics(
             .margin(12)
             .x_label_area_size(36)
             .y_label_area_size(64)
-            .build_cartesian_2d(x0..x1, (y0 - pad)..(y1 + pad))
+            .build_cartesian_2d(x0..x1, ylo..yhi)
             .map_err(|e| err(e.to_string()))?;
         chart
             .configure_mesh()
             .x_desc("step")
+            .x_label_formatter(&|x| format!("{}", x.round() as i64))
             .label_style(("sans-serif", 14))
             .draw()
             .map_err(|e| err(e.to_string()))?;
-        for (i, (name, pts)) in series.iter().enumerate() {
+        for (i, d) in drawn.into_iter().enumerate() {
             let color = Palette99::pick(i).to_rgba();
+            if let Some(raw) = d.raw {
+                chart
+                    .draw_series(LineSeries::new(raw, color.mix(0.25)))
+                    .map_err(|e| err(e.to_string()))?;
+            }
+            if d.marks {
+                chart
+                    .draw_series(d.line.iter().map(|&p| Circle::new(p, 3, color.filled())))
+                    .map_err(|e| err(e.to_string()))?;
+            }
             chart
-                .draw_series(LineSeries::new(pts.iter().copied(), color.stroke_width(2)))
+                .draw_series(LineSeries::new(d.line, color.stroke_width(2)))
                 .map_err(|e| err(e.to_string()))?
-                .label(name.clone())
+                .label(d.label)
                 .legend(move |(x, y)| {
                     PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2))
                 });
         }
         chart
             .configure_series_labels()
+            .position(corner)
             .background_style(WHITE.mix(0.8))
             .border_style(BLACK)
             .label_font(("sans-serif", 14))
@@ -300,5 +421,64 @@ mod tests {
         let empty = dir.path().join("empty.jsonl");
         std::fs::write(&empty, "").unwrap();
         assert!(plot_metrics(&empty, &out, "x", &[]).is_err());
+    }
+
+    #[test]
+    fn the_legend_takes_the_emptiest_corner() {
+        use plotters::chart::SeriesLabelPosition as P;
+        let size = (0.3, 0.2);
+        let at = |pts: &[(f64, f64)]| format!("{:?}", legend_corner(pts, size));
+        // Nothing drawn: the first corner, upper right.
+        assert_eq!(at(&[]), format!("{:?}", P::UpperRight));
+        // A loss falling from the upper left to the lower right.
+        let falling: Vec<(f64, f64)> = (0..=100)
+            .map(|i| (f64::from(i) / 100.0, 1.0 - f64::from(i) / 100.0))
+            .collect();
+        assert_eq!(at(&falling), format!("{:?}", P::UpperRight));
+        // A rising curve (a GAN's generator loss) leaves the lower right free.
+        let rising: Vec<(f64, f64)> = falling.iter().map(|&(x, y)| (x, 1.0 - y)).collect();
+        let mut both = rising.clone();
+        both.extend((0..=100).map(|i| (f64::from(i) / 100.0, 0.9)));
+        assert_eq!(at(&both), format!("{:?}", P::LowerRight));
+    }
+
+    #[test]
+    fn smoothing_is_tensorboards_debiased_ema() {
+        // weight 0.5 on [0, 10, 4]: EMAs 0, 5, 4.5 over 1 - 0.5^k = 0.5, 0.75, 0.875.
+        let s = smooth_ema(&[0.0, 10.0, 4.0], 0.5);
+        let want = [0.0, 5.0 / 0.75, 4.5 / 0.875];
+        assert!(
+            s.iter().zip(want).all(|(a, b)| (a - b).abs() < 1e-12),
+            "{s:?}"
+        );
+        assert!(smooth_ema(&[3.0; 200], 0.98)
+            .iter()
+            .all(|v| (v - 3.0).abs() < 1e-12));
+        assert_eq!(smoothing_weight(50), 0.6);
+        assert!((smoothing_weight(1000) - 0.98).abs() < 1e-12);
+        assert_eq!(smoothing_weight(100_000), 0.99);
+    }
+
+    /// A one-point series (an evaluation at the end of a run) shows as a dot
+    /// beside a long per-step series: more pixels of its colour than its
+    /// legend entry's line alone has.
+    #[test]
+    fn a_single_evaluation_is_drawn() {
+        use plotters::style::{Color, Palette, Palette99};
+        let dir = tempfile::tempdir().unwrap();
+        let m = dir.path().join("metrics.jsonl");
+        let mut log = crate::run::MetricsLog::open(&m).unwrap();
+        for s in 1..=200u64 {
+            log.log(s, 0, "train", &[("loss", 10.0 / s as f64 + (s % 7) as f64)])
+                .unwrap();
+        }
+        log.log(200, 1, "test", &[("loss", 2.0)]).unwrap();
+        let out = dir.path().join("loss.png");
+        plot_metrics(&m, &out, "loss", &["loss"]).unwrap();
+        let img = image::open(&out).unwrap().to_rgb8();
+        let c = Palette99::pick(1).to_rgba().rgb();
+        let n = img.pixels().filter(|p| p.0 == [c.0, c.1, c.2]).count();
+        // The legend's 18 x 2 line is ~40 pixels; a radius-3 dot adds ~25.
+        assert!(n > 55, "{n} pixels of the test series' colour");
     }
 }
