@@ -45,7 +45,10 @@ pub struct MethodResult {
 type Metric = fn(&MethodResult) -> f64;
 
 /// Draws two panels, the reward model's score and the labeller's positive
-/// rate against the KL to the base model, one labelled point per method.
+/// rate against the KL to the base model, one point per method, named in a
+/// legend in the lower right corner (high KL for a low score: where no
+/// method worth plotting sits). Names written beside the points overlapped
+/// wherever methods land close together (best-of-n, PPO and DPO near KL 0).
 pub fn frontier(methods: &[MethodResult], out: &Path) -> Result<()> {
     use plotters::prelude::*;
     ensure_font();
@@ -90,18 +93,63 @@ pub fn frontier(methods: &[MethodResult], out: &Path) -> Result<()> {
                 let c = Palette99::pick(i).to_rgba();
                 chart
                     .draw_series(std::iter::once(Circle::new((m.kl, *y), 5, c.filled())))
-                    .map_err(|e| err(e.to_string()))?;
-                chart
-                    .draw_series(std::iter::once(Text::new(
-                        ascii(&m.name),
-                        (m.kl, *y),
-                        ("sans-serif", 13).into_font(),
-                    )))
-                    .map_err(|e| err(e.to_string()))?;
+                    .map_err(|e| err(e.to_string()))?
+                    .label(ascii(&m.name))
+                    .legend(move |(x, y)| Circle::new((x + 6, y), 5, c.filled()));
             }
+            chart
+                .configure_series_labels()
+                .position(SeriesLabelPosition::LowerRight)
+                .background_style(WHITE.mix(0.8))
+                .border_style(BLACK)
+                .label_font(("sans-serif", 13))
+                .draw()
+                .map_err(|e| err(e.to_string()))?;
         }
         root.present().map_err(|e| err(e.to_string()))?;
     }
     let img = image::RgbImage::from_raw(w, h, buf).ok_or_else(|| err("bad image buffer".into()))?;
     Ok(kiln_core::image::save_png(&img, out)?)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use plotters::style::{Color, Palette, Palette99};
+
+    fn method(name: &str, kl: f64, score: f64) -> MethodResult {
+        MethodResult {
+            name: name.into(),
+            positive_rate: score / 4.0,
+            reward: score,
+            kl,
+            kl_is_bound: false,
+            mean_length: 10.0,
+            samples: Vec::new(),
+        }
+    }
+
+    /// Each method is a dot in both panels and in both legends, even where
+    /// two methods land on almost the same point.
+    #[test]
+    fn every_method_is_drawn_in_both_panels_and_legends() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("frontier.png");
+        let methods = [
+            method("base", 0.0, 1.0),
+            method("dpo β=0.1", 7.0, 2.3),
+            method("best-of-8", 1.2, 2.6),
+            method("ppo", 6.0, 2.5),
+        ];
+        frontier(&methods, &out).unwrap();
+        let img = image::open(&out).unwrap().to_rgb8();
+        assert_eq!(img.dimensions(), (1000, 440));
+        for (i, m) in methods.iter().enumerate() {
+            let c = Palette99::pick(i).to_rgba().rgb();
+            let n = img.pixels().filter(|p| p.0 == [c.0, c.1, c.2]).count();
+            // Four radius-5 dots of ~80 pixels each; others may hide part of one.
+            assert!(n > 200, "{}: {n} pixels", m.name);
+        }
+    }
 }
