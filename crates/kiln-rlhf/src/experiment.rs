@@ -238,7 +238,9 @@ impl ExperimentReport {
                 100.0 * m.positive_rate,
                 m.reward,
                 if m.kl_is_bound { "≤ " } else { "" },
-                m.kl,
+                // The base against itself estimates ~-3e-7 (sampling's and
+                // scoring's rounding differ): 0.000, not -0.000.
+                if m.kl.abs() < 5e-4 { 0.0 } else { m.kl },
                 m.mean_length
             );
         }
@@ -711,4 +713,45 @@ fn load_policy(run: &Path, device: &Device) -> Result<Gpt2> {
     let files = ModelFiles::from_dir(&model_dir(run))?;
     let (cfg, w) = load_weights(&files, device)?;
     frozen_from(&cfg, w, device)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(name: &str, kl: f64, kl_is_bound: bool) -> MethodResult {
+        MethodResult {
+            name: name.into(),
+            positive_rate: 0.5,
+            reward: 1.0,
+            kl,
+            kl_is_bound,
+            mean_length: 20.0,
+            samples: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn the_table_prints_the_bases_rounding_as_zero_and_bounds_as_bounds() {
+        let rep = ExperimentReport {
+            labelled_pairs: 10,
+            ties: 0,
+            reward_accuracy: 0.8,
+            methods: vec![
+                row("base", -3.3e-7, false),
+                row("best-of-8", 1.2044, true),
+                row("dpo", -0.25, false),
+            ],
+            out: PathBuf::new(),
+        };
+        let t = rep.table();
+        assert!(t.contains("| base | 50.0% | 1.000 | 0.000 | 20.0 |"), "{t}");
+        assert!(
+            t.contains("| best-of-8 | 50.0% | 1.000 | ≤ 1.204 | 20.0 |"),
+            "{t}"
+        );
+        // A real negative estimate keeps its sign.
+        assert!(t.contains("| dpo | 50.0% | 1.000 | -0.250 | 20.0 |"), "{t}");
+        assert!(!t.contains("-0.000"), "{t}");
+    }
 }

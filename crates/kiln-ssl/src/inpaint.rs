@@ -316,7 +316,7 @@ pub struct InpaintTrainReport {
 
 /// Trains the chapter's autoencoder: masked input, full-image MSE target
 /// (optionally weighting the hole, [`InpaintConfig::hole_weight`]), Adam.
-/// Writes `figure_14_2.png` (images / masked / reconstructions), `loss.png`,
+/// Writes `figure_14_2.png` (images / masked / reconstructions / hole filled), `loss.png`,
 /// metrics, checkpoints and `summary.json` into the run folder.
 pub fn train_inpaint(
     cfg: &InpaintConfig,
@@ -409,7 +409,17 @@ pub fn train_inpaint(
     Ok(rep)
 }
 
-/// The chapter's figure 14.2: row 1 images, row 2 masked, row 3 reconstructions.
+/// `masked` with its hidden pixels (`keep` 0, broadcast over channels)
+/// taken from `reconstruction`.
+pub fn fill_hole(masked: &Tensor, keep: &Tensor, reconstruction: &Tensor) -> Result<Tensor> {
+    let hole = keep.to_dtype(reconstruction.dtype())?.affine(-1.0, 1.0)?;
+    masked.broadcast_add(&reconstruction.broadcast_mul(&hole)?)
+}
+
+/// The chapter's figure 14.2: row 1 images, row 2 masked, row 3
+/// reconstructions; and row 4, the masked image with only its hole filled
+/// from the reconstruction (what inpainting hands back: the known pixels
+/// stay as they were).
 pub fn write_figure(
     model: &InpaintAe,
     ds: &dyn Dataset,
@@ -430,10 +440,11 @@ pub fn write_figure(
     }
     let x = Tensor::stack(&imgs, 0)?;
     let mut rng = SeededRng::derive(seed, &[0xF16]);
-    let (masked, _) = mask.apply(&x, &mut rng)?;
+    let (masked, keep) = mask.apply(&x, &mut rng)?;
     let y = model.forward(&masked)?;
+    let filled = fill_hole(&masked, &keep, &y)?;
     save_image_rows(
-        &[&x, &masked, &y],
+        &[&x, &masked, &y, &filled],
         &run.join("figure_14_2.png"),
         &GridOptions {
             scale: 3,
@@ -441,4 +452,38 @@ pub fn write_figure(
         },
     )?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    /// Known pixels come from the masked image, hidden ones from the
+    /// reconstruction, in every channel.
+    #[test]
+    fn the_hole_alone_is_filled() {
+        let dev = Device::Cpu;
+        let mut rng = SeededRng::new(3);
+        let x = rng.uniform(&[2, 3, 12, 12], 0.0, 1.0, &dev).unwrap();
+        let y = rng.uniform(&[2, 3, 12, 12], 2.0, 3.0, &dev).unwrap();
+        let mask = SquareMask::new(4, true);
+        let (masked, keep) = mask.apply(&x, &mut rng).unwrap();
+        let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let f = flat(&fill_hole(&masked, &keep, &y).unwrap());
+        let (x, y) = (flat(&x), flat(&y));
+        let keep = flat(
+            &keep
+                .to_dtype(DType::F32)
+                .unwrap()
+                .broadcast_as((2, 3, 12, 12))
+                .unwrap(),
+        );
+        let hidden = keep.iter().filter(|&&k| k == 0.0).count();
+        assert_eq!(hidden, 2 * 3 * 16, "a 4x4 hole in each image and channel");
+        for i in 0..f.len() {
+            let want = if keep[i] == 0.0 { y[i] } else { x[i] };
+            assert_eq!(f[i], want, "element {i}");
+        }
+    }
 }
