@@ -4,11 +4,11 @@
 //! prompts `a+b=` whose `answer` column holds `c`. Accuracy before and
 //! after is measured sampled at temperature 1 (the policy GRPO optimises;
 //! the mean over `eval_samples` completions per problem, so that the figure
-//! is not one coin flip per problem) and greedily, on every problem of the table (single-digit sums by
-//! default: a table a tiny LM memorises rather than an algorithm it
-//! generalises, so problems held out from GRPO would measure
-//! generalisation, not the RL) or, with `held_out`, on sampled problems
-//! GRPO never sees (they stay in the pretraining corpus).
+//! is not one coin flip per problem) and greedily, on every problem of the
+//! table (single-digit sums by default: a table a tiny LM memorises rather
+//! than an algorithm it generalises, so problems held out from GRPO would
+//! measure generalisation, not the RL) or, with `held_out`, on sampled
+//! problems GRPO never sees (they stay in the pretraining corpus).
 //!
 //! The pretraining is kept short on purpose, so the base model knows the
 //! format and often the answer but not reliably: the room GRPO turns into
