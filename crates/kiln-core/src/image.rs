@@ -183,36 +183,43 @@ fn smoothing_weight(n: usize) -> f64 {
     (1.0 - 20.0 / n.max(1) as f64).clamp(0.6, 0.99)
 }
 
-/// The corners a legend may take, in the order ties are broken.
-const CORNERS: [plotters::chart::SeriesLabelPosition; 4] = [
-    plotters::chart::SeriesLabelPosition::UpperRight,
-    plotters::chart::SeriesLabelPosition::UpperLeft,
-    plotters::chart::SeriesLabelPosition::LowerRight,
-    plotters::chart::SeriesLabelPosition::LowerLeft,
+/// Where a legend may go, in the order ties are broken: each place with
+/// whether it is on the right, and its vertical place (1 upper, 0 middle,
+/// -1 lower).
+const PLACES: [(plotters::chart::SeriesLabelPosition, bool, i8); 6] = [
+    (plotters::chart::SeriesLabelPosition::UpperRight, true, 1),
+    (plotters::chart::SeriesLabelPosition::UpperLeft, false, 1),
+    (plotters::chart::SeriesLabelPosition::LowerRight, true, -1),
+    (plotters::chart::SeriesLabelPosition::LowerLeft, false, -1),
+    (plotters::chart::SeriesLabelPosition::MiddleRight, true, 0),
+    (plotters::chart::SeriesLabelPosition::MiddleLeft, false, 0),
 ];
 
-/// The corner of the plot where a legend covering `size` (fractions of the
-/// plot's width and height) hides the fewest of `points` (already scaled to
-/// the plot, 0..1 on each axis): matplotlib's `loc="best"`, over four corners.
+/// The place (a corner, or the middle of the left or right side) where a
+/// legend covering `size` (fractions of the plot's width and height) hides
+/// the fewest of `points` (already scaled to the plot, 0..1 on each axis):
+/// matplotlib's `loc="best"`, over six places.
 fn legend_corner(points: &[(f64, f64)], size: (f64, f64)) -> plotters::chart::SeriesLabelPosition {
     let (w, h) = size;
-    let covered = |right: bool, upper: bool| {
+    let covered = |right: bool, vertical: i8| {
         points
             .iter()
             .filter(|&&(x, y)| {
                 (if right { x >= 1.0 - w } else { x <= w })
-                    && (if upper { y >= 1.0 - h } else { y <= h })
+                    && match vertical {
+                        1 => y >= 1.0 - h,
+                        -1 => y <= h,
+                        _ => (y - 0.5).abs() <= h / 2.0,
+                    }
             })
             .count()
     };
-    let counts = [
-        covered(true, true),
-        covered(false, true),
-        covered(true, false),
-        covered(false, false),
-    ];
-    let best = (0..4).min_by_key(|&i| counts[i]).unwrap_or(0);
-    CORNERS[best].clone()
+    PLACES
+        .iter()
+        .min_by_key(|(_, right, vertical)| covered(*right, *vertical))
+        .map_or(plotters::chart::SeriesLabelPosition::UpperRight, |p| {
+            p.0.clone()
+        })
 }
 
 /// Draws every `(split, field)` series of `metrics.jsonl` whose field is in
@@ -229,16 +236,29 @@ pub fn plot_metrics(
     use plotters::prelude::*;
     ensure_font();
     let recs = crate::run::read_metrics(metrics)?;
-    let mut series: Vec<(String, Vec<(f64, f64)>)> = Vec::new();
+    // Each series with the index of its field: one colour per field, so a
+    // loss per step and its epoch means share it.
+    type Series = (String, usize, Vec<(f64, f64)>);
+    let mut series: Vec<Series> = Vec::new();
+    let mut field_order: Vec<&str> = Vec::new();
     for r in &recs {
         for (k, v) in &r.values {
             if !fields.is_empty() && !fields.contains(&k.as_str()) {
                 continue;
             }
             let name = format!("{} {k}", r.split);
-            match series.iter_mut().find(|(n, _)| *n == name) {
-                Some((_, pts)) => pts.push((r.step as f64, *v)),
-                None => series.push((name, vec![(r.step as f64, *v)])),
+            match series.iter_mut().find(|(n, _, _)| *n == name) {
+                Some((_, _, pts)) => pts.push((r.step as f64, *v)),
+                None => {
+                    let field = match field_order.iter().position(|f| f == k) {
+                        Some(i) => i,
+                        None => {
+                            field_order.push(k);
+                            field_order.len() - 1
+                        }
+                    };
+                    series.push((name, field, vec![(r.step as f64, *v)]));
+                }
             }
         }
     }
@@ -249,7 +269,7 @@ pub fn plot_metrics(
         )));
     }
     let (mut x0, mut x1, mut y0, mut y1) = (f64::MAX, f64::MIN, f64::MAX, f64::MIN);
-    for (_, pts) in &series {
+    for (_, _, pts) in &series {
         for &(x, y) in pts {
             x0 = x0.min(x);
             x1 = x1.max(x);
@@ -274,10 +294,11 @@ pub fn plot_metrics(
         line: Vec<(f64, f64)>,
         label: String,
         marks: bool,
+        color: usize,
     }
     let drawn: Vec<Drawn> = series
         .iter()
-        .map(|(name, pts)| {
+        .map(|(name, field, pts)| {
             if pts.len() > SMOOTH_FROM {
                 let ys: Vec<f64> = pts.iter().map(|p| p.1).collect();
                 let smooth = smooth_ema(&ys, smoothing_weight(pts.len()));
@@ -286,6 +307,7 @@ pub fn plot_metrics(
                     line: pts.iter().zip(smooth).map(|(p, y)| (p.0, y)).collect(),
                     label: format!("{name} (smoothed)"),
                     marks: false,
+                    color: *field,
                 }
             } else {
                 Drawn {
@@ -293,6 +315,7 @@ pub fn plot_metrics(
                     line: pts.clone(),
                     label: name.clone(),
                     marks: pts.len() <= MARK_UP_TO,
+                    color: *field,
                 }
             }
         })
@@ -334,8 +357,8 @@ pub fn plot_metrics(
             .label_style(("sans-serif", 14))
             .draw()
             .map_err(|e| err(e.to_string()))?;
-        for (i, d) in drawn.into_iter().enumerate() {
-            let color = Palette99::pick(i).to_rgba();
+        for d in drawn {
+            let color = Palette99::pick(d.color).to_rgba();
             if let Some(raw) = d.raw {
                 chart
                     .draw_series(LineSeries::new(raw, color.mix(0.25)))
@@ -346,12 +369,17 @@ pub fn plot_metrics(
                     .draw_series(d.line.iter().map(|&p| Circle::new(p, 3, color.filled())))
                     .map_err(|e| err(e.to_string()))?;
             }
+            let marks = d.marks;
             chart
                 .draw_series(LineSeries::new(d.line, color.stroke_width(2)))
                 .map_err(|e| err(e.to_string()))?
                 .label(d.label)
                 .legend(move |(x, y)| {
-                    PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2))
+                    // A dot on the legend's line for series drawn with dots.
+                    let dot = if marks { 3 } else { 0 };
+                    EmptyElement::at((x, y))
+                        + PathElement::new(vec![(0, 0), (18, 0)], color.stroke_width(2))
+                        + Circle::new((9, 0), dot, color.filled())
                 });
         }
         chart
@@ -440,6 +468,12 @@ mod tests {
         let mut both = rising.clone();
         both.extend((0..=100).map(|i| (f64::from(i) / 100.0, 0.9)));
         assert_eq!(at(&both), format!("{:?}", P::LowerRight));
+        // Curves near the top and the bottom (a discriminator's outputs on
+        // real and fake images) leave only the middle free.
+        let apart: Vec<(f64, f64)> = (0..=100)
+            .flat_map(|i| [(f64::from(i) / 100.0, 0.95), (f64::from(i) / 100.0, 0.05)])
+            .collect();
+        assert_eq!(at(&apart), format!("{:?}", P::MiddleRight));
     }
 
     #[test]
@@ -472,13 +506,14 @@ mod tests {
             log.log(s, 0, "train", &[("loss", 10.0 / s as f64 + (s % 7) as f64)])
                 .unwrap();
         }
-        log.log(200, 1, "test", &[("loss", 2.0)]).unwrap();
+        log.log(200, 1, "test", &[("neg_elbo", 2.0)]).unwrap();
         let out = dir.path().join("loss.png");
-        plot_metrics(&m, &out, "loss", &["loss"]).unwrap();
+        plot_metrics(&m, &out, "loss", &["loss", "neg_elbo"]).unwrap();
         let img = image::open(&out).unwrap().to_rgb8();
         let c = Palette99::pick(1).to_rgba().rgb();
         let n = img.pixels().filter(|p| p.0 == [c.0, c.1, c.2]).count();
-        // The legend's 18 x 2 line is ~40 pixels; a radius-3 dot adds ~25.
-        assert!(n > 55, "{n} pixels of the test series' colour");
+        // The legend's 18 x 2 line is ~40 pixels; a radius-3 dot adds ~25,
+        // in the plot and on the legend's line.
+        assert!(n > 80, "{n} pixels of the test series' colour");
     }
 }
