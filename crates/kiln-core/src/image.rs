@@ -199,7 +199,7 @@ const PLACES: [(plotters::chart::SeriesLabelPosition, bool, i8); 6] = [
 /// legend covering `size` (fractions of the plot's width and height) hides
 /// the fewest of `points` (already scaled to the plot, 0..1 on each axis):
 /// matplotlib's `loc="best"`, over six places.
-fn legend_corner(points: &[(f64, f64)], size: (f64, f64)) -> plotters::chart::SeriesLabelPosition {
+fn legend_place(points: &[(f64, f64)], size: (f64, f64)) -> plotters::chart::SeriesLabelPosition {
     let (w, h) = size;
     let covered = |right: bool, vertical: i8| {
         points
@@ -334,7 +334,7 @@ pub fn plot_metrics(
         (40.0 + 7.5 * chars as f64) / f64::from(w - 100),
         (12.0 + 20.0 * drawn.len() as f64) / f64::from(h - 100),
     );
-    let corner = legend_corner(&scaled, legend);
+    let place = legend_place(&scaled, legend);
     let mut buf = vec![0u8; (w * h * 3) as usize];
     let err = |e: String| FigureError::Write {
         path: out.to_path_buf(),
@@ -384,7 +384,7 @@ pub fn plot_metrics(
         }
         chart
             .configure_series_labels()
-            .position(corner)
+            .position(place)
             .background_style(WHITE.mix(0.8))
             .border_style(BLACK)
             .label_font(("sans-serif", 14))
@@ -452,10 +452,10 @@ mod tests {
     }
 
     #[test]
-    fn the_legend_takes_the_emptiest_corner() {
+    fn the_legend_takes_the_emptiest_place() {
         use plotters::chart::SeriesLabelPosition as P;
         let size = (0.3, 0.2);
-        let at = |pts: &[(f64, f64)]| format!("{:?}", legend_corner(pts, size));
+        let at = |pts: &[(f64, f64)]| format!("{:?}", legend_place(pts, size));
         // Nothing drawn: the first corner, upper right.
         assert_eq!(at(&[]), format!("{:?}", P::UpperRight));
         // A loss falling from the upper left to the lower right.
