@@ -147,7 +147,10 @@ pub fn save_png(img: &image::RgbImage, path: &Path) -> Result<(), FigureError> {
 
 static FONT: &[u8] = include_bytes!("../assets/DejaVuSans-ascii.ttf");
 
-fn ensure_font() {
+/// Registers the bundled font (an ASCII subset of DejaVu Sans) as plotters'
+/// `sans-serif`, once per process: call it before drawing your own plotters
+/// figure, as [`plot_metrics`] does (a fresh CI machine may have no fonts).
+pub fn ensure_font() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
         // The font is bundled: a fresh CI machine may have no system fonts.

@@ -288,6 +288,7 @@ pub fn run_arithmetic(
         None => {
             let dir = out.join("lm");
             let lm = kiln_lm::train::train(&tc, device, &sub_run(&dir))?;
+            crate::experiment::stop_if_interrupted("rlhf arithmetic", &dir)?;
             say(format!(
                 "base LM: {} epochs, val loss {:.3} nats/token (unigram entropy {:.3})",
                 lm.epochs,
@@ -338,6 +339,7 @@ pub fn run_arithmetic(
         &sub_run(&grpo_run),
         &Control::default(),
     )?;
+    crate::experiment::stop_if_interrupted("rlhf arithmetic", &grpo_run)?;
     let grpo_seconds = t.elapsed().as_secs_f64();
     let (tuned, _) = load(&grpo_run)?;
     let after = measure(&tuned)?;

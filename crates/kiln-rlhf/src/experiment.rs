@@ -259,6 +259,20 @@ fn io(path: &Path) -> impl Fn(std::io::Error) -> RlhfError + '_ {
 
 /// Creates `out`, refusing a folder that is not empty unless `overwrite`
 /// (then its contents are removed).
+/// Ends a task of several runs after one that Ctrl-C stopped (its
+/// checkpoint is written): the next stage would read a model that run never
+/// saved, and its own loop would stop at its first step.
+pub(crate) fn stop_if_interrupted(task: &str, run: &Path) -> Result<()> {
+    if kiln_core::observer::interrupted() {
+        return Err(RlhfError::Input(format!(
+            "{task}: interrupted in {} (its checkpoint is kept there); the task has no \
+             --resume: run it again, into a new folder or with --overwrite",
+            run.display()
+        )));
+    }
+    Ok(())
+}
+
 pub(crate) fn prepare_out(out: &Path, overwrite: bool) -> Result<()> {
     if out.exists() && std::fs::read_dir(out).map_err(io(out))?.next().is_some() && !overwrite {
         return Err(RlhfError::file(
@@ -377,6 +391,7 @@ pub fn run_experiment(
         ..cfg.lm.clone()
     };
     let lm_rep = kiln_lm::train::train(&tc, device, &run("lm"))?;
+    stop_if_interrupted("rlhf experiment", &out.join("lm"))?;
     say(format!(
         "base LM: val loss {:.3} nats/token; sample: {}",
         lm_rep.val_loss.unwrap_or(f64::NAN),
@@ -451,6 +466,7 @@ pub fn run_experiment(
         device,
         &run("reward"),
     )?;
+    stop_if_interrupted("rlhf experiment", &out.join("reward"))?;
     let reward_accuracy = rrep
         .eval
         .as_ref()
@@ -503,6 +519,7 @@ pub fn run_experiment(
             device,
             &run(&name),
         )?;
+        stop_if_interrupted("rlhf experiment", &out.join(&name))?;
         let pol = load_policy(&out.join(&name), device)?;
         let m = ev.policy(&format!("dpo β={beta}"), &pol, cfg.eval_samples)?;
         say(format!(
@@ -607,6 +624,7 @@ pub fn run_experiment(
         &run("rwft"),
         &Control::default(),
     )?;
+    stop_if_interrupted("rlhf experiment", &out.join("rwft"))?;
     let pol = load_policy(&out.join("rwft"), device)?;
     let m = ev.policy(&format!("rwft τ={}", cfg.rwft_tau), &pol, cfg.eval_samples)?;
     say(format!(
@@ -666,6 +684,7 @@ pub fn run_experiment(
                     &none,
                 )?,
             };
+            stop_if_interrupted("rlhf experiment", &out.join(name))?;
             let pol = load_policy(&out.join(name), device)?;
             let m = ev.policy(name, &pol, cfg.eval_samples)?;
             say(format!(

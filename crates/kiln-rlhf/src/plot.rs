@@ -1,22 +1,12 @@
-//! The reward-against-KL frontier as a PNG (plotters' bitmap backend with a
-//! bundled ASCII subset of DejaVu Sans, as kiln-core's plots: a CI machine
-//! may have no fonts).
+//! The reward-against-KL frontier as a PNG (plotters' bitmap backend with
+//! kiln-core's bundled ASCII subset of DejaVu Sans: a CI machine may have
+//! no fonts).
 
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Result, RlhfError};
-
-static FONT: &[u8] = include_bytes!("../assets/DejaVuSans-ascii.ttf");
-
-fn ensure_font() {
-    static ONCE: std::sync::Once = std::sync::Once::new();
-    ONCE.call_once(|| {
-        let _ =
-            plotters::style::register_font("sans-serif", plotters::style::FontStyle::Normal, FONT);
-    });
-}
 
 /// ASCII only (the bundled font has no other glyphs): β → b, τ → tau, ≤ → <=.
 fn ascii(s: &str) -> String {
@@ -51,7 +41,7 @@ type Metric = fn(&MethodResult) -> f64;
 /// wherever methods land close together (best-of-n, PPO and DPO near KL 0).
 pub fn frontier(methods: &[MethodResult], out: &Path) -> Result<()> {
     use plotters::prelude::*;
-    ensure_font();
+    kiln_core::image::ensure_font();
     let (w, h) = (1000u32, 440u32);
     let mut buf = vec![0u8; (w * h * 3) as usize];
     let err = |e: String| RlhfError::file(out, e);
