@@ -3,26 +3,16 @@
 //! model that run never saved. Its own test binary, since the stop flag is
 //! process-wide and would stop other tests' training loops.
 
+mod common;
+
 use kiln_core::Device;
-use kiln_rlhf::arith::{run_arithmetic, ArithConfig};
+use kiln_rlhf::arith::run_arithmetic;
 
 #[test]
 fn an_interrupted_base_lm_ends_the_arithmetic_task_with_its_checkpoint_kept() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("arith");
-    let d = ArithConfig::quick();
-    let cfg = ArithConfig {
-        max_operand: 3,
-        train_problems: 200,
-        lm: kiln_lm::train::TrainConfig {
-            epochs: 3,
-            n_embd: 32,
-            n_layer: 1,
-            ..d.lm.clone()
-        },
-        rl_prompts: 20,
-        ..d
-    };
+    let cfg = common::toy_arith(3);
     // As if Ctrl-C had been pressed: the pretraining stops after its first step.
     kiln_core::observer::request_stop(true);
     let err = run_arithmetic(&cfg, &Device::Cpu, &out, false, true)

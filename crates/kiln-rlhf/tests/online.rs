@@ -3,6 +3,8 @@
 //! teacher-forced pass, the first-update invariants, every parameter
 //! changing, and GRPO learning a rule-based reward.
 
+mod common;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -446,19 +448,9 @@ fn arithmetic_task_pipeline() -> Result<()> {
     use kiln_rlhf::arith::{run_arithmetic, ArithConfig};
     let dir = tempfile::tempdir()?;
     let out = dir.path().join("arith");
-    let d = ArithConfig::quick();
     let mut cfg = ArithConfig {
-        max_operand: 3,
-        train_problems: 200,
-        lm: kiln_lm::train::TrainConfig {
-            epochs: 1,
-            n_embd: 32,
-            n_layer: 1,
-            ..d.lm.clone()
-        },
-        rl_prompts: 20,
         eval_samples: 3,
-        ..d
+        ..common::toy_arith(1)
     };
     cfg.grpo.common.iterations = 2;
     cfg.grpo.common.prompts_per_iteration = 2;
