@@ -201,8 +201,12 @@ const PLACES: [(plotters::chart::SeriesLabelPosition, bool, i8); 6] = [
 /// The place (a corner, or the middle of the left or right side) where a
 /// legend covering `size` (fractions of the plot's width and height) hides
 /// the fewest of `points` (already scaled to the plot, 0..1 on each axis):
-/// matplotlib's `loc="best"`, over six places.
-fn legend_place(points: &[(f64, f64)], size: (f64, f64)) -> plotters::chart::SeriesLabelPosition {
+/// matplotlib's `loc="best"`, over six places. Ties go to the earlier of
+/// upper right, upper left, lower right, lower left, middle right, middle left.
+pub fn legend_place(
+    points: &[(f64, f64)],
+    size: (f64, f64),
+) -> plotters::chart::SeriesLabelPosition {
     let (w, h) = size;
     let covered = |right: bool, vertical: i8| {
         points

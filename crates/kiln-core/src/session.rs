@@ -790,17 +790,20 @@ impl Session {
         Ok(())
     }
 
-    /// Writes a checkpoint and says how to resume.
+    /// Writes a checkpoint and says how to resume (a silent run says
+    /// nothing: the task around it names the run and what the user can do,
+    /// which need not be `--resume` of this one run).
     pub fn interrupt(&self) -> SResult<()> {
         self.checkpoint()?;
-        self.observer.finish();
-        eprintln!(
+        // Printed above the bar, which `finish` then clears.
+        self.observer.println(&format!(
             "stopped after step {} (epoch {}, batch {}); resume with --resume {}",
             self.step,
             self.epoch,
             self.batch_in_epoch,
             self.run.path().display()
-        );
+        ));
+        self.observer.finish();
         Ok(())
     }
 

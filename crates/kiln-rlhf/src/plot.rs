@@ -36,9 +36,9 @@ type Metric = fn(&MethodResult) -> f64;
 
 /// Draws two panels, the reward model's score and the labeller's positive
 /// rate against the KL to the base model, one point per method, named in a
-/// legend in the lower right corner (high KL for a low score: where no
-/// method worth plotting sits). Names written beside the points overlapped
-/// wherever methods land close together (best-of-n, PPO and DPO near KL 0).
+/// legend placed where it hides the fewest points (names written beside the
+/// points overlapped wherever methods land close together: best-of-n, PPO
+/// and DPO near KL 0).
 pub fn frontier(methods: &[MethodResult], out: &Path) -> Result<()> {
     use plotters::prelude::*;
     kiln_core::image::ensure_font();
@@ -65,12 +65,32 @@ pub fn frontier(methods: &[MethodResult], out: &Path) -> Result<()> {
             }
             let pad = (y1 - y0) * 0.15;
             let kl_min = methods.iter().map(|m| m.kl).fold(0.0f64, f64::min) - 0.05 * kl_max;
+            let (ylo, yhi) = (y0 - pad, y1 + pad);
+            let scaled: Vec<(f64, f64)> = methods
+                .iter()
+                .zip(&ys)
+                .map(|(m, y)| ((m.kl - kl_min) / (kl_max - kl_min), (y - ylo) / (yhi - ylo)))
+                .collect();
+            // The legend over the plot area, in pixels: 13 px text at ~7 px a
+            // character after a 30 px mark, an 18 px row per method; the
+            // panel less its margins, label areas and caption.
+            let chars = methods
+                .iter()
+                .map(|m| ascii(&m.name).len())
+                .max()
+                .unwrap_or(0);
+            let (pw, ph) = (f64::from(w / 2 - 24 - 56), f64::from(h - 24 - 36 - 30));
+            let legend = (
+                (40.0 + 7.0 * chars as f64) / pw,
+                (12.0 + 18.0 * methods.len() as f64) / ph,
+            );
+            let place = kiln_core::image::legend_place(&scaled, legend);
             let mut chart = ChartBuilder::on(panel)
                 .caption(format!("{label} vs KL to base"), ("sans-serif", 18))
                 .margin(12)
                 .x_label_area_size(36)
                 .y_label_area_size(56)
-                .build_cartesian_2d(kl_min..kl_max, (y0 - pad)..(y1 + pad))
+                .build_cartesian_2d(kl_min..kl_max, ylo..yhi)
                 .map_err(|e| err(e.to_string()))?;
             chart
                 .configure_mesh()
@@ -89,7 +109,7 @@ pub fn frontier(methods: &[MethodResult], out: &Path) -> Result<()> {
             }
             chart
                 .configure_series_labels()
-                .position(SeriesLabelPosition::LowerRight)
+                .position(place)
                 .background_style(WHITE.mix(0.8))
                 .border_style(BLACK)
                 .label_font(("sans-serif", 13))
@@ -141,5 +161,27 @@ mod tests {
             // Four radius-5 dots of ~80 pixels each; others may hide part of one.
             assert!(n > 200, "{}: {n} pixels", m.name);
         }
+    }
+
+    /// A method far off at high KL for a low score (an over-optimised run)
+    /// is not hidden under the legend: the legend moves elsewhere.
+    #[test]
+    fn the_legend_does_not_hide_a_method() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("frontier.png");
+        let methods = [
+            method("base", 0.0, 1.0),
+            method("dpo β=0.1", 0.5, 1.3),
+            method("best-of-8", 1.2, 1.6),
+            method("ppo", 2.0, 2.5),
+            method("rwft τ=0.5", 9.0, 0.9),
+        ];
+        frontier(&methods, &out).unwrap();
+        let img = image::open(&out).unwrap().to_rgb8();
+        let c = Palette99::pick(4).to_rgba().rgb();
+        let n = img.pixels().filter(|p| p.0 == [c.0, c.1, c.2]).count();
+        // Two legend marks and two plotted dots, ~80 pixels each; under a
+        // legend's translucent box a dot's pixels change colour.
+        assert!(n > 280, "{n} pixels of the far method's colour");
     }
 }

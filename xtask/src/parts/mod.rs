@@ -365,7 +365,12 @@ pub fn assert_numeric_flags_checked<P: Parser>(name: &str, sub: Option<&str>, re
 /// training stretches its schedule), `--eval-every`, `--device`, `--threads`,
 /// `--quiet` and `--data-root`. Any other flag that is given and differs from
 /// the run's config is refused, with the list of what differs.
+///
+/// Its flags are listed under their own heading. This comment is not the
+/// commands' help text: without `about = None` clap would put it in place of
+/// each command's own description.
 #[derive(Debug, Clone, clap::Args)]
+#[command(about = None, long_about = None, next_help_heading = "Run folder and device")]
 pub struct RunArgs {
     /// Folder of a new run (default: runs/<task>-<timestamp>). A folder that
     /// already holds a run is refused: continue it with --resume, or pass --overwrite.
@@ -540,4 +545,29 @@ pub fn resume_config<C: serde::de::DeserializeOwned>(
         anyhow::bail!("{} is a {found:?} run, not {what}", run.path().display());
     }
     serde_json::from_value(raw).with_context(|| format!("{}: config.toml", run.path().display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    /// A command's `--help` opens with its own description, not `RunArgs`'s
+    /// doc comment (clap takes a flattened struct's doc as the command's long
+    /// description unless told not to), and the run flags have their heading.
+    #[test]
+    fn run_flags_leave_the_commands_description_alone() {
+        #[derive(Debug, Parser)]
+        #[command(name = "t", about = "Own words")]
+        struct A {
+            #[command(flatten)]
+            run: RunArgs,
+        }
+        let help = A::command().render_long_help().to_string();
+        assert!(help.starts_with("Own words\n"), "{help}");
+        assert!(
+            help.contains("Run folder and device:\n      --out"),
+            "{help}"
+        );
+    }
 }
