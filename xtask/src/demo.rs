@@ -1,6 +1,6 @@
 //! `cargo xtask demo`: every component's main job on embedded data, no download.
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use clap::Parser;
 use std::path::PathBuf;
 use std::time::Instant;
@@ -50,7 +50,28 @@ pub fn run(args: &[String], components: &[Component]) -> Result<()> {
     let out = a.out.unwrap_or_else(|| {
         PathBuf::from("runs").join(format!("demo-{}", kiln_core::run::timestamp()))
     });
-    std::fs::create_dir_all(&out)?;
+    if out.exists() && !out.is_dir() {
+        bail!("demo: --out {} is a file, not a folder", out.display());
+    }
+    // Each part writes OUT/<part>; refuse before any part runs rather than
+    // fail halfway with a trainer's advice (--resume, --overwrite) that the
+    // demo does not take.
+    let taken: Vec<String> = parts
+        .iter()
+        .filter(|p| a.only.is_empty() || a.only.iter().any(|o| o == p.name))
+        .map(|p| out.join(p.name))
+        .filter(|d| std::fs::read_dir(d).is_ok_and(|mut e| e.next().is_some()) || d.is_file())
+        .map(|d| d.display().to_string())
+        .collect();
+    if !taken.is_empty() {
+        let verb = if taken.len() == 1 { "holds" } else { "hold" };
+        bail!(
+            "demo: {} already {verb} an earlier demo's output; choose a new --out (the default \
+             is a new runs/demo-<timestamp>) or remove it first",
+            taken.join(", ")
+        );
+    }
+    std::fs::create_dir_all(&out).with_context(|| format!("demo: creating {}", out.display()))?;
     let ctx = DemoCtx {
         out: out.clone(),
         seed: a.seed,
@@ -96,5 +117,40 @@ mod tests {
         }
         let a = parse(&["--threads", "2", "--seed", "7"]).unwrap();
         assert_eq!((a.threads, a.seed), (Some(2), 7));
+    }
+
+    /// A second demo into the same --out is refused before any part runs,
+    /// naming the part's folder and without advice the demo cannot take.
+    #[test]
+    fn an_earlier_demos_output_is_refused_up_front() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("d");
+        std::fs::create_dir_all(out.join("vae")).unwrap();
+        std::fs::write(out.join("vae/metrics.jsonl"), "{}\n").unwrap();
+        let args = |only: &str| -> Vec<String> {
+            ["--only", only, "--out", out.to_str().unwrap(), "--quiet"]
+                .iter()
+                .map(|s| s.to_string())
+                .collect()
+        };
+        let e = run(&args("core,vae"), &crate::parts::all())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("vae already holds an earlier demo's output") && !e.contains("--resume"),
+            "{e}"
+        );
+        // Nothing ran: the core part's folder was not made.
+        assert!(!out.join("core").exists());
+        // A part whose folder is free still runs.
+        run(&args("prompt"), &crate::parts::all()).unwrap();
+        let file = dir.path().join("f");
+        std::fs::write(&file, "x").unwrap();
+        let a: Vec<String> = ["--only", "prompt", "--out", file.to_str().unwrap()]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let e = run(&a, &crate::parts::all()).unwrap_err().to_string();
+        assert!(e.contains("is a file, not a folder"), "{e}");
     }
 }

@@ -61,7 +61,20 @@ fn error_message(e: &anyhow::Error) -> String {
     out
 }
 
+/// Lets a closed pipe end the process quietly, as it ends `cat` or `grep`
+/// (`cargo xtask rlhf agreement DIR | head`): Rust ignores SIGPIPE, so
+/// `println!` would panic with "failed printing to stdout: Broken pipe".
+fn default_sigpipe() {
+    #[cfg(unix)]
+    // SAFETY: restoring a signal's default disposition at start, before any
+    // thread or other handler exists.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
 fn run() -> Result<()> {
+    default_sigpipe();
     // Reuse freed tensor buffers instead of mmap/munmap per op (see tune_allocator).
     kiln_core::device::tune_allocator();
     // The binary also runs without cargo (gpu-bundle, target/release/xtask),

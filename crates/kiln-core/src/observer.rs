@@ -18,7 +18,9 @@ static PRESSES: AtomicUsize = AtomicUsize::new(0);
 
 /// Installs a Ctrl-C handler (once per process): the first press asks the
 /// training loop to stop at the next step (see [`interrupted`]); a second
-/// press exits at once. Returns false if another handler was already set.
+/// press exits at once. SIGTERM and SIGHUP count as presses too, so a job
+/// stopped by `timeout`, systemd or a batch scheduler keeps its progress.
+/// Returns false if another handler was already set.
 pub fn install_ctrlc() -> bool {
     *HANDLER.get_or_init(|| {
         ctrlc::set_handler(|| {
@@ -51,8 +53,9 @@ pub fn request_stop(stop: bool) {
 pub enum TrainError {
     /// A metric became NaN or infinite.
     #[error(
-        "{name} is {value} at step {step} (epoch {epoch}): training stopped; the last good \
-         checkpoint is kept. Try a lower learning rate or gradient clipping."
+        "{name} is {value} at step {step} (epoch {epoch}): training stopped before this \
+         step's update, keeping the run's last checkpoint if it had written one. Start again \
+         with a lower learning rate or gradient clipping (--overwrite reuses the folder)."
     )]
     NonFinite {
         /// The metric.

@@ -507,7 +507,7 @@ impl RunOptions {
     ///   an allowed field changed.
     ///
     /// Both remove temporary files that a killed writer left.
-    pub fn open<C: Serialize>(
+    pub fn open<C: Serialize + serde::de::DeserializeOwned>(
         &self,
         task: &str,
         kind: &str,
@@ -527,6 +527,7 @@ impl RunOptions {
                     });
                 }
                 let requested = config_value(&dir.join("config.toml"), config)?;
+                let saved = with_defaults::<C>(&dir.join("config.toml"), saved);
                 let changes = config_changes(&saved, &requested, may_change);
                 if !changes.is_empty() {
                     return Err(RunError::ConfigChanged {
@@ -582,6 +583,24 @@ impl RunOptions {
 }
 
 /// `config` as the TOML body `write_config` would write (without `kind`).
+/// The saved config as today's `C` reads it: a field added since the run
+/// began takes its serde default, so the run is compared on what it will
+/// actually use, not refused for a field it never wrote. A config `C` cannot
+/// read is left as saved (the comparison then names what differs).
+fn with_defaults<C: Serialize + serde::de::DeserializeOwned>(
+    path: &Path,
+    saved: toml::Value,
+) -> toml::Value {
+    let typed: Option<C> = saved.clone().try_into().ok().or_else(|| match &saved {
+        // `config_value` wraps a non-table config under `config`.
+        toml::Value::Table(t) if t.len() == 1 => t.get("config")?.clone().try_into().ok(),
+        _ => None,
+    });
+    typed
+        .and_then(|c| config_value(path, &c).ok())
+        .unwrap_or(saved)
+}
+
 fn config_value<C: Serialize>(path: &Path, config: &C) -> Result<toml::Value, RunError> {
     let v = toml::Value::try_from(config).map_err(|e| RunError::Invalid {
         path: path.to_path_buf(),

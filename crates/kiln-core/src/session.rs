@@ -291,7 +291,17 @@ impl SessionBuilder {
             stop_at: self.stop_at,
         };
         let metrics_path = s.run.dir().join("metrics.jsonl");
-        if s.run.resumed() {
+        if s.run.resumed() && !s.run.dir().last_checkpoint().exists() {
+            // The run stopped before its first checkpoint (a NaN at the
+            // first steps, a crash): nothing was kept to continue from, so it
+            // starts again, in its folder, from step 0.
+            MetricsLog::truncate_to(&metrics_path, 0)?;
+            eprintln!(
+                "note: {} has no checkpoint yet (it stopped before its first one): \
+                 starting it from the beginning",
+                s.run.path().display()
+            );
+        } else if s.run.resumed() {
             let path = s.run.dir().last_checkpoint();
             let st = {
                 let mut parts: Vec<PartMut<'_>> = s

@@ -506,6 +506,60 @@ fn resume_refuses_another_kind_and_changed_settings_but_allows_listed_ones() {
     assert!(text.contains("epochs = 5"), "{text}");
 }
 
+/// A run that stopped before its first checkpoint (a NaN at step 2, a
+/// crash) resumes from the beginning, dropping the metrics it had logged,
+/// and ends exactly as an uninterrupted run.
+#[test]
+fn a_run_without_a_checkpoint_resumes_from_the_beginning() {
+    let dir = tempfile::tempdir().unwrap();
+    let (whole, crashed) = (dir.path().join("whole"), dir.path().join("crashed"));
+    let (_, want) = two_part(&whole, false, None);
+    two_part(&crashed, false, Some(1));
+    std::fs::remove_file(crashed.join("checkpoints/last.safetensors")).unwrap();
+    let (end, got) = two_part(&crashed, true, None);
+    assert!(end.completed());
+    assert_eq!(got, want);
+    assert_eq!(
+        std::fs::read(crashed.join("metrics.jsonl")).unwrap(),
+        std::fs::read(whole.join("metrics.jsonl")).unwrap()
+    );
+}
+
+/// A field added to a config type after a run began (with a serde default
+/// for old runs) does not block its resume, as long as the default is what
+/// the resumed run asks for; asking for another value is still refused.
+#[test]
+fn a_field_added_since_the_run_began_takes_its_default_on_resume() {
+    #[derive(serde::Serialize, serde::Deserialize)]
+    struct Cfg {
+        epochs: u64,
+        lr: f64,
+        #[serde(default)]
+        clip: f64,
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("r");
+    toy_run(&run);
+    let same = Cfg {
+        epochs: EPOCHS,
+        lr: 0.01,
+        clip: 0.0,
+    };
+    drop(
+        RunOptions::resume(&run)
+            .open("toy", "toy-gan", &same, &[])
+            .unwrap(),
+    );
+    let other = Cfg { clip: 1.0, ..same };
+    let e = RunOptions::resume(&run)
+        .open("toy", "toy-gan", &other, &[])
+        .unwrap_err();
+    assert!(
+        e.to_string().contains("clip is 0.0 in the run, 1.0 now"),
+        "{e}"
+    );
+}
+
 #[test]
 fn a_non_finite_loss_stops_before_the_update_and_names_the_part() {
     let dir = tempfile::tempdir().unwrap();

@@ -412,6 +412,47 @@ fn training_on_synthetic_reviews_falls_well_below_the_unigram_entropy() {
     assert!(run.join("loss.png").is_file() && run.join("samples.txt").is_file());
 }
 
+/// `max_grad_norm` reaches the optimiser: clipped to 1e-9, every gradient
+/// entry falls far below AdamW's epsilon (1e-8), so the steps shrink to
+/// nothing and the loss stays at its start, where the same run unclipped
+/// learns. A negative norm is refused by name.
+#[test]
+fn gradient_clipping_is_applied_and_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    let tc = TrainConfig {
+        corpus: "synthetic-reviews:200".into(),
+        vocab_size: 280,
+        block_size: 16,
+        n_layer: 1,
+        n_embd: 32,
+        n_head: 2,
+        batch_size: 16,
+        epochs: 2,
+        lr: 3e-3,
+        warmup: 2,
+        ..Default::default()
+    };
+    let run = |name: &str, max_grad_norm: f64| {
+        let cfg = TrainConfig {
+            max_grad_norm,
+            ..tc.clone()
+        };
+        let opts = RunOptions::new_run(Some(&dir.path().join(name))).quiet(true);
+        train(&cfg, &Device::Cpu, &opts)
+    };
+    let learned = run("at-1", 1.0).unwrap();
+    let held = run("held", 1e-9).unwrap();
+    let (learned, held) = (learned.val_loss.unwrap(), held.val_loss.unwrap());
+    // A uniform guess over 280 tokens costs ln 280 = 5.63 nats.
+    assert!(held > 5.0, "clipped to 1e-9 and still learned: {held}");
+    assert!(
+        learned < held - 1.0,
+        "clipped at 1: {learned}, at 1e-9: {held}"
+    );
+    let e = run("bad", -1.0).unwrap_err().to_string();
+    assert!(e.contains("max_grad_norm") && e.contains("-1"), "{e}");
+}
+
 #[test]
 fn lm_generator_serves_kiln_prompt_with_its_parameters() {
     use kiln_prompt::TextGenerator;
@@ -540,6 +581,8 @@ fn an_lm_run_of_the_first_checkpoint_format_resumes_and_extends() {
         .unwrap()
         .read_config()
         .unwrap();
+    // Written before gradient clipping existed: it resumes unclipped.
+    assert_eq!(rc.train.max_grad_norm, 0.0);
     let opts = RunOptions::resume(&run).quiet(true);
     let changed = TrainConfig {
         lr: 0.5,

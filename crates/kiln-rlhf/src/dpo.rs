@@ -25,7 +25,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Result, RlhfError};
 use crate::logps::{pair_logps, PairLogps};
 use crate::loss::{dpo_loss, DpoLossConfig, DpoLossOutput, LossScale};
-use crate::models::{frozen_from, frozen_view, load_weights, model_dir, store_of, trainable_from};
+use crate::models::{frozen_from, frozen_view, load_weights, policy_dir, store_of, trainable_from};
 use crate::prefs::{EncodedPair, PreferenceData};
 use crate::train::{predicted, read_split, save_chat_template, TrainingArgs};
 
@@ -324,7 +324,7 @@ pub fn train_dpo_with(
     control: &Control,
 ) -> Result<DpoReport> {
     cfg.validate()?;
-    let mdir = model_dir(&cfg.model);
+    let mdir = policy_dir(&cfg.model)?;
     let split = read_split(
         &cfg.prefs,
         &mdir,

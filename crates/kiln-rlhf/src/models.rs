@@ -24,6 +24,33 @@ pub fn model_dir(path: &Path) -> PathBuf {
     }
 }
 
+/// [`model_dir`] of a policy: refuses a reward model (`architectures` names
+/// a `...ForSequenceClassification` head), whose backbone would otherwise load
+/// as a language model with a head it never trained.
+pub fn policy_dir(path: &Path) -> Result<PathBuf> {
+    let dir = model_dir(path);
+    let config = dir.join("config.json");
+    let arch: Vec<String> = std::fs::read_to_string(&config)
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .and_then(|v| serde_json::from_value(v.get("architectures")?.clone()).ok())
+        .unwrap_or_default();
+    if let Some(a) = arch
+        .iter()
+        .find(|a| a.ends_with("ForSequenceClassification"))
+    {
+        return Err(RlhfError::file(
+            path,
+            format!(
+                "is a reward model ({a} in {}), not a language model: pass a GPT-2 folder or \
+                 a `train lm` / `rlhf dpo` run as the policy",
+                config.display()
+            ),
+        ));
+    }
+    Ok(dir)
+}
+
 /// The config and every tensor of a model folder, as f32 on `device`. The
 /// original OpenAI layout (`h.0...` without `transformer.`) is renamed to
 /// Hugging Face's, and its `attn.bias` / `attn.masked_bias` buffers dropped.
@@ -158,4 +185,36 @@ pub fn frozen_from(
 ) -> Result<Gpt2> {
     let vb = VarBuilder::from_tensors(tensors, DType::F32, device);
     Ok(Gpt2::new(cfg, vb, SharedRng::new(0))?)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    /// A reward model's run folder is refused as a policy, naming its head;
+    /// a language model's folder (bare or inside a run) is taken.
+    #[test]
+    fn a_reward_model_is_not_taken_for_a_policy() {
+        let dir = tempfile::tempdir().unwrap();
+        let write = |run: &Path, arch: &str| {
+            std::fs::create_dir_all(run.join("model")).unwrap();
+            std::fs::write(run.join("config.toml"), "kind = \"x\"\n").unwrap();
+            std::fs::write(
+                run.join("model/config.json"),
+                format!("{{\"architectures\": [\"{arch}\"]}}"),
+            )
+            .unwrap();
+        };
+        let (rm, lm) = (dir.path().join("rm"), dir.path().join("lm"));
+        write(&rm, "GPT2ForSequenceClassification");
+        write(&lm, "GPT2LMHeadModel");
+        let e = policy_dir(&rm).unwrap_err().to_string();
+        assert!(
+            e.contains("is a reward model (GPT2ForSequenceClassification"),
+            "{e}"
+        );
+        assert_eq!(policy_dir(&lm).unwrap(), lm.join("model"));
+        assert_eq!(policy_dir(&lm.join("model")).unwrap(), lm.join("model"));
+    }
 }

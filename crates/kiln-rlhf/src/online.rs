@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Result, RlhfError};
 use crate::labeller::LexiconLabeller;
-use crate::models::model_dir;
+use crate::models::{model_dir, policy_dir};
 use crate::reward::RewardModel;
 use crate::rewards::{
     nan_mean_std, ExactAnswer, LexiconReward, RewardInput, RewardModelFn, RewardSet, Scores,
@@ -508,7 +508,7 @@ pub(crate) struct Setup {
 /// Loads the policy, tokenizer, prompts, reward model and (with
 /// `need_ref`) the reference.
 pub(crate) fn setup(args: &OnlineArgs, device: &Device, need_ref: bool) -> Result<Setup> {
-    let mdir = model_dir(&args.model);
+    let mdir = policy_dir(&args.model)?;
     let files = ModelFiles::from_dir(&mdir)?;
     let tok = files.load_tokenizer()?;
     let chat = crate::prefs::chat_template_for(&mdir, args.chat_template.as_deref())?;
@@ -584,7 +584,7 @@ pub const MAY_CHANGE: &[&str] = &["common.iterations"];
 /// Opens the run (`task`, `kind`) and starts the session: the policy as a
 /// trained part (AdamW, clipping), `value` as a second trained part when
 /// given, the reference (if loaded) as a frozen one, `iterations` rollouts.
-pub(crate) fn start_session<C: Serialize>(
+pub(crate) fn start_session<C: Serialize + serde::de::DeserializeOwned>(
     st: &Setup,
     c: &OnlineArgs,
     (task, kind, cfg): (&str, &str, &C),

@@ -38,7 +38,7 @@ use serde::{Deserialize, Serialize};
 use crate::dpo::Control;
 use crate::error::{Result, RlhfError};
 use crate::logps::{completion_logps, CompletionBatch};
-use crate::models::{load_weights, model_dir, trainable_from};
+use crate::models::{load_weights, model_dir, policy_dir, trainable_from};
 use crate::prefs::chat_template_for;
 use crate::reward::RewardModel;
 use crate::train::{save_chat_template, Optim, TrainingArgs};
@@ -417,7 +417,7 @@ pub fn train_rwft(
     control: &Control,
 ) -> Result<RwftReport> {
     cfg.validate()?;
-    let mdir = model_dir(&cfg.model);
+    let mdir = policy_dir(&cfg.model)?;
     let files = ModelFiles::from_dir(&mdir)?;
     let tok = files.load_tokenizer()?;
     let chat = chat_template_for(&mdir, cfg.chat_template.as_deref())?;

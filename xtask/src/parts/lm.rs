@@ -284,6 +284,10 @@ struct TrainArgs {
     /// Peak AdamW learning rate.
     #[arg(long, default_value_t = 2e-3, value_parser = float_in::<f64>("> 0", |x| x > 0.0))]
     lr: f64,
+    /// Clip the global gradient norm to this before each step, as
+    /// transformers' Trainer (0 = off).
+    #[arg(long, default_value_t = 1.0, value_parser = float_in::<f64>(">= 0", |x| x >= 0.0))]
+    max_grad_norm: f64,
     /// Seed.
     #[arg(long, default_value_t = 0, value_parser = int_in(0u64, u64::MAX))]
     seed: u64,
@@ -327,15 +331,35 @@ fn train_cmd(args: &[String]) -> Result<()> {
             }
         )*};
     }
-    take!(vocab_size, block_size, n_layer, n_embd, n_head, dropout, batch_size, lr, seed);
+    take!(
+        vocab_size,
+        block_size,
+        n_layer,
+        n_embd,
+        n_head,
+        dropout,
+        batch_size,
+        lr,
+        max_grad_norm,
+        seed
+    );
+    let clip = if tc.max_grad_norm > 0.0 {
+        format!("gradient norm clipped at {}", tc.max_grad_norm)
+    } else {
+        "no gradient clipping".into()
+    };
     eprintln!(
-        "train lm: {} layers x {} wide, {} heads, context {}, BPE {} on {}, {} epochs, batch {}, AdamW lr {}",
+        "train lm: {} layers x {} wide, {} heads, context {}, BPE {} on {}, {} epochs, batch {}, AdamW lr {}, {clip}",
         tc.n_layer, tc.n_embd, tc.n_head, tc.block_size, tc.vocab_size, tc.corpus, tc.epochs, tc.batch_size, tc.lr
     );
     let rep = train(&tc, &device, &opts)?;
     let folder = opts.resume.clone().or(opts.out.clone()).unwrap_or_default();
+    if rep.interrupted {
+        // Nothing to report: no finished epoch, model or sample yet, and the
+        // session has said how to resume.
+        exit_if_interrupted(true);
+    }
     report(&rep, &folder);
-    exit_if_interrupted(rep.interrupted);
     Ok(())
 }
 

@@ -415,6 +415,32 @@ impl RunArgs {
     }
 }
 
+/// Checks an output file before the work that fills it: refuses an `out`
+/// that is one of the command's `inputs` (flag, path) — writing it would
+/// destroy the input — or a path whose folder cannot be made, so a long
+/// sampling run does not end in a write error.
+pub fn check_output_file(out: &Path, inputs: &[(&str, &Path)]) -> anyhow::Result<()> {
+    if out.is_dir() {
+        anyhow::bail!("--out {} is a folder; give a file path", out.display());
+    }
+    if let Ok(o) = out.canonicalize() {
+        for (flag, p) in inputs {
+            if p.canonicalize().is_ok_and(|p| p == o) {
+                anyhow::bail!(
+                    "--out {} is the {flag} file: writing it would overwrite your input; \
+                     choose another path",
+                    out.display()
+                );
+            }
+        }
+    }
+    if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent)
+            .map_err(|e| anyhow::anyhow!("--out {}: cannot make its folder: {e}", out.display()))?;
+    }
+    Ok(())
+}
+
 /// Which flags were typed on the command line (as opposed to defaults), so a
 /// resumed run takes only those from the command line and the rest from its
 /// own config.
@@ -549,8 +575,29 @@ pub fn resume_config<C: serde::de::DeserializeOwned>(
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
     use clap::CommandFactory;
+
+    /// An output file that is the command's input is refused before any
+    /// work (`rlhf sample --prompts p.txt --out p.txt` replaced the prompts).
+    #[test]
+    fn an_output_over_an_input_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("p.txt");
+        std::fs::write(&p, "a prompt\n").unwrap();
+        let same = dir.path().join(".").join("p.txt");
+        let e = check_output_file(&same, &[("--prompts", &p)])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("is the --prompts file"), "{e}");
+        assert_eq!(std::fs::read_to_string(&p).unwrap(), "a prompt\n");
+        let e = check_output_file(dir.path(), &[]).unwrap_err().to_string();
+        assert!(e.contains("is a folder"), "{e}");
+        let fresh = dir.path().join("new/out.jsonl");
+        check_output_file(&fresh, &[("--prompts", &p)]).unwrap();
+        assert!(fresh.parent().unwrap().is_dir());
+    }
 
     /// A command's `--help` opens with its own description, not `RunArgs`'s
     /// doc comment (clap takes a flattened struct's doc as the command's long

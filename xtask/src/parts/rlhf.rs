@@ -19,7 +19,7 @@ use kiln_rlhf::dpo::{train_dpo_with, Control, DpoConfig};
 use kiln_rlhf::experiment::{run_experiment, ExperimentConfig};
 use kiln_rlhf::logps::pair_logps;
 use kiln_rlhf::loss::{dpo_loss, DpoLossType, LossScale};
-use kiln_rlhf::models::{frozen_from, load_weights, model_dir};
+use kiln_rlhf::models::{frozen_from, load_weights, model_dir, policy_dir};
 use kiln_rlhf::prefs::{chat_template_for, EncodedPair};
 use kiln_rlhf::reward_train::{train_reward_with, RewardConfig};
 use kiln_rlhf::sample::{best_of_n, read_prompts, sample_completions, train_rwft, RwftConfig};
@@ -375,7 +375,9 @@ fn dpo_cmd(args: &[String]) -> Result<()> {
         rep.steps,
         rep.pairs_per_s
     );
-    eprintln!("rlhf dpo: last epoch {}", fmt_metrics(&rep.train));
+    if !rep.train.is_empty() {
+        eprintln!("rlhf dpo: last epoch {}", fmt_metrics(&rep.train));
+    }
     if let Some(e) = &rep.eval {
         eprintln!("rlhf dpo: held-out {}", fmt_metrics(e));
     }
@@ -432,7 +434,7 @@ impl GenFlags {
 }
 
 fn load_lm(path: &Path, device: &Device) -> Result<(Gpt2, kiln_lm::Gpt2Tokenizer, PathBuf)> {
-    let dir = model_dir(path);
+    let dir = policy_dir(path)?;
     let files =
         ModelFiles::from_dir(&dir).with_context(|| format!("loading {}", path.display()))?;
     let tok = files.load_tokenizer()?;
@@ -486,6 +488,7 @@ fn sample_cmd(args: &[String]) -> Result<()> {
             a.n
         );
     }
+    super::check_output_file(&a.out, &[("--prompts", &a.prompts)])?;
     let device = super::device(&a.gen.device, a.gen.threads)?;
     let (model, tok, dir) = load_lm(&a.model, &device)?;
     let chat = chat_template_for(&dir, a.gen.chat_template.as_deref())?;
@@ -551,6 +554,7 @@ struct BonArgs {
 
 fn bon_cmd(args: &[String]) -> Result<()> {
     let a: BonArgs = parse("cargo xtask rlhf best-of-n", args)?;
+    super::check_output_file(&a.out, &[("--prompts", &a.prompts)])?;
     let device = super::device(&a.gen.device, a.gen.threads)?;
     let (model, tok, dir) = load_lm(&a.model, &device)?;
     let rdir = model_dir(&a.reward_model);
