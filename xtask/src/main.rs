@@ -49,7 +49,13 @@ fn main() {
 fn error_message(e: &anyhow::Error) -> String {
     let mut out = String::new();
     for cause in e.chain() {
-        let s = cause.to_string();
+        // candle appends a captured backtrace to its message when
+        // RUST_BACKTRACE is set: the message is for the user, keep it alone.
+        let full = cause.to_string();
+        let s = match full.find("\n   0: ") {
+            Some(i) => full[..i].trim_end().to_string(),
+            None => full,
+        };
         if s.is_empty() || out.contains(&s) {
             continue;
         }
@@ -171,6 +177,17 @@ mod tests {
         assert!(f
             .to_string()
             .ends_with("resume it with a larger --iterations"));
+    }
+
+    /// candle's errors carry a backtrace in their text when RUST_BACKTRACE
+    /// is set; the user's message stops before it.
+    #[test]
+    fn a_backtrace_in_a_message_is_left_out() {
+        let e = anyhow::anyhow!(
+            "shape mismatch in matmul\n   0: candle_core::error::Error::bt\n   1: main"
+        )
+        .context("loading m");
+        assert_eq!(error_message(&e), "loading m: shape mismatch in matmul");
     }
 
     #[test]

@@ -284,11 +284,14 @@ pub fn plot_metrics(
             y1 = y1.max(y);
         }
     }
+    // A single step or a flat series: centre it rather than pin it to a
+    // corner.
     if x1 <= x0 {
-        x1 = x0 + 1.0;
+        (x0, x1) = (x0 - 1.0, x1 + 1.0);
     }
     if y1 <= y0 {
-        y1 = y0 + 1.0;
+        let d = (y0.abs() * 0.1).max(0.5);
+        (y0, y1) = (y0 - d, y1 + d);
     }
     let pad = (y1 - y0) * 0.05;
     // Room on the right for the dot of an evaluation at the last step.
@@ -360,7 +363,15 @@ pub fn plot_metrics(
         chart
             .configure_mesh()
             .x_desc("step")
-            .x_label_formatter(&|x| format!("{}", x.round() as i64))
+            // Steps are whole: a short run's fractional ticks get no label,
+            // instead of repeating "1 1 1 2 2 2".
+            .x_label_formatter(&|x| {
+                if (x - x.round()).abs() < 1e-6 {
+                    format!("{}", x.round() as i64)
+                } else {
+                    String::new()
+                }
+            })
             .label_style(("sans-serif", 14))
             .draw()
             .map_err(|e| err(e.to_string()))?;
@@ -481,6 +492,34 @@ mod tests {
             .flat_map(|i| [(f64::from(i) / 100.0, 0.95), (f64::from(i) / 100.0, 0.05)])
             .collect();
         assert_eq!(at(&apart), format!("{:?}", P::MiddleRight));
+    }
+
+    /// A one-step run's single point sits in the middle of the plot, not
+    /// pinned to its lower left corner.
+    #[test]
+    fn a_single_step_is_drawn_in_the_middle() {
+        use plotters::style::{Color, Palette, Palette99};
+        let dir = tempfile::tempdir().unwrap();
+        let m = dir.path().join("metrics.jsonl");
+        let mut log = crate::run::MetricsLog::open(&m).unwrap();
+        log.log(1, 0, "train", &[("loss", 1.0)]).unwrap();
+        let out = dir.path().join("loss.png");
+        plot_metrics(&m, &out, "loss", &[]).unwrap();
+        let img = image::open(&out).unwrap().to_rgb8();
+        let c = Palette99::pick(0).to_rgba().rgb();
+        // The series' pixels left of the legend (upper right).
+        let (mut n, mut sx, mut sy) = (0u32, 0u32, 0u32);
+        for (x, y, p) in img.enumerate_pixels() {
+            if p.0 == [c.0, c.1, c.2] && x < 600 {
+                (n, sx, sy) = (n + 1, sx + x, sy + y);
+            }
+        }
+        assert!(n > 10, "{n} pixels");
+        let (cx, cy) = (sx / n, sy / n);
+        assert!(
+            (380..=460).contains(&cx) && (180..=300).contains(&cy),
+            "dot at ({cx}, {cy})"
+        );
     }
 
     #[test]

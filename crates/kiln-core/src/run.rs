@@ -373,9 +373,17 @@ fn check_new_folder(path: &Path) -> Result<(), RunError> {
         Ok(e) => e,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::NotADirectory => {
-            return Err(RunError::NotEmpty {
+            // `--out a-file` or `--out a-file/run`: name the file.
+            let file = path
+                .ancestors()
+                .find(|p| p.is_file())
+                .unwrap_or(path)
+                .display()
+                .to_string();
+            return Err(RunError::Invalid {
                 path: path.to_path_buf(),
-            })
+                reason: format!("{file} is a file, not a folder; choose a folder for the run"),
+            });
         }
         Err(e) => return Err(io(path)(e)),
     };

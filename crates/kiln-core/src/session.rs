@@ -336,6 +336,22 @@ impl SessionBuilder {
                 // First-format checkpoints did not record the length.
                 None => MetricsLog::truncate_after(&metrics_path, s.step)?,
             }
+            // A damaged line would fail the run's figures and summary only
+            // at the end, after the whole resumed training: check it now.
+            if metrics_path.exists() {
+                if let Err(RunError::Invalid { path, reason }) =
+                    crate::run::read_metrics(&metrics_path)
+                {
+                    return Err(RunError::Invalid {
+                        path,
+                        reason: format!(
+                            "{reason}; the checkpoint is intact: mend or delete that line (the \
+                             file is only the run's log), then resume"
+                        ),
+                    }
+                    .into());
+                }
+            }
         }
         let total = match plan {
             Plan::Epochs { epochs, batches } => epochs.saturating_mul(batches),

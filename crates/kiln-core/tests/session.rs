@@ -525,6 +525,58 @@ fn a_run_without_a_checkpoint_resumes_from_the_beginning() {
     );
 }
 
+/// A damaged line in metrics.jsonl is found when the run resumes, before
+/// any training (it failed the run's summary only at the end, each time),
+/// and `--out` on a file names the file.
+#[test]
+fn a_damaged_log_is_found_before_training_and_a_file_is_not_a_folder() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("r");
+    toy_run(&run);
+    let log = run.join("metrics.jsonl");
+    let mut bytes = std::fs::read(&log).unwrap();
+    bytes[..5].copy_from_slice(b"#####");
+    std::fs::write(&log, &bytes).unwrap();
+    let before = checkpoint_contents(&run);
+    let r = RunOptions::resume(&run)
+        .quiet(true)
+        .open("toy", "toy-gan", &cfg(), &[])
+        .unwrap();
+    let (gv, dv) = (VarStore::new(1), VarStore::new(2));
+    let _ = Linear::new(3, 4, gv.builder(DType::F32, &DEV).pp("g")).unwrap();
+    let _ = Linear::new(4, 1, dv.builder(DType::F32, &DEV).pp("d")).unwrap();
+    let gopt = Optimizer::single(OptimKind::adam(), gv.vars(), 1e-2, 0.0).unwrap();
+    let dopt = Optimizer::single(OptimKind::adamw(), dv.vars(), 2e-2, 0.01).unwrap();
+    let e = Session::builder(r, 7)
+        .part("g", &gv, gopt)
+        .part("d", &dv, dopt)
+        .clip_grad_norm(5.0)
+        .epochs(EPOCHS, BATCHES)
+        .observer(QUIET)
+        .start()
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("metrics.jsonl: line 1:") && e.contains("the checkpoint is intact"),
+        "{e}"
+    );
+    assert_eq!(checkpoint_contents(&run), before);
+
+    let file = dir.path().join("f");
+    std::fs::write(&file, "x").unwrap();
+    for out in [file.clone(), file.join("run")] {
+        let e = RunOptions::new_run(Some(&out))
+            .open("toy", "toy-gan", &cfg(), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains(&format!("{} is a file, not a folder", file.display())),
+            "{e}"
+        );
+    }
+}
+
 /// A field added to a config type after a run began (with a serde default
 /// for old runs) does not block its resume, as long as the default is what
 /// the resumed run asks for; asking for another value is still refused.

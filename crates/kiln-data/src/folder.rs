@@ -13,6 +13,11 @@ use crate::image::{ColorMode, Image};
 /// files are sorted by name. A class folder without images is refused
 /// unless [`FolderOptions::allow_empty`] is set (then the class keeps its
 /// label and has no items), as torchvision's `allow_empty`.
+///
+/// Hidden entries, whose names start with `.`, are skipped: hidden folders
+/// are not classes, and hidden files are not images even with an image
+/// extension (macOS's `._photo.jpg` resource forks, `.DS_Store`), so they
+/// neither become items nor make a class folder count as non-empty.
 #[derive(Debug, Clone)]
 pub struct ImageFolder {
     root: PathBuf,
@@ -37,6 +42,12 @@ const SPLIT_DIRS: [(Split, &[&str]); 3] = [
     (Split::Val, &["val", "valid", "validation"]),
     (Split::Test, &["test"]),
 ];
+
+/// Whether the entry's name starts with `.` (`.DS_Store`, `._photo.jpg`).
+fn is_hidden(p: &Path) -> bool {
+    p.file_name()
+        .is_some_and(|n| n.as_encoded_bytes().starts_with(b"."))
+}
 
 fn is_image(p: &Path) -> bool {
     p.extension()
@@ -69,10 +80,10 @@ fn sorted_entries(dir: &Path) -> Result<Vec<PathBuf>> {
 fn class_dirs(dir: &Path) -> Result<Vec<(String, PathBuf)>> {
     Ok(sorted_entries(dir)?
         .into_iter()
-        .filter(|p| p.is_dir())
+        .filter(|p| p.is_dir() && !is_hidden(p))
         .filter_map(|p| {
             let name = p.file_name()?.to_string_lossy().into_owned();
-            (!name.starts_with('.')).then_some((name, p))
+            Some((name, p))
         })
         .collect())
 }
@@ -119,7 +130,7 @@ impl ImageFolder {
             let label = classes.len();
             let files: Vec<PathBuf> = sorted_entries(&dir)?
                 .into_iter()
-                .filter(|p| p.is_file() && is_image(p))
+                .filter(|p| p.is_file() && !is_hidden(p) && is_image(p))
                 .collect();
             if files.is_empty() && !opts.allow_empty {
                 return Err(DataError::format(

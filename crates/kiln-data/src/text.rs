@@ -541,11 +541,26 @@ fn parse_pair(line: &str) -> std::result::Result<PreferencePair, String> {
     let chosen = need("chosen")?;
     let rejected = need("rejected")?;
     let prompt = match obj.get("prompt") {
-        None | Some(Value::Null) => None,
+        None => None,
+        Some(Value::Null) => {
+            return Err(
+                "field `prompt`: expected a string or a list of {\"role\", \"content\"} \
+                 messages, found null; leave the field out for TRL's implicit-prompt form \
+                 (the completions then hold the whole conversation)"
+                    .into(),
+            )
+        }
         Some(p) => Some(turns(p, "prompt")?),
     };
     if matches!(chosen, Turns::Text(_)) != matches!(rejected, Turns::Text(_)) {
         return Err("`chosen` and `rejected` must both be text or both be message lists".into());
+    }
+    if chosen == rejected {
+        return Err(
+            "chosen and rejected are the same, so the pair trains on nothing; fix the row or \
+             remove it"
+                .into(),
+        );
     }
     let margin = match obj.get("margin") {
         None | Some(Value::Null) => None,
@@ -572,31 +587,71 @@ fn parse_pair(line: &str) -> std::result::Result<PreferencePair, String> {
     })
 }
 
+/// The UTF-8 byte order mark some editors write at the start of a file.
+const BOM: &[u8] = b"\xef\xbb\xbf";
+
 /// Parses preference pairs from JSONL text; `path` names the source in errors
-/// (`file:line: what was wrong`). Blank lines are skipped.
+/// (`file:line: what was wrong`). Blank lines are skipped, and so is a UTF-8
+/// byte order mark at the start. A line that is not UTF-8 is an error naming
+/// the line and the byte offset (in the whole text) of the first bad byte.
+///
+/// Each row needs `chosen` and `rejected` (both text or both message lists,
+/// and not the same) and may have `prompt` (text or messages; left out for
+/// TRL's implicit-prompt form, never `null`) and a finite `margin`.
 pub fn parse_preferences(reader: impl BufRead, path: &Path) -> Result<Vec<PreferencePair>> {
+    Ok(parse_numbered_preferences(reader, path)?
+        .into_iter()
+        .map(|(_, p)| p)
+        .collect())
+}
+
+/// [`parse_preferences`], each pair with its 1-based line number in the
+/// text (blank lines and all), for callers that report on pairs later.
+pub fn parse_numbered_preferences(
+    mut reader: impl BufRead,
+    path: &Path,
+) -> Result<Vec<(usize, PreferencePair)>> {
     let mut out = Vec::new();
-    for (i, line) in reader.lines().enumerate() {
-        let line = line.map_err(|e| {
-            if e.kind() == std::io::ErrorKind::InvalidData {
-                DataError::Json {
-                    path: path.to_path_buf(),
-                    line: i + 1,
-                    msg: "not UTF-8 text; convert the file to UTF-8".into(),
-                }
-            } else {
-                DataError::io(path, e)
+    let mut buf = Vec::new();
+    let (mut line_no, mut offset) = (0usize, 0usize);
+    loop {
+        buf.clear();
+        let n = reader
+            .read_until(b'\n', &mut buf)
+            .map_err(|e| DataError::io(path, e))?;
+        if n == 0 {
+            break;
+        }
+        line_no += 1;
+        let mut bytes = &buf[..];
+        let mut start = offset;
+        offset += n;
+        if let Some(b) = bytes.strip_suffix(b"\n") {
+            bytes = b.strip_suffix(b"\r").unwrap_or(b);
+        }
+        if line_no == 1 {
+            if let Some(b) = bytes.strip_prefix(BOM) {
+                bytes = b;
+                start += BOM.len();
             }
+        }
+        let line = std::str::from_utf8(bytes).map_err(|e| DataError::Json {
+            path: path.to_path_buf(),
+            line: line_no,
+            msg: format!(
+                "not UTF-8 text: a byte that is not UTF-8 at byte {}; convert the file to UTF-8",
+                start + e.valid_up_to()
+            ),
         })?;
         if line.trim().is_empty() {
             continue;
         }
-        let pair = parse_pair(&line).map_err(|msg| DataError::Json {
+        let pair = parse_pair(line).map_err(|msg| DataError::Json {
             path: path.to_path_buf(),
-            line: i + 1,
+            line: line_no,
             msg,
         })?;
-        out.push(pair);
+        out.push((line_no, pair));
     }
     Ok(out)
 }
@@ -772,6 +827,87 @@ mod tests {
                 .to_string();
             assert!(e.starts_with("p.jsonl:2: ") && e.contains(want), "{e}");
         }
+    }
+
+    #[test]
+    fn a_byte_order_mark_at_the_start_of_a_preference_file_is_skipped() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bom.jsonl");
+        std::fs::write(
+            &path,
+            "\u{feff}{\"prompt\": \"Say hi\", \"chosen\": \"Hi!\", \"rejected\": \"No.\"}\r\n",
+        )
+        .unwrap();
+        let p = read_preferences(&path).unwrap();
+        assert_eq!(p.len(), 1);
+        assert_eq!(p[0].prompt, Some(Turns::Text("Say hi".into())));
+        // a line holding only the mark is blank; line numbers count it
+        let src = "\u{feff}\n\n{\"chosen\": \"a\", \"rejected\": \"b\"}\n";
+        let n = parse_numbered_preferences(src.as_bytes(), Path::new("p.jsonl")).unwrap();
+        assert_eq!(n.len(), 1);
+        assert_eq!(n[0].0, 3);
+        // only at the very start: elsewhere it is not JSON
+        let src = "{\"chosen\": \"a\", \"rejected\": \"b\"}\n\u{feff}{\"chosen\": \"a\", \"rejected\": \"b\"}";
+        let e = parse_preferences(src.as_bytes(), Path::new("p.jsonl"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("p.jsonl:2: invalid JSON"), "{e}");
+    }
+
+    #[test]
+    fn preference_text_that_is_not_utf8_names_the_line_and_byte() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bad.jsonl");
+        // line 2 starts at byte 33; the bad byte is its 13th, byte 45
+        let mut bytes = b"{\"chosen\": \"a\", \"rejected\": \"b\"}\n".to_vec();
+        assert_eq!(bytes.len(), 33);
+        bytes.extend_from_slice(b"{\"chosen\": \"\xff\", \"rejected\": \"b\"}\n");
+        std::fs::write(&path, &bytes).unwrap();
+        let e = read_preferences(&path).unwrap_err().to_string();
+        assert!(
+            e.contains("bad.jsonl:2: ") && e.contains("UTF-8") && e.contains("at byte 45"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn null_prompt_is_an_error_naming_the_line_and_field() {
+        let src = "{\"chosen\": \"a\", \"rejected\": \"b\"}\n{\"prompt\": null, \"chosen\": \"a\", \"rejected\": \"b\"}\n";
+        let e = parse_preferences(src.as_bytes(), Path::new("p.jsonl"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("p.jsonl:2: ")
+                && e.contains("field `prompt`")
+                && e.contains("found null"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn identical_chosen_and_rejected_is_an_error_naming_the_line() {
+        for row in [
+            r#"{"prompt": "x", "chosen": "same", "rejected": "same"}"#,
+            r#"{"chosen": "user: hi\nassistant: same", "rejected": "user: hi\nassistant: same"}"#,
+            r#"{"prompt": [{"role": "user", "content": "hi"}], "chosen": [{"role": "assistant", "content": "yo"}], "rejected": [{"role": "assistant", "content": "yo"}]}"#,
+        ] {
+            let src = format!("{}\n\n{row}\n", r#"{"chosen": "a", "rejected": "b"}"#);
+            let e = parse_preferences(src.as_bytes(), Path::new("p.jsonl"))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.starts_with("p.jsonl:3: ") && e.contains("chosen and rejected are the same"),
+                "{e}"
+            );
+        }
+        // differing only in a message's extra keys is a different pair
+        let row = r#"{"chosen": [{"role": "assistant", "content": "yo", "name": "a"}], "rejected": [{"role": "assistant", "content": "yo"}]}"#;
+        assert_eq!(
+            parse_preferences(row.as_bytes(), Path::new("p.jsonl"))
+                .unwrap()
+                .len(),
+            1
+        );
     }
 
     #[test]

@@ -7,6 +7,7 @@ mod common;
 use std::path::Path;
 
 use common::*;
+use kiln_data::cifar::CIFAR_BATCH_RECORDS;
 use kiln_data::download::{install, DownloadOptions, Manifest, RemoteFile};
 use kiln_data::image::check_jpeg_complete;
 use kiln_data::text::{parse_preferences, TextSource};
@@ -161,6 +162,52 @@ fn empty_cifar_test_batch_is_an_error_naming_the_file() {
         .is_missing_split());
 }
 
+#[test]
+fn cifar_batches_of_another_size_are_refused_naming_file_and_sizes() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = dir.path().join("cifar-10-batches-bin");
+    std::fs::create_dir_all(&b).unwrap();
+    let record = [vec![1u8], vec![100u8; 3072]].concat();
+    // a fake data_batch_1.bin of 20 whole records: not CIFAR-10
+    for i in 1..=5 {
+        std::fs::write(b.join(format!("data_batch_{i}.bin")), record.repeat(20)).unwrap();
+    }
+    std::fs::write(b.join("test_batch.bin"), record.repeat(20)).unwrap();
+    let e = Cifar10::new(dir.path(), Split::Train)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("data_batch_1.bin") && e.contains("expected 30730000 bytes, found 61460"),
+        "{e}"
+    );
+    // a cut file states the real expected size, not the next whole record
+    std::fs::write(b.join("test_batch.bin"), &record.repeat(2)[..5000]).unwrap();
+    let e = Cifar10::new(dir.path(), Split::Test)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("test_batch.bin")
+            && e.contains("expected 30730000 bytes, found 5000")
+            && !e.contains("6146"),
+        "{e}"
+    );
+    // one record too many
+    std::fs::write(
+        b.join("test_batch.bin"),
+        record.repeat(CIFAR_BATCH_RECORDS + 1),
+    )
+    .unwrap();
+    let e = Cifar10::new(dir.path(), Split::Test)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("test_batch.bin")
+            && e.contains("30730000 bytes (10000 records of 3073 bytes)")
+            && e.contains("found 30733073 bytes"),
+        "{e}"
+    );
+}
+
 fn folder(root: &Path, classes: &[(&str, &str, usize)]) {
     for (split, class, n) in classes {
         let d = root.join(split).join(class);
@@ -242,6 +289,60 @@ fn folder_classes_come_from_folder_names_and_splits_agree() {
         .err()
         .unwrap()
         .is_missing_split());
+}
+
+#[test]
+fn hidden_files_and_folders_in_an_image_folder_are_skipped() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    folder(
+        root,
+        &[
+            ("train", "a", 2),
+            ("train", "b", 1),
+            ("test", "a", 1),
+            ("test", "b", 1),
+        ],
+    );
+    // what macOS leaves behind: AppleDouble resource forks with the image's
+    // extension, .DS_Store files, and a hidden folder (not a class)
+    let fork = b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        ";
+    for d in ["train/a", "train/b", "test/a"] {
+        std::fs::write(root.join(d).join("._0.jpg"), fork).unwrap();
+        std::fs::write(root.join(d).join(".DS_Store"), b"Bud1\0\0\0").unwrap();
+    }
+    std::fs::write(root.join("train").join(".DS_Store"), b"Bud1").unwrap();
+    std::fs::create_dir_all(root.join("train/.thumbs")).unwrap();
+    std::fs::write(root.join("train/.thumbs/._x.png"), fork).unwrap();
+    std::fs::write(root.join("train/.thumbs/x.png"), fork).unwrap();
+    // a class folder holding only hidden files is still an empty class
+    std::fs::create_dir_all(root.join("train/c")).unwrap();
+    std::fs::write(root.join("train/c/._0.jpg"), fork).unwrap();
+    let e = ImageFolder::new(root.join("train"))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("class folder") && e.contains("\"c\""), "{e}");
+    std::fs::remove_dir_all(root.join("train/c")).unwrap();
+
+    let spec: DatasetSpec = format!("folder:{}", root.display()).parse().unwrap();
+    let train = open(&spec, root, Split::Train, 8).unwrap();
+    assert_eq!(train.len(), 3);
+    assert_eq!(train.num_classes(), 2);
+    assert_eq!(train.labels().unwrap(), [0, 0, 1]);
+    for i in 0..train.len() {
+        train.get(i).unwrap();
+    }
+    let test = open(&spec, root, Split::Test, 8).unwrap();
+    assert_eq!(test.len(), 2);
+    for i in 0..test.len() {
+        test.get(i).unwrap();
+    }
+    let f = ImageFolder::new(root.join("train")).unwrap();
+    assert!(f.items().iter().all(|(p, _)| !p
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .starts_with('.')));
 }
 
 #[test]

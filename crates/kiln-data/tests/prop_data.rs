@@ -12,7 +12,7 @@ use kiln_data::download::extract_tar_gz;
 use kiln_data::mnist::read_idx;
 use kiln_data::text::PreferencePair;
 use kiln_data::text::{parse_preferences, read_preferences, read_text, write_preferences, Turns};
-use kiln_data::{Cifar10, ColorMode, Dataset, Flowers102, Image, Split};
+use kiln_data::{ColorMode, Dataset, Flowers102, Image, Split};
 use proptest::prelude::*;
 
 /// One structured edit of a valid file.
@@ -59,15 +59,6 @@ fn config(cases: u32) -> ProptestConfig {
         rng_seed: proptest::test_runner::RngSeed::Fixed(0x6b69_6c6e),
         ..ProptestConfig::default()
     }
-}
-
-fn cifar_batch(labels: &[u8]) -> Vec<u8> {
-    let mut out = Vec::new();
-    for (i, &l) in labels.iter().enumerate() {
-        out.push(l);
-        out.extend((0..3072).map(|k| (k + i) as u8));
-    }
-    out
 }
 
 proptest! {
@@ -128,8 +119,9 @@ proptest! {
             .into_iter()
             .map(|(p, c, r, m)| PreferencePair {
                 prompt: Some(Turns::Text(p)),
+                // a pair whose completions are the same is refused on reading
+                rejected: Turns::Text(if r == c { format!("{r}!") } else { r }),
                 chosen: Turns::Text(c),
-                rejected: Turns::Text(r),
                 margin: m,
             })
             .collect();
@@ -166,27 +158,9 @@ proptest! {
 proptest! {
     #![proptest_config(config(128))]
 
-    #[test]
-    fn cifar_mutations_never_panic_and_valid_batches_round_trip(
-        labels in proptest::collection::vec(0u8..10, 1..3),
-        edits in proptest::collection::vec(edit(), 0..3),
-    ) {
-        let dir = tempfile::tempdir().unwrap();
-        let bytes = apply(cifar_batch(&labels), &edits);
-        std::fs::write(dir.path().join("test_batch.bin"), &bytes).unwrap();
-        match Cifar10::new(dir.path(), Split::Test) {
-            Ok(ds) => {
-                for (i, &want) in labels.iter().enumerate().take(ds.len()) {
-                    let s = ds.get(i).unwrap();
-                    prop_assert!(s.label < 10);
-                    if edits.is_empty() {
-                        prop_assert_eq!(s.label, want as usize);
-                    }
-                }
-            }
-            Err(e) => prop_assert!(!edits.is_empty(), "valid batch refused: {e}"),
-        }
-    }
+    // CIFAR-10 batch mutations: a unit test in src/cifar.rs
+    // (`mutations_never_panic_and_valid_batches_round_trip`), on small
+    // batches the public loader refuses (it wants 10000 records per file).
 
     #[test]
     fn mat_mutations_never_panic_and_valid_files_round_trip(

@@ -6,7 +6,7 @@
 //! Labels are the four judgements `a`, `b`, `tie`, `both_bad` in the pair's
 //! own terms (sides undone); skips are missing values, margins are ignored
 //! (a "much better" and a "better" for the same completion agree). Each
-//! annotator's first (not repeated) answer to an item is their label.
+//! annotator's (not repeated) answer in force to an item is their label.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 

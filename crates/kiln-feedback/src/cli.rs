@@ -127,7 +127,13 @@ pub fn label(a: &LabelArgs) -> Result<()> {
             crate::pairs::id_rule()
         )));
     }
+    // Before creating the folder, so that no terminal leaves nothing behind.
+    crate::tui::check_terminal()?;
     let mut dir = LabelDir::create(&a.out, &a.pairs)?;
+    if let Some(t) = &dir.torn {
+        // Stays on the main screen, under the labeller's alternate one.
+        eprintln!("{t}");
+    }
     let log = AnswerLog::open(&a.out)?;
     let plan = Plan {
         repeat_share: a.repeat_share,
@@ -148,7 +154,6 @@ pub fn label(a: &LabelArgs) -> Result<()> {
 
 /// Runs the server until the process is stopped.
 pub fn serve(a: &ServeArgs) -> Result<()> {
-    let dir = LabelDir::create(&a.out, &a.pairs)?;
     let opts = ServeOptions {
         addr: a.addr,
         annotators: a.annotators.clone(),
@@ -160,8 +165,15 @@ pub fn serve(a: &ServeArgs) -> Result<()> {
         },
         max_body: DEFAULT_MAX_BODY,
     };
+    // Check the options and bind the port before creating the folder, so
+    // that a mistake or a busy port leaves nothing behind.
+    let bound = crate::server::bind(&opts)?;
+    let dir = LabelDir::create(&a.out, &a.pairs)?;
+    if let Some(t) = &dir.torn {
+        eprintln!("{t}");
+    }
     let n = dir.items.len();
-    let server = crate::server::start(dir, &opts)?;
+    let server = bound.serve(dir)?;
     // stdout: the address first (scripts and tests read it), then the URLs.
     println!("listening on http://{}", server.addr);
     for (who, url) in &server.urls {
@@ -181,6 +193,9 @@ pub fn serve(a: &ServeArgs) -> Result<()> {
 /// Prints the agreement report and writes `DIR/agreement.json`.
 pub fn agreement(a: &AgreementArgs) -> Result<crate::agreement::Report> {
     let dir = LabelDir::open(&a.dir)?;
+    if let Some(t) = &dir.torn {
+        eprintln!("{t}");
+    }
     let r = crate::agreement::report(&dir);
     let path = a.dir.join("agreement.json");
     let json = serde_json::to_string_pretty(&r)
@@ -194,6 +209,9 @@ pub fn agreement(a: &AgreementArgs) -> Result<crate::agreement::Report> {
 /// Writes the export and says what was dropped.
 pub fn export(a: &ExportArgs) -> Result<crate::export::ExportSummary> {
     let dir = LabelDir::open(&a.dir)?;
+    if let Some(t) = &dir.torn {
+        eprintln!("{t}");
+    }
     let name = match a.format {
         Format::Trl => "export-trl.jsonl",
         Format::Raw => "export-raw.jsonl",

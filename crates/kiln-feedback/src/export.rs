@@ -17,7 +17,7 @@ use serde::Serialize;
 
 use crate::agreement::majorities;
 use crate::error::{FeedbackError, Result};
-use crate::store::{Label, LabelDir, Side};
+use crate::store::{Label, LabelDir, Side, ANSWERS, PAIRS};
 
 /// The export formats.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -119,8 +119,43 @@ pub fn rows(dir: &LabelDir, format: Format) -> (Vec<serde_json::Value>, ExportSu
     (out, sum)
 }
 
-/// Writes the export to `out` (via a temporary file, so a reader never sees half of it).
+/// The labelling folder's own files, which an export must never replace.
+pub const OWN_FILES: &[&str] = &[ANSWERS, PAIRS, "agreement.json"];
+
+/// Refuses an `out` that is one of the folder's [`OWN_FILES`] (however
+/// the path is spelled: `./`, `..`, symlinked folders).
+fn check_out(dir: &LabelDir, out: &Path) -> Result<()> {
+    let Some(name) = out.file_name().and_then(|n| n.to_str()) else {
+        return Ok(());
+    };
+    let parent = match out.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let (Ok(parent), Ok(folder)) = (parent.canonicalize(), dir.dir.canonicalize()) else {
+        // A missing folder: writing fails with its own error, and it is not `dir`.
+        return Ok(());
+    };
+    if let Some(own) = OWN_FILES
+        .iter()
+        .find(|f| parent == folder && f.eq_ignore_ascii_case(name))
+    {
+        return Err(FeedbackError::Invalid(format!(
+            "{} is the labelling folder's own {own}: the export would overwrite it; write the \
+             export to another file (by default {})",
+            out.display(),
+            dir.dir.join("export-FORMAT.jsonl").display()
+        )));
+    }
+    Ok(())
+}
+
+/// Writes the export to `out` (via a temporary file, so a reader never sees
+/// half of it). `out` may lie in the labelling folder, as the default
+/// `DIR/export-FORMAT.jsonl` does, but must not be one of its
+/// [`OWN_FILES`] (the answers, the pairs, the agreement report).
 pub fn export(dir: &LabelDir, format: Format, out: &Path) -> Result<ExportSummary> {
+    check_out(dir, out)?;
     let (rows, sum) = rows(dir, format);
     let tmp = out.with_extension("jsonl.tmp");
     let io = |e| FeedbackError::io(out, e);

@@ -325,8 +325,39 @@ impl Server {
     }
 }
 
-/// Binds and starts serving `dir` in the background; drop the [`Server`] to stop.
-pub fn start(dir: LabelDir, opts: &ServeOptions) -> Result<Server> {
+/// Checks an annotator list: valid names, none twice.
+pub fn check_annotators(annotators: &[String]) -> Result<()> {
+    let mut seen = std::collections::HashSet::new();
+    for a in annotators {
+        if !valid_id(a) {
+            return Err(FeedbackError::Invalid(format!(
+                "--annotators: {a:?} is not a valid name: {}",
+                id_rule()
+            )));
+        }
+        if !seen.insert(a.as_str()) {
+            return Err(FeedbackError::Invalid(format!(
+                "--annotators: {a:?} is listed twice; name each annotator once (each gets one \
+                 URL with its own token)"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// A checked configuration with its listening socket bound, not serving
+/// yet: [`bind`] it before creating the labelling folder, so that bad
+/// options or a busy port leave nothing behind, then [`Bound::serve`].
+pub struct Bound {
+    listener: tokio::net::TcpListener,
+    addr: SocketAddr,
+    rt: tokio::runtime::Runtime,
+    opts: ServeOptions,
+}
+
+/// Checks the options (annotators, tokens beyond localhost) and binds the
+/// address; touches no folder.
+pub fn bind(opts: &ServeOptions) -> Result<Bound> {
     if !opts.addr.ip().is_loopback() && opts.annotators.is_empty() {
         return Err(FeedbackError::Invalid(format!(
             "--addr {} is beyond localhost: name the annotators with --annotators a,b,c so each \
@@ -334,58 +365,79 @@ pub fn start(dir: LabelDir, opts: &ServeOptions) -> Result<Server> {
             opts.addr
         )));
     }
-    let mut tokens = HashMap::new();
-    for a in &opts.annotators {
-        if !valid_id(a) {
-            return Err(FeedbackError::Invalid(format!(
-                "--annotators: {a:?} is not a valid name: {}",
-                id_rule()
-            )));
-        }
-        tokens.insert(a.clone(), random_token()?);
-    }
-    let log = AnswerLog::open(&dir.dir)?;
-    let app = Arc::new(App {
-        log,
-        dir: Mutex::new(dir),
-        tokens,
-        require_tokens: opts.require_tokens || !opts.addr.ip().is_loopback(),
-        plan: opts.plan,
-    });
+    check_annotators(&opts.annotators)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_io()
         .enable_time()
         .build()
         .map_err(|e| FeedbackError::Invalid(format!("starting the server runtime: {e}")))?;
-    let router = Router::new()
-        .route("/", get(index))
-        .route("/api/next", get(next))
-        .route("/api/answer/{id}", post(answer))
-        .route("/api/undo", post(undo))
-        .fallback(not_found)
-        .layer(DefaultBodyLimit::max(opts.max_body))
-        .with_state(app.clone());
     let listener = rt
         .block_on(tokio::net::TcpListener::bind(opts.addr))
         .map_err(|e| FeedbackError::Invalid(format!("binding {}: {e}", opts.addr)))?;
     let addr = listener
         .local_addr()
         .map_err(|e| FeedbackError::Invalid(format!("binding {}: {e}", opts.addr)))?;
-    let mut urls: Vec<(String, String)> = opts
-        .annotators
-        .iter()
-        .map(|a| {
-            let t = &app.tokens[a];
-            (a.clone(), format!("http://{addr}/?a={a}&t={t}"))
-        })
-        .collect();
-    urls.sort();
-    let handle = rt.spawn(async move { axum::serve(listener, router).await });
-    Ok(Server {
+    Ok(Bound {
+        listener,
         addr,
-        urls,
-        handle,
         rt,
+        opts: opts.clone(),
     })
+}
+
+impl Bound {
+    /// The address bound (port 0 resolved).
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Starts serving `dir` in the background; drop the [`Server`] to stop.
+    pub fn serve(self, dir: LabelDir) -> Result<Server> {
+        let Bound {
+            listener,
+            addr,
+            rt,
+            opts,
+        } = self;
+        let mut tokens = HashMap::new();
+        for a in &opts.annotators {
+            tokens.insert(a.clone(), random_token()?);
+        }
+        let log = AnswerLog::open(&dir.dir)?;
+        let app = Arc::new(App {
+            log,
+            dir: Mutex::new(dir),
+            tokens,
+            require_tokens: opts.require_tokens || !opts.addr.ip().is_loopback(),
+            plan: opts.plan,
+        });
+        let router = Router::new()
+            .route("/", get(index))
+            .route("/api/next", get(next))
+            .route("/api/answer/{id}", post(answer))
+            .route("/api/undo", post(undo))
+            .fallback(not_found)
+            .layer(DefaultBodyLimit::max(opts.max_body))
+            .with_state(app.clone());
+        let mut urls: Vec<(String, String)> = app
+            .tokens
+            .iter()
+            .map(|(a, t)| (a.clone(), format!("http://{addr}/?a={a}&t={t}")))
+            .collect();
+        urls.sort();
+        let handle = rt.spawn(async move { axum::serve(listener, router).await });
+        Ok(Server {
+            addr,
+            urls,
+            handle,
+            rt,
+        })
+    }
+}
+
+/// Binds and starts serving `dir` in the background ([`bind`] then
+/// [`Bound::serve`]); drop the [`Server`] to stop.
+pub fn start(dir: LabelDir, opts: &ServeOptions) -> Result<Server> {
+    bind(opts)?.serve(dir)
 }

@@ -5,12 +5,14 @@
 //! mutex for threads of one process) and fsynced before the call returns,
 //! so the next item is shown, or an HTTP answer acknowledged, only once the
 //! answer is on disk. Lines of concurrent writers never interleave. A writer
-//! killed mid-line can leave a torn last line: readers ignore it, and the
-//! next writer cuts it off before appending, so a kill -9 loses at most the
-//! answer being written. The log is append-only: an undo is a line of its
-//! own, and [`Ledger`] replays the file into the answers in force.
+//! killed mid-line can leave a torn last line: readers leave it out and
+//! report it ([`TornLine`]), and the next writer cuts it off before
+//! appending, so a kill -9 loses at most the answer being written. The log
+//! is append-only: an undo is a line of its own, a later answer by the same
+//! annotator to the same item replaces the earlier one, and [`Ledger`]
+//! replays the file into the answers in force.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
@@ -302,30 +304,115 @@ fn cut_torn_tail(f: &mut File) -> std::io::Result<()> {
     f.sync_data()
 }
 
-/// Reads `answers.jsonl`: its records, and whether a torn last line (no
-/// newline, from a writer killed mid-line) was left out. A missing file
-/// has no records.
-pub fn read_log(path: &Path) -> Result<(Vec<Record>, bool)> {
+/// The allowed values of an answer's `margin`, for error messages.
+pub const MARGIN_RULE: &str =
+    "1 (better) or 2 (much better), or absent (for tie, both bad and skip)";
+
+/// A last line of `answers.jsonl` without its newline: a writer killed
+/// mid-line (or a file cut short). The newline is what commits a line, so
+/// such a line is left out, and the next writer cuts it off; callers should
+/// show [`TornLine`]'s message (it is a warning, not an error).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TornLine {
+    /// The log.
+    pub path: PathBuf,
+    /// Its 1-based line number.
+    pub line: usize,
+    /// How many bytes it has.
+    pub bytes: usize,
+}
+
+impl std::fmt::Display for TornLine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "warning: {}:{}: the last line is cut off ({} bytes, no newline; a writer killed \
+             mid-line?): it is left out, and the next answer written removes it",
+            self.path.display(),
+            self.line,
+            self.bytes
+        )
+    }
+}
+
+/// One record of the log and the line it is on.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LogLine {
+    /// 1-based line number in the file.
+    pub line: usize,
+    /// The record.
+    pub record: Record,
+}
+
+/// `answers.jsonl` as read: its whole lines, and the torn last line left out, if any.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct LoadedLog {
+    /// The records in file order.
+    pub lines: Vec<LogLine>,
+    /// A last line without a newline, left out (show it as a warning).
+    pub torn: Option<TornLine>,
+}
+
+/// Parses one whole line: a record whose fields are in range.
+fn parse_line(line: &str, path: &Path, n: usize) -> Result<Record> {
+    let err = |m: String| FeedbackError::line(path, n, m);
+    let v: serde_json::Value =
+        serde_json::from_str(line).map_err(|e| err(format!("not an answer line: {e}")))?;
+    if v.get("kind").and_then(serde_json::Value::as_str) == Some("answer") {
+        match v.get("margin") {
+            None | Some(serde_json::Value::Null) => {}
+            Some(m) if matches!(m.as_u64(), Some(1 | 2)) => {}
+            Some(m) => {
+                return Err(err(format!(
+                    "field `margin` is {m}, out of range: expected {MARGIN_RULE}"
+                )))
+            }
+        }
+    }
+    serde_json::from_value(v).map_err(|e| err(format!("not an answer line: {e}")))
+}
+
+/// Reads `answers.jsonl` with line numbers. A missing file has no records;
+/// a malformed whole line is an error naming it (a `margin` other than 1
+/// or 2 included); a last line without its newline is left out and
+/// reported in [`LoadedLog::torn`].
+pub fn load_log(path: &Path) -> Result<LoadedLog> {
     let text = match std::fs::read_to_string(path) {
         Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((Vec::new(), false)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(LoadedLog::default()),
         Err(e) => return Err(FeedbackError::io(path, e)),
     };
-    let torn = !text.is_empty() && !text.ends_with('\n');
     let whole = match text.rfind('\n') {
         Some(i) => &text[..=i],
         None => "",
     };
-    let mut out = Vec::new();
+    let mut out = LoadedLog::default();
     for (i, line) in whole.lines().enumerate() {
         if line.trim().is_empty() {
             continue;
         }
-        let r: Record = serde_json::from_str(line)
-            .map_err(|e| FeedbackError::line(path, i + 1, format!("not an answer line: {e}")))?;
-        out.push(r);
+        out.lines.push(LogLine {
+            line: i + 1,
+            record: parse_line(line, path, i + 1)?,
+        });
     }
-    Ok((out, torn))
+    if whole.len() < text.len() {
+        out.torn = Some(TornLine {
+            path: path.to_path_buf(),
+            line: whole.bytes().filter(|&b| b == b'\n').count() + 1,
+            bytes: text.len() - whole.len(),
+        });
+    }
+    Ok(out)
+}
+
+/// Reads `answers.jsonl`: its records, and whether a torn last line (no
+/// newline, from a writer killed mid-line) was left out ([`load_log`] says
+/// which line). A missing file has no records.
+pub fn read_log(path: &Path) -> Result<(Vec<Record>, bool)> {
+    let log = load_log(path)?;
+    let torn = log.torn.is_some();
+    Ok((log.lines.into_iter().map(|l| l.record).collect(), torn))
 }
 
 /// The answers in force, replayed from the log (undos applied).
@@ -345,16 +432,18 @@ impl Ledger {
         l
     }
 
-    /// Applies one record. An undo withdraws the annotator's latest answer
-    /// in force for that item (and repeat flag); an undo with nothing to
-    /// withdraw changes nothing.
+    /// Applies one record. An annotator has at most one answer in force per
+    /// item and repeat flag: a later answer replaces the earlier one (so a
+    /// line appended twice counts once) and becomes the latest. An undo
+    /// withdraws the annotator's answer in force for that item (and repeat
+    /// flag); an undo with nothing to withdraw changes nothing.
     pub fn apply(&mut self, r: &Record) {
         match r {
-            Record::Answer(a) => self
-                .by_annotator
-                .entry(a.annotator.clone())
-                .or_default()
-                .push(a.clone()),
+            Record::Answer(a) => {
+                let v = self.by_annotator.entry(a.annotator.clone()).or_default();
+                v.retain(|old| !(old.item == a.item && old.repeat == a.repeat));
+                v.push(a.clone());
+            }
             Record::Undo(u) => {
                 if let Some(v) = self.by_annotator.get_mut(&u.annotator) {
                     if let Some(i) = v
@@ -411,8 +500,9 @@ pub struct LabelDir {
     pub items: Vec<Item>,
     /// The log's replay.
     pub ledger: Ledger,
-    /// Whether a torn last line was found (and will be cut on the next write).
-    pub torn: bool,
+    /// A torn last line left out of the replay (it is cut on the next
+    /// write): show it to the user as a warning.
+    pub torn: Option<TornLine>,
 }
 
 impl LabelDir {
@@ -446,7 +536,10 @@ impl LabelDir {
         Self::open(dir)
     }
 
-    /// Opens an existing labelling folder.
+    /// Opens an existing labelling folder and replays its log. A line that
+    /// names an item the pairs do not have, or an undo with no earlier
+    /// answer by that annotator to that item, is an error naming the line;
+    /// a torn last line is left out and reported in [`LabelDir::torn`].
     pub fn open(dir: &Path) -> Result<Self> {
         let copy = dir.join(PAIRS);
         if !copy.is_file() {
@@ -456,26 +549,52 @@ impl LabelDir {
             )));
         }
         let items = read_items(&copy)?;
-        let (records, torn) = read_log(&dir.join(ANSWERS))?;
-        let ids: std::collections::HashSet<&str> = items.iter().map(|i| i.id.as_str()).collect();
-        for r in &records {
-            let item = match r {
-                Record::Answer(a) => &a.item,
-                Record::Undo(u) => &u.item,
+        let path = dir.join(ANSWERS);
+        let log = load_log(&path)?;
+        let ids: HashSet<&str> = items.iter().map(|i| i.id.as_str()).collect();
+        // (annotator, item, repeat) answered on an earlier line.
+        let mut answered: HashSet<(&str, &str, bool)> = HashSet::new();
+        let mut ledger = Ledger::default();
+        for LogLine { line, record } in &log.lines {
+            let (who, item, repeat) = match record {
+                Record::Answer(a) => (&a.annotator, &a.item, a.repeat),
+                Record::Undo(u) => (&u.annotator, &u.item, u.repeat),
             };
             if !ids.contains(item.as_str()) {
-                return Err(FeedbackError::Invalid(format!(
-                    "{}: an answer names item {item:?}, which {} does not have",
-                    dir.join(ANSWERS).display(),
-                    copy.display()
-                )));
+                return Err(FeedbackError::line(
+                    &path,
+                    *line,
+                    format!(
+                        "names item {item:?}, which {} does not have",
+                        copy.display()
+                    ),
+                ));
             }
+            let key = (who.as_str(), item.as_str(), repeat);
+            match record {
+                Record::Answer(_) => {
+                    answered.insert(key);
+                }
+                Record::Undo(_) if !answered.contains(&key) => {
+                    return Err(FeedbackError::line(
+                        &path,
+                        *line,
+                        format!(
+                            "undo by {who:?} of item {item:?}{}, which {who:?} never answered \
+                             before this line (an undo follows the answer it withdraws)",
+                            if repeat { " (repeat)" } else { "" }
+                        ),
+                    ));
+                }
+                Record::Undo(_) => {}
+            }
+            ledger.apply(record);
         }
         Ok(Self {
             dir: dir.to_path_buf(),
             items,
-            ledger: Ledger::from_records(&records),
-            torn,
+            ledger,
+            torn: log.torn,
         })
     }
 
@@ -580,5 +699,133 @@ mod tests {
         std::fs::write(&bad, "{\"kind\":\"answer\"}\n").unwrap();
         let e = read_log(&bad).unwrap_err().to_string();
         assert!(e.contains("bad.jsonl:1: not an answer line"), "{e}");
+    }
+
+    /// A folder with items 1..=6 and these lines as its log.
+    fn folder(lines: &[String]) -> tempfile::TempDir {
+        let tmp = tempfile::tempdir().unwrap();
+        let pairs: String = (1..=6)
+            .map(|i| {
+                format!("{{\"prompt\":\"p{i}\",\"completion_a\":\"a\",\"completion_b\":\"b\"}}\n")
+            })
+            .collect();
+        std::fs::write(tmp.path().join(PAIRS), pairs).unwrap();
+        std::fs::write(tmp.path().join(ANSWERS), lines.concat()).unwrap();
+        tmp
+    }
+
+    fn line(r: &Record) -> String {
+        serde_json::to_string(r).unwrap() + "\n"
+    }
+
+    fn undo(item: &str, who: &str) -> Record {
+        Record::Undo(Undo {
+            item: item.into(),
+            annotator: who.into(),
+            time: now_rfc3339(),
+            repeat: false,
+        })
+    }
+
+    /// Eleven lines, the last cut off mid-write: ten answers in force and a
+    /// warning naming line 11; a bad line elsewhere is an error naming it.
+    #[test]
+    fn a_torn_last_line_is_reported_with_its_line_number() {
+        let mut lines: Vec<String> = (1..=5)
+            .flat_map(|i| ["ann", "bob"].map(|w| line(&answer(&i.to_string(), w, "1", false))))
+            .collect();
+        let last = line(&answer("6", "ann", "2", false));
+        lines.push(last[..last.len() / 2].to_string());
+        let tmp = folder(&lines);
+        let d = LabelDir::open(tmp.path()).unwrap();
+        assert_eq!(d.ledger.all().len(), 10);
+        let t = d.torn.clone().unwrap();
+        assert_eq!((t.line, t.bytes), (11, last.len() / 2));
+        let msg = t.to_string();
+        assert!(
+            msg.starts_with("warning: ")
+                && msg.contains("answers.jsonl:11: the last line is cut off"),
+            "{msg}"
+        );
+        lines[3] = lines[3][..20].to_string() + "\n";
+        let tmp = folder(&lines);
+        let e = LabelDir::open(tmp.path()).unwrap_err().to_string();
+        assert!(e.contains("answers.jsonl:4: not an answer line"), "{e}");
+    }
+
+    /// `margin` is 1 or 2 (or absent); anything else names line, field and range.
+    #[test]
+    fn a_margin_out_of_range_is_an_error_naming_the_line() {
+        let good = line(&answer("1", "ann", "!", false));
+        assert!(good.contains("\"margin\":2"), "{good}");
+        for bad in ["200", "0", "300", "-1", "1.5", "\"2\""] {
+            let tmp = folder(&[
+                good.clone(),
+                good.replace("\"margin\":2", &format!("\"margin\":{bad}")),
+            ]);
+            let e = LabelDir::open(tmp.path()).unwrap_err().to_string();
+            assert!(
+                e.contains(&format!(
+                    "answers.jsonl:2: field `margin` is {bad}, out of range"
+                )) && e.contains("1 (better) or 2 (much better)"),
+                "{e}"
+            );
+        }
+    }
+
+    /// An undo needs an earlier answer by the same annotator to the same
+    /// item; undoing twice (two writers on one folder) withdraws nothing more.
+    #[test]
+    fn an_undo_without_an_answer_is_an_error_naming_the_line() {
+        let a = line(&answer("1", "ann", "1", false));
+        let tmp = folder(&[a.clone(), line(&undo("1", "mallory"))]);
+        let e = LabelDir::open(tmp.path()).unwrap_err().to_string();
+        assert!(
+            e.contains("answers.jsonl:2: undo by \"mallory\" of item \"1\"")
+                && e.contains("never answered"),
+            "{e}"
+        );
+        let tmp = folder(&[a.clone(), line(&undo("2", "ann"))]);
+        let e = LabelDir::open(tmp.path()).unwrap_err().to_string();
+        assert!(
+            e.contains("answers.jsonl:2: undo by \"ann\" of item \"2\""),
+            "{e}"
+        );
+        let tmp = folder(&[a.clone(), line(&undo("1", "ann")), line(&undo("1", "ann"))]);
+        let d = LabelDir::open(tmp.path()).unwrap();
+        assert!(d.ledger.all().is_empty());
+        let tmp = folder(&[a, line(&answer("7", "ann", "1", false))]);
+        let e = LabelDir::open(tmp.path()).unwrap_err().to_string();
+        assert!(e.contains("answers.jsonl:2: names item \"7\""), "{e}");
+    }
+
+    /// A line appended twice counts once; a later answer by the same
+    /// annotator to the same item replaces the earlier one.
+    #[test]
+    fn a_repeated_answer_line_counts_once_and_a_later_answer_replaces() {
+        let mut lines: Vec<String> = (1..=6)
+            .flat_map(|i| ["ann", "bob"].map(|w| line(&answer(&i.to_string(), w, "1", false))))
+            .take(11)
+            .collect();
+        lines.push(lines[10].clone());
+        let tmp = folder(&lines);
+        let d = LabelDir::open(tmp.path()).unwrap();
+        assert_eq!(d.ledger.all().len(), 11);
+        assert_eq!(crate::agreement::report(&d).answers, 11);
+        // ann changes her mind on item 1 (b, shown ba, key 1 -> now a, key 2).
+        lines.push(line(&answer("1", "ann", "2", false)));
+        let tmp = folder(&lines);
+        let d = LabelDir::open(tmp.path()).unwrap();
+        let ann = d.ledger.answers_of("ann");
+        assert_eq!(ann.len(), 6);
+        assert_eq!(
+            ann.iter()
+                .filter(|a| a.item == "1")
+                .map(|a| a.label)
+                .collect::<Vec<_>>(),
+            vec![Label::A]
+        );
+        assert_eq!(d.ledger.last_of("ann").map(|a| a.item.as_str()), Some("1"));
+        assert_eq!(crate::agreement::majorities(&d)[0].label, None);
     }
 }

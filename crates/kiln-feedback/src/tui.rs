@@ -177,6 +177,16 @@ fn render(
     lines
 }
 
+/// Checks that there is a terminal the labeller can take over (raw mode
+/// on and off again), so a caller can fail before creating anything.
+pub fn check_terminal() -> Result<()> {
+    let io = |e: std::io::Error| {
+        FeedbackError::Invalid(format!("the labeller needs an interactive terminal: {e}"))
+    };
+    terminal::enable_raw_mode().map_err(io)?;
+    terminal::disable_raw_mode().map_err(io)
+}
+
 /// Runs the labeller until `q`: answers are appended to `log` (and applied
 /// to `dir.ledger`) one by one.
 pub fn label(dir: &mut LabelDir, log: &AnswerLog, annotator: &str, plan: &Plan) -> Result<Session> {

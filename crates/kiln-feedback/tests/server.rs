@@ -7,7 +7,6 @@
 
 use std::collections::HashSet;
 use std::io::{BufRead, BufReader};
-use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -16,17 +15,8 @@ use kiln_feedback::plan::Plan;
 use kiln_feedback::server::{start, ServeOptions, DEFAULT_MAX_BODY};
 use kiln_feedback::store::{read_log, LabelDir, Record};
 
-fn write_pairs(path: &Path, n: usize) {
-    let s: String = (1..=n)
-        .map(|i| {
-            serde_json::json!({"prompt": format!("p{i}"), "completion_a": format!("a{i}"),
-                               "completion_b": format!("b{i}")})
-            .to_string()
-                + "\n"
-        })
-        .collect();
-    std::fs::write(path, s).unwrap();
-}
+mod common;
+use common::write_pairs;
 
 fn agent() -> ureq::Agent {
     ureq::AgentBuilder::new()

@@ -837,7 +837,43 @@ pub fn load_generator(
         None | Some("last") => dir.last_checkpoint(),
         Some("healthy") => dir.join("checkpoints").join(HEALTHY_CHECKPOINT),
         Some(p) if Path::new(p).is_file() => PathBuf::from(p),
-        Some(name) => dir.join("checkpoints").join(format!("{name}.safetensors")),
+        Some(name) => {
+            let named = dir.join("checkpoints").join(format!("{name}.safetensors"));
+            if !named.is_file() {
+                // Say what was looked for: a path the user typed, or a name
+                // among the run's checkpoints (listed).
+                let msg =
+                    if name.contains(std::path::MAIN_SEPARATOR)
+                        || name.contains('/')
+                        || name.ends_with(".safetensors")
+                    {
+                        format!("checkpoint {name}: no such file")
+                    } else {
+                        let mut have: Vec<String> = std::fs::read_dir(dir.join("checkpoints"))
+                            .map(|d| {
+                                d.filter_map(|e| e.ok())
+                                    .filter_map(|e| {
+                                        let n = e.file_name().to_string_lossy().to_string();
+                                        n.strip_suffix(".safetensors").map(str::to_string)
+                                    })
+                                    .filter(|n| !n.starts_with('.'))
+                                    .collect()
+                            })
+                            .unwrap_or_default();
+                        have.sort();
+                        format!(
+                        "checkpoint {name:?}: no checkpoints/{name}.safetensors in the run (it \
+                         has: {}), and no file of that name",
+                        if have.is_empty() { "none".into() } else { have.join(", ") }
+                    )
+                    };
+                return Err(GanError::Run {
+                    path: run.to_path_buf(),
+                    msg,
+                });
+            }
+            named
+        }
     };
     let vs = VarStore::new(0);
     let g = Generator::new(&rc.model, vs.builder(DType::F32, device))?;

@@ -283,6 +283,16 @@ fn run_folder_holds_grids_metrics_and_curves() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("no EMA copy"), "{e}");
+    // A checkpoint that is not there: a typed path is named as typed, a
+    // name lists the run's checkpoints.
+    let e = load_generator(&run2, Which::Generator, Some("/nonexistent"), &DEV)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("checkpoint /nonexistent: no such file"), "{e}");
+    let e = load_generator(&run2, Which::Generator, Some("best"), &DEV)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("(it has: ") && e.contains("last"), "{e}");
     // A bad setting is refused before any folder is made.
     let run3 = dir.path().join("r3");
     let bad = TrainConfig {

@@ -110,7 +110,7 @@ impl PreferenceData {
 
 /// Reads a JSONL preference file: each pair with its 1-based line number.
 pub fn read_pairs(path: &Path) -> Result<Vec<(usize, PreferencePair)>> {
-    let text = std::fs::read_to_string(path).map_err(|e| {
+    let file = std::fs::File::open(path).map_err(|e| {
         RlhfError::file(
             path,
             if e.kind() == std::io::ErrorKind::NotFound {
@@ -120,15 +120,12 @@ pub fn read_pairs(path: &Path) -> Result<Vec<(usize, PreferencePair)>> {
             },
         )
     })?;
-    let pairs = kiln_data::text::parse_preferences(text.as_bytes(), path)?;
-    // parse_preferences skips blank lines; number the others the same way.
-    let lines: Vec<usize> = text
-        .lines()
-        .enumerate()
-        .filter(|(_, l)| !l.trim().is_empty())
-        .map(|(i, _)| i + 1)
-        .collect();
-    Ok(lines.into_iter().zip(pairs).collect())
+    // kiln-data numbers the lines itself (a byte order mark skipped, invalid
+    // UTF-8 named by line and byte).
+    Ok(kiln_data::text::parse_numbered_preferences(
+        std::io::BufReader::new(file),
+        path,
+    )?)
 }
 
 /// TRL's `extract_prompt` for a pair without a prompt: the longest common

@@ -48,6 +48,8 @@ use crate::train::{save_chat_template, Optim, TrainingArgs};
 /// generation prompt), or any other file with one prompt per non-empty line.
 pub fn read_prompts(path: &Path, chat: Option<&ChatTemplate>) -> Result<Vec<String>> {
     let text = std::fs::read_to_string(path).map_err(|e| RlhfError::file(path, e.to_string()))?;
+    // A byte order mark (Windows editors) is not part of the first prompt.
+    let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
     let jsonl = path.extension().is_some_and(|e| e == "jsonl");
     let mut out = Vec::new();
     for (i, line) in text.lines().enumerate() {

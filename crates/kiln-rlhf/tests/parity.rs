@@ -147,6 +147,20 @@ fn long_pairs_are_dropped_and_counted() -> Result<()> {
     )?;
     let msg = read_pairs(&bad).unwrap_err().to_string();
     assert!(msg.contains("bad.jsonl:3:"), "{msg}");
+    // A byte order mark is skipped and the lines keep their numbers;
+    // invalid UTF-8 names its line.
+    std::fs::write(
+        &bad,
+        "\u{feff}{\"chosen\": \"a\", \"rejected\": \"b\"}\n\n{\"chosen\": \"c\", \"rejected\": \"d\"}\n",
+    )?;
+    let lines: Vec<usize> = read_pairs(&bad)?.iter().map(|(l, _)| *l).collect();
+    assert_eq!(lines, [1, 3]);
+    std::fs::write(
+        &bad,
+        b"{\"chosen\": \"a\", \"rejected\": \"b\"}\n{\"chosen\": \"\xff\"}\n",
+    )?;
+    let msg = read_pairs(&bad).unwrap_err().to_string();
+    assert!(msg.contains("bad.jsonl:2:"), "{msg}");
     Ok(())
 }
 

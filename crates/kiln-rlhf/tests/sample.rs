@@ -54,6 +54,9 @@ fn prompts_read_from_jsonl_text_and_chat() -> Result<()> {
     let t = dir.path().join("p.txt");
     std::fs::write(&t, "one\n\ntwo\n")?;
     assert_eq!(read_prompts(&t, None)?, vec!["one", "two"]);
+    // A byte order mark is not part of the first prompt.
+    std::fs::write(&t, "\u{feff}one\ntwo\n")?;
+    assert_eq!(read_prompts(&t, None)?, vec!["one", "two"]);
     std::fs::write(&j, "{\"text\": 1}\n")?;
     assert!(read_prompts(&j, None)
         .unwrap_err()

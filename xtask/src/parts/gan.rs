@@ -469,23 +469,13 @@ fn sample_cmd(args: &[String]) -> Result<()> {
     let device = super::device(&a.device, None)?;
     let which = if a.ema { Which::Ema } else { Which::Generator };
     let (g, rc) = load_generator(&a.run, which, a.checkpoint.as_deref(), &device)?;
-    let labels = match rc.model.num_classes {
-        Some(k) => {
-            let ids: Vec<u32> = (0..a.n as u32)
-                .map(|i| a.class.unwrap_or(i % k as u32))
-                .collect();
-            if let Some(&c) = ids.iter().find(|&&c| c as usize >= k) {
-                bail!("--class {c}: the model has classes 0..{k}");
-            }
-            Some(Tensor::new(ids, &device)?)
-        }
-        None => None,
-    };
-    let imgs = g.sample(a.n, labels.as_ref(), &mut SeededRng::new(a.seed))?;
+    let labels = super::sample_labels(a.n, a.class, rc.model.num_classes, &device)?;
     let suffix = if a.ema { "-ema" } else { "" };
     let out = a
         .out
         .unwrap_or_else(|| a.run.join(format!("samples-{}{suffix}.png", a.seed)));
+    super::check_png_out(&out)?;
+    let imgs = g.sample(a.n, labels.as_ref(), &mut SeededRng::new(a.seed))?;
     let ncols = (a.n as f64).sqrt().ceil() as usize;
     save_image_grid(&imgs, &out, &grid_options(ncols))?;
     println!("{}", out.display());
@@ -733,7 +723,19 @@ fn eval_cmd(args: &[String]) -> Result<()> {
         &device,
         Some(&cache),
     )?;
-    let tf = match a.n_train {
+    // The memorisation check sets the distance to the nearest training image
+    // against the nearest held-out one: with the training split as the
+    // reference there is no held-out image, and the ratio would be 0/0.
+    let n_train = if matches!(split, Split::Train) && a.n_train > 0 {
+        eprintln!(
+            "eval gan: memorisation check skipped: it needs held-out reference images, and \
+             --split train has none"
+        );
+        0
+    } else {
+        a.n_train
+    };
+    let tf = match n_train {
         0 => None,
         k => {
             let train_set = open_split(

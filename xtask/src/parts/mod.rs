@@ -441,6 +441,48 @@ pub fn check_output_file(out: &Path, inputs: &[(&str, &Path)]) -> anyhow::Result
     Ok(())
 }
 
+/// The class labels of `n` samples from a model with `num_classes` (`None`:
+/// not conditional): `--class` for all, or cycling through the classes.
+/// `--class` on a model that has none is refused rather than ignored.
+pub fn sample_labels(
+    n: usize,
+    class: Option<u32>,
+    num_classes: Option<usize>,
+    device: &kiln_core::Device,
+) -> anyhow::Result<Option<kiln_core::Tensor>> {
+    let Some(k) = num_classes else {
+        if let Some(c) = class {
+            anyhow::bail!(
+                "--class {c}: this model is not class-conditional (trained without \
+                 --conditional), so it cannot be asked for a class"
+            );
+        }
+        return Ok(None);
+    };
+    let ids: Vec<u32> = (0..n as u32)
+        .map(|i| class.unwrap_or(i % k as u32))
+        .collect();
+    if let Some(&c) = ids.iter().find(|&&c| c as usize >= k) {
+        anyhow::bail!("--class {c}: the model has classes 0..{k}");
+    }
+    Ok(Some(kiln_core::Tensor::new(ids, device)?))
+}
+
+/// Checks a PNG output path before the work: kiln writes PNG whatever the
+/// name says, so `--out grid.jpg` is refused instead of holding PNG bytes.
+pub fn check_png_out(out: &Path) -> anyhow::Result<()> {
+    let png = out
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("png"));
+    if !png {
+        anyhow::bail!(
+            "--out {}: the grid is written as PNG; give a path ending in .png",
+            out.display()
+        );
+    }
+    check_output_file(out, &[])
+}
+
 /// Which flags were typed on the command line (as opposed to defaults), so a
 /// resumed run takes only those from the command line and the rest from its
 /// own config.
@@ -578,6 +620,30 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
     use clap::CommandFactory;
+
+    /// `--class` on an unconditional model is refused, a class out of range
+    /// names the range, and a conditional model cycles through its classes.
+    #[test]
+    fn sample_labels_are_checked() {
+        let dev = kiln_core::Device::Cpu;
+        let e = sample_labels(4, Some(3), None, &dev)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("not class-conditional"), "{e}");
+        assert!(sample_labels(4, None, None, &dev).unwrap().is_none());
+        let e = sample_labels(4, Some(5), Some(5), &dev)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("classes 0..5"), "{e}");
+        let l = sample_labels(5, None, Some(2), &dev).unwrap().unwrap();
+        assert_eq!(l.to_vec1::<u32>().unwrap(), [0, 1, 0, 1, 0]);
+        let e = check_png_out(Path::new("grid.jpg"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("ending in .png"), "{e}");
+        let dir = tempfile::tempdir().unwrap();
+        check_png_out(&dir.path().join("a/b.PNG")).unwrap();
+    }
 
     /// An output file that is the command's input is refused before any
     /// work (`rlhf sample --prompts p.txt --out p.txt` replaced the prompts).

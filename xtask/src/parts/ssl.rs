@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::Result;
+use anyhow::{bail, Result};
 use clap::Parser;
 use kiln_core::run::{RunDir, RunOptions};
 use kiln_data::{Dataset, Split};
@@ -342,6 +342,15 @@ fn eval_cmd(args: &[String]) -> Result<()> {
         cfg.image_size,
         a.allow_empty_classes,
     )?;
+    let found = tr.get(0)?.image.channels;
+    if found != cfg.channels {
+        bail!(
+            "--dataset {ds}: its images have {found} channel(s), but the run's encoder was \
+             trained on {} ({}); probe it on data with as many channels",
+            cfg.channels,
+            cfg.dataset
+        );
+    }
     let p = probe_encoder(&model.encoder, tr.clone(), te.clone(), &device, cfg.seed)?;
     let vs = kiln_core::vars::VarStore::new(cfg.seed.wrapping_add(1));
     let random = Simclr::new(&cfg, vs.builder(kiln_core::DType::F32, &device))?;

@@ -10,7 +10,7 @@ use kiln_core::optim::{OptimKind, Optimizer};
 use kiln_core::rng::SeededRng;
 use kiln_core::run::{RunDir, RunOptions};
 use kiln_core::vars::VarStore;
-use kiln_core::{DType, Tensor};
+use kiln_core::DType;
 use kiln_data::{Dataset, Split};
 use kiln_vae::{
     elbo_loss, evaluate, from_run, train, Likelihood, RunConfig, TrainConfig, Vae, VaeConfig,
@@ -427,23 +427,13 @@ fn sample_cmd(args: &[String]) -> Result<()> {
     let a: SampleArgs = parse("cargo xtask sample vae", args)?;
     let device = super::device(&a.device, None)?;
     let (model, rc) = from_run(&a.run, &device)?;
-    let labels = match rc.model.num_classes {
-        Some(k) => {
-            let ids: Vec<u32> = (0..a.n as u32)
-                .map(|i| a.class.unwrap_or(i % k as u32))
-                .collect();
-            if let Some(&c) = ids.iter().find(|&&c| c as usize >= k) {
-                bail!("--class {c}: the model has classes 0..{k}");
-            }
-            Some(Tensor::new(ids, &device)?)
-        }
-        None => None,
-    };
-    let mut rng = SeededRng::new(a.seed);
-    let imgs = model.sample(a.n, labels.as_ref(), &mut rng, &device)?;
+    let labels = super::sample_labels(a.n, a.class, rc.model.num_classes, &device)?;
     let out = a
         .out
         .unwrap_or_else(|| a.run.join(format!("samples-{}.png", a.seed)));
+    super::check_png_out(&out)?;
+    let mut rng = SeededRng::new(a.seed);
+    let imgs = model.sample(a.n, labels.as_ref(), &mut rng, &device)?;
     let ncols = (a.n as f64).sqrt().ceil() as usize;
     save_image_grid(
         &imgs,
@@ -605,7 +595,12 @@ mod tests {
         ]))
         .unwrap_err();
         let e = format!("{e:#}");
-        assert!(e.contains("test_batch.bin") && e.contains("found 0"), "{e}");
+        // A CIFAR-10 batch holds 10000 records: a one-record file is refused
+        // by name before anything trains.
+        assert!(
+            e.contains("data_batch_1.bin") && e.contains("expected 30730000 bytes"),
+            "{e}"
+        );
         assert!(!out.join("config.toml").exists(), "nothing trained");
 
         // a folder dataset without split folders has no test split: None, said on stderr
