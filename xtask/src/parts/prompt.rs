@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use kiln_prompt::{
     evaluate, fit, generate_checked_with, parse_var_assignments, vars, Budget, ChatTemplate, Check,
@@ -143,6 +143,16 @@ fn command(args: &[String]) -> Result<()> {
                 println!("{json_text}");
             } else {
                 print!("{}", report.to_markdown());
+            }
+            // As a test runner would: a cell that could not run (a case
+            // missing a variable, a generator error) fails the command, so
+            // a CI step does not pass on a table of errors.
+            let errored = report.cells.iter().filter(|c| c.error.is_some()).count();
+            if errored > 0 {
+                bail!(
+                    "prompt eval: {errored} of {} cells could not run (see the errors above)",
+                    report.cells.len()
+                );
             }
             Ok(())
         }
@@ -394,5 +404,30 @@ mod tests {
     fn every_numeric_flag_is_range_checked() {
         assert_numeric_flags_checked::<Args>("prompt", Some("eval"), &["dir"]);
         assert_numeric_flags_checked::<Args>("prompt", Some("render"), &["spec.toml"]);
+    }
+
+    /// The example suite passes; with a case that lacks a variable every
+    /// variant needs, its cells are errors and the command fails.
+    #[test]
+    fn an_evaluation_with_errored_cells_fails() {
+        #![allow(clippy::unwrap_used)]
+        let example = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../crates/kiln-prompt/examples/eval");
+        let dir = tempfile::tempdir().unwrap();
+        kiln_core::files::copy_dir(&example, dir.path()).unwrap();
+        let run = || {
+            let args = ["eval".to_string(), dir.path().display().to_string()];
+            command(&args)
+        };
+        run().unwrap();
+        let cases = dir.path().join("cases.toml");
+        let text = std::fs::read_to_string(&cases).unwrap();
+        std::fs::write(
+            &cases,
+            format!("{text}\n[[cases]]\nname = \"bare\"\nvars = {{ topic = \"x\" }}\n"),
+        )
+        .unwrap();
+        let e = run().unwrap_err().to_string();
+        assert!(e.contains("3 of 12 cells could not run"), "{e}");
     }
 }
