@@ -442,6 +442,32 @@ fn load_lm(path: &Path, device: &Device) -> Result<(Gpt2, kiln_lm::Gpt2Tokenizer
     Ok((frozen_from(&cfg, w, device)?, tok, dir))
 }
 
+/// Says up front when the longest prompt leaves less room in the model's
+/// context than `--max-new-tokens` asks for (completions then stop at the
+/// context's end, and the recorded setting is more than any of them got).
+fn note_context(
+    model: &Gpt2,
+    tok: &kiln_lm::Gpt2Tokenizer,
+    prompts: &[String],
+    max_new_tokens: usize,
+    cmd: &str,
+) -> Result<()> {
+    let ctx = model.config().n_positions;
+    let mut longest = 0;
+    for p in prompts {
+        longest = longest.max(tok.encode(p)?.len());
+    }
+    let room = ctx.saturating_sub(longest.max(1));
+    if max_new_tokens > room {
+        eprintln!(
+            "{cmd}: note: --max-new-tokens {max_new_tokens} does not fit: the model's context is \
+             {ctx} tokens and the longest prompt takes {longest}, so its completions stop after \
+             at most {room} tokens"
+        );
+    }
+    Ok(())
+}
+
 fn write_jsonl(path: &Path, lines: &[serde_json::Value]) -> Result<()> {
     let mut s = String::new();
     for l in lines {
@@ -494,6 +520,7 @@ fn sample_cmd(args: &[String]) -> Result<()> {
     let chat = chat_template_for(&dir, a.gen.chat_template.as_deref())?;
     let prompts = read_prompts(&a.prompts, chat.as_ref())?;
     let cfg = a.gen.config();
+    note_context(&model, &tok, &prompts, cfg.max_new_tokens, "rlhf sample")?;
     let t = Instant::now();
     let gens = sample_completions(&model, &tok, &prompts, a.n, &cfg, a.gen.batch)?;
     let lines: Vec<serde_json::Value> = prompts
@@ -564,6 +591,13 @@ fn bon_cmd(args: &[String]) -> Result<()> {
         .unwrap_or_else(|_| tok.clone());
     let chat = chat_template_for(&dir, a.gen.chat_template.as_deref())?;
     let prompts = read_prompts(&a.prompts, chat.as_ref())?;
+    note_context(
+        &model,
+        &tok,
+        &prompts,
+        a.gen.max_new_tokens,
+        "rlhf best-of-n",
+    )?;
     let t = Instant::now();
     let out = best_of_n(
         &model,
