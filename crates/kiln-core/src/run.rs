@@ -699,7 +699,100 @@ pub struct Run {
     resumed: bool,
 }
 
+/// The file of a run folder holding its inputs' fingerprints.
+pub const INPUTS_FILE: &str = "inputs.json";
+
+/// A file's or folder's fingerprint: its size and CRC-32 (a folder: its
+/// files, hidden ones left out, by relative path, size and content).
+pub fn fingerprint(path: &Path) -> Result<String, RunError> {
+    fn walk(
+        root: &Path,
+        dir: &Path,
+        h: &mut crc32fast::Hasher,
+        n: &mut u64,
+    ) -> std::io::Result<()> {
+        let mut entries: Vec<_> = std::fs::read_dir(dir)?.collect::<Result<_, _>>()?;
+        entries.sort_by_key(|e| e.file_name());
+        for e in entries {
+            if e.file_name().to_string_lossy().starts_with('.') {
+                continue;
+            }
+            let p = e.path();
+            if e.file_type()?.is_dir() {
+                walk(root, &p, h, n)?;
+            } else {
+                let rel = p.strip_prefix(root).unwrap_or(&p);
+                h.update(rel.to_string_lossy().as_bytes());
+                let bytes = std::fs::read(&p)?;
+                h.update(&(bytes.len() as u64).to_le_bytes());
+                h.update(&bytes);
+                *n += 1;
+            }
+        }
+        Ok(())
+    }
+    let meta = std::fs::metadata(path).map_err(io(path))?;
+    if meta.is_dir() {
+        let (mut h, mut n) = (crc32fast::Hasher::new(), 0);
+        walk(path, path, &mut h, &mut n).map_err(io(path))?;
+        Ok(format!("{n} files, crc32 {:08x}", h.finalize()))
+    } else {
+        let bytes = std::fs::read(path).map_err(io(path))?;
+        Ok(format!(
+            "{} bytes, crc32 {:08x}",
+            bytes.len(),
+            crc32fast::hash(&bytes)
+        ))
+    }
+}
+
 impl Run {
+    /// Records the fingerprints of the files a new run reads (a corpus,
+    /// preference pairs), or, on resume, checks that they are unchanged: a
+    /// resumed run on other data would continue its epoch over different
+    /// examples and report figures that belong to neither. A run written
+    /// before inputs were recorded gets them recorded now.
+    pub fn check_inputs(&self, inputs: &[&Path]) -> Result<(), RunError> {
+        let file = self.dir.join(INPUTS_FILE);
+        let mut saved: std::collections::BTreeMap<String, String> = match std::fs::read(&file) {
+            Ok(b) => serde_json::from_slice(&b).map_err(|e| RunError::Invalid {
+                path: file.clone(),
+                reason: e.to_string(),
+            })?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Default::default(),
+            Err(e) => return Err(io(&file)(e)),
+        };
+        let mut changed = false;
+        for p in inputs {
+            let now = fingerprint(p)?;
+            let key = p.display().to_string();
+            match saved.get(&key) {
+                Some(was) if self.resumed && *was != now => {
+                    return Err(RunError::Invalid {
+                        path: p.to_path_buf(),
+                        reason: format!(
+                            "changed since the run began (then {was}, now {now}); a resumed run \
+                             must read the same data: put it back, or start a new run"
+                        ),
+                    })
+                }
+                Some(was) if *was == now => {}
+                _ => {
+                    saved.insert(key, now);
+                    changed = true;
+                }
+            }
+        }
+        if changed {
+            let text = serde_json::to_string_pretty(&saved).map_err(|e| RunError::Invalid {
+                path: file.clone(),
+                reason: e.to_string(),
+            })?;
+            crate::files::write_atomic(&file, text.as_bytes()).map_err(io(&file))?;
+        }
+        Ok(())
+    }
+
     /// The folder.
     pub fn dir(&self) -> &RunDir {
         &self.dir

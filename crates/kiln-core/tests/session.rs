@@ -577,6 +577,47 @@ fn a_damaged_log_is_found_before_training_and_a_file_is_not_a_folder() {
     }
 }
 
+/// A resumed run refuses inputs that changed since it began (a corpus
+/// rewritten, a file added to a folder); unchanged ones pass.
+#[test]
+fn a_changed_input_is_refused_on_resume() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("r");
+    let (file, folder) = (dir.path().join("prefs.jsonl"), dir.path().join("imgs"));
+    std::fs::write(&file, "one\n").unwrap();
+    std::fs::create_dir_all(&folder).unwrap();
+    std::fs::write(folder.join("a.txt"), "a").unwrap();
+    let open = |resume: bool| {
+        let o = if resume {
+            RunOptions::resume(&run)
+        } else {
+            RunOptions::new_run(Some(&run))
+        };
+        o.open("toy", "toy-gan", &cfg(), &[]).unwrap()
+    };
+    open(false).check_inputs(&[&file, &folder]).unwrap();
+    open(true).check_inputs(&[&file, &folder]).unwrap();
+    std::fs::write(&file, "two\n").unwrap();
+    let e = open(true)
+        .check_inputs(&[&file, &folder])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("prefs.jsonl: changed since the run began (then 4 bytes, crc32"),
+        "{e}"
+    );
+    std::fs::write(&file, "one\n").unwrap();
+    std::fs::write(folder.join("b.txt"), "b").unwrap();
+    let e = open(true)
+        .check_inputs(&[&file, &folder])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("then 1 files") && e.contains("now 2 files"),
+        "{e}"
+    );
+}
+
 /// A field added to a config type after a run began (with a serde default
 /// for old runs) does not block its resume, as long as the default is what
 /// the resumed run asks for; asking for another value is still refused.

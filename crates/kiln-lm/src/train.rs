@@ -290,6 +290,9 @@ pub fn train(tc: &TrainConfig, device: &Device, opts: &RunOptions) -> Result<Tra
         train: tc.clone(),
     };
     let run = opts.open("lm", RUN_KIND, &run_cfg, MAY_CHANGE_ON_RESUME)?;
+    if let TextSource::Lines(p) | TextSource::Files(p) = &source {
+        run.check_inputs(&[p])?;
+    }
     let dir = run.dir().clone();
     if !run.resumed() {
         tokenizer.save(&dir.join(TOKENIZER_FILE))?;

@@ -337,6 +337,7 @@ pub fn train_dpo_with(
     let (mcfg, tensors) = load_weights(&files, device)?;
     opts.check_kind(RUN_KIND)?;
     let run = opts.open("dpo", RUN_KIND, cfg, MAY_CHANGE_ON_RESUME)?;
+    run.check_inputs(&[&cfg.prefs])?;
     let dir = run.dir().clone();
     let pad = split.pad;
     let (policy, policy_vs) =

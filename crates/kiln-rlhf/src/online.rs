@@ -594,6 +594,7 @@ pub(crate) fn start_session<C: Serialize + serde::de::DeserializeOwned>(
 ) -> Result<kiln_core::session::Session> {
     opts.check_kind(kind)?;
     let run = opts.open(task, kind, cfg, MAY_CHANGE)?;
+    run.check_inputs(&[&c.prompts])?;
     let mut b = kiln_core::session::Session::builder(run, c.seed);
     for (name, vs) in std::iter::once(("policy", &st.vs)).chain(value.map(|v| ("value", v))) {
         b = b.part(name, vs, optimizer(vs, c.lr)?);

@@ -268,6 +268,7 @@ pub fn train_reward_with(
     };
     opts.check_kind(RUN_KIND)?;
     let run = opts.open("reward", RUN_KIND, cfg, MAY_CHANGE_ON_RESUME)?;
+    run.check_inputs(&[&cfg.prefs])?;
     let dir = run.dir().clone();
     let steps_per_epoch = cfg.train.steps_per_epoch(split.train.len());
     let sched = cfg.train.schedule(cfg.train.epochs * steps_per_epoch);

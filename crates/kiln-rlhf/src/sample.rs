@@ -432,6 +432,7 @@ pub fn train_rwft(
     let (mcfg, tensors) = load_weights(&files, device)?;
     opts.check_kind(RWFT_KIND)?;
     let run = opts.open("rwft", RWFT_KIND, cfg, RWFT_MAY_CHANGE)?;
+    run.check_inputs(&[&cfg.prompts])?;
     let dir = run.dir().clone();
     let (policy, vs) = trainable_from(&mcfg, &tensors, device, cfg.seed, &files.config)?;
     drop(tensors);
