@@ -217,6 +217,23 @@ impl RewardModel {
     pub fn load(dir: &Path, device: &Device, seed: u64) -> Result<(Self, VarStore)> {
         let files = ModelFiles::from_dir(dir)?;
         let raw = read_json(&files.config)?;
+        // A language model given as the reward model: say what it is, not
+        // that its (absent, default 2) num_labels is wrong.
+        let lm_head = raw
+            .get("architectures")
+            .and_then(|a| a.as_array())
+            .is_some_and(|a| {
+                a.iter()
+                    .filter_map(|x| x.as_str())
+                    .any(|x| x.ends_with("LMHeadModel") || x.ends_with("ForCausalLM"))
+            });
+        if lm_head {
+            return Err(RlhfError::file(
+                dir,
+                "is a language model, not a reward model: pass the folder of an `rlhf reward` \
+                 run (or a GPT2ForSequenceClassification with num_labels = 1)",
+            ));
+        }
         let labels = raw
             .get("id2label")
             .and_then(|v| v.as_object())
