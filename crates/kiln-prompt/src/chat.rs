@@ -152,6 +152,19 @@ impl ChatTemplate {
         match name.to_ascii_lowercase().as_str() {
             "chatml" => Ok(Self::chatml()),
             "llama-3.1" | "llama3.1" | "llama31" => Ok(Self::llama31()),
+            // A path that is not there reached here: say that, not that
+            // it is an unknown built-in name.
+            n if n.contains('/')
+                || n.contains('\\')
+                || n.ends_with(".jinja")
+                || n.ends_with(".json") =>
+            {
+                Err(Error::invalid(
+                    format!("chat template {name:?}"),
+                    "no such file or folder (a chat template is `chatml`, `llama-3.1`, a model \
+                     folder, a tokenizer_config.json or a .jinja file)",
+                ))
+            }
             _ => Err(Error::invalid(
                 format!("chat template {name:?}"),
                 "unknown built-in template; expected `chatml` or `llama-3.1`, or a path to a model folder / tokenizer_config.json / .jinja file",

@@ -34,6 +34,19 @@ fn builtin_templates_match_transformers() {
     }
 }
 
+/// A missing template file is named as missing, an unknown name as an
+/// unknown built-in.
+#[test]
+fn a_missing_template_file_is_not_called_an_unknown_name() {
+    let e = ChatTemplate::builtin("/nonexistent/t.jinja")
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("no such file or folder"), "{e}");
+    let e = ChatTemplate::builtin("vicuna").err().unwrap().to_string();
+    assert!(e.contains("unknown built-in template"), "{e}");
+}
+
 /// The same Llama 3.1 render when the template comes from a tokenizer_config.json (special
 /// tokens written as AddedToken objects, as Meta's file has them for some tokens).
 #[test]
