@@ -339,17 +339,19 @@ impl SessionBuilder {
             // A damaged line would fail the run's figures and summary only
             // at the end, after the whole resumed training: check it now.
             if metrics_path.exists() {
-                if let Err(RunError::Invalid { path, reason }) =
-                    crate::run::read_metrics(&metrics_path)
-                {
-                    return Err(RunError::Invalid {
-                        path,
-                        reason: format!(
-                            "{reason}; the checkpoint is intact: mend or delete that line (the \
-                             file is only the run's log), then resume"
-                        ),
+                match crate::run::read_metrics(&metrics_path) {
+                    Ok(_) => {}
+                    Err(RunError::Invalid { path, reason }) => {
+                        return Err(RunError::Invalid {
+                            path,
+                            reason: format!(
+                                "{reason}; the checkpoint is intact: mend or delete that line \
+                                 (the file is only the run's log), then resume"
+                            ),
+                        }
+                        .into())
                     }
-                    .into());
+                    Err(e) => return Err(e.into()),
                 }
             }
         }
