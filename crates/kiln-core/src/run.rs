@@ -91,6 +91,20 @@ pub enum RunError {
         /// The fields that may change on resume.
         may_change: Vec<String>,
     },
+    /// `--overwrite` was asked for a folder that holds one of the new run's
+    /// own inputs (a base model, a data file), which clearing it would delete.
+    #[error(
+        "--overwrite would delete {input}, the run's {field} (in its config), which lies \
+         inside {path}; move the input out of that folder or choose another --out"
+    )]
+    InputInside {
+        /// The run folder to be cleared.
+        path: PathBuf,
+        /// The input inside it, as the config names it.
+        input: PathBuf,
+        /// Its field in the config, as a dotted path (`policy.model`).
+        field: String,
+    },
 }
 
 /// One setting that differs between a run's `config.toml` and a resume request.
@@ -556,6 +570,7 @@ impl RunOptions {
             None => {
                 let dir = match (&self.out, self.overwrite) {
                     (Some(out), true) if out.join("config.toml").exists() => {
+                        refuse_inputs_inside(out, config)?;
                         let lock = RunLock::acquire(out)?;
                         clear_run_folder(out)?;
                         let dir = RunDir::create(task, Some(out))?;
@@ -622,6 +637,64 @@ fn config_value<C: Serialize>(path: &Path, config: &C) -> Result<toml::Value, Ru
             toml::Value::Table(t)
         }
     })
+}
+
+/// Refuses to clear `out` for `--overwrite` when a path the new run reads
+/// lies inside it. The inputs are found in the config itself: every string
+/// field that names an existing file or folder, as written or after a
+/// `scheme:` prefix (`lines:PATH`, `cifar10:DIR`). That covers every trainer,
+/// a library caller's too, without each one listing its inputs.
+fn refuse_inputs_inside<C: Serialize>(out: &Path, config: &C) -> Result<(), RunError> {
+    let Ok(root) = out.canonicalize() else {
+        return Ok(());
+    };
+    let mut fields = Vec::new();
+    if let Ok(v) = toml::Value::try_from(config) {
+        flatten_all("", &v, &mut fields);
+    }
+    for (field, value) in fields {
+        let toml::Value::String(s) = value else {
+            continue;
+        };
+        let after_scheme = s.split_once(':').map(|(_, p)| p).filter(|p| !p.is_empty());
+        for cand in std::iter::once(s.as_str()).chain(after_scheme) {
+            let input = Path::new(cand);
+            if input
+                .canonicalize()
+                .is_ok_and(|c| c.starts_with(&root) && c != root.join(LOCK_FILE))
+            {
+                return Err(RunError::InputInside {
+                    path: out.to_path_buf(),
+                    input: input.to_path_buf(),
+                    field: if field.is_empty() {
+                        "config".into()
+                    } else {
+                        field
+                    },
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Like [`flatten`], but into arrays too (`paths.0`), for strings in lists.
+fn flatten_all(prefix: &str, v: &toml::Value, out: &mut Vec<(String, toml::Value)>) {
+    let join = |k: &str| {
+        if prefix.is_empty() {
+            k.to_string()
+        } else {
+            format!("{prefix}.{k}")
+        }
+    };
+    match v {
+        toml::Value::Table(t) => t.iter().for_each(|(k, v)| flatten_all(&join(k), v, out)),
+        toml::Value::Array(a) => a
+            .iter()
+            .enumerate()
+            .for_each(|(i, v)| flatten_all(&join(&i.to_string()), v, out)),
+        other => out.push((prefix.to_string(), other.clone())),
+    }
 }
 
 /// Deletes everything in a run folder but its lock file (for `--overwrite`).

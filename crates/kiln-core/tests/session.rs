@@ -414,6 +414,60 @@ fn out_on_an_existing_run_is_refused_unless_overwrite() {
     assert!(run.join("config.toml").exists());
 }
 
+/// `--overwrite` on a folder holding the new run's own input (`rlhf dpo
+/// --model X --out X`, a data file kept beside a run) refuses, deleting
+/// nothing; an input elsewhere does not stop it.
+#[test]
+fn overwrite_refuses_a_folder_holding_the_runs_input() {
+    #[derive(serde::Serialize, serde::Deserialize)]
+    struct WithInputs {
+        model: String,
+        data: Data,
+    }
+    #[derive(serde::Serialize, serde::Deserialize)]
+    struct Data {
+        sources: Vec<String>,
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("r");
+    toy_run(&run);
+    std::fs::write(run.join("model.safetensors"), b"base weights").unwrap();
+    std::fs::write(dir.path().join("prefs.jsonl"), b"{}").unwrap();
+    let elsewhere = dir.path().join("prefs.jsonl").display().to_string();
+    let open = |model: &Path, sources: Vec<String>| {
+        let mut o = RunOptions::new_run(Some(&run));
+        o.overwrite = true;
+        let c = WithInputs {
+            model: model.display().to_string(),
+            data: Data { sources },
+        };
+        o.open("toy", "toy-gan", &c, &[]).map(drop)
+    };
+    // The base model is the run folder itself, or a file in it behind a
+    // `scheme:` prefix inside a list.
+    let in_run = format!("lines:{}", run.join("model.safetensors").display());
+    for (model, sources, field) in [
+        (run.clone(), vec![elsewhere.clone()], "model"),
+        (
+            dir.path().to_path_buf(),
+            vec![elsewhere.clone(), in_run],
+            "data.sources.1",
+        ),
+    ] {
+        let e = open(&model, sources).unwrap_err();
+        assert!(matches!(e, RunError::InputInside { .. }), "{e}");
+        let msg = e.to_string();
+        assert!(
+            msg.contains(field) && msg.contains("--overwrite would delete"),
+            "{msg}"
+        );
+        assert!(run.join("model.safetensors").exists() && run.join("metrics.jsonl").exists());
+    }
+    // Inputs outside the folder: the run is replaced, the user's file with it.
+    open(dir.path(), vec![elsewhere]).unwrap();
+    assert!(!run.join("metrics.jsonl").exists() && !run.join("model.safetensors").exists());
+}
+
 #[test]
 fn one_process_at_a_time_holds_a_run_folder() {
     let dir = tempfile::tempdir().unwrap();

@@ -155,7 +155,12 @@ impl TokenBlocks {
 /// Reads a UTF-8 text file; a missing file or bytes that are not UTF-8 are
 /// errors naming the file (and the line of the first bad byte).
 pub fn read_text(path: &Path) -> Result<String> {
-    let bytes = crate::error::read_file(path, "expected a UTF-8 text file")?;
+    let mut bytes = crate::error::read_file(path, "expected a UTF-8 text file")?;
+    // A byte-order mark (Notepad writes one) is not text: left in, it would
+    // become the first token of the first document.
+    if bytes.starts_with(BOM) {
+        bytes.drain(..BOM.len());
+    }
     String::from_utf8(bytes).map_err(|e| {
         let at = e.utf8_error().valid_up_to();
         let line = 1 + e.as_bytes()[..at].iter().filter(|&&b| b == b'\n').count();
@@ -754,6 +759,12 @@ mod tests {
             .parse()
             .unwrap();
         assert_eq!(lines.load(0).unwrap(), vec!["first", "still first"]);
+        // Notepad's byte-order mark is not part of the first document.
+        std::fs::write(dir.path().join("c.txt"), "\u{feff}bom first\nnext").unwrap();
+        let bom: TextSource = format!("lines:{}", dir.path().join("c.txt").display())
+            .parse()
+            .unwrap();
+        assert_eq!(bom.load(0).unwrap(), vec!["bom first", "next"]);
         let syn: TextSource = "synthetic-reviews:6".parse().unwrap();
         assert_eq!(syn.load(1).unwrap().len(), 6);
         assert_eq!(

@@ -131,6 +131,18 @@ impl InpaintConfig {
                 format!("expected a positive number, found {}", self.lr),
             );
         }
+        // Two 2x2 max-pools, then two stride-2 transposed convs: only a
+        // multiple of 4 comes back at its own size (30 would give 28).
+        if self.image_size == 0 || !self.image_size.is_multiple_of(4) {
+            return bad(
+                "image_size",
+                format!(
+                    "expected a positive multiple of 4 (the autoencoder halves the side \
+                     twice and doubles it twice), found {}",
+                    self.image_size
+                ),
+            );
+        }
         if self.mask_size == 0 || self.mask_size >= self.image_size {
             return bad(
                 "mask_size",
@@ -458,6 +470,32 @@ pub fn write_figure(
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    /// A side the pools and transposed convs do not bring back whole (30
+    /// would give 28 and a shape error mid-training) is refused up front.
+    #[test]
+    fn image_size_must_be_a_multiple_of_four() {
+        for side in [0, 2, 30, 33] {
+            let c = InpaintConfig {
+                image_size: side,
+                mask_size: 1,
+                ..InpaintConfig::default()
+            };
+            let e = c.validate().unwrap_err().to_string();
+            assert!(
+                e.contains("image_size") && e.contains("multiple of 4"),
+                "{side}: {e}"
+            );
+        }
+        for side in [4, 16, 32] {
+            let c = InpaintConfig {
+                image_size: side,
+                mask_size: 2,
+                ..InpaintConfig::default()
+            };
+            c.validate().unwrap();
+        }
+    }
 
     /// Known pixels come from the masked image, hidden ones from the
     /// reconstruction, in every channel.

@@ -107,6 +107,22 @@ impl SimclrConfig {
         if self.proj_dim == 0 {
             return bad("proj_dim", "must be at least 1".into());
         }
+        // Each block after the first halves the side (2x2 max-pool), and the
+        // last block still needs a pixel.
+        let min_side = 1usize
+            .checked_shl(self.widths.len() as u32 - 1)
+            .unwrap_or(usize::MAX);
+        if self.image_size < min_side {
+            return bad(
+                "image_size",
+                format!(
+                    "expected at least {min_side} for {} encoder blocks (each after the first \
+                     halves the side), found {}",
+                    self.widths.len(),
+                    self.image_size
+                ),
+            );
+        }
         if !(self.temperature.is_finite() && self.temperature > 0.0) {
             return bad(
                 "temperature",
@@ -479,4 +495,30 @@ pub fn simclr_from_run(
     let m = Simclr::new(&cfg, vs.builder(DType::F32, device))?;
     kiln_core::checkpoint::load_part(&run.last_checkpoint(), "model", &vs)?;
     Ok((m, cfg))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `--image-size 1` with three blocks failed inside max_pool2d after the
+    /// run folder was made; the config now refuses a side the pools cannot halve.
+    #[test]
+    fn image_size_must_survive_the_encoders_pools() {
+        let cfg = |image_size, widths: Vec<usize>| SimclrConfig {
+            image_size,
+            widths,
+            ..SimclrConfig::default()
+        };
+        for (side, widths) in [(1, vec![8, 8, 8]), (3, vec![8, 8, 8]), (0, vec![8])] {
+            let e = cfg(side, widths).validate().unwrap_err().to_string();
+            assert!(
+                e.contains("image_size") && e.contains("expected at least"),
+                "{e}"
+            );
+        }
+        for (side, widths) in [(4, vec![8, 8, 8]), (1, vec![8]), (2, vec![8, 8])] {
+            cfg(side, widths).validate().unwrap();
+        }
+    }
 }
