@@ -120,7 +120,8 @@ impl Consistency {
 pub struct Majority {
     /// The item's id.
     pub item: String,
-    /// The label with the most votes; `None` without votes or on a tie for first.
+    /// The label with the most votes; `None` without votes (unlabelled:
+    /// `votes` is empty) or on a tie for first (no majority).
     pub label: Option<Label>,
     /// Votes per label.
     pub votes: BTreeMap<Label, usize>,
@@ -297,9 +298,13 @@ impl Report {
         );
         let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
         for m in &self.majority {
-            *counts
-                .entry(m.label.map_or("no majority", Label::name))
-                .or_default() += 1;
+            // As `export` counts them: no votes is unlabelled, an even split no majority.
+            let name = match m.label {
+                Some(l) => l.name(),
+                None if m.votes.is_empty() => "unlabelled",
+                None => "no majority",
+            };
+            *counts.entry(name).or_default() += 1;
         }
         let set: BTreeSet<String> = counts.iter().map(|(k, v)| format!("{k} {v}")).collect();
         s += &format!(

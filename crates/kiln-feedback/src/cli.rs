@@ -1,7 +1,7 @@
 //! The four commands' flags and bodies, shared by `cargo xtask rlhf ...`
 //! and this crate's `kiln-feedback` binary (which the end-to-end tests run).
 
-use std::net::SocketAddr;
+use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
 
 use clap::Parser;
@@ -21,6 +21,24 @@ fn share(s: &str) -> std::result::Result<f64, String> {
         return Err(format!("{s} is out of range: expected a number in [0, 1]"));
     }
     Ok(v)
+}
+
+/// `--addr`: `IP:PORT` or `HOST:PORT` (`localhost:8457`), resolved here
+/// so that the loopback check and the printed URL see the real address;
+/// an IPv4 address is preferred where the name has both.
+fn socket_addr(s: &str) -> std::result::Result<SocketAddr, String> {
+    let all: Vec<SocketAddr> = s
+        .trim()
+        .to_socket_addrs()
+        .map_err(|e| {
+            format!("cannot resolve {s:?}: {e} (expected HOST:PORT, e.g. localhost:8457)")
+        })?
+        .collect();
+    all.iter()
+        .find(|a| a.is_ipv4())
+        .or(all.first())
+        .copied()
+        .ok_or_else(|| format!("{s:?} resolves to no address"))
 }
 
 fn count(s: &str) -> std::result::Result<usize, String> {
@@ -60,7 +78,9 @@ pub struct LabelArgs {
     name = "cargo xtask rlhf serve",
     about = "Serve a keyboard-first labelling page for several annotators. Localhost by default; \
              --annotators prints one URL with a random token per annotator (required beyond \
-             localhost). Each answer is fsynced to OUT/answers.jsonl before it is acknowledged."
+             localhost; kept in OUT/tokens.json, so the URLs survive a restart). Each answer is \
+             fsynced to OUT/answers.jsonl before it is acknowledged; one process at a time \
+             serves or labels a folder."
 )]
 pub struct ServeArgs {
     /// Pairs to label (JSONL with prompt, completion_a, completion_b).
@@ -69,10 +89,10 @@ pub struct ServeArgs {
     /// The labelling folder.
     #[arg(long)]
     pub out: PathBuf,
-    /// Address to listen on.
-    #[arg(long, default_value = "127.0.0.1:8457")]
+    /// Address to listen on: IP:PORT or HOST:PORT (e.g. localhost:8457).
+    #[arg(long, default_value = "127.0.0.1:8457", value_parser = socket_addr)]
     pub addr: SocketAddr,
-    /// Annotators, comma-separated; each gets a URL with its own token.
+    /// Annotators, comma-separated; each gets a URL with its own token (reused on restart).
     #[arg(long, value_delimiter = ',')]
     pub annotators: Vec<String>,
     /// Hand each item out until it has this many submitted (not skipped) answers.
@@ -129,7 +149,9 @@ pub fn label(a: &LabelArgs) -> Result<()> {
     }
     // Before creating the folder, so that no terminal leaves nothing behind.
     crate::tui::check_terminal()?;
-    let mut dir = LabelDir::create(&a.out, &a.pairs)?;
+    // Held until the labeller ends: a `serve` or another `label` on this
+    // folder would write answers this one does not know of.
+    let (mut dir, _lock) = LabelDir::create_locked(&a.out, &a.pairs, "label")?;
     if let Some(t) = &dir.torn {
         // Stays on the main screen, under the labeller's alternate one.
         eprintln!("{t}");
@@ -168,7 +190,9 @@ pub fn serve(a: &ServeArgs) -> Result<()> {
     // Check the options and bind the port before creating the folder, so
     // that a mistake or a busy port leaves nothing behind.
     let bound = crate::server::bind(&opts)?;
-    let dir = LabelDir::create(&a.out, &a.pairs)?;
+    // Held while serving: a second server (or `label`) on this folder would
+    // hand out and acknowledge answers that contradict this one's.
+    let (dir, _lock) = LabelDir::create_locked(&a.out, &a.pairs, "serve")?;
     if let Some(t) = &dir.torn {
         eprintln!("{t}");
     }

@@ -25,6 +25,19 @@ pub enum FeedbackError {
         /// What is wrong with it.
         msg: String,
     },
+    /// Another process holds the labelling folder's lock (a second `serve`
+    /// or `label` would write conflicting answers to the same log).
+    #[error(
+        "{} is in use: another process is {holder}; one process at a time serves or labels a \
+         folder: stop that one first, or use another --out folder",
+        path.display()
+    )]
+    Busy {
+        /// The folder.
+        path: PathBuf,
+        /// Who holds it, as far as its lock file says ("serving it (pid 12)").
+        holder: String,
+    },
     /// Anything else (bad flags, an empty folder, a terminal that is not one).
     #[error("{0}")]
     Invalid(String),

@@ -17,7 +17,8 @@ use serde::Serialize;
 
 use crate::agreement::majorities;
 use crate::error::{FeedbackError, Result};
-use crate::store::{Label, LabelDir, Side, ANSWERS, PAIRS};
+use crate::server::TOKENS;
+use crate::store::{Label, LabelDir, Side, ANSWERS, LOCK, PAIRS};
 
 /// The export formats.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -119,8 +120,9 @@ pub fn rows(dir: &LabelDir, format: Format) -> (Vec<serde_json::Value>, ExportSu
     (out, sum)
 }
 
-/// The labelling folder's own files, which an export must never replace.
-pub const OWN_FILES: &[&str] = &[ANSWERS, PAIRS, "agreement.json"];
+/// The labelling folder's own files, which an export must never replace
+/// (replacing the lock file would also let a second server in).
+pub const OWN_FILES: &[&str] = &[ANSWERS, PAIRS, "agreement.json", TOKENS, LOCK];
 
 /// Refuses an `out` that is one of the folder's [`OWN_FILES`] (however
 /// the path is spelled: `./`, `..`, symlinked folders).
@@ -153,7 +155,7 @@ fn check_out(dir: &LabelDir, out: &Path) -> Result<()> {
 /// Writes the export to `out` (via a temporary file, so a reader never sees
 /// half of it). `out` may lie in the labelling folder, as the default
 /// `DIR/export-FORMAT.jsonl` does, but must not be one of its
-/// [`OWN_FILES`] (the answers, the pairs, the agreement report).
+/// [`OWN_FILES`] (the answers, the pairs, the agreement report, the tokens, the lock).
 pub fn export(dir: &LabelDir, format: Format, out: &Path) -> Result<ExportSummary> {
     check_out(dir, out)?;
     let (rows, sum) = rows(dir, format);

@@ -86,8 +86,35 @@ pub fn id_rule() -> String {
     )
 }
 
-/// Parses a pairs file's text (`path` names it in errors).
+/// The UTF-8 byte order mark some editors put at the start of a file.
+const BOM: char = '\u{feff}';
+
+/// Decodes a pairs file's bytes as UTF-8 without its byte order mark; a
+/// bad byte is an error naming its line (`path` names the file), so the
+/// user can find it in their own file.
+pub fn decode<'a>(bytes: &'a [u8], path: &Path) -> Result<&'a str> {
+    let text = std::str::from_utf8(bytes).map_err(|e| {
+        let good = &bytes[..e.valid_up_to()];
+        let line = good.iter().filter(|&&b| b == b'\n').count() + 1;
+        let col = good.len() - good.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1) + 1;
+        FeedbackError::line(
+            path,
+            line,
+            format!("invalid UTF-8 at byte {col} of the line (a pairs file must be UTF-8)"),
+        )
+    })?;
+    Ok(text.strip_prefix(BOM).unwrap_or(text))
+}
+
+/// Parses a pairs file's bytes: [`decode`], then [`parse_items`].
+pub fn parse_bytes(bytes: &[u8], path: &Path) -> Result<Vec<Item>> {
+    parse_items(decode(bytes, path)?, path)
+}
+
+/// Parses a pairs file's text (`path` names it in errors); a leading byte
+/// order mark is skipped.
 pub fn parse_items(text: &str, path: &Path) -> Result<Vec<Item>> {
+    let text = text.strip_prefix(BOM).unwrap_or(text);
     let mut items: Vec<Item> = Vec::new();
     let mut seen = std::collections::HashMap::new();
     for (i, line) in text.lines().enumerate() {
@@ -157,8 +184,8 @@ pub fn parse_items(text: &str, path: &Path) -> Result<Vec<Item>> {
 
 /// Reads a pairs file.
 pub fn read_items(path: &Path) -> Result<Vec<Item>> {
-    let text = std::fs::read_to_string(path).map_err(|e| FeedbackError::io(path, e))?;
-    parse_items(&text, path)
+    let bytes = std::fs::read(path).map_err(|e| FeedbackError::io(path, e))?;
+    parse_bytes(&bytes, path)
 }
 
 #[cfg(test)]
@@ -211,5 +238,25 @@ mod tests {
             assert!(!valid_id(id), "{id}");
         }
         assert!(valid_id("item-7.v2_x"));
+    }
+
+    /// A byte order mark is skipped (with CRLF line ends too); a bad UTF-8
+    /// byte names its line and column.
+    #[test]
+    fn a_bom_is_skipped_and_bad_utf8_names_its_line() {
+        let p = Path::new("p.jsonl");
+        let line = "{\"prompt\":\"Q\",\"completion_a\":\"x\",\"completion_b\":\"y\"}\r\n";
+        let bom = format!("\u{feff}{line}{line}");
+        let items = parse_bytes(bom.as_bytes(), p).unwrap();
+        assert_eq!((items.len(), items[0].prompt_text().as_str()), (2, "Q"));
+        assert_eq!(parse_items(&bom, p).unwrap(), items);
+        let mut bad = format!("{line}{line}").into_bytes();
+        let at = line.len() + 11; // the second prompt, `Q`
+        bad[at] = 0xff;
+        let e = parse_bytes(&bad, p).unwrap_err().to_string();
+        assert!(
+            e.starts_with("p.jsonl:2: invalid UTF-8 at byte 12 of the line"),
+            "{e}"
+        );
     }
 }

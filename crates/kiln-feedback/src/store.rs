@@ -28,6 +28,8 @@ use crate::pairs::{read_items, Item};
 pub const ANSWERS: &str = "answers.jsonl";
 /// The copy of the pairs file in a labelling folder.
 pub const PAIRS: &str = "pairs.jsonl";
+/// The lock file of a labelling folder ([`FolderLock`]).
+pub const LOCK: &str = ".lock";
 
 /// Which completion was shown on the left: `ab` (a left, b right) or `ba`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -491,6 +493,89 @@ impl Ledger {
     }
 }
 
+/// An exclusive OS lock on a labelling folder's [`LOCK`] file, held until
+/// dropped or the process ends, however it ends (kill -9 included): `serve`
+/// and `label` take it, so two of them never write one folder's answers
+/// from separate in-memory states (each would acknowledge answers the
+/// other contradicts).
+#[derive(Debug)]
+pub struct FolderLock {
+    _file: File,
+}
+
+impl FolderLock {
+    /// Takes the lock of the labelling folder `dir` (which must exist)
+    /// without waiting; `command` (`serve`, `label`) is recorded with the
+    /// process id for the message a second process prints.
+    pub fn acquire(dir: &Path, command: &str) -> Result<Self> {
+        let path = dir.join(LOCK);
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(|e| FeedbackError::io(&path, e))?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                let said = std::fs::read_to_string(&path).unwrap_or_default();
+                let mut words = said.split_whitespace();
+                let (pid, cmd) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
+                let holder = match cmd {
+                    "serve" => format!("serving it (rlhf serve, pid {pid})"),
+                    "label" => format!("labelling in it (rlhf label, pid {pid})"),
+                    _ => "serving or labelling in it".to_string(),
+                };
+                return Err(FeedbackError::Busy {
+                    path: dir.to_path_buf(),
+                    holder,
+                });
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(FeedbackError::io(&path, e)),
+        }
+        // Only for the message above; the lock itself is what excludes.
+        let _ = file.set_len(0);
+        let _ = writeln!(file, "{} {command}", std::process::id());
+        Ok(Self { _file: file })
+    }
+}
+
+/// Writes `bytes` to `path` through a fsynced temporary file and a rename,
+/// so a reader (or a crash) sees the old file or the new one, never half.
+/// `private` makes the file readable by its owner only (tokens).
+pub(crate) fn write_atomic(path: &Path, bytes: &[u8], private: bool) -> Result<()> {
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(".tmp");
+    let tmp = path.with_file_name(name);
+    let _ = std::fs::remove_file(&tmp);
+    let mut opts = OpenOptions::new();
+    opts.write(true).create_new(true);
+    #[cfg(unix)]
+    if private {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    #[cfg(not(unix))]
+    let _ = private;
+    let io = |e| FeedbackError::io(&tmp, e);
+    let mut f = opts.open(&tmp).map_err(io)?;
+    f.write_all(bytes).map_err(io)?;
+    f.sync_all().map_err(io)?;
+    std::fs::rename(&tmp, path).map_err(|e| FeedbackError::io(path, e))
+}
+
+/// Whether the folder's log has anything in it (a missing or empty log
+/// has no answers, so its pairs copy may still be replaced).
+fn holds_answers(dir: &Path) -> Result<bool> {
+    let path = dir.join(ANSWERS);
+    match std::fs::metadata(&path) {
+        Ok(m) => Ok(m.len() > 0),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(FeedbackError::io(&path, e)),
+    }
+}
+
 /// A labelling folder: the pairs (copied in), the log, and the answers in force.
 #[derive(Debug)]
 pub struct LabelDir {
@@ -507,17 +592,41 @@ pub struct LabelDir {
 
 impl LabelDir {
     /// Creates or reopens `dir` for labelling `pairs`: the pairs file is
-    /// copied in on first use; reopening with a different pairs file is
-    /// refused (the answers would point at the wrong items).
+    /// checked whole (UTF-8, JSON, fields; errors name its lines) before
+    /// anything is created, then copied in. Reopening with a different
+    /// pairs file is refused once the folder has answers (they would point
+    /// at the wrong items); before that, the new file replaces the copy.
     pub fn create(dir: &Path, pairs: &Path) -> Result<Self> {
-        let src = std::fs::read(pairs).map_err(|e| FeedbackError::io(pairs, e))?;
-        // Parse before touching the folder, so a bad file leaves nothing behind.
-        crate::pairs::parse_items(&String::from_utf8_lossy(&src), pairs)?;
+        let src = Self::read_input(pairs)?;
         std::fs::create_dir_all(dir).map_err(|e| FeedbackError::io(dir, e))?;
+        Self::adopt(dir, pairs, &src)
+    }
+
+    /// [`LabelDir::create`] holding the folder's [`FolderLock`] (taken
+    /// before the pairs are copied in) for `command` (`serve`, `label`):
+    /// keep the lock for as long as answers are written.
+    pub fn create_locked(dir: &Path, pairs: &Path, command: &str) -> Result<(Self, FolderLock)> {
+        let src = Self::read_input(pairs)?;
+        std::fs::create_dir_all(dir).map_err(|e| FeedbackError::io(dir, e))?;
+        let lock = FolderLock::acquire(dir, command)?;
+        Ok((Self::adopt(dir, pairs, &src)?, lock))
+    }
+
+    /// The user's pairs file, read and parsed, so that a bad file is named
+    /// (not the folder's copy) and leaves nothing behind.
+    fn read_input(pairs: &Path) -> Result<Vec<u8>> {
+        let src = std::fs::read(pairs).map_err(|e| FeedbackError::io(pairs, e))?;
+        crate::pairs::parse_bytes(&src, pairs)?;
+        Ok(src)
+    }
+
+    /// Copies the checked pairs `src` (read from `pairs`) into `dir` unless
+    /// the same file is there, then opens the folder.
+    fn adopt(dir: &Path, pairs: &Path, src: &[u8]) -> Result<Self> {
         let copy = dir.join(PAIRS);
         match std::fs::read(&copy) {
             Ok(old) if old == src => {}
-            Ok(_) => {
+            Ok(_) if holds_answers(dir)? => {
                 return Err(FeedbackError::Invalid(format!(
                     "{} already holds answers for another pairs file ({} differs from {}); \
                      use a new --out folder",
@@ -526,11 +635,8 @@ impl LabelDir {
                     pairs.display()
                 )))
             }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                let tmp = dir.join(format!("{PAIRS}.tmp"));
-                std::fs::write(&tmp, &src).map_err(|e| FeedbackError::io(&tmp, e))?;
-                std::fs::rename(&tmp, &copy).map_err(|e| FeedbackError::io(&copy, e))?;
-            }
+            Ok(_) => write_atomic(&copy, src, false)?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => write_atomic(&copy, src, false)?,
             Err(e) => return Err(FeedbackError::io(&copy, e)),
         }
         Self::open(dir)
@@ -699,6 +805,24 @@ mod tests {
         std::fs::write(&bad, "{\"kind\":\"answer\"}\n").unwrap();
         let e = read_log(&bad).unwrap_err().to_string();
         assert!(e.contains("bad.jsonl:1: not an answer line"), "{e}");
+    }
+
+    /// One holder at a time; the next one is told who holds the folder,
+    /// and gets it once the holder lets go.
+    #[test]
+    fn a_folder_lock_has_one_holder() {
+        let dir = tempfile::tempdir().unwrap();
+        let held = FolderLock::acquire(dir.path(), "label").unwrap();
+        let e = FolderLock::acquire(dir.path(), "serve").unwrap_err();
+        assert!(matches!(e, FeedbackError::Busy { .. }), "{e:?}");
+        let want = format!(
+            "{} is in use: another process is labelling in it (rlhf label, pid {})",
+            dir.path().display(),
+            std::process::id()
+        );
+        assert!(e.to_string().starts_with(&want), "{e}");
+        drop(held);
+        FolderLock::acquire(dir.path(), "serve").unwrap();
     }
 
     /// A folder with items 1..=6 and these lines as its log.

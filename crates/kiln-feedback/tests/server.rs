@@ -1,7 +1,8 @@
 //! The labelling server over real HTTP on loopback: bad requests get a 4xx
-//! with a reason; 1,000 concurrent answers from 20 clients land as 1,000
-//! whole lines; a server killed mid-load has kept every answer it
-//! acknowledged.
+//! with a JSON reason; only the pair handed out can be answered, across a
+//! restart too; tokens survive a restart; 1,000 concurrent answers from 20
+//! clients land as 1,000 whole lines; a server killed mid-load has kept
+//! every answer it acknowledged.
 
 #![allow(clippy::unwrap_used)]
 
@@ -38,6 +39,16 @@ fn call(a: &ureq::Agent, method: &str, url: &str, body: Option<&str>) -> (u16, S
         Err(ureq::Error::Status(c, r)) => (c, r.into_string().unwrap_or_default()),
         Err(e) => (0, e.to_string()),
     }
+}
+
+/// The `error` of a JSON error body (panics on anything else: every error must be JSON).
+fn error_of(status: u16, text: &str) -> String {
+    let v: serde_json::Value = serde_json::from_str(text)
+        .unwrap_or_else(|e| panic!("{status}: not a JSON body ({e}): {text}"));
+    v["error"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{status}: no \"error\" string: {text}"))
+        .to_string()
 }
 
 fn opts(annotators: &[String], min_submitted: usize) -> ServeOptions {
@@ -156,6 +167,34 @@ fn bad_requests_get_4xx_with_a_reason() {
         ),
         (
             "POST",
+            format!("/api/answer/1{ok}"),
+            Some(r#"{"key":"1"}"#.into()),
+            422,
+            "missing field `seconds`",
+        ),
+        (
+            "POST",
+            format!("/api/answer/{}{ok}", "x".repeat(5000)),
+            Some(body.into()),
+            400,
+            "not a valid id",
+        ),
+        (
+            "POST",
+            format!("/api/answer/%FF{ok}"),
+            Some(body.into()),
+            400,
+            "UTF-8",
+        ),
+        (
+            "GET",
+            format!("/api/answer/1{ok}"),
+            None,
+            405,
+            "method not allowed",
+        ),
+        (
+            "POST",
             format!("/api/undo{ok}"),
             None,
             409,
@@ -165,11 +204,18 @@ fn bad_requests_get_4xx_with_a_reason() {
     ];
     for (m, path, b, code, why) in &cases {
         let (c, text) = call(&a, m, &format!("{base}{path}"), b.as_deref());
-        let text = text.replace("\\\"", "\"");
+        let shown = &path[..path.len().min(80)];
+        // Every error is JSON with a reason, and a long value is not echoed whole.
+        let err = error_of(c, &text);
+        assert!(
+            text.len() < 1000,
+            "{m} {shown}: {} bytes: {text}",
+            text.len()
+        );
         assert_eq!(
-            (c, text.contains(why)),
+            (c, err.contains(why)),
             (*code, true),
-            "{m} {path}: {c} {text}"
+            "{m} {shown}: {c} {text}"
         );
     }
     // The good path, then a second answer to the same item.
@@ -182,28 +228,174 @@ fn bad_requests_get_4xx_with_a_reason() {
     assert_eq!(c, 200, "{text}");
     let (c, text) = call(&a, "POST", &format!("{base}/api/answer/1{ok}"), Some(body));
     assert!(c == 409 && text.contains("already answered"), "{c} {text}");
-    // A swapped repeat needs a first answer, shows the other order, and comes once.
+    // A swapped repeat needs a first answer, and (repeat share 0) is never due.
     let rep = r#"{"key":"1","seconds":1,"repeat":true}"#;
     let (c, text) = call(&a, "POST", &format!("{base}/api/answer/2{ok}"), Some(rep));
     assert!(c == 409 && text.contains("no first answer"), "{c} {text}");
     let (c, text) = call(&a, "POST", &format!("{base}/api/answer/1{ok}"), Some(rep));
-    assert_eq!(c, 200, "{text}");
-    let (c, text) = call(&a, "POST", &format!("{base}/api/answer/1{ok}"), Some(rep));
-    assert!(c == 409 && text.contains("already repeated"), "{c} {text}");
+    assert!(
+        c == 409 && text.contains("not the pair handed out"),
+        "{c} {text}"
+    );
     let (c, page) = call(&a, "GET", &format!("{base}/"), None);
     assert!(c == 200 && page.contains("/api/answer/"), "{c}");
-    // Nothing but the two good answers reached the log; the repeat has the sides swapped.
+    // Nothing but the good answer reached the log.
     let (recs, torn) = read_log(&tmp.path().join("out/answers.jsonl")).unwrap();
-    assert_eq!((recs.len(), torn), (2, false));
-    let (Record::Answer(first), Record::Answer(again)) = (&recs[0], &recs[1]) else {
-        panic!("{recs:?}")
-    };
-    assert!(again.repeat && !first.repeat);
-    assert_eq!(again.shown, first.shown.swapped());
-    assert_ne!(
-        again.label, first.label,
-        "key 1 on swapped sides names the other completion"
+    assert_eq!((recs.len(), torn), (1, false));
+}
+
+/// Answer `id` (`repeat`) as `who`; (status, body).
+fn post(
+    a: &ureq::Agent,
+    base: &str,
+    who: &(String, String),
+    id: &str,
+    repeat: bool,
+) -> (u16, String) {
+    let b = format!(r#"{{"key":"1","seconds":1,"repeat":{repeat}}}"#);
+    let url = format!("{base}/api/answer/{id}?a={}&t={}", who.0, token(&who.1));
+    call(a, "POST", &url, Some(&b))
+}
+
+/// The `(id, repeat)` that `/api/next` hands `who`.
+fn next_of(a: &ureq::Agent, base: &str, who: &(String, String)) -> (String, bool) {
+    let url = format!("{base}/api/next?a={}&t={}", who.0, token(&who.1));
+    let (c, text) = call(a, "GET", &url, None);
+    assert_eq!(c, 200, "{text}");
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    (
+        v["item"]["id"].as_str().unwrap().to_string(),
+        v["item"]["repeat"].as_bool().unwrap(),
+    )
+}
+
+/// An annotator answers only the pair handed out to them: not another item,
+/// not a repeat before it is due, and after a restart the pair the schedule
+/// gives next (recomputed from the log). A pair handed out stays answerable
+/// when others fill it meanwhile.
+#[test]
+fn only_the_pair_handed_out_can_be_answered() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pairs = tmp.path().join("pairs.jsonl");
+    write_pairs(&pairs, 4);
+    let out = tmp.path().join("out");
+    let mut o = opts(&["alice".into(), "bob".into()], 1);
+    // Every first answer gets a repeat, due one answer later.
+    o.plan.repeat_share = 1.0;
+    o.plan.repeat_gap = 1;
+    let s = start(LabelDir::create(&out, &pairs).unwrap(), &o).unwrap();
+    let base = format!("http://{}", s.addr);
+    let (alice, bob) = (s.urls[0].clone(), s.urls[1].clone());
+    let a = agent();
+    assert_eq!(next_of(&a, &base, &alice), ("1".into(), false));
+    assert_eq!(next_of(&a, &base, &bob), ("1".into(), false));
+    let (c, text) = post(&a, &base, &alice, "2", false);
+    assert!(
+        c == 409
+            && error_of(c, &text)
+                .contains("item \"2\" is not the pair handed out to alice, which is item \"1\""),
+        "{c} {text}"
     );
+    assert_eq!(post(&a, &base, &alice, "1", false).0, 200);
+    // Bob was handed item 1 before alice filled it (min 1): his answer counts.
+    assert_eq!(post(&a, &base, &bob, "1", false).0, 200);
+    // The repeat of 1 is not due yet: item 2 is.
+    let (c, text) = post(&a, &base, &alice, "1", true);
+    assert!(
+        c == 409
+            && error_of(c, &text)
+                .contains("the swapped repeat of item \"1\" is not the pair handed out"),
+        "{c} {text}"
+    );
+    assert_eq!(next_of(&a, &base, &alice), ("2".into(), false));
+    assert_eq!(post(&a, &base, &alice, "2", false).0, 200);
+    assert_eq!(next_of(&a, &base, &alice), ("1".into(), true));
+    assert_eq!(post(&a, &base, &alice, "1", true).0, 200);
+    let (c, text) = post(&a, &base, &alice, "1", true);
+    assert!(c == 409 && text.contains("already repeated"), "{c} {text}");
+    drop(s);
+    // After a restart nothing is handed out yet: the schedule's next pair
+    // (the repeat of 2, due now) is the one, without asking /api/next.
+    let s = start(LabelDir::open(&out).unwrap(), &o).unwrap();
+    let base = format!("http://{}", s.addr);
+    let alice = s.urls[0].clone();
+    let (c, text) = post(&a, &base, &alice, "3", false);
+    assert!(
+        c == 409 && error_of(c, &text).contains("which is the swapped repeat of item \"2\""),
+        "{c} {text}"
+    );
+    assert_eq!(post(&a, &base, &alice, "2", true).0, 200);
+    let (recs, torn) = read_log(&out.join("answers.jsonl")).unwrap();
+    let got: Vec<(String, String, bool)> = recs
+        .iter()
+        .map(|r| match r {
+            Record::Answer(x) => (x.annotator.clone(), x.item.clone(), x.repeat),
+            Record::Undo(u) => panic!("{u:?}"),
+        })
+        .collect();
+    let want = [
+        ("alice", "1", false),
+        ("bob", "1", false),
+        ("alice", "2", false),
+    ];
+    let want: Vec<(String, String, bool)> = want
+        .iter()
+        .chain(&[("alice", "1", true), ("alice", "2", true)])
+        .map(|(w, i, r)| (w.to_string(), i.to_string(), *r))
+        .collect();
+    assert_eq!((got, torn), (want, false));
+}
+
+/// The tokens are kept in the folder: a restart hands out the same links,
+/// and an annotator added later gets a token of their own.
+#[test]
+fn tokens_survive_a_restart() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pairs = tmp.path().join("pairs.jsonl");
+    write_pairs(&pairs, 2);
+    let out = tmp.path().join("out");
+    let s = start(
+        LabelDir::create(&out, &pairs).unwrap(),
+        &opts(&["alice".into(), "bob".into()], 1),
+    )
+    .unwrap();
+    let first = s
+        .urls
+        .iter()
+        .map(|(w, u)| (w.clone(), token(u)))
+        .collect::<Vec<_>>();
+    drop(s);
+    let file = out.join(kiln_feedback::server::TOKENS);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&file).unwrap().permissions().mode();
+        assert_eq!(
+            mode & 0o077,
+            0,
+            "{} is readable by others: {mode:o}",
+            file.display()
+        );
+    }
+    let names = ["alice".to_string(), "bob".into(), "cyd".into()];
+    let s = start(LabelDir::open(&out).unwrap(), &opts(&names, 1)).unwrap();
+    let again = s
+        .urls
+        .iter()
+        .map(|(w, u)| (w.clone(), token(u)))
+        .collect::<Vec<_>>();
+    assert_eq!(&again[..2], &first[..]);
+    assert_eq!(again[2].0, "cyd");
+    assert!(again[2].1.len() == 32 && again[2].1 != again[0].1 && again[2].1 != again[1].1);
+    let a = agent();
+    for (who, t) in &again {
+        let url = format!("http://{}/api/next?a={who}&t={t}", s.addr);
+        let (c, text) = call(&a, "GET", &url, None);
+        assert_eq!(c, 200, "{who}: {text}");
+    }
+    let saved: std::collections::BTreeMap<String, String> =
+        serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
+    assert_eq!(saved.into_iter().collect::<Vec<_>>(), again);
 }
 
 /// 20 clients (one per annotator) each answer the same 50 items at once.
@@ -282,6 +474,10 @@ fn killing_the_server_loses_nothing_acknowledged() {
             "127.0.0.1:0",
             "--min-submitted",
             "10",
+            // The clients answer items in file order, which is the schedule
+            // only without repeats.
+            "--repeat-share",
+            "0",
             "--annotators",
             &names.join(","),
         ])

@@ -3,6 +3,7 @@
 //! VT100 emulator. Covers choose, much better, tie, both bad, skip, undo,
 //! help, a kill -9 and the resume after it, and that the export undoes the
 //! random sides (chosen is the completion that was on the side picked).
+//! And `label` refused on a folder that `serve` is serving.
 
 #![allow(clippy::unwrap_used)]
 
@@ -256,4 +257,57 @@ fn label_undo_kill_resume_and_export() {
         assert_eq!(row["margin"].as_f64(), Some(*margin), "pair {i}");
     }
     let _ = p.master.as_raw_fd();
+}
+
+/// `label` on a folder that a running `serve` holds is refused with a
+/// message naming the folder (both write the same answers file).
+#[test]
+fn label_is_refused_while_serve_holds_the_folder() {
+    use std::io::BufRead;
+    let tmp = tempfile::tempdir().unwrap();
+    let pairs = tmp.path().join("pairs.jsonl");
+    write_pairs(&pairs, 2);
+    let out = tmp.path().join("labels");
+    let mut server = Command::new(env!("CARGO_BIN_EXE_kiln-feedback"))
+        .args(["serve", "--addr", "127.0.0.1:0", "--pairs"])
+        .arg(&pairs)
+        .arg("--out")
+        .arg(&out)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    std::io::BufReader::new(server.stdout.take().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    assert!(first.starts_with("listening on "), "{first}");
+    let mut p = Pty::spawn(&[
+        "label",
+        "--pairs",
+        pairs.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--annotator",
+        "ann",
+    ]);
+    // The whole message (its end may arrive after its start; a long path wraps).
+    let t = Instant::now();
+    let flat = loop {
+        let flat = p.contents().replace('\n', "");
+        if flat.contains("use another --out folder") {
+            break flat;
+        }
+        assert!(t.elapsed() < Duration::from_secs(20), "screen:\n{flat}");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let st = p.child.wait().unwrap();
+    server.kill().unwrap();
+    server.wait().unwrap();
+    assert!(
+        !st.success()
+            && flat.contains(&format!("{} is in use", out.display()))
+            && flat.contains("another process is serving it (rlhf serve, pid"),
+        "{st:?}\n{flat}"
+    );
 }
