@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+use kiln_core::checkpoint::read_tensors;
 use kiln_core::rng::SeededRng;
 use kiln_core::{DType, Device, Tensor};
 use kiln_data::Dataset;
@@ -64,27 +65,32 @@ pub struct EvalReport {
     pub dim: usize,
     /// FID.
     pub fid: f64,
-    /// Whether both covariances had full rank (false with fewer images than
-    /// dimensions: FID is then biased and not comparable).
+    /// Whether both covariances had full rank (false with no more images
+    /// than dimensions, or with degenerate features: FID is then not
+    /// comparable).
     pub fid_full_rank: bool,
     /// The covariances' numerical ranks (reference, generated).
     pub fid_rank: [usize; 2],
     /// KID mean.
     pub kid_mean: f64,
-    /// KID standard deviation over subsets.
-    pub kid_std: f64,
+    /// KID standard deviation over subsets; `None` when every subset of both
+    /// sets is the whole set (every subset then gives the same MMD, so there
+    /// is no spread to estimate).
+    pub kid_std: Option<f64>,
     /// KID subsets.
     pub kid_subsets: usize,
     /// Images per KID subset.
     pub kid_subset_size: usize,
-    /// PRDC precision.
-    pub precision: f64,
-    /// PRDC recall.
-    pub recall: f64,
-    /// PRDC density.
-    pub density: f64,
-    /// PRDC coverage.
-    pub coverage: f64,
+    /// Whether KID's subsets are the whole set (reference, generated).
+    pub kid_whole_set: [bool; 2],
+    /// PRDC precision (`None`: PRDC skipped, too few images for its k).
+    pub precision: Option<f64>,
+    /// PRDC recall (`None`: skipped).
+    pub recall: Option<f64>,
+    /// PRDC density (`None`: skipped).
+    pub density: Option<f64>,
+    /// PRDC coverage (`None`: skipped).
+    pub coverage: Option<f64>,
     /// PRDC's k.
     pub prdc_k: usize,
     /// Inception Score (mean, std) when the extractor has class logits.
@@ -125,25 +131,65 @@ impl std::fmt::Display for EvalReport {
         if !self.fid_full_rank {
             write!(
                 f,
-                " (covariance ranks {} and {} below the {} dimensions: fewer images than \
-                 dimensions, so this FID is biased upward and not comparable)",
-                self.fid_rank[0], self.fid_rank[1], self.dim
+                " (covariance ranks {} and {} of {} dimensions: {})",
+                self.fid_rank[0],
+                self.fid_rank[1],
+                self.dim,
+                self.rank_reason()
             )?;
         }
         writeln!(f)?;
-        writeln!(
-            f,
-            "KID {} +- {} ({} subsets of {})",
-            num(self.kid_mean),
-            num(self.kid_std),
-            self.kid_subsets,
-            self.kid_subset_size
-        )?;
-        writeln!(
-            f,
-            "precision {:.4}, recall {:.4}, density {:.4}, coverage {:.4} (k = {})",
-            self.precision, self.recall, self.density, self.coverage, self.prdc_k
-        )?;
+        let [whole_ref, whole_gen] = self.kid_whole_set;
+        match self.kid_std {
+            None => writeln!(
+                f,
+                "KID {} +- n/a (subsets are the whole set): {} images each side, so every one \
+                 of the {} subsets gives the same value and there is no spread to estimate",
+                num(self.kid_mean),
+                self.kid_subset_size,
+                self.kid_subsets
+            )?,
+            Some(sd) => {
+                write!(
+                    f,
+                    "KID {} +- {} ({} subsets of {}",
+                    num(self.kid_mean),
+                    num(sd),
+                    self.kid_subsets,
+                    self.kid_subset_size
+                )?;
+                match (whole_ref, whole_gen) {
+                    (true, false) => write!(
+                        f,
+                        "; the reference subsets are the whole set, so the +- reflects the \
+                         generated images' draws only"
+                    )?,
+                    (false, true) => write!(
+                        f,
+                        "; the generated subsets are the whole set, so the +- reflects the \
+                         reference images' draws only"
+                    )?,
+                    _ => {}
+                }
+                writeln!(f, ")")?;
+            }
+        }
+        match (self.precision, self.recall, self.density, self.coverage) {
+            (Some(p), Some(r), Some(d), Some(c)) => writeln!(
+                f,
+                "precision {p:.4}, recall {r:.4}, density {d:.4}, coverage {c:.4} (k = {})",
+                self.prdc_k
+            )?,
+            _ => writeln!(
+                f,
+                "precision / recall / density / coverage: skipped: k = {} nearest neighbours \
+                 need at least {} images in each set ({} generated, {} reference)",
+                self.prdc_k,
+                self.prdc_k + 1,
+                self.n_generated,
+                self.n_reference
+            )?,
+        }
         match self.inception_score {
             Some((m, s)) => writeln!(f, "Inception Score {} +- {}", num(m), num(s))?,
             None => writeln!(
@@ -165,6 +211,53 @@ impl std::fmt::Display for EvalReport {
             )?;
         }
         Ok(())
+    }
+}
+
+impl EvalReport {
+    /// Why a covariance is below full rank: too few images for the
+    /// dimensions (a covariance of `n` images has rank at most `n - 1`), or,
+    /// with enough images, features that are degenerate (collinear, or
+    /// constant along some direction).
+    fn rank_reason(&self) -> String {
+        let d = self.dim;
+        let low: Vec<(&str, usize)> = [
+            ("reference", self.n_reference, self.fid_rank[0]),
+            ("generated", self.n_generated, self.fid_rank[1]),
+        ]
+        .into_iter()
+        .filter(|&(_, _, r)| r < d)
+        .map(|(which, n, _)| (which, n))
+        .collect();
+        let few: Vec<String> = low
+            .iter()
+            .filter(|(_, n)| *n <= d)
+            .map(|(which, n)| format!("{n} {which} images"))
+            .collect();
+        let degenerate: Vec<String> = low
+            .iter()
+            .filter(|(_, n)| *n > d)
+            .map(|(which, n)| format!("{which} ({n} images)"))
+            .collect();
+        let mut why = Vec::new();
+        if !few.is_empty() {
+            why.push(format!(
+                "{} for {d} dimensions (a covariance of n images has rank at most n - 1)",
+                few.join(" and ")
+            ));
+        }
+        if !degenerate.is_empty() {
+            why.push(format!(
+                "degenerate {} features although there are more images than dimensions: \
+                 collinear, or constant along some direction (check the extractor)",
+                degenerate.join(" and ")
+            ));
+        }
+        let effect = match few.is_empty() {
+            true => "this FID is not comparable",
+            false => "this FID is biased upward and not comparable",
+        };
+        format!("{}; {effect}", why.join("; "))
     }
 }
 
@@ -244,11 +337,33 @@ impl Fnv {
     }
 }
 
+/// What [`dataset_features_cached`] did with the feature cache.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CacheUse {
+    /// No cache folder was given: the features were extracted.
+    Off,
+    /// The features were read from this file, its checksum verified.
+    Read(PathBuf),
+    /// The features were extracted and written to this file.
+    Written(PathBuf),
+    /// This file was damaged (a checksum mismatch, a truncated file, the
+    /// wrong shape) or unreadable: the features were extracted again and the
+    /// file replaced.
+    Rebuilt {
+        /// The cache file.
+        path: PathBuf,
+        /// What was wrong with it.
+        reason: String,
+    },
+}
+
 /// Features of the first `limit` images of `ds` (all when `None`), read
 /// once. With `cache`, they are kept in
 /// `cache/<extractor hash>-<data hash>.safetensors`, the data hash covering
 /// every pixel and the count, so a changed dataset or extractor never reads
-/// stale features.
+/// stale features. The file carries a CRC-32 of its data (kiln-core's
+/// checkpoint format), checked on every read; a damaged file is reported on
+/// stderr (`warning: feature cache ...`) and rebuilt.
 pub fn dataset_features(
     ex: &dyn FeatureExtractor,
     ds: &dyn Dataset,
@@ -257,6 +372,34 @@ pub fn dataset_features(
     device: &Device,
     cache: Option<&Path>,
 ) -> Result<Features> {
+    let (f, used) = dataset_features_cached(ex, ds, limit, batch, device, cache)?;
+    if let CacheUse::Rebuilt { path, reason } = used {
+        eprintln!(
+            "warning: feature cache {} was damaged ({reason}); extracted the features again \
+             and rewrote it",
+            path.display()
+        );
+    }
+    Ok(f)
+}
+
+/// [`dataset_features`], saying what it did with the cache instead of
+/// printing a warning for a damaged file.
+pub fn dataset_features_cached(
+    ex: &dyn FeatureExtractor,
+    ds: &dyn Dataset,
+    limit: Option<usize>,
+    batch: usize,
+    device: &Device,
+    cache: Option<&Path>,
+) -> Result<(Features, CacheUse)> {
+    if let Some(c) = cache.filter(|c| c.exists() && !c.is_dir()) {
+        return Err(GanError::Metric(format!(
+            "feature cache {}: a file is there, but the cache is a folder (its files are named \
+             after the extractor and the images); give a folder, or move the file away",
+            c.display()
+        )));
+    }
     let n = limit.unwrap_or(ds.len()).min(ds.len());
     if n == 0 {
         return Err(GanError::Metric(format!(
@@ -277,23 +420,17 @@ pub fn dataset_features(
         h.f32s(&s.image.data);
         images.push(s.image);
     }
+    let meta = HashMap::from([
+        ("kiln-gan.extractor".to_string(), ex.hash()),
+        ("kiln-gan.data".to_string(), h.hex()),
+    ]);
     let file: Option<PathBuf> =
         cache.map(|c| c.join(format!("{}-{}.safetensors", ex.hash(), h.hex())));
-    if let Some(f) = file.as_ref().filter(|f| f.is_file()) {
-        let t = kiln_core::candle::safetensors::load(f, &Device::Cpu).map_err(|e| {
-            GanError::Metric(format!("feature cache {}: {e}; delete it", f.display()))
-        })?;
-        match t.get("features").map(|t| t.dims2()) {
-            Some(Ok((rows, d))) if rows == n && d == ex.dim() => {
-                return Features::from_tensor(&t["features"]);
-            }
-            _ => {
-                return Err(GanError::Metric(format!(
-                    "feature cache {}: does not hold {n} x {} features; delete it",
-                    f.display(),
-                    ex.dim()
-                )))
-            }
+    let mut damaged = None;
+    if let Some(f) = file.as_ref().filter(|f| f.exists()) {
+        match read_cache(f, n, ex.dim(), &meta) {
+            Ok(features) => return Ok((features, CacheUse::Read(f.clone()))),
+            Err(reason) => damaged = Some(reason),
         }
     }
     let e = extract_all(
@@ -308,27 +445,64 @@ pub fn dataset_features(
         n,
         batch,
     )?;
-    if let Some(f) = file {
-        if let Some(dir) = f.parent() {
-            std::fs::create_dir_all(dir)
-                .map_err(|e| GanError::Metric(format!("feature cache {}: {e}", dir.display())))?;
+    let Some(f) = file else {
+        return Ok((e.features, CacheUse::Off));
+    };
+    let t = Tensor::from_vec(
+        e.features
+            .as_slice()
+            .iter()
+            .map(|&v| v as f32)
+            .collect::<Vec<f32>>(),
+        (n, ex.dim()),
+        &Device::Cpu,
+    )?;
+    // The features are f32 outputs, so f32 keeps them exactly. Written
+    // atomically (temp file, rename) with a CRC-32 of the data.
+    kiln_core::checkpoint::save_safetensors(&[("features".to_string(), t)], Some(meta), &f)
+        .map_err(|e| GanError::Metric(format!("feature cache {}: {e}", f.display())))?;
+    let used = match damaged {
+        Some(reason) => CacheUse::Rebuilt { path: f, reason },
+        None => CacheUse::Written(f),
+    };
+    Ok((e.features, used))
+}
+
+/// The `n x dim` features of a cache file, its checksum and metadata
+/// verified; what is wrong with it otherwise.
+fn read_cache(
+    f: &Path,
+    n: usize,
+    dim: usize,
+    meta: &HashMap<String, String>,
+) -> std::result::Result<Features, String> {
+    use kiln_core::checkpoint::CheckpointError;
+    let (t, stored) = read_tensors(f, &Device::Cpu).map_err(|e| match e {
+        CheckpointError::Invalid { reason, .. } => reason,
+        CheckpointError::Io { source, .. } => source.to_string(),
+        other => other.to_string(),
+    })?;
+    for (k, v) in meta {
+        if stored.get(k) != Some(v) {
+            return Err(format!(
+                "its {k} is {:?}, expected {v:?}",
+                stored.get(k).map_or("missing", String::as_str)
+            ));
         }
-        let t = Tensor::from_vec(
-            e.features
-                .as_slice()
-                .iter()
-                .map(|&v| v as f32)
-                .collect::<Vec<f32>>(),
-            (n, ex.dim()),
-            &Device::Cpu,
-        )?;
-        // The features are f32 outputs, so f32 keeps them exactly.
-        let tmp = f.with_extension(format!("tmp-{}", std::process::id()));
-        kiln_core::candle::safetensors::save(&HashMap::from([("features".to_string(), t)]), &tmp)?;
-        std::fs::rename(&tmp, &f)
-            .map_err(|e| GanError::Metric(format!("feature cache {}: {e}", f.display())))?;
     }
-    Ok(e.features)
+    let features = t
+        .get("features")
+        .ok_or_else(|| "no `features` tensor".to_string())?;
+    match features.dims2() {
+        Ok((rows, d)) if rows == n && d == dim => {}
+        _ => {
+            return Err(format!(
+                "holds features of shape {:?}, expected [{n}, {dim}]",
+                features.dims()
+            ))
+        }
+    }
+    Features::from_tensor(features).map_err(|e| e.to_string())
 }
 
 /// Features (and logits) of `n` images from `g` in evaluation mode, latents
@@ -377,7 +551,12 @@ pub fn evaluate(
     let g = &generated.features;
     let fid = frechet_distance(&GaussianStats::of(reference)?, &GaussianStats::of(g)?)?;
     let k = kid(reference, g, opts.kid)?;
-    let p = prdc(reference, g, opts.prdc_k)?;
+    // PRDC needs more than k images in each set; with fewer it is skipped
+    // (said in the report) rather than losing FID and KID with it.
+    let p = match reference.len() > opts.prdc_k && g.len() > opts.prdc_k {
+        true => Some(prdc(reference, g, opts.prdc_k)?),
+        false => None,
+    };
     let is = match &generated.logits {
         Some(l) => {
             let s = inception_score(l, opts.is_splits)?;
@@ -409,14 +588,15 @@ pub fn evaluate(
         fid_full_rank: fid.full_rank(),
         fid_rank: fid.rank,
         kid_mean: k.mean,
-        kid_std: k.std,
+        kid_std: (!(k.whole_set[0] && k.whole_set[1])).then_some(k.std),
         kid_subsets: opts.kid.subsets,
         kid_subset_size: k.subset_size,
-        precision: p.precision,
-        recall: p.recall,
-        density: p.density,
-        coverage: p.coverage,
-        prdc_k: p.k,
+        kid_whole_set: k.whole_set,
+        precision: p.map(|p| p.precision),
+        recall: p.map(|p| p.recall),
+        density: p.map(|p| p.density),
+        coverage: p.map(|p| p.coverage),
+        prdc_k: opts.prdc_k,
         inception_score: is,
         memorisation: mem,
     })

@@ -43,6 +43,7 @@ pub mod config;
 pub mod ema;
 pub mod error;
 pub mod eval;
+pub mod fid_record;
 pub mod inception;
 pub mod loss;
 pub mod metrics;
@@ -58,6 +59,7 @@ pub use config::{
 };
 pub use ema::Ema;
 pub use error::{Failure, GanError, Result};
+pub use fid_record::{ExtractorSource, FidRecord, FID_RECORD_FILE};
 pub use loss::{d_loss, g_loss};
 pub use model::{is_trainable, Discriminator, Generator, SpectralNorm};
 pub use monitor::{CollapseMonitor, Verdict};

@@ -392,6 +392,12 @@ pub struct Kid {
     pub std: f64,
     /// Images per subset.
     pub subset_size: usize,
+    /// Whether every subset is the whole set, for the real and the fake
+    /// images: a set no larger than the subset size is drawn whole each time
+    /// (only reordered), so the subsets vary on the other side alone, and
+    /// when both are whole every subset gives the same MMD and `std` is
+    /// rounding, not an estimate.
+    pub whole_set: [bool; 2],
 }
 
 /// The unbiased MMD^2 of one subset pair (equal sizes `m`) with the cubic
@@ -459,6 +465,7 @@ pub fn kid(real: &Features, fake: &Features, opts: KidOptions) -> Result<Kid> {
         mean,
         std: var.sqrt(),
         subset_size: m,
+        whole_set: [m == real.len(), m == fake.len()],
     })
 }
 

@@ -35,6 +35,7 @@ use crate::config::{
 use crate::ema::Ema;
 use crate::error::{config_err, Failure, GanError, Result};
 use crate::eval::generated_features;
+use crate::fid_record::{check_or_record, ExtractorSource, FidRecord};
 use crate::loss::{d_loss, g_loss, mean_prob};
 use crate::metrics::{frechet_distance, FeatureExtractor, Features, GaussianStats};
 use crate::model::{is_trainable, Discriminator, Generator};
@@ -71,11 +72,16 @@ pub struct FidEval<'a> {
     pub patience: u32,
     /// See `patience`.
     pub rise: f64,
+    /// Where the extractor came from (path and content fingerprint), kept
+    /// in the run's [`FID_RECORD_FILE`](crate::fid_record::FID_RECORD_FILE)
+    /// so that a resume can find and check it (`None`: only its name and
+    /// hash are kept).
+    pub source: Option<ExtractorSource>,
 }
 
 impl<'a> FidEval<'a> {
     /// `n` images in batches of 50, seed 0; stop after 3 evaluations in a
-    /// row above twice the best FID.
+    /// row above twice the best FID; no source recorded.
     pub fn new(extractor: &'a dyn FeatureExtractor, reference: &'a Features, n: usize) -> Self {
         Self {
             extractor,
@@ -85,6 +91,7 @@ impl<'a> FidEval<'a> {
             seed: 0,
             patience: 3,
             rise: 2.0,
+            source: None,
         }
     }
 }
@@ -193,6 +200,11 @@ pub fn train_until(
 /// `metrics.jsonl` (split `eval`), the best generator is kept in
 /// `checkpoints/best-fid.safetensors` beside `last`, and a FID that stays far
 /// above the best stops training as collapsed, naming that checkpoint.
+///
+/// The extractor and the evaluation's settings are recorded in the run's
+/// [`FID_RECORD_FILE`](crate::fid_record::FID_RECORD_FILE); a resume whose
+/// evaluation differs (another extractor, other image counts or seed) is
+/// refused with [`GanError::Run`] before any training.
 pub fn train_with_eval(
     model: &ModelConfig,
     tc: &TrainConfig,
@@ -227,6 +239,15 @@ pub fn train_with_eval(
         ));
     }
     let run = opts.open("gan", RUN_KIND, &rc, MAY_CHANGE_ON_RESUME)?;
+    // The FIDs of every evaluation are compared to pick the best-FID
+    // checkpoint: a resume must evaluate as the run began to.
+    if let Some(ev) = eval.filter(|_| tc.eval_every > 0) {
+        if let Err(e) = check_or_record(run.path(), &FidRecord::of(ev), run.resumed()) {
+            // A resume that trains nothing leaves the config as it was.
+            run.restore_config()?;
+            return Err(e);
+        }
+    }
     let dir = run.dir().clone();
     let gan = Gan::new(&rc, device)?;
     let adam = OptimKind::Adam {

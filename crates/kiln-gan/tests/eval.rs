@@ -1,5 +1,6 @@
-//! Evaluation around the metrics: the feature cache, the report, and
-//! `train_with_eval`'s best-FID checkpoint across a resume.
+//! Evaluation around the metrics: the feature cache (checksummed, rebuilt
+//! when damaged), the report, and `train_with_eval`'s best-FID checkpoint
+//! and extractor record across a resume.
 #![allow(clippy::unwrap_used, missing_docs)]
 
 use std::path::Path;
@@ -9,9 +10,12 @@ use kiln_core::checkpoint::read_tensors;
 use kiln_core::run::{read_metrics, RunOptions};
 use kiln_core::{Device, Tensor};
 use kiln_data::{Dataset, Split, SyntheticFlowers, SyntheticFlowersConfig};
-use kiln_gan::eval::{dataset_features, evaluate, EvalOptions};
+use kiln_gan::eval::{dataset_features, dataset_features_cached, evaluate, CacheUse, EvalOptions};
 use kiln_gan::metrics::{Extracted, FeatureExtractor, Features, KidOptions};
-use kiln_gan::{train_with_eval, FidEval, ModelConfig, TrainConfig, BEST_FID_CHECKPOINT};
+use kiln_gan::{
+    train_with_eval, ExtractorSource, FidEval, FidRecord, ModelConfig, TrainConfig,
+    BEST_FID_CHECKPOINT, FID_RECORD_FILE,
+};
 
 const DEV: Device = Device::Cpu;
 
@@ -108,16 +112,16 @@ fn the_report_names_the_extractor_and_a_collapsed_set_has_no_recall() {
         text.contains("biased upward"),
         "40 images in 48 dimensions: {text}"
     );
-    assert!(rep.recall > 0.5, "{rep:?}");
+    assert!(rep.recall.unwrap() > 0.5, "{rep:?}");
     // The same "generator" collapsed to its first image.
     let one = Extracted {
         features: Features::new(48, other.row(0).repeat(40)).unwrap(),
         logits: None,
     };
     let col = evaluate(&Pixels, &one, &real, "flowers test", None, &opts).unwrap();
-    assert_eq!(col.recall, 0.0);
+    assert_eq!(col.recall, Some(0.0));
     assert!(
-        col.coverage < 0.2 && col.fid > 10.0 * rep.fid,
+        col.coverage.unwrap() < 0.2 && col.fid > 10.0 * rep.fid,
         "{col:?} vs {rep:?}"
     );
     // Memorisation: "generated" = training images themselves.
@@ -350,4 +354,336 @@ fn the_fid_stop_streak_survives_a_resume() {
         );
         assert_eq!(fids.len(), 4, "interrupted at {stops:?}");
     }
+}
+
+/// The cache file of `dataset_features` in `dir` (the only one there).
+fn only_file(dir: &Path) -> std::path::PathBuf {
+    let mut files: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(files.len(), 1, "{files:?}");
+    files.pop().unwrap()
+}
+
+#[test]
+fn a_damaged_feature_cache_is_reported_and_rebuilt() {
+    let dir = tempfile::tempdir().unwrap();
+    let ds = flowers(Split::Test, 20);
+    let (a, used) =
+        dataset_features_cached(&Pixels, ds.as_ref(), None, 8, &DEV, Some(dir.path())).unwrap();
+    let file = only_file(dir.path());
+    assert_eq!(used, CacheUse::Written(file.clone()));
+    let (_, used) =
+        dataset_features_cached(&Pixels, ds.as_ref(), None, 8, &DEV, Some(dir.path())).unwrap();
+    assert_eq!(used, CacheUse::Read(file.clone()));
+    // Bytes near the end overwritten (the review's repro): huge but finite
+    // features, read silently before.
+    let good = std::fs::read(&file).unwrap();
+    let mut bad = good.clone();
+    let len = bad.len();
+    bad[len - 16..len - 8].copy_from_slice(&[0x7e; 8]);
+    std::fs::write(&file, &bad).unwrap();
+    let (b, used) =
+        dataset_features_cached(&Pixels, ds.as_ref(), None, 8, &DEV, Some(dir.path())).unwrap();
+    match &used {
+        CacheUse::Rebuilt { path, reason } => {
+            assert_eq!(path, &file);
+            assert!(reason.contains("checksum"), "{reason}");
+        }
+        u => panic!("expected a rebuild, got {u:?}"),
+    }
+    assert_eq!(a, b);
+    assert_eq!(std::fs::read(&file).unwrap(), good, "rewritten as it was");
+    // Truncated, and a cache written without a checksum: rebuilt too, and
+    // `dataset_features` (which warns on stderr) gives the right features.
+    std::fs::write(&file, &good[..good.len() / 2]).unwrap();
+    let c = dataset_features(&Pixels, ds.as_ref(), None, 8, &DEV, Some(dir.path())).unwrap();
+    assert_eq!(a, c);
+    let t = Tensor::from_vec(vec![1e30f32; 20 * 48], (20, 48), &DEV).unwrap();
+    kiln_core::candle::safetensors::save(
+        &std::collections::HashMap::from([("features".to_string(), t)]),
+        &file,
+    )
+    .unwrap();
+    let (d, used) =
+        dataset_features_cached(&Pixels, ds.as_ref(), None, 8, &DEV, Some(dir.path())).unwrap();
+    assert!(matches!(used, CacheUse::Rebuilt { .. }), "{used:?}");
+    assert_eq!(a, d);
+}
+
+#[test]
+fn a_cache_folder_that_is_a_file_is_refused_with_what_to_do() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("cache");
+    std::fs::write(&file, "not a folder").unwrap();
+    let ds = flowers(Split::Test, 4);
+    let e = dataset_features(&Pixels, ds.as_ref(), None, 8, &DEV, Some(&file))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("a file is there") && e.contains("give a folder"),
+        "{e}"
+    );
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), "not a folder");
+}
+
+/// A report of `generated` against `reference` with the default KID and
+/// PRDC settings.
+fn report(reference: &Features, generated: &Features) -> kiln_gan::eval::EvalReport {
+    let g = Extracted {
+        features: generated.clone(),
+        logits: None,
+    };
+    evaluate(
+        &Pixels,
+        &g,
+        reference,
+        "test",
+        None,
+        &EvalOptions::default(),
+    )
+    .unwrap()
+}
+
+#[test]
+fn the_rank_note_blames_the_image_count_only_when_it_is_too_small() {
+    // 50 images of 48-d features that vary along 3 directions only: enough
+    // images, degenerate features.
+    let rows = |seed: usize| {
+        let v: Vec<f64> = (0..50)
+            .flat_map(|i| {
+                let (a, b, c) = (
+                    ((i * 7 + seed) % 11) as f64,
+                    ((i * 3 + seed) % 5) as f64,
+                    ((i * i + seed) % 13) as f64,
+                );
+                (0..48).map(move |j| a * (j % 2) as f64 + b * (j % 3) as f64 + c * (j % 5) as f64)
+            })
+            .collect();
+        Features::new(48, v).unwrap()
+    };
+    let rep = report(&rows(0), &rows(1));
+    let text = rep.to_string();
+    assert!(!rep.fid_full_rank, "{text}");
+    assert!(
+        text.contains("degenerate") && !text.contains("biased upward"),
+        "{text}"
+    );
+    // 20 images in 48 dimensions: the count is to blame.
+    let few = report(&rows(0).head(20), &rows(1).head(20));
+    let text = few.to_string();
+    assert!(
+        text.contains("20 reference images and 20 generated images for 48 dimensions")
+            && text.contains("biased upward")
+            && !text.contains("degenerate"),
+        "{text}"
+    );
+}
+
+#[test]
+fn too_few_images_for_prdc_skip_it_and_keep_fid_and_kid() {
+    let feats = |split, n| {
+        dataset_features(&Pixels, flowers(split, n).as_ref(), None, 8, &DEV, None).unwrap()
+    };
+    let real = feats(Split::Test, 5);
+    let fake = feats(Split::Train, 5);
+    let rep = report(&real, &fake);
+    assert!(rep.fid.is_finite() && rep.kid_mean.is_finite(), "{rep:?}");
+    assert_eq!(
+        (rep.precision, rep.recall, rep.density, rep.coverage),
+        (None, None, None, None)
+    );
+    let text = rep.to_string();
+    assert!(
+        text.contains("skipped: k = 5 nearest neighbours need at least 6 images in each set"),
+        "{text}"
+    );
+    let json = serde_json::to_value(&rep).unwrap();
+    assert!(json["precision"].is_null(), "{json}");
+    // Six images each: PRDC again.
+    let real = feats(Split::Test, 6);
+    let fake = feats(Split::Train, 6);
+    assert!(report(&real, &fake).precision.is_some());
+}
+
+#[test]
+fn kid_over_whole_sets_states_no_spread() {
+    let real = dataset_features(
+        &Pixels,
+        flowers(Split::Test, 50).as_ref(),
+        None,
+        25,
+        &DEV,
+        None,
+    )
+    .unwrap();
+    let fake = dataset_features(
+        &Pixels,
+        flowers(Split::Train, 50).as_ref(),
+        None,
+        25,
+        &DEV,
+        None,
+    )
+    .unwrap();
+    // 50 images each, subsets of min(1000, 50): every subset is everything.
+    let rep = report(&real, &fake);
+    assert_eq!((rep.kid_std, rep.kid_whole_set), (None, [true, true]));
+    let text = rep.to_string();
+    assert!(
+        text.contains("+- n/a (subsets are the whole set)"),
+        "{text}"
+    );
+    // 40 generated against 50 reference: the reference subsets vary, the
+    // generated ones are whole.
+    let rep = report(&real, &fake.head(40));
+    assert_eq!(rep.kid_whole_set, [false, true]);
+    assert!(rep.kid_std.unwrap() > 0.0, "{rep:?}");
+    let text = rep.to_string();
+    assert!(
+        text.contains("the generated subsets are the whole set"),
+        "{text}"
+    );
+}
+
+/// `Pixels` under another hash: "another extractor".
+struct OtherPixels;
+
+impl FeatureExtractor for OtherPixels {
+    fn name(&self) -> String {
+        "other pixels".into()
+    }
+    fn hash(&self) -> String {
+        "aaaaaaaaaaaaaaaa".into()
+    }
+    fn dim(&self) -> usize {
+        48
+    }
+    fn extract(&self, images: &Tensor) -> kiln_gan::Result<Extracted> {
+        Pixels.extract(images)
+    }
+}
+
+#[test]
+fn a_resume_must_evaluate_with_the_extractor_the_run_recorded() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    let weights = dir.path().join("weights.bin");
+    std::fs::write(&weights, "weights").unwrap();
+    let model = tiny_model();
+    let tc = TrainConfig {
+        epochs: 2,
+        batch_size: 4,
+        eval_every: 1,
+        ..TrainConfig::default()
+    };
+    let reference = dataset_features(
+        &Pixels,
+        flowers(Split::Test, 16).as_ref(),
+        None,
+        16,
+        &DEV,
+        None,
+    )
+    .unwrap();
+    let source = ExtractorSource {
+        kind: "inception".into(),
+        path: weights.clone(),
+        fingerprint: kiln_core::run::fingerprint(&weights).unwrap(),
+        resize: "pytorch-fid".into(),
+    };
+    let ev = FidEval {
+        batch: 16,
+        source: Some(source.clone()),
+        ..FidEval::new(&Pixels, &reference, 16)
+    };
+    let train = flowers(Split::Train, 16);
+    let r = train_with_eval(
+        &model,
+        &tc,
+        train.clone(),
+        &DEV,
+        &opts(&run, false),
+        Some(6),
+        Some(&ev),
+    )
+    .unwrap();
+    assert!(r.interrupted && r.best_fid.is_some());
+    let rec = FidRecord::read(&run).unwrap().unwrap();
+    assert_eq!(rec, FidRecord::of(&ev));
+    assert_eq!(rec.source.as_ref().unwrap().path, weights);
+    let config = std::fs::read(run.join("config.toml")).unwrap();
+    // Another extractor, a source with other content, other image counts:
+    // each refused before any training, naming the record.
+    let other = FidEval {
+        batch: 16,
+        ..FidEval::new(&OtherPixels, &reference, 16)
+    };
+    let changed = FidEval {
+        source: Some(ExtractorSource {
+            fingerprint: "8 bytes, crc32 00000000".into(),
+            ..source.clone()
+        }),
+        ..ev
+    };
+    let fewer = FidEval { n: 8, ..ev };
+    let longer = TrainConfig {
+        epochs: 3,
+        ..tc.clone()
+    };
+    for (bad, want) in [
+        (
+            &other,
+            "extractor hash 0123456789abcdef then, aaaaaaaaaaaaaaaa now",
+        ),
+        (&changed, "inception content 7 bytes, crc32"),
+        (&fewer, "16 generated images per evaluation then, 8 now"),
+    ] {
+        let e = train_with_eval(
+            &model,
+            &longer,
+            train.clone(),
+            &DEV,
+            &opts(&run, true),
+            None,
+            Some(bad),
+        )
+        .unwrap_err();
+        let text = e.to_string();
+        assert!(matches!(e, kiln_gan::GanError::Run { .. }), "{text}");
+        assert!(
+            text.contains(FID_RECORD_FILE) && text.contains(want) && text.contains("best-fid"),
+            "{text}"
+        );
+        assert_eq!(
+            std::fs::read(run.join("config.toml")).unwrap(),
+            config,
+            "the refused resume put the config back"
+        );
+    }
+    assert_eq!(FidRecord::read(&run).unwrap().unwrap(), rec, "record kept");
+    // The same extractor moved elsewhere: accepted, and the record follows it.
+    let moved = dir.path().join("moved.bin");
+    std::fs::rename(&weights, &moved).unwrap();
+    let ev_moved = FidEval {
+        source: Some(ExtractorSource {
+            path: moved.clone(),
+            ..source
+        }),
+        ..ev
+    };
+    let r = train_with_eval(
+        &model,
+        &tc,
+        train,
+        &DEV,
+        &opts(&run, true),
+        None,
+        Some(&ev_moved),
+    )
+    .unwrap();
+    assert!(!r.interrupted);
+    let rec = FidRecord::read(&run).unwrap().unwrap();
+    assert_eq!(rec.source.unwrap().path, moved);
 }

@@ -21,8 +21,9 @@ use kiln_gan::inception::{InceptionV3, RandomWeights, Resize};
 use kiln_gan::metrics::{Extracted, FeatureExtractor, Features, KidOptions};
 use kiln_gan::train::grid_options;
 use kiln_gan::{
-    load_generator, train, train_with_eval, Augment, EmaConfig, FidEval, Init, LossKind,
-    ModelConfig, Norm, PenaltyKind, RunConfig, TrainConfig, Which, BEST_FID_CHECKPOINT,
+    load_generator, train, train_with_eval, Augment, EmaConfig, ExtractorSource, FidEval,
+    FidRecord, Init, LossKind, ModelConfig, Norm, PenaltyKind, RunConfig, TrainConfig, Which,
+    BEST_FID_CHECKPOINT, FID_RECORD_FILE,
 };
 
 use super::{
@@ -150,7 +151,8 @@ struct TrainArgs {
     #[arg(long, default_value_t = 0, value_parser = int_in(0u64, u64::MAX))]
     seed: u64,
     /// Evaluate FID every N epochs and keep checkpoints/best-fid.safetensors
-    /// (needs --inception or --ssl-run; 0: never).
+    /// (needs --inception or --ssl-run, recorded in the run's
+    /// fid-extractor.json: a resume without them reuses it; 0: never).
     #[arg(long, value_parser = int_in(0u64, u64::MAX))]
     eval_every: Option<u64>,
     /// pytorch-fid InceptionV3 weights for --eval-every.
@@ -163,7 +165,8 @@ struct TrainArgs {
     /// align_corners=False) or `clean` (clean-fid's PIL bicubic on float channels).
     #[arg(long, default_value = "pytorch-fid", value_parser = resize_flag)]
     resize: Resize,
-    /// Generated images per evaluation (and test images compared with).
+    /// Generated images per evaluation (and test images compared with; a
+    /// resume keeps the run's own unless given).
     #[arg(long, default_value_t = 1000, value_parser = int_in(2usize, 1_000_000))]
     eval_n: usize,
     #[command(flatten)]
@@ -346,15 +349,35 @@ fn train_cmd(args: &[String]) -> Result<()> {
         tc.lr_g,
         tc.lr_d
     );
-    let (ex, reference) = match tc.eval_every {
-        0 => (None, None),
+    let (ex, reference, source, eval_n) = match tc.eval_every {
+        0 => (None, None, None, a.eval_n),
         _ => {
-            let ex = extractor(
-                a.inception.as_deref(),
-                a.ssl_run.as_deref(),
-                a.resize,
-                &device,
-            )?;
+            let recorded = match &opts.resume {
+                Some(run) => FidRecord::read(run)?,
+                None => None,
+            };
+            let (inception, ssl_run, resize) =
+                train_extractor(&a, &given, &tc, opts.resume.as_deref(), recorded.as_ref())?;
+            let ex = extractor(inception.as_deref(), ssl_run.as_deref(), resize, &device)?;
+            let source = extractor_source(inception.as_deref(), ssl_run.as_deref(), resize)?;
+            let eval_n = match &recorded {
+                Some(r) if !given.has("eval_n") => r.n,
+                _ => a.eval_n,
+            };
+            // Checked before the reference features, which can take long
+            // with another extractor (kiln-gan checks again, reference
+            // count included, when the run opens).
+            if let (Some(run), Some(was)) = (&opts.resume, &recorded) {
+                let now = FidRecord {
+                    extractor: ex.name(),
+                    hash: ex.hash(),
+                    source: Some(source.clone()),
+                    n: eval_n,
+                    n_reference: was.n_reference,
+                    seed: FidEval::new(ex.as_ref(), &Features::empty(1), eval_n).seed,
+                };
+                refuse_other_evaluation(run, was, &now)?;
+            }
             let test = open_split(
                 &tc.dataset,
                 &a.data_root,
@@ -365,7 +388,7 @@ fn train_cmd(args: &[String]) -> Result<()> {
             let f = dataset_features(
                 ex.as_ref(),
                 test.as_ref(),
-                Some(a.eval_n),
+                Some(eval_n),
                 50,
                 &device,
                 Some(&a.data_root.join("feature-cache")),
@@ -373,16 +396,19 @@ fn train_cmd(args: &[String]) -> Result<()> {
             eprintln!(
                 "FID every {} epoch(s): {} images against {} test images, extractor {} (hash {})",
                 tc.eval_every,
-                a.eval_n,
+                eval_n,
                 f.len(),
                 ex.name(),
                 ex.hash()
             );
-            (Some(ex), Some(f))
+            (Some(ex), Some(f), Some(source), eval_n)
         }
     };
     let fid_eval = match (&ex, &reference) {
-        (Some(ex), Some(f)) => Some(FidEval::new(ex.as_ref(), f, a.eval_n)),
+        (Some(ex), Some(f)) => Some(FidEval {
+            source,
+            ..FidEval::new(ex.as_ref(), f, eval_n)
+        }),
         _ => None,
     };
     let rep = train_with_eval(
@@ -469,6 +495,7 @@ fn sample_cmd(args: &[String]) -> Result<()> {
     let device = super::device(&a.device, None)?;
     let which = if a.ema { Which::Ema } else { Which::Generator };
     let (g, rc) = load_generator(&a.run, which, a.checkpoint.as_deref(), &device)?;
+    check_class(a.class, rc.model.num_classes)?;
     let labels = super::sample_labels(a.n, a.class, rc.model.num_classes, &device)?;
     let suffix = if a.ema { "-ema" } else { "" };
     let out = a
@@ -479,6 +506,21 @@ fn sample_cmd(args: &[String]) -> Result<()> {
     let ncols = (a.n as f64).sqrt().ceil() as usize;
     save_image_grid(&imgs, &out, &grid_options(ncols))?;
     println!("{}", out.display());
+    Ok(())
+}
+
+/// Refuses a `--class` the conditional model does not have, naming its
+/// classes as "0 to K-1" (the shared check says `0..K`, a range that reads
+/// as including K).
+fn check_class(class: Option<u32>, num_classes: Option<usize>) -> Result<()> {
+    if let (Some(c), Some(k)) = (class, num_classes) {
+        if c as usize >= k {
+            bail!(
+                "--class {c}: the model has classes 0 to {} ({k} classes)",
+                k.saturating_sub(1)
+            );
+        }
+    }
     Ok(())
 }
 
@@ -507,6 +549,7 @@ fn demo(ctx: &super::DemoCtx) -> Result<()> {
     let out = ctx.out.join("gan");
     let opts = RunOptions::new_run(Some(&out)).quiet(ctx.quiet);
     let rep = train(&model, &tc, train_set, &ctx.device, &opts)?;
+    crate::parts::stop_demo_if_interrupted(ctx, "gan");
     eprintln!(
         "    gan: D loss {:.3}, G loss {:.3}, D(x) {:.3}, D(G(z)) {:.3} (last epoch, after the D step); \
          {:.0} images/s; grids in {}",
@@ -594,6 +637,174 @@ fn resize_flag(s: &str) -> std::result::Result<Resize, String> {
     s.parse().map_err(|e: kiln_gan::GanError| e.to_string())
 }
 
+/// [`ExtractorSource::kind`] of `--inception FILE`.
+const KIND_INCEPTION: &str = "inception";
+/// [`ExtractorSource::kind`] of `--ssl-run RUN`.
+const KIND_SSL_RUN: &str = "ssl-run";
+
+/// The flag that gives an extractor of `kind`.
+fn kind_flag(kind: &str) -> Option<&'static str> {
+    match kind {
+        KIND_INCEPTION => Some("--inception"),
+        KIND_SSL_RUN => Some("--ssl-run"),
+        _ => None,
+    }
+}
+
+/// The content an extractor is read from, fingerprinted: the weights file
+/// of `--inception`, or the config and last checkpoint of an `--ssl-run`
+/// (not the whole folder, whose other files may change without the encoder
+/// changing).
+fn source_fingerprint(kind: &str, path: &Path) -> Result<String> {
+    use kiln_core::run::fingerprint;
+    Ok(match kind {
+        KIND_SSL_RUN => {
+            let dir = RunDir::open(path)?;
+            let ckpt = dir.last_checkpoint();
+            format!(
+                "config.toml {}, checkpoints/{} {}",
+                fingerprint(&dir.join("config.toml"))?,
+                ckpt.file_name()
+                    .map(|n| n.to_string_lossy().to_string())
+                    .unwrap_or_default(),
+                fingerprint(&ckpt)?
+            )
+        }
+        _ => fingerprint(path)?,
+    })
+}
+
+/// Where the extractor of `--inception` / `--ssl-run` comes from, for the
+/// run's record.
+fn extractor_source(
+    inception: Option<&Path>,
+    ssl_run: Option<&Path>,
+    resize: Resize,
+) -> Result<ExtractorSource> {
+    let (kind, path) = match (inception, ssl_run) {
+        (Some(f), None) => (KIND_INCEPTION, f),
+        (None, Some(r)) => (KIND_SSL_RUN, r),
+        _ => bail!("give one of --inception and --ssl-run"),
+    };
+    Ok(ExtractorSource {
+        kind: kind.into(),
+        path: path.to_path_buf(),
+        fingerprint: source_fingerprint(kind, path)?,
+        resize: resize.name().into(),
+    })
+}
+
+/// The flags that give the extractor and evaluation a run recorded, e.g.
+/// `--ssl-run runs/ssl --resize pytorch-fid --eval-n 1000`.
+fn record_flags(r: &FidRecord) -> Option<String> {
+    let src = r.source.as_ref()?;
+    Some(format!(
+        "{} {} --resize {} --eval-n {}",
+        kind_flag(&src.kind)?,
+        src.path.display(),
+        src.resize,
+        r.n
+    ))
+}
+
+/// Refuses a resume whose evaluation (`now`) would give FIDs that do not
+/// compare with those the run recorded (`was`), naming the flags that give
+/// the recorded one.
+fn refuse_other_evaluation(run: &Path, was: &FidRecord, now: &FidRecord) -> Result<()> {
+    let diff = was.differences(now);
+    if diff.is_empty() {
+        return Ok(());
+    }
+    bail!(
+        "--resume {}: this run evaluates FID with {} (recorded in {FID_RECORD_FILE}); these \
+         flags ask for {}: {}. checkpoints/{BEST_FID_CHECKPOINT} would then be picked by \
+         comparing FIDs that do not compare. Leave out --inception, --ssl-run, --resize and \
+         --eval-n to reuse the recorded ones{}, or start a new run",
+        run.display(),
+        was.describe(),
+        now.describe(),
+        diff.join("; "),
+        record_flags(was)
+            .map(|f| format!(" (or pass them again: {f})"))
+            .unwrap_or_default()
+    )
+}
+
+/// The extractor `train gan` evaluates with (`--inception`, `--ssl-run`,
+/// resize): the flags', or, on a resume without them, the one the run
+/// recorded, once checked to be still there and unchanged. `--resize` not
+/// given on a resume is the recorded one.
+fn train_extractor(
+    a: &TrainArgs,
+    given: &Given,
+    tc: &TrainConfig,
+    resume: Option<&Path>,
+    recorded: Option<&FidRecord>,
+) -> Result<(Option<PathBuf>, Option<PathBuf>, Resize)> {
+    let src = recorded.and_then(|r| r.source.as_ref());
+    let resize = match src {
+        Some(s) if !given.has("resize") => s
+            .resize
+            .parse()
+            .with_context(|| format!("{FID_RECORD_FILE}: resize {:?}", s.resize))?,
+        _ => a.resize,
+    };
+    if a.inception.is_some() || a.ssl_run.is_some() {
+        return Ok((a.inception.clone(), a.ssl_run.clone(), resize));
+    }
+    let (Some(run), Some(src)) = (resume, src) else {
+        if let Some(run) = resume {
+            bail!(
+                "no feature extractor: --resume {} evaluates FID every {} epoch(s), and the \
+                 run has no {FID_RECORD_FILE} naming the extractor it began with (it predates \
+                 that file): pass the same --inception FILE or --ssl-run RUN as when it began, \
+                 or --eval-every 0 to continue without FID",
+                run.display(),
+                tc.eval_every
+            );
+        }
+        // The usual message: neither flag.
+        return Ok((None, None, resize));
+    };
+    let Some(flag) = kind_flag(&src.kind) else {
+        bail!(
+            "--resume {}: {FID_RECORD_FILE} names an extractor of kind {:?}, which this command \
+             cannot load: pass --inception FILE or --ssl-run RUN",
+            run.display(),
+            src.kind
+        );
+    };
+    if !src.path.exists() {
+        bail!(
+            "--resume {}: the run evaluates FID with {flag} {} (recorded in {FID_RECORD_FILE}), \
+             which is no longer there: pass {flag} with the place it is now, or --eval-every 0 \
+             to continue without FID",
+            run.display(),
+            src.path.display()
+        );
+    }
+    let now = source_fingerprint(&src.kind, &src.path)?;
+    if now != src.fingerprint {
+        bail!(
+            "--resume {}: the run evaluates FID with {flag} {} (recorded in {FID_RECORD_FILE}), \
+             which has changed since (then {}, now {now}): its FIDs would not compare with the \
+             run's earlier ones. Put the original back, pass --eval-every 0 to continue \
+             without FID, or start a new run",
+            run.display(),
+            src.path.display(),
+            src.fingerprint
+        );
+    }
+    eprintln!(
+        "train gan: FID with {flag} {} --resize {resize}, as recorded in the run",
+        src.path.display()
+    );
+    Ok(match src.kind.as_str() {
+        KIND_INCEPTION => (Some(src.path.clone()), None, resize),
+        _ => (None, Some(src.path.clone()), resize),
+    })
+}
+
 /// The extractor a command asked for: pytorch-fid's InceptionV3 from
 /// `--inception FILE`, else the SimCLR encoder of `--ssl-run RUN`, each
 /// resizing its inputs with `resize` (named in its name and hash).
@@ -618,7 +829,11 @@ fn extractor(
 #[derive(Debug, Parser)]
 #[command(
     name = "cargo xtask eval gan",
-    about = "FID, KID, precision/recall/density/coverage, Inception Score and a memorisation check of a GAN run"
+    about = "FID, KID, precision/recall/density/coverage, Inception Score and a memorisation check of a GAN run",
+    after_help = "Results: printed, and written to \
+                  RUN/eval-<checkpoint>[-ema]-<split>-n<N>-seed<SEED>-<extractor hash>.json, one \
+                  file per checkpoint, split, --n, --seed and extractor (the same settings \
+                  replace their own file only)."
 )]
 struct EvalArgs {
     /// The run folder.
@@ -627,7 +842,8 @@ struct EvalArgs {
     /// Reference split: test, val or train.
     #[arg(long, default_value = "test")]
     split: String,
-    /// Generated images (reference images: up to as many from the split).
+    /// Generated images (reference images: up to as many from the split;
+    /// below 6, precision/recall/density/coverage are skipped with a note).
     #[arg(long, default_value_t = 10_000, value_parser = int_in(2usize, 1_000_000))]
     n: usize,
     /// Evaluate the EMA copy of the generator.
@@ -656,14 +872,15 @@ struct EvalArgs {
     #[arg(long, default_value_t = 0, value_parser = int_in(0u64, u64::MAX))]
     seed: u64,
     /// Folder holding downloaded datasets.
-    #[arg(long)]
-    data_root: Option<PathBuf>,
+    #[arg(long, default_value = "data")]
+    data_root: PathBuf,
     /// `folder:PATH` datasets: keep class folders without pictures (the
     /// class keeps its label, so every split numbers the classes alike)
     /// instead of refusing them, as torchvision's `ImageFolder(allow_empty=True)`.
     #[arg(long)]
     allow_empty_classes: bool,
-    /// Feature cache (default DATA_ROOT/feature-cache).
+    /// Folder of the reference-feature cache, one checksummed file per
+    /// extractor and image set (default DATA_ROOT/feature-cache).
     #[arg(long)]
     cache: Option<PathBuf>,
     /// Also report the same generator collapsed to one image (one latent
@@ -680,6 +897,14 @@ struct EvalArgs {
 
 fn eval_cmd(args: &[String]) -> Result<()> {
     let a: EvalArgs = parse("cargo xtask eval gan", args)?;
+    if let Some(c) = a.cache.as_ref().filter(|c| c.exists() && !c.is_dir()) {
+        bail!(
+            "--cache {}: this is a file, but --cache names a folder (the reference features are \
+             kept in it, one file per extractor and image set): give a folder (made if \
+             missing), or leave --cache out for DATA_ROOT/feature-cache",
+            c.display()
+        );
+    }
     let device = super::device(&a.device, a.threads)?;
     let split: Split = a.split.parse().context("--split")?;
     let which = if a.ema { Which::Ema } else { Which::Generator };
@@ -690,7 +915,7 @@ fn eval_cmd(args: &[String]) -> Result<()> {
         a.resize,
         &device,
     )?;
-    let data_root = a.data_root.clone().unwrap_or_else(|| PathBuf::from("data"));
+    let data_root = a.data_root.clone();
     let cache = a
         .cache
         .clone()
@@ -767,33 +992,59 @@ fn eval_cmd(args: &[String]) -> Result<()> {
     let name = format!("{} {split} split", rc.train.dataset);
     let rep = evaluate(ex.as_ref(), &gen, &rf, &name, tf.as_ref(), &opts)?;
     print!("{rep}");
+    if rep.precision.is_none() {
+        eprintln!(
+            "eval gan: PRDC skipped: pass --n {} or more (with a reference split at least that \
+             large) for precision, recall, density and coverage",
+            rep.prdc_k + 1
+        );
+    }
     let baseline = match a.collapse_baseline {
         true => {
             let one =
                 collapsed_features(ex.as_ref(), &g, rc.model.num_classes, n, a.seed, &device)?;
             let b = evaluate(ex.as_ref(), &one, &rf, &name, None, &opts)?;
             println!(
-                "collapsed to one image: FID {:.4}, KID {:.6}, precision {:.4}, recall {:.4}, \
-                 density {:.4}, coverage {:.4}",
-                b.fid, b.kid_mean, b.precision, b.recall, b.density, b.coverage
+                "collapsed to one image: FID {:.4}, KID {:.6}, precision {}, recall {}, \
+                 density {}, coverage {}",
+                b.fid,
+                b.kid_mean,
+                four(b.precision),
+                four(b.recall),
+                four(b.density),
+                four(b.coverage)
             );
             Some(b)
         }
         false => None,
     };
-    let out = a.run.join(format!(
-        "eval-{}{}-{}.json",
+    let out = a.run.join(result_name(&a, split, &rep.extractor_hash));
+    let json = serde_json::json!({ "report": rep, "collapsed_baseline": baseline });
+    kiln_core::files::write_atomic(&out, serde_json::to_string_pretty(&json)?.as_bytes())?;
+    println!("{}", out.display());
+    Ok(())
+}
+
+/// A PRDC value to four decimals, or `n/a` when PRDC was skipped.
+fn four(x: Option<f64>) -> String {
+    x.map_or_else(|| "n/a".into(), |v| format!("{v:.4}"))
+}
+
+/// The name of `eval gan`'s result file in the run folder: every setting
+/// the numbers depend on (checkpoint, EMA, split, --n, --seed; the
+/// extractor and --resize through its hash), so results of other settings
+/// do not replace each other.
+fn result_name(a: &EvalArgs, split: Split, extractor_hash: &str) -> String {
+    format!(
+        "eval-{}{}-{split}-n{}-seed{}-{extractor_hash}.json",
         a.checkpoint
             .as_deref()
             .unwrap_or("last")
             .replace(['/', '\\', '.'], "_"),
         if a.ema { "-ema" } else { "" },
-        &rep.extractor_hash
-    ));
-    let json = serde_json::json!({ "report": rep, "collapsed_baseline": baseline });
-    kiln_core::files::write_atomic(&out, serde_json::to_string_pretty(&json)?.as_bytes())?;
-    println!("{}", out.display());
-    Ok(())
+        a.n,
+        a.seed
+    )
 }
 
 /// `fid_inception_features`: pytorch-fid's network (random weights: the
@@ -865,6 +1116,201 @@ mod tests {
             .to_string();
         assert!(
             e.contains("--resize") && e.contains("pytorch-fid") && e.contains("clean"),
+            "{e}"
+        );
+    }
+
+    /// `eval gan`'s result file names every setting its numbers depend on,
+    /// so a run evaluated on another split, --n or --seed keeps both files.
+    #[test]
+    fn eval_results_are_named_by_their_settings() {
+        let name = |extra: &[&str]| {
+            let mut v = vec!["--run", "r"];
+            v.extend_from_slice(extra);
+            let a: EvalArgs = parse("e", &args(&v)).unwrap();
+            let split: Split = a.split.parse().unwrap();
+            result_name(&a, split, "abc")
+        };
+        assert_eq!(name(&[]), "eval-last-test-n10000-seed0-abc.json");
+        assert_eq!(
+            name(&[
+                "--checkpoint",
+                "best-fid",
+                "--ema",
+                "--split",
+                "val",
+                "--n",
+                "50",
+                "--seed",
+                "3"
+            ]),
+            "eval-best-fid-ema-val-n50-seed3-abc.json"
+        );
+        let all: std::collections::BTreeSet<String> = [
+            name(&[]),
+            name(&["--split", "val"]),
+            name(&["--n", "50"]),
+            name(&["--seed", "1"]),
+        ]
+        .into_iter()
+        .collect();
+        assert_eq!(all.len(), 4, "{all:?}");
+    }
+
+    /// `eval gan --help` shows --data-root's default, as the other commands
+    /// do, and says where results go.
+    #[test]
+    fn eval_help_shows_the_data_root_default_and_the_result_file() {
+        let help = crate::parts::command::<EvalArgs>()
+            .render_long_help()
+            .to_string();
+        let line = help
+            .split("--data-root")
+            .nth(1)
+            .and_then(|s| s.split("--").next())
+            .unwrap_or_default();
+        assert!(line.contains("[default: data]"), "{help}");
+        assert!(
+            help.contains("RUN/eval-<checkpoint>[-ema]-<split>-n<N>-seed<SEED>"),
+            "{help}"
+        );
+        let a: EvalArgs = parse("e", &args(&["--run", "r"])).unwrap();
+        assert_eq!(a.data_root, PathBuf::from("data"));
+    }
+
+    /// `--cache` naming a file is refused before any work, naming the flag
+    /// and what to give instead (it was a raw "File exists (os error 17)").
+    #[test]
+    fn a_cache_that_is_a_file_is_refused_naming_the_flag() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("features.safetensors");
+        std::fs::write(&file, "x").unwrap();
+        let e = eval_cmd(&args(&[
+            "--run",
+            &dir.path().join("no-run").display().to_string(),
+            "--cache",
+            &file.display().to_string(),
+        ]))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.starts_with("--cache ")
+                && e.contains("names a folder")
+                && e.contains("give a folder"),
+            "{e}"
+        );
+        assert_eq!(std::fs::read_to_string(&file).unwrap(), "x");
+    }
+
+    #[test]
+    fn a_class_out_of_range_names_the_classes_from_0_to_k_minus_1() {
+        let e = check_class(Some(8), Some(8)).unwrap_err().to_string();
+        assert_eq!(e, "--class 8: the model has classes 0 to 7 (8 classes)");
+        check_class(Some(7), Some(8)).unwrap();
+        check_class(None, Some(8)).unwrap();
+        // Unconditional models: the shared check says so.
+        check_class(Some(3), None).unwrap();
+    }
+
+    /// A record as `train gan --inception FILE` writes it.
+    fn inception_record(file: &Path, resize: Resize, n: usize) -> FidRecord {
+        FidRecord {
+            extractor: "pytorch-fid InceptionV3".into(),
+            hash: "1111222233334444".into(),
+            source: Some(extractor_source(Some(file), None, resize).unwrap()),
+            n,
+            n_reference: n,
+            seed: 0,
+        }
+    }
+
+    /// `train gan --resume RUN` without extractor flags reuses the one the
+    /// run recorded, with its resize, once it is found unchanged; a moved,
+    /// changed or unrecorded extractor is refused with what to pass.
+    #[test]
+    fn a_resume_reuses_the_recorded_extractor_or_says_what_to_pass() {
+        let dir = tempfile::tempdir().unwrap();
+        let run = dir.path().join("run");
+        let file = dir.path().join("inception.safetensors");
+        std::fs::write(&file, "weights").unwrap();
+        let rec = inception_record(&file, Resize::Clean, 200);
+        let tc = TrainConfig {
+            eval_every: 2,
+            ..TrainConfig::default()
+        };
+        let pick = |extra: &[&str], rec: Option<&FidRecord>| {
+            let mut v = vec!["--resume".to_string(), run.display().to_string()];
+            v.extend(extra.iter().map(|s| s.to_string()));
+            let (a, given): (TrainArgs, Given) = parse_given("t", &v).unwrap();
+            train_extractor(&a, &given, &tc, Some(&run), rec)
+        };
+        assert_eq!(
+            pick(&[], Some(&rec)).unwrap(),
+            (Some(file.clone()), None, Resize::Clean)
+        );
+        assert_eq!(
+            pick(&["--resize", "pytorch-fid"], Some(&rec)).unwrap().2,
+            Resize::Bilinear
+        );
+        let other = dir.path().join("ssl");
+        assert_eq!(
+            pick(&["--ssl-run", &other.display().to_string()], Some(&rec)).unwrap(),
+            (None, Some(other), Resize::Clean)
+        );
+        let e = pick(&[], None).unwrap_err().to_string();
+        assert!(
+            e.contains(FID_RECORD_FILE) && e.contains("--eval-every 0") && e.contains("every 2"),
+            "{e}"
+        );
+        std::fs::write(&file, "other weights").unwrap();
+        let e = pick(&[], Some(&rec)).unwrap_err().to_string();
+        assert!(
+            e.contains("--inception") && e.contains("has changed since") && e.contains("7 bytes"),
+            "{e}"
+        );
+        std::fs::remove_file(&file).unwrap();
+        let e = pick(&[], Some(&rec)).unwrap_err().to_string();
+        assert!(e.contains("no longer there"), "{e}");
+    }
+
+    /// A resume whose flags name another extractor (or other settings) is
+    /// refused before the reference features, with the flags that give the
+    /// recorded one (the review's `--resume gx1 --ssl-run ssl3`).
+    #[test]
+    fn a_resume_with_another_extractor_is_refused_with_the_recorded_flags() {
+        let dir = tempfile::tempdir().unwrap();
+        let (f1, f3) = (
+            dir.path().join("a.safetensors"),
+            dir.path().join("b.safetensors"),
+        );
+        std::fs::write(&f1, "weights one").unwrap();
+        std::fs::write(&f3, "weights three").unwrap();
+        let was = inception_record(&f1, Resize::Bilinear, 200);
+        let run = dir.path().join("run");
+        refuse_other_evaluation(&run, &was, &was.clone()).unwrap();
+        let now = FidRecord {
+            hash: "5555666677778888".into(),
+            ..inception_record(&f3, Resize::Bilinear, 200)
+        };
+        let e = refuse_other_evaluation(&run, &was, &now)
+            .unwrap_err()
+            .to_string();
+        let again = format!(
+            "--inception {} --resize pytorch-fid --eval-n 200",
+            f1.display()
+        );
+        assert!(
+            e.contains("inception content 11 bytes")
+                && e.contains("extractor hash 1111222233334444 then, 5555666677778888 now")
+                && e.contains(&again),
+            "{e}"
+        );
+        let fewer = inception_record(&f1, Resize::Bilinear, 100);
+        let e = refuse_other_evaluation(&run, &was, &fewer)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("200 generated images per evaluation then, 100 now"),
             "{e}"
         );
     }
