@@ -86,6 +86,7 @@ pub fn run(args: &[String], components: &[Component]) -> Result<()> {
         eprintln!("==> demo {}: {}", p.name, p.about);
         let t = Instant::now();
         (p.run)(&ctx)?;
+        crate::parts::stop_demo_if_interrupted(&ctx, p.name);
         eprintln!("    {} done in {:.1}s", p.name, t.elapsed().as_secs_f64());
     }
     eprintln!("demo finished in {:.1}s", t0.elapsed().as_secs_f64());

@@ -106,6 +106,17 @@ fn run() -> Result<()> {
                 })
                 .collect();
             let names: Vec<&str> = table.iter().map(|(n, _)| *n).collect();
+            if matches!(
+                rest.first().map(String::as_str),
+                Some("-h" | "--help" | "help")
+            ) {
+                println!(
+                    "usage: cargo xtask {cmd} <task> [args]\ntasks: {}\n\n\
+                     cargo xtask {cmd} <task> --help describes one.",
+                    names.join(", ")
+                );
+                return Ok(());
+            }
             let Some(task) = rest.first().filter(|t| !t.starts_with('-')) else {
                 bail!(
                     "usage: cargo xtask {cmd} <task> [args]; tasks: {}",

@@ -28,3 +28,21 @@ fn a_closed_pipe_ends_the_output_quietly() {
         out.status
     );
 }
+
+/// `cargo xtask train --help` (and `eval`, `sample`) prints the tasks and
+/// succeeds; it was an error with exit status 1.
+#[test]
+fn group_help_lists_the_tasks_and_succeeds() {
+    for (group, task) in [("train", "simclr"), ("eval", "ssl"), ("sample", "gan")] {
+        let out = Command::new(env!("CARGO_BIN_EXE_xtask"))
+            .args([group, "--help"])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{group}: {out:?}");
+        assert!(
+            text.contains(&format!("cargo xtask {group} <task>")) && text.contains(task),
+            "{group}: {text}"
+        );
+    }
+}

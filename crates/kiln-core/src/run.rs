@@ -558,13 +558,17 @@ impl RunOptions {
                         may_change: may_change.iter().map(|s| (*s).to_string()).collect(),
                     });
                 }
+                let mut previous_config = None;
                 if saved != requested {
+                    let path = dir.join("config.toml");
+                    previous_config = Some(std::fs::read(&path).map_err(io(&path))?);
                     dir.write_config(kind, config)?;
                 }
                 Run {
                     dir,
                     _lock: lock,
                     resumed: true,
+                    previous_config,
                 }
             }
             None => {
@@ -579,6 +583,7 @@ impl RunOptions {
                             dir,
                             _lock: lock,
                             resumed: false,
+                            previous_config: None,
                         });
                     }
                     (out, _) => RunDir::create(task, out.as_deref())?,
@@ -595,6 +600,7 @@ impl RunOptions {
                     dir,
                     _lock: lock,
                     resumed: false,
+                    previous_config: None,
                 }
             }
         };
@@ -770,6 +776,9 @@ pub struct Run {
     dir: RunDir,
     _lock: RunLock,
     resumed: bool,
+    /// `config.toml` as it was before a resume changed an allowed field, so
+    /// a resume that trains nothing can put it back ([`Run::restore_config`]).
+    previous_config: Option<Vec<u8>>,
 }
 
 /// The file of a run folder holding its inputs' fingerprints.
@@ -820,6 +829,23 @@ pub fn fingerprint(path: &Path) -> Result<String, RunError> {
 }
 
 impl Run {
+    /// The `config.toml` a resume rewrote (a field it lets change, such as
+    /// `epochs`), for a resume that ends up training nothing (an
+    /// already-finished run, a checkpoint that does not load): its config
+    /// then still describes what it holds.
+    pub(crate) fn previous_config(&self) -> Option<&[u8]> {
+        self.previous_config.as_deref()
+    }
+
+    /// Puts back the `config.toml` a resume rewrote (see [`Run::previous_config`]).
+    pub fn restore_config(&self) -> Result<(), RunError> {
+        if let Some(bytes) = &self.previous_config {
+            let path = self.dir.join("config.toml");
+            crate::files::write_atomic(&path, bytes).map_err(io(&path))?;
+        }
+        Ok(())
+    }
+
     /// Records the fingerprints of the files a new run reads (a corpus,
     /// preference pairs), or, on resume, checks that they are unchanged: a
     /// resumed run on other data would continue its epoch over different

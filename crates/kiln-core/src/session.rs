@@ -253,6 +253,9 @@ impl SessionBuilder {
     /// A resumed run that had already finished is refused
     /// ([`SessionError::Finished`]) before anything is written.
     pub fn start(self) -> SResult<Session> {
+        // A resume that fails here trains nothing, so the config.toml it
+        // rewrote (a larger --epochs, say) goes back to what the run holds.
+        let restore = ConfigGuard::of(&self.run);
         if !self.errors.is_empty() {
             return Err(SessionError::Setup(self.errors.join("; ")));
         }
@@ -368,7 +371,35 @@ impl SessionBuilder {
         s.observer = Observer::new(&task, total, self.observer, Some(s.run.dir().metrics()?));
         s.observer.set_position(s.step);
         observer::install_ctrlc();
+        restore.disarm();
         Ok(s)
+    }
+}
+
+/// A resumed run's previous `config.toml` and its path, written back on
+/// drop unless disarmed (a copy, so the session can take the run).
+struct ConfigGuard(Option<(std::path::PathBuf, Vec<u8>)>);
+
+impl ConfigGuard {
+    fn of(run: &Run) -> Self {
+        Self(
+            run.previous_config()
+                .map(|b| (run.dir().join("config.toml"), b.to_vec())),
+        )
+    }
+
+    fn disarm(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for ConfigGuard {
+    fn drop(&mut self) {
+        if let Some((path, bytes)) = self.0.take() {
+            if let Err(e) = crate::files::write_atomic(&path, &bytes) {
+                eprintln!("warning: could not put back {}: {e}", path.display());
+            }
+        }
     }
 }
 

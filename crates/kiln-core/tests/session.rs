@@ -209,25 +209,46 @@ fn resuming_a_finished_run_changes_nothing_and_says_so() {
     let _ = Linear::new(3, 4, vs.builder(DType::F32, &DEV).pp("g")).unwrap();
     let dv = VarStore::new(0);
     let _ = Linear::new(4, 1, dv.builder(DType::F32, &DEV).pp("d")).unwrap();
-    let r = RunOptions::resume(&run)
-        .open("toy", "toy-gan", &cfg(), &[])
-        .unwrap();
-    let e = Session::builder(r, 7)
-        .part(
-            "g",
-            &vs,
-            Optimizer::single(OptimKind::adam(), vs.vars(), 1e-2, 0.0).unwrap(),
-        )
-        .part(
-            "d",
-            &dv,
-            Optimizer::single(OptimKind::adamw(), dv.vars(), 2e-2, 0.01).unwrap(),
-        )
-        .epochs(EPOCHS, BATCHES)
-        .observer(QUIET)
-        .start()
-        .unwrap_err();
+    // As asked, and with a smaller `epochs` the run lets change: open
+    // rewrites config.toml, and the refused start puts it back.
+    let smaller = serde_json::json!({"epochs": 1, "lr": 0.01});
+    let mut errors = Vec::new();
+    for (c, epochs) in [(cfg(), EPOCHS), (smaller, 1)] {
+        let r = RunOptions::resume(&run)
+            .open("toy", "toy-gan", &c, &["epochs"])
+            .unwrap();
+        errors.push(
+            Session::builder(r, 7)
+                .part(
+                    "g",
+                    &vs,
+                    Optimizer::single(OptimKind::adam(), vs.vars(), 1e-2, 0.0).unwrap(),
+                )
+                .part(
+                    "d",
+                    &dv,
+                    Optimizer::single(OptimKind::adamw(), dv.vars(), 2e-2, 0.01).unwrap(),
+                )
+                .epochs(epochs, BATCHES)
+                .observer(QUIET)
+                .start()
+                .unwrap_err(),
+        );
+        assert_eq!(
+            std::fs::read(run.join("config.toml")).unwrap(),
+            before.3,
+            "config.toml after a refused resume with epochs {epochs}"
+        );
+    }
+    let e = errors.remove(0);
     assert!(matches!(e, SessionError::Finished { .. }), "{e}");
+    assert!(
+        errors[0]
+            .to_string()
+            .contains("already finished (2 of 1 epochs)"),
+        "{}",
+        errors[0]
+    );
     let msg = e.to_string();
     assert!(
         msg.contains("already finished (2 of 2 epochs)") && msg.contains("nothing was changed"),

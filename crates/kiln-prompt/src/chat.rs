@@ -184,7 +184,7 @@ impl ChatTemplate {
         which: Option<&str>,
     ) -> Result<Self> {
         let path = path.as_ref();
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, "read", e))?;
+        let text = crate::error::read_text(path)?;
         Self::from_tokenizer_config_str(&text, &path.display().to_string(), which)
     }
 
@@ -259,7 +259,7 @@ impl ChatTemplate {
     /// A path to a `.jinja` file or to a `tokenizer_config.json` also works.
     pub fn from_path(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
-        let read = |p: &Path| std::fs::read_to_string(p).map_err(|e| Error::io(p, "read", e));
+        let read = crate::error::read_text;
         if path.is_file() {
             if path.extension().is_some_and(|e| e == "jinja") {
                 return Self::new(path.display().to_string(), read(path)?);

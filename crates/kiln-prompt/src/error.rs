@@ -208,6 +208,16 @@ fn kind_text(k: minijinja::ErrorKind) -> String {
 }
 
 /// Builds a [`Error::Parse`] from a TOML error in `place`.
+/// Reads a spec, cases file or template as Python's text mode would: a
+/// leading byte-order mark dropped and Windows line ends made `\n`, so a file
+/// saved on Windows renders the same prompts (a `\r` inside a TOML
+/// multi-line string otherwise ends every line of the prompt).
+pub(crate) fn read_text(path: &std::path::Path) -> Result<String> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, "read", e))?;
+    let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
+    Ok(text.replace("\r\n", "\n"))
+}
+
 pub(crate) fn toml_error(place: &str, text: &str, e: &toml::de::Error) -> Error {
     let line = e
         .span()

@@ -179,7 +179,7 @@ impl EvalSuite {
 }
 
 fn load_cases(path: &Path) -> Result<CasesFile> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, "read", e))?;
+    let text = crate::error::read_text(path)?;
     let place = path.display().to_string();
     if path.extension().is_some_and(|e| e == "json") {
         serde_json::from_str(&text).map_err(|e| json_error(&place, &e))

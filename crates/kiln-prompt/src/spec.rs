@@ -239,7 +239,7 @@ impl PromptSpec {
     /// Loads a `.toml` or `.json` spec file.
     pub fn load(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, "read", e))?;
+        let text = crate::error::read_text(path)?;
         let place = path.display().to_string();
         match path.extension().and_then(|e| e.to_str()) {
             Some("toml") => Self::from_toml_str(&text, &place),

@@ -79,6 +79,27 @@ fn json_schema_spec_renders_and_derives_its_check() {
     );
 }
 
+/// A spec saved on Windows (byte-order mark, CRLF line ends) loads and
+/// renders exactly as the same file with `\n` (Python's text mode reads it
+/// so); a `\r` ended every line of its multi-line strings before.
+#[test]
+fn a_windows_saved_spec_renders_like_the_original() {
+    let src = std::fs::read_to_string(golden_dir().join("release_notes.toml")).unwrap();
+    assert!(
+        src.contains("\"\"\"\n"),
+        "the golden spec has multi-line strings"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("windows.toml");
+    std::fs::write(&p, format!("\u{feff}{}", src.replace('\n', "\r\n"))).unwrap();
+    let orig = PromptSpec::load(golden_dir().join("release_notes.toml")).unwrap();
+    let win = PromptSpec::load(&p).unwrap();
+    assert_eq!(win, orig);
+    let text = win.render(&release_vars()).unwrap();
+    assert!(!text.contains('\r'));
+    assert_eq!(text, orig.render(&release_vars()).unwrap());
+}
+
 #[test]
 fn toml_and_json_round_trip() {
     let spec = PromptSpec::load(golden_dir().join("release_notes.toml")).unwrap();

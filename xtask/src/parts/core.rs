@@ -103,6 +103,7 @@ fn demo(ctx: &super::DemoCtx) -> Result<()> {
         },
         |_| Ok(()),
     )?;
+    super::stop_demo_if_interrupted(ctx, "core");
     let last = s.last_epoch("loss").unwrap_or(f64::NAN);
     s.finish(serde_json::json!({"final_train_mse": last}))?;
     let sample = data.narrow(0, 0, 8)?;

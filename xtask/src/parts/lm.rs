@@ -394,6 +394,7 @@ fn demo(ctx: &super::DemoCtx) -> Result<()> {
         &ctx.device,
         &RunOptions::new_run(Some(&run)).quiet(ctx.quiet),
     )?;
+    super::stop_demo_if_interrupted(ctx, "lm");
     report(&rep, &run);
     // Load the written Hugging Face folder back, as `generate --model RUN` does.
     let files = ModelFiles::from_dir(&run.join(kiln_lm::train::MODEL_DIR))?;

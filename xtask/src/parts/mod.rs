@@ -303,6 +303,14 @@ where
         if !x.is_finite() || !ok(x) {
             return Err(format!("{s} is out of range: expected a number {range}"));
         }
+        // Training runs in f32: a larger value becomes inf there, and the
+        // run dies at its first step with advice that does not fit.
+        if (x as f32).is_infinite() {
+            return Err(format!(
+                "{s} is out of range: larger than f32 holds (about 3.4e38), the precision \
+                 kiln computes in; expected a number {range}"
+            ));
+        }
         Ok(v)
     }
 }
@@ -362,8 +370,8 @@ pub fn assert_numeric_flags_checked<P: Parser>(name: &str, sub: Option<&str>, re
 ///
 /// On `--resume` a run keeps its own `config.toml`, seed included. These
 /// flags may differ from the first run: `--epochs` (to extend it; LM
-/// training stretches its schedule), `--eval-every`, `--device`, `--threads`,
-/// `--quiet` and `--data-root`. Any other flag that is given and differs from
+/// training stretches its schedule), `--eval-every` where the command has
+/// it, `--device`, `--threads`, `--quiet` and `--data-root`. Any other flag that is given and differs from
 /// the run's config is refused, with the list of what differs.
 ///
 /// Its flags are listed under their own heading. This comment is not the
@@ -377,8 +385,8 @@ pub struct RunArgs {
     #[arg(long, conflicts_with = "resume")]
     pub out: Option<PathBuf>,
     /// Continue the run in this folder from its last checkpoint, with its own
-    /// config (only --epochs, --eval-every, --device, --threads, --quiet and
-    /// --data-root may change).
+    /// config (only --epochs, --device, --threads, --quiet, --data-root and,
+    /// where the command has it, --eval-every may change).
     #[arg(long)]
     pub resume: Option<PathBuf>,
     /// With --out: delete the run already in that folder and start again.
@@ -441,6 +449,43 @@ pub fn check_output_file(out: &Path, inputs: &[(&str, &Path)]) -> anyhow::Result
     Ok(())
 }
 
+/// [`check_output_file`] for a JSONL result that took a model run to make
+/// (`rlhf sample`, `best-of-n`): an existing file is kept unless `overwrite`,
+/// and a labelling folder's `pairs.jsonl` is never replaced once it holds
+/// answers, which would then be read as judgements of the new texts.
+pub fn check_results_file(
+    out: &Path,
+    inputs: &[(&str, &Path)],
+    overwrite: bool,
+) -> anyhow::Result<()> {
+    check_output_file(out, inputs)?;
+    let dir = out
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let answers = dir.join(kiln_feedback::store::ANSWERS);
+    if out
+        .file_name()
+        .is_some_and(|n| n == kiln_feedback::store::PAIRS)
+        && answers.exists()
+    {
+        anyhow::bail!(
+            "--out {} is the pairs file of a labelling folder with answers ({}): replacing it \
+             would attach those answers to other texts; write the new pairs elsewhere and label \
+             them in a new folder (rlhf serve|label --pairs FILE --out NEW)",
+            out.display(),
+            answers.display()
+        );
+    }
+    if out.exists() && !overwrite {
+        anyhow::bail!(
+            "--out {} already exists; pass --overwrite to replace it, or choose another path",
+            out.display()
+        );
+    }
+    Ok(())
+}
+
 /// The class labels of `n` samples from a model with `num_classes` (`None`:
 /// not conditional): `--class` for all, or cycling through the classes.
 /// `--class` on a model that has none is refused rather than ignored.
@@ -463,7 +508,10 @@ pub fn sample_labels(
         .map(|i| class.unwrap_or(i % k as u32))
         .collect();
     if let Some(&c) = ids.iter().find(|&&c| c as usize >= k) {
-        anyhow::bail!("--class {c}: the model has classes 0..{k}");
+        anyhow::bail!(
+            "--class {c}: the model has classes 0 to {} ({k} classes)",
+            k - 1
+        );
     }
     Ok(Some(kiln_core::Tensor::new(ids, device)?))
 }
@@ -533,6 +581,20 @@ pub fn device(device: &str, threads: Option<usize>) -> Result<kiln_core::Device>
         kiln_core::device::set_threads(t)?;
     }
     Ok(kiln_core::device::device(device)?)
+}
+
+/// Ends `demo` with 130 after a Ctrl-C stopped `part`'s training, before
+/// the part reports figures it never made or the next part starts (each
+/// would stop at its first step). `demo` has no --resume: say what is left.
+pub fn stop_demo_if_interrupted(ctx: &DemoCtx, part: &str) {
+    if kiln_core::observer::interrupted() {
+        eprintln!(
+            "demo stopped by Ctrl-C during {part}; what it wrote is in {} (the demo has no \
+             --resume: run it again with a new --out, or resume that run with its own command)",
+            ctx.out.join(part).display()
+        );
+        std::process::exit(130);
+    }
 }
 
 /// Ends the process with 130 after a Ctrl-C that stopped training (or came
@@ -634,7 +696,7 @@ mod tests {
         let e = sample_labels(4, Some(5), Some(5), &dev)
             .unwrap_err()
             .to_string();
-        assert!(e.contains("classes 0..5"), "{e}");
+        assert!(e.contains("classes 0 to 4 (5 classes)"), "{e}");
         let l = sample_labels(5, None, Some(2), &dev).unwrap().unwrap();
         assert_eq!(l.to_vec1::<u32>().unwrap(), [0, 1, 0, 1, 0]);
         let e = check_png_out(Path::new("grid.jpg"))
@@ -643,6 +705,21 @@ mod tests {
         assert!(e.contains("ending in .png"), "{e}");
         let dir = tempfile::tempdir().unwrap();
         check_png_out(&dir.path().join("a/b.PNG")).unwrap();
+    }
+
+    /// Float flags refuse what f32 cannot hold (`--lr 1e39` passed "> 0"
+    /// and died as NaN at step 1 after making the run folder).
+    #[test]
+    fn float_flags_stay_within_f32() {
+        let positive = float_in::<f64>("> 0", |x| x > 0.0);
+        assert_eq!(positive("3e38").unwrap(), 3e38);
+        for bad in ["1e39", "1e300", "inf", "NaN", "-1"] {
+            let e = positive(bad).unwrap_err();
+            assert!(e.contains("out of range"), "{bad}: {e}");
+        }
+        assert!(positive("1e39")
+            .unwrap_err()
+            .contains("larger than f32 holds"));
     }
 
     /// An output file that is the command's input is refused before any
@@ -662,6 +739,20 @@ mod tests {
         assert!(e.contains("is a folder"), "{e}");
         let fresh = dir.path().join("new/out.jsonl");
         check_output_file(&fresh, &[("--prompts", &p)]).unwrap();
+        // Results: kept unless --overwrite; a labelling folder's pairs never.
+        let e = check_results_file(&p, &[], false).unwrap_err().to_string();
+        assert!(e.contains("already exists; pass --overwrite"), "{e}");
+        check_results_file(&p, &[], true).unwrap();
+        check_results_file(&fresh, &[], false).unwrap();
+        let label = dir.path().join("label");
+        std::fs::create_dir(&label).unwrap();
+        std::fs::write(label.join("pairs.jsonl"), "{}\n").unwrap();
+        check_results_file(&label.join("pairs.jsonl"), &[], true).unwrap();
+        std::fs::write(label.join("answers.jsonl"), "{}\n").unwrap();
+        let e = check_results_file(&label.join("pairs.jsonl"), &[], true)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("labelling folder with answers"), "{e}");
         assert!(fresh.parent().unwrap().is_dir());
     }
 

@@ -57,9 +57,16 @@ enum Cmd {
         /// Attempts per case (1 = no re-asking).
         #[arg(long, default_value_t = 2, value_parser = int_in(1usize, 100))]
         attempts: usize,
-        /// Sampling seed.
+        /// Seed: the built-in generator's slips, and --model's sampling when --temperature > 0.
         #[arg(long, default_value_t = 0, value_parser = int_in(0u64, u64::MAX))]
         seed: u64,
+        /// --model's softmax temperature; 0 (the default) decodes greedily, so a table compares
+        /// the prompts and not the draws.
+        #[arg(long, default_value_t = 0.0, value_parser = float_in::<f32>("in [0, 100]", |x| (0.0..=100.0).contains(&x)))]
+        temperature: f32,
+        /// --model's nucleus sampling mass with --temperature > 0 (1 = off).
+        #[arg(long, default_value_t = 1.0, value_parser = float_in::<f32>("in (0, 1]", |x| x > 0.0 && x <= 1.0))]
+        top_p: f32,
         /// Most tokens per answer.
         #[arg(long, default_value_t = 256, value_parser = int_in(1usize, 1_000_000))]
         max_new_tokens: usize,
@@ -112,6 +119,8 @@ fn command(args: &[String]) -> Result<()> {
             model,
             attempts,
             seed,
+            temperature,
+            top_p,
             max_new_tokens,
             chat,
             tokenizer,
@@ -126,6 +135,8 @@ fn command(args: &[String]) -> Result<()> {
                 params: GenParams {
                     seed,
                     max_new_tokens,
+                    temperature,
+                    top_p,
                     ..GenParams::default()
                 },
                 chat_template: chat.as_deref().map(chat_template).transpose()?,

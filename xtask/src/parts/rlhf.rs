@@ -483,8 +483,9 @@ fn write_jsonl(path: &Path, lines: &[serde_json::Value]) -> Result<()> {
     name = "cargo xtask rlhf sample",
     about = "Sample n completions per prompt (one batched KV-cached call per --batch prompts) and \
              write them as JSONL ({\"prompt\", \"completions\"}), or with --pairs as pairs to label \
-             ({\"prompt\", \"completion_a\", \"completion_b\"}); FILE.generation.json records the \
-             generation config and the model."
+             ({\"prompt\", \"completion_a\", \"completion_b\"}). The generation config and the \
+             model go beside it, in OUT with its extension replaced by .generation.json \
+             (samples.generation.json)."
 )]
 struct SampleArgs {
     /// The policy (a GPT-2 folder or kiln run folder).
@@ -502,6 +503,9 @@ struct SampleArgs {
     /// Output JSONL (default: samples.jsonl).
     #[arg(long, default_value = "samples.jsonl")]
     out: PathBuf,
+    /// Replace --out if it exists (never a labelling folder's pairs.jsonl once it has answers).
+    #[arg(long)]
+    overwrite: bool,
     #[command(flatten)]
     gen: GenFlags,
 }
@@ -514,7 +518,7 @@ fn sample_cmd(args: &[String]) -> Result<()> {
             a.n
         );
     }
-    super::check_output_file(&a.out, &[("--prompts", &a.prompts)])?;
+    super::check_results_file(&a.out, &[("--prompts", &a.prompts)], a.overwrite)?;
     let device = super::device(&a.gen.device, a.gen.threads)?;
     let (model, tok, dir) = load_lm(&a.model, &device)?;
     let chat = chat_template_for(&dir, a.gen.chat_template.as_deref())?;
@@ -575,13 +579,16 @@ struct BonArgs {
     /// Output JSONL.
     #[arg(long, default_value = "best-of-n.jsonl")]
     out: PathBuf,
+    /// Replace --out if it exists.
+    #[arg(long)]
+    overwrite: bool,
     #[command(flatten)]
     gen: GenFlags,
 }
 
 fn bon_cmd(args: &[String]) -> Result<()> {
     let a: BonArgs = parse("cargo xtask rlhf best-of-n", args)?;
-    super::check_output_file(&a.out, &[("--prompts", &a.prompts)])?;
+    super::check_results_file(&a.out, &[("--prompts", &a.prompts)], a.overwrite)?;
     let device = super::device(&a.gen.device, a.gen.threads)?;
     let (model, tok, dir) = load_lm(&a.model, &device)?;
     let rdir = model_dir(&a.reward_model);
@@ -822,6 +829,7 @@ fn demo(ctx: &super::DemoCtx) -> Result<()> {
     };
     let out = ctx.out.join("rlhf");
     let rep = run_experiment(&cfg, &ctx.device, &out, false, ctx.quiet)?;
+    crate::parts::stop_demo_if_interrupted(ctx, "rlhf");
     for line in rep.table().lines() {
         eprintln!("    rlhf: {line}");
     }

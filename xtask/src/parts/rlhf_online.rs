@@ -505,6 +505,7 @@ fn demo(ctx: &crate::parts::DemoCtx) -> Result<()> {
     };
     let out = ctx.out.join("rlhf-online");
     let rep = kiln_rlhf::arith::run_arithmetic(&cfg, &ctx.device, &out, false, ctx.quiet)?;
+    crate::parts::stop_demo_if_interrupted(ctx, "rlhf-online");
     eprintln!("    rlhf-online: {}", rep.summary());
     Ok(())
 }

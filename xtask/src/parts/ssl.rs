@@ -378,6 +378,7 @@ fn demo_inpaint(ctx: &super::DemoCtx) -> Result<()> {
     let out = ctx.out.join("inpaint");
     let opts = RunOptions::new_run(Some(&out)).quiet(ctx.quiet);
     let rep = train_inpaint(&cfg, tr, Some(te), &ctx.device, &opts)?;
+    crate::parts::stop_demo_if_interrupted(ctx, "inpaint");
     if let Some(t) = rep.test {
         eprintln!(
             "    inpaint: masked-region PSNR {:.2} dB vs border-mean {:.2} dB; {:.0} images/s; {}",
@@ -425,6 +426,7 @@ fn demo_simclr(ctx: &super::DemoCtx) -> Result<()> {
     let out = ctx.out.join("simclr");
     let opts = RunOptions::new_run(Some(&out)).quiet(ctx.quiet);
     let rep = train_simclr(&cfg, tr.clone(), Some((tr, te)), &ctx.device, &opts)?;
+    crate::parts::stop_demo_if_interrupted(ctx, "simclr");
     if let (Some(p), Some(r)) = (&rep.probes, &rep.random_probes) {
         print_probes(p, r);
     }

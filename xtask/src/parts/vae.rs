@@ -223,10 +223,16 @@ fn train_cmd(args: &[String]) -> Result<()> {
             t.neg_elbo_nats, t.neg_elbo_bpd
         );
     }
-    eprintln!(
-        "train loss per image (last epoch) {:.2}; {:.0} images/s",
-        rep.final_train_loss, rep.images_per_s
-    );
+    // A run stopped inside its first epoch has no epoch loss: say so rather
+    // than print the NaN placeholder as a figure.
+    if rep.final_train_loss.is_finite() {
+        eprintln!(
+            "train loss per image (last epoch) {:.2}; {:.0} images/s",
+            rep.final_train_loss, rep.images_per_s
+        );
+    } else {
+        eprintln!("no epoch finished yet; {:.0} images/s", rep.images_per_s);
+    }
     if let Some(p) = opts.resume.as_ref().or(opts.out.as_ref()) {
         println!("{}", p.display());
     }
@@ -460,6 +466,7 @@ fn demo(ctx: &super::DemoCtx) -> Result<()> {
     let out = ctx.out.join("vae");
     let opts = RunOptions::new_run(Some(&out)).quiet(ctx.quiet);
     let rep = train(&cfg, &tc, train_set, Some(test_set), &ctx.device, &opts)?;
+    crate::parts::stop_demo_if_interrupted(ctx, "vae");
     let t = rep
         .test
         .as_ref()
