@@ -41,6 +41,13 @@ pub enum CheckpointError {
         /// The underlying error.
         source: std::io::Error,
     },
+    /// The file is not there. A run's `checkpoints/last.safetensors` is
+    /// missing when the run stopped before its first checkpoint.
+    #[error("checkpoint {path} does not exist{}", missing_hint(path))]
+    Missing {
+        /// The file.
+        path: PathBuf,
+    },
     /// The file is not a valid checkpoint.
     #[error("checkpoint {path} is not a valid kiln checkpoint: {reason}")]
     Invalid {
@@ -198,6 +205,24 @@ pub fn save_safetensors(
     write_atomic(path, &bytes).map_err(candle_core::Error::wrap)
 }
 
+/// What to do about a missing run checkpoint (`RUN/checkpoints/last...`):
+/// the run has not written one yet.
+fn missing_hint(path: &Path) -> String {
+    let run = path
+        .parent()
+        .filter(|d| d.file_name().is_some_and(|n| n == "checkpoints"))
+        .and_then(Path::parent);
+    match run {
+        Some(run) if path.file_name().is_some_and(|n| n == "last.safetensors") => format!(
+            "; {} has no checkpoint yet (it stopped before its first one): continue it with \
+             --resume {}",
+            run.display(),
+            run.display()
+        ),
+        _ => String::new(),
+    }
+}
+
 /// Reads a safetensors file written by [`serialize_tensors`], verifying its
 /// structure and CRC. Returns tensors (on `device`) and metadata.
 pub fn read_tensors(
@@ -208,9 +233,14 @@ pub fn read_tensors(
         path: path.to_path_buf(),
         reason,
     };
-    let bytes = std::fs::read(path).map_err(|source| CheckpointError::Io {
-        path: path.to_path_buf(),
-        source,
+    let bytes = std::fs::read(path).map_err(|source| match source.kind() {
+        std::io::ErrorKind::NotFound => CheckpointError::Missing {
+            path: path.to_path_buf(),
+        },
+        _ => CheckpointError::Io {
+            path: path.to_path_buf(),
+            source,
+        },
     })?;
     let (_, header) =
         safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| invalid(format!("{e}")))?;

@@ -194,6 +194,22 @@ fn damaged_checkpoints_are_rejected_with_the_file_named() {
             "{what}: {e}"
         );
     }
+    // A run's missing last checkpoint says the run has none yet, and how to
+    // continue it (it was a bare "No such file or directory").
+    let run = dir.path().join("r");
+    let e = checkpoint::load(&run.join("checkpoints/last.safetensors"), &other, None)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("does not exist")
+            && e.contains("has no checkpoint yet")
+            && e.contains(&format!("--resume {}", run.display())),
+        "{e}"
+    );
+    let e = checkpoint::load(&dir.path().join("x.safetensors"), &other, None)
+        .unwrap_err()
+        .to_string();
+    assert!(e.ends_with("x.safetensors does not exist"), "{e}");
     let after: Vec<Vec<f32>> = other
         .tensors()
         .iter()

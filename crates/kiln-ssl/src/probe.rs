@@ -181,6 +181,23 @@ pub struct ProbeReport {
     pub knn20: f64,
     /// kNN (k = 200) test accuracy.
     pub knn200: f64,
+    /// Training examples the probes saw: kNN's k is at most this many, so
+    /// with fewer than 200 the "k = 200" column used them all (0: a report
+    /// written before the count was kept).
+    #[serde(default)]
+    pub train_examples: usize,
+}
+
+impl ProbeReport {
+    /// The k a kNN column asked for `k` really used (all the training
+    /// examples when there are fewer).
+    pub fn knn_k(&self, k: usize) -> usize {
+        if self.train_examples == 0 {
+            k
+        } else {
+            k.min(self.train_examples)
+        }
+    }
 }
 
 /// Runs every probe.
@@ -195,5 +212,6 @@ pub fn probe_all(
         linear: linear_probe(train, train_labels, test, test_labels, cfg)?,
         knn20: knn_accuracy(train, train_labels, test, test_labels, 20, 0.07)?,
         knn200: knn_accuracy(train, train_labels, test, test_labels, 200, 0.07)?,
+        train_examples: train_labels.len(),
     })
 }

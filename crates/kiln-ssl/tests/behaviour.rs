@@ -13,7 +13,7 @@ use kiln_data::{
     SyntheticShapesConfig,
 };
 use kiln_ssl::inpaint::{border_mean_fill, inpaint_loss};
-use kiln_ssl::probe::{knn_accuracy, knn_predict, linear_probe, LinearProbeConfig};
+use kiln_ssl::probe::{knn_accuracy, knn_predict, linear_probe, probe_all, LinearProbeConfig};
 use kiln_ssl::{train_inpaint, train_simclr, InpaintConfig, RunOptions, SimclrConfig};
 
 /// Gaussian blobs around class centres (separable) or pure noise (random labels).
@@ -64,6 +64,25 @@ fn probes_separate_separable_features_and_are_at_chance_on_noise() {
         vec![7]
     );
     assert!(linear_probe(&tr, &ytr[..10], &te, &yte, &cfg).is_err());
+}
+
+/// With 24 training images the "k = 200" kNN votes over all 24: the report
+/// keeps the count so the table can say so (it printed a k=200 column).
+#[test]
+fn a_probe_report_knows_the_k_it_used() {
+    let (tr, ytr) = features(24, 4, true, 1);
+    let (te, yte) = features(8, 4, true, 2);
+    let cfg = LinearProbeConfig {
+        epochs: 2,
+        ..Default::default()
+    };
+    let r = probe_all(&tr, &ytr, &te, &yte, &cfg).unwrap();
+    assert_eq!(r.train_examples, 24);
+    assert_eq!((r.knn_k(20), r.knn_k(200)), (20, 24));
+    // A report saved before the count was kept reads 0 and claims no cut.
+    let old: kiln_ssl::probe::ProbeReport =
+        serde_json::from_str(r#"{"linear": 0.5, "knn20": 0.5, "knn200": 0.5}"#).unwrap();
+    assert_eq!((old.train_examples, old.knn_k(200)), (0, 200));
 }
 
 #[test]

@@ -282,7 +282,13 @@ fn train_simclr_cmd(args: &[String]) -> Result<()> {
 }
 
 fn print_probes(p: &ProbeReport, r: &ProbeReport) {
-    eprintln!("| encoder | linear probe | kNN k=20 | kNN k=200 |");
+    // With fewer training images than k, kNN votes over all of them: the
+    // header says which k each column really used.
+    let col = |k: usize| match p.knn_k(k) {
+        used if used < k => format!("kNN k={k} (k={used}: all training images)"),
+        _ => format!("kNN k={k}"),
+    };
+    eprintln!("| encoder | linear probe | {} | {} |", col(20), col(200));
     eprintln!("|---|---|---|---|");
     eprintln!(
         "| trained | {:.1}% | {:.1}% | {:.1}% |",
