@@ -319,8 +319,30 @@ pub fn evaluate(
                 PromptInput::Chat { template, messages } => template.render(messages, true)?,
             };
             let prompt_tokens = counter.count(&first_text)?;
-            let res =
-                generate_checked_with(generator, input, &checks, opts.max_attempts, &opts.params)?;
+            // A generator error (a prompt that fills the model's context, say)
+            // is this cell's, not the whole table's: the other cells still run
+            // and the error shows in the table's errors column.
+            let res = match generate_checked_with(
+                generator,
+                input,
+                &checks,
+                opts.max_attempts,
+                &opts.params,
+            ) {
+                Ok(r) => r,
+                Err(e) => {
+                    cells.push(CellResult {
+                        variant: vname.clone(),
+                        case: case.name.clone(),
+                        prompt_tokens,
+                        attempts: vec![],
+                        passed_first: false,
+                        passed: false,
+                        error: Some(e.to_string()),
+                    });
+                    continue;
+                }
+            };
             cells.push(CellResult {
                 variant: vname.clone(),
                 case: case.name.clone(),

@@ -4,7 +4,8 @@
 use std::path::{Path, PathBuf};
 
 use kiln_prompt::{
-    evaluate, Error, EvalOptions, EvalReport, EvalSuite, RuleGenerator, WordCounter,
+    evaluate, Error, EvalOptions, EvalReport, EvalSuite, FnGenerator, RuleGenerator, TextGenerator,
+    WordCounter,
 };
 
 fn example_dir() -> PathBuf {
@@ -137,6 +138,34 @@ fn a_case_missing_a_variable_is_an_error_cell() {
         report.to_markdown().contains("| vague / no-notes: ")
             || report.to_markdown().contains("- vague / no-notes: ")
     );
+}
+
+/// A generator error (a prompt that fills a model's context) is the cell's:
+/// the other cells still run, and the table counts it under errors. It
+/// stopped the whole evaluation before.
+#[test]
+fn a_generator_error_is_an_error_cell() {
+    let suite = EvalSuite::load(example_dir()).unwrap();
+    let mut rules = RuleGenerator::default();
+    let mut gen = FnGenerator::new("gan-overflows", |prompt: &str, p: &_| {
+        if prompt.contains("generative adversarial") {
+            Err("the prompt fills the model's context of 1024 tokens".into())
+        } else {
+            rules.generate(prompt, p)
+        }
+    });
+    let report = evaluate(&suite, &mut gen, &WordCounter, &EvalOptions::default()).unwrap();
+    let bad: Vec<_> = report.cells.iter().filter(|c| c.error.is_some()).collect();
+    assert_eq!(bad.len(), report.variants.len(), "one gan cell per variant");
+    assert!(bad
+        .iter()
+        .all(|c| c.case == "gan" && c.error.as_deref().unwrap().contains("context of 1024")));
+    assert!(report.variants.iter().all(|v| v.errors == 1));
+    assert!(report
+        .cells
+        .iter()
+        .filter(|c| c.case != "gan")
+        .all(|c| !c.attempts.is_empty()));
 }
 
 #[test]
