@@ -562,7 +562,20 @@ pub(crate) fn write_atomic(path: &Path, bytes: &[u8], private: bool) -> Result<(
     let mut f = opts.open(&tmp).map_err(io)?;
     f.write_all(bytes).map_err(io)?;
     f.sync_all().map_err(io)?;
-    std::fs::rename(&tmp, path).map_err(|e| FeedbackError::io(path, e))
+    std::fs::rename(&tmp, path).map_err(|e| FeedbackError::io(path, e))?;
+    // The rename is durable only once the folder's entry is on disk (as in
+    // kiln-core's write, which this light crate does not depend on).
+    if let Some(d) = path.parent().and_then(|d| {
+        let d = if d.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            d
+        };
+        File::open(d).ok()
+    }) {
+        let _ = d.sync_all();
+    }
+    Ok(())
 }
 
 /// Whether the folder's log has anything in it (a missing or empty log
