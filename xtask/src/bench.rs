@@ -155,6 +155,9 @@ pub fn run(args: &[String], components: &[Component]) -> Result<()> {
             b.gpu_batches.iter().map(|&n| Some(n)).collect()
         };
         for batch in runs {
+            // what the last benchmark freed is still the pool's: give it back
+            // first, or this one's peak is measured above it
+            device::gpu_trim(&dev);
             let ctx = BenchCtx {
                 batch,
                 gpu_base: device::gpu_memory(&dev).map(|(used, _)| used),

@@ -144,6 +144,33 @@ pub fn gpu_memory(dev: &Device) -> Option<(usize, usize)> {
     None
 }
 
+/// Waits for a CUDA device, then hands the memory its allocator keeps for
+/// reuse back to the driver, so that [`gpu_memory`] counts live tensors
+/// only: the stream-ordered pool (`cuMemAllocAsync`) keeps what a finished
+/// benchmark freed, and a peak measured above it reads as 0. Does nothing on
+/// the CPU or in a build without CUDA.
+pub fn gpu_trim(dev: &Device) {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(d) = dev {
+        use candle_core::cuda_backend::cudarc::driver::result;
+        if dev.synchronize().is_err() {
+            return;
+        }
+        let ctx = d.cuda_stream().context().clone();
+        if ctx.bind_to_thread().is_err() {
+            return;
+        }
+        // SAFETY: the device handle comes from a live context bound to this
+        // thread, and the pool it returns is that device's default pool.
+        unsafe {
+            if let Ok(pool) = result::device::get_default_mem_pool(ctx.cu_device()) {
+                let _ = result::mem_pool::trim_to(pool, 0);
+            }
+        }
+    }
+    let _ = dev;
+}
+
 /// What a device is, for reports: `cpu`, or the GPU's name and ordinal
 /// (`cuda:0 NVIDIA H200`).
 pub fn device_name(dev: &Device) -> String {

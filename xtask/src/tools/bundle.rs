@@ -382,7 +382,7 @@ fn manifest(dir: &Path, bins: &[(String, PathBuf)]) -> Result<String> {
 }
 
 /// transformers' greedy continuation of a prompt on a model folder, as ids.
-const GPT2_GREEDY_PY: &str = r#"""transformers' greedy token ids for kiln's GPT-2 parity check.
+const GPT2_GREEDY_PY: &str = r#""""transformers' greedy token ids for kiln's GPT-2 parity check.
 usage: python3 gpt2_greedy.py MODEL_DIR PROMPT N  (prints N new token ids, space-separated)"""
 import sys
 import torch
@@ -487,6 +487,15 @@ nf=$(for b in bin/* tests/*; do LD_LIBRARY_PATH="$LIBS" ldd "$b" | grep 'not fou
 if [ -z "$nf" ]; then row "shared libraries" ok - "all found"; else
   row "shared libraries" FAIL - "not found: $(echo "$nf" | awk '{print $1}' | tr '\n' ' ')"; fi
 
+# Every Python script parses (no torch needed): a broken one would only show as a skipped row.
+if pc=$(python3 - scripts/*.py scripts/gpu-check/check.py scripts/bench/*.py 2>&1 <<'PY'
+import sys
+for f in sys.argv[1:]:
+    compile(open(f, encoding="utf-8").read(), f, "exec")
+print(len(sys.argv) - 1)
+PY
+); then row "python scripts parse" ok - "$pc files"; else row "python scripts parse" FAIL - "$(echo "$pc" | tail -1 | cut -c1-60)"; fi
+
 if [ $DRY = 1 ] && [ -z "$GPU" ]; then
   for t in tests/*; do
     if n=$(LD_LIBRARY_PATH="$LIBS" "$t" --list 2>/dev/null | grep -c ': test$'); then
@@ -520,10 +529,15 @@ else
   P="The kiln fires the clay"
   k=$(timeout 120 bin/xtask generate --model fixtures/tiny-gpt2 --prompt "$P" --temperature 0 --ids \
         --ignore-eos --max-new-tokens 24 --device cuda --offline 2>/tmp/kiln-gen.log | tr -s ' \n' ' ' | sed 's/ $//')
-  if r=$(timeout 120 python3 scripts/gpt2_greedy.py fixtures/tiny-gpt2 "$P" 24 2>/tmp/kiln-gen-ref.log); then
+  echo "kiln (cuda): $k" >>/tmp/kiln-gen.log
+  # skipped only where transformers is missing: a script that fails beside it is a failure
+  if ! python3 -c "import torch, transformers" 2>/tmp/kiln-gen-ref.log; then
+    row "gpt2 greedy parity (cuda)" skip "$(secs $s)" "no torch/transformers (/tmp/kiln-gen-ref.log)"
+  elif r=$(timeout 120 python3 scripts/gpt2_greedy.py fixtures/tiny-gpt2 "$P" 24 2>/tmp/kiln-gen-ref.log); then
+    echo "transformers: $r" >>/tmp/kiln-gen.log
     if [ -n "$k" ] && [ "$k" = "$r" ]; then row "gpt2 greedy parity (cuda)" ok "$(secs $s)" "24 tokens equal transformers'";
     else row "gpt2 greedy parity (cuda)" FAIL "$(secs $s)" "kiln [$k] transformers [$r]"; fi
-  else row "gpt2 greedy parity (cuda)" skip "$(secs $s)" "transformers did not run (/tmp/kiln-gen-ref.log)"; fi
+  else row "gpt2 greedy parity (cuda)" FAIL "$(secs $s)" "gpt2_greedy.py failed (/tmp/kiln-gen-ref.log)"; fi
   s=$(date +%s)
   if bash scripts/gpu-check.sh >/tmp/kiln-gpu-check.log 2>&1; then st=ok; else st=FAIL; fi
   row "gpu-check.sh" $st "$(secs $s)" "$(tail -1 /tmp/kiln-gpu-check.log | cut -c1-60)"
@@ -590,6 +604,50 @@ mod tests {
         ] {
             assert!(cpu.contains(part), "--cpu lacks {part}");
         }
+    }
+
+    /// The GPU machine is lent for minutes: a script that does not parse
+    /// there wastes the run, so each one is parsed here (no torch needed).
+    #[test]
+    fn bundle_scripts_parse() {
+        let dir = std::env::temp_dir().join(format!("kiln-bundle-parse-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (greedy, run) = (dir.join("gpt2_greedy.py"), dir.join("run.sh"));
+        std::fs::write(&greedy, GPT2_GREEDY_PY).unwrap();
+        std::fs::write(&run, RUN_SH).unwrap();
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let mut scripts = vec![greedy];
+        for f in [
+            "scripts/gpu-check/check.py",
+            "scripts/bench/gpu_compare.py",
+            "scripts/bench/torch_reference.py",
+        ] {
+            scripts.push(root.join(f));
+        }
+        for f in &scripts {
+            let out = std::process::Command::new("python3")
+                .args(["-c", "import sys; f = sys.argv[1]; compile(open(f, encoding='utf-8').read(), f, 'exec')"])
+                .arg(f)
+                .output()
+                .expect("python3 runs");
+            assert!(
+                out.status.success(),
+                "{}: {}",
+                f.display(),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let out = std::process::Command::new("bash")
+            .arg("-n")
+            .arg(&run)
+            .output()
+            .expect("bash runs");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
