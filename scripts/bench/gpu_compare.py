@@ -4,7 +4,8 @@ table: benchmark, batch, kiln, PyTorch, kiln / PyTorch, kiln's peak GPU memory.
 usage: python3 gpu_compare.py KILN.jsonl TORCH.jsonl
 Lines that are not JSON (progress, warnings) are skipped. A benchmark one side
 did not report shows "-". PyTorch's decode lines are matched by batch at f32;
-its train line counts tokens per step as "batch" (kiln: rows x seq).
+its train line counts tokens per step as "batch" (kiln: rows x seq). Lines
+with `phases_ms` (GPT-2 training) add a line of their phases' times.
 """
 import json
 import sys
@@ -75,6 +76,11 @@ def main(argv):
         print(f"gpu_compare: no benchmark lines in {argv[1]}", file=sys.stderr)
         return 1
     print(table(kiln, torch))
+    for k in kiln:
+        if isinstance(k.get("phases_ms"), dict):
+            parts = ", ".join(f"{n} {v.get('issue')}/{v.get('done')}"
+                              for n, v in k["phases_ms"].items() if isinstance(v, dict))
+            print(f"{k['bench']} b{k.get('batch')}: ms per phase, host issue/device done: {parts}")
     return 0
 
 

@@ -173,3 +173,20 @@ extern "C" __global__ void add_bias_last_f32(const float *x, const float *b, flo
                                              int c) {
   KILN_FOR(i, n) y[i] = x[i] + b[i % (size_t)c];
 }
+
+// Inverted dropout, y = x * mask(i), the mask of src/ops/fused.rs's DropoutMask:
+// element i is kept (factor `scale`, else 0) when the 32-bit half i % 2 (low
+// half first) of splitmix64(seed + (i / 2 + 1) * golden) is below `threshold`
+// (keep * 2^32). A pure function of the index, so the GPU draws the same mask
+// as the CPU and the backward pass regenerates it.
+extern "C" __global__ void dropout_f32(const float *x, float *y, size_t n, uint64_t seed,
+                                       uint64_t threshold, float scale) {
+  KILN_FOR(i, n) {
+    uint64_t z = seed + ((uint64_t)(i >> 1) + 1ull) * 0x9e3779b97f4a7c15ull;
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    z ^= z >> 31;
+    const uint64_t h = (i & 1) ? (z >> 32) : (z & 0xffffffffull);
+    y[i] = x[i] * (h < threshold ? scale : 0.0f);
+  }
+}

@@ -706,7 +706,62 @@ fn bench_train(ctx: &super::BenchCtx) -> Result<serde_json::Value> {
         "tokens_per_s": ((b * t * steps) as f64 / dt * 10.0).round() / 10.0,
     });
     ctx.annotate(&mut line, watch);
+    if !dev.is_cpu() {
+        line["phases_ms"] = train_phases(
+            &dev,
+            5,
+            || Ok(causal_lm_loss(&model, &ids, None, true)?),
+            &mut opt,
+        )?;
+    }
     Ok(line)
+}
+
+/// Where a GPU train step's time goes: `steps` more steps, each phase
+/// (forward, backward, optimizer) timed twice, once when its calls return
+/// (`issue`: the host's work, launches and allocations) and once when the
+/// device is idle again (`done`). A phase whose issue time is close to its
+/// done time is bound by the host, not the GPU. Medians, in ms.
+fn train_phases(
+    dev: &kiln_core::Device,
+    steps: usize,
+    mut forward: impl FnMut() -> Result<Tensor> + Send,
+    opt: &mut Optimizer,
+) -> Result<serde_json::Value> {
+    let mut t: Vec<Vec<f64>> = (0..6).map(|_| Vec::with_capacity(steps)).collect();
+    for _ in 0..steps {
+        kiln_core::ops::on_pool(|| -> Result<()> {
+            let s = Instant::now();
+            let loss = forward()?;
+            t[0].push(s.elapsed().as_secs_f64());
+            dev.synchronize()?;
+            t[1].push(s.elapsed().as_secs_f64());
+            let s = Instant::now();
+            let grads = loss.backward()?;
+            t[2].push(s.elapsed().as_secs_f64());
+            dev.synchronize()?;
+            t[3].push(s.elapsed().as_secs_f64());
+            let s = Instant::now();
+            opt.step(&grads)?;
+            t[4].push(s.elapsed().as_secs_f64());
+            dev.synchronize()?;
+            t[5].push(s.elapsed().as_secs_f64());
+            Ok(())
+        })?;
+    }
+    let ms = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        (v[v.len() / 2] * 1e4).round() / 10.0
+    };
+    let mut out = serde_json::Map::new();
+    for (i, name) in ["forward", "backward", "optimizer"].iter().enumerate() {
+        let (issue, done) = (ms(&mut t[2 * i]), ms(&mut t[2 * i + 1]));
+        out.insert(
+            name.to_string(),
+            serde_json::json!({"issue": issue, "done": done}),
+        );
+    }
+    Ok(out.into())
 }
 
 #[cfg(test)]
@@ -718,6 +773,28 @@ mod tests {
     fn every_numeric_flag_is_range_checked() {
         assert_numeric_flags_checked::<GenArgs>("cargo xtask generate", None, &["--model", "m"]);
         assert_numeric_flags_checked::<TrainArgs>("cargo xtask train lm", None, &[]);
+    }
+
+    #[test]
+    fn train_phases_time_each_phase_and_step_the_optimizer() {
+        let dev = kiln_core::Device::Cpu;
+        let w = kiln_core::Var::from_slice(&[1.0f32, 2.0], 2, &dev).unwrap();
+        let mut opt =
+            Optimizer::single(OptimKind::adamw(), vec![("w".into(), w.clone())], 0.1, 0.0).unwrap();
+        let phases =
+            train_phases(&dev, 3, || Ok(w.as_tensor().sqr()?.sum_all()?), &mut opt).unwrap();
+        for name in ["forward", "backward", "optimizer"] {
+            let p = &phases[name];
+            let (issue, done) = (p["issue"].as_f64().unwrap(), p["done"].as_f64().unwrap());
+            assert!(issue >= 0.0 && done >= issue, "{name}: {p}");
+        }
+        assert_eq!(opt.step_count(), 3);
+        // three AdamW steps of lr 0.1 move each weight down by about 0.3
+        let v = w.as_tensor().to_vec1::<f32>().unwrap();
+        assert!(
+            (v[0] - 0.7).abs() < 0.01 && (v[1] - 1.7).abs() < 0.01,
+            "{v:?}"
+        );
     }
 
     #[test]

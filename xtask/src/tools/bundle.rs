@@ -660,7 +660,8 @@ mod tests {
             "progress\n\
              {\"bench\":\"vae_mlp_train_step\",\"batch\":32,\"images_per_s\":12000.0,\"peak_gpu_mem_mb\":310}\n\
              {\"bench\":\"vae_mlp_train_step\",\"batch\":512,\"images_per_s\":150000.0}\n\
-             {\"bench\":\"gpt2_small_train_step\",\"batch\":8,\"seq\":128,\"tokens_per_s\":30000.0}\n",
+             {\"bench\":\"gpt2_small_train_step\",\"batch\":8,\"seq\":128,\"tokens_per_s\":30000.0,\
+             \"phases_ms\":{\"forward\":{\"issue\":20.5,\"done\":21.0},\"backward\":{\"issue\":40.0,\"done\":45.0}}}\n",
         )
         .unwrap();
         std::fs::write(
@@ -690,6 +691,10 @@ mod tests {
         // kiln's 8 rows of 128 tokens are PyTorch's 1024-token batch.
         assert!(
             row("gpt2_small_train_step", "8").contains("0.75x"),
+            "{table}"
+        );
+        assert!(
+            table.contains("gpt2_small_train_step b8: ms per phase, host issue/device done: forward 20.5/21.0, backward 40.0/45.0"),
             "{table}"
         );
         std::fs::remove_dir_all(&dir).unwrap();

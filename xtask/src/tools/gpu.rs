@@ -454,6 +454,27 @@ pub fn export(dir: &Path) -> Result<usize> {
     );
     w.push(c);
 
+    // dropout: the CPU op's mask, keep 0.7, an odd length (a lone last draw)
+    let (keep, seed) = (0.7f64, 0x0123_4567_89ab_cdefu64);
+    let y = ops::dropout(&x, keep, seed)?;
+    let mut c = Case::new("dropout_f32", "fused", 0.0, 0.0);
+    w.input(&mut c, "x", &x, None)?;
+    w.output(&mut c, "y", n, f, Some(&y))?;
+    Writer::launch(
+        &mut c,
+        "dropout_f32",
+        elem_launch(n),
+        vec![
+            buf("x"),
+            buf("y"),
+            json!({ "u64": n }),
+            json!({ "u64": seed }),
+            json!({ "u64": (keep * 4_294_967_296.0).round() as u64 }),
+            json!({ "f32": (1.0 / keep) as f32 }),
+        ],
+    );
+    w.push(c);
+
     let (r, cc) = (7usize, 513usize);
     let x = rng(5, &[r, cc], 2.0)?;
     let g = rng(6, &[r, cc], 1.0)?;

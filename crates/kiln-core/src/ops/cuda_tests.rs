@@ -89,6 +89,17 @@ fn token_ops_match_the_cpu() {
 }
 
 #[test]
+fn dropout_draws_the_cpu_mask() {
+    // odd lengths and an offset view: the pairs of draws split at every place
+    let x = rand(&[3, 1001], 21, 1.0);
+    for keep in [0.9, 0.5, 1.0] {
+        check("dropout", std::slice::from_ref(&x), 0.0, &|xs, _| {
+            ops::dropout(&xs[0].narrow(1, 1, 999)?, keep, 0x0123_4567_89ab_cdef)
+        });
+    }
+}
+
+#[test]
 fn fused_ops_match_the_cpu() {
     let x = rand(&[5, 7, 769], 2, 2.0);
     check("gelu", std::slice::from_ref(&x), 1e-5, &|xs, _| {

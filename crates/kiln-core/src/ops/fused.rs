@@ -800,6 +800,15 @@ impl CustomOp1 for Dropout {
         Ok((out, l.shape().clone()))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        super::fused_cuda::dropout(&self.0, s, l)
+    }
+
     fn bwd(
         &self,
         _arg: &candle_core::Tensor,

@@ -242,3 +242,32 @@ pub(crate) fn sum_rows(s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shap
     unsafe { b.launch(col_cfg(rows, c)) }.w()?;
     Ok((wrap(out, dev), Shape::from(c)))
 }
+
+/// Inverted dropout `x * mask(i)` with the CPU op's mask (`DropoutMask`),
+/// drawn on the GPU: the mask never crosses the bus, and the backward pass
+/// runs the same kernel on the gradient.
+pub(crate) fn dropout(
+    m: &super::fused::DropoutMask,
+    s: &CudaStorage,
+    l: &Layout,
+) -> Result<(CudaStorage, Shape)> {
+    const W: &str = "dropout (cuda)";
+    let x = f32_input(s, l, W)?;
+    let n = l.shape().elem_count();
+    let dev = s.device();
+    let f = cuda_func!(dev, FUSED, "dropout_f32")?;
+    // SAFETY: every element is written by the kernel.
+    let mut y = unsafe { dev.alloc::<f32>(n) }?;
+    let nn = n as u64;
+    let mut b = f.builder();
+    b.arg(&x)
+        .arg(&mut y)
+        .arg(&nn)
+        .arg(&m.seed)
+        .arg(&m.threshold)
+        .arg(&m.scale);
+    // SAFETY: argument types match the kernel's signature
+    // (pointers, size_t, uint64_t, uint64_t, float).
+    unsafe { b.launch(elem_cfg(n)) }.w()?;
+    Ok((wrap(y, dev), l.shape().clone()))
+}

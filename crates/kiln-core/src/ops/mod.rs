@@ -429,16 +429,19 @@ pub fn tanh(x: &Tensor) -> Result<Tensor> {
 /// Inverted dropout: each element of `x` kept with probability `keep` and
 /// scaled by `1/keep`, else zeroed, by a mask that is a pure function of
 /// `seed` and the element's index (splitmix64 on a counter). On the CPU (f32
-/// and f64) the mask is drawn inside one parallel pass and regenerated in the
-/// backward pass, never stored; elsewhere the same mask is built on the CPU
-/// and multiplied, so every device drops the same elements for one seed.
+/// and f64) and on a CUDA GPU (f32) the mask is drawn inside one pass and
+/// regenerated in the backward pass, never stored; elsewhere the same mask is
+/// built on the CPU and multiplied, so every device drops the same elements
+/// for one seed.
 pub fn dropout(x: &Tensor, keep: f64, seed: u64) -> Result<Tensor> {
     if !(keep > 0.0 && keep <= 1.0) {
         candle_core::bail!("dropout: keep must be in (0, 1], got {keep}");
     }
     let mask = fused::DropoutMask::new(seed, keep);
-    let cpu_float = x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64);
-    if cpu_float {
+    // the fused op: f32/f64 on the CPU, f32 on a GPU (the mask drawn there)
+    let fused = (x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64))
+        || (x.device().is_cuda() && x.dtype() == DType::F32);
+    if fused {
         return x.contiguous()?.apply_op1(fused::Dropout(mask));
     }
     let m = Tensor::from_vec(
@@ -479,6 +482,31 @@ pub fn softmax_causal(x: &Tensor, scale: f64) -> Result<Tensor> {
             scale: scale as f32,
         });
     }
+    let bias = causal_bias(t, s, x.device(), x.dtype())?;
+    softmax_last_dim(&(x * scale)?.broadcast_add(&bias)?)
+}
+
+/// The causal mask as an additive bias `[T, S]` (0 where query `i` may see
+/// key `j <= i + S - T`, `f32::MIN` elsewhere) on `dev`, kept per thread for
+/// the last few shapes: copying a fresh one to a GPU each layer made the
+/// host wait for the GPU there, every layer of every step.
+fn causal_bias(t: usize, s: usize, dev: &candle_core::Device, dtype: DType) -> Result<Tensor> {
+    type Key = (usize, usize, DType);
+    thread_local! {
+        static BIASES: std::cell::RefCell<Vec<(Key, Tensor)>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    /// Shapes kept per thread (a decode loop's growing S cycles through them).
+    const KEEP: usize = 8;
+    let key = (t, s, dtype);
+    let hit = BIASES.with(|b| {
+        b.borrow()
+            .iter()
+            .find(|(k, v)| *k == key && v.device().same_device(dev))
+            .map(|(_, v)| v.clone())
+    });
+    if let Some(bias) = hit {
+        return Ok(bias);
+    }
     let past = s - t;
     let mut m = vec![0f32; t * s];
     for i in 0..t {
@@ -486,8 +514,15 @@ pub fn softmax_causal(x: &Tensor, scale: f64) -> Result<Tensor> {
             *v = f32::MIN;
         }
     }
-    let bias = Tensor::from_vec(m, (t, s), x.device())?.to_dtype(x.dtype())?;
-    softmax_last_dim(&(x * scale)?.broadcast_add(&bias)?)
+    let bias = Tensor::from_vec(m, (t, s), dev)?.to_dtype(dtype)?;
+    BIASES.with(|b| {
+        let mut b = b.borrow_mut();
+        if b.len() == KEEP {
+            b.remove(0);
+        }
+        b.push((key, bias.clone()));
+    });
+    Ok(bias)
 }
 
 /// Causal self-attention from fused projections: `qkv [B, T, 3C]` (queries,
@@ -899,6 +934,34 @@ fn norm_composite(
         .broadcast_div(&(var + eps)?.sqrt()?)?
         .broadcast_mul(&weight.reshape(shape.clone())?)?
         .broadcast_add(&bias.reshape(shape)?)
+}
+
+#[cfg(test)]
+mod causal_bias_tests {
+    use super::causal_bias;
+    use candle_core::{DType, Device};
+
+    #[test]
+    fn the_bias_masks_later_keys_and_is_kept_per_shape() {
+        let dev = Device::Cpu;
+        // T 2 of S 4: query 0 sees keys 0..=2, query 1 all four
+        let b = causal_bias(2, 4, &dev, DType::F64).unwrap();
+        let m = f64::from(f32::MIN);
+        assert_eq!(
+            b.to_vec2::<f64>().unwrap(),
+            [[0.0, 0.0, 0.0, m], [0.0, 0.0, 0.0, 0.0]]
+        );
+        // the same shape again is the same tensor, not a new copy
+        assert_eq!(causal_bias(2, 4, &dev, DType::F64).unwrap().id(), b.id());
+        assert_ne!(causal_bias(2, 4, &dev, DType::F32).unwrap().id(), b.id());
+        // more shapes than are kept: the oldest is made again, correctly
+        for s in 5..15 {
+            causal_bias(2, s, &dev, DType::F64).unwrap();
+        }
+        let again = causal_bias(2, 4, &dev, DType::F64).unwrap();
+        assert_ne!(again.id(), b.id());
+        assert_eq!(again.to_vec2::<f64>().unwrap(), b.to_vec2::<f64>().unwrap());
+    }
 }
 
 #[cfg(test)]
