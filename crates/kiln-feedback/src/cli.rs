@@ -95,7 +95,8 @@ pub struct ServeArgs {
     /// Annotators, comma-separated; each gets a URL with its own token (reused on restart).
     #[arg(long, value_delimiter = ',')]
     pub annotators: Vec<String>,
-    /// Hand each item out until it has this many submitted (not skipped) answers.
+    /// Hand each item out until it has this many submitted (not skipped) answers:
+    /// with --annotators, at most as many as can answer (each answers an item once).
     #[arg(long, default_value_t = 1, value_parser = count)]
     pub min_submitted: usize,
     /// Share of each annotator's items shown again later with the sides swapped.
@@ -188,7 +189,17 @@ pub fn serve(a: &ServeArgs) -> Result<()> {
         max_body: DEFAULT_MAX_BODY,
     };
     // Check the options and bind the port before creating the folder, so
-    // that a mistake or a busy port leaves nothing behind.
+    // that a mistake or a busy port leaves nothing behind. Answers already
+    // in the folder count towards --min-submitted; a folder that does not
+    // open is left to `create_locked` to report (and `serve` checks again).
+    let earlier = if a.out.join(crate::store::PAIRS).is_file() {
+        LabelDir::open(&a.out).ok().map(|d| d.ledger.annotators())
+    } else {
+        Some(Vec::new())
+    };
+    if let Some(earlier) = earlier {
+        crate::server::check_min_submitted(&opts.plan, &opts.annotators, &earlier)?;
+    }
     let bound = crate::server::bind(&opts)?;
     // Held while serving: a second server (or `label`) on this folder would
     // hand out and acknowledge answers that contradict this one's.

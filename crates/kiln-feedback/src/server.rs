@@ -550,6 +550,42 @@ pub fn check_annotators(annotators: &[String]) -> Result<()> {
     Ok(())
 }
 
+/// Checks that `plan.min_submitted` can ever be reached. Each annotator
+/// submits at most one answer per item, and with named `annotators` only
+/// they can answer, besides those whose answers the folder already holds
+/// (`earlier`, e.g. [`Ledger::annotators`](crate::store::Ledger::annotators)):
+/// more would hand every item to every annotator while the overlap asked
+/// for never comes. Without named annotators anyone may join, so any value
+/// can be reached; `usize::MAX` ([`Plan::everything`]) asks for exactly that.
+pub fn check_min_submitted(plan: &Plan, annotators: &[String], earlier: &[String]) -> Result<()> {
+    let n = plan.min_submitted;
+    if n == 0 {
+        return Err(FeedbackError::Invalid(
+            "--min-submitted 0: expected an integer >= 1".into(),
+        ));
+    }
+    if annotators.is_empty() || n == usize::MAX {
+        return Ok(());
+    }
+    let others = earlier.iter().filter(|e| !annotators.contains(e)).count();
+    let limit = annotators.len() + others;
+    if n <= limit {
+        return Ok(());
+    }
+    let who = match others {
+        0 => format!("the {} named with --annotators", annotators.len()),
+        m => format!(
+            "the {} named with --annotators and {m} more whose answers the folder holds",
+            annotators.len()
+        ),
+    };
+    Err(FeedbackError::Invalid(format!(
+        "--min-submitted {n}: no item can ever get that many submitted answers: each annotator \
+         answers an item once, and only {who} can answer; expected 1..={limit}, or name more \
+         annotators"
+    )))
+}
+
 /// A checked configuration with its listening socket bound, not serving
 /// yet: [`bind`] it before creating the labelling folder, so that bad
 /// options or a busy port leave nothing behind, then [`Bound::serve`].
@@ -606,6 +642,7 @@ impl Bound {
             rt,
             opts,
         } = self;
+        check_min_submitted(&opts.plan, &opts.annotators, &dir.ledger.annotators())?;
         let tokens = load_tokens(&dir.dir, &opts.annotators)?;
         let log = AnswerLog::open(&dir.dir)?;
         let app = Arc::new(App {

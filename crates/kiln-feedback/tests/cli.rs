@@ -181,6 +181,74 @@ fn annotators_named_twice_are_refused() {
     assert!(!out.exists());
 }
 
+/// `--min-submitted` above the number of annotators who can answer (each
+/// answers an item once) was accepted and every item went to everyone while
+/// the overlap asked for never came; it is refused at start, by `serve`
+/// before it creates --out and by the library, naming the flag, the value
+/// and the limit. Answers already in the folder count towards the limit;
+/// without named annotators anyone may join, so there is none.
+#[test]
+fn an_unreachable_min_submitted_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pairs = tmp.path().join("pairs.jsonl");
+    write_pairs(&pairs, 3);
+    let opts = |annotators: &[&str], min_submitted| ServeOptions {
+        addr: "127.0.0.1:0".parse().unwrap(),
+        annotators: annotators.iter().map(|s| s.to_string()).collect(),
+        require_tokens: true,
+        plan: Plan {
+            min_submitted,
+            ..Plan::everything()
+        },
+        max_body: DEFAULT_MAX_BODY,
+    };
+    // The library first (a `serve` that started would serve forever).
+    let lib = LabelDir::create(&tmp.path().join("lib"), &pairs).unwrap();
+    let e = start(lib, &opts(&["alice", "bob"], 3))
+        .err()
+        .expect("3 answers per item from 2 annotators must be refused")
+        .to_string();
+    assert!(
+        e.contains("--min-submitted 3") && e.contains("1..=2") && e.contains("the 2 named"),
+        "{e}"
+    );
+    // ann's 3 answers are in this folder: alice, bob and ann can answer.
+    let lab = labelled(tmp.path(), 3);
+    let e = start(LabelDir::open(&lab).unwrap(), &opts(&["alice", "bob"], 4))
+        .err()
+        .expect("4 answers per item from 3 annotators must be refused")
+        .to_string();
+    assert!(
+        e.contains("--min-submitted 4") && e.contains("1..=3") && e.contains("1 more"),
+        "{e}"
+    );
+    // Reachable: started, then stopped by the drop.
+    for (who, min) in [
+        (&["alice", "bob"][..], 3),
+        (&["ann"][..], 1),
+        (&[][..], 100),
+    ] {
+        drop(start(LabelDir::open(&lab).unwrap(), &opts(who, min)).unwrap());
+    }
+    // `serve` refuses before creating --out, and counts the folder's answers.
+    let out = tmp.path().join("new");
+    let mut a = serve_args(&pairs, &out, "127.0.0.1:0", &["alice", "bob"]);
+    a.min_submitted = 3;
+    let e = cli::serve(&a).unwrap_err().to_string();
+    assert!(
+        e.contains("--min-submitted 3") && e.contains("1..=2"),
+        "{e}"
+    );
+    assert!(!out.exists(), "serve created {}", out.display());
+    let mut a = serve_args(&pairs, &lab, "127.0.0.1:0", &["alice", "bob"]);
+    a.min_submitted = 4;
+    let e = cli::serve(&a).unwrap_err().to_string();
+    assert!(
+        e.contains("--min-submitted 4") && e.contains("1..=3"),
+        "{e}"
+    );
+}
+
 /// An export onto the folder's answers, pairs or report is refused however
 /// the path is spelled, and the log survives; elsewhere in the folder is fine.
 #[test]
