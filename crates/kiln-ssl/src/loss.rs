@@ -2,6 +2,32 @@
 
 use kiln_core::{Result, Tensor, D};
 
+/// Smallest NT-Xent temperature accepted ([`nt_xent`], `SimclrConfig::temperature`).
+///
+/// The logits are cosine similarities in `[-1, 1]` divided by the temperature,
+/// computed in f32. Far below this they grow so large that the self-similarity
+/// mask (a `1e9` offset) and the positives vanish in rounding (at `1e-30` the
+/// loss is about `1e28` and nothing is learnt), and at about `1e-39` they overflow.
+pub const MIN_TEMPERATURE: f64 = 1e-3;
+
+/// Largest NT-Xent temperature accepted: above it every logit is within 0.01
+/// of 0, the softmax is uniform and the gradients vanish.
+pub const MAX_TEMPERATURE: f64 = 100.0;
+
+/// Why `temperature` cannot be an NT-Xent temperature, or `None` when it can
+/// (finite and within [`MIN_TEMPERATURE`]`..=`[`MAX_TEMPERATURE`]).
+pub fn temperature_problem(temperature: f64) -> Option<String> {
+    if (MIN_TEMPERATURE..=MAX_TEMPERATURE).contains(&temperature) {
+        return None;
+    }
+    Some(format!(
+        "expected a number in [{MIN_TEMPERATURE}, {MAX_TEMPERATURE}], found {temperature:?}: \
+         the logits are cosine similarities in [-1, 1] divided by the temperature, in f32; \
+         below {MIN_TEMPERATURE} they swamp the self-similarity mask or overflow, above \
+         {MAX_TEMPERATURE} they are all about 0 and nothing is learnt"
+    ))
+}
+
 /// Rows scaled to unit L2 norm (`F.normalize(x, dim=1)`, eps 1e-12).
 pub fn l2_normalize(x: &Tensor) -> Result<Tensor> {
     let n = x.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?.maximum(1e-12)?;
@@ -10,7 +36,8 @@ pub fn l2_normalize(x: &Tensor) -> Result<Tensor> {
 
 /// NT-Xent (SimCLR's normalised temperature-scaled cross-entropy; InfoNCE with
 /// the other 2N-2 views as negatives): `z1`, `z2` are `[N, d]` projections of
-/// two views of the same N images. Mean over the 2N anchors.
+/// two views of the same N images. Mean over the 2N anchors. `temperature`
+/// must be in [`MIN_TEMPERATURE`]`..=`[`MAX_TEMPERATURE`].
 pub fn nt_xent(z1: &Tensor, z2: &Tensor, temperature: f64) -> Result<Tensor> {
     let (n, _) = z1.dims2()?;
     if z2.dims() != z1.dims() {
@@ -23,8 +50,8 @@ pub fn nt_xent(z1: &Tensor, z2: &Tensor, temperature: f64) -> Result<Tensor> {
     if n < 2 {
         kiln_core::candle::bail!("nt_xent: needs at least 2 images per batch (negatives), got {n}");
     }
-    if !(temperature.is_finite() && temperature > 0.0) {
-        kiln_core::candle::bail!("nt_xent: temperature must be positive, got {temperature}");
+    if let Some(msg) = temperature_problem(temperature) {
+        kiln_core::candle::bail!("nt_xent: temperature: {msg}");
     }
     let z = l2_normalize(&Tensor::cat(&[z1, z2], 0)?)?;
     let sim = (z.matmul(&z.t()?)? / temperature)?;
@@ -44,4 +71,28 @@ pub fn info_nce(a: &Tensor, b: &Tensor, temperature: f64) -> Result<Tensor> {
     let logits = (l2_normalize(a)?.matmul(&l2_normalize(b)?.t()?)? / temperature)?;
     let targets = Tensor::arange(0u32, n as u32, a.device())?;
     kiln_core::loss::cross_entropy(&logits, &targets, None, kiln_core::loss::Reduction::Mean)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kiln_core::Device;
+
+    /// At 1e-30 the loss was a finite ~1e28 that taught nothing; it is refused.
+    #[test]
+    fn nt_xent_refuses_a_temperature_it_cannot_use() {
+        let z1 = Tensor::new(&[[1.0f32, 0.0], [0.0, 1.0]], &Device::Cpu).unwrap();
+        let z2 = Tensor::new(&[[0.9f32, 0.1], [0.1, 0.9]], &Device::Cpu).unwrap();
+        for t in [1e-30, 5e-4, 1e3] {
+            let e = nt_xent(&z1, &z2, t).unwrap_err().to_string();
+            assert!(
+                e.contains("temperature") && e.contains(&format!("{t:?}")),
+                "{e}"
+            );
+        }
+        for t in [MIN_TEMPERATURE, 0.5, MAX_TEMPERATURE] {
+            let l = nt_xent(&z1, &z2, t).unwrap().to_scalar::<f32>().unwrap();
+            assert!(l.is_finite(), "{t}: {l}");
+        }
+    }
 }

@@ -15,7 +15,7 @@ use kiln_data::transforms::{
 use kiln_data::{DataLoader, Dataset, LoaderConfig};
 use serde::{Deserialize, Serialize};
 
-use crate::loss::nt_xent;
+use crate::loss::{nt_xent, temperature_problem};
 use crate::probe::{probe_all, LinearProbeConfig, ProbeReport};
 use crate::{RunOptions, SslError};
 
@@ -28,7 +28,8 @@ pub struct SimclrConfig {
     pub widths: Vec<usize>,
     /// Projection head output dimension.
     pub proj_dim: usize,
-    /// NT-Xent temperature.
+    /// NT-Xent temperature, in [`MIN_TEMPERATURE`](crate::loss::MIN_TEMPERATURE)
+    /// `..=` [`MAX_TEMPERATURE`](crate::loss::MAX_TEMPERATURE).
     pub temperature: f64,
     /// Epochs.
     pub epochs: u64,
@@ -123,11 +124,8 @@ impl SimclrConfig {
                 ),
             );
         }
-        if !(self.temperature.is_finite() && self.temperature > 0.0) {
-            return bad(
-                "temperature",
-                format!("expected a positive number, found {}", self.temperature),
-            );
+        if let Some(msg) = temperature_problem(self.temperature) {
+            return bad("temperature", msg);
         }
         if !(0.0..=2.5).contains(&self.color_strength) {
             return bad(
@@ -519,6 +517,40 @@ mod tests {
         }
         for (side, widths) in [(4, vec![8, 8, 8]), (1, vec![8]), (2, vec![8, 8])] {
             cfg(side, widths).validate().unwrap();
+        }
+    }
+
+    /// `--temperature 1e-30` trained nothing and said nothing: the logits
+    /// (similarities / tau) reached 1e30 in f32, swamped the self-similarity
+    /// mask, and the loss sat at ~1e28. The config now refuses temperatures
+    /// outside the range NT-Xent can use, naming the field, value and range.
+    #[test]
+    fn temperature_must_keep_the_logits_usable() {
+        let cfg = |temperature| SimclrConfig {
+            temperature,
+            ..SimclrConfig::default()
+        };
+        for t in [
+            1e-30,
+            1e-4,
+            9.9e-4,
+            100.5,
+            1e6,
+            0.0,
+            -0.2,
+            f64::NAN,
+            f64::INFINITY,
+        ] {
+            let e = cfg(t).validate().unwrap_err().to_string();
+            assert!(
+                e.contains("`temperature`")
+                    && e.contains(&format!("found {t:?}"))
+                    && e.contains("[0.001, 100]"),
+                "{t}: {e}"
+            );
+        }
+        for t in [1e-3, 0.07, 0.2, 0.5, 1.0, 100.0] {
+            cfg(t).validate().unwrap();
         }
     }
 }

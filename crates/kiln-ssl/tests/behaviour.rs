@@ -266,6 +266,32 @@ fn simclr_features_beat_random_init_features_on_shapes() {
     );
 }
 
+/// A temperature NT-Xent cannot use is refused before the run folder is made.
+#[test]
+fn simclr_refuses_an_unusable_temperature_before_making_a_run_folder() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("r");
+    let cfg = SimclrConfig {
+        widths: vec![8],
+        batch_size: 4,
+        image_size: 8,
+        temperature: 1e-30,
+        ..Default::default()
+    };
+    let tr = shapes(Split::Train, 8, 8);
+    let e = train_simclr(
+        &cfg,
+        tr,
+        None,
+        &Device::Cpu,
+        &RunOptions::new_run(Some(&out)).quiet(true),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("`temperature`") && e.contains("1e-30"), "{e}");
+    assert!(!out.exists(), "a run folder was made");
+}
+
 /// A copy of an old-run fixture (fixtures/old_runs/README.md) in a temporary folder.
 fn old_run(kind: &str) -> (tempfile::TempDir, std::path::PathBuf) {
     let dir = tempfile::tempdir().unwrap();

@@ -203,8 +203,14 @@ struct SimclrArgs {
     /// AdamW learning rate.
     #[arg(long, default_value_t = 1e-3, value_parser = float_in::<f64>("> 0", |x| x > 0.0))]
     lr: f64,
-    /// NT-Xent temperature.
-    #[arg(long, default_value_t = 0.2, value_parser = float_in::<f64>("> 0", |x| x > 0.0))]
+    /// NT-Xent temperature, in [0.001, 100]: the logits are cosine similarities
+    /// divided by it, in f32; below 0.001 they swamp the self-similarity mask
+    /// or overflow, above 100 they are all about 0 and nothing is learnt.
+    #[arg(long, default_value_t = 0.2, value_parser = float_in::<f64>(
+        "in [0.001, 100] (similarities in [-1, 1] are divided by it in f32: below 0.001 \
+         the logits swamp the self-similarity mask or overflow, above 100 nothing is learnt)",
+        |x| kiln_ssl::loss::temperature_problem(x).is_none(),
+    ))]
     temperature: f64,
     /// Encoder widths, comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "32,64,128", value_parser = int_in(1usize, 4096))]
@@ -453,6 +459,34 @@ mod tests {
     fn every_numeric_flag_is_range_checked() {
         assert_numeric_flags_checked::<InpaintArgs>("cargo xtask train inpaint", None, &[]);
         assert_numeric_flags_checked::<SimclrArgs>("cargo xtask train simclr", None, &[]);
+    }
+
+    /// `--temperature 1e-30` trained a run whose loss sat at ~1e28 and said
+    /// nothing; the flag now takes kiln-ssl's range and refuses the rest at
+    /// parse time, before a run folder is made, naming flag, value and range.
+    #[test]
+    fn temperature_is_refused_outside_what_nt_xent_can_use() {
+        for bad in ["1e-30", "0.0009", "100.5", "1e6", "0"] {
+            let args = ["--temperature", bad].map(String::from);
+            let e = parse::<SimclrArgs>("s", &args).unwrap_err().to_string();
+            assert!(
+                e.contains("--temperature") && e.contains(bad) && e.contains("[0.001, 100]"),
+                "{bad}: {e}"
+            );
+        }
+        for good in ["0.001", "0.2", "100"] {
+            let args = ["--temperature", good].map(String::from);
+            let a: SimclrArgs = parse("s", &args).unwrap();
+            assert_eq!(a.temperature, good.parse::<f64>().unwrap());
+        }
+        // The help's range is the library's.
+        assert_eq!(
+            (
+                kiln_ssl::loss::MIN_TEMPERATURE,
+                kiln_ssl::loss::MAX_TEMPERATURE
+            ),
+            (0.001, 100.0)
+        );
     }
 
     #[test]
