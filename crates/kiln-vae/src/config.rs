@@ -124,13 +124,22 @@ impl VaeConfig {
             return bad("num_classes", "must be at least 1 when set".into());
         }
         if self.arch == Arch::Conv {
-            let f = 1usize << self.hidden.len();
-            if !self.image_size.is_multiple_of(f) {
+            // Each stride-2 4x4 convolution (padding 1) halves the side
+            // exactly only when it is even, and the transposed ones double
+            // it back: the side must be a multiple of 2^layers.
+            let n = self.hidden.len();
+            let f = 1usize.checked_shl(n as u32).filter(|f| *f <= 1 << 20);
+            let ok = f.is_some_and(|f| self.image_size.is_multiple_of(f));
+            if !ok {
+                let accepted = match f {
+                    Some(f) => format!("a multiple of {f} ({f}, {}, {}, ...)", 2 * f, 3 * f),
+                    None => "fewer layers: no image side can be halved that often".into(),
+                };
                 return bad(
                     "image_size",
                     format!(
-                        "a conv VAE with {} stride-2 layers needs a side divisible by {f}, got {}",
-                        self.hidden.len(),
+                        "a conv VAE with {n} stride-2 layers halves the side {n} times; \
+                         expected {accepted}, found {}",
                         self.image_size
                     ),
                 );
@@ -163,5 +172,56 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("bogus"), "{e}");
+    }
+
+    /// A conv VAE refuses sides its stride-2 layers cannot halve, naming the
+    /// field, the value and the sides it takes; the MLP takes any side.
+    #[test]
+    fn conv_image_size_names_the_sides_it_takes() {
+        for (side, hidden) in [
+            (3, vec![8, 8]),
+            (1, vec![8, 8]),
+            (6, vec![8, 8]),
+            (12, vec![8; 3]),
+        ] {
+            let c = VaeConfig {
+                image_size: side,
+                hidden: hidden.clone(),
+                ..VaeConfig::conv()
+            };
+            let e = c.validate().unwrap_err().to_string();
+            let f = 1 << hidden.len();
+            assert!(
+                e.contains("`image_size`")
+                    && e.contains(&format!("found {side}"))
+                    && e.contains(&format!("a multiple of {f} ({f}, {}", 2 * f)),
+                "{e}"
+            );
+        }
+        let c = VaeConfig {
+            hidden: vec![1; 70],
+            ..VaeConfig::conv()
+        };
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("fewer layers"));
+        for side in [4, 8, 12, 32] {
+            VaeConfig {
+                image_size: side,
+                ..VaeConfig::conv()
+            }
+            .validate()
+            .unwrap();
+        }
+        for side in [1, 2, 3, 5] {
+            VaeConfig {
+                image_size: side,
+                ..VaeConfig::mlp_chapter()
+            }
+            .validate()
+            .unwrap();
+        }
     }
 }

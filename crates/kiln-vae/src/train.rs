@@ -12,7 +12,10 @@ use kiln_core::run::{RunDir, RunOptions};
 use kiln_core::session::{Record, Session};
 use kiln_core::vars::VarStore;
 use kiln_core::{DType, Device, Tensor};
-use kiln_data::{DataLoader, Dataset, LoaderConfig};
+use kiln_data::{
+    DataError, DataLoader, Dataset, DatasetSpec, LoaderConfig, SyntheticFlowersConfig,
+    SyntheticShapesConfig,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::config::VaeConfig;
@@ -89,6 +92,50 @@ pub struct RunConfig {
     pub train: TrainConfig,
 }
 
+impl RunConfig {
+    /// Checks the model and the optimisation ([`VaeConfig::validate`],
+    /// [`TrainConfig::validate`]) and that `train.dataset` can be opened at
+    /// `model.image_size` (`eval` and `sample` reopen it there): the drawn
+    /// datasets have a smallest side (synthetic-flowers 4, synthetic-shapes
+    /// 8, as kiln-data's configs check), the others are resized to any side.
+    pub fn validate(&self) -> Result<()> {
+        self.model.validate()?;
+        self.train.validate()?;
+        check_dataset_side(&self.train.dataset, self.model.image_size)
+    }
+}
+
+/// Refuses an image side the dataset named `dataset` cannot be drawn at,
+/// with kiln-data's own range. A name that does not parse is left to the
+/// code that opens it, which says what names are known.
+fn check_dataset_side(dataset: &str, size: usize) -> Result<()> {
+    let Ok(spec) = dataset.parse::<DatasetSpec>() else {
+        return Ok(());
+    };
+    let checked = match spec {
+        DatasetSpec::SyntheticFlowers => SyntheticFlowersConfig {
+            size,
+            ..Default::default()
+        }
+        .validate(),
+        DatasetSpec::SyntheticShapes => SyntheticShapesConfig {
+            size,
+            ..Default::default()
+        }
+        .validate(),
+        _ => Ok(()),
+    };
+    checked.map_err(|e| VaeError::Config {
+        field: "image_size".into(),
+        msg: match e {
+            DataError::Config { msg, .. } => {
+                format!("dataset {spec} cannot be drawn at this side: {msg}")
+            }
+            e => format!("dataset {spec}: {e}"),
+        },
+    })
+}
+
 /// The config fields a resumed run may change (`--epochs` extends a run).
 pub const MAY_CHANGE_ON_RESUME: &[&str] = &["train.epochs", "train.eval_every"];
 
@@ -120,13 +167,12 @@ pub fn train(
     device: &Device,
     opts: &RunOptions,
 ) -> Result<TrainReport> {
-    model_cfg.validate()?;
-    tc.validate()?;
-    check_shape(model_cfg, train_set.as_ref())?;
     let run_cfg = RunConfig {
         model: model_cfg.clone(),
         train: tc.clone(),
     };
+    run_cfg.validate()?;
+    check_shape(model_cfg, train_set.as_ref())?;
     let run = opts.open("vae", RUN_KIND, &run_cfg, MAY_CHANGE_ON_RESUME)?;
     let dir = run.dir().clone();
 

@@ -230,6 +230,68 @@ fn bad_configs_are_rejected_naming_the_field() {
     );
 }
 
+/// `--image-size 3` passed the CLI and the dataset refused it later; a run
+/// whose dataset cannot be drawn at the model's side (eval and sample reopen
+/// it there) is refused before its folder is made, naming the field, the
+/// value and the dataset's range.
+#[test]
+fn an_image_size_the_dataset_cannot_draw_is_refused_before_the_run_folder() {
+    for (dataset, side, range) in [
+        ("synthetic-flowers", 3, "4..=4096"),
+        ("synthetic-shapes", 4, "8..=4096"),
+        ("synthetic-shapes", 7, "8..=4096"),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("r");
+        let e = train(
+            &VaeConfig {
+                image_size: side,
+                ..tiny(false)
+            },
+            &TrainConfig {
+                epochs: 1,
+                dataset: dataset.into(),
+                ..Default::default()
+            },
+            flowers(Split::Train, 8, 4),
+            None,
+            &Device::Cpu,
+            &RunOptions::new_run(Some(&out)).quiet(true),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("`image_size`")
+                && e.contains(dataset)
+                && e.contains(range)
+                && e.contains(&format!("found {side}")),
+            "{e}"
+        );
+        assert!(!out.exists(), "{dataset} {side}: a run folder was made");
+    }
+    // Sides the datasets take, and datasets that are resized to any side.
+    for (dataset, side) in [
+        ("synthetic-flowers", 4),
+        ("synthetic-shapes", 8),
+        ("cifar10", 1),
+        ("mnist", 2),
+        ("folder:pictures", 3),
+    ] {
+        kiln_vae::RunConfig {
+            model: VaeConfig {
+                image_size: side,
+                ..tiny(false)
+            },
+            train: TrainConfig {
+                dataset: dataset.into(),
+                ..Default::default()
+            },
+        }
+        .validate()
+        .unwrap();
+    }
+}
+
 /// Training on SyntheticFlowers lowers the test negative ELBO substantially and
 /// every parameter changes; the run folder has its figures; the run loads back.
 #[test]

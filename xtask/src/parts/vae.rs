@@ -88,7 +88,9 @@ struct TrainArgs {
     /// Condition on the class label (conditional VAE).
     #[arg(long)]
     conditional: bool,
-    /// Image side the data is resized to.
+    /// Image side the data is resized to (synthetic-flowers is drawn at 4 or
+    /// more, synthetic-shapes at 8 or more; a conv model needs a multiple of
+    /// 2^layers, 4 for the conv preset).
     #[arg(long, default_value_t = 32, value_parser = int_in(1usize, MAX_IMAGE_SIZE))]
     image_size: usize,
     /// Evaluate on the test split every N epochs (0 = at the end).
@@ -100,13 +102,9 @@ struct TrainArgs {
 
 /// The model config: on a new run from the flags (defaults included), on a
 /// resumed run from the run's config with only the typed flags applied.
-fn model_config(
-    a: &TrainArgs,
-    given: &Given,
-    base: Option<VaeConfig>,
-    channels: usize,
-    classes: usize,
-) -> Result<VaeConfig> {
+/// The data's channels and, with `--conditional`, its classes are set once
+/// it is open ([`with_data`]).
+fn model_config(a: &TrainArgs, given: &Given, base: Option<VaeConfig>) -> Result<VaeConfig> {
     let mut cfg = match base {
         Some(b) if !given.has("preset") => b,
         _ => match a.preset.as_str() {
@@ -115,7 +113,6 @@ fn model_config(
             p => bail!("--preset {p:?}: expected mlp or conv"),
         },
     };
-    cfg.channels = channels;
     if given.has("image_size") {
         cfg.image_size = a.image_size;
     }
@@ -139,11 +136,39 @@ fn model_config(
             l => bail!("--likelihood {l:?}: expected bernoulli, gaussian or gaussian-learned"),
         };
     }
+    Ok(cfg)
+}
+
+/// `cfg` with the opened data's `channels` and, when `--conditional` was
+/// given, its `classes`; checked again.
+fn with_data(
+    mut cfg: VaeConfig,
+    a: &TrainArgs,
+    given: &Given,
+    channels: usize,
+    classes: usize,
+) -> Result<VaeConfig> {
+    cfg.channels = channels;
     if given.has("conditional") {
         cfg.num_classes = a.conditional.then_some(classes);
     }
     cfg.validate()?;
     Ok(cfg)
+}
+
+/// Checks a run's config before any data is opened or folder made
+/// ([`RunConfig::validate`]: the model, the optimisation, and the side the
+/// dataset can be drawn at); a bad `image_size` that came from
+/// `--image-size` is reported by the flag.
+fn check_run_config(rc: &RunConfig, given: &Given) -> Result<()> {
+    match rc.validate() {
+        Err(kiln_vae::VaeError::Config { field, msg })
+            if field == "image_size" && given.has("image_size") =>
+        {
+            bail!("--image-size {}: {msg}", rc.model.image_size)
+        }
+        r => Ok(r?),
+    }
 }
 
 fn train_cmd(args: &[String]) -> Result<()> {
@@ -177,22 +202,28 @@ fn train_cmd(args: &[String]) -> Result<()> {
     if given.has("eval_every") {
         tc.eval_every = a.eval_every;
     }
-    let image_size = match &base {
-        Some(b) if !given.has("image_size") => b.image_size,
-        _ => a.image_size,
-    };
+    // The model first: a side the model or the dataset cannot take is
+    // refused by its flag before the data is opened or a folder made.
+    let model_cfg = model_config(&a, &given, base)?;
+    check_run_config(
+        &RunConfig {
+            model: model_cfg.clone(),
+            train: tc.clone(),
+        },
+        &given,
+    )?;
     let train_set = open_split(
         &tc.dataset,
         &a.data_root,
         Split::Train,
-        image_size,
+        model_cfg.image_size,
         a.allow_empty_classes,
     )?;
     let first = train_set.get(0)?;
-    let model_cfg = model_config(
+    let model_cfg = with_data(
+        model_cfg,
         &a,
         &given,
-        base,
         first.image.channels,
         train_set.num_classes(),
     )?;
@@ -539,6 +570,63 @@ mod tests {
             "{e}"
         );
         assert!(parse::<TrainArgs>("t", &args(&["--threads", &max.to_string()])).is_ok());
+    }
+
+    /// `--image-size 3` passed the parser and synthetic-flowers refused it
+    /// later without naming the flag; a side the dataset cannot be drawn at,
+    /// or a conv VAE cannot halve, is now refused by the flag before the data
+    /// is opened or a run folder made, with the value and what is accepted.
+    #[test]
+    fn an_image_size_the_dataset_or_model_cannot_take_is_refused_by_its_flag() {
+        let out = std::env::temp_dir().join(format!("kiln-xtask-vae-side-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&out);
+        let o = out.display().to_string();
+        for (extra, side, expected) in [
+            (
+                &[][..],
+                "3",
+                "dataset synthetic-flowers cannot be drawn at this side: expected 4..=4096",
+            ),
+            (
+                &["--dataset", "synthetic-shapes"][..],
+                "4",
+                "expected 8..=4096",
+            ),
+            (
+                &["--preset", "conv"][..],
+                "6",
+                "expected a multiple of 4 (4, 8, 12, ...), found 6",
+            ),
+        ] {
+            let mut v = args(&[
+                "--image-size",
+                side,
+                "--out",
+                &o,
+                "--epochs",
+                "1",
+                "--quiet",
+            ]);
+            v.extend(args(extra));
+            let e = format!("{:#}", train_cmd(&v).unwrap_err());
+            assert!(
+                e.starts_with(&format!("--image-size {side}: ")) && e.contains(expected),
+                "{extra:?} {side}: {e}"
+            );
+            assert!(!out.exists(), "{extra:?} {side}: a run folder was made");
+        }
+        // The check reads the run's config: 4 suits the MLP and synthetic-flowers.
+        let a: TrainArgs = parse("t", &args(&["--image-size", "4"])).unwrap();
+        let cfg = model_config(&a, &Given::all(), None).unwrap();
+        let tc = TrainConfig::default();
+        check_run_config(
+            &RunConfig {
+                model: cfg,
+                train: tc,
+            },
+            &Given::all(),
+        )
+        .unwrap();
     }
 
     #[test]
