@@ -81,6 +81,7 @@ pub fn gpu_bundle(args: &[String]) -> Result<()> {
     }
     let out = std::path::absolute(&a.out)?;
     let dir = out.join("kiln-gpu");
+    check_replaceable(&dir)?;
     if dir.exists() {
         std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
     }
@@ -381,6 +382,24 @@ fn manifest(dir: &Path, bins: &[(String, PathBuf)]) -> Result<String> {
     Ok(s)
 }
 
+/// Refuses to replace `OUT/kiln-gpu` unless it is absent or an earlier bundle
+/// (its `run.sh` is this one's kind): a folder of the user's by that name is
+/// not deleted to make room.
+fn check_replaceable(dir: &Path) -> Result<()> {
+    if !dir.exists() {
+        return Ok(());
+    }
+    let run = std::fs::read_to_string(dir.join("run.sh")).unwrap_or_default();
+    if !dir.is_dir() || !run.contains("# kiln on a GPU machine") {
+        bail!(
+            "{} exists and is not an earlier kiln GPU bundle (no kiln run.sh in it); it would be \
+             replaced: move it, or pick another OUT",
+            dir.display()
+        );
+    }
+    Ok(())
+}
+
 /// transformers' greedy continuation of a prompt on a model folder, as ids.
 const GPT2_GREEDY_PY: &str = r#""""transformers' greedy token ids for kiln's GPT-2 parity check.
 usage: python3 gpt2_greedy.py MODEL_DIR PROMPT N  (prints N new token ids, space-separated)"""
@@ -648,6 +667,29 @@ mod tests {
             String::from_utf8_lossy(&out.stderr)
         );
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn only_an_earlier_bundle_is_replaced() {
+        let base = std::env::temp_dir().join(format!("kiln-bundle-replace-{}", std::process::id()));
+        let dir = base.join("kiln-gpu");
+        // absent: fine
+        check_replaceable(&dir).unwrap();
+        // a user's folder by that name: refused, and left alone
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("notes.txt"), "mine").unwrap();
+        let e = check_replaceable(&dir).unwrap_err().to_string();
+        assert!(e.contains("not an earlier kiln GPU bundle"), "{e}");
+        assert!(dir.join("notes.txt").is_file());
+        // a file by that name: refused too
+        let file = base.join("f").join("kiln-gpu");
+        std::fs::create_dir_all(file.parent().unwrap()).unwrap();
+        std::fs::write(&file, "x").unwrap();
+        assert!(check_replaceable(&file).is_err());
+        // an earlier bundle: replaceable
+        std::fs::write(dir.join("run.sh"), RUN_SH).unwrap();
+        check_replaceable(&dir).unwrap();
+        std::fs::remove_dir_all(&base).unwrap();
     }
 
     #[test]

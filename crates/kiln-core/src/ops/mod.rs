@@ -488,8 +488,8 @@ pub fn softmax_causal(x: &Tensor, scale: f64) -> Result<Tensor> {
 
 /// The causal mask as an additive bias `[T, S]` (0 where query `i` may see
 /// key `j <= i + S - T`, `f32::MIN` elsewhere) on `dev`, kept per thread for
-/// the last few shapes: copying a fresh one to a GPU each layer made the
-/// host wait for the GPU there, every layer of every step.
+/// the last few shapes, so a GPU gets it once rather than a fresh host
+/// copy for every layer of every step.
 fn causal_bias(t: usize, s: usize, dev: &candle_core::Device, dtype: DType) -> Result<Tensor> {
     type Key = (usize, usize, DType);
     thread_local! {
