@@ -83,8 +83,10 @@ fn parse_args(args: &[String]) -> Result<Args> {
             s => out.names.push(s.to_string()),
         }
     }
-    if !out.compare && (out.torch.is_some() || args.iter().any(|a| a == "--rounds")) {
-        bail!("--rounds and --torch go with --compare\n{USAGE}");
+    if !out.compare
+        && (out.torch.is_some() || args.iter().any(|a| a == "--rounds" || a == "--python"))
+    {
+        bail!("--rounds, --python and --torch go with --compare\n{USAGE}");
     }
     if out.no_avx512 && out.device != kiln_core::device::DeviceSpec::Cpu {
         bail!("--no-avx512 leaves out CPU kernels; it goes without --device\n{USAGE}");
@@ -375,6 +377,14 @@ fn alternate(
             let (mt, vt) = metric(&t).with_context(|| {
                 format!("PyTorch's {} line has no throughput: {t}", p.torch_bench)
             })?;
+            for (who, v) in [("kiln", vk), ("PyTorch", vt)] {
+                if !(v.is_finite() && v > 0.0) {
+                    bail!(
+                        "{}: {who}'s {mk} is {v}, expected a positive number; no ratio can be formed",
+                        p.kiln
+                    );
+                }
+            }
             if mk != mt {
                 bail!(
                     "{}: kiln reports {mk}, PyTorch {mt}; they cannot be compared",
@@ -578,6 +588,10 @@ mod tests {
                 &["--compare", "--device", "cuda"],
                 "--device and --batch go without it",
             ),
+            (
+                &["vae_mlp_train_step", "--python", "/usr/bin/python3"],
+                "--python and --torch go with --compare",
+            ),
         ] {
             let e = parse_args(&args(bad)).unwrap_err().to_string();
             assert!(e.contains(want), "{bad:?}: {e}");
@@ -750,6 +764,21 @@ mod tests {
             |_| {},
         );
         assert!(bad.unwrap_err().to_string().contains("cannot be compared"));
+        // A throughput of 0 or below (a broken reference) forms no ratio.
+        for v in [0.0, -100.0] {
+            let bad = alternate(
+                &pairs,
+                1,
+                |p| Ok(json!({"bench": p.kiln, "images_per_s": 10.0})),
+                |p| Ok(json!({"bench": p.torch_bench, "images_per_s": v})),
+                |_| {},
+            );
+            let e = bad.unwrap_err().to_string();
+            assert!(
+                e.contains("PyTorch's images_per_s") && e.contains("positive"),
+                "{e}"
+            );
+        }
     }
 
     #[test]

@@ -41,7 +41,8 @@ pub const MAX_BYTES: u64 = 50_000_000;
 #[derive(Parser, Debug)]
 #[command(about = "Build the CUDA test binaries, xtask and scripts for a GPU machine without Rust")]
 struct BundleArgs {
-    /// Output folder: OUT/kiln-gpu/ and OUT/kiln-gpu.tar.xz (kiln-gpu/ is replaced).
+    /// Output folder: OUT/kiln-gpu/ and OUT/kiln-gpu.tar.xz (an earlier bundle's
+    /// kiln-gpu/ is replaced once every build has succeeded).
     out: PathBuf,
     /// The PyPI toolkit's prefix (`cargo xtask cuda-check --install` puts it in target/cuda-13.0).
     #[arg(long)]
@@ -74,27 +75,21 @@ pub fn gpu_bundle(args: &[String]) -> Result<()> {
     for f in [&torch_gpu, &torch_ref] {
         if !f.is_file() {
             bail!(
-                "{} not found: pass --torch-gpu PATH/torch_gpu.py (torch_reference.py beside it)",
+                "{} is not a file: pass --torch-gpu PATH/torch_gpu.py (torch_reference.py beside it)",
                 f.display()
             );
         }
     }
+    check_compute_cap(&a.compute_cap)?;
     let out = std::path::absolute(&a.out)?;
+    if out.exists() && !out.is_dir() {
+        bail!(
+            "OUT {}: is a file; expected a folder (new or existing)",
+            out.display()
+        );
+    }
     let dir = out.join("kiln-gpu");
     check_replaceable(&dir)?;
-    if dir.exists() {
-        std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
-    }
-    for sub in [
-        "bin",
-        "tests",
-        "scripts/gpu-check/ptx",
-        "scripts/bench",
-        "fixtures",
-        "stub",
-    ] {
-        std::fs::create_dir_all(dir.join(sub))?;
-    }
     let mut times: Vec<(String, f64)> = Vec::new();
 
     // The test binaries and the PTX (from kiln-core's build-script OUT_DIR).
@@ -142,18 +137,15 @@ pub fn gpu_bundle(args: &[String]) -> Result<()> {
         })
         .find_map(|m| m["out_dir"].as_str().map(PathBuf::from))
         .context("cargo reported no build-script output folder for kiln-core")?;
-    let mut n_ptx = 0;
-    for e in std::fs::read_dir(&ptx_dir)? {
-        let p = e?.path();
-        if p.extension().is_some_and(|x| x == "ptx") {
-            let name = p.file_name().context("ptx name")?;
-            std::fs::copy(&p, dir.join("scripts/gpu-check/ptx").join(name))?;
-            n_ptx += 1;
-        }
-    }
-    if n_ptx == 0 {
+    let ptx: Vec<PathBuf> = std::fs::read_dir(&ptx_dir)
+        .with_context(|| format!("reading {}", ptx_dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "ptx"))
+        .collect();
+    if ptx.is_empty() {
         bail!("no PTX files in {}", ptx_dir.display());
     }
+    let n_ptx = ptx.len();
 
     // xtask with CUDA.
     let t = Instant::now();
@@ -187,6 +179,27 @@ pub fn gpu_bundle(args: &[String]) -> Result<()> {
         "cargo build --release -p xtask (--cfg kiln_no_avx512)".into(),
         t.elapsed().as_secs_f64(),
     ));
+
+    // Every build succeeded: only now is an earlier bundle replaced.
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
+    }
+    for sub in [
+        "bin",
+        "tests",
+        "scripts/gpu-check/ptx",
+        "scripts/bench",
+        "fixtures",
+        "stub",
+    ] {
+        let d = dir.join(sub);
+        std::fs::create_dir_all(&d).with_context(|| format!("creating {}", d.display()))?;
+    }
+    for p in &ptx {
+        let name = p.file_name().context("ptx name")?;
+        std::fs::copy(p, dir.join("scripts/gpu-check/ptx").join(name))
+            .with_context(|| format!("copying {}", p.display()))?;
+    }
 
     let t = Instant::now();
     let mut bins = vec![
@@ -380,6 +393,19 @@ fn manifest(dir: &Path, bins: &[(String, PathBuf)]) -> Result<String> {
         toolkit::PYPI_CUDA
     ));
     Ok(s)
+}
+
+/// `--compute-cap` as candle's and kiln's build scripts take it: two or three
+/// digits (`80`, `90`, `120`), optionally `a` or `f` (`90a`), from 50 up.
+fn check_compute_cap(cap: &str) -> Result<()> {
+    let digits = cap.trim_end_matches(['a', 'f']);
+    let ok = (2..=3).contains(&digits.len())
+        && cap.len() <= digits.len() + 1
+        && digits.parse::<u32>().is_ok_and(|n| (50..=130).contains(&n));
+    if !ok {
+        bail!("--compute-cap {cap:?}: expected a compute capability such as 80, 86, 90 or 90a");
+    }
+    Ok(())
 }
 
 /// Refuses to replace `OUT/kiln-gpu` unless it is absent or an earlier bundle
@@ -667,6 +693,20 @@ mod tests {
             String::from_utf8_lossy(&out.stderr)
         );
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn compute_caps_are_checked_before_any_build() {
+        for ok in ["75", "80", "86", "90", "90a", "100f", "120"] {
+            check_compute_cap(ok).unwrap();
+        }
+        for bad in ["", "abc", "0", "9", "9a", "90aa", "1000", "-90", "90 "] {
+            let e = check_compute_cap(bad).unwrap_err().to_string();
+            assert!(
+                e.contains("--compute-cap") && e.contains("such as 80"),
+                "{bad}: {e}"
+            );
+        }
     }
 
     #[test]
