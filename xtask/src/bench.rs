@@ -70,9 +70,7 @@ fn parse_args(args: &[String]) -> Result<Args> {
             "--batch" => out.batch = Some(count("--batch", 65_536)?),
             "--device" => {
                 let v = value("--device")?;
-                out.device = v.parse().map_err(|e| {
-                    anyhow::anyhow!("--device expects cpu, cuda or cuda:N, found {v:?}: {e}")
-                })?;
+                out.device = v.parse().map_err(|e| anyhow::anyhow!("--device: {e}"))?;
             }
             "--compare" => out.compare = true,
             "--no-avx512" => out.no_avx512 = true,
@@ -573,7 +571,7 @@ mod tests {
         for (bad, want) in [
             (
                 &["--device", "tpu"][..],
-                "--device expects cpu, cuda or cuda:N",
+                "--device: unknown device \"tpu\": expected `cpu`, `cuda` (also `gpu`: GPU 0), `cuda:N`",
             ),
             (
                 &["--batch", "0"],

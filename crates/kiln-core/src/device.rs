@@ -11,7 +11,7 @@ use candle_core::Device;
 #[non_exhaustive]
 pub enum DeviceError {
     /// The string is not one of the accepted forms.
-    #[error("unknown device {0:?}: expected `cpu`, `cuda`, `cuda:N` (N = GPU index) or `auto`")]
+    #[error("unknown device {0:?}: expected `cpu`, `cuda` (also `gpu`: GPU 0), `cuda:N` (N = GPU index) or `auto`")]
     Parse(String),
     /// CUDA was asked for but this build has no CUDA support.
     #[error(

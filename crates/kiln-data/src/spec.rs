@@ -80,6 +80,26 @@ impl fmt::Display for DatasetSpec {
 }
 
 impl DatasetSpec {
+    /// Checks that this dataset can be drawn at `size` pixels a side, with
+    /// the generators' own ranges (synthetic-flowers from 4, synthetic-shapes
+    /// from 8, up to 4096); the others are resized to any side. The error's
+    /// message says what is accepted, for a caller to name its own flag.
+    pub fn check_side(&self, size: usize) -> Result<()> {
+        match self {
+            DatasetSpec::SyntheticFlowers => SyntheticFlowersConfig {
+                size,
+                ..Default::default()
+            }
+            .validate(),
+            DatasetSpec::SyntheticShapes => SyntheticShapesConfig {
+                size,
+                ..Default::default()
+            }
+            .validate(),
+            _ => Ok(()),
+        }
+    }
+
     /// Whether the data must be downloaded first (and with which `download` name).
     pub fn download_name(&self) -> Option<&'static str> {
         match self {
@@ -215,6 +235,27 @@ pub fn open_with(
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sides_are_checked_with_the_generators_ranges() {
+        let flowers = DatasetSpec::SyntheticFlowers;
+        let shapes = DatasetSpec::SyntheticShapes;
+        flowers.check_side(4).unwrap();
+        shapes.check_side(8).unwrap();
+        for (spec, bad, want) in [
+            (&flowers, 3, "4..=4096"),
+            (&shapes, 7, "8..=4096"),
+            (&shapes, 4097, "8..=4096"),
+        ] {
+            let e = spec.check_side(bad).unwrap_err().to_string();
+            assert!(
+                e.contains(want) && e.contains(&bad.to_string()),
+                "{spec} {bad}: {e}"
+            );
+        }
+        // resized datasets take any side
+        DatasetSpec::Mnist.check_side(1).unwrap();
+    }
 
     #[test]
     fn parses_names_and_round_trips() {

@@ -12,10 +12,7 @@ use kiln_core::run::{RunDir, RunOptions};
 use kiln_core::session::{Record, Session};
 use kiln_core::vars::VarStore;
 use kiln_core::{DType, Device, Tensor};
-use kiln_data::{
-    DataError, DataLoader, Dataset, DatasetSpec, LoaderConfig, SyntheticFlowersConfig,
-    SyntheticShapesConfig,
-};
+use kiln_data::{DataError, DataLoader, Dataset, DatasetSpec, LoaderConfig};
 use serde::{Deserialize, Serialize};
 
 use crate::config::VaeConfig;
@@ -112,20 +109,7 @@ fn check_dataset_side(dataset: &str, size: usize) -> Result<()> {
     let Ok(spec) = dataset.parse::<DatasetSpec>() else {
         return Ok(());
     };
-    let checked = match spec {
-        DatasetSpec::SyntheticFlowers => SyntheticFlowersConfig {
-            size,
-            ..Default::default()
-        }
-        .validate(),
-        DatasetSpec::SyntheticShapes => SyntheticShapesConfig {
-            size,
-            ..Default::default()
-        }
-        .validate(),
-        _ => Ok(()),
-    };
-    checked.map_err(|e| VaeError::Config {
+    spec.check_side(size).map_err(|e| VaeError::Config {
         field: "image_size".into(),
         msg: match e {
             DataError::Config { msg, .. } => {

@@ -149,6 +149,7 @@ fn train_inpaint_cmd(args: &[String]) -> Result<()> {
         cfg.seed = a.common.seed;
     }
     cfg.dataset = a.common.dataset(&given, &cfg.dataset);
+    check_side(&cfg.dataset, cfg.image_size)?;
     let tr = open_split(
         &cfg.dataset,
         &a.common.data_root,
@@ -232,6 +233,22 @@ struct SimclrArgs {
     crop_min_scale: f32,
 }
 
+/// Refuses, by its flag, an `--image-size` the dataset cannot be drawn at
+/// (kiln-data's generators' own ranges), before a run folder is made.
+fn check_side(dataset: &str, size: usize) -> Result<()> {
+    let Ok(spec) = dataset.parse::<kiln_data::DatasetSpec>() else {
+        return Ok(()); // opening it says which names are known
+    };
+    if let Err(e) = spec.check_side(size) {
+        let msg = match e {
+            kiln_data::DataError::Config { msg, .. } => msg,
+            e => e.to_string(),
+        };
+        bail!("--image-size {size}: dataset {spec} cannot be drawn at this side: {msg}");
+    }
+    Ok(())
+}
+
 fn train_simclr_cmd(args: &[String]) -> Result<()> {
     let (a, typed): (SimclrArgs, Given) = parse_given("cargo xtask train simclr", args)?;
     let opts = a.common.run.options("simclr");
@@ -260,6 +277,7 @@ fn train_simclr_cmd(args: &[String]) -> Result<()> {
         cfg.seed = a.common.seed;
     }
     cfg.dataset = a.common.dataset(&given, &cfg.dataset);
+    check_side(&cfg.dataset, cfg.image_size)?;
     let tr = open_split(
         &cfg.dataset,
         &a.common.data_root,
@@ -453,6 +471,20 @@ fn demo_simclr(ctx: &super::DemoCtx) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_side_the_dataset_cannot_be_drawn_at_is_named_by_its_flag() {
+        let e = check_side("synthetic-shapes", 3).unwrap_err().to_string();
+        assert!(
+            e.starts_with("--image-size 3: dataset synthetic-shapes"),
+            "{e}"
+        );
+        assert!(e.contains("8..=4096"), "{e}");
+        check_side("synthetic-shapes", 8).unwrap();
+        check_side("synthetic-flowers", 4).unwrap();
+        // an unknown name is left to the code that opens it
+        check_side("nosuch", 1).unwrap();
+    }
     use crate::parts::assert_numeric_flags_checked;
 
     #[test]
