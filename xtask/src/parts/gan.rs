@@ -58,7 +58,7 @@ pub fn component() -> Component {
     about = "Train a GAN (defaults: dcgan32, non-saturating loss, Adam 2e-4 betas (0.5, 0.999), batch 64)"
 )]
 struct TrainArgs {
-    /// Dataset: synthetic-flowers, flowers102, cifar10, mnist or folder:PATH.
+    /// Dataset: synthetic-flowers, synthetic-shapes, flowers102, cifar10, mnist or folder:PATH.
     #[arg(long, default_value = "synthetic-flowers")]
     dataset: String,
     /// Folder holding downloaded datasets.

@@ -50,7 +50,7 @@ pub fn component() -> Component {
     about = "Train a VAE (defaults: the chapter's MLP VAE, Adam 2e-3, batch 32)"
 )]
 struct TrainArgs {
-    /// Dataset: synthetic-flowers, flowers102, cifar10, mnist or folder:PATH.
+    /// Dataset: synthetic-flowers, synthetic-shapes, flowers102, cifar10, mnist or folder:PATH.
     #[arg(long, default_value = "synthetic-flowers")]
     dataset: String,
     /// Folder holding downloaded datasets.
