@@ -12,7 +12,8 @@ use serde_json::{json, Map, Value};
 use crate::parts::{BenchCtx, Component};
 
 const USAGE: &str = "usage: cargo xtask bench [NAME...] [--threads N] [--steps N] [--device cpu|cuda[:N]] [--batch N] [--no-avx512]
-       cargo xtask bench --compare [NAME...] [--rounds N] [--threads N] [--python PY] [--torch SCRIPT] [--no-avx512]
+       cargo xtask bench --compare [NAME...] [--rounds N] [--threads N] [--steps N] [--python PY] [--torch SCRIPT] [--no-avx512]
+--steps N with --compare sets kiln's timed steps only; the PyTorch reference keeps its own.
 --no-avx512 runs the same from an xtask built with RUSTFLAGS=\"--cfg kiln_no_avx512\" (in target/no-avx512):
 gemm's and kiln's AVX-512 kernels left out, the second data point on an AVX-512 CPU.";
 
@@ -646,6 +647,31 @@ mod tests {
             &["--no-avx512", "--device", "cuda"],
         ] {
             assert!(parse_args(&args(bad)).is_err(), "{bad:?}");
+        }
+    }
+
+    /// Every flag `--compare` accepts is on its usage line (`--steps` was taken but not listed).
+    #[test]
+    fn the_compare_usage_line_lists_every_flag_it_takes() {
+        let line = USAGE.lines().find(|l| l.contains("--compare")).unwrap();
+        for flag in [
+            &["--rounds", "2"][..],
+            &["--threads", "1"],
+            &["--steps", "5"],
+            &["--python", "python3"],
+            &["--torch", "x.py"],
+            &["--no-avx512"],
+        ] {
+            let given: Vec<&str> = std::iter::once("--compare")
+                .chain(flag.iter().copied())
+                .collect();
+            assert!(parse_args(&args(&given)).is_ok(), "{given:?}");
+            let listed = [" ", "]"].map(|end| format!("[{}{end}", flag[0]));
+            assert!(
+                listed.iter().any(|l| line.contains(l)),
+                "{}: {line}",
+                flag[0]
+            );
         }
     }
 

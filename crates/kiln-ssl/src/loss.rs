@@ -2,7 +2,7 @@
 
 use kiln_core::{Result, Tensor, D};
 
-/// Smallest NT-Xent temperature accepted ([`nt_xent`], `SimclrConfig::temperature`).
+/// Smallest NT-Xent temperature accepted ([`nt_xent`], [`info_nce`], `SimclrConfig::temperature`).
 ///
 /// The logits are cosine similarities in `[-1, 1]` divided by the temperature,
 /// computed in f32. Far below this they grow so large that the self-similarity
@@ -14,7 +14,7 @@ pub const MIN_TEMPERATURE: f64 = 1e-3;
 /// of 0, the softmax is uniform and the gradients vanish.
 pub const MAX_TEMPERATURE: f64 = 100.0;
 
-/// Why `temperature` cannot be an NT-Xent temperature, or `None` when it can
+/// Why `temperature` cannot be an NT-Xent or InfoNCE temperature, or `None` when it can
 /// (finite and within [`MIN_TEMPERATURE`]`..=`[`MAX_TEMPERATURE`]).
 pub fn temperature_problem(temperature: f64) -> Option<String> {
     if (MIN_TEMPERATURE..=MAX_TEMPERATURE).contains(&temperature) {
@@ -65,9 +65,13 @@ pub fn nt_xent(z1: &Tensor, z2: &Tensor, temperature: f64) -> Result<Tensor> {
 }
 
 /// InfoNCE between paired rows of `a` and `b` (CLIP-style, one direction):
-/// row i of `a` should match row i of `b` among all rows of `b`.
+/// row i of `a` should match row i of `b` among all rows of `b`. `temperature`
+/// must be in [`MIN_TEMPERATURE`]`..=`[`MAX_TEMPERATURE`].
 pub fn info_nce(a: &Tensor, b: &Tensor, temperature: f64) -> Result<Tensor> {
     let (n, _) = a.dims2()?;
+    if let Some(msg) = temperature_problem(temperature) {
+        kiln_core::candle::bail!("info_nce: temperature: {msg}");
+    }
     let logits = (l2_normalize(a)?.matmul(&l2_normalize(b)?.t()?)? / temperature)?;
     let targets = Tensor::arange(0u32, n as u32, a.device())?;
     kiln_core::loss::cross_entropy(&logits, &targets, None, kiln_core::loss::Reduction::Mean)
@@ -92,6 +96,25 @@ mod tests {
         }
         for t in [MIN_TEMPERATURE, 0.5, MAX_TEMPERATURE] {
             let l = nt_xent(&z1, &z2, t).unwrap().to_scalar::<f32>().unwrap();
+            assert!(l.is_finite(), "{t}: {l}");
+        }
+    }
+
+    /// info_nce divides by the temperature as nt_xent does: at 1e-30 it
+    /// returned a loss that taught nothing, at 0 or NaN a NaN; it is refused.
+    #[test]
+    fn info_nce_refuses_a_temperature_it_cannot_use() {
+        let a = Tensor::new(&[[1.0f32, 0.0], [0.0, 1.0]], &Device::Cpu).unwrap();
+        let b = Tensor::new(&[[0.9f32, 0.1], [0.1, 0.9]], &Device::Cpu).unwrap();
+        for t in [1e-30, 5e-4, 1e3, 0.0, -0.5, f64::NAN, f64::INFINITY] {
+            let e = info_nce(&a, &b, t).unwrap_err().to_string();
+            assert!(
+                e.contains("info_nce: temperature") && e.contains(&format!("{t:?}")),
+                "{e}"
+            );
+        }
+        for t in [MIN_TEMPERATURE, 0.5, MAX_TEMPERATURE] {
+            let l = info_nce(&a, &b, t).unwrap().to_scalar::<f32>().unwrap();
             assert!(l.is_finite(), "{t}: {l}");
         }
     }

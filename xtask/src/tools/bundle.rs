@@ -396,8 +396,9 @@ fn manifest(dir: &Path, bins: &[(String, PathBuf)]) -> Result<String> {
 }
 
 /// `--compute-cap` as candle's and kiln's build scripts take it: two or three
-/// digits (`80`, `90`, `120`), optionally `a` or `f` (`90a`), from 50 up.
-fn check_compute_cap(cap: &str) -> Result<()> {
+/// digits (`80`, `90`, `120`), optionally `a` or `f` (`90a`), from 50 up
+/// (`gpu-bundle` and `cuda-check`).
+pub fn check_compute_cap(cap: &str) -> Result<()> {
     let digits = cap.trim_end_matches(['a', 'f']);
     let ok = (2..=3).contains(&digits.len())
         && cap.len() <= digits.len() + 1

@@ -51,7 +51,8 @@ struct CheckArgs {
     #[arg(long)]
     workspace: bool,
     /// Only print the toolkit's environment as `export` lines (for
-    /// `eval "$(cargo xtask cuda-check --print-env)"`) and build nothing.
+    /// `eval "$(cargo xtask cuda-check --print-env)"`) and build nothing;
+    /// with `--toolkit debian`, whose nvcc is on PATH, there are none.
     #[arg(long)]
     print_env: bool,
     /// Where to copy the PTX files (for scripts/gpu-check.sh).
@@ -114,6 +115,9 @@ fn probe_nvcc(
 /// `cargo xtask cuda-check`.
 pub fn cuda_check(args: &[String]) -> Result<()> {
     let a: CheckArgs = crate::parts::parse("cuda-check", args)?;
+    if let Some(cap) = &a.compute_cap {
+        super::bundle::check_compute_cap(cap)?;
+    }
     let total = Instant::now();
     let mut times: Vec<(String, f64)> = Vec::new();
     let prefix = a.prefix.clone().unwrap_or_else(toolkit::default_prefix);
@@ -135,13 +139,11 @@ pub fn cuda_check(args: &[String]) -> Result<()> {
         toolkit::Source::Debian => None,
     };
     if a.print_env {
-        let Some(tk) = &tk else {
-            bail!(
-                "no PyPI toolkit under {}: run `cargo xtask cuda-check --install` first",
-                prefix.display()
-            );
-        };
-        print!("{}", tk.exports());
+        let path = std::env::var_os("PATH");
+        print!(
+            "{}",
+            env_exports(a.toolkit, &prefix, tk.as_ref(), path.as_deref())?
+        );
         return Ok(());
     }
     match &tk {
@@ -218,6 +220,37 @@ pub fn cuda_check(args: &[String]) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// What `--print-env` prints: the PyPI toolkit's `export` lines, or nothing
+/// for Debian's, whose nvcc is on `path` (a `PATH` value) and needs no variables.
+fn env_exports(
+    source: toolkit::Source,
+    prefix: &Path,
+    tk: Option<&toolkit::Toolkit>,
+    path: Option<&std::ffi::OsStr>,
+) -> Result<String> {
+    match (source, tk) {
+        (toolkit::Source::Pypi, Some(tk)) => Ok(tk.exports()),
+        (toolkit::Source::Pypi, None) => bail!(
+            "no PyPI toolkit under {}: run `cargo xtask cuda-check --install` first",
+            prefix.display()
+        ),
+        (toolkit::Source::Debian, _) => {
+            let Some(nvcc) = toolkit::nvcc_on_path(path) else {
+                bail!(
+                    "no Debian toolkit: nvcc is not on PATH: run `cargo xtask cuda-check \
+                     --toolkit debian --install` (as root) first, which installs Debian's \
+                     nvidia-cuda-toolkit (CUDA 11.8)"
+                );
+            };
+            eprintln!(
+                "toolkit: debian, nvcc on PATH ({}): it needs no environment, nothing to export",
+                nvcc.display()
+            );
+            Ok(String::new())
+        }
+    }
 }
 
 fn print_times(times: &[(String, f64)], total: f64) {
@@ -1138,6 +1171,64 @@ fn export_conv(w: &mut Writer<'_>) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn cuda_check_with(args: &[&str]) -> Result<()> {
+        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        cuda_check(&args)
+    }
+
+    #[test]
+    fn print_env_names_the_toolkit_it_was_asked_for() -> Result<()> {
+        let base = std::env::temp_dir().join(format!("kiln-print-env-{}", std::process::id()));
+        let (empty, with_nvcc) = (base.join("empty"), base.join("bin"));
+        std::fs::create_dir_all(&empty)?;
+        std::fs::create_dir_all(&with_nvcc)?;
+        std::fs::write(with_nvcc.join("nvcc"), "")?;
+        let debian = toolkit::Source::Debian;
+        let e = env_exports(debian, &base, None, Some(empty.as_os_str()))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("no Debian toolkit: nvcc is not on PATH") && !e.contains("PyPI"),
+            "{e}"
+        );
+        let path = std::env::join_paths([&empty, &with_nvcc])?;
+        assert_eq!(env_exports(debian, &base, None, Some(&path))?, "");
+        let e = env_exports(toolkit::Source::Pypi, &base, None, Some(&path))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("no PyPI toolkit under"), "{e}");
+        std::fs::remove_dir_all(&base)?;
+        Ok(())
+    }
+
+    #[test]
+    fn cuda_check_refuses_a_bad_compute_cap_even_with_print_env() {
+        let prefix = std::env::temp_dir().join(format!("kiln-no-toolkit-{}", std::process::id()));
+        let prefix = prefix.to_str().unwrap_or("/nonexistent");
+        for toolkit in ["pypi", "debian"] {
+            let e = cuda_check_with(&[
+                "--toolkit",
+                toolkit,
+                "--compute-cap",
+                "abc",
+                "--print-env",
+                "--prefix",
+                prefix,
+            ])
+            .unwrap_err()
+            .to_string();
+            assert!(
+                e.contains("--compute-cap \"abc\"") && e.contains("such as 80"),
+                "{toolkit}: {e}"
+            );
+        }
+        // A good one goes on to the toolkit (none under this prefix).
+        let e = cuda_check_with(&["--compute-cap", "86", "--print-env", "--prefix", prefix])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("no PyPI toolkit under"), "{e}");
+    }
 
     #[test]
     fn export_writes_a_manifest_whose_files_exist_and_match_their_sizes() -> Result<()> {

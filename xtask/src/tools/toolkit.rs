@@ -17,6 +17,7 @@
 //! than itself (driver 580 = CUDA 13.0), so the PTX built here must not come
 //! from a newer nvcc than the GPU machine's driver.
 
+use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -118,6 +119,14 @@ pub fn default_prefix() -> PathBuf {
     workspace_root()
         .join("target")
         .join(format!("cuda-{PYPI_CUDA}"))
+}
+
+/// `nvcc` in a folder of `path` (a `PATH` value): where the Debian toolkit
+/// puts it (`/usr/bin/nvcc`), or `None`.
+pub fn nvcc_on_path(path: Option<&OsStr>) -> Option<PathBuf> {
+    std::env::split_paths(path?)
+        .map(|dir| dir.join("nvcc"))
+        .find(|p| p.is_file())
 }
 
 /// An installed PyPI toolkit: `root` holds `bin/nvcc`, `include/`, `lib/`
