@@ -6,7 +6,10 @@
 //! folder that already holds one (unless [`RunOptions::overwrite`] says so), a
 //! resumed run must be of the same kind and keep its config (except the
 //! fields its trainer lets change), and one process at a time holds a folder
-//! through an OS lock on `.lock` (released even on `kill -9`).
+//! through an OS lock on `.lock` (released even on `kill -9`). `--overwrite`
+//! deletes only what kiln runs write there ([`RUN_FILES`]): a folder that
+//! also holds anything else (a user's `notes.md`, `my-plots/`) is refused,
+//! with nothing deleted ([`RunError::ForeignFiles`]).
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
@@ -105,6 +108,37 @@ pub enum RunError {
         /// Its field in the config, as a dotted path (`policy.model`).
         field: String,
     },
+    /// `--overwrite` was asked for a run folder that also holds entries no
+    /// kiln run writes (see [`RUN_FILES`]); nothing was deleted.
+    #[error(
+        "--overwrite: {path} holds {}, which no kiln run writes, so nothing was deleted; move \
+         {} out of the folder or choose another --out (--overwrite deletes only the files kiln \
+         runs write)",
+        list_entries(entries),
+        if entries.len() == 1 { "it" } else { "them" }
+    )]
+    ForeignFiles {
+        /// The run folder.
+        path: PathBuf,
+        /// The entries, relative to the folder (a folder with a trailing `/`).
+        entries: Vec<String>,
+    },
+}
+
+/// `a, b and c`, at most ten names, then how many more.
+fn list_entries(entries: &[String]) -> String {
+    const SHOWN: usize = 10;
+    let mut names: Vec<&str> = entries.iter().take(SHOWN).map(String::as_str).collect();
+    let more = entries.len().saturating_sub(SHOWN);
+    let more = format!("{more} more");
+    if entries.len() > SHOWN {
+        names.push(&more);
+    }
+    match names.split_last() {
+        None => String::new(),
+        Some((last, [])) => (*last).to_string(),
+        Some((last, rest)) => format!("{} and {last}", rest.join(", ")),
+    }
 }
 
 /// One setting that differs between a run's `config.toml` and a resume request.
@@ -428,7 +462,9 @@ pub struct RunOptions {
     pub out: Option<PathBuf>,
     /// Continue the run in this folder from its last checkpoint.
     pub resume: Option<PathBuf>,
-    /// With `out`: delete the run already there and start again.
+    /// With `out`: delete the run already there (the files kiln runs write,
+    /// [`RUN_FILES`]) and start again. A folder that also holds anything
+    /// else is refused with nothing deleted ([`RunError::ForeignFiles`]).
     pub overwrite: bool,
     /// Device: `cpu`, `cuda`, `cuda:N` or `auto`.
     pub device: String,
@@ -521,7 +557,9 @@ impl RunOptions {
     /// bad setting never leaves a folder behind.
     ///
     /// - New run: refuses a folder that already holds a run unless
-    ///   [`RunOptions::overwrite`] (then deletes it first, under its lock),
+    ///   [`RunOptions::overwrite`] (then deletes the run's files first, under
+    ///   its lock, after checking that the folder holds nothing but what kiln
+    ///   runs write, [`RUN_FILES`], and none of the new run's inputs),
     ///   creates the folder and writes `config.toml`.
     /// - Resume: refuses a run of another kind, and a `config` that differs
     ///   from the saved one in any field but `may_change` (dotted paths such
@@ -574,7 +612,11 @@ impl RunOptions {
             None => {
                 let dir = match (&self.out, self.overwrite) {
                     (Some(out), true) if out.join("config.toml").exists() => {
+                        refuse_non_kiln_config(out)?;
                         refuse_inputs_inside(out, config)?;
+                        // Checked before the lock too, so a refused command
+                        // leaves the folder as it was (not even a `.lock`).
+                        refuse_foreign_entries(out)?;
                         let lock = RunLock::acquire(out)?;
                         clear_run_folder(out)?;
                         let dir = RunDir::create(task, Some(out))?;
@@ -703,20 +745,202 @@ fn flatten_all(prefix: &str, v: &toml::Value, out: &mut Vec<(String, toml::Value
     }
 }
 
-/// Deletes everything in a run folder but its lock file (for `--overwrite`).
-fn clear_run_folder(path: &Path) -> Result<(), RunError> {
-    for entry in std::fs::read_dir(path).map_err(io(path))? {
-        let entry = entry.map_err(io(path))?;
-        if entry.file_name() == LOCK_FILE {
-            continue;
+/// Everything kiln runs write in a run folder, relative to it (`/` between
+/// folders), and so everything `--overwrite` deletes: any other entry makes
+/// it refuse, deleting nothing ([`RunError::ForeignFiles`]). In a pattern,
+/// `*` stands for any text within a name and `#` for one or more digits.
+/// Temporary files of [`crate::files::write_atomic`] (`.<name>.tmp-<pid>`)
+/// in the folder or in one of its folders below count as kiln's too.
+///
+/// A file a kiln crate or `cargo xtask` writes into a run folder must be
+/// listed here (with its writer), or `--overwrite` refuses the runs that
+/// hold it; [`is_run_file`] checks a name.
+pub const RUN_FILES: &[&str] = &[
+    // kiln-core: RunDir, Run, Session.
+    LOCK_FILE,
+    "config.toml",
+    "metrics.jsonl",
+    "summary.json",
+    INPUTS_FILE,
+    "checkpoints/last.safetensors",
+    // Figures: loss curves (every trainer), the VAE's and GAN's grids
+    // (`samples.png`, `samples-ema.png`, `reconstructions.png`,
+    // `interpolation.png`), the GAN's D outputs, the inpainting figure.
+    "loss.png",
+    "samples.png",
+    "samples-ema.png",
+    "reconstructions.png",
+    "interpolation.png",
+    "d_outputs.png",
+    "figure_14_2.png",
+    // `cargo xtask sample vae|gan` without --out: `samples-<seed>[-ema].png`.
+    "samples-#.png",
+    "samples-#-ema.png",
+    // `cargo xtask eval gan`: `eval-<checkpoint>[-ema]-<split>-n<N>-...-seed<S>-...-<hash>.json`.
+    "eval-*-seed#-*.json",
+    // kiln-gan: the FID extractor record, per-epoch grids, extra checkpoints.
+    "fid-extractor.json",
+    "samples/epoch-#.png",
+    "samples/epoch-#-ema.png",
+    "checkpoints/healthy.safetensors",
+    "checkpoints/best-fid.safetensors",
+    // kiln-lm: the run's tokenizer and a sample.
+    "tokenizer.json",
+    "samples.txt",
+    // kiln-rlhf DPO: the reference log-probabilities.
+    "ref_logps.safetensors",
+    // kiln-lm / kiln-rlhf: the trained model, in transformers' layout.
+    "model/config.json",
+    "model/generation_config.json",
+    "model/model.safetensors",
+    "model/tokenizer.json",
+    "model/tokenizer_config.json",
+    "model/chat_template.jinja",
+];
+
+/// Whether `pattern` (`*`: any text but `/`, `#`: one or more digits)
+/// matches `name`.
+fn glob(pattern: &[u8], name: &[u8]) -> bool {
+    match pattern.split_first() {
+        None => name.is_empty(),
+        Some((b'*', rest)) => (0..=name.len())
+            .take_while(|&i| i == 0 || name[i - 1] != b'/')
+            .any(|i| glob(rest, &name[i..])),
+        Some((b'#', rest)) => (1..=name.len())
+            .take_while(|&i| name[i - 1].is_ascii_digit())
+            .any(|i| glob(rest, &name[i..])),
+        Some((c, rest)) => name.first() == Some(c) && glob(rest, &name[1..]),
+    }
+}
+
+/// Whether a file at `rel` (relative to a run folder) is one kiln runs write:
+/// it matches [`RUN_FILES`], or it is a temporary file of
+/// [`crate::files::write_atomic`] in the folder or in a folder of `RUN_FILES`.
+pub fn is_run_file(rel: &Path) -> bool {
+    let parts: Option<Vec<&str>> = rel.components().map(|c| c.as_os_str().to_str()).collect();
+    let Some(parts) = parts else {
+        return false;
+    };
+    let Some((name, dirs)) = parts.split_last() else {
+        return false;
+    };
+    let dir = dirs.join("/");
+    if glob(b".*.tmp-#", name.as_bytes()) && (dir.is_empty() || is_run_folder(&dir)) {
+        return true;
+    }
+    let path = parts.join("/");
+    RUN_FILES
+        .iter()
+        .any(|p| glob(p.as_bytes(), path.as_bytes()))
+}
+
+/// Whether kiln runs write files in the folder `rel` of a run folder.
+fn is_run_folder(rel: &str) -> bool {
+    RUN_FILES
+        .iter()
+        .any(|p| p.strip_prefix(rel).is_some_and(|r| r.starts_with('/')))
+}
+
+/// A run folder's entries, sorted into kiln's and the others.
+struct Contents {
+    /// Kiln's files (the lock file left out).
+    files: Vec<PathBuf>,
+    /// Kiln's folders, deepest first.
+    folders: Vec<PathBuf>,
+    /// The entries no kiln run writes, relative to the folder (folders with
+    /// a trailing `/`).
+    foreign: Vec<String>,
+}
+
+/// What `--overwrite` would delete in `root`, and what it must leave. Kiln's
+/// folders are looked into: a user's file in `checkpoints/` is foreign, the
+/// folder is not. A symbolic link is always foreign (kiln writes none) and
+/// is not followed.
+fn run_folder_contents(root: &Path) -> Result<Contents, RunError> {
+    fn visit(root: &Path, rel: &Path, c: &mut Contents) -> Result<(), RunError> {
+        let dir = root.join(rel);
+        let mut entries: Vec<_> = std::fs::read_dir(&dir)
+            .map_err(io(&dir))?
+            .collect::<Result<_, _>>()
+            .map_err(io(&dir))?;
+        entries.sort_by_key(|e| e.file_name());
+        for entry in entries {
+            let rel = rel.join(entry.file_name());
+            let path = entry.path();
+            let kind = entry.file_type().map_err(io(&path))?;
+            let shown = rel.to_string_lossy().replace('\\', "/");
+            if kind.is_dir() {
+                if is_run_folder(&shown) {
+                    visit(root, &rel, c)?;
+                    c.folders.push(path);
+                } else {
+                    c.foreign.push(format!("{shown}/"));
+                }
+            } else if kind.is_file() && is_run_file(&rel) {
+                if rel != Path::new(LOCK_FILE) {
+                    c.files.push(path);
+                }
+            } else {
+                c.foreign.push(shown);
+            }
         }
-        let p = entry.path();
-        let r = if entry.file_type().map_err(io(&p))?.is_dir() {
-            std::fs::remove_dir_all(&p)
-        } else {
-            std::fs::remove_file(&p)
-        };
-        r.map_err(io(&p))?;
+        Ok(())
+    }
+    let mut c = Contents {
+        files: Vec::new(),
+        folders: Vec::new(),
+        foreign: Vec::new(),
+    };
+    visit(root, Path::new(""), &mut c)?;
+    Ok(c)
+}
+
+/// Refuses `--overwrite` on a folder holding anything no kiln run writes.
+fn refuse_foreign_entries(path: &Path) -> Result<Contents, RunError> {
+    let c = run_folder_contents(path)?;
+    if c.foreign.is_empty() {
+        Ok(c)
+    } else {
+        Err(RunError::ForeignFiles {
+            path: path.to_path_buf(),
+            entries: c.foreign,
+        })
+    }
+}
+
+/// Refuses `--overwrite` on a folder whose `config.toml` is not a kiln run's
+/// (every kiln run's names its `kind`): the folder is someone else's.
+fn refuse_non_kiln_config(path: &Path) -> Result<(), RunError> {
+    let file = path.join("config.toml");
+    let text = std::fs::read_to_string(&file).map_err(io(&file))?;
+    let kind = toml::from_str::<toml::Table>(&text)
+        .ok()
+        .is_some_and(|t| matches!(t.get("kind"), Some(toml::Value::String(_))));
+    if kind {
+        return Ok(());
+    }
+    Err(RunError::Invalid {
+        path: file,
+        reason: format!(
+            "not a kiln run's config (no string `kind` key), so --overwrite deleted nothing in \
+             {}: kiln never deletes files it did not write; choose another --out",
+            path.display()
+        ),
+    })
+}
+
+/// Deletes what kiln runs wrote in a run folder, all but its lock file (for
+/// `--overwrite`), after checking that it holds nothing else
+/// ([`RunError::ForeignFiles`], nothing deleted).
+fn clear_run_folder(path: &Path) -> Result<(), RunError> {
+    let c = refuse_foreign_entries(path)?;
+    for f in &c.files {
+        std::fs::remove_file(f).map_err(io(f))?;
+    }
+    // Deepest first; `remove_dir` (not `_all`) fails rather than delete
+    // anything that appeared since the check.
+    for d in &c.folders {
+        std::fs::remove_dir(d).map_err(io(d))?;
     }
     Ok(())
 }

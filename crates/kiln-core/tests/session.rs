@@ -484,9 +484,231 @@ fn overwrite_refuses_a_folder_holding_the_runs_input() {
         );
         assert!(run.join("model.safetensors").exists() && run.join("metrics.jsonl").exists());
     }
-    // Inputs outside the folder: the run is replaced, the user's file with it.
+    // Inputs outside the folder: the user's file, which no kiln run writes,
+    // still stops --overwrite; moved out, the run is replaced.
+    let e = open(dir.path(), vec![elsewhere.clone()]).unwrap_err();
+    assert!(matches!(e, RunError::ForeignFiles { .. }), "{e}");
+    assert!(run.join("model.safetensors").exists() && run.join("metrics.jsonl").exists());
+    std::fs::rename(
+        run.join("model.safetensors"),
+        dir.path().join("model.safetensors"),
+    )
+    .unwrap();
     open(dir.path(), vec![elsewhere]).unwrap();
-    assert!(!run.join("metrics.jsonl").exists() && !run.join("model.safetensors").exists());
+    assert!(!run.join("metrics.jsonl").exists());
+}
+
+/// Every file and folder under `root` (relative paths; folders and links
+/// marked), with file contents and link targets: to show that a refused
+/// `--overwrite` left a folder exactly as it was.
+fn tree(root: &Path) -> Vec<(String, Vec<u8>)> {
+    fn walk(root: &Path, dir: &Path, out: &mut Vec<(String, Vec<u8>)>) {
+        for e in std::fs::read_dir(dir).unwrap() {
+            let e = e.unwrap();
+            let p = e.path();
+            let rel = p.strip_prefix(root).unwrap().display().to_string();
+            let t = e.file_type().unwrap();
+            if t.is_symlink() {
+                let target = std::fs::read_link(&p).unwrap();
+                out.push((
+                    format!("{rel} ->"),
+                    target.display().to_string().into_bytes(),
+                ));
+            } else if t.is_dir() {
+                out.push((format!("{rel}/"), Vec::new()));
+                walk(root, &p, out);
+            } else {
+                out.push((rel, std::fs::read(&p).unwrap()));
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(root, root, &mut out);
+    out.sort();
+    out
+}
+
+/// What the trainers and `cargo xtask` write in a run folder beside the
+/// session's own files: figures, grids, samples, eval results, a model,
+/// extra checkpoints and the temporary files of an interrupted write.
+const KILN_EXTRAS: &[&str] = &[
+    "loss.png",
+    "samples.png",
+    "samples-ema.png",
+    "reconstructions.png",
+    "interpolation.png",
+    "d_outputs.png",
+    "figure_14_2.png",
+    "samples-7.png",
+    "samples-0-ema.png",
+    "eval-last-test-n10000-seed0-0123abcd.json",
+    "eval-best-fid-ema-val-n50-ntrain0-seed3-collapse-0123abcd.json",
+    "fid-extractor.json",
+    "tokenizer.json",
+    "samples.txt",
+    "ref_logps.safetensors",
+    "inputs.json",
+    "samples/epoch-001.png",
+    "samples/epoch-001-ema.png",
+    "checkpoints/healthy.safetensors",
+    "checkpoints/best-fid.safetensors",
+    "checkpoints/.last.safetensors.tmp-4000000001",
+    "model/config.json",
+    "model/generation_config.json",
+    "model/model.safetensors",
+    "model/tokenizer.json",
+    "model/tokenizer_config.json",
+    "model/chat_template.jinja",
+    "model/.model.safetensors.tmp-4000000002",
+    ".summary.json.tmp-4000000003",
+];
+
+/// `--overwrite` deletes what kiln runs write and nothing else: a folder
+/// that also holds a user's files (beside the run, in a folder of their own,
+/// or among the checkpoints) is refused and left exactly as it was; once
+/// they are moved out, every file kiln wrote is cleared.
+#[test]
+fn overwrite_deletes_only_what_kiln_runs_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("r");
+    toy_run(&run);
+    for f in KILN_EXTRAS {
+        let p = run.join(f);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(&p, b"kiln wrote this").unwrap();
+        assert!(
+            kiln_core::run::is_run_file(Path::new(f)),
+            "{f} is not in kiln_core::run::RUN_FILES"
+        );
+    }
+    let mine = [
+        "notes.md",
+        "my-plots/loss-by-hand.png",
+        "checkpoints/epoch10-good.safetensors",
+    ];
+    for f in mine {
+        let p = run.join(f);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(&p, b"the user's").unwrap();
+    }
+    let overwrite = || {
+        let mut o = RunOptions::new_run(Some(&run));
+        o.overwrite = true;
+        o.open("toy", "toy-gan", &cfg(), &[]).map(drop)
+    };
+    // A folder copied without its lock file gets none from a refused command.
+    std::fs::remove_file(run.join(".lock")).unwrap();
+    let before = tree(&run);
+    let e = overwrite().unwrap_err();
+    assert!(matches!(e, RunError::ForeignFiles { .. }), "{e}");
+    assert_eq!(
+        e.to_string(),
+        format!(
+            "--overwrite: {} holds checkpoints/epoch10-good.safetensors, my-plots/ and notes.md, \
+             which no kiln run writes, so nothing was deleted; move them out of the folder or \
+             choose another --out (--overwrite deletes only the files kiln runs write)",
+            run.display()
+        )
+    );
+    assert_eq!(
+        tree(&run),
+        before,
+        "a refused --overwrite changed the folder"
+    );
+
+    // One left: named alone.
+    std::fs::remove_file(run.join("checkpoints/epoch10-good.safetensors")).unwrap();
+    std::fs::remove_dir_all(run.join("my-plots")).unwrap();
+    let before = tree(&run);
+    let msg = overwrite().unwrap_err().to_string();
+    assert!(
+        msg.contains(" holds notes.md, which no kiln run writes")
+            && msg.contains("move it out of the folder"),
+        "{msg}"
+    );
+    assert_eq!(tree(&run), before);
+
+    // Moved out: everything kiln wrote is cleared, the new run starts.
+    std::fs::rename(run.join("notes.md"), dir.path().join("notes.md")).unwrap();
+    overwrite().unwrap();
+    let left: Vec<String> = tree(&run).into_iter().map(|(p, _)| p).collect();
+    assert_eq!(left, [".lock", "checkpoints/", "config.toml"], "{left:?}");
+}
+
+/// `--overwrite` leaves alone a folder that is not a kiln run's: a
+/// `config.toml` without kiln's `kind`, or a link where kiln writes a
+/// folder (the link's target is never looked into nor deleted).
+#[test]
+fn overwrite_refuses_a_folder_that_is_not_kilns() {
+    let dir = tempfile::tempdir().unwrap();
+    let theirs = dir.path().join("theirs");
+    std::fs::create_dir_all(theirs.join("checkpoints")).unwrap();
+    std::fs::write(theirs.join("config.toml"), "name = \"my project\"\n").unwrap();
+    std::fs::write(theirs.join("metrics.jsonl"), "{}\n").unwrap();
+    let before = tree(&theirs);
+    let mut o = RunOptions::new_run(Some(&theirs));
+    o.overwrite = true;
+    let e = o.open("toy", "toy-gan", &cfg(), &[]).unwrap_err();
+    assert!(matches!(e, RunError::Invalid { .. }), "{e}");
+    let msg = e.to_string();
+    assert!(
+        msg.contains("config.toml: not a kiln run's config (no string `kind` key)")
+            && msg.contains("--overwrite deleted nothing")
+            && msg.contains("choose another --out"),
+        "{msg}"
+    );
+    assert_eq!(tree(&theirs), before);
+
+    #[cfg(unix)]
+    {
+        let run = dir.path().join("r");
+        toy_run(&run);
+        let elsewhere = dir.path().join("my-model");
+        std::fs::create_dir_all(&elsewhere).unwrap();
+        std::fs::write(elsewhere.join("config.json"), "{}").unwrap();
+        std::os::unix::fs::symlink(&elsewhere, run.join("model")).unwrap();
+        let before = tree(&run);
+        let mut o = RunOptions::new_run(Some(&run));
+        o.overwrite = true;
+        let e = o.open("toy", "toy-gan", &cfg(), &[]).unwrap_err();
+        assert!(
+            matches!(e, RunError::ForeignFiles { ref entries, .. } if entries == &["model"]),
+            "{e}"
+        );
+        assert_eq!(tree(&run), before);
+        assert!(elsewhere.join("config.json").is_file());
+    }
+}
+
+/// The names `--overwrite` takes for kiln's: patterns match whole names,
+/// `#` only digits, temporary files only where kiln writes.
+#[test]
+fn run_files_match_kilns_names_only() {
+    use kiln_core::run::is_run_file;
+    for kiln in [
+        "config.toml",
+        "samples-12.png",
+        "samples/epoch-010-ema.png",
+        ".config.toml.tmp-77",
+        "checkpoints/.best-fid.safetensors.tmp-5",
+    ] {
+        assert!(is_run_file(Path::new(kiln)), "{kiln}");
+    }
+    for other in [
+        "notes.md",
+        "config.toml.bak",
+        "samples-best.png",
+        "samples/epoch-1-mine.png",
+        "checkpoints/last.safetensors.old",
+        "checkpoints/mine.safetensors",
+        "my-plots/.x.tmp-3",
+        "model/notes.md",
+        "eval-notes.json",
+        "eval-x/y-seed1-z.json",
+        "sub/config.toml",
+    ] {
+        assert!(!is_run_file(Path::new(other)), "{other}");
+    }
 }
 
 #[test]

@@ -37,6 +37,8 @@ pub const CIFAR10_CLASSES: [&str; 10] = [
 pub struct Cifar10 {
     split: Split,
     data: Vec<u8>,
+    /// The batch files read.
+    files: Vec<PathBuf>,
 }
 
 impl Cifar10 {
@@ -96,7 +98,7 @@ impl Cifar10 {
             Self::check(f, &bytes, records)?;
             data.extend_from_slice(&bytes);
         }
-        Ok(Self { split, data })
+        Ok(Self { split, data, files })
     }
 
     /// Checks one batch file: exactly `records` records, labels below 10.
@@ -167,6 +169,10 @@ impl Dataset for Cifar10 {
                 .collect(),
         )
     }
+    /// The split's batch files (`data_batch_1..5.bin` or `test_batch.bin`).
+    fn input_paths(&self) -> Vec<&Path> {
+        self.files.iter().map(PathBuf::as_path).collect()
+    }
 }
 
 #[cfg(test)]
@@ -216,6 +222,15 @@ mod tests {
         assert!((s.image.at(2, 31, 31) - 201.0 / 255.0).abs() <= px);
         let test = Cifar10::with_batch_records(dir.path(), Split::Test, 3).unwrap();
         assert_eq!(test.len(), 3);
+        // each split names the files it read, for a run to fingerprint
+        let names = |d: &Cifar10| -> Vec<PathBuf> {
+            d.input_paths().iter().map(|p| p.to_path_buf()).collect()
+        };
+        let want: Vec<PathBuf> = (1..=5)
+            .map(|i| b.join(format!("data_batch_{i}.bin")))
+            .collect();
+        assert_eq!(names(&train), want);
+        assert_eq!(names(&test), [b.join("test_batch.bin")]);
         assert!(test.get(3).is_err());
         // the records expected per file are checked for every file
         let e = Cifar10::with_batch_records(dir.path(), Split::Test, 2)

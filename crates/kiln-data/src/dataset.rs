@@ -1,6 +1,7 @@
 //! The [`Dataset`] trait, splits, and dataset adaptors.
 
 use std::fmt;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::Arc;
 
@@ -98,6 +99,41 @@ pub trait Dataset: Send + Sync {
     fn labels(&self) -> Option<Vec<usize>> {
         None
     }
+
+    /// The files and folders this dataset reads its items from (a folder
+    /// stands for everything in it), so that a training run can record
+    /// their fingerprints and a resume can check that it reads the same
+    /// data (kiln-core's `Run::check_inputs`; see [`input_paths_of`]).
+    ///
+    /// The readers list what their split reads: [`Cifar10`](crate::Cifar10)
+    /// its batch files, [`Mnist`](crate::Mnist) its images and labels files,
+    /// [`Flowers102`](crate::Flowers102) its `.mat` files and `jpg/`,
+    /// [`ImageFolder`](crate::ImageFolder) its folder (the split's folder
+    /// under a `folder:PATH` with split folders). Datasets drawn in memory
+    /// ([`SyntheticFlowers`](crate::SyntheticFlowers),
+    /// [`SyntheticShapes`](crate::SyntheticShapes)) read none: the default.
+    /// Adaptors ([`Mapped`], [`Subset`], [`Cached`], `Arc`, `Box`) list
+    /// their source's; a dataset of your own that reads files should list
+    /// them too, or resumes of runs on it are not checked.
+    fn input_paths(&self) -> Vec<&Path> {
+        Vec::new()
+    }
+}
+
+/// The paths the datasets `sets` read ([`Dataset::input_paths`]), each
+/// once, in order: the argument of kiln-core's `Run::check_inputs` for a run
+/// that trains on them (a train split and a test split of Flowers102 share
+/// their `.mat` files and `jpg/`, which are then fingerprinted once).
+pub fn input_paths_of<'a, 'd: 'a>(
+    sets: impl IntoIterator<Item = &'a (dyn Dataset + 'd)>,
+) -> Vec<&'a Path> {
+    let mut out: Vec<&Path> = Vec::new();
+    for p in sets.into_iter().flat_map(|d| d.input_paths()) {
+        if !out.contains(&p) {
+            out.push(p);
+        }
+    }
+    out
 }
 
 impl<D: Dataset + ?Sized> Dataset for Arc<D> {
@@ -122,6 +158,9 @@ impl<D: Dataset + ?Sized> Dataset for Arc<D> {
     fn labels(&self) -> Option<Vec<usize>> {
         (**self).labels()
     }
+    fn input_paths(&self) -> Vec<&Path> {
+        (**self).input_paths()
+    }
 }
 
 impl<D: Dataset + ?Sized> Dataset for Box<D> {
@@ -145,6 +184,9 @@ impl<D: Dataset + ?Sized> Dataset for Box<D> {
     }
     fn labels(&self) -> Option<Vec<usize>> {
         (**self).labels()
+    }
+    fn input_paths(&self) -> Vec<&Path> {
+        (**self).input_paths()
     }
 }
 
@@ -215,6 +257,9 @@ impl<D: Dataset> Dataset for Mapped<D> {
     fn labels(&self) -> Option<Vec<usize>> {
         self.inner.labels()
     }
+    fn input_paths(&self) -> Vec<&Path> {
+        self.inner.input_paths()
+    }
 }
 
 /// All items of a dataset decoded once and held in memory (decoded in
@@ -224,6 +269,8 @@ pub struct Cached {
     name: String,
     classes: usize,
     samples: Vec<Sample>,
+    /// The source's [`Dataset::input_paths`].
+    inputs: Vec<PathBuf>,
 }
 
 impl Cached {
@@ -237,6 +284,11 @@ impl Cached {
             name: inner.name(),
             classes: inner.num_classes(),
             samples,
+            inputs: inner
+                .input_paths()
+                .into_iter()
+                .map(Path::to_path_buf)
+                .collect(),
         })
     }
 
@@ -274,6 +326,10 @@ impl Dataset for Cached {
     }
     fn labels(&self) -> Option<Vec<usize>> {
         Some(self.samples.iter().map(|s| s.label).collect())
+    }
+    /// The source's: the pictures were decoded from them.
+    fn input_paths(&self) -> Vec<&Path> {
+        self.inputs.iter().map(PathBuf::as_path).collect()
     }
 }
 
@@ -326,5 +382,8 @@ impl<D: Dataset> Dataset for Subset<D> {
     fn labels(&self) -> Option<Vec<usize>> {
         let all = self.inner.labels()?;
         Some(self.indices.iter().map(|&i| all[i]).collect())
+    }
+    fn input_paths(&self) -> Vec<&Path> {
+        self.inner.input_paths()
     }
 }

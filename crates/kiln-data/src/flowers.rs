@@ -28,6 +28,8 @@ pub struct Flowers102 {
     dir: PathBuf,
     split: Split,
     items: Vec<(u32, usize)>,
+    /// `imagelabels.mat`, `setid.mat` and `jpg/`.
+    inputs: [PathBuf; 3],
 }
 
 impl Flowers102 {
@@ -74,7 +76,13 @@ impl Flowers102 {
             }
             items.push((id as u32, (l - 1) as usize));
         }
-        Ok(Self { dir, split, items })
+        let inputs = [lpath, spath, dir.join("jpg")];
+        Ok(Self {
+            dir,
+            split,
+            items,
+            inputs,
+        })
     }
 
     /// The path of image number `id` (1-based, as in the .mat files).
@@ -119,5 +127,11 @@ impl Dataset for Flowers102 {
     }
     fn labels(&self) -> Option<Vec<usize>> {
         Some(self.items.iter().map(|&(_, l)| l).collect())
+    }
+    /// `imagelabels.mat`, `setid.mat` and the whole `jpg/` folder (every
+    /// split's images: the split's 1020 or 6149 files would make as many
+    /// fingerprints).
+    fn input_paths(&self) -> Vec<&Path> {
+        self.inputs.iter().map(PathBuf::as_path).collect()
     }
 }

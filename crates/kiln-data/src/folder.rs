@@ -313,4 +313,10 @@ impl Dataset for ImageFolder {
     fn labels(&self) -> Option<Vec<usize>> {
         Some(self.items.iter().map(|(_, l)| *l).collect())
     }
+    /// The scanned folder (under a `folder:PATH` with split folders, the
+    /// split's: `PATH/train`, `PATH/test`, ...). Every file in it counts,
+    /// images or not, hidden ones aside.
+    fn input_paths(&self) -> Vec<&Path> {
+        vec![self.root.as_path()]
+    }
 }

@@ -58,7 +58,7 @@ pub mod transforms;
 mod util;
 
 pub use cifar::Cifar10;
-pub use dataset::{Cached, Dataset, Mapped, Sample, Split, Subset};
+pub use dataset::{input_paths_of, Cached, Dataset, Mapped, Sample, Split, Subset};
 pub use error::{DataError, Result};
 pub use flowers::Flowers102;
 pub use folder::{FolderOptions, ImageFolder};

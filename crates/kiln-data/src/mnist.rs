@@ -94,6 +94,8 @@ pub struct Mnist {
     cols: usize,
     images: Vec<u8>,
     labels: Vec<u8>,
+    /// The images and labels files read.
+    files: [PathBuf; 2],
 }
 
 fn find(root: &Path, name: &str) -> Result<PathBuf> {
@@ -181,6 +183,7 @@ impl Mnist {
             cols,
             images,
             labels,
+            files: [ip, lp],
         })
     }
 }
@@ -218,5 +221,9 @@ impl Dataset for Mnist {
     }
     fn labels(&self) -> Option<Vec<usize>> {
         Some(self.labels.iter().map(|&l| usize::from(l)).collect())
+    }
+    /// The split's images and labels files (as found: raw or `.gz`).
+    fn input_paths(&self) -> Vec<&Path> {
+        self.files.iter().map(PathBuf::as_path).collect()
     }
 }

@@ -18,6 +18,11 @@ use crate::synthetic::{SyntheticFlowers, SyntheticFlowersConfig};
 use crate::transforms::{Compose, Filter, Resize, ToRgb, Transform};
 
 /// A dataset named on the command line.
+///
+/// The files an opened spec reads (none for the synthetic ones; under the
+/// data root for the downloaded ones, wherever the reader found them) are
+/// its dataset's [`Dataset::input_paths`]: trainers record their
+/// fingerprints so that `--resume` refuses data that changed.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum DatasetSpec {
     /// `synthetic-flowers`: procedural, no download (the default).
@@ -302,6 +307,58 @@ mod tests {
         assert_eq!((ds.len(), ds.num_classes()), (4096, 8));
         assert_eq!(ds.get(5).unwrap().image.shape(), [3, 24, 24]);
         assert_eq!(ds.name(), "synthetic-shapes/train");
+    }
+
+    /// What each dataset reads, for a run to fingerprint
+    /// (`Run::check_inputs`): the files or folder of the split opened,
+    /// through the adaptors `open_with` adds; the synthetic sets none.
+    #[test]
+    fn input_paths_name_what_each_split_reads() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        let spec = DatasetSpec::Folder(root.join("pics"));
+        for split in ["train", "test"] {
+            let class = root.join("pics").join(split).join("a");
+            std::fs::create_dir_all(&class).unwrap();
+            crate::image::Image::zeros(3, 4, 4)
+                .save_png(&class.join("0.png"))
+                .unwrap();
+        }
+        let opts = |split, cache| OpenOptions {
+            split,
+            image_size: Some(8),
+            cache,
+            ..Default::default()
+        };
+        // resized (Mapped), then also decoded once (Cached)
+        for cache in [false, true] {
+            let tr = open_with(&spec, root, &opts(Split::Train, cache)).unwrap();
+            let te = open_with(&spec, root, &opts(Split::Test, cache)).unwrap();
+            assert_eq!(tr.input_paths(), [root.join("pics/train")]);
+            assert_eq!(
+                crate::dataset::input_paths_of([tr.as_ref(), te.as_ref(), tr.as_ref()]),
+                [root.join("pics/train"), root.join("pics/test")]
+            );
+        }
+        // MNIST: the split's images and labels files, as found (.gz or raw)
+        let idx = |magic: u32, dims: &[u32], data: &[u8]| -> Vec<u8> {
+            let mut v = magic.to_be_bytes().to_vec();
+            dims.iter().for_each(|d| v.extend(d.to_be_bytes()));
+            v.extend(data);
+            v
+        };
+        let raw = root.join("MNIST").join("raw");
+        std::fs::create_dir_all(&raw).unwrap();
+        let images = raw.join("t10k-images-idx3-ubyte");
+        let labels = raw.join("t10k-labels-idx1-ubyte");
+        std::fs::write(&images, idx(2051, &[1, 2, 2], &[0; 4])).unwrap();
+        std::fs::write(&labels, idx(2049, &[1], &[3])).unwrap();
+        let m = open(&DatasetSpec::Mnist, root, Split::Test, 4).unwrap();
+        assert_eq!(m.input_paths(), [images, labels]);
+        for spec in [DatasetSpec::SyntheticFlowers, DatasetSpec::SyntheticShapes] {
+            let ds = open(&spec, root, Split::Test, 8).unwrap();
+            assert!(ds.input_paths().is_empty(), "{spec}");
+        }
     }
 
     #[test]

@@ -239,6 +239,12 @@ pub fn train_with_eval(
         ));
     }
     let run = opts.open("gan", RUN_KIND, &rc, MAY_CHANGE_ON_RESUME)?;
+    // A resumed run must read the data it began on (the dataset's files,
+    // fingerprinted in `inputs.json`); a refused resume leaves its config.
+    if let Err(e) = run.check_inputs(&train_set.input_paths()) {
+        run.restore_config()?;
+        return Err(e.into());
+    }
     // The FIDs of every evaluation are compared to pick the best-FID
     // checkpoint: a resume must evaluate as the run began to.
     if let Some(ev) = eval.filter(|_| tc.eval_every > 0) {

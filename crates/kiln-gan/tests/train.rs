@@ -525,3 +525,55 @@ fn divergence_stops_training_and_names_a_checkpoint() {
         assert!(v.iter().all(|x| x.is_finite()), "{n}");
     }
 }
+
+/// A resumed run reads the data it began on: after one picture of its image
+/// folder changed, `--resume` is refused naming the folder (and leaves the
+/// config as it was); with the picture put back it resumes to the end.
+#[test]
+fn a_resume_after_the_dataset_changed_is_refused_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("pics");
+    let src = flowers(8);
+    for i in 0..8 {
+        let class = data.join(format!("c{}", i % 2));
+        std::fs::create_dir_all(&class).unwrap();
+        let png = class.join(format!("{i}.png"));
+        src.get(i).unwrap().image.save_png(&png).unwrap();
+    }
+    let spec = kiln_data::DatasetSpec::Folder(data.clone());
+    let run = dir.path().join("run");
+    let go = |epochs: u64, resume: bool| {
+        let ds: Arc<dyn Dataset> = kiln_data::open(&spec, dir.path(), Split::Train, 16)
+            .unwrap()
+            .into();
+        let tc = TrainConfig {
+            epochs,
+            batch_size: 4,
+            ..TrainConfig::default()
+        };
+        train(&small(), &tc, ds, &DEV, &opts(&run, resume))
+    };
+    go(1, false).unwrap();
+    let inputs = std::fs::read_to_string(run.join(kiln_core::run::INPUTS_FILE)).unwrap();
+    let folder = data.display().to_string();
+    assert!(
+        inputs.contains(&serde_json::to_string(&folder).unwrap()),
+        "{inputs}"
+    );
+    let png = data.join("c0").join("0.png");
+    let before = std::fs::read(&png).unwrap();
+    std::fs::copy(data.join("c1").join("1.png"), &png).unwrap();
+    let e = go(2, true).unwrap_err().to_string();
+    assert!(
+        e.contains(&format!("{folder}: changed since the run began")),
+        "{e}"
+    );
+    let (_, rc): (String, kiln_gan::RunConfig) = kiln_core::run::RunDir::open(&run)
+        .unwrap()
+        .read_config()
+        .unwrap();
+    assert_eq!(rc.train.epochs, 1, "a refused resume rewrote the config");
+    std::fs::write(&png, before).unwrap();
+    let rep = go(2, true).unwrap();
+    assert_eq!(rep.epochs, 2);
+}

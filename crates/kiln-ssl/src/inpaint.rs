@@ -14,7 +14,7 @@ use kiln_core::session::{Record, Session};
 use kiln_core::vars::VarStore;
 use kiln_core::{candle_nn, DType, Device, Module, Result, Tensor, VarBuilder};
 use kiln_data::masks::SquareMask;
-use kiln_data::{DataLoader, Dataset, LoaderConfig};
+use kiln_data::{input_paths_of, DataLoader, Dataset, LoaderConfig};
 use serde::{Deserialize, Serialize};
 
 use crate::{RunOptions, SslError};
@@ -339,6 +339,13 @@ pub fn train_inpaint(
 ) -> std::result::Result<InpaintTrainReport, SslError> {
     cfg.validate()?;
     let run = opts.open("inpaint", INPAINT_KIND, cfg, INPAINT_MAY_CHANGE)?;
+    // A resumed run must read the data it began on (the datasets' files,
+    // fingerprinted in `inputs.json`); a refused resume leaves its config.
+    let sets = [Some(train_set.as_ref()), test_set.as_deref()];
+    if let Err(e) = run.check_inputs(&input_paths_of(sets.into_iter().flatten())) {
+        run.restore_config()?;
+        return Err(e.into());
+    }
     let dir = run.dir().clone();
     let vs = VarStore::new(cfg.seed);
     let model = InpaintAe::new(cfg.channels, vs.builder(DType::F32, device))?;

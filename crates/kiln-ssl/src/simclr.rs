@@ -12,7 +12,7 @@ use kiln_core::{DType, Device, Module, ModuleT, Result, Tensor, VarBuilder};
 use kiln_data::transforms::{
     ColorJitter, Compose, GaussianBlur, Grayscale, HorizontalFlip, RandomApply, RandomResizedCrop,
 };
-use kiln_data::{DataLoader, Dataset, LoaderConfig};
+use kiln_data::{input_paths_of, DataLoader, Dataset, LoaderConfig};
 use serde::{Deserialize, Serialize};
 
 use crate::loss::{nt_xent, temperature_problem};
@@ -383,7 +383,7 @@ pub fn train_simclr(
         seed: cfg.seed,
         ..Default::default()
     };
-    let loader = DataLoader::new(train_set, lc, device)?.with_views(cfg.augment(), 2)?;
+    let loader = DataLoader::new(train_set.clone(), lc, device)?.with_views(cfg.augment(), 2)?;
     if loader.is_empty() {
         return Err(SslError::Config {
             field: "batch_size".into(),
@@ -391,6 +391,17 @@ pub fn train_simclr(
         });
     }
     let run = opts.open("simclr", SIMCLR_KIND, cfg, SIMCLR_MAY_CHANGE)?;
+    // A resumed run must read the data it began on (the datasets' files,
+    // the probe's too, fingerprinted in `inputs.json`); a refused resume
+    // leaves its config.
+    let mut sets = vec![train_set.as_ref()];
+    if let Some((a, b)) = &probe_sets {
+        sets.extend([a.as_ref(), b.as_ref()]);
+    }
+    if let Err(e) = run.check_inputs(&input_paths_of(sets)) {
+        run.restore_config()?;
+        return Err(e.into());
+    }
     let dir = run.dir().clone();
     let vs = VarStore::new(cfg.seed);
     let model = Simclr::new(cfg, vs.builder(DType::F32, device))?;

@@ -430,3 +430,105 @@ fn loading_a_run_of_another_kind_names_its_kind() {
         );
     }
 }
+
+/// A resumed run reads the data it began on: after one picture changed,
+/// `--resume` is refused naming the folder it is in (the inpainting run's
+/// train split; SimCLR's probe test split), leaving the config as it was;
+/// with the picture put back both resume to the end.
+#[test]
+fn a_resume_after_the_dataset_changed_is_refused_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("pics");
+    for split in [Split::Train, Split::Test] {
+        let ds = flowers(split, 8, 16);
+        for i in 0..8 {
+            let class = data.join(split.as_str()).join(format!("c{}", i % 2));
+            std::fs::create_dir_all(&class).unwrap();
+            let png = class.join(format!("{i}.png"));
+            ds.get(i).unwrap().image.save_png(&png).unwrap();
+        }
+    }
+    let spec = kiln_data::DatasetSpec::Folder(data.clone());
+    let open = |split| -> Arc<dyn Dataset> {
+        kiln_data::open(&spec, dir.path(), split, 16)
+            .unwrap()
+            .into()
+    };
+    let opts = |run: &std::path::Path, resume: bool| {
+        if resume {
+            RunOptions::resume(run)
+        } else {
+            RunOptions::new_run(Some(run))
+        }
+        .quiet(true)
+    };
+    // One picture of `split` replaced by another; what `f` said about it;
+    // the picture put back.
+    let with_changed = |split: &str, f: &dyn Fn() -> String| -> String {
+        let png = data.join(split).join("c0").join("0.png");
+        let before = std::fs::read(&png).unwrap();
+        std::fs::copy(data.join(split).join("c1").join("1.png"), &png).unwrap();
+        let e = f();
+        std::fs::write(&png, before).unwrap();
+        e
+    };
+    let changed = |split: &str| {
+        format!(
+            "{}: changed since the run began",
+            data.join(split).display()
+        )
+    };
+    let epochs_in = |run: &std::path::Path| -> u64 {
+        let (_, v): (String, serde_json::Value) = kiln_core::run::RunDir::open(run)
+            .unwrap()
+            .read_config()
+            .unwrap();
+        v["epochs"].as_u64().unwrap()
+    };
+
+    let irun = dir.path().join("inpaint");
+    let icfg = |epochs| InpaintConfig {
+        epochs,
+        batch_size: 4,
+        image_size: 16,
+        mask_size: 4,
+        dataset: spec.to_string(),
+        ..Default::default()
+    };
+    let inpaint = |epochs, resume| {
+        train_inpaint(
+            &icfg(epochs),
+            open(Split::Train),
+            Some(open(Split::Test)),
+            &Device::Cpu,
+            &opts(&irun, resume),
+        )
+    };
+    inpaint(1, false).unwrap();
+    let e = with_changed("train", &|| inpaint(2, true).unwrap_err().to_string());
+    assert!(e.contains(&changed("train")), "{e}");
+    assert_eq!(epochs_in(&irun), 1, "a refused resume rewrote the config");
+    assert!(!inpaint(2, true).unwrap().interrupted);
+    assert_eq!(epochs_in(&irun), 2);
+
+    let srun = dir.path().join("simclr");
+    let scfg = |epochs| SimclrConfig {
+        widths: vec![8],
+        proj_dim: 8,
+        epochs,
+        batch_size: 4,
+        image_size: 16,
+        dataset: spec.to_string(),
+        ..Default::default()
+    };
+    let simclr = |epochs, resume| {
+        let tr = open(Split::Train);
+        let probe = Some((tr.clone(), open(Split::Test)));
+        train_simclr(&scfg(epochs), tr, probe, &Device::Cpu, &opts(&srun, resume))
+    };
+    simclr(1, false).unwrap();
+    let e = with_changed("test", &|| simclr(2, true).unwrap_err().to_string());
+    assert!(e.contains(&changed("test")), "{e}");
+    assert_eq!(epochs_in(&srun), 1, "a refused resume rewrote the config");
+    assert!(!simclr(2, true).unwrap().interrupted);
+}

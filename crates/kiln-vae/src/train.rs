@@ -12,7 +12,7 @@ use kiln_core::run::{RunDir, RunOptions};
 use kiln_core::session::{Record, Session};
 use kiln_core::vars::VarStore;
 use kiln_core::{DType, Device, Tensor};
-use kiln_data::{DataError, DataLoader, Dataset, DatasetSpec, LoaderConfig};
+use kiln_data::{input_paths_of, DataError, DataLoader, Dataset, DatasetSpec, LoaderConfig};
 use serde::{Deserialize, Serialize};
 
 use crate::config::VaeConfig;
@@ -158,6 +158,13 @@ pub fn train(
     run_cfg.validate()?;
     check_shape(model_cfg, train_set.as_ref())?;
     let run = opts.open("vae", RUN_KIND, &run_cfg, MAY_CHANGE_ON_RESUME)?;
+    // A resumed run must read the data it began on (the datasets' files,
+    // fingerprinted in `inputs.json`); a refused resume leaves its config.
+    let sets = [Some(train_set.as_ref()), test_set.as_deref()];
+    if let Err(e) = run.check_inputs(&input_paths_of(sets.into_iter().flatten())) {
+        run.restore_config()?;
+        return Err(e.into());
+    }
     let dir = run.dir().clone();
 
     let vs = VarStore::new(tc.seed);

@@ -546,3 +546,89 @@ fn loading_a_run_of_another_kind_names_its_kind() {
         "{e}"
     );
 }
+
+/// `root/<split>/c<k>/<i>.png`: `n` synthetic flowers (16x16) per split in
+/// two classes, an image folder on disk with train/ and test/ splits.
+fn image_folder(root: &std::path::Path, n: usize) {
+    for split in [Split::Train, Split::Test] {
+        let ds = flowers(split, n, 16);
+        for i in 0..n {
+            let class = root.join(split.as_str()).join(format!("c{}", i % 2));
+            std::fs::create_dir_all(&class).unwrap();
+            let png = class.join(format!("{i}.png"));
+            ds.get(i).unwrap().image.save_png(&png).unwrap();
+        }
+    }
+}
+
+/// A resumed run reads the data it began on: after a picture of the train
+/// or test split changed, `--resume` is refused naming that split's folder
+/// (and leaves the config as it was); with the data put back it resumes.
+#[test]
+fn a_resume_after_the_dataset_changed_is_refused_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("pics");
+    image_folder(&data, 8);
+    let spec = kiln_data::DatasetSpec::Folder(data.clone());
+    let run = dir.path().join("run");
+    let go = |epochs: u64, resume: bool| {
+        let open = |split| -> Arc<dyn Dataset> {
+            kiln_data::open(&spec, dir.path(), split, 16)
+                .unwrap()
+                .into()
+        };
+        let opts = if resume {
+            RunOptions::resume(&run)
+        } else {
+            RunOptions::new_run(Some(&run))
+        };
+        let tc = TrainConfig {
+            epochs,
+            batch_size: 4,
+            dataset: spec.to_string(),
+            ..Default::default()
+        };
+        let (tr, te) = (open(Split::Train), open(Split::Test));
+        train(
+            &tiny(false),
+            &tc,
+            tr,
+            Some(te),
+            &Device::Cpu,
+            &opts.quiet(true),
+        )
+    };
+    go(1, false).unwrap();
+    let inputs = std::fs::read_to_string(run.join(kiln_core::run::INPUTS_FILE)).unwrap();
+    for split in ["train", "test"] {
+        let p = data.join(split).display().to_string();
+        assert!(
+            inputs.contains(&serde_json::to_string(&p).unwrap()),
+            "{inputs}"
+        );
+    }
+    let epochs = || {
+        let (_, rc): (String, kiln_vae::RunConfig) = kiln_core::run::RunDir::open(&run)
+            .unwrap()
+            .read_config()
+            .unwrap();
+        rc.train.epochs
+    };
+    for split in ["train", "test"] {
+        let png = data.join(split).join("c0").join("0.png");
+        let before = std::fs::read(&png).unwrap();
+        // Another picture in its place.
+        std::fs::copy(data.join(split).join("c1").join("1.png"), &png).unwrap();
+        let e = go(2, true).unwrap_err().to_string();
+        let folder = data.join(split).display().to_string();
+        assert!(
+            e.contains(&format!("{folder}: changed since the run began")),
+            "{split}: {e}"
+        );
+        assert_eq!(epochs(), 1, "a refused resume rewrote the config");
+        std::fs::write(&png, before).unwrap();
+    }
+    let rep = go(2, true).unwrap();
+    assert_eq!((rep.epochs, rep.interrupted), (2, false));
+    assert_eq!(epochs(), 2);
+}

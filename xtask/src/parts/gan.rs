@@ -831,9 +831,10 @@ fn extractor(
     name = "cargo xtask eval gan",
     about = "FID, KID, precision/recall/density/coverage, Inception Score and a memorisation check of a GAN run",
     after_help = "Results: printed, and written to \
-                  RUN/eval-<checkpoint>[-ema]-<split>-n<N>-seed<SEED>-<extractor hash>.json, one \
-                  file per checkpoint, split, --n, --seed and extractor (the same settings \
-                  replace their own file only)."
+                  RUN/eval-<checkpoint>[-ema]-<split>-n<N>-ntrain<N_TRAIN>-seed<SEED>[-collapse]-<extractor hash>.json \
+                  (N_TRAIN: --n-train, 0 with --split train), one file per checkpoint, split, \
+                  --n, --n-train, --seed, --collapse-baseline and extractor (the same settings \
+                  replace their own file only); the file's `settings` repeat them."
 )]
 struct EvalArgs {
     /// The run folder.
@@ -951,15 +952,13 @@ fn eval_cmd(args: &[String]) -> Result<()> {
     // The memorisation check sets the distance to the nearest training image
     // against the nearest held-out one: with the training split as the
     // reference there is no held-out image, and the ratio would be 0/0.
-    let n_train = if matches!(split, Split::Train) && a.n_train > 0 {
+    let n_train = memorisation_images(&a, split);
+    if n_train != a.n_train {
         eprintln!(
             "eval gan: memorisation check skipped: it needs held-out reference images, and \
              --split train has none"
         );
-        0
-    } else {
-        a.n_train
-    };
+    }
     let tf = match n_train {
         0 => None,
         k => {
@@ -1019,7 +1018,21 @@ fn eval_cmd(args: &[String]) -> Result<()> {
         false => None,
     };
     let out = a.run.join(result_name(&a, split, &rep.extractor_hash));
-    let json = serde_json::json!({ "report": rep, "collapsed_baseline": baseline });
+    let settings = serde_json::json!({
+        "checkpoint": a.checkpoint.as_deref().unwrap_or("last"),
+        "ema": a.ema,
+        "split": split.to_string(),
+        "n": a.n,
+        "n_train": n_train,
+        "seed": a.seed,
+        "resize": a.resize.name(),
+        "collapse_baseline": a.collapse_baseline,
+    });
+    let json = serde_json::json!({
+        "settings": settings,
+        "report": rep,
+        "collapsed_baseline": baseline,
+    });
     kiln_core::files::write_atomic(&out, serde_json::to_string_pretty(&json)?.as_bytes())?;
     println!("{}", out.display());
     Ok(())
@@ -1030,20 +1043,33 @@ fn four(x: Option<f64>) -> String {
     x.map_or_else(|| "n/a".into(), |v| format!("{v:.4}"))
 }
 
+/// Training images the memorisation check searches: `--n-train`, or 0 with
+/// `--split train` (no held-out reference images to set them against).
+fn memorisation_images(a: &EvalArgs, split: Split) -> usize {
+    if matches!(split, Split::Train) {
+        0
+    } else {
+        a.n_train
+    }
+}
+
 /// The name of `eval gan`'s result file in the run folder: every setting
-/// the numbers depend on (checkpoint, EMA, split, --n, --seed; the
-/// extractor and --resize through its hash), so results of other settings
-/// do not replace each other.
+/// the file's numbers depend on (checkpoint, EMA, split, --n, the training
+/// images the memorisation check searched, --seed, --collapse-baseline;
+/// the extractor and --resize through its hash), so results of other
+/// settings neither replace each other nor pass for each other.
 fn result_name(a: &EvalArgs, split: Split, extractor_hash: &str) -> String {
     format!(
-        "eval-{}{}-{split}-n{}-seed{}-{extractor_hash}.json",
+        "eval-{}{}-{split}-n{}-ntrain{}-seed{}{}-{extractor_hash}.json",
         a.checkpoint
             .as_deref()
             .unwrap_or("last")
             .replace(['/', '\\', '.'], "_"),
         if a.ema { "-ema" } else { "" },
         a.n,
-        a.seed
+        memorisation_images(a, split),
+        a.seed,
+        if a.collapse_baseline { "-collapse" } else { "" },
     )
 }
 
@@ -1121,7 +1147,9 @@ mod tests {
     }
 
     /// `eval gan`'s result file names every setting its numbers depend on,
-    /// so a run evaluated on another split, --n or --seed keeps both files.
+    /// so a run evaluated on another split, --n, --n-train, --seed or with
+    /// --collapse-baseline keeps both files, and `--overwrite` knows them
+    /// for kiln's.
     #[test]
     fn eval_results_are_named_by_their_settings() {
         let name = |extra: &[&str]| {
@@ -1131,7 +1159,10 @@ mod tests {
             let split: Split = a.split.parse().unwrap();
             result_name(&a, split, "abc")
         };
-        assert_eq!(name(&[]), "eval-last-test-n10000-seed0-abc.json");
+        assert_eq!(
+            name(&[]),
+            "eval-last-test-n10000-ntrain10000-seed0-abc.json"
+        );
         assert_eq!(
             name(&[
                 "--checkpoint",
@@ -1141,20 +1172,57 @@ mod tests {
                 "val",
                 "--n",
                 "50",
+                "--n-train",
+                "20",
                 "--seed",
-                "3"
+                "3",
+                "--collapse-baseline",
             ]),
-            "eval-best-fid-ema-val-n50-seed3-abc.json"
+            "eval-best-fid-ema-val-n50-ntrain20-seed3-collapse-abc.json"
         );
-        let all: std::collections::BTreeSet<String> = [
-            name(&[]),
-            name(&["--split", "val"]),
-            name(&["--n", "50"]),
-            name(&["--seed", "1"]),
-        ]
-        .into_iter()
-        .collect();
-        assert_eq!(all.len(), 4, "{all:?}");
+        // With the training split as the reference the memorisation check
+        // is skipped whatever --n-train says: one file, named for what ran.
+        assert_eq!(
+            name(&["--split", "train", "--n-train", "20"]),
+            name(&["--split", "train"])
+        );
+        assert_eq!(
+            name(&["--split", "train"]),
+            "eval-last-train-n10000-ntrain0-seed0-abc.json"
+        );
+        let variants: [&[&str]; 7] = [
+            &[],
+            &["--split", "val"],
+            &["--n", "50"],
+            &["--seed", "1"],
+            &["--n-train", "0"],
+            &["--n-train", "500"],
+            &["--collapse-baseline"],
+        ];
+        let all: std::collections::BTreeSet<String> = variants.iter().map(|v| name(v)).collect();
+        assert_eq!(all.len(), variants.len(), "{all:?}");
+        for n in &all {
+            assert!(kiln_core::run::is_run_file(Path::new(n)), "{n}");
+        }
+    }
+
+    /// The files `train gan`, `sample gan` and `eval gan` write in a run
+    /// folder are in kiln-core's list, so `--overwrite` clears them.
+    #[test]
+    fn gan_run_files_are_known_to_overwrite() {
+        for f in [
+            kiln_gan::fid_record::FID_RECORD_FILE.to_string(),
+            format!("checkpoints/{}", kiln_gan::train::BEST_FID_CHECKPOINT),
+            format!("checkpoints/{}", kiln_gan::train::HEALTHY_CHECKPOINT),
+            "samples/epoch-001.png".into(),
+            "samples/epoch-001-ema.png".into(),
+            "samples-ema.png".into(),
+            "d_outputs.png".into(),
+            "samples-7.png".into(),
+            "samples-7-ema.png".into(),
+        ] {
+            assert!(kiln_core::run::is_run_file(Path::new(&f)), "{f}");
+        }
     }
 
     /// `eval gan --help` shows --data-root's default, as the other commands
@@ -1171,7 +1239,9 @@ mod tests {
             .unwrap_or_default();
         assert!(line.contains("[default: data]"), "{help}");
         assert!(
-            help.contains("RUN/eval-<checkpoint>[-ema]-<split>-n<N>-seed<SEED>"),
+            help.contains(
+                "RUN/eval-<checkpoint>[-ema]-<split>-n<N>-ntrain<N_TRAIN>-seed<SEED>[-collapse]"
+            ) && help.contains("--n-train, --seed, --collapse-baseline"),
             "{help}"
         );
         let a: EvalArgs = parse("e", &args(&["--run", "r"])).unwrap();

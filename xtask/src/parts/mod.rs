@@ -389,7 +389,9 @@ pub struct RunArgs {
     /// where the command has it, --eval-every may change).
     #[arg(long)]
     pub resume: Option<PathBuf>,
-    /// With --out: delete the run already in that folder and start again.
+    /// With --out: delete the run already in that folder (only the files kiln
+    /// runs write) and start again; a folder that also holds other files is
+    /// refused, with nothing deleted.
     #[arg(long, requires = "out")]
     pub overwrite: bool,
     /// Device: cpu, cuda, cuda:N or auto.
