@@ -895,6 +895,14 @@ fn run_folder_contents(root: &Path) -> Result<Contents, RunError> {
     Ok(c)
 }
 
+/// The entries of the run folder `dir` that no kiln run writes (see
+/// [`RUN_FILES`]), relative to it, folders with a trailing `/`: what a tool
+/// that deletes run folders (such as `rlhf experiment --overwrite`) must
+/// leave alone.
+pub fn foreign_entries(dir: &Path) -> Result<Vec<String>, RunError> {
+    Ok(run_folder_contents(dir)?.foreign)
+}
+
 /// Refuses `--overwrite` on a folder holding anything no kiln run writes.
 fn refuse_foreign_entries(path: &Path) -> Result<Contents, RunError> {
     let c = run_folder_contents(path)?;
@@ -1074,7 +1082,11 @@ impl Run {
     /// preference pairs), or, on resume, checks that they are unchanged: a
     /// resumed run on other data would continue its epoch over different
     /// examples and report figures that belong to neither. A run written
-    /// before inputs were recorded gets them recorded now.
+    /// before inputs were recorded gets them recorded now. On resume, a path
+    /// the run did not read before, given while one it did read is no longer
+    /// given (a dataset root pointed elsewhere), must hold the same data (the
+    /// same fingerprint: the data moved); other data is refused. An input
+    /// added beside all the recorded ones is recorded.
     pub fn check_inputs(&self, inputs: &[&Path]) -> Result<(), RunError> {
         let file = self.dir.join(INPUTS_FILE);
         let mut saved: std::collections::BTreeMap<String, String> = match std::fs::read(&file) {
@@ -1086,9 +1098,39 @@ impl Run {
             Err(e) => return Err(io(&file)(e)),
         };
         let mut changed = false;
+        // Inputs the run began with that are not read now: on resume, a new
+        // path is accepted only as one of them moved (the same fingerprint),
+        // so `--data-root` pointed elsewhere cannot swap the data unnoticed.
+        let given: std::collections::BTreeSet<String> =
+            inputs.iter().map(|p| p.display().to_string()).collect();
+        let mut gone: Vec<(String, String)> = saved
+            .iter()
+            .filter(|(k, _)| !given.contains(*k))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
         for p in inputs {
             let now = fingerprint(p)?;
             let key = p.display().to_string();
+            if self.resumed && !gone.is_empty() && !saved.contains_key(&key) {
+                match gone.iter().position(|(_, was)| *was == now) {
+                    Some(i) => {
+                        saved.remove(&gone.remove(i).0);
+                    }
+                    None => {
+                        let began: Vec<String> =
+                            gone.iter().map(|(k, v)| format!("{k} ({v})")).collect();
+                        return Err(RunError::Invalid {
+                            path: p.to_path_buf(),
+                            reason: format!(
+                                "not the data the run began with: it read {}, and this is \
+                                 {now}; a resumed run must read the same data: point it back \
+                                 at what it read, or start a new run",
+                                began.join(", ")
+                            ),
+                        });
+                    }
+                }
+            }
             match saved.get(&key) {
                 Some(was) if self.resumed && *was != now => {
                     return Err(RunError::Invalid {

@@ -913,6 +913,32 @@ fn a_changed_input_is_refused_on_resume() {
         e.contains("then 1 files") && e.contains("now 2 files"),
         "{e}"
     );
+    std::fs::remove_file(folder.join("b.txt")).unwrap();
+    // The same data at another path (a dataset root moved) resumes, and the
+    // record follows it; other data at another path is refused, naming both.
+    let moved = dir.path().join("moved.jsonl");
+    std::fs::write(&moved, "one\n").unwrap();
+    open(true).check_inputs(&[&moved, &folder]).unwrap();
+    let saved = std::fs::read_to_string(run.join(kiln_core::run::INPUTS_FILE)).unwrap();
+    assert!(
+        saved.contains("moved.jsonl") && !saved.contains("prefs.jsonl"),
+        "{saved}"
+    );
+    let other = dir.path().join("other.jsonl");
+    std::fs::write(&other, "three\n").unwrap();
+    let e = open(true)
+        .check_inputs(&[&other, &folder])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("other.jsonl: not the data the run began with: it read")
+            && e.contains("moved.jsonl (4 bytes, crc32")
+            && e.contains("and this is 6 bytes, crc32"),
+        "{e}"
+    );
+    // An input beside every recorded one is recorded, not refused.
+    open(true).check_inputs(&[&moved, &folder, &other]).unwrap();
+    open(true).check_inputs(&[&moved, &folder, &other]).unwrap();
 }
 
 /// A field added to a config type after a run began (with a serde default

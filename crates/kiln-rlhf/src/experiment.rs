@@ -311,12 +311,75 @@ pub(crate) fn prepare_out(out: &Path, overwrite: bool, task: &str) -> Result<()>
                 ),
             ));
         }
+        let foreign = task_foreign_entries(out)?;
+        if !foreign.is_empty() {
+            let shown = if foreign.len() > 10 {
+                format!(
+                    "{} and {} more",
+                    foreign[..10].join(", "),
+                    foreign.len() - 10
+                )
+            } else {
+                foreign.join(", ")
+            };
+            return Err(RlhfError::file(
+                out,
+                format!(
+                    "holds {shown}, which no `{task}` writes, so --overwrite deleted nothing: \
+                     kiln never deletes files it did not write; move them out of the folder \
+                     or choose a new folder"
+                ),
+            ));
+        }
         std::fs::remove_dir_all(out).map_err(io(out))?;
     }
     std::fs::create_dir_all(out).map_err(io(out))?;
     kiln_core::files::write_atomic(&out.join(TASK_MARK), format!("{task}\n").as_bytes())
         .map_err(io(out))?;
     Ok(())
+}
+
+/// The files `rlhf experiment` and `rlhf arithmetic` write at the top of
+/// their folder; beside them are only run folders (`lm/`, `reward/`, one per
+/// method), whose files are the runs' own ([`kiln_core::run::RUN_FILES`]).
+const TASK_FILES: &[&str] = &[
+    TASK_MARK,
+    "corpus.txt",
+    "prefs.jsonl",
+    "prompts.txt",
+    "prompts.jsonl",
+    "results.md",
+    "results.json",
+    "frontier.png",
+];
+
+/// The entries of a task folder that neither the task nor its runs write
+/// (relative to it; a folder with a trailing `/`), which `--overwrite` must
+/// not delete. A symbolic link is never the task's.
+fn task_foreign_entries(out: &Path) -> Result<Vec<String>> {
+    let mut entries: Vec<_> = std::fs::read_dir(out)
+        .map_err(io(out))?
+        .collect::<std::io::Result<_>>()
+        .map_err(io(out))?;
+    entries.sort_by_key(|e| e.file_name());
+    let mut foreign = Vec::new();
+    for e in entries {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let path = e.path();
+        let kind = e.file_type().map_err(io(&path))?;
+        if kind.is_dir() {
+            let inside = kiln_core::run::foreign_entries(&path)
+                .map_err(|err| RlhfError::file(&path, err.to_string()))?;
+            foreign.extend(inside.into_iter().map(|f| format!("{name}/{f}")));
+        } else {
+            // An interrupted atomic write leaves `.<name>.tmp-<pid>`.
+            let temp = name.starts_with('.') && name.contains(".tmp-");
+            if !(kind.is_file() && (TASK_FILES.contains(&name.as_str()) || temp)) {
+                foreign.push(name);
+            }
+        }
+    }
+    Ok(foreign)
 }
 
 fn prompt_of(subject: &str) -> String {
@@ -800,8 +863,35 @@ mod tests {
             .to_string();
         assert!(e.contains("holds `rlhf experiment` output"), "{e}");
         assert!(out.join("results.json").is_file());
+        // The task's own output, a user's files beside it or in one of its
+        // run folders: refused, every file kept, the user's named.
+        let run = out.join("dpo-beta0.1");
+        std::fs::create_dir_all(run.join("checkpoints")).unwrap();
+        for f in [
+            "config.toml",
+            "metrics.jsonl",
+            "checkpoints/last.safetensors",
+        ] {
+            std::fs::write(run.join(f), "x").unwrap();
+        }
+        std::fs::write(out.join("notes.md"), "mine").unwrap();
+        std::fs::write(run.join("checkpoints/keep.safetensors"), "mine").unwrap();
+        let e = prepare_out(&out, true, "rlhf experiment")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains(
+                "holds dpo-beta0.1/checkpoints/keep.safetensors, notes.md, which no \
+                 `rlhf experiment` writes, so --overwrite deleted nothing"
+            ),
+            "{e}"
+        );
+        assert!(out.join("notes.md").is_file() && run.join("metrics.jsonl").is_file());
+        std::fs::remove_file(out.join("notes.md")).unwrap();
+        std::fs::remove_file(run.join("checkpoints/keep.safetensors")).unwrap();
+        std::fs::write(out.join(".results.json.tmp-42"), "x").unwrap();
         prepare_out(&out, true, "rlhf experiment").unwrap();
-        assert!(!out.join("results.json").exists());
+        assert!(!out.join("results.json").exists() && !run.exists());
 
         let e = prepare_out(&mine.join("thesis.tex"), true, "rlhf experiment")
             .unwrap_err()

@@ -765,7 +765,8 @@ struct ExperimentArgs {
     /// Output folder (default: runs/rlhf-experiment-<timestamp>).
     #[arg(long)]
     out: Option<PathBuf>,
-    /// Replace what an earlier experiment left in --out.
+    /// Replace what an earlier experiment left in --out (only what it and its runs
+    /// write: a folder holding anything else is refused, nothing deleted).
     #[arg(long)]
     overwrite: bool,
     /// The short version (the demo's).

@@ -430,7 +430,8 @@ struct ArithArgs {
     /// Output folder (default: runs/rlhf-arithmetic-<timestamp>).
     #[arg(long)]
     out: Option<PathBuf>,
-    /// Replace what an earlier run left in --out.
+    /// Replace what an earlier run left in --out (only what it and its runs write:
+    /// a folder holding anything else is refused, nothing deleted).
     #[arg(long)]
     overwrite: bool,
     /// The short version (the demo's).
