@@ -773,9 +773,10 @@ pub const RUN_FILES: &[&str] = &[
     "interpolation.png",
     "d_outputs.png",
     "figure_14_2.png",
-    // `cargo xtask sample vae|gan` without --out: `samples-<seed>[-ema].png`.
+    // `cargo xtask sample vae|gan` without --out:
+    // `samples-<seed>[-<checkpoint>][-class<k>][-ema].png`.
     "samples-#.png",
-    "samples-#-ema.png",
+    "samples-#-*.png",
     // `cargo xtask eval gan`: `eval-<checkpoint>[-ema]-<split>-n<N>-...-seed<S>-...-<hash>.json`.
     "eval-*-seed#-*.json",
     // kiln-gan: the FID extractor record, per-epoch grids, extra checkpoints.

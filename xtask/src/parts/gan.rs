@@ -473,7 +473,8 @@ struct SampleArgs {
     /// Checkpoint: last (default), healthy (the one a collapse message names) or a file.
     #[arg(long)]
     checkpoint: Option<String>,
-    /// Output PNG (default: RUN/samples-<seed>[-ema].png).
+    /// Output PNG (default: RUN/samples-<seed>[-<checkpoint>][-class<k>][-ema].png;
+    /// `last` is not named).
     #[arg(long)]
     out: Option<PathBuf>,
     /// Seed of the latents.
@@ -487,6 +488,38 @@ struct SampleArgs {
     device: String,
 }
 
+/// The default grid's name, `samples-<seed>[-<checkpoint>][-class<k>][-ema].png`,
+/// so grids from another checkpoint or class do not replace each other (a
+/// checkpoint file is named by its stem, other characters than letters,
+/// digits, `-` and `_` as `_`; `last` is left out).
+fn sample_name(seed: u64, checkpoint: Option<&str>, class: Option<u32>, ema: bool) -> String {
+    let mut name = format!("samples-{seed}");
+    let stem = checkpoint
+        .and_then(|c| Path::new(c).file_stem())
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    if !stem.is_empty() && stem != "last" {
+        let clean: String = stem
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        name += &format!("-{clean}");
+    }
+    if let Some(k) = class {
+        name += &format!("-class{k}");
+    }
+    if ema {
+        name += "-ema";
+    }
+    name + ".png"
+}
+
 fn sample_cmd(args: &[String]) -> Result<()> {
     let a: SampleArgs = parse("cargo xtask sample gan", args)?;
     if a.n == 0 {
@@ -497,10 +530,10 @@ fn sample_cmd(args: &[String]) -> Result<()> {
     let (g, rc) = load_generator(&a.run, which, a.checkpoint.as_deref(), &device)?;
     check_class(a.class, rc.model.num_classes)?;
     let labels = super::sample_labels(a.n, a.class, rc.model.num_classes, &device)?;
-    let suffix = if a.ema { "-ema" } else { "" };
-    let out = a
-        .out
-        .unwrap_or_else(|| a.run.join(format!("samples-{}{suffix}.png", a.seed)));
+    let out = a.out.unwrap_or_else(|| {
+        a.run
+            .join(sample_name(a.seed, a.checkpoint.as_deref(), a.class, a.ema))
+    });
     super::check_png_out(&out)?;
     let imgs = g.sample(a.n, labels.as_ref(), &mut SeededRng::new(a.seed))?;
     let ncols = (a.n as f64).sqrt().ceil() as usize;
@@ -1222,6 +1255,34 @@ mod tests {
             "samples-7-ema.png".into(),
         ] {
             assert!(kiln_core::run::is_run_file(Path::new(&f)), "{f}");
+        }
+    }
+
+    /// `sample gan` grids from other checkpoints or classes get other
+    /// default names (they replaced each other), each one kiln's to delete.
+    #[test]
+    fn sample_names_follow_the_checkpoint_and_class() {
+        let cases = [
+            (None, None, false, "samples-1.png"),
+            (Some("last"), None, true, "samples-1-ema.png"),
+            (Some("healthy"), None, false, "samples-1-healthy.png"),
+            (
+                Some("runs/a b/ep 3.safetensors"),
+                Some(2),
+                true,
+                "samples-1-ep_3-class2-ema.png",
+            ),
+            (
+                Some("checkpoints/last.safetensors"),
+                Some(0),
+                false,
+                "samples-1-class0.png",
+            ),
+        ];
+        for (ckpt, class, ema, want) in cases {
+            let got = sample_name(1, ckpt, class, ema);
+            assert_eq!(got, want);
+            assert!(kiln_core::run::is_run_file(Path::new(&got)), "{got}");
         }
     }
 
