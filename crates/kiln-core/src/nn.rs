@@ -51,6 +51,16 @@ pub fn frozen<R>(f: impl FnOnce() -> R) -> R {
     f()
 }
 
+/// Runs `f` with this thread's [`frozen`] state set to `state`, restoring
+/// the previous one after. [`crate::ops::on_pool`] carries its caller's state
+/// into the job this way: the job may run on a pool thread that is itself
+/// inside `frozen` (waiting in a parallel loop, it takes other jobs), whose
+/// state would otherwise leak into an unrelated training step.
+pub(crate) fn with_frozen<R>(state: bool, f: impl FnOnce() -> R) -> R {
+    let _restore = FrozenGuard(FROZEN.with(|c| c.replace(state)));
+    f()
+}
+
 /// Whether this thread is inside [`frozen`].
 pub fn is_frozen() -> bool {
     FROZEN.with(|c| c.get())
@@ -577,6 +587,26 @@ mod tests {
     use super::*;
     use crate::vars::VarStore;
     use candle_core::{DType, Device, Var};
+
+    /// A step run on the pool ([`crate::ops::on_pool`], as every `Session`
+    /// step is) keeps its caller's `frozen` state, whichever pool thread runs
+    /// it: from a thread outside the pool, `frozen` was lost (the job ran
+    /// unfrozen), and a pool thread inside another step's `frozen` that took
+    /// the job froze it (two GAN trainings in one process: one's generator
+    /// step left the other's discriminator without weight gradients).
+    #[test]
+    fn a_job_on_the_pool_keeps_its_callers_frozen_state() {
+        assert!(frozen(|| crate::ops::on_pool(is_frozen)));
+        assert!(!crate::ops::on_pool(is_frozen));
+        // Nested on a pool thread inside `frozen`, it stays frozen.
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(1)
+            .build()
+            .unwrap();
+        let seen = pool.install(|| frozen(|| pool.install(|| crate::ops::on_pool(is_frozen))));
+        assert!(seen);
+        assert!(!is_frozen());
+    }
 
     /// Inside `frozen` a layer's weights get no gradient while its input
     /// still does (with the same values as outside); the state nests and is

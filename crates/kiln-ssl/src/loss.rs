@@ -68,7 +68,16 @@ pub fn nt_xent(z1: &Tensor, z2: &Tensor, temperature: f64) -> Result<Tensor> {
 /// row i of `a` should match row i of `b` among all rows of `b`. `temperature`
 /// must be in [`MIN_TEMPERATURE`]`..=`[`MAX_TEMPERATURE`].
 pub fn info_nce(a: &Tensor, b: &Tensor, temperature: f64) -> Result<Tensor> {
-    let (n, _) = a.dims2()?;
+    let (n, d) = a.dims2()?;
+    let (m, e) = b.dims2()?;
+    // Row i of `b` is row i's positive, so `b` needs a row for each of `a`'s
+    // (more rows are extra negatives), of the same width.
+    if m < n || e != d {
+        kiln_core::candle::bail!(
+            "info_nce: b is [{m}, {e}]; expected at least {n} rows (one positive per row of \
+             a, [{n}, {d}]) of width {d}"
+        );
+    }
     if let Some(msg) = temperature_problem(temperature) {
         kiln_core::candle::bail!("info_nce: temperature: {msg}");
     }
@@ -117,5 +126,27 @@ mod tests {
             let l = info_nce(&a, &b, t).unwrap().to_scalar::<f32>().unwrap();
             assert!(l.is_finite(), "{t}: {l}");
         }
+    }
+
+    /// `b` holds each row of `a`'s positive: fewer rows or another width is
+    /// refused by name; extra rows are extra negatives.
+    #[test]
+    fn info_nce_checks_b_against_a() {
+        let a = Tensor::new(&[[1.0f32, 0.0], [0.0, 1.0]], &Device::Cpu).unwrap();
+        let one = Tensor::new(&[[1.0f32, 0.0]], &Device::Cpu).unwrap();
+        let wide = Tensor::new(&[[1.0f32, 0.0, 0.0], [0.0, 1.0, 0.0]], &Device::Cpu).unwrap();
+        for (b, shape) in [(&one, "[1, 2]"), (&wide, "[2, 3]")] {
+            let e = info_nce(&a, b, 0.5).unwrap_err().to_string();
+            assert!(
+                e.contains(&format!("info_nce: b is {shape}; expected at least 2 rows")),
+                "{e}"
+            );
+        }
+        let more = Tensor::new(&[[1.0f32, 0.0], [0.0, 1.0], [1.0, 1.0]], &Device::Cpu).unwrap();
+        let l = info_nce(&a, &more, 0.5)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(l.is_finite(), "{l}");
     }
 }

@@ -115,7 +115,10 @@ use shape::ConvParams;
 /// assert!(rayon::current_thread_index().is_none());
 /// ```
 pub fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
-    rayon::scope(|_| f())
+    // The job runs with the caller's `nn::frozen` state, not that of the
+    // pool thread that takes it (one may be inside another step's `frozen`).
+    let frozen = crate::nn::is_frozen();
+    rayon::scope(|_| crate::nn::with_frozen(frozen, f))
 }
 
 /// Per-task partial sums added in task order, so the result is the same bits
