@@ -125,8 +125,9 @@ pub enum RunError {
     },
 }
 
-/// `a, b and c`, at most ten names, then how many more.
-fn list_entries(entries: &[String]) -> String {
+/// `a, b and c`, at most ten names, then how many more: how refusals that
+/// name a folder's entries list them (also kiln-rlhf's task folders).
+pub fn list_entries(entries: &[String]) -> String {
     const SHOWN: usize = 10;
     let mut names: Vec<&str> = entries.iter().take(SHOWN).map(String::as_str).collect();
     let more = entries.len().saturating_sub(SHOWN);

@@ -313,15 +313,7 @@ pub(crate) fn prepare_out(out: &Path, overwrite: bool, task: &str) -> Result<()>
         }
         let foreign = task_foreign_entries(out)?;
         if !foreign.is_empty() {
-            let shown = if foreign.len() > 10 {
-                format!(
-                    "{} and {} more",
-                    foreign[..10].join(", "),
-                    foreign.len() - 10
-                )
-            } else {
-                foreign.join(", ")
-            };
+            let shown = kiln_core::run::list_entries(&foreign);
             return Err(RlhfError::file(
                 out,
                 format!(
@@ -881,7 +873,7 @@ mod tests {
             .to_string();
         assert!(
             e.contains(
-                "holds dpo-beta0.1/checkpoints/keep.safetensors, notes.md, which no \
+                "holds dpo-beta0.1/checkpoints/keep.safetensors and notes.md, which no \
                  `rlhf experiment` writes, so --overwrite deleted nothing"
             ),
             "{e}"
