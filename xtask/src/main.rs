@@ -10,12 +10,38 @@ mod tools;
 
 const USAGE: &str = "usage: cargo xtask <command> [args]
 
-commands:
-  demo [--only PART,...] [--out DIR] [--quiet]   run the main jobs on embedded data
-  train <task> [args]                            train a model (see `train --help`)
-  eval <task> [args]                             evaluate a run
-  sample <task> [args]                           sample from a run
-  bench [NAME...] [--threads N]                  throughput benchmarks, one JSON line each";
+commands:";
+
+/// The built-in commands as `(name, "ARGS  description")`, listed first.
+const BUILT_IN: &[(&str, &str)] = &[
+    (
+        "demo",
+        "[--only PART,...] [--out DIR] [--quiet]  run the main jobs on embedded data",
+    ),
+    ("train", "<task> [args]  train a model (see `train --help`)"),
+    ("eval", "<task> [args]  evaluate a run"),
+    ("sample", "<task> [args]  sample from a run"),
+    (
+        "bench",
+        "[NAME...] [--threads N] [--compare]  throughput benchmarks, one JSON line each",
+    ),
+];
+
+/// Column at which the descriptions start.
+const DESC_COLUMN: usize = 47;
+
+/// One command of the usage: `help` is `"ARGS  description"` (two spaces
+/// between them). The description starts at [`DESC_COLUMN`]; after a longer
+/// name and arguments it goes on the next line, at the same column.
+fn usage_line(name: &str, help: &str) -> String {
+    let (args, desc) = help.split_once("  ").unwrap_or((help, ""));
+    let head = format!("{name} {args}");
+    if head.len() < DESC_COLUMN {
+        format!("\n  {head:<DESC_COLUMN$}{desc}")
+    } else {
+        format!("\n  {head}\n  {:DESC_COLUMN$}{desc}", "")
+    }
+}
 
 fn main() {
     if let Err(e) = run() {
@@ -148,12 +174,15 @@ fn run() -> Result<()> {
 
 fn extra_usage() -> String {
     let mut s = String::new();
+    for (name, help) in BUILT_IN {
+        s.push_str(&usage_line(name, help));
+    }
     for (name, help, _) in tools::ALL {
-        s.push_str(&format!("\n  {name:<47}{help}"));
+        s.push_str(&usage_line(name, help));
     }
     for c in parts::all() {
         for (name, help, _) in &c.commands {
-            s.push_str(&format!("\n  {name:<47}{help}"));
+            s.push_str(&usage_line(name, help));
         }
     }
     s
@@ -162,6 +191,40 @@ fn extra_usage() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every command's description starts in the same column, on the
+    /// command's line or, after long arguments, on the next one; every
+    /// command is listed with a description.
+    #[test]
+    fn usage_lists_every_command_with_aligned_descriptions() {
+        let text = extra_usage();
+        let lines: Vec<&str> = text.lines().skip(1).collect();
+        let col = 2 + DESC_COLUMN;
+        let pad = " ".repeat(col);
+        let mut heads = 0;
+        for (i, l) in lines.iter().enumerate() {
+            if let Some(desc) = l.strip_prefix(&pad) {
+                // A description under a long head: right after it.
+                assert!(!desc.is_empty() && !desc.starts_with(' '), "{l:?}");
+                assert!(i > 0 && !lines[i - 1].starts_with(&pad), "{l:?}");
+                continue;
+            }
+            heads += 1;
+            let next = lines.get(i + 1).copied().unwrap_or("");
+            let inline =
+                l.len() > col && l.as_bytes()[col - 1] == b' ' && l.as_bytes()[col] != b' ';
+            assert!(inline || next.starts_with(&pad), "{l:?} has no description");
+        }
+        let commands = BUILT_IN.len()
+            + tools::ALL.len()
+            + parts::all().iter().map(|c| c.commands.len()).sum::<usize>();
+        assert_eq!(heads, commands, "{text}");
+        assert!(text.contains("\n  demo [--only PART,...] [--out DIR] [--quiet]"));
+        assert_eq!(
+            usage_line("x", "[--a]  does a"),
+            format!("\n  x [--a]{}does a", " ".repeat(DESC_COLUMN - 7))
+        );
+    }
 
     /// A finished run's notice is found through a trainer's error wrapper.
     #[test]

@@ -13,7 +13,7 @@ pub fn component() -> Component {
     Component {
         commands: vec![(
             "download",
-            "<flowers102|cifar10|mnist> [--data-root DIR] [--from FOLDER]: fetch, verify, unpack",
+            "<flowers102|cifar10|mnist> [--data-root DIR] [--from FOLDER]  fetch, verify, unpack",
             download,
         )],
         ..Default::default()

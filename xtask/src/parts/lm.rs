@@ -54,7 +54,7 @@ pub fn component() -> Component {
         train: vec![("lm", train_cmd)],
         commands: vec![(
             "generate",
-            "--model gpt2|DIR|RUN --prompt TEXT [--max-new-tokens N --temperature T ...]: stream text from a GPT-2",
+            "--model gpt2|DIR|RUN --prompt TEXT [--max-new-tokens N --temperature T ...]  stream text from a GPT-2",
             generate_cmd,
         )],
         ..Default::default()

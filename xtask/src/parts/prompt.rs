@@ -24,7 +24,7 @@ pub fn component() -> Component {
         }],
         commands: vec![(
             "prompt",
-            "eval DIR [--json] [--model DIR] | render SPEC [--var k=v ...]: prompt specs",
+            "eval DIR [--json] [--model DIR] | render SPEC [--var k=v ...]  prompt specs",
             command,
         )],
         ..Default::default()

@@ -57,7 +57,7 @@ pub fn component() -> Component {
         ],
         commands: vec![(
             "rlhf",
-            "<reward|dpo|sample|best-of-n|rwft|grpo|rloo|ppo|experiment|arithmetic|label|serve|agreement|export> [args]: preference training, online RL, sampling and labelling (TRL formats)",
+            "<reward|dpo|sample|best-of-n|rwft|grpo|rloo|ppo|experiment|arithmetic|label|serve|agreement|export> [args]  preference training, online RL, sampling and labelling (TRL formats)",
             rlhf_cmd,
         )],
         ..Default::default()
