@@ -31,6 +31,7 @@ pub mod device;
 pub mod files;
 pub mod image;
 pub mod loss;
+pub mod memory;
 pub mod nn;
 pub mod observer;
 pub mod ops;

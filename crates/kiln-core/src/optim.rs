@@ -78,6 +78,15 @@ impl OptimKind {
             nesterov,
         }
     }
+    /// The rule's name, for messages.
+    fn label(&self) -> &'static str {
+        match self {
+            Self::Adam { .. } => "Adam",
+            Self::AdamW { .. } => "AdamW",
+            Self::Sgd { momentum, .. } if *momentum != 0.0 => "SGD (momentum)",
+            Self::Sgd { .. } => "SGD",
+        }
+    }
     fn n_buffers(&self) -> usize {
         match self {
             Self::Adam { .. } | Self::AdamW { .. } => 2,
@@ -255,6 +264,7 @@ impl Optimizer {
                 });
             }
         }
+        check_memory(kind, &slots)?;
         Ok(Self {
             kind,
             groups: gs,
@@ -522,6 +532,45 @@ impl Optimizer {
             OptimKind::Sgd { .. } => vec![],
         }
     }
+}
+
+/// Checks, when the optimizer is made, that training its CPU parameters
+/// fits in the memory the machine has available ([`crate::memory`]): the
+/// moment buffers the first step allocates (one per parameter and buffer,
+/// [`OptimKind::n_buffers`]) and the gradients each backward pass makes (one
+/// per parameter). The parameters themselves are already in memory. An
+/// allocation that fails aborts the process with no word of the cause; CUDA
+/// parameters are left out, as a failed CUDA allocation is an error.
+fn check_memory(kind: OptimKind, slots: &[Slot]) -> Result<()> {
+    let (params, bytes) = slots
+        .iter()
+        .map(|s| s.var.as_tensor())
+        .filter(|t| t.device().is_cpu())
+        .fold((0u64, 0u64), |(p, b), t| {
+            let n = t.elem_count() as u64;
+            (p + n, b + n * t.dtype().size_in_bytes() as u64)
+        });
+    if params == 0 {
+        return Ok(());
+    }
+    let nb = kind.n_buffers() as u64;
+    let fmt = crate::memory::format_bytes;
+    let moments = match nb {
+        0 => String::new(),
+        1 => format!("momentum buffer ({}) and ", fmt(bytes)),
+        n => format!("{n} moment buffers ({n} x {}) and ", fmt(bytes)),
+    };
+    let what = format!(
+        "the {} optimizer's {moments}gradients ({}) for {} parameters",
+        kind.label(),
+        fmt(bytes),
+        crate::memory::format_count(params)
+    );
+    crate::memory::check_fits(&what, bytes.saturating_mul(nb + 1)).map_err(|oom| {
+        candle_core::Error::Msg(format!(
+            "{oom}; use a smaller model, such as a smaller image size or hidden width"
+        ))
+    })
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -1053,6 +1102,67 @@ impl LrSchedule {
     /// Sets the optimizer's factor for its next step.
     pub fn apply(&self, opt: &mut Optimizer) {
         opt.set_lr_factor(self.factor(opt.step_count()));
+    }
+}
+
+/// The memory check made with the optimizer.
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::memory::test_hook::with_available;
+
+    /// A CPU parameter of `n` f32 values.
+    fn param(n: usize) -> Vec<(String, Var)> {
+        let v = Var::from_tensor(&Tensor::zeros(n, DType::F32, &Device::Cpu).unwrap()).unwrap();
+        vec![("fc.weight".to_string(), v)]
+    }
+
+    #[test]
+    fn an_optimizer_whose_state_does_not_fit_is_refused_when_made() {
+        const MIB: u64 = 1 << 20;
+        let p = param(1 << 18); // 1 MiB
+        let make = |kind: OptimKind, available: u64| {
+            with_available(Some(available), || {
+                Optimizer::single(kind, p.clone(), 0.1, 0.0)
+            })
+        };
+        // Adam: two moments and the gradients, 3 MiB.
+        let e = make(OptimKind::adam(), 5 * MIB / 2)
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "not enough memory for the Adam optimizer's 2 moment buffers (2 x 1.0 MiB) and \
+             gradients (1.0 MiB) for 262,144 parameters: it needs 3.0 MiB, and this machine has \
+             2.5 MiB available; use a smaller model, such as a smaller image size or hidden width"
+        );
+        make(OptimKind::adam(), 3 * MIB - 1).unwrap_err();
+        make(OptimKind::adam(), 3 * MIB).unwrap();
+        let e = make(OptimKind::adamw(), 2 * MIB).unwrap_err().to_string();
+        assert!(e.contains("AdamW optimizer's 2 moment buffers"), "{e}");
+        // SGD with momentum: one buffer and the gradients; plain SGD: the gradients.
+        let e = make(OptimKind::sgd(0.9, false), 2 * MIB - 1)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("SGD (momentum) optimizer's momentum buffer (1.0 MiB) and gradients"),
+            "{e}"
+        );
+        make(OptimKind::sgd(0.9, false), 2 * MIB).unwrap();
+        let e = make(OptimKind::sgd(0.0, false), MIB - 1)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("the SGD optimizer's gradients (1.0 MiB)"), "{e}");
+        make(OptimKind::sgd(0.0, false), MIB).unwrap();
+        // Unknown availability, or no parameters: never refused.
+        with_available(None, || {
+            Optimizer::single(OptimKind::adam(), p.clone(), 0.1, 0.0)
+        })
+        .unwrap();
+        with_available(Some(0), || {
+            Optimizer::single(OptimKind::adam(), vec![], 0.1, 0.0)
+        })
+        .unwrap();
     }
 }
 

@@ -6,7 +6,9 @@
 //! folder that already holds one (unless [`RunOptions::overwrite`] says so), a
 //! resumed run must be of the same kind and keep its config (except the
 //! fields its trainer lets change), and one process at a time holds a folder
-//! through an OS lock on `.lock` (released even on `kill -9`). `--overwrite`
+//! through an OS lock on `.lock` (released even on `kill -9`). A run whose
+//! start was refused after its folder was made, and which so never began,
+//! does not block a new run there. `--overwrite`
 //! deletes only what kiln runs write there ([`RUN_FILES`]): a folder that
 //! also holds anything else (a user's `notes.md`, `my-plots/`) is refused,
 //! with nothing deleted ([`RunError::ForeignFiles`]).
@@ -561,7 +563,12 @@ impl RunOptions {
     ///   [`RunOptions::overwrite`] (then deletes the run's files first, under
     ///   its lock, after checking that the folder holds nothing but what kiln
     ///   runs write, [`RUN_FILES`], and none of the new run's inputs),
-    ///   creates the folder and writes `config.toml`.
+    ///   creates the folder and writes `config.toml`. A run that never
+    ///   began (its start was refused after the folder was made, such as
+    ///   a model too large for memory: the folder holds its `config.toml`
+    ///   and what a trainer writes before training, nothing else) is
+    ///   cleared as with `overwrite`, so a refused start does not block the
+    ///   next attempt.
     /// - Resume: refuses a run of another kind, and a `config` that differs
     ///   from the saved one in any field but `may_change` (dotted paths such
     ///   as `train.epochs`), listing what differs; rewrites `config.toml` when
@@ -612,13 +619,23 @@ impl RunOptions {
             }
             None => {
                 let dir = match (&self.out, self.overwrite) {
-                    (Some(out), true) if out.join("config.toml").exists() => {
+                    // A run whose start was refused after its folder was
+                    // made never began: a new run takes its place, as with
+                    // --overwrite.
+                    (Some(out), overwrite)
+                        if out.join("config.toml").exists()
+                            && (overwrite || never_began(out, config)) =>
+                    {
                         refuse_non_kiln_config(out)?;
                         refuse_inputs_inside(out, config)?;
                         // Checked before the lock too, so a refused command
                         // leaves the folder as it was (not even a `.lock`).
                         refuse_foreign_entries(out)?;
                         let lock = RunLock::acquire(out)?;
+                        // Another process may have begun it since the check.
+                        if !overwrite && !never_began(out, config) {
+                            return Err(RunError::Exists { path: out.clone() });
+                        }
                         clear_run_folder(out)?;
                         let dir = RunDir::create(task, Some(out))?;
                         dir.write_config(kind, config)?;
@@ -903,6 +920,41 @@ fn run_folder_contents(root: &Path) -> Result<Contents, RunError> {
 /// leave alone.
 pub fn foreign_entries(dir: &Path) -> Result<Vec<String>, RunError> {
     Ok(run_folder_contents(dir)?.foreign)
+}
+
+/// The files a run folder holds before its training begins: those
+/// [`RunOptions::open`] writes (`config.toml`, the lock), the inputs'
+/// fingerprints ([`Run::check_inputs`]) and what trainers write between
+/// opening the folder and starting their session (kiln-lm's tokenizer,
+/// kiln-gan's FID extractor record, kiln-rlhf DPO's reference
+/// log-probabilities). A session's start writes `metrics.jsonl`.
+const PRE_START_FILES: &[&str] = &[
+    LOCK_FILE,
+    "config.toml",
+    INPUTS_FILE,
+    "tokenizer.json",
+    "fid-extractor.json",
+    "ref_logps.safetensors",
+];
+
+/// Whether the run folder `path` holds a run that never began: a start
+/// refused after the folder was made (a model too large for memory, a
+/// loader that failed) leaves its `config.toml`. It holds nothing but
+/// [`PRE_START_FILES`] and empty folders (no metrics, no checkpoint, no
+/// figure), its config is a kiln run's, and no input of the new run
+/// (`config`) lies inside it: then a new run may clear it without
+/// `--overwrite`, as nothing in it was trained or written by anyone else.
+fn never_began<C: Serialize>(path: &Path, config: &C) -> bool {
+    let Ok(c) = run_folder_contents(path) else {
+        return false;
+    };
+    c.foreign.is_empty()
+        && c.files.iter().all(|f| {
+            f.strip_prefix(path)
+                .is_ok_and(|rel| PRE_START_FILES.iter().any(|p| rel == Path::new(p)))
+        })
+        && refuse_non_kiln_config(path).is_ok()
+        && refuse_inputs_inside(path, config).is_ok()
 }
 
 /// Refuses `--overwrite` on a folder holding anything no kiln run writes.

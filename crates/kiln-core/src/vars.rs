@@ -13,6 +13,7 @@ use candle_nn::init::{FanInOut, NonLinearity, NormalOrUniform};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::{Init, VarBuilder, VarMap};
 
+use crate::memory;
 use crate::rng::SeededRng;
 
 /// A cloneable handle to one [`SeededRng`], shared by the parts of a model
@@ -40,6 +41,10 @@ impl From<SeededRng> for SharedRng {
 }
 
 /// The variables of a model, keyed by dotted name (`encoder.0.weight`).
+///
+/// A new CPU variable that would not fit in the memory the machine has
+/// available ([`crate::memory`]) is refused, before anything is allocated,
+/// with an error naming it, its shape and the model's size so far.
 ///
 /// ```
 /// use kiln_core::{vars::VarStore, nn::Linear, DType, Device, Module, Tensor};
@@ -182,6 +187,39 @@ impl VarStore {
         Ok(())
     }
 
+    /// Checks, before anything is allocated, that a new CPU variable `name`
+    /// of `shape` and `dtype` can be created in the memory the machine has
+    /// available ([`crate::memory`]): an allocation that fails aborts the
+    /// process with no word of the cause. Creating it takes its initial
+    /// values (f32) and the variable's own copy at once. The variables held
+    /// so far are already in memory, so they are not counted again; the
+    /// refusal names them to size the model.
+    fn check_memory(&self, name: &str, shape: &Shape, dtype: DType) -> Result<()> {
+        let n = shape.elem_count() as u64;
+        let size = dtype.size_in_bytes() as u64;
+        let needed = n.saturating_mul(size.max(4) + size);
+        let what = format!(
+            "variable {name} of shape {:?} ({} of {})",
+            shape.dims(),
+            memory::format_bytes(n.saturating_mul(size)),
+            dtype.as_str()
+        );
+        if let Err(oom) = memory::check_fits(&what, needed) {
+            let (params, bytes) = self.data().values().fold((0u64, 0u64), |(p, b), v| {
+                let n = v.elem_count() as u64;
+                (p + n, b + n * v.dtype().size_in_bytes() as u64)
+            });
+            candle_core::bail!(
+                "{oom} (creating a variable holds its initial values and the variable's copy \
+                 at once); the model has {} parameters ({}) so far: use a smaller model, such as \
+                 a smaller image size or hidden width",
+                memory::format_count(params),
+                memory::format_bytes(bytes)
+            );
+        }
+        Ok(())
+    }
+
     fn init_tensor(&self, shape: &Shape, init: Init, dtype: DType, dev: &Device) -> Result<Tensor> {
         let t = match init {
             Init::Const(v) => Tensor::full(v as f32, shape, dev)?,
@@ -254,6 +292,9 @@ impl SimpleBackend for VarStore {
             }
             return Ok(v.as_tensor().clone());
         }
+        if dev.is_cpu() {
+            self.check_memory(name, &s, dtype)?;
+        }
         let t = self.init_tensor(&s, h, dtype, dev)?;
         let var = Var::from_tensor(&t)?;
         let out = var.as_tensor().clone();
@@ -324,6 +365,46 @@ mod tests {
             Tensor::ones(2, DType::F32, &Device::Cpu).unwrap(),
         );
         assert!(vs.assign(&m).unwrap_err().to_string().contains("zzz"));
+    }
+
+    #[test]
+    fn a_variable_too_large_for_memory_is_refused_before_it_is_made() {
+        use crate::memory::test_hook::with_available;
+        let vs = VarStore::new(3);
+        let vb = vs.builder(DType::F32, &Device::Cpu);
+        let kaiming = candle_nn::init::DEFAULT_KAIMING_NORMAL;
+        // 64 KiB available: a 16 KiB weight fits (32 KiB while it is made), a
+        // 40 KiB one does not (80 KiB), nor a 1 MiB one.
+        let errors = with_available(Some(64 << 10), || {
+            vb.get_with_hints((64, 64), "enc.weight", kaiming).unwrap();
+            let before = vs.rng().lock().state();
+            let errors = [(64, 160), (512, 512)].map(|shape| {
+                vb.get_with_hints(shape, "dec.weight", kaiming)
+                    .unwrap_err()
+                    .to_string()
+            });
+            // Nothing was drawn: the initialisation never ran.
+            assert_eq!(vs.rng().lock().state(), before);
+            errors
+        });
+        assert!(errors[0].contains("it needs 80.0 KiB"), "{}", errors[0]);
+        let e = &errors[1];
+        for part in [
+            "not enough memory for variable dec.weight of shape [512, 512] (1.0 MiB of f32)",
+            "it needs 2.0 MiB, and this machine has 64.0 KiB available",
+            "the model has 4,096 parameters (16.0 KiB) so far",
+            "smaller image size or hidden width",
+        ] {
+            assert!(e.contains(part), "{part:?} not in {e}");
+        }
+        assert_eq!(vs.names(), vec!["enc.weight".to_string()]);
+        // Enough memory, or none known: made.
+        with_available(Some(2 << 20), || {
+            vb.get_with_hints((512, 512), "dec.weight", kaiming)
+        })
+        .unwrap();
+        with_available(None, || vb.get_with_hints((64, 160), "dec.bias", kaiming)).unwrap();
+        assert_eq!(vs.num_params(), 64 * 64 + 512 * 512 + 64 * 160);
     }
 
     #[test]

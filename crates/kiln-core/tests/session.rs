@@ -435,6 +435,85 @@ fn out_on_an_existing_run_is_refused_unless_overwrite() {
     assert!(run.join("config.toml").exists());
 }
 
+/// A start refused after its folder was made (a model too large for memory,
+/// a loader that failed) leaves a run that never began: its `config.toml`,
+/// the inputs' fingerprints, the lock. The next attempt into the same
+/// `--out` takes its place, without `--overwrite`; a folder that holds more
+/// than that, or is still held, is refused as before, with nothing deleted.
+#[test]
+fn a_run_that_never_began_does_not_block_the_next_attempt() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("r");
+    let input = dir.path().join("prefs.jsonl");
+    std::fs::write(&input, "one\n").unwrap();
+    let refused_start = |config: &serde_json::Value| {
+        let r = RunOptions::new_run(Some(&run))
+            .open("toy", "toy-gan", config, &[])
+            .unwrap();
+        r.check_inputs(&[&input]).unwrap();
+        // The trainer's model does not fit: the run is dropped, nothing trained.
+    };
+    refused_start(&serde_json::json!({"image_size": 1024}));
+    assert!(run.join("config.toml").exists() && run.join("inputs.json").exists());
+    // The same command again, or a smaller model, starts afresh.
+    let r = RunOptions::new_run(Some(&run))
+        .open(
+            "toy",
+            "toy-gan",
+            &serde_json::json!({"image_size": 64}),
+            &[],
+        )
+        .unwrap();
+    assert!(!r.resumed());
+    let config = std::fs::read_to_string(run.join("config.toml")).unwrap();
+    assert!(config.contains("image_size = 64"), "{config}");
+    assert!(
+        !run.join("inputs.json").exists(),
+        "the old inputs are cleared"
+    );
+    // While a process holds it, the folder is not taken.
+    let e = RunOptions::new_run(Some(&run))
+        .open("toy", "toy-gan", &cfg(), &[])
+        .unwrap_err();
+    assert!(matches!(e, RunError::Locked { .. }), "{e}");
+    drop(r);
+    assert!(std::fs::read_to_string(run.join("config.toml"))
+        .unwrap()
+        .contains("image_size = 64"));
+    // A user's file beside it: refused as a run (kept, nothing deleted).
+    std::fs::write(run.join("notes.md"), "keep me").unwrap();
+    let e = RunOptions::new_run(Some(&run))
+        .open("toy", "toy-gan", &cfg(), &[])
+        .unwrap_err();
+    assert!(matches!(e, RunError::Exists { .. }), "{e}");
+    assert!(run.join("notes.md").exists() && run.join("config.toml").exists());
+    std::fs::remove_file(run.join("notes.md")).unwrap();
+    // The new run's own input inside it: refused, the input kept.
+    std::fs::write(run.join("tokenizer.json"), "{}").unwrap();
+    let with_input = serde_json::json!({"tokenizer": run.join("tokenizer.json")});
+    let e = RunOptions::new_run(Some(&run))
+        .open("toy", "toy-gan", &with_input, &[])
+        .unwrap_err();
+    assert!(matches!(e, RunError::Exists { .. }), "{e}");
+    assert!(run.join("tokenizer.json").exists());
+    // A run that began (its session started: metrics.jsonl) is kept.
+    std::fs::write(run.join("metrics.jsonl"), "").unwrap();
+    let e = RunOptions::new_run(Some(&run))
+        .open("toy", "toy-gan", &cfg(), &[])
+        .unwrap_err();
+    assert!(matches!(e, RunError::Exists { .. }), "{e}");
+    assert!(run.join("metrics.jsonl").exists());
+    // A trained run too.
+    let trained = dir.path().join("t");
+    toy_run(&trained);
+    std::fs::remove_file(trained.join("metrics.jsonl")).unwrap();
+    let e = RunOptions::new_run(Some(&trained))
+        .open("toy", "toy-gan", &cfg(), &[])
+        .unwrap_err();
+    assert!(matches!(e, RunError::Exists { .. }), "{e}");
+    assert!(trained.join("checkpoints/last.safetensors").exists());
+}
+
 /// `--overwrite` on a folder holding the new run's own input (`rlhf dpo
 /// --model X --out X`, a data file kept beside a run) refuses, deleting
 /// nothing; an input elsewhere does not stop it.

@@ -86,6 +86,56 @@ impl VaeConfig {
         self.channels * self.image_size * self.image_size
     }
 
+    /// Number of scalar parameters [`crate::Vae::new`] makes for this
+    /// config, computed without making them (to size a model before it is
+    /// built: the MLP's first and last layers grow with the image's pixels).
+    pub fn num_params(&self) -> u64 {
+        let linear = |i: usize, o: usize| (i as u64 + 1) * o as u64;
+        let conv = |i: usize, o: usize| (i as u64 * 16 + 1) * o as u64;
+        let cond = self.num_classes.unwrap_or(0);
+        let d = self.input_dim();
+        let mut n = 0u64;
+        let enc_out = match self.arch {
+            Arch::Mlp => {
+                let mut prev = d + cond;
+                for &h in &self.hidden {
+                    n += linear(prev, h);
+                    prev = h;
+                }
+                let mut prev = self.latent + cond;
+                for &h in self.hidden.iter().rev().chain([&d]) {
+                    n += linear(prev, h);
+                    prev = h;
+                }
+                self.hidden.last().copied().unwrap_or(d + cond)
+            }
+            Arch::Conv => {
+                let mut prev = self.channels + cond;
+                for &h in &self.hidden {
+                    n += conv(prev, h);
+                    prev = h;
+                }
+                let side = self.image_size >> self.hidden.len();
+                let top = self.hidden.last().copied().unwrap_or(1);
+                n += linear(self.latent + cond, top * side * side);
+                let chans: Vec<usize> = self
+                    .hidden
+                    .iter()
+                    .rev()
+                    .copied()
+                    .chain([self.channels])
+                    .collect();
+                n += chans.windows(2).map(|w| conv(w[0], w[1])).sum::<u64>();
+                prev * side * side
+            }
+        };
+        n += 2 * linear(enc_out, self.latent);
+        if let Likelihood::Gaussian { learned: true, .. } = self.likelihood {
+            n += 1;
+        }
+        n
+    }
+
     /// Checks every field, naming the bad one.
     pub fn validate(&self) -> Result<(), crate::VaeError> {
         let bad = |field: &str, msg: String| {
@@ -153,6 +203,42 @@ impl VaeConfig {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    /// The count made without building matches the model's variables, for
+    /// each architecture and option that adds parameters.
+    #[test]
+    fn num_params_counts_what_the_model_makes() {
+        let mut configs = vec![VaeConfig::mlp_chapter(), VaeConfig::conv()];
+        let mut c = VaeConfig::mlp_chapter();
+        c.hidden = vec![40, 24];
+        c.image_size = 12;
+        c.num_classes = Some(5);
+        c.likelihood = Likelihood::Gaussian {
+            learned: true,
+            logvar: 0.0,
+        };
+        configs.push(c);
+        let mut c = VaeConfig::conv();
+        c.hidden = vec![8, 16, 4];
+        c.image_size = 16;
+        c.channels = 1;
+        c.num_classes = Some(3);
+        configs.push(c);
+        for c in configs {
+            let vs = kiln_core::vars::VarStore::new(0);
+            crate::Vae::new(
+                &c,
+                vs.builder(kiln_core::DType::F32, &kiln_core::Device::Cpu),
+            )
+            .unwrap();
+            assert_eq!(c.num_params(), vs.num_params() as u64, "{c:?}");
+        }
+        // The chapter's MLP at 1024x1024: its first and last layers alone
+        // hold 2 x 3,145,728 x 512 weights.
+        let mut c = VaeConfig::mlp_chapter();
+        c.image_size = 1024;
+        assert!(c.num_params() > 2 * 3_145_728 * 512);
+    }
 
     #[test]
     fn presets_validate_and_round_trip_through_toml() {

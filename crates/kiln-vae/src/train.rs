@@ -138,6 +138,31 @@ pub struct TrainReport {
     pub interrupted: bool,
 }
 
+/// Bytes training keeps per f32 parameter: the weight, its gradient and
+/// Adam's two moments.
+const TRAIN_BYTES_PER_PARAM: u64 = 16;
+
+/// Refuses, before a run folder or a weight is made, a model whose training
+/// state ([`TRAIN_BYTES_PER_PARAM`] per parameter) does not fit in the
+/// memory the machine has (`available`, `None`: unknown, never refused): the
+/// MLP's first and last layers grow with the image's pixels, and at
+/// `--image-size 1024` they alone take 12 GiB.
+fn check_training_memory(cfg: &VaeConfig, available: Option<u64>) -> Result<()> {
+    let n = cfg.num_params();
+    let what = format!(
+        "training this VAE ({} parameters at {}x{}: weights, gradients and Adam's two moments, \
+         {TRAIN_BYTES_PER_PARAM} bytes each)",
+        kiln_core::memory::format_count(n),
+        cfg.image_size,
+        cfg.image_size
+    );
+    kiln_core::memory::check_fits_in(&what, n.saturating_mul(TRAIN_BYTES_PER_PARAM), available)
+        .map_err(|e| VaeError::Config {
+            field: "image_size".into(),
+            msg: format!("{e}; use a smaller image size or narrower hidden layers"),
+        })
+}
+
 /// Trains `model_cfg` on `train_set` in the run folder `opts` names (a new
 /// run, or with `opts.resume` the continuation of one: same kind and config
 /// but for [`MAY_CHANGE_ON_RESUME`]). Writes `config.toml`, `metrics.jsonl`,
@@ -157,6 +182,9 @@ pub fn train(
     };
     run_cfg.validate()?;
     check_shape(model_cfg, train_set.as_ref())?;
+    if device.is_cpu() {
+        check_training_memory(model_cfg, kiln_core::memory::available())?;
+    }
     let run = opts.open("vae", RUN_KIND, &run_cfg, MAY_CHANGE_ON_RESUME)?;
     // A resumed run must read the data it began on (the datasets' files,
     // fingerprinted in `inputs.json`); a refused resume leaves its config.
@@ -379,4 +407,31 @@ pub fn from_run(path: &Path, device: &Device) -> Result<(Vae, RunConfig)> {
     let model = Vae::new(&cfg.model, vs.builder(DType::F32, device))?;
     kiln_core::checkpoint::load_part(&run.last_checkpoint(), "model", &vs)?;
     Ok((model, cfg))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    /// Training state that does not fit is refused with its figures, before
+    /// anything is made; what fits, or unknown availability, passes.
+    #[test]
+    fn a_vae_too_large_to_train_is_refused_up_front() {
+        let mut c = VaeConfig::mlp_chapter();
+        c.image_size = 1024;
+        let need = c.num_params() * TRAIN_BYTES_PER_PARAM;
+        let e = check_training_memory(&c, Some(24 << 30))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("image_size"), "{e}");
+        assert!(e.contains("at 1024x1024"), "{e}");
+        assert!(e.contains("and this machine has 24.0 GiB available"), "{e}");
+        assert!(e.contains("use a smaller image size"), "{e}");
+        assert!(need > 24 << 30);
+        check_training_memory(&c, Some(need)).unwrap();
+        check_training_memory(&c, Some(need - 1)).unwrap_err();
+        check_training_memory(&c, None).unwrap();
+        check_training_memory(&VaeConfig::mlp_chapter(), Some(1 << 30)).unwrap();
+    }
 }

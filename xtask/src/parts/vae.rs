@@ -396,16 +396,9 @@ fn iwae_bytes_per_image_sample(cfg: &VaeConfig) -> u64 {
 }
 
 /// Memory `eval vae` may use for the IWAE bound: half of what the machine
-/// has available (`MemAvailable` in /proc/meminfo), or 4 GiB when unknown.
+/// has available ([`kiln_core::memory::available`]), or 4 GiB when unknown.
 fn memory_budget() -> u64 {
-    let avail = std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| {
-        m.lines()
-            .find(|l| l.starts_with("MemAvailable:"))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|kb| kb.parse::<u64>().ok())
-            .map(|kb| kb * 1024)
-    });
-    avail.map_or(4 << 30, |b| b / 2)
+    kiln_core::memory::available().map_or(4 << 30, |b| b / 2)
 }
 
 /// The batch size that keeps `k` importance samples per image within

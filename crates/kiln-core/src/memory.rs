@@ -1,0 +1,217 @@
+//! How much memory the machine has available, and a check that a planned
+//! allocation fits in it.
+//!
+//! Rust's allocator aborts the process when an allocation fails ("memory
+//! allocation of N bytes failed"), with nothing that names the cause, and a
+//! large allocation that does succeed may get the process killed later. The
+//! places that allocate a model's largest buffers on the CPU (new variables
+//! in [`crate::vars::VarStore`], an optimizer's moment buffers) check first
+//! and return an error naming what needs the memory, how much, and how much
+//! the machine has.
+//!
+//! Availability is Linux's `MemAvailable` (`/proc/meminfo`): what can be
+//! allocated without swapping. Where it is unknown (another OS, a sandbox
+//! without `/proc`) nothing is refused.
+//!
+//! ```
+//! use kiln_core::memory::{check_fits_in, format_bytes};
+//! assert!(check_fits_in("a buffer", 1 << 20, Some(1 << 30)).is_ok());
+//! let e = check_fits_in("a buffer", 3 << 30, Some(1 << 30)).unwrap_err();
+//! assert_eq!(
+//!     e.to_string(),
+//!     "not enough memory for a buffer: it needs 3.0 GiB, and this machine has 1.0 GiB available"
+//! );
+//! assert!(check_fits_in("a buffer", u64::MAX, None).is_ok()); // unknown: never refused
+//! assert_eq!(format_bytes(1536 << 10), "1.5 MiB");
+//! ```
+
+/// A planned allocation that does not fit in the memory the machine has
+/// available.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "not enough memory for {what}: it needs {}, and this machine has {} available",
+    format_bytes(*needed),
+    format_bytes(*available)
+)]
+pub struct OutOfMemory {
+    /// What needs the memory (`variable fc.weight of shape [512, 3072]`).
+    pub what: String,
+    /// Bytes it needs.
+    pub needed: u64,
+    /// Bytes the machine has available.
+    pub available: u64,
+}
+
+/// The memory this machine has available for new allocations, in bytes:
+/// `MemAvailable` in `/proc/meminfo`. `None` when unknown (not Linux, no
+/// `/proc`, a field missing), in which case callers should not refuse.
+pub fn available() -> Option<u64> {
+    #[cfg(test)]
+    if let Some(a) = test_hook::get() {
+        return a;
+    }
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    parse_meminfo(&text)
+}
+
+/// `MemAvailable` from the text of `/proc/meminfo` (`MemAvailable:  24059820 kB`),
+/// in bytes; `None` when the field is missing or malformed.
+pub fn parse_meminfo(text: &str) -> Option<u64> {
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let mut words = line.split_whitespace().skip(1);
+    let value: u64 = words.next()?.parse().ok()?;
+    match words.next() {
+        Some("kB") | None => value.checked_mul(1024),
+        Some(_) => None,
+    }
+}
+
+/// Checks that `needed` bytes for `what` fit in the memory this machine has
+/// available ([`available`]); never refuses when that is unknown.
+pub fn check_fits(what: &str, needed: u64) -> Result<(), OutOfMemory> {
+    check_fits_in(what, needed, available())
+}
+
+/// [`check_fits`] against a given availability (`None`: unknown, never
+/// refused), for callers that read it once for several checks, and for tests.
+pub fn check_fits_in(what: &str, needed: u64, available: Option<u64>) -> Result<(), OutOfMemory> {
+    match available {
+        Some(available) if needed > available => Err(OutOfMemory {
+            what: what.to_string(),
+            needed,
+            available,
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// A byte count for people, with one decimal: `6.0 GiB`, `512.0 MiB`,
+/// `12.5 KiB`, `100 B`.
+pub fn format_bytes(bytes: u64) -> String {
+    const UNITS: [(&str, u64); 4] = [
+        ("TiB", 1 << 40),
+        ("GiB", 1 << 30),
+        ("MiB", 1 << 20),
+        ("KiB", 1 << 10),
+    ];
+    for (unit, size) in UNITS {
+        if bytes >= size {
+            return format!("{:.1} {unit}", bytes as f64 / size as f64);
+        }
+    }
+    format!("{bytes} B")
+}
+
+/// A count with thousands separators: `1,611,137,024`.
+pub fn format_count(n: u64) -> String {
+    let digits = n.to_string();
+    let mut out = String::with_capacity(digits.len() + digits.len() / 3);
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// Tests set the availability [`available`] reports on their own thread, so
+/// that checks are deterministic whatever machine runs them.
+#[cfg(test)]
+pub(crate) mod test_hook {
+    use std::cell::Cell;
+
+    thread_local! {
+        static AVAILABLE: Cell<Option<Option<u64>>> = const { Cell::new(None) };
+    }
+
+    pub(super) fn get() -> Option<Option<u64>> {
+        AVAILABLE.with(Cell::get)
+    }
+
+    /// Runs `f` with [`super::available`] reporting `available` on this thread.
+    pub(crate) fn with_available<R>(available: Option<u64>, f: impl FnOnce() -> R) -> R {
+        struct Reset(Option<Option<u64>>);
+        impl Drop for Reset {
+            fn drop(&mut self) {
+                AVAILABLE.with(|a| a.set(self.0));
+            }
+        }
+        let _reset = Reset(AVAILABLE.with(|a| a.replace(Some(available))));
+        f()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GIB: u64 = 1 << 30;
+
+    #[test]
+    fn a_request_that_fits_passes() {
+        check_fits_in("the weights", GIB, Some(2 * GIB)).unwrap();
+        check_fits_in("the weights", 2 * GIB, Some(2 * GIB)).unwrap();
+        check_fits_in("nothing", 0, Some(0)).unwrap();
+    }
+
+    #[test]
+    fn a_request_that_does_not_fit_is_refused_with_its_figures() {
+        let e = check_fits_in("variable fc.weight", 13 * GIB / 2, Some(GIB + GIB / 5)).unwrap_err();
+        assert_eq!(
+            e,
+            OutOfMemory {
+                what: "variable fc.weight".into(),
+                needed: 13 * GIB / 2,
+                available: GIB + GIB / 5,
+            }
+        );
+        assert_eq!(
+            e.to_string(),
+            "not enough memory for variable fc.weight: it needs 6.5 GiB, and this machine has \
+             1.2 GiB available"
+        );
+        let e = check_fits_in("a buffer", 300 << 20, Some(100 << 20)).unwrap_err();
+        assert!(
+            e.to_string().contains("300.0 MiB") && e.to_string().contains("100.0 MiB"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn unknown_availability_never_refuses() {
+        check_fits_in("everything", u64::MAX, None).unwrap();
+        test_hook::with_available(None, || check_fits("everything", u64::MAX)).unwrap();
+    }
+
+    #[test]
+    fn the_injected_availability_is_used_and_then_reset() {
+        let before = available();
+        let e = test_hook::with_available(Some(GIB), || check_fits("x", 2 * GIB)).unwrap_err();
+        assert_eq!(e.available, GIB);
+        assert_eq!(available(), before);
+    }
+
+    #[test]
+    fn meminfo_is_parsed() {
+        let text = "MemTotal:       24683784 kB\nMemFree:        21092048 kB\n\
+                    MemAvailable:   24059820 kB\nBuffers:          123 kB\n";
+        assert_eq!(parse_meminfo(text), Some(24_059_820 * 1024));
+        assert_eq!(parse_meminfo("MemTotal: 1 kB\n"), None);
+        assert_eq!(parse_meminfo("MemAvailable: lots kB\n"), None);
+        assert_eq!(parse_meminfo("MemAvailable: 5 MB\n"), None);
+    }
+
+    #[test]
+    fn sizes_and_counts_read_well() {
+        assert_eq!(format_bytes(0), "0 B");
+        assert_eq!(format_bytes(1023), "1023 B");
+        assert_eq!(format_bytes(1024), "1.0 KiB");
+        assert_eq!(format_bytes(6_442_450_944), "6.0 GiB");
+        assert_eq!(format_bytes(3 << 40), "3.0 TiB");
+        assert_eq!(format_count(0), "0");
+        assert_eq!(format_count(999), "999");
+        assert_eq!(format_count(1000), "1,000");
+        assert_eq!(format_count(1_611_137_024), "1,611,137,024");
+    }
+}
