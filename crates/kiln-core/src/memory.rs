@@ -85,6 +85,32 @@ pub fn check_fits_in(what: &str, needed: u64, available: Option<u64>) -> Result<
     }
 }
 
+/// Bytes f32 training with Adam keeps per parameter: the weight, its
+/// gradient and the two moments.
+pub const TRAIN_BYTES_PER_PARAM: u64 = 16;
+
+/// Checks, before a model is built, that training `params` f32 parameters
+/// with Adam ([`TRAIN_BYTES_PER_PARAM`] each) fits in `available` bytes
+/// (`None`: unknown, never refused). `model` names it in the message
+/// (`this VAE at 1024x1024`). Activations come on top; this catches a model
+/// that cannot fit at all, at once rather than after its first layers.
+pub fn check_training_fits(
+    model: &str,
+    params: u64,
+    available: Option<u64>,
+) -> Result<(), OutOfMemory> {
+    let what = format!(
+        "training {model} ({} parameters: weights, gradients and Adam's two moments, \
+         {TRAIN_BYTES_PER_PARAM} bytes each)",
+        format_count(params)
+    );
+    check_fits_in(
+        &what,
+        params.saturating_mul(TRAIN_BYTES_PER_PARAM),
+        available,
+    )
+}
+
 /// A byte count for people, with one decimal: `6.0 GiB`, `512.0 MiB`,
 /// `12.5 KiB`, `100 B`.
 pub fn format_bytes(bytes: u64) -> String {

@@ -269,6 +269,24 @@ pub fn evaluate_blocks(
     Ok(sum / n.max(1) as f64)
 }
 
+/// Refuses, before the run folder or a weight is made, a model whose
+/// training state does not fit in the memory the machine has (`available`,
+/// `None`: unknown, never refused): `--n-layer` and `--n-embd` reach
+/// trillions of parameters.
+fn check_training_memory(cfg: &Gpt2Config, available: Option<u64>) -> Result<()> {
+    let model = format!(
+        "this GPT-2 ({} layers of width {})",
+        cfg.n_layer, cfg.n_embd
+    );
+    kiln_core::memory::check_training_fits(&model, cfg.num_params() as u64, available).map_err(
+        |e| LmError::Config {
+            what: "training settings".into(),
+            field: "n_embd".into(),
+            msg: format!("{e}; use fewer or narrower layers (--n-layer, --n-embd)"),
+        },
+    )
+}
+
 /// Trains a tokenizer and a GPT-2 from scratch on `tc.corpus`; writes
 /// checkpoints, `metrics.jsonl`, `loss.png`, `samples.txt` and a Hugging Face
 /// folder (`model/`) into the run folder.
@@ -285,6 +303,9 @@ pub fn train(tc: &TrainConfig, device: &Device, opts: &RunOptions) -> Result<Tra
     };
     let model_cfg = tc.model_config(tokenizer.vocab_size(), tokenizer.eos_id());
     model_cfg.validate()?;
+    if device.is_cpu() {
+        check_training_memory(&model_cfg, kiln_core::memory::available())?;
+    }
     let run_cfg = RunConfig {
         model: model_cfg.clone(),
         train: tc.clone(),
@@ -450,4 +471,37 @@ pub fn from_run(path: &Path, device: &Device) -> Result<(Gpt2, Gpt2Tokenizer)> {
     })?;
     let files = crate::pretrained::ModelFiles::from_dir(&run.join(MODEL_DIR))?;
     Ok((Gpt2::from_files(&files, device)?, files.load_tokenizer()?))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    /// A model whose training state does not fit is refused with its
+    /// figures before anything is made; GPT-2 small (124M parameters, 2 GB
+    /// of state) fits in 2 GiB, and unknown availability never refuses.
+    #[test]
+    fn a_gpt2_too_large_to_train_is_refused_up_front() {
+        let c = Gpt2Config {
+            n_layer: 96,
+            n_embd: 12288,
+            ..Gpt2Config::gpt2_small()
+        };
+        let e = check_training_memory(&c, Some(64 << 30))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("training this GPT-2 (96 layers of width 12288) (174,"),
+            "{e}"
+        );
+        assert!(e.contains("and this machine has 64.0 GiB available"), "{e}");
+        assert!(e.contains("--n-layer, --n-embd"), "{e}");
+        check_training_memory(&c, None).unwrap();
+        let small = Gpt2Config::gpt2_small();
+        let need = small.num_params() as u64 * kiln_core::memory::TRAIN_BYTES_PER_PARAM;
+        check_training_memory(&small, Some(need)).unwrap();
+        check_training_memory(&small, Some(need - 1)).unwrap_err();
+        assert!(need < 2 << 30);
+    }
 }

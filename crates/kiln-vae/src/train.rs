@@ -138,29 +138,18 @@ pub struct TrainReport {
     pub interrupted: bool,
 }
 
-/// Bytes training keeps per f32 parameter: the weight, its gradient and
-/// Adam's two moments.
-const TRAIN_BYTES_PER_PARAM: u64 = 16;
-
 /// Refuses, before a run folder or a weight is made, a model whose training
-/// state ([`TRAIN_BYTES_PER_PARAM`] per parameter) does not fit in the
-/// memory the machine has (`available`, `None`: unknown, never refused): the
-/// MLP's first and last layers grow with the image's pixels, and at
-/// `--image-size 1024` they alone take 12 GiB.
+/// state does not fit in the memory the machine has (`available`, `None`:
+/// unknown, never refused): the MLP's first and last layers grow with the
+/// image's pixels, and at `--image-size 1024` they alone take 12 GiB.
 fn check_training_memory(cfg: &VaeConfig, available: Option<u64>) -> Result<()> {
-    let n = cfg.num_params();
-    let what = format!(
-        "training this VAE ({} parameters at {}x{}: weights, gradients and Adam's two moments, \
-         {TRAIN_BYTES_PER_PARAM} bytes each)",
-        kiln_core::memory::format_count(n),
-        cfg.image_size,
-        cfg.image_size
-    );
-    kiln_core::memory::check_fits_in(&what, n.saturating_mul(TRAIN_BYTES_PER_PARAM), available)
-        .map_err(|e| VaeError::Config {
+    let model = format!("this VAE at {0}x{0}", cfg.image_size);
+    kiln_core::memory::check_training_fits(&model, cfg.num_params(), available).map_err(|e| {
+        VaeError::Config {
             field: "image_size".into(),
             msg: format!("{e}; use a smaller image size or narrower hidden layers"),
-        })
+        }
+    })
 }
 
 /// Trains `model_cfg` on `train_set` in the run folder `opts` names (a new
@@ -420,12 +409,15 @@ mod tests {
     fn a_vae_too_large_to_train_is_refused_up_front() {
         let mut c = VaeConfig::mlp_chapter();
         c.image_size = 1024;
-        let need = c.num_params() * TRAIN_BYTES_PER_PARAM;
+        let need = c.num_params() * kiln_core::memory::TRAIN_BYTES_PER_PARAM;
         let e = check_training_memory(&c, Some(24 << 30))
             .unwrap_err()
             .to_string();
         assert!(e.contains("image_size"), "{e}");
-        assert!(e.contains("at 1024x1024"), "{e}");
+        assert!(
+            e.contains("training this VAE at 1024x1024 (3,224,515,904 parameters"),
+            "{e}"
+        );
         assert!(e.contains("and this machine has 24.0 GiB available"), "{e}");
         assert!(e.contains("use a smaller image size"), "{e}");
         assert!(need > 24 << 30);
