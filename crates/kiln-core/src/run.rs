@@ -853,6 +853,20 @@ pub fn is_run_file(rel: &Path) -> bool {
         .any(|p| glob(p.as_bytes(), path.as_bytes()))
 }
 
+/// Whether `name` is a file an operating system's file browser leaves in
+/// the folders it shows: Finder's `.DS_Store` and `._NAME` (AppleDouble),
+/// Windows Explorer's `Thumbs.db`, `ehthumbs.db` and `desktop.ini`. They
+/// describe how a folder was viewed, not what it holds: a run folder that
+/// holds them is still only kiln's (`--overwrite` deletes them with the
+/// run), and [`fingerprint`] leaves them out of a dataset's.
+pub fn is_os_metadata(name: &str) -> bool {
+    name == ".DS_Store"
+        || name.starts_with("._")
+        || ["Thumbs.db", "ehthumbs.db", "desktop.ini"]
+            .iter()
+            .any(|n| n.eq_ignore_ascii_case(name))
+}
+
 /// Whether kiln runs write files in the folder `rel` of a run folder.
 fn is_run_folder(rel: &str) -> bool {
     RUN_FILES
@@ -895,7 +909,9 @@ fn run_folder_contents(root: &Path) -> Result<Contents, RunError> {
                 } else {
                     c.foreign.push(format!("{shown}/"));
                 }
-            } else if kind.is_file() && is_run_file(&rel) {
+            } else if kind.is_file()
+                && (is_run_file(&rel) || is_os_metadata(&entry.file_name().to_string_lossy()))
+            {
                 if rel != Path::new(LOCK_FILE) {
                     c.files.push(path);
                 }
@@ -950,8 +966,12 @@ fn never_began<C: Serialize>(path: &Path, config: &C) -> bool {
     };
     c.foreign.is_empty()
         && c.files.iter().all(|f| {
-            f.strip_prefix(path)
-                .is_ok_and(|rel| PRE_START_FILES.iter().any(|p| rel == Path::new(p)))
+            f.strip_prefix(path).is_ok_and(|rel| {
+                PRE_START_FILES.iter().any(|p| rel == Path::new(p))
+                    || rel
+                        .file_name()
+                        .is_some_and(|n| is_os_metadata(&n.to_string_lossy()))
+            })
         })
         && refuse_non_kiln_config(path).is_ok()
         && refuse_inputs_inside(path, config).is_ok()
@@ -1071,7 +1091,10 @@ pub struct Run {
 pub const INPUTS_FILE: &str = "inputs.json";
 
 /// A file's or folder's fingerprint: its size and CRC-32 (a folder: its
-/// files, hidden ones left out, by relative path, size and content).
+/// files by relative path, size and content, leaving out hidden files and
+/// those a file browser leaves, [`is_os_metadata`]: Explorer writes a
+/// `Thumbs.db` into a folder of pictures it shows, and that must not make
+/// a resumed run refuse its dataset).
 pub fn fingerprint(path: &Path) -> Result<String, RunError> {
     fn walk(
         root: &Path,
@@ -1082,7 +1105,9 @@ pub fn fingerprint(path: &Path) -> Result<String, RunError> {
         let mut entries: Vec<_> = std::fs::read_dir(dir)?.collect::<Result<_, _>>()?;
         entries.sort_by_key(|e| e.file_name());
         for e in entries {
-            if e.file_name().to_string_lossy().starts_with('.') {
+            let name = e.file_name();
+            let name = name.to_string_lossy();
+            if name.starts_with('.') || is_os_metadata(&name) {
                 continue;
             }
             let p = e.path();

@@ -707,8 +707,18 @@ fn overwrite_deletes_only_what_kiln_runs_write() {
     );
     assert_eq!(tree(&run), before);
 
-    // Moved out: everything kiln wrote is cleared, the new run starts.
+    // Moved out: everything kiln wrote is cleared, the new run starts, with
+    // what file browsers left there (Finder's, Explorer's) as they describe
+    // only the view of the folder.
     std::fs::rename(run.join("notes.md"), dir.path().join("notes.md")).unwrap();
+    for f in [
+        ".DS_Store",
+        "._loss.png",
+        "Thumbs.db",
+        "checkpoints/desktop.ini",
+    ] {
+        std::fs::write(run.join(f), b"a file browser's").unwrap();
+    }
     overwrite().unwrap();
     let left: Vec<String> = tree(&run).into_iter().map(|(p, _)| p).collect();
     assert_eq!(left, [".lock", "checkpoints/", "config.toml"], "{left:?}");
@@ -993,6 +1003,10 @@ fn a_changed_input_is_refused_on_resume() {
         "{e}"
     );
     std::fs::remove_file(folder.join("b.txt")).unwrap();
+    // What a file browser leaves in a folder it shows is not data.
+    std::fs::write(folder.join("Thumbs.db"), "thumbnails").unwrap();
+    std::fs::write(folder.join(".DS_Store"), "view").unwrap();
+    open(true).check_inputs(&[&file, &folder]).unwrap();
     // The same data at another path (a dataset root moved) resumes, and the
     // record follows it; other data at another path is refused, naming both.
     let moved = dir.path().join("moved.jsonl");

@@ -366,7 +366,9 @@ fn task_foreign_entries(out: &Path) -> Result<Vec<String>> {
         } else {
             // An interrupted atomic write leaves `.<name>.tmp-<pid>`.
             let temp = name.starts_with('.') && name.contains(".tmp-");
-            if !(kind.is_file() && (TASK_FILES.contains(&name.as_str()) || temp)) {
+            // A file browser's view files (`.DS_Store`, `Thumbs.db`) go with the folder.
+            let view = kiln_core::run::is_os_metadata(&name);
+            if !(kind.is_file() && (TASK_FILES.contains(&name.as_str()) || temp || view)) {
                 foreign.push(name);
             }
         }
@@ -882,6 +884,10 @@ mod tests {
         std::fs::remove_file(out.join("notes.md")).unwrap();
         std::fs::remove_file(run.join("checkpoints/keep.safetensors")).unwrap();
         std::fs::write(out.join(".results.json.tmp-42"), "x").unwrap();
+        // What file browsers leave there goes with the folder.
+        std::fs::write(out.join(".DS_Store"), "view").unwrap();
+        std::fs::write(out.join("Thumbs.db"), "thumbnails").unwrap();
+        std::fs::write(run.join("desktop.ini"), "view").unwrap();
         prepare_out(&out, true, "rlhf experiment").unwrap();
         assert!(!out.join("results.json").exists() && !run.exists());
 
