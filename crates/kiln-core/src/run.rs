@@ -1148,7 +1148,7 @@ impl Run {
         self.previous_config.as_deref()
     }
 
-    /// Puts back the `config.toml` a resume rewrote (see [`Run::previous_config`]).
+    /// Puts back the `config.toml` a resume rewrote (the one `previous_config` kept).
     pub fn restore_config(&self) -> Result<(), RunError> {
         if let Some(bytes) = &self.previous_config {
             let path = self.dir.join("config.toml");

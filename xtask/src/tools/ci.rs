@@ -9,7 +9,7 @@ use std::process::Command;
 #[derive(Parser, Debug)]
 #[command(
     name = "cargo xtask ci",
-    about = "fmt check, clippy -D warnings, then `cargo test --workspace`"
+    about = "fmt check, clippy -D warnings, the libraries' docs with warnings denied, then `cargo test --workspace`"
 )]
 struct Args {
     /// Run the tests with this many threads (RAYON_NUM_THREADS), 1 to 1024.
@@ -20,12 +20,19 @@ struct Args {
     /// suite then runs on the AVX2 kernels, whose sums round differently.
     #[arg(long)]
     no_avx512: bool,
-    /// Skip fmt and clippy; run only the tests.
+    /// Skip fmt, clippy and docs; run only the tests.
     #[arg(long)]
     tests_only: bool,
 }
 
-/// Runs fmt check, clippy with warnings denied, then the test suite.
+/// The libraries' docs, built as docs.rs would, with rustdoc's warnings
+/// (broken intra-doc links, links to private items) denied. xtask is left
+/// out: its doc comments are clap's `--help` text (`<seed>` is a
+/// placeholder there, not HTML).
+const DOC_STEP: &[&str] = &["doc", "--workspace", "--no-deps", "--exclude", "xtask"];
+
+/// Runs fmt check, clippy with warnings denied, the libraries' docs, then
+/// the test suite.
 pub fn run(args: &[String]) -> Result<()> {
     let a = Args::try_parse_from(std::iter::once("ci".to_string()).chain(args.iter().cloned()))?;
     let mut steps: Vec<&[&str]> = Vec::new();
@@ -39,6 +46,7 @@ pub fn run(args: &[String]) -> Result<()> {
             "-D",
             "warnings",
         ]);
+        steps.push(DOC_STEP);
     }
     steps.push(&["test", "--workspace"]);
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
@@ -46,6 +54,9 @@ pub fn run(args: &[String]) -> Result<()> {
         let mut cmd = Command::new(&cargo);
         cmd.args(step);
         let mut env = Vec::new();
+        if step == DOC_STEP {
+            env.push(("RUSTDOCFLAGS".to_string(), "-D warnings".to_string()));
+        }
         if let Some(t) = a.threads {
             env.push(("RAYON_NUM_THREADS".to_string(), t.to_string()));
         }
