@@ -568,7 +568,8 @@ fn check_memory(kind: OptimKind, slots: &[Slot]) -> Result<()> {
     );
     crate::memory::check_fits(&what, bytes.saturating_mul(nb + 1)).map_err(|oom| {
         candle_core::Error::Msg(format!(
-            "{oom}; use a smaller model, such as a smaller image size or hidden width"
+            "{oom}; use a smaller model (fewer or narrower layers, smaller images); {}",
+            crate::memory::SKIP_HINT
         ))
     })
 }
@@ -1134,7 +1135,8 @@ mod tests {
             e,
             "not enough memory for the Adam optimizer's 2 moment buffers (2 x 1.0 MiB) and \
              gradients (1.0 MiB) for 262,144 parameters: it needs 3.0 MiB, and this machine has \
-             2.5 MiB available; use a smaller model, such as a smaller image size or hidden width"
+             2.5 MiB available; use a smaller model (fewer or narrower layers, smaller images); \
+             KILN_NO_MEMORY_CHECK=1 skips this check (for swap, or memory this process freed)"
         );
         make(OptimKind::adam(), 3 * MIB - 1).unwrap_err();
         make(OptimKind::adam(), 3 * MIB).unwrap();

@@ -443,7 +443,9 @@ fn check_new_folder(path: &Path) -> Result<(), RunError> {
         let name = entry.file_name();
         let empty_dir = entry.file_type().is_ok_and(|t| t.is_dir())
             && std::fs::read_dir(entry.path()).is_ok_and(|mut d| d.next().is_none());
-        if name != LOCK_FILE && !empty_dir {
+        let view =
+            entry.file_type().is_ok_and(|t| t.is_file()) && is_os_metadata(&name.to_string_lossy());
+        if name != LOCK_FILE && !empty_dir && !view {
             return Err(RunError::NotEmpty {
                 path: path.to_path_buf(),
             });
@@ -961,6 +963,11 @@ const PRE_START_FILES: &[&str] = &[
 /// (`config`) lies inside it: then a new run may clear it without
 /// `--overwrite`, as nothing in it was trained or written by anyone else.
 fn never_began<C: Serialize>(path: &Path, config: &C) -> bool {
+    // Kiln takes the lock before it writes `config.toml`: a folder without
+    // `.lock` was not made by a kiln run (a user's own `config.toml`).
+    if !path.join(LOCK_FILE).is_file() {
+        return false;
+    }
     let Ok(c) = run_folder_contents(path) else {
         return false;
     };
@@ -1096,23 +1103,32 @@ pub const INPUTS_FILE: &str = "inputs.json";
 /// `Thumbs.db` into a folder of pictures it shows, and that must not make
 /// a resumed run refuse its dataset).
 pub fn fingerprint(path: &Path) -> Result<String, RunError> {
+    fingerprint_with(path, true)
+}
+
+/// [`fingerprint`], or with `skip_view_files` false the fingerprint runs
+/// recorded before file browsers' files ([`is_os_metadata`]) were left out
+/// (then only hidden files were), which a resume also accepts.
+fn fingerprint_with(path: &Path, skip_view_files: bool) -> Result<String, RunError> {
+    let walk_skip = skip_view_files;
     fn walk(
         root: &Path,
         dir: &Path,
         h: &mut crc32fast::Hasher,
         n: &mut u64,
+        skip_view_files: bool,
     ) -> std::io::Result<()> {
         let mut entries: Vec<_> = std::fs::read_dir(dir)?.collect::<Result<_, _>>()?;
         entries.sort_by_key(|e| e.file_name());
         for e in entries {
             let name = e.file_name();
             let name = name.to_string_lossy();
-            if name.starts_with('.') || is_os_metadata(&name) {
+            if name.starts_with('.') || (skip_view_files && is_os_metadata(&name)) {
                 continue;
             }
             let p = e.path();
             if e.file_type()?.is_dir() {
-                walk(root, &p, h, n)?;
+                walk(root, &p, h, n, skip_view_files)?;
             } else {
                 let rel = p.strip_prefix(root).unwrap_or(&p);
                 h.update(rel.to_string_lossy().as_bytes());
@@ -1127,7 +1143,7 @@ pub fn fingerprint(path: &Path) -> Result<String, RunError> {
     let meta = std::fs::metadata(path).map_err(io(path))?;
     if meta.is_dir() {
         let (mut h, mut n) = (crc32fast::Hasher::new(), 0);
-        walk(path, path, &mut h, &mut n).map_err(io(path))?;
+        walk(path, path, &mut h, &mut n, walk_skip).map_err(io(path))?;
         Ok(format!("{n} files, crc32 {:08x}", h.finalize()))
     } else {
         let bytes = std::fs::read(path).map_err(io(path))?;
@@ -1190,8 +1206,16 @@ impl Run {
         for p in inputs {
             let now = fingerprint(p)?;
             let key = p.display().to_string();
+            let mut legacy = None;
             if self.resumed && !gone.is_empty() && !saved.contains_key(&key) {
-                match gone.iter().position(|(_, was)| *was == now) {
+                let mut moved = None;
+                for (i, (_, was)) in gone.iter().enumerate() {
+                    if same_data(was, &now, p, &mut legacy)? {
+                        moved = Some(i);
+                        break;
+                    }
+                }
+                match moved {
                     Some(i) => {
                         saved.remove(&gone.remove(i).0);
                     }
@@ -1211,7 +1235,7 @@ impl Run {
                 }
             }
             match saved.get(&key) {
-                Some(was) if self.resumed && *was != now => {
+                Some(was) if self.resumed && !same_data(was, &now, p, &mut legacy)? => {
                     return Err(RunError::Invalid {
                         path: p.to_path_buf(),
                         reason: format!(
@@ -1221,6 +1245,7 @@ impl Run {
                     })
                 }
                 Some(was) if *was == now => {}
+                // New, or recorded with the older fingerprint of the same data.
                 _ => {
                     saved.insert(key, now);
                     changed = true;
@@ -1251,6 +1276,28 @@ impl Run {
     pub fn resumed(&self) -> bool {
         self.resumed
     }
+}
+
+/// Whether the input `p`, whose fingerprint is now `now`, holds the data a
+/// run recorded as `was`: the same fingerprint, or for a folder the one
+/// recorded before file browsers' files were left out (computed once, into
+/// `legacy`, and only when needed: it reads the folder again).
+fn same_data(
+    was: &str,
+    now: &str,
+    p: &Path,
+    legacy: &mut Option<String>,
+) -> Result<bool, RunError> {
+    if was == now {
+        return Ok(true);
+    }
+    if !p.is_dir() {
+        return Ok(false);
+    }
+    if legacy.is_none() {
+        *legacy = Some(fingerprint_with(p, false)?);
+    }
+    Ok(legacy.as_deref() == Some(was))
 }
 
 /// The current git commit of the working directory, when known.
@@ -1437,6 +1484,53 @@ mod tests {
     struct Cfg {
         lr: f64,
         layers: Vec<usize>,
+    }
+
+    /// A run that recorded a folder's fingerprint before file browsers'
+    /// files were left out resumes on the same folder (and its record is
+    /// brought up to date), also after the folder moved; changed data is
+    /// still refused.
+    #[test]
+    fn a_fingerprint_recorded_with_view_files_still_resumes() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (run, data) = (tmp.path().join("r"), tmp.path().join("imgs"));
+        std::fs::create_dir_all(&data).unwrap();
+        std::fs::write(data.join("a.png"), "pixels").unwrap();
+        std::fs::write(data.join("Thumbs.db"), "thumbnails").unwrap();
+        let cfg = Cfg {
+            lr: 1e-3,
+            layers: vec![3],
+        };
+        let open = |resume: bool| {
+            let o = if resume {
+                RunOptions::resume(&run)
+            } else {
+                RunOptions::new_run(Some(&run))
+            };
+            o.open("t", "toy", &cfg, &[]).unwrap()
+        };
+        let new = fingerprint(&data).unwrap();
+        let old = fingerprint_with(&data, false).unwrap();
+        assert_ne!(new, old);
+        let record = |path: &Path, fp: &str| {
+            let m = std::collections::BTreeMap::from([(path.display().to_string(), fp)]);
+            std::fs::write(run.join(INPUTS_FILE), serde_json::to_string(&m).unwrap()).unwrap();
+        };
+        open(false).check_inputs(&[&data]).unwrap();
+        record(&data, &old);
+        open(true).check_inputs(&[&data]).unwrap();
+        let saved = std::fs::read_to_string(run.join(INPUTS_FILE)).unwrap();
+        assert!(saved.contains(&new) && !saved.contains(&old), "{saved}");
+        // Moved since, with the old record under the old path.
+        record(&tmp.path().join("gone"), &old);
+        open(true).check_inputs(&[&data]).unwrap();
+        // Changed data is refused whichever fingerprint was recorded.
+        std::fs::write(data.join("b.png"), "more").unwrap();
+        for fp in [&old, &new] {
+            record(&data, fp);
+            let e = open(true).check_inputs(&[&data]).unwrap_err().to_string();
+            assert!(e.contains("changed since the run began"), "{e}");
+        }
     }
 
     #[test]

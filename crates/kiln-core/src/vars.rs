@@ -211,10 +211,11 @@ impl VarStore {
             });
             candle_core::bail!(
                 "{oom} (creating a variable holds its initial values and the variable's copy \
-                 at once); the model has {} parameters ({}) so far: use a smaller model, such as \
-                 a smaller image size or hidden width",
+                 at once); the model has {} parameters ({}) so far: use a smaller model (fewer or \
+                 narrower layers, smaller images); {}",
                 memory::format_count(params),
-                memory::format_bytes(bytes)
+                memory::format_bytes(bytes),
+                memory::SKIP_HINT
             );
         }
         Ok(())
@@ -393,7 +394,8 @@ mod tests {
             "not enough memory for variable dec.weight of shape [512, 512] (1.0 MiB of f32)",
             "it needs 2.0 MiB, and this machine has 64.0 KiB available",
             "the model has 4,096 parameters (16.0 KiB) so far",
-            "smaller image size or hidden width",
+            "use a smaller model (fewer or narrower layers, smaller images)",
+            "KILN_NO_MEMORY_CHECK=1 skips this check",
         ] {
             assert!(e.contains(part), "{part:?} not in {e}");
         }

@@ -512,6 +512,25 @@ fn a_run_that_never_began_does_not_block_the_next_attempt() {
         .unwrap_err();
     assert!(matches!(e, RunError::Exists { .. }), "{e}");
     assert!(trained.join("checkpoints/last.safetensors").exists());
+    // A user's own `config.toml` with a `kind` (no `.lock`: kiln did not
+    // make the folder) is never taken for a run that never began.
+    let users = dir.path().join("sweep");
+    std::fs::create_dir_all(&users).unwrap();
+    std::fs::write(users.join("config.toml"), "kind = \"sweep\"\nlr = [0.1]\n").unwrap();
+    let e = RunOptions::new_run(Some(&users))
+        .open("toy", "toy-gan", &cfg(), &[])
+        .unwrap_err();
+    assert!(matches!(e, RunError::Exists { .. }), "{e}");
+    assert!(std::fs::read_to_string(users.join("config.toml"))
+        .unwrap()
+        .contains("sweep"));
+    // A new folder a file browser has shown (only its view file) is empty.
+    let shown = dir.path().join("shown");
+    std::fs::create_dir_all(&shown).unwrap();
+    std::fs::write(shown.join(".DS_Store"), "view").unwrap();
+    RunOptions::new_run(Some(&shown))
+        .open("toy", "toy-gan", &cfg(), &[])
+        .unwrap();
 }
 
 /// `--overwrite` on a folder holding the new run's own input (`rlhf dpo

@@ -350,7 +350,7 @@ pub enum TextSource {
     SyntheticReviews(usize),
     /// `lines:PATH`: every non-empty line of a file is a document.
     Lines(PathBuf),
-    /// `files:PATH`: a file, or every `.txt` file of a folder (sorted), one document each.
+    /// `files:PATH`: a file, or every `.txt` file of a folder (sorted, hidden ones left out), one document each.
     Files(PathBuf),
 }
 
@@ -416,6 +416,13 @@ impl TextSource {
                         .map_err(|e| DataError::io(p, e))?
                         .filter_map(|e| e.ok().map(|e| e.path()))
                         .filter(|f| f.extension().is_some_and(|x| x == "txt"))
+                        // Hidden files are not documents (macOS's `._a.txt`
+                        // AppleDouble files), as in image folders; a run's
+                        // fingerprint of the folder leaves them out too.
+                        .filter(|f| {
+                            f.file_name()
+                                .is_some_and(|n| !n.as_encoded_bytes().starts_with(b"."))
+                        })
                         .collect();
                     v.sort();
                     v
@@ -750,6 +757,8 @@ mod tests {
         std::fs::write(dir.path().join("b.txt"), "second").unwrap();
         std::fs::write(dir.path().join("a.txt"), "first\n\nstill first").unwrap();
         std::fs::write(dir.path().join("skip.md"), "no").unwrap();
+        // macOS's AppleDouble file beside a.txt: hidden, not a document.
+        std::fs::write(dir.path().join("._a.txt"), b"\x00\x05\x16\x07").unwrap();
         let files: TextSource = format!("files:{}", dir.path().display()).parse().unwrap();
         assert_eq!(
             files.load(0).unwrap(),

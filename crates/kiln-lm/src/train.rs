@@ -282,7 +282,10 @@ fn check_training_memory(cfg: &Gpt2Config, available: Option<u64>) -> Result<()>
         |e| LmError::Config {
             what: "training settings".into(),
             field: "n_embd".into(),
-            msg: format!("{e}; use fewer or narrower layers (--n-layer, --n-embd)"),
+            msg: format!(
+                "{e}; use fewer or narrower layers (--n-layer, --n-embd); {}",
+                kiln_core::memory::SKIP_HINT
+            ),
         },
     )
 }

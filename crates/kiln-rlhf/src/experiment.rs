@@ -288,7 +288,12 @@ pub(crate) fn prepare_out(out: &Path, overwrite: bool, task: &str) -> Result<()>
     if out.exists() && !out.is_dir() {
         return Err(RlhfError::file(out, "is a file, not a folder"));
     }
-    let empty = !out.exists() || std::fs::read_dir(out).map_err(io(out))?.next().is_none();
+    // A folder holding only a file browser's view files counts as empty.
+    let empty = !out.exists()
+        || std::fs::read_dir(out)
+            .map_err(io(out))?
+            .filter_map(|e| e.ok())
+            .all(|e| kiln_core::run::is_os_metadata(&e.file_name().to_string_lossy()));
     if !empty {
         if !overwrite {
             return Err(RlhfError::file(
@@ -848,6 +853,11 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("not empty"), "{e}");
+        // A new folder a file browser has shown (only its view file) is empty.
+        let shown = dir.path().join("shown");
+        std::fs::create_dir_all(&shown).unwrap();
+        std::fs::write(shown.join(".DS_Store"), "view").unwrap();
+        prepare_out(&shown, false, "rlhf experiment").unwrap();
 
         let out = dir.path().join("exp");
         prepare_out(&out, false, "rlhf experiment").unwrap();

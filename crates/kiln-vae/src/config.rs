@@ -90,8 +90,15 @@ impl VaeConfig {
     /// config, computed without making them (to size a model before it is
     /// built: the MLP's first and last layers grow with the image's pixels).
     pub fn num_params(&self) -> u64 {
-        let linear = |i: usize, o: usize| (i as u64 + 1) * o as u64;
-        let conv = |i: usize, o: usize| (i as u64 * 16 + 1) * o as u64;
+        // Saturating: widths come from files, and a product that wrapped
+        // would pass the memory check as a small model.
+        let linear = |i: usize, o: usize| (i as u64).saturating_add(1).saturating_mul(o as u64);
+        let conv = |i: usize, o: usize| {
+            (i as u64)
+                .saturating_mul(16)
+                .saturating_add(1)
+                .saturating_mul(o as u64)
+        };
         let cond = self.num_classes.unwrap_or(0);
         let d = self.input_dim();
         let mut n = 0u64;
@@ -99,12 +106,12 @@ impl VaeConfig {
             Arch::Mlp => {
                 let mut prev = d + cond;
                 for &h in &self.hidden {
-                    n += linear(prev, h);
+                    n = n.saturating_add(linear(prev, h));
                     prev = h;
                 }
                 let mut prev = self.latent + cond;
                 for &h in self.hidden.iter().rev().chain([&d]) {
-                    n += linear(prev, h);
+                    n = n.saturating_add(linear(prev, h));
                     prev = h;
                 }
                 self.hidden.last().copied().unwrap_or(d + cond)
@@ -112,12 +119,12 @@ impl VaeConfig {
             Arch::Conv => {
                 let mut prev = self.channels + cond;
                 for &h in &self.hidden {
-                    n += conv(prev, h);
+                    n = n.saturating_add(conv(prev, h));
                     prev = h;
                 }
                 let side = self.image_size >> self.hidden.len();
                 let top = self.hidden.last().copied().unwrap_or(1);
-                n += linear(self.latent + cond, top * side * side);
+                n = n.saturating_add(linear(self.latent + cond, top.saturating_mul(side * side)));
                 let chans: Vec<usize> = self
                     .hidden
                     .iter()
@@ -125,13 +132,16 @@ impl VaeConfig {
                     .copied()
                     .chain([self.channels])
                     .collect();
-                n += chans.windows(2).map(|w| conv(w[0], w[1])).sum::<u64>();
-                prev * side * side
+                n = chans
+                    .windows(2)
+                    .map(|w| conv(w[0], w[1]))
+                    .fold(n, u64::saturating_add);
+                prev.saturating_mul(side * side)
             }
         };
-        n += 2 * linear(enc_out, self.latent);
+        n = n.saturating_add(linear(enc_out, self.latent).saturating_mul(2));
         if let Likelihood::Gaussian { learned: true, .. } = self.likelihood {
-            n += 1;
+            n = n.saturating_add(1);
         }
         n
     }

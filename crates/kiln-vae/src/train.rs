@@ -147,7 +147,11 @@ fn check_training_memory(cfg: &VaeConfig, available: Option<u64>) -> Result<()> 
     kiln_core::memory::check_training_fits(&model, cfg.num_params(), available).map_err(|e| {
         VaeError::Config {
             field: "image_size".into(),
-            msg: format!("{e}; use a smaller image size or narrower hidden layers"),
+            msg: format!(
+                "{e}; use a smaller --image-size, or --preset conv (whose parameters do not grow \
+                 with the image); {}",
+                kiln_core::memory::SKIP_HINT
+            ),
         }
     })
 }
@@ -419,7 +423,11 @@ mod tests {
             "{e}"
         );
         assert!(e.contains("and this machine has 24.0 GiB available"), "{e}");
-        assert!(e.contains("use a smaller image size"), "{e}");
+        assert!(
+            e.contains("use a smaller --image-size, or --preset conv"),
+            "{e}"
+        );
+        assert!(e.ends_with(kiln_core::memory::SKIP_HINT), "{e}");
         assert!(need > 24 << 30);
         check_training_memory(&c, Some(need)).unwrap();
         check_training_memory(&c, Some(need - 1)).unwrap_err();

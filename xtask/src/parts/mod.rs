@@ -381,7 +381,8 @@ pub fn assert_numeric_flags_checked<P: Parser>(name: &str, sub: Option<&str>, re
 #[command(about = None, long_about = None, next_help_heading = "Run folder and device")]
 pub struct RunArgs {
     /// Folder of a new run (default: runs/<task>-<timestamp>). A folder that
-    /// already holds a run is refused: continue it with --resume, or pass --overwrite.
+    /// already holds a run is refused: continue it with --resume, or pass
+    /// --overwrite (a run whose start was refused, which never trained, is replaced).
     #[arg(long, conflicts_with = "resume")]
     pub out: Option<PathBuf>,
     /// Continue the run in this folder from its last checkpoint, with its own
