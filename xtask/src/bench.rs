@@ -314,6 +314,45 @@ struct Compared {
     shares: Vec<[f64; 2]>,
 }
 
+/// How far apart (highest / lowest) one side's rounds may lie before the
+/// sitting is called noisy. Quiet sittings on 2-core machines kept each
+/// side within about 1.25x; a disturbed one ran PyTorch's VAE at 57.7
+/// img/s in one round and 1433 in the next.
+const NOISY_SPREAD: f64 = 1.3;
+
+/// The share of the CPUs busy with something other than idling over
+/// `window`, from two readings of `/proc/stat`: read before the first
+/// round, so a busy machine is named before it spoils one. `None` elsewhere,
+/// and in a container that sees the host's CPUs (more than it may use),
+/// where other tenants' work would be counted.
+fn cpu_busy_share(window: std::time::Duration) -> Option<f64> {
+    let cpus = std::fs::read_to_string("/proc/stat")
+        .ok()?
+        .lines()
+        .filter(|l| l.starts_with("cpu") && l.as_bytes().get(3).is_some_and(u8::is_ascii_digit))
+        .count();
+    if Some(cpus) != std::thread::available_parallelism().ok().map(|n| n.get()) {
+        return None;
+    }
+    fn read() -> Option<(u64, u64)> {
+        let stat = std::fs::read_to_string("/proc/stat").ok()?;
+        let line = stat.lines().find(|l| l.starts_with("cpu "))?;
+        let v: Vec<u64> = line
+            .split_whitespace()
+            .skip(1)
+            .map(|x| x.parse().ok())
+            .collect::<Option<_>>()?;
+        // user nice system idle iowait irq softirq steal ...
+        let idle = v.get(3)? + v.get(4).unwrap_or(&0);
+        Some((v.iter().sum(), idle))
+    }
+    let (t0, i0) = read()?;
+    std::thread::sleep(window);
+    let (t1, i1) = read()?;
+    let total = t1.checked_sub(t0)?;
+    (total > 0).then(|| 1.0 - (i1.saturating_sub(i0)) as f64 / total as f64)
+}
+
 /// The keys of [`Compared::shares`] in kiln's decode lines.
 const SHARE_KEYS: [&str; 2] = [
     "share_of_read_bandwidth",
@@ -344,6 +383,21 @@ impl Compared {
             r.iter().copied().fold(f64::INFINITY, f64::min),
             r.iter().copied().fold(f64::NEG_INFINITY, f64::max),
         ]
+    }
+
+    /// The sides whose rounds lie more than [`NOISY_SPREAD`] apart
+    /// (highest / lowest), each as `(who, lowest, highest)`: a sitting in
+    /// which something else used the CPU (PyTorch's OpenMP threads slow down
+    /// many times over when they share a core), whose ratios do not hold.
+    fn noisy(&self) -> Vec<(&'static str, f64, f64)> {
+        [("kiln", &self.kiln), ("PyTorch", &self.torch)]
+            .into_iter()
+            .filter_map(|(who, v)| {
+                let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
+                let hi = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                (v.len() > 1 && hi > lo * NOISY_SPREAD).then_some((who, lo, hi))
+            })
+            .collect()
     }
 
     /// The medians of [`Compared::shares`] over the rounds.
@@ -492,6 +546,16 @@ fn compare(a: &Args) -> Result<()> {
         line_of(&out, p.torch_bench)
             .with_context(|| format!("{what} printed no {} line", p.torch_bench))
     };
+    if let Some(busy) = cpu_busy_share(std::time::Duration::from_millis(500)) {
+        if busy > 0.15 {
+            eprintln!(
+                "bench --compare: warning: {:.0}% of the CPU time went to other work over the \
+                 last half second; PyTorch's OpenMP threads slow down many times over when they \
+                 share cores, so stop other jobs for a sitting whose ratios hold",
+                busy * 100.0
+            );
+        }
+    }
     let results = alternate(&chosen, a.rounds, kiln, torch, |s| eprintln!("{s}"))?;
     let m = machine();
     println!(
@@ -521,6 +585,17 @@ fn compare(a: &Args) -> Result<()> {
         "  ratio: the median of the rounds' kiln / PyTorch, each round's pair run back to back \
          (so it need not equal the two medians' quotient)"
     );
+    for r in &results {
+        for (who, lo, hi) in r.noisy() {
+            println!(
+                "  noisy: {}: {who}'s rounds ran {lo:.1} to {hi:.1} {} ({:.1}x apart, more than \
+                 {NOISY_SPREAD}x): something else used the CPU; rerun on a quiet machine",
+                r.bench,
+                r.metric,
+                hi / lo
+            );
+        }
+    }
     for r in results.iter().filter(|r| !r.shares.is_empty()) {
         let [whole, step] = r.share_medians();
         println!(
@@ -541,6 +616,7 @@ fn compare(a: &Args) -> Result<()> {
             "torch_median": median(&r.torch),
             "ratio": r.ratio(),
             "round_ratios": r.ratios(),
+            "noisy": !r.noisy().is_empty(),
         });
         if !r.shares.is_empty() {
             let [whole, step] = r.share_medians();
@@ -705,6 +781,32 @@ mod tests {
         }
     }
 
+    /// The busy share is read from /proc/stat: a thread spinning through
+    /// the window shows as at least half of one core's share.
+    #[test]
+    #[cfg(target_os = "linux")]
+    fn the_busy_share_sees_a_spinning_thread() {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let s2 = stop.clone();
+        let spin = std::thread::spawn(move || {
+            let mut x = 0u64;
+            while !s2.load(std::sync::atomic::Ordering::Relaxed) {
+                x = std::hint::black_box(x.wrapping_add(1));
+            }
+        });
+        let busy = cpu_busy_share(std::time::Duration::from_millis(300));
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        spin.join().unwrap();
+        // None only where the process may use fewer CPUs than it sees.
+        if let Some(busy) = busy {
+            let cores = std::thread::available_parallelism().unwrap().get() as f64;
+            assert!(
+                (0.5 / cores..=1.0).contains(&busy),
+                "{busy} on {cores} cores"
+            );
+        }
+    }
+
     #[test]
     fn medians_and_metrics() {
         assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
@@ -753,6 +855,24 @@ mod tests {
         assert_eq!(c.ratio(), 1.0);
         assert_eq!(c.ratio_range(), [0.5, 3.0]);
         assert_eq!(median(&c.kiln) / median(&c.torch), 2.0);
+        // Both sides' rounds lie 3x and 4x apart: a noisy sitting, named.
+        assert_eq!(
+            c.noisy(),
+            vec![("kiln", 100.0, 300.0), ("PyTorch", 100.0, 400.0)]
+        );
+        // Rounds within 1.3x of each other are quiet; one round cannot say.
+        assert!(r[0].noisy().is_empty());
+        let one = Compared {
+            kiln: vec![100.0, 129.0],
+            torch: vec![5.0],
+            ..c.clone()
+        };
+        assert!(one.noisy().is_empty());
+        let spread = Compared {
+            kiln: vec![100.0, 131.0],
+            ..one
+        };
+        assert_eq!(spread.noisy(), vec![("kiln", 100.0, 131.0)]);
         assert_eq!(order.len(), 6);
         assert_eq!(log.borrow().len(), 6);
         assert!(r[0].shares.is_empty());
