@@ -115,6 +115,62 @@ impl ModelConfig {
         }
     }
 
+    /// Scalars the generator of this config holds (weights, and batch
+    /// norm's running statistics), computed without building it: to size a
+    /// model before it is made. Saturating, as widths come from files.
+    pub fn generator_params(&self) -> u64 {
+        let n = self.depth();
+        let conv = |i: usize, o: usize| (i as u64).saturating_mul(o as u64).saturating_mul(16);
+        let mut prev = self.nz.saturating_add(self.num_classes.unwrap_or(0));
+        let mut total = 0u64;
+        for i in 0..n {
+            let width = self
+                .ngf
+                .checked_shl((n - 1 - i) as u32)
+                .unwrap_or(usize::MAX);
+            total = total.saturating_add(conv(prev, width));
+            if self.g_norm == Norm::Batch {
+                // weight, bias, running mean and variance.
+                total = total.saturating_add((width as u64).saturating_mul(4));
+            }
+            prev = width;
+        }
+        total.saturating_add(conv(prev, self.channels))
+    }
+
+    /// Scalars the discriminator of this config holds (weights, norms'
+    /// statistics, spectral norm's `u` and `v`, the class embedding),
+    /// computed without building it. Saturating.
+    pub fn discriminator_params(&self) -> u64 {
+        let n = self.depth();
+        let conv = |i: usize, o: usize| {
+            let w = (i as u64).saturating_mul(o as u64).saturating_mul(16);
+            // Spectral norm keeps u [out] and v [in * 16].
+            let sn = match self.spectral_norm {
+                true => (o as u64).saturating_add((i as u64).saturating_mul(16)),
+                false => 0,
+            };
+            w.saturating_add(sn)
+        };
+        let (mut prev, mut side, mut total) = (self.channels, self.image_size, 0u64);
+        for i in 0..n {
+            let width = self.ndf.checked_shl(i as u32).unwrap_or(usize::MAX);
+            total = total.saturating_add(conv(prev, width));
+            side /= 2;
+            if i > 0 {
+                let norm = match self.d_norm {
+                    Norm::Batch => (width as u64).saturating_mul(4),
+                    Norm::Layer => (width as u64).saturating_mul((2 * side * side) as u64),
+                    Norm::None => 0,
+                };
+                total = total.saturating_add(norm);
+            }
+            prev = width;
+        }
+        let embed = (self.num_classes.unwrap_or(0) as u64).saturating_mul(prev as u64);
+        total.saturating_add(conv(prev, 1)).saturating_add(embed)
+    }
+
     /// Stride-2 layers on each side: `log2(image_size / 4)`.
     pub fn depth(&self) -> usize {
         (self.image_size / 4).max(1).trailing_zeros() as usize

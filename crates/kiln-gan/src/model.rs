@@ -478,6 +478,35 @@ mod tests {
         }
     }
 
+    /// The counts made without building match the built networks', for
+    /// each option that adds or changes variables.
+    #[test]
+    fn parameter_counts_match_the_built_networks() {
+        let mut configs = vec![ModelConfig::dcgan32(), small(8), small(64)];
+        let mut c = small(16);
+        c.num_classes = Some(5);
+        c.spectral_norm = true;
+        c.d_norm = Norm::None;
+        c.channels = 1;
+        configs.push(c);
+        let mut c = small(32);
+        c.d_norm = Norm::Layer;
+        c.g_norm = Norm::None;
+        c.init = Init::Pytorch;
+        configs.push(c);
+        for cfg in configs {
+            let (gv, dv) = (VarStore::new(0), VarStore::new(1));
+            Generator::new(&cfg, gv.builder(DType::F32, &Device::Cpu)).unwrap();
+            Discriminator::new(&cfg, dv.builder(DType::F32, &Device::Cpu)).unwrap();
+            assert_eq!(cfg.generator_params(), gv.num_params() as u64, "{cfg:?}");
+            assert_eq!(
+                cfg.discriminator_params(),
+                dv.num_params() as u64,
+                "{cfg:?}"
+            );
+        }
+    }
+
     #[test]
     fn shapes_and_names_follow_the_reference() {
         let dev = Device::Cpu;

@@ -195,6 +195,39 @@ pub fn train_until(
     train_with_eval(model, tc, train_set, device, opts, stop_at, None)
 }
 
+/// Refuses, before the run folder or a weight is made, networks whose
+/// training state does not fit in the memory the machine has (`available`,
+/// `None`: unknown, never refused): both networks with their gradients and
+/// Adam's moments, and the EMA copy of the generator. Each optimizer alone
+/// may fit where the two together do not.
+fn check_training_memory(rc: &RunConfig, available: Option<u64>) -> Result<()> {
+    let m = &rc.model;
+    let (g, d) = (m.generator_params(), m.discriminator_params());
+    let ema = if rc.train.ema.is_some() { g } else { 0 };
+    let per = kiln_core::memory::TRAIN_BYTES_PER_PARAM;
+    let needed = g
+        .saturating_add(d)
+        .saturating_mul(per)
+        .saturating_add(ema.saturating_mul(4));
+    let what = format!(
+        "training this GAN at {0}x{0} (generator {1} and discriminator {2} parameters, {per} \
+         bytes each with gradients and Adam's moments{3})",
+        m.image_size,
+        kiln_core::memory::format_count(g),
+        kiln_core::memory::format_count(d),
+        if ema > 0 { ", and the EMA copy" } else { "" }
+    );
+    kiln_core::memory::check_fits_in(&what, needed, available).map_err(|e| {
+        config_err(
+            "model.ngf",
+            format!(
+                "{e}; use narrower networks (--ngf, --ndf) or smaller images (--preset dcgan32); {}",
+                kiln_core::memory::SKIP_HINT
+            ),
+        )
+    })
+}
+
 /// [`train_until`] evaluating FID every `tc.eval_every` epochs with `eval`
 /// (on the EMA generator when the run keeps one): each FID is recorded in
 /// `metrics.jsonl` (split `eval`), the best generator is kept in
@@ -220,6 +253,9 @@ pub fn train_with_eval(
     };
     rc.validate()?;
     check_data(model, train_set.as_ref())?;
+    if device.is_cpu() {
+        check_training_memory(&rc, kiln_core::memory::available())?;
+    }
     let loader_cfg = LoaderConfig {
         batch_size: tc.batch_size * tc.n_critic,
         shuffle: true,
@@ -906,4 +942,51 @@ pub fn load_generator(
     let g = Generator::new(&rc.model, vs.builder(DType::F32, device))?;
     load_part(&path, part, &vs)?;
     Ok((g, rc))
+}
+
+#[cfg(test)]
+mod memory_tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::config::EmaConfig;
+
+    /// Both networks' training state and the EMA copy are counted together
+    /// (each optimizer alone could fit where the two do not), and a GAN that
+    /// does not fit is refused with its figures and the flags to change.
+    #[test]
+    fn a_gan_too_large_to_train_is_refused_up_front() {
+        let mut rc = RunConfig {
+            model: ModelConfig {
+                image_size: 128,
+                ngf: 512,
+                ndf: 512,
+                ..ModelConfig::dcgan32()
+            },
+            train: TrainConfig::default(),
+        };
+        rc.train.ema = None;
+        let (g, d) = (rc.model.generator_params(), rc.model.discriminator_params());
+        let need = (g + d) * kiln_core::memory::TRAIN_BYTES_PER_PARAM;
+        check_training_memory(&rc, Some(need)).unwrap();
+        let e = check_training_memory(&rc, Some(need - 1))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("training this GAN at 128x128 (generator "),
+            "{e}"
+        );
+        assert!(e.contains("use narrower networks (--ngf, --ndf)"), "{e}");
+        assert!(e.ends_with(kiln_core::memory::SKIP_HINT), "{e}");
+        // The EMA copy adds the generator's weights once more.
+        rc.train.ema = Some(EmaConfig::default());
+        check_training_memory(&rc, Some(need + 4 * g - 1)).unwrap_err();
+        check_training_memory(&rc, Some(need + 4 * g)).unwrap();
+        check_training_memory(&rc, None).unwrap();
+        // The reference DCGAN fits in 1 GiB.
+        let small = RunConfig {
+            model: ModelConfig::dcgan32(),
+            train: TrainConfig::default(),
+        };
+        check_training_memory(&small, Some(1 << 30)).unwrap();
+    }
 }
