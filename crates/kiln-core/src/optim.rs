@@ -1136,7 +1136,7 @@ mod tests {
             "not enough memory for the Adam optimizer's 2 moment buffers (2 x 1.0 MiB) and \
              gradients (1.0 MiB) for 262,144 parameters: it needs 3.0 MiB, and this machine has \
              2.5 MiB available; use a smaller model (fewer or narrower layers, smaller images); \
-             KILN_NO_MEMORY_CHECK=1 skips this check (for swap, or memory this process freed)"
+             KILN_NO_MEMORY_CHECK=1 skips this check (to use swap)"
         );
         make(OptimKind::adam(), 3 * MIB - 1).unwrap_err();
         make(OptimKind::adam(), 3 * MIB).unwrap();
