@@ -342,9 +342,10 @@ fn cpu_busy_share(window: std::time::Duration) -> Option<f64> {
             .skip(1)
             .map(|x| x.parse().ok())
             .collect::<Option<_>>()?;
-        // user nice system idle iowait irq softirq steal ...
+        // user nice system idle iowait irq softirq steal, then guest and
+        // guest_nice, which user and nice already include: not summed again.
         let idle = v.get(3)? + v.get(4).unwrap_or(&0);
-        Some((v.iter().sum(), idle))
+        Some((v.iter().take(8).sum(), idle))
     }
     let (t0, i0) = read()?;
     std::thread::sleep(window);
