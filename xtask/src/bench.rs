@@ -318,7 +318,7 @@ struct Compared {
 /// sitting is called noisy. Quiet sittings on 2-core machines kept each
 /// side within about 1.25x; a disturbed one ran PyTorch's VAE at 57.7
 /// img/s in one round and 1433 in the next.
-const NOISY_SPREAD: f64 = 1.3;
+const NOISY_SPREAD: f64 = 1.5;
 
 /// The share of the CPUs busy with something other than idling over
 /// `window`, from two readings of `/proc/stat`: read before the first
@@ -590,7 +590,8 @@ fn compare(a: &Args) -> Result<()> {
         for (who, lo, hi) in r.noisy() {
             println!(
                 "  noisy: {}: {who}'s rounds ran {lo:.1} to {hi:.1} {} ({:.1}x apart, more than \
-                 {NOISY_SPREAD}x): something else used the CPU; rerun on a quiet machine",
+                 {NOISY_SPREAD}x): the machine was likely busy with other work; rerun on a quiet \
+                 machine",
                 r.bench,
                 r.metric,
                 hi / lo
@@ -861,19 +862,19 @@ mod tests {
             c.noisy(),
             vec![("kiln", 100.0, 300.0), ("PyTorch", 100.0, 400.0)]
         );
-        // Rounds within 1.3x of each other are quiet; one round cannot say.
+        // Rounds within 1.5x of each other are quiet; one round cannot say.
         assert!(r[0].noisy().is_empty());
         let one = Compared {
-            kiln: vec![100.0, 129.0],
+            kiln: vec![100.0, 149.0],
             torch: vec![5.0],
             ..c.clone()
         };
         assert!(one.noisy().is_empty());
         let spread = Compared {
-            kiln: vec![100.0, 131.0],
+            kiln: vec![100.0, 151.0],
             ..one
         };
-        assert_eq!(spread.noisy(), vec![("kiln", 100.0, 131.0)]);
+        assert_eq!(spread.noisy(), vec![("kiln", 100.0, 151.0)]);
         assert_eq!(order.len(), 6);
         assert_eq!(log.borrow().len(), 6);
         assert!(r[0].shares.is_empty());

@@ -204,7 +204,7 @@ impl VarStore {
             memory::format_bytes(n.saturating_mul(size)),
             dtype.as_str()
         );
-        if let Err(oom) = memory::check_fits(&what, needed) {
+        if let Err(oom) = memory::check_fits_in(&what, needed, memory::available_for_one_block()) {
             let (params, bytes) = self.data().values().fold((0u64, 0u64), |(p, b), v| {
                 let n = v.elem_count() as u64;
                 (p + n, b + n * v.dtype().size_in_bytes() as u64)

@@ -217,11 +217,15 @@ fn check_training_memory(rc: &RunConfig, available: Option<u64>) -> Result<()> {
         kiln_core::memory::format_count(d),
         if ema > 0 { ", and the EMA copy" } else { "" }
     );
+    let smaller = match m.image_size > 32 {
+        true => " or smaller images (--preset dcgan32)",
+        false => "",
+    };
     kiln_core::memory::check_fits_in(&what, needed, available).map_err(|e| {
         config_err(
-            "model.ngf",
+            "model",
             format!(
-                "{e}; use narrower networks (--ngf, --ndf) or smaller images (--preset dcgan32); {}",
+                "{e}; use narrower networks (--ngf, --ndf){smaller}; {}",
                 kiln_core::memory::SKIP_HINT
             ),
         )
