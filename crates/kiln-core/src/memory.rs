@@ -173,6 +173,99 @@ pub fn check_training_fits(
     )
 }
 
+/// A training run whose batches do not fit in the memory the machine has:
+/// the model's fixed share (weights, gradients, optimizer state) plus
+/// `batch` times the activations of one sample.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "not enough memory for training {model} on batches of {batch} {}: it needs about {} \
+     ({} for weights, gradients and optimizer state, and {} of activations per {unit}), \
+     and this machine has {} available",
+    plural(unit, *batch),
+    format_bytes(self.needed()),
+    format_bytes(*fixed),
+    format_bytes(*per_sample),
+    format_bytes(*available)
+)]
+pub struct BatchTooLarge {
+    /// The model (`this GPT-2 (4 layers of width 128)`).
+    pub model: String,
+    /// What one sample of a batch is (`block of 64 tokens`, `image`).
+    pub unit: String,
+    /// The planned batch size.
+    pub batch: u64,
+    /// Bytes that do not grow with the batch.
+    pub fixed: u64,
+    /// Bytes per sample of a batch.
+    pub per_sample: u64,
+    /// Bytes the machine has available.
+    pub available: u64,
+}
+
+impl BatchTooLarge {
+    /// The bytes the planned batch needs.
+    pub fn needed(&self) -> u64 {
+        self.fixed
+            .saturating_add(self.per_sample.saturating_mul(self.batch))
+    }
+
+    /// The largest batch that fits (0: not even one sample).
+    pub fn largest_batch(&self) -> u64 {
+        self.available.saturating_sub(self.fixed) / self.per_sample.max(1)
+    }
+}
+
+/// `unit` for `n` of them: its first word gets an `s` (`block of 64 tokens`
+/// becomes `blocks of 64 tokens`).
+fn plural(unit: &str, n: u64) -> String {
+    if n == 1 {
+        return unit.to_string();
+    }
+    match unit.split_once(' ') {
+        Some((first, rest)) => format!("{first}s {rest}"),
+        None => format!("{unit}s"),
+    }
+}
+
+/// Checks, before a run starts, that training `model` on batches of `batch`
+/// samples (`unit`: what one is) fits in `available` bytes (`None`:
+/// unknown, never refused): `fixed` bytes for the weights and optimizer
+/// state, and about `per_sample` bytes of activations for each sample. A
+/// batch too large for the machine otherwise shows as the process being
+/// killed in its first step, with no message.
+///
+/// ```
+/// use kiln_core::memory::check_batch_fits;
+/// let e = check_batch_fits("this VAE", "image", 1 << 30, 1 << 20, 4096, Some(3 << 30)).unwrap_err();
+/// assert_eq!(e.largest_batch(), 2048);
+/// assert!(e.to_string().starts_with("not enough memory for training this VAE on batches of 4096 images: it needs about 5.0 GiB"));
+/// assert!(check_batch_fits("this VAE", "image", 1 << 30, 1 << 20, 2048, Some(3 << 30)).is_ok());
+/// let e = check_batch_fits("a GPT-2", "block of 64 tokens", 0, 1 << 30, 8, Some(1 << 30)).unwrap_err();
+/// assert!(e.to_string().contains("batches of 8 blocks of 64 tokens"));
+/// assert!(e.to_string().contains("1.0 GiB of activations per block of 64 tokens"));
+/// ```
+pub fn check_batch_fits(
+    model: &str,
+    unit: &str,
+    fixed: u64,
+    per_sample: u64,
+    batch: u64,
+    available: Option<u64>,
+) -> Result<(), BatchTooLarge> {
+    let e = BatchTooLarge {
+        model: model.to_string(),
+        unit: unit.to_string(),
+        batch,
+        fixed,
+        per_sample,
+        available: available.unwrap_or(u64::MAX),
+    };
+    match available {
+        Some(available) if e.needed() > available => Err(e),
+        _ => Ok(()),
+    }
+}
+
 /// A byte count for people, with one decimal: `6.0 GiB`, `512.0 MiB`,
 /// `12.5 KiB`, `100 B`.
 pub fn format_bytes(bytes: u64) -> String {
@@ -201,6 +294,106 @@ pub fn format_count(n: u64) -> String {
         out.push(c);
     }
     out
+}
+
+/// A global allocator that counts the bytes live in it and their peak:
+/// what measures a training step's memory exactly, where the process's
+/// resident size also moves with the allocator's caching and other
+/// threads. Install it in a binary or test with `#[global_allocator]`;
+/// it forwards to the system allocator.
+///
+/// ```
+/// use kiln_core::memory::CountingAllocator;
+/// // In a binary: #[global_allocator] static ALLOC: CountingAllocator = CountingAllocator::new();
+/// static ALLOC: CountingAllocator = CountingAllocator::new();
+/// ALLOC.reset_peak();
+/// assert_eq!(ALLOC.current(), 0); // not installed here: nothing counted
+/// ```
+#[derive(Debug)]
+pub struct CountingAllocator {
+    current: std::sync::atomic::AtomicU64,
+    peak: std::sync::atomic::AtomicU64,
+}
+
+impl CountingAllocator {
+    /// A counter at zero.
+    pub const fn new() -> Self {
+        Self {
+            current: std::sync::atomic::AtomicU64::new(0),
+            peak: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    /// Bytes allocated and not yet freed.
+    pub fn current(&self) -> u64 {
+        self.current.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The most bytes live at once since the last [`Self::reset_peak`].
+    pub fn peak(&self) -> u64 {
+        self.peak.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Starts a new peak from what is live now.
+    pub fn reset_peak(&self) {
+        self.peak
+            .store(self.current(), std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn grew(&self, bytes: usize) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let now = self.current.fetch_add(bytes as u64, Relaxed) + bytes as u64;
+        self.peak.fetch_max(now, Relaxed);
+    }
+
+    fn shrank(&self, bytes: usize) {
+        self.current
+            .fetch_sub(bytes as u64, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+impl Default for CountingAllocator {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+// SAFETY: every call is forwarded to `System` with the caller's layout and
+// pointer; the counters are only bookkeeping.
+unsafe impl std::alloc::GlobalAlloc for CountingAllocator {
+    unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
+        // SAFETY: the caller's contract is System's.
+        let p = unsafe { std::alloc::System.alloc(layout) };
+        if !p.is_null() {
+            self.grew(layout.size());
+        }
+        p
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: std::alloc::Layout) -> *mut u8 {
+        // SAFETY: as `alloc`.
+        let p = unsafe { std::alloc::System.alloc_zeroed(layout) };
+        if !p.is_null() {
+            self.grew(layout.size());
+        }
+        p
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: std::alloc::Layout) {
+        // SAFETY: `ptr` came from this allocator, i.e. from System.
+        unsafe { std::alloc::System.dealloc(ptr, layout) };
+        self.shrank(layout.size());
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: std::alloc::Layout, new_size: usize) -> *mut u8 {
+        // SAFETY: as `dealloc`; System keeps `ptr` valid when it fails.
+        let p = unsafe { std::alloc::System.realloc(ptr, layout, new_size) };
+        if !p.is_null() {
+            self.grew(new_size);
+            self.shrank(layout.size());
+        }
+        p
+    }
 }
 
 #[cfg(all(test, target_os = "linux", target_env = "gnu"))]

@@ -271,23 +271,48 @@ pub fn evaluate_blocks(
 
 /// Refuses, before the run folder or a weight is made, a model whose
 /// training state does not fit in the memory the machine has (`available`,
-/// `None`: unknown, never refused): `--n-layer` and `--n-embd` reach
-/// trillions of parameters.
-fn check_training_memory(cfg: &Gpt2Config, available: Option<u64>) -> Result<()> {
+/// `None`: unknown, never refused), and then batches whose activations do
+/// not: `--n-layer` and `--n-embd` reach trillions of parameters, and
+/// `--batch-size` and `--block-size` otherwise get the process killed in
+/// its first step.
+fn check_training_memory(
+    cfg: &Gpt2Config,
+    batch: usize,
+    block: usize,
+    available: Option<u64>,
+) -> Result<()> {
+    use kiln_core::memory::{check_batch_fits, check_training_fits, TRAIN_BYTES_PER_PARAM};
     let model = format!(
         "this GPT-2 ({} layers of width {})",
         cfg.n_layer, cfg.n_embd
     );
-    kiln_core::memory::check_training_fits(&model, cfg.num_params() as u64, available).map_err(
-        |e| LmError::Config {
-            what: "training settings".into(),
-            field: "n_embd".into(),
-            msg: format!(
-                "{e}; use fewer or narrower layers (--n-layer, --n-embd); {}",
-                kiln_core::memory::SKIP_HINT
-            ),
-        },
+    let params = cfg.num_params() as u64;
+    let config = |field: &str, msg: String| LmError::Config {
+        what: "training settings".into(),
+        field: field.into(),
+        msg: format!("{msg}; {}", kiln_core::memory::SKIP_HINT),
+    };
+    check_training_fits(&model, params, available).map_err(|e| {
+        config(
+            "n_embd",
+            format!("{e}; use fewer or narrower layers (--n-layer, --n-embd)"),
+        )
+    })?;
+    check_batch_fits(
+        &model,
+        &format!("block of {block} tokens"),
+        params.saturating_mul(TRAIN_BYTES_PER_PARAM),
+        cfg.training_bytes_per_sequence(block, true),
+        batch as u64,
+        available,
     )
+    .map_err(|e| {
+        let advice = match e.largest_batch() {
+            0 => "not even one block fits: use a shorter --block-size or a smaller model".into(),
+            n => format!("--batch-size {n} or less fits, or use a shorter --block-size"),
+        };
+        config("batch_size", format!("{e}; {advice}"))
+    })
 }
 
 /// Trains a tokenizer and a GPT-2 from scratch on `tc.corpus`; writes
@@ -306,8 +331,26 @@ pub fn train(tc: &TrainConfig, device: &Device, opts: &RunOptions) -> Result<Tra
     };
     let model_cfg = tc.model_config(tokenizer.vocab_size(), tokenizer.eos_id());
     model_cfg.validate()?;
+    let blocks =
+        TokenBlocks::from_texts(tokenizer.inner(), &texts, tc.block_size, tokenizer.eos_id())?;
+    let n_val = ((blocks.len() as f64) * tc.val_fraction).round() as usize;
+    let n_train = blocks.len() - n_val;
+    if n_train == 0 {
+        return Err(LmError::Input(format!(
+            "corpus {} gives {} blocks of {} tokens; nothing to train on",
+            tc.corpus,
+            blocks.len(),
+            tc.block_size
+        )));
+    }
     if device.is_cpu() {
-        check_training_memory(&model_cfg, kiln_core::memory::available())?;
+        // A corpus smaller than a batch makes smaller batches.
+        check_training_memory(
+            &model_cfg,
+            tc.batch_size.min(n_train),
+            tc.block_size,
+            kiln_core::memory::available(),
+        )?;
     }
     let run_cfg = RunConfig {
         model: model_cfg.clone(),
@@ -320,18 +363,6 @@ pub fn train(tc: &TrainConfig, device: &Device, opts: &RunOptions) -> Result<Tra
     let dir = run.dir().clone();
     if !run.resumed() {
         tokenizer.save(&dir.join(TOKENIZER_FILE))?;
-    }
-    let blocks =
-        TokenBlocks::from_texts(tokenizer.inner(), &texts, tc.block_size, tokenizer.eos_id())?;
-    let n_val = ((blocks.len() as f64) * tc.val_fraction).round() as usize;
-    let n_train = blocks.len() - n_val;
-    if n_train == 0 {
-        return Err(LmError::Input(format!(
-            "corpus {} gives {} blocks of {} tokens; nothing to train on",
-            tc.corpus,
-            blocks.len(),
-            tc.block_size
-        )));
     }
     let val_idx: Vec<usize> = (n_train..blocks.len()).collect();
     let train_tokens = &blocks.tokens()[..n_train * tc.block_size + 1];
@@ -491,7 +522,7 @@ mod tests {
             n_embd: 12288,
             ..Gpt2Config::gpt2_small()
         };
-        let e = check_training_memory(&c, Some(64 << 30))
+        let e = check_training_memory(&c, 1, 64, Some(64 << 30))
             .unwrap_err()
             .to_string();
         assert!(
@@ -500,11 +531,49 @@ mod tests {
         );
         assert!(e.contains("and this machine has 64.0 GiB available"), "{e}");
         assert!(e.contains("--n-layer, --n-embd"), "{e}");
-        check_training_memory(&c, None).unwrap();
+        check_training_memory(&c, 1, 64, None).unwrap();
         let small = Gpt2Config::gpt2_small();
-        let need = small.num_params() as u64 * kiln_core::memory::TRAIN_BYTES_PER_PARAM;
-        check_training_memory(&small, Some(need)).unwrap();
-        check_training_memory(&small, Some(need - 1)).unwrap_err();
+        let need = small.num_params() as u64 * kiln_core::memory::TRAIN_BYTES_PER_PARAM
+            + small.training_bytes_per_sequence(1, true);
+        check_training_memory(&small, 1, 1, Some(need)).unwrap();
+        check_training_memory(&small, 1, 1, Some(need - 1)).unwrap_err();
         assert!(need < 2 << 30);
+    }
+
+    /// GPT-2 small on batches of 8 x 1024 tokens needs about 15 GiB of
+    /// activations (the counting-allocator test checks the per-block
+    /// figure): refused on a 12 GiB machine with the batch size that fits,
+    /// and with no batch size where even one block is too much.
+    #[test]
+    fn batches_too_large_for_memory_are_refused_with_one_that_fits() {
+        let small = Gpt2Config::gpt2_small();
+        let per_block = small.training_bytes_per_sequence(1024, true);
+        // About 1.9 GiB per block of 1024 tokens (logits alone are 200 MB).
+        assert!((3 << 29..5 << 29).contains(&per_block), "{per_block}");
+        let fixed = small.num_params() as u64 * kiln_core::memory::TRAIN_BYTES_PER_PARAM;
+        let e = check_training_memory(&small, 8, 1024, Some(12 << 30)).unwrap_err();
+        let fits = ((12u64 << 30) - fixed) / per_block;
+        assert_eq!(fits, 5);
+        let msg = e.to_string();
+        assert!(
+            msg.contains("on batches of 8 blocks of 1024 tokens: it needs about"),
+            "{msg}"
+        );
+        assert!(
+            msg.contains("of activations per block of 1024 tokens"),
+            "{msg}"
+        );
+        assert!(
+            msg.contains(&format!("--batch-size {fits} or less fits")),
+            "{msg}"
+        );
+        assert!(msg.contains(kiln_core::memory::SKIP_HINT), "{msg}");
+        assert!(matches!(e, LmError::Config { ref field, .. } if field == "batch_size"));
+        // The batch that fits is accepted; one block more than memory is not.
+        check_training_memory(&small, fits as usize, 1024, Some(12 << 30)).unwrap();
+        let msg = check_training_memory(&small, 1, 1024, Some(fixed + per_block - 1))
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("not even one block fits"), "{msg}");
     }
 }

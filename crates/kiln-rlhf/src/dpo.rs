@@ -336,6 +336,21 @@ pub fn train_dpo_with(
     let files = ModelFiles::from_dir(&mdir)?;
     let (mcfg, tensors) = load_weights(&files, device)?;
     opts.check_kind(RUN_KIND)?;
+    if device.is_cpu() {
+        // The policy's training state, and a reference model's weights
+        // unless its log-probabilities are computed once up front.
+        let params = mcfg.num_params() as u64;
+        let reference = if cfg.precompute_ref_log_probs { 0 } else { 4 };
+        crate::train::check_pairs_fit(
+            "DPO",
+            &mcfg,
+            &split.train,
+            cfg.train.batch_size,
+            true,
+            params.saturating_mul(kiln_core::memory::TRAIN_BYTES_PER_PARAM + reference),
+            kiln_core::memory::available(),
+        )?;
+    }
     let run = opts.open("dpo", RUN_KIND, cfg, MAY_CHANGE_ON_RESUME)?;
     run.check_inputs(&[&cfg.prefs])?;
     let dir = run.dir().clone();

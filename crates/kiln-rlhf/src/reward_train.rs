@@ -267,6 +267,18 @@ pub fn train_reward_with(
         RewardModel::from_lm(&mdir, device, cfg.train.seed)?
     };
     opts.check_kind(RUN_KIND)?;
+    if device.is_cpu() {
+        let params = rm.config().num_params() as u64;
+        crate::train::check_pairs_fit(
+            "reward model",
+            rm.config(),
+            &split.train,
+            cfg.train.batch_size,
+            false,
+            params.saturating_mul(kiln_core::memory::TRAIN_BYTES_PER_PARAM),
+            kiln_core::memory::available(),
+        )?;
+    }
     let run = opts.open("reward", RUN_KIND, cfg, MAY_CHANGE_ON_RESUME)?;
     run.check_inputs(&[&cfg.prefs])?;
     let dir = run.dir().clone();

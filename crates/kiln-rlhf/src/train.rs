@@ -7,12 +7,59 @@ use std::path::Path;
 use kiln_core::optim::{LrSchedule, OptimKind, Optimizer, ParamGroup};
 use kiln_core::rng::SeededRng;
 use kiln_core::vars::VarStore;
-use kiln_lm::{Gpt2Tokenizer, ModelFiles};
+use kiln_lm::{Gpt2Config, Gpt2Tokenizer, ModelFiles};
 use kiln_prompt::ChatTemplate;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Result, RlhfError};
 use crate::prefs::{chat_template_for, EncodedPair, PairEncoder, PreferenceData};
+
+/// Refuses, before the run folder is made, micro-batches of
+/// `batch_size` preference pairs whose training step does not fit in
+/// `available` bytes (`None`: unknown, never refused). Each pair is two
+/// sequences padded to the longest pair of `pairs`, the worst micro-batch;
+/// `lm_head`: logits are made (DPO), not only hidden states (a reward
+/// model). `fixed` is what does not grow with the batch (weights,
+/// gradients, optimizer state, a reference model).
+pub(crate) fn check_pairs_fit(
+    what: &str,
+    model: &Gpt2Config,
+    pairs: &[EncodedPair],
+    batch_size: usize,
+    lm_head: bool,
+    fixed: u64,
+    available: Option<u64>,
+) -> Result<()> {
+    let longest = pairs.iter().map(EncodedPair::max_len).max().unwrap_or(0);
+    let per_pair = model
+        .training_bytes_per_sequence(longest, lm_head)
+        .saturating_mul(2);
+    let name = format!(
+        "this GPT-2 ({} layers of width {})",
+        model.n_layer, model.n_embd
+    );
+    kiln_core::memory::check_batch_fits(
+        &name,
+        &format!("pair of sequences padded to {longest} tokens"),
+        fixed,
+        per_pair,
+        batch_size.min(pairs.len()) as u64,
+        available,
+    )
+    .map_err(|e| {
+        let advice = match e.largest_batch() {
+            0 => "not even one pair fits: use a shorter --max-length (longer pairs are dropped) or a smaller model".into(),
+            n => format!(
+                "--batch-size {n} or less fits (--grad-accum keeps the pairs per optimizer step), or use a shorter --max-length"
+            ),
+        };
+        RlhfError::Config {
+            what: what.into(),
+            field: "batch_size".into(),
+            msg: format!("{e}; {advice}; {}", kiln_core::memory::SKIP_HINT),
+        }
+    })
+}
 
 /// The update rule (transformers' `optim`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -249,4 +296,66 @@ pub fn save_chat_template(dir: &Path, chat: Option<&ChatTemplate>) -> Result<()>
 /// the prompt is empty, when the first has no context).
 pub fn predicted(prompt: &[u32], completion: &[u32]) -> usize {
     completion.len() - usize::from(prompt.is_empty() && !completion.is_empty())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn pair(prompt: usize, chosen: usize, rejected: usize) -> EncodedPair {
+        EncodedPair {
+            prompt: vec![1; prompt],
+            chosen: vec![2; chosen],
+            rejected: vec![3; rejected],
+            margin: None,
+            line: 0,
+        }
+    }
+
+    /// DPO on GPT-2 small with pairs up to 1024 tokens: each pair is two
+    /// sequences of the longest pair's length, about 3.7 GiB; a batch of 8
+    /// holds the 3 pairs there are (11 GiB), refused on a 10 GiB machine
+    /// with the batch size that fits. A reward model (no logits) needs less
+    /// per pair.
+    #[test]
+    fn pair_batches_too_large_for_memory_are_refused_with_one_that_fits() {
+        let m = Gpt2Config::gpt2_small();
+        let pairs = vec![pair(24, 1000, 10), pair(10, 20, 30), pair(5, 5, 5)];
+        let fixed = m.num_params() as u64 * 16;
+        let per_pair = 2 * m.training_bytes_per_sequence(1024, true);
+        let e = check_pairs_fit("DPO", &m, &pairs, 8, true, fixed, Some(10 << 30))
+            .unwrap_err()
+            .to_string();
+        // Three pairs: a batch of 8 holds 3.
+        assert!(
+            e.contains("on batches of 3 pairs of sequences padded to 1024 tokens"),
+            "{e}"
+        );
+        let fits = ((10u64 << 30) - fixed) / per_pair;
+        assert_eq!(fits, 3 - 1, "{e}");
+        assert!(
+            e.starts_with("DPO field `batch_size`: not enough memory"),
+            "{e}"
+        );
+        assert!(
+            e.contains("--batch-size 2 or less fits (--grad-accum"),
+            "{e}"
+        );
+        check_pairs_fit("DPO", &m, &pairs, 2, true, fixed, Some(10 << 30)).unwrap();
+        check_pairs_fit("DPO", &m, &pairs, 8, true, fixed, None).unwrap();
+        // Without logits: about 10% less per pair.
+        let reward_pair = 2 * m.training_bytes_per_sequence(1024, false);
+        assert!(
+            reward_pair < per_pair * 95 / 100,
+            "{reward_pair} {per_pair}"
+        );
+        let three = fixed + 3 * reward_pair;
+        check_pairs_fit("reward model", &m, &pairs, 8, false, fixed, Some(three)).unwrap();
+        check_pairs_fit("reward model", &m, &pairs, 8, false, fixed, Some(three - 1)).unwrap_err();
+        let e = check_pairs_fit("DPO", &m, &pairs, 1, true, fixed, Some(fixed + 1))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("not even one pair fits"), "{e}");
+    }
 }
