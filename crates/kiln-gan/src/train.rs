@@ -232,6 +232,47 @@ fn check_training_memory(rc: &RunConfig, available: Option<u64>) -> Result<()> {
     })
 }
 
+/// Refuses, before the run folder is made, a batch whose activations do
+/// not fit beside the training state (`available`, `None`: unknown, never
+/// refused): `--batch-size` otherwise gets the process killed in its first
+/// iteration.
+fn check_batch_memory(rc: &RunConfig, available: Option<u64>) -> Result<()> {
+    let (m, tc) = (&rc.model, &rc.train);
+    let (g, d) = (m.generator_params(), m.discriminator_params());
+    let ema = if tc.ema.is_some() { g } else { 0 };
+    let fixed = g
+        .saturating_add(d)
+        .saturating_mul(kiln_core::memory::TRAIN_BYTES_PER_PARAM)
+        .saturating_add(ema.saturating_mul(4));
+    // The loader's batch holds n_critic slices of real images, as f32
+    // twice over (read, then scaled to [-1, 1]).
+    let images = (m.channels as u64)
+        .saturating_mul((m.image_size as u64).pow(2))
+        .saturating_mul(8 * tc.n_critic as u64);
+    let per_image = m
+        .training_bytes_per_image(tc.penalty != PenaltyKind::None)
+        .saturating_add(images);
+    let model = format!("this GAN at {0}x{0}", m.image_size);
+    kiln_core::memory::check_batch_fits(
+        &model,
+        "image",
+        fixed,
+        per_image,
+        tc.batch_size as u64,
+        available,
+    )
+    .map_err(|e| {
+        let advice = match e.largest_batch() {
+            0 => "not even one image fits: use narrower networks (--ngf, --ndf)".to_string(),
+            n => format!("--batch-size {n} or less fits"),
+        };
+        config_err(
+            "train.batch_size",
+            format!("{e}; {advice}; {}", kiln_core::memory::SKIP_HINT),
+        )
+    })
+}
+
 /// [`train_until`] evaluating FID every `tc.eval_every` epochs with `eval`
 /// (on the EMA generator when the run keeps one): each FID is recorded in
 /// `metrics.jsonl` (split `eval`), the best generator is kept in
@@ -258,7 +299,9 @@ pub fn train_with_eval(
     rc.validate()?;
     check_data(model, train_set.as_ref())?;
     if device.is_cpu() {
-        check_training_memory(&rc, kiln_core::memory::available())?;
+        let available = kiln_core::memory::available();
+        check_training_memory(&rc, available)?;
+        check_batch_memory(&rc, available)?;
     }
     let loader_cfg = LoaderConfig {
         batch_size: tc.batch_size * tc.n_critic,
@@ -992,5 +1035,47 @@ mod memory_tests {
             train: TrainConfig::default(),
         };
         check_training_memory(&small, Some(1 << 30)).unwrap();
+    }
+
+    /// dcgan64 holds about 6 MiB per image in an iteration (the counting
+    /// allocator's test checks the figure): 4096 images are refused on a
+    /// 16 GiB machine with the batch size that fits; a penalty costs more
+    /// per image.
+    #[test]
+    fn batches_too_large_for_memory_are_refused_with_one_that_fits() {
+        let mut rc = RunConfig {
+            model: ModelConfig::dcgan64(),
+            train: TrainConfig {
+                batch_size: 4096,
+                ..TrainConfig::default()
+            },
+        };
+        let per = rc.model.training_bytes_per_image(false);
+        assert!((5 << 20..7 << 20).contains(&per), "{per}");
+        let e = check_batch_memory(&rc, Some(16 << 30))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with(
+                "GAN config field `train.batch_size`: not enough memory for training this GAN \
+                 at 64x64 on batches of 4096 images: it needs about 2"
+            ),
+            "{e}"
+        );
+        let fits: usize = e
+            .split("--batch-size ")
+            .nth(1)
+            .and_then(|r| r.split(' ').next())
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!((2000..2900).contains(&fits), "{e}");
+        assert!(e.ends_with(kiln_core::memory::SKIP_HINT), "{e}");
+        rc.train.batch_size = fits;
+        check_batch_memory(&rc, Some(16 << 30)).unwrap();
+        rc.train.batch_size = fits + 1;
+        check_batch_memory(&rc, Some(16 << 30)).unwrap_err();
+        check_batch_memory(&rc, None).unwrap();
+        assert!(rc.model.training_bytes_per_image(true) > per * 3 / 2);
     }
 }
