@@ -174,8 +174,8 @@ pub fn check_training_fits(
 }
 
 /// A training run whose batches do not fit in the memory the machine has:
-/// the model's fixed share (weights, gradients, optimizer state) plus
-/// `batch` times the activations of one sample.
+/// the model's fixed share (weights, gradients, optimizer state) plus the
+/// activations of `batch` samples.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error(
     "not enough memory for training {model} on batches of {batch} {}: it needs about {} \
@@ -184,7 +184,7 @@ pub fn check_training_fits(
     plural(unit, *batch),
     format_bytes(self.needed()),
     format_bytes(*fixed),
-    format_bytes(*per_sample),
+    format_bytes(*activations / (*batch).max(1)),
     format_bytes(*available)
 )]
 pub struct BatchTooLarge {
@@ -196,22 +196,23 @@ pub struct BatchTooLarge {
     pub batch: u64,
     /// Bytes that do not grow with the batch.
     pub fixed: u64,
-    /// Bytes per sample of a batch.
-    pub per_sample: u64,
+    /// Bytes of the planned batch's activations.
+    pub activations: u64,
     /// Bytes the machine has available.
     pub available: u64,
+    /// The largest batch that fits (0: not even one sample).
+    pub largest: u64,
 }
 
 impl BatchTooLarge {
     /// The bytes the planned batch needs.
     pub fn needed(&self) -> u64 {
-        self.fixed
-            .saturating_add(self.per_sample.saturating_mul(self.batch))
+        self.fixed.saturating_add(self.activations)
     }
 
     /// The largest batch that fits (0: not even one sample).
     pub fn largest_batch(&self) -> u64 {
-        self.available.saturating_sub(self.fixed) / self.per_sample.max(1)
+        self.largest
     }
 }
 
@@ -252,17 +253,94 @@ pub fn check_batch_fits(
     batch: u64,
     available: Option<u64>,
 ) -> Result<(), BatchTooLarge> {
-    let e = BatchTooLarge {
+    check_batch_fits_by(
+        model,
+        unit,
+        fixed,
+        |b| per_sample.saturating_mul(b),
+        batch,
+        available,
+    )
+}
+
+/// [`check_batch_fits`] with activations that need not grow linearly:
+/// `activations(b)` is the bytes a batch of `b` holds (nondecreasing in
+/// `b`), such as a contrastive loss's `b x b` similarities.
+///
+/// ```
+/// use kiln_core::memory::check_batch_fits_by;
+/// let quadratic = |b: u64| b * b;
+/// let e = check_batch_fits_by("a model", "image", 0, quadratic, 100, Some(2500)).unwrap_err();
+/// assert_eq!(e.largest_batch(), 50);
+/// assert!(check_batch_fits_by("a model", "image", 0, quadratic, 50, Some(2500)).is_ok());
+/// ```
+pub fn check_batch_fits_by(
+    model: &str,
+    unit: &str,
+    fixed: u64,
+    activations: impl Fn(u64) -> u64,
+    batch: u64,
+    available: Option<u64>,
+) -> Result<(), BatchTooLarge> {
+    let Some(available) = available else {
+        return Ok(());
+    };
+    let fits = |b: u64| fixed.saturating_add(activations(b)) <= available;
+    if fits(batch) {
+        return Ok(());
+    }
+    // The largest batch below `batch` that fits (activations grow with the
+    // batch); 0 when none does.
+    let (mut lo, mut hi) = (0u64, batch);
+    while hi - lo > 1 {
+        let mid = lo + (hi - lo) / 2;
+        if fits(mid) {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    Err(BatchTooLarge {
         model: model.to_string(),
         unit: unit.to_string(),
         batch,
         fixed,
-        per_sample,
-        available: available.unwrap_or(u64::MAX),
-    };
-    match available {
-        Some(available) if e.needed() > available => Err(e),
-        _ => Ok(()),
+        activations: activations(batch),
+        available,
+        largest: lo,
+    })
+}
+
+/// How far an activation estimate may lie from the peak a counting
+/// allocator measured, as `estimate / measured`: never far under (a run
+/// the check lets start would be killed), and not so far over that runs
+/// which fit are refused.
+pub const ESTIMATE_BAND: std::ops::RangeInclusive<f64> = 0.85..=1.3;
+
+/// Compares an activation estimate (`estimate` bytes) with what a
+/// [`CountingAllocator`] measured for the same work (`measured` bytes):
+/// the line to print (`what: measured .. B, estimate .. B, ratio ..`), or
+/// an error naming both when the ratio lies outside [`ESTIMATE_BAND`].
+/// Each model's memory test calls it, so they share one band.
+///
+/// ```
+/// use kiln_core::memory::compare_estimate;
+/// assert!(compare_estimate("a VAE", 1100.0, 1000.0).is_ok());
+/// let e = compare_estimate("a VAE", 500.0, 1000.0).unwrap_err();
+/// assert!(e.contains("ratio 0.500"), "{e}");
+/// ```
+pub fn compare_estimate(what: &str, estimate: f64, measured: f64) -> Result<String, String> {
+    let ratio = estimate / measured;
+    let line =
+        format!("{what}: measured {measured:.0} B, estimate {estimate:.0} B, ratio {ratio:.3}");
+    if ESTIMATE_BAND.contains(&ratio) {
+        Ok(line)
+    } else {
+        Err(format!(
+            "{line}, outside {:.2} to {:.2}",
+            ESTIMATE_BAND.start(),
+            ESTIMATE_BAND.end()
+        ))
     }
 }
 
@@ -525,5 +603,25 @@ mod tests {
         assert_eq!(format_count(999), "999");
         assert_eq!(format_count(1000), "1,000");
         assert_eq!(format_count(1_611_137_024), "1,611,137,024");
+    }
+
+    /// The largest batch is exact at the boundary, 0 when the fixed share
+    /// alone does not fit, and sizes that overflow saturate instead of
+    /// wrapping to a batch that seems to fit.
+    #[test]
+    fn the_largest_batch_that_fits_is_exact() {
+        let e = check_batch_fits("m", "image", 100, 10, 50, Some(395)).unwrap_err();
+        assert_eq!((e.largest_batch(), e.needed()), (29, 600));
+        assert!(check_batch_fits("m", "image", 100, 10, 29, Some(390)).is_ok());
+        assert!(check_batch_fits("m", "image", 100, 10, 30, Some(399)).is_err());
+        let e = check_batch_fits("m", "image", 500, 10, 3, Some(400)).unwrap_err();
+        assert_eq!(e.largest_batch(), 0);
+        let e = check_batch_fits("m", "image", 0, u64::MAX / 2, 3, Some(1 << 40)).unwrap_err();
+        assert_eq!((e.needed(), e.largest_batch()), (u64::MAX, 0));
+        assert!(e.to_string().contains("on batches of 3 images"), "{e}");
+        let one = check_batch_fits("m", "image", 0, 10, 1, Some(5)).unwrap_err();
+        assert!(one.to_string().contains("on batches of 1 image:"), "{one}");
+        // Unknown availability never refuses.
+        assert!(check_batch_fits("m", "image", u64::MAX, u64::MAX, 9, None).is_ok());
     }
 }

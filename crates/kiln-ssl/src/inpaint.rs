@@ -83,6 +83,31 @@ pub struct InpaintConfig {
     pub channels: usize,
 }
 
+impl InpaintConfig {
+    /// Scalars [`InpaintAe`] holds for these images' channels.
+    pub fn num_params(&self) -> u64 {
+        let c = self.channels as u64;
+        // c1 (3x3), c2 (3x3), d1 (2x2 transposed), d2 (2x2 transposed), with biases.
+        (c * 9 + 1) * 8 + (8 * 9 + 1) * 32 + 32 * 4 * 8 + 8 + 8 * 4 * c + c
+    }
+
+    /// About how many bytes one training step holds at its peak per image
+    /// of a batch, on top of the weights and Adam's state: each layer's
+    /// saved output, the first convolution's unfolded input, the mask, and
+    /// the gradients in flight. Floats per pixel (83 + 8 per channel, 6
+    /// per channel more when the hole is weighted) were measured with a
+    /// counting allocator on 1- and 3-channel images at 32x32 and 64x64;
+    /// `tests/activation_memory.rs` checks the estimate against it.
+    pub fn training_bytes_per_image(&self) -> u64 {
+        let c = self.channels as u64;
+        let weighted = if self.hole_weight == 1.0 { 0 } else { 6 * c };
+        let pixels = (self.image_size as u64).saturating_mul(self.image_size as u64);
+        pixels
+            .saturating_mul(86 + 8 * c + weighted)
+            .saturating_mul(4)
+    }
+}
+
 impl Default for InpaintConfig {
     fn default() -> Self {
         Self {
@@ -326,6 +351,28 @@ pub struct InpaintTrainReport {
     pub interrupted: bool,
 }
 
+/// Refuses, before the run folder is made, batches of `batch` images whose
+/// activations do not fit beside the training state (`available`, `None`:
+/// unknown, never refused).
+fn check_batch_memory(
+    cfg: &InpaintConfig,
+    batch: usize,
+    available: Option<u64>,
+) -> std::result::Result<(), SslError> {
+    // The loader's batch, its masked copy and the mask, as f32.
+    let images = (cfg.channels * cfg.image_size * cfg.image_size) as u64 * 12;
+    kiln_core::memory::check_batch_fits(
+        &format!("this inpainting autoencoder at {0}x{0}", cfg.image_size),
+        "image",
+        cfg.num_params()
+            .saturating_mul(kiln_core::memory::TRAIN_BYTES_PER_PARAM),
+        cfg.training_bytes_per_image().saturating_add(images),
+        batch as u64,
+        available,
+    )
+    .map_err(|e| crate::batch_error(e, "use smaller images"))
+}
+
 /// Trains the chapter's autoencoder: masked input, full-image MSE target
 /// (optionally weighting the hole, [`InpaintConfig::hole_weight`]), Adam.
 /// Writes `figure_14_2.png` (images / masked / reconstructions / hole filled), `loss.png`,
@@ -338,6 +385,11 @@ pub fn train_inpaint(
     opts: &RunOptions,
 ) -> std::result::Result<InpaintTrainReport, SslError> {
     cfg.validate()?;
+    if device.is_cpu() {
+        // The loader keeps the last, smaller batch: a small set makes one.
+        let batch = cfg.batch_size.min(train_set.len());
+        check_batch_memory(cfg, batch, kiln_core::memory::available())?;
+    }
     let run = opts.open("inpaint", INPAINT_KIND, cfg, INPAINT_MAY_CHANGE)?;
     // A resumed run must read the data it began on (the datasets' files,
     // fingerprinted in `inputs.json`); a refused resume leaves its config.
@@ -530,5 +582,41 @@ mod tests {
             let want = if keep[i] == 0.0 { y[i] } else { x[i] };
             assert_eq!(f[i], want, "element {i}");
         }
+    }
+
+    /// `num_params` counts what the model holds; a batch too large for
+    /// memory is refused with the one that fits.
+    #[test]
+    fn params_are_counted_and_large_batches_refused() {
+        for channels in [1, 3] {
+            let vs = VarStore::new(0);
+            let _m = InpaintAe::new(channels, vs.builder(DType::F32, &Device::Cpu)).unwrap();
+            let held: usize = vs.vars().iter().map(|(_, v)| v.elem_count()).sum();
+            let cfg = InpaintConfig {
+                channels,
+                ..InpaintConfig::default()
+            };
+            assert_eq!(cfg.num_params(), held as u64);
+        }
+        let cfg = InpaintConfig {
+            image_size: 256,
+            ..InpaintConfig::default()
+        };
+        // About 27 MiB per 256x256 image.
+        let per = cfg.training_bytes_per_image();
+        assert!((25 << 20..30 << 20).contains(&per), "{per}");
+        let e = check_batch_memory(&cfg, 4096, Some(16 << 30))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with(
+                "config field `batch_size`: not enough memory for training this inpainting \
+                 autoencoder at 256x256 on batches of 4096 images: it needs about 1"
+            ),
+            "{e}"
+        );
+        assert!(e.contains("--batch-size 5"), "{e}");
+        check_batch_memory(&cfg, 500, Some(16 << 30)).unwrap();
+        check_batch_memory(&cfg, 4096, None).unwrap();
     }
 }

@@ -34,6 +34,19 @@ pub use inpaint::{evaluate_inpaint, train_inpaint, InpaintAe, InpaintConfig, Inp
 pub use probe::{knn_accuracy, linear_probe, probe_all, LinearProbeConfig, ProbeReport};
 pub use simclr::{train_simclr, Simclr, SimclrConfig, SimclrReport};
 
+/// A refused batch as a `batch_size` config error, with the batch size
+/// that fits or, when none does, `none_fits` (what else to change).
+pub(crate) fn batch_error(e: kiln_core::memory::BatchTooLarge, none_fits: &str) -> SslError {
+    let advice = match e.largest_batch() {
+        0 => format!("not even one image fits: {none_fits}"),
+        n => format!("--batch-size {n} or less fits"),
+    };
+    SslError::Config {
+        field: "batch_size".into(),
+        msg: format!("{e}; {advice}; {}", kiln_core::memory::SKIP_HINT),
+    }
+}
+
 /// What went wrong.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]

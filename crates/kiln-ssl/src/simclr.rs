@@ -160,6 +160,56 @@ impl SimclrConfig {
     }
 }
 
+impl SimclrConfig {
+    /// Scalars [`Simclr`] holds: the encoder's 3x3 convolutions (with
+    /// biases) and batch norms (with running statistics), and the
+    /// two-layer projection head. Saturating.
+    pub fn num_params(&self) -> u64 {
+        let mut prev = self.channels as u64;
+        let mut n = 0u64;
+        for &w in &self.widths {
+            let w = w as u64;
+            let conv = prev.saturating_mul(9).saturating_add(1).saturating_mul(w);
+            n = n.saturating_add(conv).saturating_add(w.saturating_mul(4));
+            prev = w;
+        }
+        let p = self.proj_dim as u64;
+        let head = prev
+            .saturating_add(1)
+            .saturating_mul(prev)
+            .saturating_add(prev.saturating_add(1).saturating_mul(p));
+        n.saturating_add(head)
+    }
+
+    /// About how many bytes one training step on `batch` images (twice as
+    /// many views) holds at its peak, on top of the weights and AdamW's
+    /// state: the encoder's saved outputs for both views (12.5 floats per
+    /// conv output element of an image), and NT-Xent's similarities over
+    /// all `2 batch` views (9.5 floats per pair, quadratic in the batch).
+    /// The weights were measured with a counting allocator;
+    /// `tests/activation_memory.rs` checks the estimate against it.
+    /// Saturating.
+    pub fn training_activation_bytes(&self, batch: u64) -> u64 {
+        let elements = self.widths.iter().enumerate().fold(0u64, |a, (i, &w)| {
+            let side = (self.image_size >> i) as u64;
+            a.saturating_add((w as u64).saturating_mul(side * side))
+        });
+        // The loader's two views and their concatenation, as f32.
+        let views = (self.channels as u64)
+            .saturating_mul((self.image_size as u64).pow(2))
+            .saturating_mul(4);
+        let per_image_halves = elements.saturating_mul(25).saturating_add(views * 2);
+        let views_in_batch = batch.saturating_mul(2);
+        let pair_halves = views_in_batch
+            .saturating_mul(views_in_batch)
+            .saturating_mul(19);
+        per_image_halves
+            .saturating_mul(batch)
+            .saturating_add(pair_halves)
+            .saturating_mul(2)
+    }
+}
+
 impl Default for SimclrConfig {
     fn default() -> Self {
         Self {
@@ -367,6 +417,28 @@ pub fn probe_encoder(
     )?)
 }
 
+/// Refuses, before the run folder is made, batches whose activations do
+/// not fit beside the training state (`available`, `None`: unknown, never
+/// refused); NT-Xent's share grows with the square of the batch.
+fn check_batch_memory(
+    cfg: &SimclrConfig,
+    available: Option<u64>,
+) -> std::result::Result<(), SslError> {
+    kiln_core::memory::check_batch_fits_by(
+        &format!(
+            "this SimCLR encoder (widths {:?}) at {1}x{1}",
+            cfg.widths, cfg.image_size
+        ),
+        "image",
+        cfg.num_params()
+            .saturating_mul(kiln_core::memory::TRAIN_BYTES_PER_PARAM),
+        |b| cfg.training_activation_bytes(b),
+        cfg.batch_size as u64,
+        available,
+    )
+    .map_err(|e| crate::batch_error(e, "use narrower --widths or smaller images"))
+}
+
 /// Trains SimCLR on `train_set`; with `probe_sets` (labelled train, test),
 /// evaluates the encoder and a random one with the linear probe and kNN.
 pub fn train_simclr(
@@ -389,6 +461,9 @@ pub fn train_simclr(
             field: "batch_size".into(),
             msg: format!("{} is larger than the training set", cfg.batch_size),
         });
+    }
+    if device.is_cpu() {
+        check_batch_memory(cfg, kiln_core::memory::available())?;
     }
     let run = opts.open("simclr", SIMCLR_KIND, cfg, SIMCLR_MAY_CHANGE)?;
     // A resumed run must read the data it began on (the datasets' files,
@@ -563,5 +638,68 @@ mod tests {
         for t in [1e-3, 0.07, 0.2, 0.5, 1.0, 100.0] {
             cfg(t).validate().unwrap();
         }
+    }
+
+    /// `num_params` counts what the model holds; a batch too large for
+    /// memory is refused with the one that fits, which the quadratic
+    /// NT-Xent share keeps below the linear share's answer.
+    #[test]
+    fn params_are_counted_and_large_batches_refused() {
+        #![allow(clippy::unwrap_used)]
+        let cfg = SimclrConfig {
+            widths: vec![8, 16],
+            proj_dim: 12,
+            channels: 1,
+            ..SimclrConfig::default()
+        };
+        let vs = kiln_core::vars::VarStore::new(0);
+        let _m = Simclr::new(&cfg, vs.builder(DType::F32, &Device::Cpu)).unwrap();
+        let held: usize = vs.vars().iter().map(|(_, v)| v.elem_count()).sum();
+        assert_eq!(cfg.num_params(), held as u64);
+
+        let big = SimclrConfig {
+            batch_size: 65536,
+            ..SimclrConfig::default()
+        };
+        let avail = 8u64 << 30;
+        let e = check_batch_memory(&big, Some(avail))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with(
+                "config field `batch_size`: not enough memory for training this SimCLR encoder \
+                 (widths [32, 64, 128]) at 32x32 on batches of 65536 images"
+            ),
+            "{e}"
+        );
+        let fits = (1..65536u64)
+            .rev()
+            .find(|&b| {
+                let c = SimclrConfig {
+                    batch_size: b as usize,
+                    ..big.clone()
+                };
+                check_batch_memory(&c, Some(avail)).is_ok()
+            })
+            .unwrap();
+        assert!(
+            e.contains(&format!("; --batch-size {fits} or less fits;")),
+            "{e}"
+        );
+        // The largest batch that fits, by the estimate.
+        let fixed = big.num_params() * kiln_core::memory::TRAIN_BYTES_PER_PARAM;
+        assert!(fixed + big.training_activation_bytes(fits) <= avail);
+        assert!(fixed + big.training_activation_bytes(fits + 1) > avail);
+        let linear_only = (avail - fixed) / (big.training_activation_bytes(1) - 4 * 38);
+        assert!(fits < linear_only, "{fits} {linear_only}");
+        check_batch_memory(
+            &SimclrConfig {
+                batch_size: fits as usize,
+                ..big.clone()
+            },
+            Some(avail),
+        )
+        .unwrap();
+        check_batch_memory(&big, None).unwrap();
     }
 }

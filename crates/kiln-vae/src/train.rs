@@ -156,6 +156,38 @@ fn check_training_memory(cfg: &VaeConfig, available: Option<u64>) -> Result<()> 
     })
 }
 
+/// Refuses, before a run folder is made, batches of `batch` images whose
+/// activations do not fit beside the training state (`available`, `None`:
+/// unknown, never refused): `--batch-size` otherwise gets the process
+/// killed in its first step.
+fn check_batch_memory(cfg: &VaeConfig, batch: usize, available: Option<u64>) -> Result<()> {
+    let fixed = cfg
+        .num_params()
+        .saturating_mul(kiln_core::memory::TRAIN_BYTES_PER_PARAM);
+    // The loader's batch: the images as f32, read and stacked.
+    let images = (cfg.input_dim() as u64).saturating_mul(8);
+    let model = format!("this VAE at {0}x{0}", cfg.image_size);
+    kiln_core::memory::check_batch_fits(
+        &model,
+        "image",
+        fixed,
+        cfg.training_bytes_per_image().saturating_add(images),
+        batch as u64,
+        available,
+    )
+    .map_err(|e| {
+        let advice = match e.largest_batch() {
+            0 => "not even one image fits: use a smaller --image-size or narrower --hidden layers"
+                .to_string(),
+            n => format!("--batch-size {n} or less fits"),
+        };
+        VaeError::Config {
+            field: "batch_size".into(),
+            msg: format!("{e}; {advice}; {}", kiln_core::memory::SKIP_HINT),
+        }
+    })
+}
+
 /// Trains `model_cfg` on `train_set` in the run folder `opts` names (a new
 /// run, or with `opts.resume` the continuation of one: same kind and config
 /// but for [`MAY_CHANGE_ON_RESUME`]). Writes `config.toml`, `metrics.jsonl`,
@@ -176,7 +208,10 @@ pub fn train(
     run_cfg.validate()?;
     check_shape(model_cfg, train_set.as_ref())?;
     if device.is_cpu() {
-        check_training_memory(model_cfg, kiln_core::memory::available())?;
+        let available = kiln_core::memory::available();
+        check_training_memory(model_cfg, available)?;
+        // Without drop_last a small set makes one smaller batch.
+        check_batch_memory(model_cfg, tc.batch_size.min(train_set.len()), available)?;
     }
     let run = opts.open("vae", RUN_KIND, &run_cfg, MAY_CHANGE_ON_RESUME)?;
     // A resumed run must read the data it began on (the datasets' files,
@@ -433,5 +468,37 @@ mod tests {
         check_training_memory(&c, Some(need - 1)).unwrap_err();
         check_training_memory(&c, None).unwrap();
         check_training_memory(&VaeConfig::mlp_chapter(), Some(1 << 30)).unwrap();
+    }
+
+    /// The chapter's MLP VAE holds about 240 KiB per image in a step (the
+    /// counting allocator's test checks the figure): 65,536 images are
+    /// refused on a 4 GiB machine with the batch size that fits.
+    #[test]
+    fn batches_too_large_for_memory_are_refused_with_one_that_fits() {
+        let c = VaeConfig::mlp_chapter();
+        let per = c.training_bytes_per_image();
+        assert!((200 << 10..300 << 10).contains(&per), "{per}");
+        let e = check_batch_memory(&c, 65536, Some(4 << 30))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with(
+                "VAE config field `batch_size`: not enough memory for training this VAE at 32x32 \
+                 on batches of 65536 images: it needs about 1"
+            ),
+            "{e}"
+        );
+        // The suggestion is the largest batch the check accepts.
+        let fits = (1..65536)
+            .rev()
+            .find(|&b| check_batch_memory(&c, b, Some(4 << 30)).is_ok())
+            .unwrap();
+        assert!((12_000..17_000).contains(&fits), "{e}");
+        assert!(
+            e.contains(&format!("; --batch-size {fits} or less fits;")),
+            "{e}"
+        );
+        assert!(e.ends_with(kiln_core::memory::SKIP_HINT), "{e}");
+        check_batch_memory(&c, 65536, None).unwrap();
     }
 }
