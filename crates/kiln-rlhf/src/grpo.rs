@@ -146,6 +146,8 @@ pub fn train_grpo_with(
     let rewards = rewards
         .or(own.as_ref())
         .ok_or_else(|| RlhfError::Input("no rewards".into()))?;
+    let rows = c.prompts_per_iteration.saturating_mul(cfg.num_generations);
+    crate::online::check_update_memory("GRPO", &st, rows, None)?;
     let mut s = start_session(&st, c, ("grpo", GRPO_KIND, cfg), None, opts, control)?;
     let end = s.run_iterations(|s| {
         let (g, mut rec) = rollout_step(s, &st, cfg.num_generations, rewards)?;

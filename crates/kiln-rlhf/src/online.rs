@@ -543,6 +543,77 @@ pub(crate) fn setup(args: &OnlineArgs, device: &Device, need_ref: bool) -> Resul
     })
 }
 
+/// Refuses, before the run folder is made (CPU), an update whose batch of
+/// `rows` rollouts does not fit in memory: the policy's training step on
+/// rows of the longest prompt plus `max_new_tokens` (capped at its
+/// context), and `value`'s (PPO's separate value model, hidden states
+/// only) on the same rows. The models' weights are already loaded; their
+/// gradients and optimizer state are counted.
+pub(crate) fn check_update_memory(
+    what: &str,
+    st: &Setup,
+    rows: usize,
+    value: Option<&kiln_lm::Gpt2Config>,
+) -> Result<()> {
+    if !st.policy.device().is_cpu() {
+        return Ok(());
+    }
+    let prompt = st.data.ids.iter().map(Vec::len).max().unwrap_or(0);
+    let len = prompt.saturating_add(st.args.generation.max_new_tokens);
+    update_fits(
+        what,
+        &st.mcfg,
+        len,
+        rows,
+        value,
+        kiln_core::memory::available(),
+    )
+}
+
+/// [`check_update_memory`] on figures: rows of `len` tokens (capped at the
+/// policy's context), `available` bytes (`None`: unknown, never refused).
+fn update_fits(
+    what: &str,
+    policy: &kiln_lm::Gpt2Config,
+    len: usize,
+    rows: usize,
+    value: Option<&kiln_lm::Gpt2Config>,
+    available: Option<u64>,
+) -> Result<()> {
+    let len = len.min(policy.n_positions);
+    let per = kiln_core::memory::TRAIN_BYTES_PER_PARAM;
+    let params = |c: &kiln_lm::Gpt2Config| (c.num_params() as u64).saturating_mul(per);
+    let fixed = params(policy).saturating_add(value.map_or(0, params));
+    let per_row = policy
+        .training_bytes_per_sequence(len, true)
+        .saturating_add(value.map_or(0, |v| v.training_bytes_per_sequence(len, false)));
+    kiln_core::memory::check_batch_fits(
+        &format!(
+            "this GPT-2 ({} layers of width {})",
+            policy.n_layer, policy.n_embd
+        ),
+        &format!("rollout of {len} tokens"),
+        fixed,
+        per_row,
+        rows as u64,
+        available,
+    )
+    .map_err(|e| {
+        let advice = match e.largest_batch() {
+            0 => "not even one rollout fits: use a smaller --max-new-tokens, shorter prompts or a smaller model".to_string(),
+            n => format!(
+                "at most {n} rollouts per update fit: use a smaller --prompts-per-iteration{}, or a smaller --max-new-tokens",
+                if what == "PPO" { " or more --num-mini-batches" } else { " or --num-generations" }
+            ),
+        };
+        RlhfError::Config {
+            what: what.into(),
+            field: "prompts_per_iteration".into(),
+            msg: format!("{e}; {advice}; {}", kiln_core::memory::SKIP_HINT),
+        }
+    })
+}
+
 /// Ends a run: reads the last iterations' means and, when the run
 /// finished, saves the policy to `model/` and the summary.
 pub(crate) fn finish(
@@ -636,4 +707,53 @@ pub(crate) fn rollout_step(
     let mut rec = Record::new(g.rollout.len());
     g.metrics(&mut rec);
     Ok((g, rec))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    /// GRPO on GPT-2 small with 8 prompts x 8 generations of up to 512
+    /// tokens needs about 60 GiB of activations: refused on a 32 GiB
+    /// machine with the number of rollouts that fits. Rows are capped at
+    /// the model's context, and PPO's separate value model adds its own
+    /// share per row.
+    #[test]
+    fn updates_too_large_for_memory_are_refused_with_the_rollouts_that_fit() {
+        let m = kiln_lm::Gpt2Config::gpt2_small();
+        let avail = Some(32u64 << 30);
+        let e = update_fits("GRPO", &m, 512, 64, None, avail)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with(
+                "GRPO field `prompts_per_iteration`: not enough memory for training this GPT-2 \
+                 (12 layers of width 768) on batches of 64 rollouts of 512 tokens"
+            ),
+            "{e}"
+        );
+        let fits = (1..64)
+            .rev()
+            .find(|&r| update_fits("GRPO", &m, 512, r, None, avail).is_ok())
+            .unwrap();
+        assert!((20..40).contains(&fits), "{fits}: {e}");
+        assert!(
+            e.contains(&format!("at most {fits} rollouts per update fit")),
+            "{e}"
+        );
+        assert!(e.contains("or --num-generations"), "{e}");
+        // Past the context, rows are as long as the context.
+        let capped = update_fits("GRPO", &m, 5000, 64, None, avail)
+            .unwrap_err()
+            .to_string();
+        assert!(capped.contains("rollouts of 1024 tokens"), "{capped}");
+        // A value model makes each row dearer.
+        update_fits("PPO", &m, 512, fits, None, avail).unwrap();
+        let e = update_fits("PPO", &m, 512, fits, Some(&m), avail)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("or more --num-mini-batches"), "{e}");
+        update_fits("GRPO", &m, 512, 64, None, None).unwrap();
+    }
 }

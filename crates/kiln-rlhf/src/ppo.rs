@@ -240,6 +240,15 @@ pub fn train_ppo_with(
             (Value::Head(w.as_tensor().clone()), None)
         }
     };
+    // Each optimizer step trains one mini-batch of the rollouts.
+    let rows = c
+        .prompts_per_iteration
+        .div_ceil(cfg.num_mini_batches.max(1));
+    let value_cfg = match &value {
+        Value::Separate(v) => Some(v.config().clone()),
+        Value::Head(_) => None,
+    };
+    crate::online::check_update_memory("PPO", &st, rows, value_cfg.as_ref())?;
     let mut s = start_session(
         &st,
         c,

@@ -116,6 +116,8 @@ pub fn train_rloo_with(
     let rewards = rewards
         .or(own.as_ref())
         .ok_or_else(|| RlhfError::Input("no rewards".into()))?;
+    let rows = c.prompts_per_iteration.saturating_mul(cfg.num_generations);
+    crate::online::check_update_memory("RLOO", &st, rows, None)?;
     let mut s = start_session(&st, c, ("rloo", RLOO_KIND, cfg), None, opts, control)?;
     let dev = st.policy.device().clone();
     let temp = c.generation.temperature;
