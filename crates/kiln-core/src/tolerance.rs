@@ -48,6 +48,21 @@ pub fn f32_abs_tol(n: usize, magnitude: f64) -> f64 {
     2.0 * f32_reduction_rel(n) * magnitude.abs()
 }
 
+/// The largest absolute difference between two tensors of the same shape,
+/// in f64 (any float dtype): what a test compares with a tolerance.
+///
+/// ```
+/// use kiln_core::{tolerance::max_abs_diff, Device, Tensor};
+/// let a = Tensor::new(&[1f32, 2.0, 3.0], &Device::Cpu)?;
+/// let b = Tensor::new(&[1f32, 2.5, 2.0], &Device::Cpu)?;
+/// assert_eq!(max_abs_diff(&a, &b)?, 1.0);
+/// # Ok::<(), candle_core::Error>(())
+/// ```
+pub fn max_abs_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> candle_core::Result<f64> {
+    let d = (a.to_dtype(candle_core::DType::F64)? - b.to_dtype(candle_core::DType::F64)?)?;
+    d.abs()?.max_all()?.to_scalar::<f64>()
+}
+
 /// The worst-case relative error of an f32 reduction of `n` terms in any
 /// order, relative to the sum of the terms' magnitudes:
 /// `γ_{n-1} = (n-1) u / (1 - (n-1) u)` (Higham, "Accuracy and Stability of

@@ -97,8 +97,14 @@ pub struct TrainConfig {
     pub n_head: usize,
     /// Dropout (embeddings, attention, residual).
     pub dropout: f64,
-    /// Blocks per batch.
+    /// Blocks per micro-batch (one forward and backward pass).
     pub batch_size: usize,
+    /// Micro-batches per optimizer step (transformers'
+    /// `gradient_accumulation_steps`): a step sees `batch_size * grad_accum`
+    /// blocks while memory holds the activations of `batch_size`. A config
+    /// written before the field existed reads 1.
+    #[serde(default = "one")]
+    pub grad_accum: usize,
     /// Passes over the training blocks.
     pub epochs: u64,
     /// Peak AdamW learning rate (linear warm-up, cosine decay to 10%).
@@ -132,6 +138,7 @@ impl Default for TrainConfig {
             n_head: 4,
             dropout: 0.1,
             batch_size: 16,
+            grad_accum: 1,
             epochs: 4,
             lr: 2e-3,
             warmup: 20,
@@ -141,6 +148,11 @@ impl Default for TrainConfig {
             seed: 0,
         }
     }
+}
+
+/// `grad_accum` of a config written before accumulation existed.
+fn one() -> usize {
+    1
 }
 
 /// `max_grad_norm` of a config written before clipping existed.
@@ -155,6 +167,16 @@ impl TrainConfig {
             return bad(
                 "batch_size/block_size/epochs",
                 "need batch_size >= 1, block_size >= 2, epochs >= 1".into(),
+            );
+        }
+        if self.grad_accum == 0 || self.batch_size.checked_mul(self.grad_accum).is_none() {
+            return bad(
+                "grad_accum",
+                format!(
+                    "need >= 1 micro-batches per step, and batch_size x grad_accum to fit in \
+                     a usize, got {}",
+                    self.grad_accum
+                ),
             );
         }
         if !(self.lr.is_finite() && self.lr > 0.0) {
@@ -309,7 +331,10 @@ fn check_training_memory(
     .map_err(|e| {
         let advice = match e.largest_batch() {
             0 => "not even one block fits: use a shorter --block-size or a smaller model".into(),
-            n => format!("--batch-size {n} or less fits, or use a shorter --block-size"),
+            n => format!(
+                "--batch-size {n} or less fits (--grad-accum keeps the blocks per optimizer \
+                 step), or use a shorter --block-size"
+            ),
         };
         config("batch_size", format!("{e}; {advice}"))
     })
@@ -381,7 +406,10 @@ pub fn train(tc: &TrainConfig, device: &Device, opts: &RunOptions) -> Result<Tra
             kiln_core::optim::ParamGroup::new(no_decay, tc.lr),
         ],
     )?;
-    let steps_per_epoch = n_train.div_ceil(tc.batch_size) as u64;
+    // An optimizer step takes `per_step` blocks, in micro-batches of
+    // `batch_size`.
+    let per_step = tc.batch_size * tc.grad_accum;
+    let steps_per_epoch = n_train.div_ceil(per_step) as u64;
     let total = tc.epochs * steps_per_epoch;
     let sched = LrSchedule::Cosine {
         warmup: tc.warmup.min(total / 2),
@@ -401,17 +429,25 @@ pub fn train(tc: &TrainConfig, device: &Device, opts: &RunOptions) -> Result<Tra
         |epoch, start| {
             let order = SeededRng::derive(tc.seed, &[epoch]).permutation(n_train);
             let chunks: Vec<Vec<usize>> = order
-                .chunks(tc.batch_size)
+                .chunks(per_step)
                 .skip(start)
                 .map(<[usize]>::to_vec)
                 .collect();
             chunks.into_iter().map(Ok::<_, LmError>)
         },
         |s, chunk| {
-            let (x, y) = blocks.batch(&chunk, device)?;
             sched.apply(s.opt_mut("model")?);
-            let loss = next_token_loss(&model, &x, &y, None, true)?;
-            let v = s.train_step("model", &loss)?;
+            // Each micro-batch's mean loss weighted by its share of the
+            // step's blocks: the gradients add up to the step's mean, as one
+            // batch of `per_step` blocks gives (a share of 1 is exact).
+            let mut v = 0.0;
+            for micro in chunk.chunks(tc.batch_size) {
+                let (x, y) = blocks.batch(micro, device)?;
+                let loss = next_token_loss(&model, &x, &y, None, true)?;
+                let share = micro.len() as f64 / chunk.len() as f64;
+                v += s.backward("model", &(loss * share)?)?;
+            }
+            s.step("model")?;
             Ok(Record::new(chunk.len() * tc.block_size).with("loss", v))
         },
         |s| {

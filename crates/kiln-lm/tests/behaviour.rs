@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use kiln_core::optim::{OptimKind, Optimizer};
 use kiln_core::run::RunOptions;
-use kiln_core::tolerance::{f32_abs_tol, f32_abs_tol_tight, transformer_abs_tol};
+use kiln_core::tolerance::{f32_abs_tol, f32_abs_tol_tight, max_abs_diff, transformer_abs_tol};
 use kiln_core::vars::VarStore;
 use kiln_core::{DType, Device, Tensor};
 use kiln_lm::train::{causal_lm_loss, train, TrainConfig};
@@ -671,4 +671,74 @@ fn a_file_path_given_as_model_is_not_taken_for_a_hub_id() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("offline"), "{e}");
+}
+
+/// Gradient accumulation trains as one batch would: 12 blocks per step as
+/// one batch, as 2 x 6 and as 3 x 4 end at the same weights, up to float
+/// rounding, with dropout off. Each epoch's last step is smaller (its
+/// micro-batches uneven, each weighted by its share). The steps per epoch
+/// count whole steps, and a zero accumulation is refused by name.
+#[test]
+fn gradient_accumulation_matches_one_large_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    let tc = TrainConfig {
+        corpus: "synthetic-reviews:120".into(),
+        vocab_size: 280,
+        block_size: 16,
+        n_layer: 1,
+        n_embd: 32,
+        n_head: 2,
+        dropout: 0.0,
+        batch_size: 12,
+        epochs: 2,
+        lr: 3e-3,
+        warmup: 2,
+        ..Default::default()
+    };
+    let run = |name: &str, batch_size: usize, grad_accum: usize| {
+        let cfg = TrainConfig {
+            batch_size,
+            grad_accum,
+            ..tc.clone()
+        };
+        let path = dir.path().join(name);
+        let rep = train(
+            &cfg,
+            &Device::Cpu,
+            &RunOptions::new_run(Some(&path)).quiet(true),
+        )
+        .unwrap();
+        let metrics = std::fs::read_to_string(path.join("metrics.jsonl")).unwrap();
+        let steps = metrics.lines().filter(|l| l.contains("\"train\"")).count();
+        let (m, _) = kiln_lm::train::from_run(&path, &Device::Cpu).unwrap();
+        let x = Tensor::new(&[[1u32, 40, 7, 99, 3]], &Device::Cpu).unwrap();
+        let logits = m.forward_t(&x, false).unwrap();
+        (rep.final_train_loss, steps, logits, rep.train_tokens)
+    };
+    let (loss, steps, logits, tokens) = run("whole", 12, 1);
+    let blocks = tokens / 16;
+    assert!(blocks % 12 != 0 && blocks % 12 % 4 != 0, "{blocks} blocks");
+    for (name, b, k) in [("two", 6, 2), ("three", 4, 3)] {
+        let (l, s, lg, _) = run(name, b, k);
+        assert_eq!(s, steps, "{name}: steps");
+        let d = max_abs_diff(&lg, &logits).unwrap();
+        assert!(d < 1e-3, "{name}: logits differ by {d}");
+        assert!((l - loss).abs() < 1e-4, "{name}: loss {l} vs {loss}");
+    }
+    // Against a batch of 6 without accumulation: other steps, other weights.
+    let (_, s6, lg6, _) = run("six", 6, 1);
+    assert!(s6 > steps);
+    let d6 = max_abs_diff(&lg6, &logits).unwrap();
+    assert!(d6 > 1e-2, "a batch of 6 should train differently ({d6})");
+    let e = train(
+        &TrainConfig {
+            grad_accum: 0,
+            ..tc.clone()
+        },
+        &Device::Cpu,
+        &RunOptions::new_run(Some(&dir.path().join("zero"))).quiet(true),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("grad_accum"), "{e}");
 }

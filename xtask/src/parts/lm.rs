@@ -260,9 +260,13 @@ struct TrainArgs {
     /// Epochs (overrides the run's on --resume).
     #[arg(long, value_parser = int_in(1u64, MAX_EPOCHS))]
     epochs: Option<u64>,
-    /// Blocks per batch.
+    /// Blocks per micro-batch (one forward and backward pass).
     #[arg(long, default_value_t = 16, value_parser = int_in(1usize, super::MAX_BATCH))]
     batch_size: usize,
+    /// Micro-batches per optimizer step (gradient_accumulation_steps): each step sees
+    /// batch-size x grad-accum blocks, memory holds batch-size.
+    #[arg(long, default_value_t = 1, value_parser = int_in(1usize, super::MAX_BATCH))]
+    grad_accum: usize,
     /// Tokens per block (the model's context).
     #[arg(long, default_value_t = 64, value_parser = int_in(2usize, 65536))]
     block_size: usize,
@@ -339,6 +343,7 @@ fn train_cmd(args: &[String]) -> Result<()> {
         n_head,
         dropout,
         batch_size,
+        grad_accum,
         lr,
         max_grad_norm,
         seed
@@ -348,9 +353,13 @@ fn train_cmd(args: &[String]) -> Result<()> {
     } else {
         "no gradient clipping".into()
     };
+    let batch = match tc.grad_accum {
+        1 => format!("batch {}", tc.batch_size),
+        k => format!("batch {} x {k} accumulated", tc.batch_size),
+    };
     eprintln!(
-        "train lm: {} layers x {} wide, {} heads, context {}, BPE {} on {}, {} epochs, batch {}, AdamW lr {}, {clip}",
-        tc.n_layer, tc.n_embd, tc.n_head, tc.block_size, tc.vocab_size, tc.corpus, tc.epochs, tc.batch_size, tc.lr
+        "train lm: {} layers x {} wide, {} heads, context {}, BPE {} on {}, {} epochs, {batch}, AdamW lr {}, {clip}",
+        tc.n_layer, tc.n_embd, tc.n_head, tc.block_size, tc.vocab_size, tc.corpus, tc.epochs, tc.lr
     );
     let rep = train(&tc, &device, &opts)?;
     let folder = opts.resume.clone().or(opts.out.clone()).unwrap_or_default();
