@@ -572,7 +572,7 @@ pub(crate) fn check_update_memory(
 
 /// [`check_update_memory`] on figures: rows of `len` tokens (capped at the
 /// policy's context), `available` bytes (`None`: unknown, never refused).
-fn update_fits(
+pub(crate) fn update_fits(
     what: &str,
     policy: &kiln_lm::Gpt2Config,
     len: usize,
@@ -603,7 +603,11 @@ fn update_fits(
             0 => "not even one rollout fits: use a smaller --max-new-tokens, shorter prompts or a smaller model".to_string(),
             n => format!(
                 "at most {n} rollouts per update fit: use a smaller --prompts-per-iteration{}, or a smaller --max-new-tokens",
-                if what == "PPO" { " or more --num-mini-batches" } else { " or --num-generations" }
+                match what {
+                    "PPO" => " or more --num-mini-batches",
+                    "RWFT" => " or --n",
+                    _ => " or --num-generations",
+                }
             ),
         };
         RlhfError::Config {
@@ -754,6 +758,10 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("or more --num-mini-batches"), "{e}");
+        let e = update_fits("RWFT", &m, 512, 64, None, avail)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--prompts-per-iteration or --n,"), "{e}");
         update_fits("GRPO", &m, 512, 64, None, None).unwrap();
     }
 }

@@ -431,6 +431,24 @@ pub fn train_rwft(
         .or_else(|_| Ok::<_, RlhfError>(tok.clone()))?;
     let (mcfg, tensors) = load_weights(&files, device)?;
     opts.check_kind(RWFT_KIND)?;
+    if device.is_cpu() {
+        // Each step trains on every prompt's n completions.
+        let longest = prompts
+            .iter()
+            .map(|p| tok.encode(p).map(|ids| ids.len()))
+            .collect::<std::result::Result<Vec<_>, _>>()?
+            .into_iter()
+            .max()
+            .unwrap_or(0);
+        crate::online::update_fits(
+            "RWFT",
+            &mcfg,
+            longest.saturating_add(cfg.generation.max_new_tokens),
+            cfg.prompts_per_iteration.saturating_mul(cfg.n),
+            None,
+            kiln_core::memory::available(),
+        )?;
+    }
     let run = opts.open("rwft", RWFT_KIND, cfg, RWFT_MAY_CHANGE)?;
     run.check_inputs(&[&cfg.prompts])?;
     let dir = run.dir().clone();
