@@ -300,19 +300,47 @@ impl Gpt2Config {
     /// estimate lies within 0.85 to 1.25 times the measured peak
     /// (`tests/activation_memory.rs` checks three of them).
     pub fn training_bytes_per_sequence(&self, t: usize, lm_head: bool) -> u64 {
+        let scored = if lm_head { t } else { 0 };
+        self.training_bytes(t, scored, 8)
+    }
+
+    /// [`Self::training_bytes_per_sequence`] for a row of `t` tokens whose
+    /// logits are made at `scored` positions only (a completion after its
+    /// prompt: DPO's and the online trainers' log-probabilities).
+    /// `temperature_scaled`: the logits are divided by a sampling
+    /// temperature first, which keeps one more copy of them and of their
+    /// gradient (about 6.5 floats per vocabulary entry instead of 4,
+    /// measured as the others; `kiln-rlhf`'s `tests/activation_memory.rs`
+    /// checks it).
+    pub fn training_bytes_per_rollout(
+        &self,
+        t: usize,
+        scored: usize,
+        temperature_scaled: bool,
+    ) -> u64 {
+        let half_floats = if temperature_scaled { 13 } else { 8 };
+        self.training_bytes(t, scored.min(t), half_floats)
+    }
+
+    /// Bytes of a row of `t` tokens with logits at `scored` of them, each
+    /// holding `head_halves / 2` floats per vocabulary entry at the head.
+    fn training_bytes(&self, t: usize, scored: usize, head_halves: u128) -> u64 {
         let u = |v: usize| v as u128;
         let (c, i, l, t) = (u(self.n_embd), u(self.inner()), u(self.n_layer), u(t));
         let attn = u(self.n_head).saturating_mul(t);
-        let vocab = if lm_head { u(self.vocab_size) } else { 0 };
         let mul = u128::saturating_mul;
-        // Floats per token: at the head, and in the blocks' backward pass.
+        // Logit floats of the row: per vocabulary entry, per scored token.
+        let logits = mul(u(self.vocab_size), u(scored));
         let sum = |xs: [u128; 3]| xs.into_iter().fold(0u128, u128::saturating_add);
+        // Floats per token of the blocks: saved by the forward pass, and
+        // with one block's gradients in the backward pass.
         let block_fwd = sum([mul(6, c), mul(2, i), attn]);
         let block_bwd = sum([mul(16, c), mul(3, i), mul(attn, 6) / 5]);
-        let at_head = sum([mul(l, block_fwd), mul(4, vocab), 0]);
-        let in_blocks = sum([mul(l, block_bwd), vocab, 0]);
-        let floats = at_head.max(in_blocks).saturating_add(mul(8, c));
-        u64::try_from(mul(mul(floats, t), 4)).unwrap_or(u64::MAX)
+        // The row's floats at the head, and in the blocks' backward pass.
+        let at_head = sum([mul(mul(l, block_fwd), t), mul(head_halves, logits) / 2, 0]);
+        let in_blocks = sum([mul(mul(l, block_bwd), t), logits, 0]);
+        let floats = at_head.max(in_blocks).saturating_add(mul(mul(8, c), t));
+        u64::try_from(mul(floats, 4)).unwrap_or(u64::MAX)
     }
 
     /// Writes `config.json` in the form transformers reads.

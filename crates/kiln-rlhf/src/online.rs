@@ -559,33 +559,50 @@ pub(crate) fn check_update_memory(
         return Ok(());
     }
     let prompt = st.data.ids.iter().map(Vec::len).max().unwrap_or(0);
-    let len = prompt.saturating_add(st.args.generation.max_new_tokens);
+    let g = &st.args.generation;
     update_fits(
         what,
         &st.mcfg,
-        len,
-        rows,
+        Rows {
+            prompt,
+            completion: g.max_new_tokens,
+            temperature_scaled: g.temperature != 1.0,
+            count: rows,
+        },
         value,
         kiln_core::memory::available(),
     )
 }
 
-/// [`check_update_memory`] on figures: rows of `len` tokens (capped at the
+/// The rows of an update: the longest prompt, the completion's tokens
+/// (where log-probabilities are taken), whether the logits are divided by
+/// a temperature, and how many rows one optimizer step trains on.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Rows {
+    pub prompt: usize,
+    pub completion: usize,
+    pub temperature_scaled: bool,
+    pub count: usize,
+}
+
+/// [`check_update_memory`] on figures: `rows` (their length capped at the
 /// policy's context), `available` bytes (`None`: unknown, never refused).
 pub(crate) fn update_fits(
     what: &str,
     policy: &kiln_lm::Gpt2Config,
-    len: usize,
-    rows: usize,
+    rows: Rows,
     value: Option<&kiln_lm::Gpt2Config>,
     available: Option<u64>,
 ) -> Result<()> {
-    let len = len.min(policy.n_positions);
+    let len = rows
+        .prompt
+        .saturating_add(rows.completion)
+        .min(policy.n_positions);
     let per = kiln_core::memory::TRAIN_BYTES_PER_PARAM;
     let params = |c: &kiln_lm::Gpt2Config| (c.num_params() as u64).saturating_mul(per);
     let fixed = params(policy).saturating_add(value.map_or(0, params));
     let per_row = policy
-        .training_bytes_per_sequence(len, true)
+        .training_bytes_per_rollout(len, rows.completion, rows.temperature_scaled)
         .saturating_add(value.map_or(0, |v| v.training_bytes_per_sequence(len, false)));
     kiln_core::memory::check_batch_fits(
         &format!(
@@ -595,7 +612,7 @@ pub(crate) fn update_fits(
         &format!("rollout of {len} tokens"),
         fixed,
         per_row,
-        rows as u64,
+        rows.count as u64,
         available,
     )
     .map_err(|e| {
@@ -718,50 +735,63 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
 
-    /// GRPO on GPT-2 small with 8 prompts x 8 generations of up to 512
-    /// tokens needs about 60 GiB of activations: refused on a 32 GiB
-    /// machine with the number of rollouts that fits. Rows are capped at
+    /// GRPO on GPT-2 small with 8 prompts x 8 generations of 256 tokens
+    /// after prompts of up to 16 (logits at a temperature) needs about
+    /// 40 GiB of activations: refused on a 32 GiB machine with the number
+    /// of rollouts that fits, which grows when the logits are not scaled. Rows are capped at
     /// the model's context, and PPO's separate value model adds its own
     /// share per row.
     #[test]
     fn updates_too_large_for_memory_are_refused_with_the_rollouts_that_fit() {
         let m = kiln_lm::Gpt2Config::gpt2_small();
         let avail = Some(32u64 << 30);
-        let e = update_fits("GRPO", &m, 512, 64, None, avail)
+        let rows = |prompt, count| Rows {
+            prompt,
+            completion: 256,
+            temperature_scaled: true,
+            count,
+        };
+        let e = update_fits("GRPO", &m, rows(16, 64), None, avail)
             .unwrap_err()
             .to_string();
         assert!(
             e.starts_with(
                 "GRPO field `prompts_per_iteration`: not enough memory for training this GPT-2 \
-                 (12 layers of width 768) on batches of 64 rollouts of 512 tokens"
+                 (12 layers of width 768) on batches of 64 rollouts of 272 tokens"
             ),
             "{e}"
         );
         let fits = (1..64)
             .rev()
-            .find(|&r| update_fits("GRPO", &m, 512, r, None, avail).is_ok())
+            .find(|&r| update_fits("GRPO", &m, rows(16, r), None, avail).is_ok())
             .unwrap();
-        assert!((20..40).contains(&fits), "{fits}: {e}");
+        assert!((40..64).contains(&fits), "{fits}: {e}");
         assert!(
             e.contains(&format!("at most {fits} rollouts per update fit")),
             "{e}"
         );
         assert!(e.contains("or --num-generations"), "{e}");
+        // Sampling at temperature 1 keeps no scaled copy of the logits.
+        let plain = Rows {
+            temperature_scaled: false,
+            ..rows(16, fits + 1)
+        };
+        update_fits("GRPO", &m, plain, None, avail).unwrap();
         // Past the context, rows are as long as the context.
-        let capped = update_fits("GRPO", &m, 5000, 64, None, avail)
+        let capped = update_fits("GRPO", &m, rows(5000, 64), None, avail)
             .unwrap_err()
             .to_string();
         assert!(capped.contains("rollouts of 1024 tokens"), "{capped}");
         // A value model makes each row dearer.
-        update_fits("PPO", &m, 512, fits, None, avail).unwrap();
-        let e = update_fits("PPO", &m, 512, fits, Some(&m), avail)
+        update_fits("PPO", &m, rows(16, fits), None, avail).unwrap();
+        let e = update_fits("PPO", &m, rows(16, fits), Some(&m), avail)
             .unwrap_err()
             .to_string();
         assert!(e.contains("or more --num-mini-batches"), "{e}");
-        let e = update_fits("RWFT", &m, 512, 64, None, avail)
+        let e = update_fits("RWFT", &m, rows(256, 64), None, avail)
             .unwrap_err()
             .to_string();
         assert!(e.contains("--prompts-per-iteration or --n,"), "{e}");
-        update_fits("GRPO", &m, 512, 64, None, None).unwrap();
+        update_fits("GRPO", &m, rows(256, 64), None, None).unwrap();
     }
 }

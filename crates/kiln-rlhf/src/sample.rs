@@ -440,14 +440,14 @@ pub fn train_rwft(
             .into_iter()
             .max()
             .unwrap_or(0);
-        crate::online::update_fits(
-            "RWFT",
-            &mcfg,
-            longest.saturating_add(cfg.generation.max_new_tokens),
-            cfg.prompts_per_iteration.saturating_mul(cfg.n),
-            None,
-            kiln_core::memory::available(),
-        )?;
+        let rows = crate::online::Rows {
+            prompt: longest,
+            completion: cfg.generation.max_new_tokens,
+            // The weighted NLL reads the logits as they are.
+            temperature_scaled: false,
+            count: cfg.prompts_per_iteration.saturating_mul(cfg.n),
+        };
+        crate::online::update_fits("RWFT", &mcfg, rows, None, kiln_core::memory::available())?;
     }
     let run = opts.open("rwft", RWFT_KIND, cfg, RWFT_MAY_CHANGE)?;
     run.check_inputs(&[&cfg.prompts])?;

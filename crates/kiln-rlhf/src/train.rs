@@ -18,8 +18,8 @@ use crate::prefs::{chat_template_for, EncodedPair, PairEncoder, PreferenceData};
 /// `batch_size` preference pairs whose training step does not fit in
 /// `available` bytes (`None`: unknown, never refused). Each pair is two
 /// sequences padded to the longest pair of `pairs`, the worst micro-batch;
-/// `lm_head`: logits are made (DPO), not only hidden states (a reward
-/// model). `fixed` is what does not grow with the batch (weights,
+/// `lm_head`: logits are made at the completions' tokens (DPO), not only
+/// hidden states (a reward model). `fixed` is what does not grow with the batch (weights,
 /// gradients, optimizer state, a reference model).
 pub(crate) fn check_pairs_fit(
     what: &str,
@@ -31,9 +31,17 @@ pub(crate) fn check_pairs_fit(
     available: Option<u64>,
 ) -> Result<()> {
     let longest = pairs.iter().map(EncodedPair::max_len).max().unwrap_or(0);
-    let per_pair = model
-        .training_bytes_per_sequence(longest, lm_head)
-        .saturating_mul(2);
+    // DPO's logits are made at the completions' tokens only.
+    let completion = pairs
+        .iter()
+        .map(|p| p.chosen.len().max(p.rejected.len()))
+        .max()
+        .unwrap_or(0);
+    let per_sequence = match lm_head {
+        true => model.training_bytes_per_rollout(longest, completion, false),
+        false => model.training_bytes_per_sequence(longest, false),
+    };
+    let per_pair = per_sequence.saturating_mul(2);
     let name = format!(
         "this GPT-2 ({} layers of width {})",
         model.n_layer, model.n_embd
@@ -323,7 +331,7 @@ mod tests {
         let m = Gpt2Config::gpt2_small();
         let pairs = vec![pair(24, 1000, 10), pair(10, 20, 30), pair(5, 5, 5)];
         let fixed = m.num_params() as u64 * 16;
-        let per_pair = 2 * m.training_bytes_per_sequence(1024, true);
+        let per_pair = 2 * m.training_bytes_per_rollout(1024, 1000, false);
         let e = check_pairs_fit("DPO", &m, &pairs, 8, true, fixed, Some(10 << 30))
             .unwrap_err()
             .to_string();
