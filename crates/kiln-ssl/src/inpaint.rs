@@ -360,7 +360,8 @@ fn check_batch_memory(
     available: Option<u64>,
 ) -> std::result::Result<(), SslError> {
     // The loader's batch, its masked copy and the mask, as f32.
-    let images = (cfg.channels * cfg.image_size * cfg.image_size) as u64 * 12;
+    let pixels = (cfg.image_size as u64).saturating_mul(cfg.image_size as u64);
+    let images = pixels.saturating_mul(cfg.channels as u64 * 12);
     kiln_core::memory::check_batch_fits(
         &format!("this inpainting autoencoder at {0}x{0}", cfg.image_size),
         "image",

@@ -191,14 +191,14 @@ impl SimclrConfig {
     /// Saturating.
     pub fn training_activation_bytes(&self, batch: u64) -> u64 {
         let elements = self.widths.iter().enumerate().fold(0u64, |a, (i, &w)| {
-            let side = (self.image_size >> i) as u64;
-            a.saturating_add((w as u64).saturating_mul(side * side))
+            let side = self.image_size.checked_shr(i as u32).unwrap_or(0) as u64;
+            a.saturating_add((w as u64).saturating_mul(side.saturating_mul(side)))
         });
         // The loader's two views and their concatenation, as f32.
         let views = (self.channels as u64)
-            .saturating_mul((self.image_size as u64).pow(2))
+            .saturating_mul((self.image_size as u64).saturating_mul(self.image_size as u64))
             .saturating_mul(4);
-        let per_image_halves = elements.saturating_mul(25).saturating_add(views * 2);
+        let per_image_halves = elements.saturating_mul(25).saturating_add(views.saturating_mul(2));
         let views_in_batch = batch.saturating_mul(2);
         let pair_halves = views_in_batch
             .saturating_mul(views_in_batch)
