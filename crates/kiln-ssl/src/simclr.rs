@@ -198,7 +198,9 @@ impl SimclrConfig {
         let views = (self.channels as u64)
             .saturating_mul((self.image_size as u64).saturating_mul(self.image_size as u64))
             .saturating_mul(4);
-        let per_image_halves = elements.saturating_mul(25).saturating_add(views.saturating_mul(2));
+        let per_image_halves = elements
+            .saturating_mul(25)
+            .saturating_add(views.saturating_mul(2));
         let views_in_batch = batch.saturating_mul(2);
         let pair_halves = views_in_batch
             .saturating_mul(views_in_batch)
