@@ -298,11 +298,6 @@ pub fn train_with_eval(
     };
     rc.validate()?;
     check_data(model, train_set.as_ref())?;
-    if device.is_cpu() {
-        let available = kiln_core::memory::available();
-        check_training_memory(&rc, available)?;
-        check_batch_memory(&rc, available)?;
-    }
     let loader_cfg = LoaderConfig {
         batch_size: tc.batch_size * tc.n_critic,
         shuffle: true,
@@ -320,6 +315,13 @@ pub fn train_with_eval(
                 tc.batch_size * tc.n_critic
             ),
         ));
+    }
+    // After the batch check: a batch larger than the data set is refused as
+    // such, not with a memory figure for images it does not have.
+    if device.is_cpu() {
+        let available = kiln_core::memory::available();
+        check_training_memory(&rc, available)?;
+        check_batch_memory(&rc, available)?;
     }
     let run = opts.open("gan", RUN_KIND, &rc, MAY_CHANGE_ON_RESUME)?;
     // A resumed run must read the data it began on (the dataset's files,

@@ -302,6 +302,35 @@ fn run_folder_holds_grids_metrics_and_curves() {
     let e = train(&st.model, &bad, flowers(24), &DEV, &opts(&run3, false)).unwrap_err();
     assert!(e.to_string().contains("model.d_norm"), "{e}");
     assert!(!run3.exists());
+    // A batch larger than the data set is refused as such, not with a
+    // memory figure: 65,536 dcgan32 images would need about 90 GiB.
+    let run4 = dir.path().join("r4");
+    let flowers32 = Arc::new(
+        SyntheticFlowers::new(
+            SyntheticFlowersConfig {
+                train: 24,
+                size: 32,
+                ..Default::default()
+            },
+            Split::Train,
+        )
+        .unwrap(),
+    );
+    let huge = TrainConfig {
+        batch_size: 65536,
+        ..st.train.clone()
+    };
+    let e = train(
+        &ModelConfig::dcgan32(),
+        &huge,
+        flowers32,
+        &DEV,
+        &opts(&run4, false),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("24 images do not fill one batch"), "{e}");
+    assert!(!run4.exists());
 }
 
 /// The losses each network minimises go down when only that network trains
